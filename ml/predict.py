@@ -1,0 +1,57 @@
+"""Serving a bundle: load once, predict many."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ml.backbones import Preprocessing
+from ml.bundle import MODEL_FILE
+from ml.images import DEFAULT_MAX_PIXELS, decode_rgb
+from ml.preprocess import eval_transform
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+
+
+class Predictor:
+    """A loaded bundle. Thread-safe for concurrent `predict` calls (inference only)."""
+
+    def __init__(self, folder: Path) -> None:
+        folder = Path(folder)
+        self.labels: list[str] = json.loads((folder / "labels.json").read_text("utf-8"))
+        self.preprocessing = Preprocessing(
+            **{
+                k: tuple(v) if isinstance(v, list) else v
+                for k, v in json.loads((folder / "preprocessing.json").read_text("utf-8")).items()
+            }
+        )
+        self.card: dict = json.loads((folder / "graft.json").read_text("utf-8"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+            self.model = torch.jit.load(str(folder / MODEL_FILE), map_location="cpu").eval()
+        self._transform = eval_transform(self.preprocessing)
+
+    def predict_bytes(
+        self, images: list[bytes], k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> list[list[Prediction]]:
+        """Top-k for each encoded image. Raises ml.images.ImageDecodeError for a bad one."""
+        side = self.preprocessing.resize_size
+        batch = torch.stack(
+            [self._transform(decode_rgb(b, max_pixels=max_pixels, min_side=side)) for b in images]
+        )
+        with torch.inference_mode():
+            probs = self.model(batch).softmax(dim=1)
+        k = max(1, min(k, len(self.labels)))
+        scores, idx = probs.topk(k, dim=1)
+        return [
+            [Prediction(self.labels[i], float(s)) for s, i in zip(row_s, row_i, strict=True)]
+            for row_s, row_i in zip(scores.tolist(), idx.tolist(), strict=True)
+        ]

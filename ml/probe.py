@@ -1,0 +1,101 @@
+"""Linear probe: L2-regularised logistic regression on cached features.
+
+The regularisation strength C is chosen by stratified k-fold cross-validation on
+the training features, so the validation split stays untouched for reporting.
+The fitted scaler + classifier fold into a single `nn.Linear` for export.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from sklearn.model_selection import StratifiedKFold
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 1, 6))
+
+StepFn = Callable[[dict], None]
+
+
+@dataclass
+class ProbeFit:
+    linear: nn.Linear  # raw features -> logits
+    C: float
+    history: list[dict]  # one row per C tried: C, cv_accuracy, cv_loss
+
+
+def fit_probe(
+    X: np.ndarray,
+    y: np.ndarray,
+    num_classes: int,
+    *,
+    Cs: tuple[float, ...] = DEFAULT_CS,
+    folds: int = 5,
+    seed: int = 0,
+    on_step: StepFn | None = None,
+) -> ProbeFit:
+    scaler = StandardScaler().fit(X)
+    Xs = scaler.transform(X)
+    k = int(min(folds, np.bincount(y, minlength=num_classes).min()))
+    history = []
+    for step, C in enumerate(Cs, start=1):
+        acc, loss = _cv_score(Xs, y, C, k, seed, num_classes)
+        row = {"step": step, "C": C, "cv_accuracy": acc, "cv_loss": loss}
+        history.append(row)
+        if on_step:
+            on_step(row)
+    best = max(history, key=lambda r: (r["cv_accuracy"], -r["cv_loss"]))
+    clf = _logreg(best["C"], seed).fit(Xs, y)
+    return ProbeFit(_fold_into_linear(scaler, clf, num_classes), best["C"], history)
+
+
+def _logreg(C: float, seed: int) -> LogisticRegression:
+    return LogisticRegression(C=C, max_iter=2000, class_weight="balanced", random_state=seed)
+
+
+def _cv_score(
+    X: np.ndarray, y: np.ndarray, C: float, k: int, seed: int, num_classes: int
+) -> tuple[float, float]:
+    if k < 2:  # a class with a single training image: nothing to cross-validate on
+        return float("nan"), float("nan")
+    correct, losses = 0, []
+    for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(X, y):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf = _logreg(C, seed).fit(X[tr], y[tr])
+        proba = _full_proba(clf, X[te], num_classes)
+        correct += int((proba.argmax(1) == y[te]).sum())
+        losses.append(log_loss(y[te], proba, labels=list(range(num_classes))) * len(te))
+    return correct / len(y), float(sum(losses) / len(y))
+
+
+def _full_proba(clf: LogisticRegression, X: np.ndarray, num_classes: int) -> np.ndarray:
+    proba = np.zeros((len(X), num_classes))
+    proba[:, clf.classes_] = clf.predict_proba(X)
+    return proba
+
+
+def _fold_into_linear(scaler: StandardScaler, clf: LogisticRegression, num_classes: int) -> nn.Linear:
+    """One Linear equal to scaler -> logistic regression, for any number of classes."""
+    W = clf.coef_ / scaler.scale_  # (K', D)
+    b = clf.intercept_ - W @ scaler.mean_
+    if W.shape[0] == 1:  # binary: sklearn keeps one row; softmax([-z/2, z/2]) == sigmoid(z)
+        W = np.vstack([-W / 2, W / 2])
+        b = np.array([-b[0] / 2, b[0] / 2])
+    full_W = np.zeros((num_classes, W.shape[1]))
+    full_b = np.full(num_classes, -1e4)  # a class absent from training is never predicted
+    full_W[clf.classes_] = W
+    full_b[clf.classes_] = b
+    linear = nn.Linear(W.shape[1], num_classes)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(full_W))
+        linear.bias.copy_(torch.from_numpy(full_b))
+    return linear
