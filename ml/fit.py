@@ -60,6 +60,7 @@ class Progress:
 
 @dataclass
 class FitResult:
+    classes: list[str]
     strategy: dict
     metrics: dict
     timings: dict
@@ -163,6 +164,7 @@ def fit(
     timings["export"] = time.perf_counter() - t
     timings["total"] = sum(timings.values())
     return FitResult(
+        classes=index.classes,
         strategy=strategy,
         metrics=metrics,
         timings={k: round(v, 3) for k, v in timings.items()},

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from ml.backbones import Preprocessing
 from ml.bundle import MODEL_FILE
@@ -39,14 +40,16 @@ class Predictor:
             self.model = torch.jit.load(str(folder / MODEL_FILE), map_location="cpu").eval()
         self._transform = eval_transform(self.preprocessing)
 
-    def predict_bytes(
-        self, images: list[bytes], k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS
-    ) -> list[list[Prediction]]:
-        """Top-k for each encoded image. Raises ml.images.ImageDecodeError for a bad one."""
-        side = self.preprocessing.resize_size
-        batch = torch.stack(
-            [self._transform(decode_rgb(b, max_pixels=max_pixels, min_side=side)) for b in images]
-        )
+    def decode(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+        """Decode one encoded image (raises ml.images.ImageDecodeError)."""
+        return decode_rgb(data, max_pixels=max_pixels, min_side=self.preprocessing.resize_size)
+
+    def predict_bytes(self, images: list[bytes], k: int = 5) -> list[list[Prediction]]:
+        return self.predict([self.decode(b) for b in images], k=k)
+
+    def predict(self, images: list[Image.Image], k: int = 5) -> list[list[Prediction]]:
+        """Top-k (label, probability) for each RGB image."""
+        batch = torch.stack([self._transform(img) for img in images])
         with torch.inference_mode():
             probs = self.model(batch).softmax(dim=1)
         k = max(1, min(k, len(self.labels)))

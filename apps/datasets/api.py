@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from django.conf import settings
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.parsers import MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from apps.common.errors import UserError
+from apps.common.uploads import limit_upload_size
+from apps.datasets.models import Dataset
+from apps.datasets.selectors import dataset_get, dataset_list
+from apps.datasets.services import dataset_create, dataset_delete
+
+
+class DatasetOutputSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Dataset
+        fields = ["id", "name", "status", "num_images", "classes", "warnings", "error", "layout", "archive_bytes", "created_at"]
+
+
+class DatasetListCreateApi(APIView):
+    class InputSerializer(serializers.Serializer):
+        file = serializers.FileField(allow_empty_file=True)
+        name = serializers.CharField(required=False, allow_blank=True, max_length=200)
+
+    def get_parsers(self):
+        return [MultiPartParser()] if self.request.method == "POST" else super().get_parsers()
+
+    @extend_schema(responses=DatasetOutputSerializer(many=True))
+    def get(self, request: Request) -> Response:
+        return Response(DatasetOutputSerializer(dataset_list(user=request.user), many=True).data)
+
+    @extend_schema(request={"multipart/form-data": InputSerializer}, responses={201: DatasetOutputSerializer})
+    def post(self, request: Request) -> Response:
+        limit_upload_size(request, settings.GRAFT_MAX_UPLOAD_BYTES)
+        if "file" not in request.FILES:
+            raise UserError("Attach the dataset zip as a multipart field named 'file'.")
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        dataset = dataset_create(owner=request.user, **data.validated_data)
+        return Response(DatasetOutputSerializer(dataset).data, status=status.HTTP_201_CREATED)
+
+
+class DatasetDetailApi(APIView):
+    @extend_schema(responses=DatasetOutputSerializer)
+    def get(self, request: Request, dataset_id: int) -> Response:
+        return Response(DatasetOutputSerializer(dataset_get(user=request.user, dataset_id=dataset_id)).data)
+
+    def delete(self, request: Request, dataset_id: int) -> Response:
+        dataset_delete(dataset=dataset_get(user=request.user, dataset_id=dataset_id))
+        return Response(status=status.HTTP_204_NO_CONTENT)

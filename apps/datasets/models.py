@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+def _storage_prefix() -> str:
+    return f"datasets/{uuid.uuid4().hex}/"
+
+
+class Dataset(models.Model):
+    class Status(models.TextChoices):
+        PROCESSING = "processing"
+        READY = "ready"
+        FAILED = "failed"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="datasets")
+    name = models.CharField(max_length=200)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PROCESSING, db_index=True)
+    # Everything stored for this dataset lives under this prefix, and nowhere else.
+    storage_prefix = models.CharField(max_length=100, default=_storage_prefix, unique=True, editable=False)
+    archive = models.CharField(max_length=300, blank=True, help_text="Storage name of the uploaded zip.")
+    archive_bytes = models.BigIntegerField(default=0)
+    manifest = models.CharField(max_length=300, blank=True, help_text="Storage name of the image index.")
+    layout = models.CharField(max_length=20, blank=True)
+    num_images = models.PositiveIntegerField(default=0)
+    classes = models.JSONField(default=list, blank=True)  # [{name, count, train, val}]
+    warnings = models.JSONField(default=list, blank=True)  # [{code, message, files}]
+    content_hash = models.CharField(max_length=64, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.status})"

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import json
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.files.storage import default_storage
+from django.db.models import QuerySet
+from django.shortcuts import get_object_or_404
+
+from apps.datasets.models import Dataset
+from ml.dataset import DatasetIndex
+
+
+def dataset_list(*, user: AbstractBaseUser) -> QuerySet[Dataset]:
+    return Dataset.objects.filter(owner=user)
+
+
+def dataset_get(*, user: AbstractBaseUser, dataset_id: int) -> Dataset:
+    """The user's own dataset, or 404 (other users' datasets do not exist for them)."""
+    return get_object_or_404(dataset_list(user=user), pk=dataset_id)
+
+
+def dataset_index(*, dataset: Dataset) -> DatasetIndex:
+    with default_storage.open(dataset.manifest, "rb") as fh:
+        return DatasetIndex.from_dict(json.load(fh))

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.files.storage import default_storage
+from django.http import FileResponse
+from drf_spectacular.utils import OpenApiTypes, extend_schema
+from rest_framework import serializers
+from rest_framework.parsers import MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from apps.common.errors import UserError
+from apps.common.uploads import limit_upload_size
+from apps.serving.models import TrainedModel
+from apps.serving.selectors import model_get, model_list
+from apps.serving.services import model_predict
+
+
+class ModelOutputSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = TrainedModel
+        fields = ["id", "name", "job", "backbone", "classes", "metrics", "strategy", "bundle_bytes", "bundle_sha256", "created_at"]
+
+
+class ModelListApi(APIView):
+    @extend_schema(responses=ModelOutputSerializer(many=True))
+    def get(self, request: Request) -> Response:
+        return Response(ModelOutputSerializer(model_list(user=request.user), many=True).data)
+
+
+class ModelDetailApi(APIView):
+    @extend_schema(responses=ModelOutputSerializer)
+    def get(self, request: Request, model_id: int) -> Response:
+        return Response(ModelOutputSerializer(model_get(user=request.user, model_id=model_id)).data)
+
+
+class ModelDownloadApi(APIView):
+    @extend_schema(responses={(200, "application/zip"): OpenApiTypes.BINARY})
+    def get(self, request: Request, model_id: int) -> FileResponse:
+        model = model_get(user=request.user, model_id=model_id)
+        return FileResponse(
+            default_storage.open(model.bundle, "rb"),
+            as_attachment=True,
+            filename=f"graft-model-{model.pk}.zip",
+            content_type="application/zip",
+        )
+
+
+class ModelPredictApi(APIView):
+    parser_classes = [MultiPartParser]
+
+    @extend_schema(
+        request={"multipart/form-data": {"type": "object", "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}}, "k": {"type": "integer"}}}},
+        responses=OpenApiTypes.OBJECT,
+    )
+    def post(self, request: Request, model_id: int) -> Response:
+        model = model_get(user=request.user, model_id=model_id)
+        limit_upload_size(request, settings.GRAFT_MAX_PREDICT_BYTES)
+        try:
+            k = int(request.data.get("k", 5))
+        except (TypeError, ValueError):
+            raise UserError("'k' must be a whole number.") from None
+        if k < 1:
+            raise UserError("'k' must be at least 1.")
+        predictions = model_predict(model=model, images=request.FILES.getlist("image"), k=k)
+        return Response(
+            {
+                "predictions": predictions,
+                "model": {"id": model.pk, "name": model.name, "backbone": model.backbone, "classes": model.classes},
+            }
+        )

@@ -1,0 +1,190 @@
+"""Graft settings: one module, read from the environment (12-factor).
+
+With nothing set, Graft runs on embedded defaults: SQLite and Celery's
+filesystem broker under `GRAFT_DATA_DIR` (./var). Production sets at least
+SECRET_KEY, DATABASE_URL, CELERY_BROKER_URL and ALLOWED_HOSTS.
+"""
+
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+env = environ.Env()
+
+DEBUG = env.bool("DEBUG", default=False)
+SECRET_KEY = env.str("SECRET_KEY", default="")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY must be set when DEBUG is off (or set DEBUG=true for development)."
+        )
+    SECRET_KEY = "insecure-development-key"
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+DATA_DIR = Path(env.str("GRAFT_DATA_DIR", default=str(BASE_DIR / "var")))
+MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(DATA_DIR / "media")))
+MEDIA_URL = "/media/"
+# Worker-local scratch space: unpacked bundles, job working folders, fetched archives.
+GRAFT_WORK_DIR = Path(env.str("GRAFT_WORK_DIR", default=str(DATA_DIR / "work")))
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "apps.accounts",
+    "apps.datasets",
+    "apps.training",
+    "apps.serving",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "apps.urls"
+WSGI_APPLICATION = "apps.wsgi.application"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "frontend" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+
+def _database() -> dict:
+    default = f"sqlite:///{DATA_DIR / 'graft.sqlite3'}"
+    db = env.db_url("DATABASE_URL", default=default)
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        # Web and worker are separate processes: WAL + immediate transactions avoid lock errors.
+        db.setdefault("OPTIONS", {}).update(
+            {"timeout": 30, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
+        )
+        db["TEST"] = {"NAME": str(DATA_DIR / "test-graft.sqlite3")}
+    else:
+        db["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
+        db["CONN_HEALTH_CHECKS"] = True
+    return db
+
+
+DATABASES = {"default": _database()}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "/admin/login/"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_TZ = True
+USE_I18N = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(DATA_DIR / "static")))
+STATICFILES_DIRS = [BASE_DIR / "frontend" / "static"]
+STORAGES = {
+    "default": {"BACKEND": env.str("STORAGE_BACKEND", default="django.core.files.storage.FileSystemStorage")},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+WHITENOISE_USE_FINDERS = True  # static files work even before collectstatic
+
+# Uploads stream to a temporary file past this size, never held whole in memory.
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024**2
+FILE_UPLOAD_TEMP_DIR = env.str("FILE_UPLOAD_TEMP_DIR", default=None)
+DATA_UPLOAD_MAX_NUMBER_FILES = 64
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "apps.accounts.authentication.ApiTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "apps.common.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Graft API",
+    "DESCRIPTION": "Upload labelled images, train a classifier, download and serve it.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# --- Celery ---------------------------------------------------------------------------
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    _broker_dir = DATA_DIR / "broker"
+    for _sub in ("queue", "processed"):
+        (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        "store_processed": False,
+    }
+else:
+    # Long trainings must not be redelivered while still running (acks_late + Redis).
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=12 * 3600)}
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_DEFAULT_QUEUE = "celery"
+CELERY_TASK_ROUTES = {"training.*": {"queue": "gpu"}}
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_ALWAYS_EAGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+# --- Graft ----------------------------------------------------------------------------
+GRAFT_MAX_UPLOAD_BYTES = env.int("GRAFT_MAX_UPLOAD_BYTES", default=4 * 1024**3)
+GRAFT_MAX_UNCOMPRESSED_BYTES = env.int("GRAFT_MAX_UNCOMPRESSED_BYTES", default=20 * 1024**3)
+GRAFT_MAX_ARCHIVE_ENTRIES = env.int("GRAFT_MAX_ARCHIVE_ENTRIES", default=200_000)
+GRAFT_MAX_IMAGE_PIXELS = env.int("GRAFT_MAX_IMAGE_PIXELS", default=64_000_000)
+GRAFT_MIN_IMAGES_PER_CLASS = env.int("GRAFT_MIN_IMAGES_PER_CLASS", default=5)
+GRAFT_MAX_PREDICT_IMAGES = env.int("GRAFT_MAX_PREDICT_IMAGES", default=32)
+GRAFT_MAX_PREDICT_BYTES = env.int("GRAFT_MAX_PREDICT_BYTES", default=32 * 1024**2)
+# A running job whose worker has not written a heartbeat for this long is stale.
+GRAFT_JOB_STALE_SECONDS = env.int("GRAFT_JOB_STALE_SECONDS", default=120)
+GRAFT_HEARTBEAT_SECONDS = env.int("GRAFT_HEARTBEAT_SECONDS", default=10)
+
+for _name in ("GRAFT_MAX_UPLOAD_BYTES", "GRAFT_MIN_IMAGES_PER_CLASS", "GRAFT_JOB_STALE_SECONDS"):
+    if globals()[_name] <= 0:
+        raise ImproperlyConfigured(f"{_name} must be a positive integer.")
+if GRAFT_HEARTBEAT_SECONDS * 3 > GRAFT_JOB_STALE_SECONDS:
+    raise ImproperlyConfigured("GRAFT_JOB_STALE_SECONDS must be at least 3x GRAFT_HEARTBEAT_SECONDS.")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+}
+
+# Re-queue jobs whose worker died (run beat: `celery -A apps beat`, or the worker's `-B`).
+CELERY_BEAT_SCHEDULE = {
+    "recover-stale-jobs": {"task": "jobs.recover_stale", "schedule": float(GRAFT_JOB_STALE_SECONDS) / 2},
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")

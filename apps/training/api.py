@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from apps.datasets.selectors import dataset_get
+from apps.training.models import Job
+from apps.training.selectors import job_get, job_list
+from apps.training.services import job_cancel, job_create
+from ml.backbones import REGISTRY
+from ml.fit import STRATEGIES
+
+
+class JobOutputSerializer(serializers.ModelSerializer):
+    model = serializers.SerializerMethodField()
+    stale = serializers.BooleanField(source="is_stale")
+    history = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Job
+        fields = [
+            "id", "dataset", "status", "config", "strategy", "phase", "progress", "metrics", "timings",
+            "history", "model", "error", "stale", "attempts", "created_at", "started_at", "finished_at",
+        ]
+
+    def get_model(self, job: Job) -> int | None:
+        return getattr(getattr(job, "trained_model", None), "pk", None)
+
+    def get_history(self, job: Job) -> list[dict]:
+        return [{"phase": row.phase, **row.data} for row in job.history.all()]
+
+
+class JobListCreateApi(APIView):
+    class InputSerializer(serializers.Serializer):
+        dataset = serializers.IntegerField()
+        strategy = serializers.ChoiceField(choices=STRATEGIES, default="auto")
+        backbone = serializers.ChoiceField(choices=sorted(REGISTRY), required=False)
+        seed = serializers.IntegerField(default=0, min_value=0)
+
+    @extend_schema(responses=JobOutputSerializer(many=True))
+    def get(self, request: Request) -> Response:
+        jobs = job_list(user=request.user).prefetch_related("history")
+        return Response(JobOutputSerializer(jobs, many=True).data)
+
+    @extend_schema(request=InputSerializer, responses={201: JobOutputSerializer})
+    def post(self, request: Request) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        args = dict(data.validated_data)
+        dataset = dataset_get(user=request.user, dataset_id=args.pop("dataset"))
+        job = job_create(owner=request.user, dataset=dataset, **args)
+        return Response(JobOutputSerializer(job).data, status=status.HTTP_201_CREATED)
+
+
+class JobDetailApi(APIView):
+    @extend_schema(responses=JobOutputSerializer)
+    def get(self, request: Request, job_id: int) -> Response:
+        return Response(JobOutputSerializer(job_get(user=request.user, job_id=job_id)).data)
+
+
+class JobCancelApi(APIView):
+    @extend_schema(request=None, responses=JobOutputSerializer)
+    def post(self, request: Request, job_id: int) -> Response:
+        job = job_cancel(job=job_get(user=request.user, job_id=job_id))
+        return Response(JobOutputSerializer(job).data)

@@ -1,0 +1,32 @@
+from django.contrib import admin
+from django.urls import include, path
+from django.views.generic import TemplateView
+from drf_spectacular.views import SpectacularAPIView
+
+from apps.accounts.api import TokenObtainApi
+from apps.datasets.api import DatasetDetailApi, DatasetListCreateApi
+from apps.serving.api import ModelDetailApi, ModelDownloadApi, ModelListApi, ModelPredictApi
+from apps.training.api import JobCancelApi, JobDetailApi, JobListCreateApi
+
+api = [
+    path("auth/token/", TokenObtainApi.as_view(), name="token"),
+    path("datasets/", DatasetListCreateApi.as_view(), name="datasets"),
+    path("datasets/<int:dataset_id>/", DatasetDetailApi.as_view(), name="dataset"),
+    path("jobs/", JobListCreateApi.as_view(), name="jobs"),
+    path("jobs/<int:job_id>/", JobDetailApi.as_view(), name="job"),
+    path("jobs/<int:job_id>/cancel/", JobCancelApi.as_view(), name="job-cancel"),
+    path("models/", ModelListApi.as_view(), name="models"),
+    path("models/<int:model_id>/", ModelDetailApi.as_view(), name="model"),
+    path("models/<int:model_id>/download/", ModelDownloadApi.as_view(), name="model-download"),
+    path("models/<int:model_id>/predict/", ModelPredictApi.as_view(), name="model-predict"),
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+]
+
+urlpatterns = [
+    path("", TemplateView.as_view(template_name="index.html"), name="home"),
+    path("admin/", admin.site.urls),
+    path("api/v1/", include((api, "api"))),
+]
+
+handler404 = "apps.common.errors.json_404_or_html"
+handler500 = "apps.common.errors.json_500_or_html"
