@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.conf import settings
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
-from rest_framework.parsers import MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -26,8 +26,7 @@ class DatasetListCreateApi(APIView):
         file = serializers.FileField(allow_empty_file=True)
         name = serializers.CharField(required=False, allow_blank=True, max_length=200)
 
-    def get_parsers(self):
-        return [MultiPartParser()] if self.request.method == "POST" else super().get_parsers()
+    parser_classes = [MultiPartParser, FormParser]
 
     @extend_schema(responses=DatasetOutputSerializer(many=True))
     def get(self, request: Request) -> Response:

@@ -16,6 +16,6 @@ def train_job(self, job_id: int) -> None:
         job_run(job=job)
 
 
-@shared_task(name="jobs.recover_stale", queue="celery")
+@shared_task(name="jobs.recover_stale")
 def recover_stale_jobs() -> list[int]:
     return job_recover_stale()

@@ -1,0 +1,132 @@
+"""Integration fixtures: the real PostgreSQL test database, Redis, and a real Celery worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from django.conf import settings
+
+from tests.conftest import IN_CI, ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def _require_services() -> None:
+    if settings.INTEGRATION:
+        return
+    why = "integration tests need PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379"
+    pytest.fail(why) if IN_CI else pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup, django_db_blocker) -> Iterator[subprocess.Popen]:
+    """A real `celery worker` process, consuming both queues, on the test database."""
+    _require_services()
+    from apps.celery import app
+
+    with django_db_blocker.unblock():
+        app.control.purge()
+    db = settings.DATABASES["default"]
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log_path = Path(settings.DATA_DIR) / "worker.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "apps", "worker", "-Q", "gpu,celery", "-c", "2", "-l", "INFO"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while "ready." not in log_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"celery worker did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.3)
+    yield proc
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+    with django_db_blocker.unblock():
+        _wait_for_other_sessions_to_close(db["NAME"])
+
+
+def _wait_for_other_sessions_to_close(name: str, timeout: float = 15) -> None:
+    """The worker's backends end a moment after it exits; the test DB can only be dropped then."""
+    from django.db import connection
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with connection.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", [name]
+            )
+            if cur.fetchone()[0] == 0:
+                return
+        time.sleep(0.2)
+
+
+class Api:
+    """A program talking to Graft over HTTP with a token, as in the README."""
+
+    def __init__(self, base: str, token: str | None = None) -> None:
+        self.base = base.rstrip("/") + "/api/v1"
+        self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Token {token}"
+
+    def call(self, method: str, path: str, **kw) -> requests.Response:
+        return self.session.request(method, self.base + path, timeout=120, **kw)
+
+    def upload(self, path_or_bytes, filename: str = "data.zip", name: str = "") -> requests.Response:
+        data = path_or_bytes.read_bytes() if isinstance(path_or_bytes, Path) else path_or_bytes
+        return self.call("POST", "/datasets/", files={"file": (filename, data)}, data={"name": name})
+
+    def wait(self, path: str, done: tuple[str, ...], timeout: float = 600) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = self.call("GET", path).json()
+            if body.get("status") in done:
+                return body
+            time.sleep(0.5)
+        raise AssertionError(f"{path} did not reach {done}: {body}")
+
+
+@pytest.fixture
+def make_user(django_user_model):
+    def make(username: str = "alice", password: str = "correct horse battery"):
+        return django_user_model.objects.create_user(username=username, password=password)
+
+    return make
+
+
+@pytest.fixture
+def api_for(live_server, make_user):
+    """api_for('alice') -> an Api client authenticated with a token obtained over HTTP."""
+
+    def make(username: str = "alice") -> Api:
+        password = "correct horse battery"
+        make_user(username, password)
+        r = requests.post(
+            f"{live_server.url}/api/v1/auth/token/", json={"username": username, "password": password}, timeout=30
+        )
+        assert r.status_code == 200, r.text
+        return Api(live_server.url, r.json()["token"])
+
+    return make

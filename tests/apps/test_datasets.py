@@ -1,0 +1,111 @@
+"""Uploads over HTTP, ingested by the real worker: good archives become ready, bad ones fail
+clearly, and nothing is left in storage outside a dataset's own folder."""
+
+from __future__ import annotations
+
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from apps.datasets.models import Dataset
+from tests.conftest import class_folders, image_bytes, make_zip
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+def _zip_bytes(tmp_path: Path, members: dict[str, bytes]) -> bytes:
+    return make_zip(tmp_path / "upload.zip", members).read_bytes()
+
+
+def _stored_files() -> set[str]:
+    root = Path(settings.MEDIA_ROOT)
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+
+
+def _upload_and_wait(api, data: bytes, filename: str = "upload.zip") -> dict:
+    r = api.upload(data, filename)
+    assert r.status_code == 201, r.text
+    assert r.json()["status"] == "processing"
+    return api.wait(f"/datasets/{r.json()['id']}/", ("ready", "failed"), timeout=120)
+
+
+def test_good_upload_becomes_ready_with_report(celery_worker_process, api_for, tmp_path):
+    api = api_for("alice")
+    members = class_folders({"cats": 6, "dogs": 5}, prefix="pets/")
+    members["pets/dogs/broken.jpg"] = b"\xff\xd8\xff garbage"
+    members["pets/cats/again.png"] = members["pets/cats/img_0.png"]
+    body = _upload_and_wait(api, _zip_bytes(tmp_path, members))
+    assert body["status"] == "ready", body
+    assert body["num_images"] == 11
+    assert body["classes"] == [{"name": "cats", "count": 6, "train": 0, "val": 0}, {"name": "dogs", "count": 5, "train": 0, "val": 0}]
+    codes = {w["code"]: w for w in body["warnings"]}
+    assert any("pets/dogs/broken.jpg" in f for f in codes["unreadable"]["files"])
+    assert codes["duplicate"]["files"]
+    prefix = Dataset.objects.get(pk=body["id"]).storage_prefix
+    assert {f for f in _stored_files() if f.startswith(prefix)} == {f"{prefix}archive.zip", f"{prefix}manifest.json"}
+
+
+def _symlink_zip(tmp_path: Path) -> bytes:
+    path = make_zip(tmp_path / "s.zip", class_folders({"a": 5, "b": 5}))
+    with zipfile.ZipFile(path, "a") as zf:
+        info = zipfile.ZipInfo("a/evil.png")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "../../../../etc/passwd")
+    return path.read_bytes()
+
+
+def _bomb_zip(tmp_path: Path) -> bytes:
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in class_folders({"a": 5, "b": 5}).items():
+            zf.writestr(name, data)
+        zf.writestr("a/evil.png", b"\0" * (100 * 1024**2))
+    return path.read_bytes()
+
+
+BAD_ARCHIVES = {
+    "traversal": (lambda t: _zip_bytes(t, class_folders({"a": 5, "b": 5}) | {"a/../../evil.png": image_bytes()}), "a/../../evil.png"),
+    "absolute": (lambda t: _zip_bytes(t, class_folders({"a": 5, "b": 5}) | {"/tmp/evil.png": image_bytes()}), "/tmp/evil.png"),
+    "symlink": (_symlink_zip, "a/evil.png"),
+    "zip bomb": (_bomb_zip, "zip bomb"),
+    "empty archive": (lambda t: _zip_bytes(t, {"__MACOSX/._x": b""}), "empty"),
+    "one class": (lambda t: _zip_bytes(t, class_folders({"cats": 9})), "only one: 'cats'"),
+    "tiny class": (lambda t: _zip_bytes(t, class_folders({"cats": 9, "dogs": 3})), "'dogs' has 3"),
+    "all corrupt": (lambda t: _zip_bytes(t, {"a/1.jpg": b"x", "b/2.png": b"y"}), "no readable images"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARCHIVES))
+def test_bad_archives_fail_with_a_clear_error_and_leave_nothing(celery_worker_process, api_for, tmp_path, case):
+    build, needle = BAD_ARCHIVES[case]
+    api = api_for("alice")
+    before = _stored_files()
+    body = _upload_and_wait(api, build(tmp_path))
+    assert body["status"] == "failed"
+    assert needle in body["error"], body["error"]
+    assert _stored_files() == before  # the failed upload's archive is gone, nothing was extracted anywhere
+    assert not list(Path(settings.DATA_DIR).rglob("evil*")) and not Path("/tmp/evil.png").exists()
+
+
+def test_non_zip_upload_is_rejected_at_once(live_server, api_for):
+    api = api_for("alice")
+    before = _stored_files()
+    r = api.upload(b"GIF89a not a zip", "photos.zip")
+    assert r.status_code == 400 and "'photos.zip' is not a zip archive" in r.json()["error"]
+    r = api.upload(b"", "empty.zip")
+    assert r.status_code == 400 and "empty" in r.json()["error"]
+    r = api.call("POST", "/datasets/", data={"name": "x"})
+    assert r.status_code == 400 and "'file'" in r.json()["error"]
+    assert Dataset.objects.count() == 0 and _stored_files() == before
+
+
+def test_over_size_upload_is_413(live_server, api_for, settings, tmp_path):
+    settings.GRAFT_MAX_UPLOAD_BYTES = 100_000
+    api = api_for("alice")
+    before = _stored_files()
+    r = api.upload(b"PK" + b"\0" * 300_000, "big.zip")
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    assert Dataset.objects.count() == 0 and _stored_files() == before

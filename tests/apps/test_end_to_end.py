@@ -1,0 +1,79 @@
+"""The whole path on real services: upload -> ingest -> train -> download -> predict, with isolation."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+SAMPLE_IMAGES = [
+    "val/ants/10308379_1b6c72e180.jpg",
+    "val/ants/1073564163_225a64f170.jpg",
+    "val/ants/11381045_b352a47d8c.jpg",
+    "val/bees/10870992_eebeeb3a12.jpg",
+    "val/bees/1181173278_23c36fac71.jpg",
+    "val/bees/1297972485_33266a18d9.jpg",
+]
+
+
+def test_hymenoptera_from_upload_to_predictions(celery_worker_process, api_for, datasets_dir, tmp_path):
+    alice = api_for("alice")
+    archive = datasets_dir / "hymenoptera.zip"
+
+    r = alice.upload(archive, "hymenoptera.zip", name="ants vs bees")
+    assert r.status_code == 201, r.text
+    dataset = alice.wait(f"/datasets/{r.json()['id']}/", ("ready", "failed"), timeout=300)
+    assert dataset["status"] == "ready", dataset
+    assert [c["name"] for c in dataset["classes"]] == ["ants", "bees"]
+    assert dataset["num_images"] == 398
+
+    r = alice.call("POST", "/jobs/", json={"dataset": dataset["id"]})
+    assert r.status_code == 201 and r.json()["status"] == "queued", r.text
+    job = alice.wait(f"/jobs/{r.json()['id']}/", ("succeeded", "failed", "cancelled"), timeout=900)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["val_accuracy"] >= 0.90
+    assert job["strategy"]["name"] == "linear" and job["strategy"]["reason"]
+    assert job["history"] and job["progress"] == 1.0
+    model_id = job["model"]
+
+    r = alice.call("GET", f"/models/{model_id}/download/")
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/zip"
+    bundle = zipfile.ZipFile(io.BytesIO(r.content))
+    assert {"model.torchscript.pt", "labels.json", "preprocessing.json", "metrics.json", "model_card.md"} <= set(bundle.namelist())
+    scripted = torch.jit.load(io.BytesIO(bundle.read("model.torchscript.pt")))
+    assert scripted(torch.zeros(1, 3, 224, 224)).shape == (1, 2)
+
+    with zipfile.ZipFile(archive) as zf:
+        files = [("image", (name.rsplit("/", 1)[1], zf.read(name))) for name in SAMPLE_IMAGES]
+    r = alice.call("POST", f"/models/{model_id}/predict/", files=files, data={"k": "2"})
+    assert r.status_code == 200, r.text
+    predictions = r.json()["predictions"]
+    assert len(predictions) == len(SAMPLE_IMAGES) and all(len(p) == 2 for p in predictions)
+    hits = sum(p[0]["label"] == name.split("/")[1] for p, name in zip(predictions, SAMPLE_IMAGES, strict=True))
+    assert hits >= 5, predictions
+
+    r = alice.call("POST", f"/models/{model_id}/predict/", files=[("image", ("notes.txt", b"not an image"))])
+    assert r.status_code == 400 and "'notes.txt' cannot be read as an image" in r.json()["error"]
+    r = alice.call("POST", f"/models/{model_id}/predict/", data={"k": "3"})
+    assert r.status_code == 400 and "'image'" in r.json()["error"]
+
+    # Another user cannot see or touch any of it.
+    bob = api_for("bob")
+    for method, path in [
+        ("GET", f"/datasets/{dataset['id']}/"),
+        ("DELETE", f"/datasets/{dataset['id']}/"),
+        ("GET", f"/jobs/{job['id']}/"),
+        ("POST", f"/jobs/{job['id']}/cancel/"),
+        ("GET", f"/models/{model_id}/"),
+        ("GET", f"/models/{model_id}/download/"),
+        ("POST", f"/models/{model_id}/predict/"),
+    ]:
+        r = bob.call(method, path, files=files if path.endswith("predict/") else None)
+        assert r.status_code == 404 and r.json()["error"].startswith("Not found"), (method, path, r.text)
+    r = bob.call("POST", "/jobs/", json={"dataset": dataset["id"]})
+    assert r.status_code == 404
+    assert bob.call("GET", "/datasets/").json() == [] and bob.call("GET", "/models/").json() == []

@@ -1,0 +1,65 @@
+"""Job lifecycle rules: claiming is exclusive, cancel wins over the worker, stale jobs are recovered."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from apps.datasets.models import Dataset
+from apps.training.models import Job
+from apps.training.services import RetryLater, job_claim, job_recover_stale
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def job(db, make_user):
+    user = make_user()
+    dataset = Dataset.objects.create(owner=user, name="d", status=Dataset.Status.READY)
+    return Job.objects.create(owner=user, dataset=dataset, config={"strategy": "auto"})
+
+
+def test_a_job_is_claimed_once(job):
+    assert job_claim(job_id=job.pk) is not None
+    assert job_claim(job_id=job.pk) is None  # duplicate delivery: no-op
+    job.refresh_from_db()
+    assert job.status == Job.Status.RUNNING and job.attempts == 1
+
+
+def test_redelivery_of_a_live_job_waits_and_a_stale_one_restarts(job):
+    job_claim(job_id=job.pk)
+    with pytest.raises(RetryLater):
+        job_claim(job_id=job.pk, redelivered=True)
+    Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+    assert Job.objects.get(pk=job.pk).is_stale
+    assert job_claim(job_id=job.pk, redelivered=True) is not None
+    assert Job.objects.get(pk=job.pk).attempts == 2
+
+
+def test_stale_running_jobs_are_requeued(job, django_capture_on_commit_callbacks):
+    job_claim(job_id=job.pk)
+    assert job_recover_stale() == []
+    Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+    with django_capture_on_commit_callbacks() as callbacks:
+        assert job_recover_stale() == [job.pk]
+    assert Job.objects.get(pk=job.pk).status == Job.Status.QUEUED and len(callbacks) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancel_a_queued_job_over_http(celery_worker_process, api_for, tmp_path):
+    from tests.conftest import class_folders, make_zip
+
+    api = api_for("alice")
+    r = api.upload(make_zip(tmp_path / "d.zip", class_folders({"a": 6, "b": 6})).read_bytes())
+    dataset = api.wait(f"/datasets/{r.json()['id']}/", ("ready", "failed"), timeout=120)
+    job = api.call("POST", "/jobs/", json={"dataset": dataset["id"]}).json()
+    r = api.call("POST", f"/jobs/{job['id']}/cancel/")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    r = api.call("POST", f"/jobs/{job['id']}/cancel/")
+    assert r.status_code == 200  # cancelling twice is harmless
+    done = api.wait(f"/jobs/{job['id']}/", ("cancelled",))
+    assert done["model"] is None
+    r = api.call("POST", "/jobs/", json={"dataset": dataset["id"], "strategy": "magic"})
+    assert r.status_code == 400 and "strategy" in r.json()["error"]

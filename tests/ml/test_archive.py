@@ -1,0 +1,150 @@
+"""Ingestion of uploaded zips: layouts that must work, and hostile input that must be refused."""
+
+from __future__ import annotations
+
+import stat
+import zipfile
+
+import pytest
+
+from ml.archive import ArchiveLimits
+from ml.dataset import IngestConfig, index_dataset, split_samples
+from ml.errors import DatasetError
+from tests.conftest import class_folders, image_bytes, make_zip
+
+
+def test_class_folders_with_wrapper_and_junk(tmp_path):
+    members = class_folders({"cats": 6, "dogs": 6}, prefix="pets/")
+    members["__MACOSX/pets/cats/._img_0.png"] = b"junk"
+    members["pets/.DS_Store"] = b"junk"
+    members["pets/cats/notes.txt"] = b"hello"
+    index = index_dataset(make_zip(tmp_path / "d.zip", members))
+    assert index.classes == ["cats", "dogs"]
+    assert index.counts() == {"cats": 6, "dogs": 6}
+    skipped = [w for w in index.warnings if w.code == "skipped"]
+    assert skipped and "pets/cats/notes.txt" in skipped[0].files
+
+
+def test_split_layout_keeps_the_users_val(tmp_path):
+    members = class_folders({"a": 5, "b": 5}, prefix="train/") | {
+        k.replace("img_", "v_"): v for k, v in class_folders({"a": 2, "b": 2}, prefix="val/").items()
+    }
+    # distinct pixels for val images
+    members = {k: image_bytes(seed=1000 + i) for i, k in enumerate(members)}
+    index = index_dataset(make_zip(tmp_path / "d.zip", members))
+    train, val = split_samples(index)
+    assert index.layout == "split"
+    assert len(train) == 10 and len(val) == 4
+
+
+def test_labels_csv_and_unicode_class_names(tmp_path):
+    members = {f"img{i}.png": image_bytes(seed=i) for i in range(12)}
+    rows = ["filename,label"] + [f"img{i}.png,{'señal' if i % 2 else '猫'}" for i in range(12)]
+    members["labels.csv"] = "\n".join(rows).encode()
+    index = index_dataset(make_zip(tmp_path / "d.zip", members))
+    assert sorted(index.classes) == sorted(["señal", "猫"])
+    assert index.layout == "csv"
+
+
+def test_stratified_split_when_no_val(tmp_path):
+    index = index_dataset(make_zip(tmp_path / "d.zip", class_folders({"a": 20, "b": 10})))
+    train, val = split_samples(index, val_fraction=0.2)
+    assert len(val) == 6
+    assert sum(s.label == "b" for s in val) == 2  # stratified: 20% of each class
+
+
+def _fails(tmp_path, members: dict[str, bytes], *needles: str, config=IngestConfig()) -> None:
+    with pytest.raises(DatasetError) as err:
+        index_dataset(make_zip(tmp_path / "bad.zip", members), config)
+    for needle in needles:
+        assert needle in err.value.message
+
+
+def test_path_traversal_is_refused(tmp_path):
+    _fails(tmp_path, class_folders({"a": 5, "b": 5}) | {"../evil.png": image_bytes()}, "../evil.png", "outside")
+
+
+def test_absolute_path_is_refused(tmp_path):
+    _fails(tmp_path, class_folders({"a": 5, "b": 5}) | {"/etc/evil.png": image_bytes()}, "/etc/evil.png", "absolute")
+
+
+def test_symlink_is_refused(tmp_path):
+    path = make_zip(tmp_path / "bad.zip", class_folders({"a": 5, "b": 5}))
+    with zipfile.ZipFile(path, "a") as zf:
+        info = zipfile.ZipInfo("a/link.png")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(DatasetError, match="a/link.png.*symbolic link"):
+        index_dataset(path)
+
+
+def test_zip_bomb_ratio_is_refused(tmp_path):
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in class_folders({"a": 5, "b": 5}).items():
+            zf.writestr(name, data)
+        zf.writestr("a/bomb.png", b"\0" * (50 * 1024**2))
+    with pytest.raises(DatasetError, match="a/bomb.png.*zip bomb"):
+        index_dataset(path)
+
+
+def test_total_size_and_entry_limits(tmp_path):
+    members = class_folders({"a": 5, "b": 5})
+    _fails(tmp_path, members, "entries", config=IngestConfig(limits=ArchiveLimits(max_entries=5)))
+    _fails(tmp_path, members, "expand", config=IngestConfig(limits=ArchiveLimits(max_total_bytes=100)))
+
+
+def test_empty_archive(tmp_path):
+    _fails(tmp_path, {"__MACOSX/x": b"", ".DS_Store": b""}, "empty")
+
+
+def test_only_one_class(tmp_path):
+    _fails(tmp_path, class_folders({"cats": 8}), "at least 2 classes", "'cats'")
+
+
+def test_class_below_minimum_names_the_class(tmp_path):
+    _fails(tmp_path, class_folders({"cats": 8, "dogs": 2}), "'dogs' has 2", "at least 5")
+
+
+def test_corrupt_and_truncated_images_are_reported_by_name(tmp_path):
+    good = image_bytes(fmt="JPEG", size=(64, 64), seed=99)
+    members = class_folders({"a": 5, "b": 5}) | {
+        "a/truncated.jpg": good[: len(good) // 2],
+        "b/fake.png": b"this is not a png",
+    }
+    index = index_dataset(make_zip(tmp_path / "d.zip", members))
+    unreadable = next(w for w in index.warnings if w.code == "unreadable")
+    assert any(f.startswith("a/truncated.jpg") for f in unreadable.files)
+    assert any(f.startswith("b/fake.png") for f in unreadable.files)
+    assert index.counts() == {"a": 5, "b": 5}
+
+
+def test_all_images_unreadable_fails(tmp_path):
+    _fails(tmp_path, {"a/x.png": b"nope", "b/y.png": b"nope"}, "no readable images")
+
+
+def test_duplicates_and_label_conflicts(tmp_path):
+    members = class_folders({"a": 6, "b": 6})
+    members["a/copy.png"] = members["a/img_0.png"]
+    members["b/conflict.png"] = members["a/img_1.png"]
+    index = index_dataset(make_zip(tmp_path / "d.zip", members))
+    codes = {w.code: w for w in index.warnings}
+    assert codes["duplicate"].files == ["a/img_0.png duplicates a/copy.png"]  # first by name is kept
+    assert any("b/conflict.png" in f and "a/img_1.png" in f for f in codes["label_conflict"].files)
+    names = {s.member for s in index.samples}
+    assert "a/img_1.png" not in names and "b/conflict.png" not in names
+    assert ("a/copy.png" in names) != ("a/img_0.png" in names)
+
+
+def test_decompression_bomb_image_is_unreadable_not_fatal(tmp_path):
+    members = class_folders({"a": 5, "b": 5}) | {"a/huge.png": image_bytes(size=(5000, 5000), mode="L")}
+    index = index_dataset(make_zip(tmp_path / "d.zip", members), IngestConfig(max_pixels=1_000_000))
+    unreadable = next(w for w in index.warnings if w.code == "unreadable")
+    assert "a/huge.png" in unreadable.files[0] and "limit" in unreadable.files[0]
+
+
+def test_not_a_zip(tmp_path):
+    path = tmp_path / "x.zip"
+    path.write_bytes(b"plain text")
+    with pytest.raises(DatasetError, match="not a readable zip"):
+        index_dataset(path)

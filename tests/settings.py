@@ -1,0 +1,33 @@
+"""Test settings: the real services when they are reachable (always in CI).
+
+Integration tests need PostgreSQL and Redis; with CI=true they must be there
+(scripts/test.sh starts them), elsewhere the integration tests skip with a reason.
+"""
+
+import os
+import socket
+import tempfile
+
+
+def _reachable(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+if "DATABASE_URL" not in os.environ and _reachable(5432):
+    os.environ["DATABASE_URL"] = "postgres://postgres@127.0.0.1:5432/graft"
+if "CELERY_BROKER_URL" not in os.environ and _reachable(6379):
+    os.environ["CELERY_BROKER_URL"] = "redis://127.0.0.1:6379/15"
+os.environ.setdefault("SECRET_KEY", "graft-tests-only")
+os.environ.setdefault("GRAFT_DATA_DIR", tempfile.mkdtemp(prefix="graft-tests-"))
+os.environ.setdefault("GRAFT_JOB_STALE_SECONDS", "30")
+os.environ.setdefault("GRAFT_HEARTBEAT_SECONDS", "2")
+
+from apps.settings import *  # noqa: E402,F403
+
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # noqa: F405 - whitenoise expects it
+INTEGRATION = DATABASES["default"]["ENGINE"].endswith("postgresql") and CELERY_BROKER_URL.startswith("redis://")  # noqa: F405
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast user creation in tests
