@@ -23,7 +23,7 @@ from ml.dataset import DatasetIndex, IngestConfig, index_dataset, split_samples
 from ml.errors import ConfigError
 from ml.evaluate import classification_metrics
 from ml.features import extract_features
-from ml.probe import fit_probe
+from ml.probe import DEFAULT_CS, fit_probe
 
 STRATEGIES = ("auto", "linear")
 # Share of the overall progress bar each phase takes (feature extraction dominates).
@@ -114,13 +114,13 @@ def fit(
     timings["features"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    n_cs = 6
+    n_cs = len(DEFAULT_CS)
     probe = fit_probe(
         X_train,
         y_train,
         len(index.classes),
         seed=config.seed,
-        on_step=lambda row: report("fit", row["step"], n_cs, {"phase": "probe", **row}),
+        on_step=lambda row: report("fit", row["step"], n_cs, row),
     )
     with torch.no_grad():
         val_logits = probe.linear(torch.from_numpy(X_val))

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASETS = ROOT.parent / "shared" / "datasets"
+# The shared benchmark datasets sit beside the checkout (../shared/datasets); GRAFT_DATASETS_DIR overrides.
+_CANDIDATES = [os.environ.get("GRAFT_DATASETS_DIR", ""), ROOT.parent / "shared" / "datasets", "/work/shared/datasets"]
+DATASETS = next((Path(c) for c in _CANDIDATES if c and Path(c).is_dir()), ROOT.parent / "shared" / "datasets")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 

@@ -10,10 +10,18 @@ from apps.common.errors import UserError
 
 def _too_large(limit: int) -> UserError:
     return UserError(
-        f"The upload is larger than the limit of {limit / 1024**2:,.0f} MiB.",
+        f"The upload is larger than the limit of {_human(limit)}.",
         status_code=413,
         limit_bytes=limit,
     )
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"
 
 
 class MaxSizeUploadHandler(FileUploadHandler):
