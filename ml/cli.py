@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from ml.backbones import DEFAULT_BACKBONE
-    from ml.fit import STRATEGIES
+    from ml.strategy import STRATEGIES
 
     p = argparse.ArgumentParser(prog="python -m ml", description="Graft transfer-learning engine")
     sub = p.add_subparsers(required=True)

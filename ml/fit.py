@@ -24,16 +24,20 @@ from ml.errors import ConfigError
 from ml.evaluate import classification_metrics
 from ml.features import extract_features
 from ml.probe import DEFAULT_CS, fit_probe
+from ml.similarity import BatchNormStats, head_entropy, similarity_score
+from ml.strategy import SIZE_BOUNDARY, STRATEGIES, decide
 
-STRATEGIES = ("auto", "linear")
+# Strategies this build can run; the rest of the matrix falls back to the linear probe, saying so.
+IMPLEMENTED = ("linear",)
 # Share of the overall progress bar each phase takes (feature extraction dominates).
 PHASE_WEIGHTS = {"index": 0.10, "features": 0.70, "fit": 0.15, "export": 0.05}
 
 
 @dataclass
 class FitConfig:
-    strategy: str = "auto"  # auto picks from the data; see STRATEGIES
+    strategy: str = "auto"  # auto picks from the data; see ml.strategy.STRATEGIES
     backbone: str = DEFAULT_BACKBONE
+    size_boundary: int = SIZE_BOUNDARY  # training images per class where "small" becomes "large"
     val_fraction: float = 0.2  # used only when the upload has no val/ folder
     seed: int = 0
     batch_size: int = 64  # feature-extraction batch
@@ -44,6 +48,8 @@ class FitConfig:
             raise ConfigError(
                 f"Unknown strategy '{self.strategy}'. Valid choices: {', '.join(STRATEGIES)}."
             )
+        if self.size_boundary < 1:
+            raise ConfigError("size_boundary must be at least 1 image per class.")
         get_spec(self.backbone)
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("val_fraction must be between 0 and 1.")
@@ -102,15 +108,24 @@ def fit(
     device = _device(config.device)
     backbone = create_backbone(config.backbone)
     members = [s.member for s in train] + [s.member for s in val]
-    feats = extract_features(
-        backbone,
-        archive,
-        members,
-        batch_size=config.batch_size,
-        device=device,
-        progress=lambda d, n: report("features", d, n),
-    )
+    # BN statistics are gathered during the one feature pass: the similarity costs no extra pass.
+    with BatchNormStats(backbone.body) as bn_stats:
+        feats = extract_features(
+            backbone,
+            archive,
+            members,
+            batch_size=config.batch_size,
+            device=device,
+            progress=lambda d, n: report("features", d, n),
+        )
     X_train, X_val = feats[: len(train)], feats[len(train) :]
+    with torch.no_grad():
+        entropy = head_entropy(backbone.imagenet_head(torch.from_numpy(X_train)))
+    similarity = similarity_score(bn_stats.divergence(), entropy)
+    images_per_class = len(train) / len(index.classes)
+    plan = decide(
+        images_per_class, similarity, override=config.strategy, boundary=config.size_boundary, available=IMPLEMENTED
+    )
     timings["features"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -131,17 +146,7 @@ def fit(
     timings["fit"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    images_per_class = len(train) / len(index.classes)
-    strategy = {
-        "name": "linear",
-        "cell": None,
-        "images_per_class": round(images_per_class, 1),
-        "similarity": None,
-        "reason": (
-            f"Linear probe on frozen {backbone.spec.name} features "
-            f"({images_per_class:.0f} training images per class)."
-        ),
-    }
+    strategy = plan.to_dict()
     classifier = nn.Sequential(backbone.body, probe.linear).eval()
     bundle_zip = write_bundle(
         out_dir,

@@ -11,7 +11,7 @@ from apps.training.models import Job
 from apps.training.selectors import job_get, job_list
 from apps.training.services import job_cancel, job_create
 from ml.backbones import REGISTRY
-from ml.fit import STRATEGIES
+from ml.strategy import STRATEGIES
 
 
 class JobOutputSerializer(serializers.ModelSerializer):

@@ -36,7 +36,8 @@ def test_hymenoptera_from_upload_to_predictions(celery_worker_process, api_for, 
     job = alice.wait(f"/jobs/{r.json()['id']}/", ("succeeded", "failed", "cancelled"), timeout=900)
     assert job["status"] == "succeeded", job["error"]
     assert job["metrics"]["val_accuracy"] >= 0.90
-    assert job["strategy"]["name"] == "linear" and job["strategy"]["reason"]
+    assert job["strategy"]["name"] == "linear" and job["strategy"]["cell"] == "small-similar"
+    assert job["strategy"]["images_per_class"] == 122.5 and job["strategy"]["similarity"] >= 0.5
     assert job["history"] and job["progress"] == 1.0
     model_id = job["model"]
 
