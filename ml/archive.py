@@ -84,14 +84,10 @@ def scan_archive(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> Archive
 
 def _check_limits(infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> None:
     if len(infos) > limits.max_entries:
-        raise DatasetError(
-            f"The archive has {len(infos):,} entries; the limit is {limits.max_entries:,}."
-        )
+        raise DatasetError(f"The archive has {len(infos):,} entries; the limit is {limits.max_entries:,}.")
     total = sum(info.file_size for info in infos)
     if total > limits.max_total_bytes:
-        raise DatasetError(
-            f"The archive would expand to {total:,} bytes; the limit is {limits.max_total_bytes:,}."
-        )
+        raise DatasetError(f"The archive would expand to {total:,} bytes; the limit is {limits.max_total_bytes:,}.")
     for info in infos:
         if info.file_size > limits.max_member_bytes:
             raise DatasetError(
@@ -162,9 +158,7 @@ def _scan_folders(rel: dict[str, str], skipped: dict[str, list[str]]) -> Archive
     return ArchiveScan(members, skipped, "split" if split_layout else "folders")
 
 
-def _scan_csv(
-    zf: zipfile.ZipFile, csv_member: str, rel: dict[str, str], skipped: dict[str, list[str]]
-) -> ArchiveScan:
+def _scan_csv(zf: zipfile.ZipFile, csv_member: str, rel: dict[str, str], skipped: dict[str, list[str]]) -> ArchiveScan:
     by_rel = {r: n for n, r in rel.items()}
     try:
         text = zf.read(csv_member).decode("utf-8-sig")

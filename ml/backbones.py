@@ -97,9 +97,7 @@ def get_spec(name: str) -> BackboneSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ConfigError(
-            f"Unknown backbone '{name}'. Valid choices: {', '.join(sorted(REGISTRY))}."
-        ) from None
+        raise ConfigError(f"Unknown backbone '{name}'. Valid choices: {', '.join(sorted(REGISTRY))}.") from None
 
 
 def weights_location(spec: BackboneSpec) -> tuple[str, Path]:

@@ -1,8 +1,8 @@
 """`python -m ml`: the pipeline without the web app.
 
-    python -m ml fit DATASET.zip --out DIR [--strategy auto|linear] [--backbone NAME] [--json]
-    python -m ml predict DIR_OR_BUNDLE_ZIP IMAGE... [-k 5]
-    python -m ml backbones
+python -m ml fit DATASET.zip --out DIR [--strategy auto|linear] [--backbone NAME] [--json]
+python -m ml predict DIR_OR_BUNDLE_ZIP IMAGE... [-k 5]
+python -m ml backbones
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ def _fit(args: argparse.Namespace) -> int:
     def progress(ev) -> None:
         bar = bars.get(ev.phase)
         if bar is None:
-            bar = bars[ev.phase] = tqdm(total=ev.total, desc=ev.phase, unit="img" if ev.phase != "fit" else "step", leave=True)
+            bar = bars[ev.phase] = tqdm(
+                total=ev.total, desc=ev.phase, unit="img" if ev.phase != "fit" else "step", leave=True
+            )
         bar.total = ev.total
         bar.n = ev.done
         bar.refresh()

@@ -160,9 +160,7 @@ def _dedupe(samples: list[Sample]) -> tuple[list[Sample], list[DatasetWarning]]:
             continue
         kept.append(group[0])
         for extra in group[1:]:
-            (leaks if extra.split != group[0].split else dups).append(
-                f"{extra.member} duplicates {group[0].member}"
-            )
+            (leaks if extra.split != group[0].split else dups).append(f"{extra.member} duplicates {group[0].member}")
     warnings = []
     if dups:
         warnings.append(DatasetWarning("duplicate", f"{len(dups)} exact duplicate(s) kept once.", dups))
@@ -225,9 +223,7 @@ def _balance_warnings(index: DatasetIndex) -> Iterator[DatasetWarning]:
         )
 
 
-def split_samples(
-    index: DatasetIndex, val_fraction: float = 0.2, seed: int = 0
-) -> tuple[list[Sample], list[Sample]]:
+def split_samples(index: DatasetIndex, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
     """(train, val): the upload's own val/ when it has one, else a stratified split."""
     if any(s.split == "val" for s in index.samples):
         return (

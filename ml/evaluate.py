@@ -13,9 +13,7 @@ def classification_metrics(logits: torch.Tensor, y: np.ndarray, classes: list[st
     loss = torch.nn.functional.cross_entropy(logits, target).item()
     pred = logits.argmax(1).numpy()
     labels = list(range(len(classes)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y, pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     return {
         "val_accuracy": float((pred == y).mean()),
         "val_loss": loss,

@@ -45,9 +45,7 @@ class FitConfig:
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ConfigError(
-                f"Unknown strategy '{self.strategy}'. Valid choices: {', '.join(STRATEGIES)}."
-            )
+            raise ConfigError(f"Unknown strategy '{self.strategy}'. Valid choices: {', '.join(STRATEGIES)}.")
         if self.size_boundary < 1:
             raise ConfigError("size_boundary must be at least 1 image per class.")
         get_spec(self.backbone)

@@ -23,9 +23,7 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image we can read; the message says why."""
 
 
-def decode_rgb(
-    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
-) -> Image.Image:
+def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:
     """Decode `data` into an upright RGB image.
 
     `min_side` lets JPEG decoding skip work: the decoder scales down by a power
@@ -37,9 +35,7 @@ def decode_rgb(
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels"
-                )
+                raise ImageDecodeError(f"image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels")
             if min_side and img.format == "JPEG":
                 img.draft("RGB", _draft_target(width, height, min_side))
             img.seek(0)  # first frame of animations (GIF, WebP, TIFF pages)

@@ -61,9 +61,7 @@ def _logreg(C: float, seed: int) -> LogisticRegression:
     return LogisticRegression(C=C, max_iter=2000, class_weight="balanced", random_state=seed)
 
 
-def _cv_score(
-    X: np.ndarray, y: np.ndarray, C: float, k: int, seed: int, num_classes: int
-) -> tuple[float, float]:
+def _cv_score(X: np.ndarray, y: np.ndarray, C: float, k: int, seed: int, num_classes: int) -> tuple[float, float]:
     if k < 2:  # a class with a single training image: nothing to cross-validate on
         return float("nan"), float("nan")
     correct, losses = 0, []
@@ -80,7 +78,7 @@ def _cv_score(
 def _full_proba(clf: LogisticRegression, X: np.ndarray, num_classes: int) -> np.ndarray:
     proba = np.zeros((len(X), num_classes))
     proba[:, clf.classes_] = clf.predict_proba(X)
-    return proba
+    return proba / proba.sum(axis=1, keepdims=True)  # exact renormalisation for log_loss
 
 
 def _fold_into_linear(scaler: StandardScaler, clf: LogisticRegression, num_classes: int) -> nn.Linear:

@@ -19,10 +19,16 @@ PLANS = {
 }
 STRATEGIES = ("auto", "linear", "stages", "partial", "full")
 _WHY = {
-    "small-similar": "few images that look like ImageNet, so the pretrained top-layer features already separate them: a linear probe",
-    "small-different": "few images unlike ImageNet, so the top layer is too specialised: linear probes on several stages, best kept",
+    "small-similar": (
+        "few images that look like ImageNet, so the pretrained top-layer features already separate them: a linear probe"
+    ),
+    "small-different": (
+        "few images unlike ImageNet, so the top layer is too specialised: linear probes on several stages, best kept"
+    ),
     "large-similar": "plenty of ImageNet-like images: fine-tune the top stages at 1/10 of the original learning rate",
-    "large-different": "plenty of images unlike ImageNet: fine-tune most of the network at 1/10 of the original learning rate",
+    "large-different": (
+        "plenty of images unlike ImageNet: fine-tune most of the network at 1/10 of the original learning rate"
+    ),
 }
 
 
@@ -39,7 +45,13 @@ class Plan:
         return asdict(self)
 
 
-def cell_for(images_per_class: float, similarity: float, *, boundary: int = SIZE_BOUNDARY, threshold: float = SIMILARITY_THRESHOLD) -> str:
+def cell_for(
+    images_per_class: float,
+    similarity: float,
+    *,
+    boundary: int = SIZE_BOUNDARY,
+    threshold: float = SIMILARITY_THRESHOLD,
+) -> str:
     size = "large" if images_per_class >= boundary else "small"
     kind = "similar" if similarity >= threshold else "different"
     return f"{size}-{kind}"
@@ -56,9 +68,11 @@ def decide(
     if override not in STRATEGIES:
         raise ConfigError(f"Unknown strategy '{override}'. Valid choices: {', '.join(STRATEGIES)}.")
     cell = cell_for(images_per_class, similarity.score, boundary=boundary)
+    size_cmp = ">=" if images_per_class >= boundary else "<"
+    sim_cmp = ">=" if similarity.score >= SIMILARITY_THRESHOLD else "<"
     facts = (
-        f"{images_per_class:.0f} training images per class ({'>=' if images_per_class >= boundary else '<'} {boundary}) "
-        f"and similarity {similarity.score:.2f} ({'>=' if similarity.score >= SIMILARITY_THRESHOLD else '<'} {SIMILARITY_THRESHOLD})"
+        f"{images_per_class:.0f} training images per class ({size_cmp} {boundary}) "
+        f"and similarity {similarity.score:.2f} ({sim_cmp} {SIMILARITY_THRESHOLD})"
     )
     if override != "auto":
         name, reason = override, f"Strategy '{override}' chosen by the user; the data reads {cell}: {facts}."

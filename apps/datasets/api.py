@@ -18,7 +18,18 @@ from apps.datasets.services import dataset_create, dataset_delete
 class DatasetOutputSerializer(serializers.ModelSerializer):
     class Meta:
         model = Dataset
-        fields = ["id", "name", "status", "num_images", "classes", "warnings", "error", "layout", "archive_bytes", "created_at"]
+        fields = [
+            "id",
+            "name",
+            "status",
+            "num_images",
+            "classes",
+            "warnings",
+            "error",
+            "layout",
+            "archive_bytes",
+            "created_at",
+        ]
 
 
 class DatasetListCreateApi(APIView):

@@ -28,9 +28,7 @@ def dataset_create(*, owner: AbstractBaseUser, file: UploadedFile, name: str = "
     if file.size > settings.GRAFT_MAX_UPLOAD_BYTES:
         raise UserError("The upload is over the size limit.", status_code=413)
     if not zipfile.is_zipfile(file):
-        raise UserError(
-            f"'{file.name}' is not a zip archive. Upload a .zip with one folder of images per class."
-        )
+        raise UserError(f"'{file.name}' is not a zip archive. Upload a .zip with one folder of images per class.")
     file.seek(0)
     dataset = Dataset(owner=owner, name=(name or _default_name(file.name))[:200], archive_bytes=file.size)
     stored = None
@@ -98,9 +96,7 @@ def _mark_ready(dataset: Dataset, index: DatasetIndex, manifest: str) -> None:
         manifest=manifest,
         layout=index.layout,
         num_images=len(index.samples),
-        classes=[
-            {"name": c, "count": totals[c], "train": train[c], "val": val[c]} for c in index.classes
-        ],
+        classes=[{"name": c, "count": totals[c], "train": train[c], "val": val[c]} for c in index.classes],
         warnings=[{"code": w.code, "message": w.message, "files": w.files} for w in index.warnings],
         content_hash=index.content_hash,
         error="",
@@ -121,5 +117,3 @@ def dataset_delete(*, dataset: Dataset) -> None:
     dataset.delete()
     for name in names:
         delete_quietly(name)
-
-

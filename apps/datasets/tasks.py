@@ -29,4 +29,6 @@ def ingest_dataset(dataset_id: int) -> None:
         raise  # transient: retried
     except Exception:
         log.exception("ingestion of dataset %s failed", dataset_id)
-        dataset_fail(dataset=dataset, message="Processing the archive failed unexpectedly; the operators have the details.")
+        dataset_fail(
+            dataset=dataset, message="Processing the archive failed unexpectedly; the operators have the details."
+        )

@@ -20,7 +20,18 @@ from apps.serving.services import model_predict
 class ModelOutputSerializer(serializers.ModelSerializer):
     class Meta:
         model = TrainedModel
-        fields = ["id", "name", "job", "backbone", "classes", "metrics", "strategy", "bundle_bytes", "bundle_sha256", "created_at"]
+        fields = [
+            "id",
+            "name",
+            "job",
+            "backbone",
+            "classes",
+            "metrics",
+            "strategy",
+            "bundle_bytes",
+            "bundle_sha256",
+            "created_at",
+        ]
 
 
 class ModelListApi(APIView):
@@ -51,7 +62,15 @@ class ModelPredictApi(APIView):
     parser_classes = [MultiPartParser, FormParser]
 
     @extend_schema(
-        request={"multipart/form-data": {"type": "object", "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}}, "k": {"type": "integer"}}}},
+        request={
+            "multipart/form-data": {
+                "type": "object",
+                "properties": {
+                    "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "k": {"type": "integer"},
+                },
+            }
+        },
         responses=OpenApiTypes.OBJECT,
     )
     def post(self, request: Request, model_id: int) -> Response:

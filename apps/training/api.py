@@ -22,8 +22,23 @@ class JobOutputSerializer(serializers.ModelSerializer):
     class Meta:
         model = Job
         fields = [
-            "id", "dataset", "status", "config", "strategy", "phase", "progress", "metrics", "timings",
-            "history", "model", "error", "stale", "attempts", "created_at", "started_at", "finished_at",
+            "id",
+            "dataset",
+            "status",
+            "config",
+            "strategy",
+            "phase",
+            "progress",
+            "metrics",
+            "timings",
+            "history",
+            "model",
+            "error",
+            "stale",
+            "attempts",
+            "created_at",
+            "started_at",
+            "finished_at",
         ]
 
     def get_model(self, job: Job) -> int | None:

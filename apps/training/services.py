@@ -174,7 +174,9 @@ class _Recorder:
         if self.cancelled.is_set():
             raise Cancelled()
         if event.row is not None:
-            JobHistory.objects.create(job_id=self.job_id, step=event.row.get("step", 0), phase=event.phase, data=event.row)
+            JobHistory.objects.create(
+                job_id=self.job_id, step=event.row.get("step", 0), phase=event.phase, data=event.row
+            )
         now = time.monotonic()
         if event.row is None and now - self._last < self.min_interval and event.done < event.total:
             return

@@ -11,7 +11,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 def test_token_for_username_and_password(live_server, make_user):
     make_user("alice", "correct horse battery")
-    r = requests.post(f"{live_server.url}/api/v1/auth/token/", json={"username": "alice", "password": "correct horse battery"})
+    r = requests.post(
+        f"{live_server.url}/api/v1/auth/token/", json={"username": "alice", "password": "correct horse battery"}
+    )
     assert r.status_code == 200
     token = r.json()["token"]
     listed = requests.get(f"{live_server.url}/api/v1/datasets/", headers={"Authorization": f"Token {token}"})
@@ -29,7 +31,9 @@ def test_wrong_password_and_missing_or_bad_token_are_json_401(live_server, make_
 
 
 def test_malformed_requests_get_readable_4xx(live_server, make_user):
-    r = requests.post(f"{live_server.url}/api/v1/auth/token/", data="{not json", headers={"Content-Type": "application/json"})
+    r = requests.post(
+        f"{live_server.url}/api/v1/auth/token/", data="{not json", headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 400 and "JSON" in r.json()["error"]
     r = requests.post(f"{live_server.url}/api/v1/auth/token/", json={"username": "x"})
     assert r.status_code == 400 and "password" in r.json()["error"]

@@ -40,7 +40,10 @@ def test_good_upload_becomes_ready_with_report(celery_worker_process, api_for, t
     body = _upload_and_wait(api, _zip_bytes(tmp_path, members))
     assert body["status"] == "ready", body
     assert body["num_images"] == 11
-    assert body["classes"] == [{"name": "cats", "count": 6, "train": 0, "val": 0}, {"name": "dogs", "count": 5, "train": 0, "val": 0}]
+    assert body["classes"] == [
+        {"name": "cats", "count": 6, "train": 0, "val": 0},
+        {"name": "dogs", "count": 5, "train": 0, "val": 0},
+    ]
     codes = {w["code"]: w for w in body["warnings"]}
     assert any("pets/dogs/broken.jpg" in f for f in codes["unreadable"]["files"])
     assert codes["duplicate"]["files"]
@@ -67,8 +70,14 @@ def _bomb_zip(tmp_path: Path) -> bytes:
 
 
 BAD_ARCHIVES = {
-    "traversal": (lambda t: _zip_bytes(t, class_folders({"a": 5, "b": 5}) | {"a/../../evil.png": image_bytes()}), "a/../../evil.png"),
-    "absolute": (lambda t: _zip_bytes(t, class_folders({"a": 5, "b": 5}) | {"/tmp/evil.png": image_bytes()}), "/tmp/evil.png"),
+    "traversal": (
+        lambda t: _zip_bytes(t, class_folders({"a": 5, "b": 5}) | {"a/../../evil.png": image_bytes()}),
+        "a/../../evil.png",
+    ),
+    "absolute": (
+        lambda t: _zip_bytes(t, class_folders({"a": 5, "b": 5}) | {"/tmp/evil.png": image_bytes()}),
+        "/tmp/evil.png",
+    ),
     "symlink": (_symlink_zip, "a/evil.png"),
     "zip bomb": (_bomb_zip, "zip bomb"),
     "empty archive": (lambda t: _zip_bytes(t, {"__MACOSX/._x": b""}), "empty"),

@@ -44,7 +44,9 @@ def test_hymenoptera_from_upload_to_predictions(celery_worker_process, api_for, 
     r = alice.call("GET", f"/models/{model_id}/download/")
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/zip"
     bundle = zipfile.ZipFile(io.BytesIO(r.content))
-    assert {"model.torchscript.pt", "labels.json", "preprocessing.json", "metrics.json", "model_card.md"} <= set(bundle.namelist())
+    assert {"model.torchscript.pt", "labels.json", "preprocessing.json", "metrics.json", "model_card.md"} <= set(
+        bundle.namelist()
+    )
     scripted = torch.jit.load(io.BytesIO(bundle.read("model.torchscript.pt")))
     assert scripted(torch.zeros(1, 3, 224, 224)).shape == (1, 2)
 

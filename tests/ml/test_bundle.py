@@ -16,11 +16,22 @@ def test_bundle_round_trip_predicts_like_the_model(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
     prep = Preprocessing(input_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.25,) * 3)
     zip_path = write_bundle(
-        tmp_path / "out", model=model, classes=["a", "b", "c"], preprocessing=prep,
-        metrics={"val_accuracy": 1.0}, card={"backbone": "tiny", "strategy": {"name": "linear"}},
+        tmp_path / "out",
+        model=model,
+        classes=["a", "b", "c"],
+        preprocessing=prep,
+        metrics={"val_accuracy": 1.0},
+        card={"backbone": "tiny", "strategy": {"name": "linear"}},
     )
     folder = unpack_bundle(zip_path, tmp_path / "unpacked")
-    assert {p.name for p in folder.iterdir()} >= {"model.torchscript.pt", "labels.json", "preprocessing.json", "metrics.json", "model_card.md", "graft.json"}
+    assert {p.name for p in folder.iterdir()} >= {
+        "model.torchscript.pt",
+        "labels.json",
+        "preprocessing.json",
+        "metrics.json",
+        "model_card.md",
+        "graft.json",
+    }
     assert json.loads((folder / "graft.json").read_text())["classes"] == ["a", "b", "c"]
     predictor = Predictor(folder)
     img = predictor.decode(image_bytes(size=(48, 40), seed=3))

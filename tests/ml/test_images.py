@@ -16,7 +16,16 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 @pytest.mark.parametrize(
     "mode,fmt",
-    [("L", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("P", "GIF"), ("RGB", "WEBP"), ("RGB", "BMP"), ("RGB", "TIFF")],
+    [
+        ("L", "PNG"),
+        ("RGBA", "PNG"),
+        ("CMYK", "JPEG"),
+        ("I;16", "PNG"),
+        ("P", "GIF"),
+        ("RGB", "WEBP"),
+        ("RGB", "BMP"),
+        ("RGB", "TIFF"),
+    ],
 )
 def test_every_mode_becomes_rgb(mode, fmt):
     img = Image.new(mode, (20, 10))
