@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import logging
 import zipfile
+from dataclasses import asdict
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -97,7 +98,7 @@ def _mark_ready(dataset: Dataset, index: DatasetIndex, manifest: str) -> None:
         layout=index.layout,
         num_images=len(index.samples),
         classes=[{"name": c, "count": totals[c], "train": train[c], "val": val[c]} for c in index.classes],
-        warnings=[{"code": w.code, "message": w.message, "files": w.files} for w in index.warnings],
+        warnings=[asdict(w) for w in index.warnings],
         content_hash=index.content_hash,
         error="",
     )
