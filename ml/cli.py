@@ -1,6 +1,7 @@
 """`python -m ml`: the pipeline without the web app.
 
-python -m ml fit DATASET.zip --out DIR [--strategy auto|linear] [--backbone NAME] [--json]
+python -m ml fit DATASET.zip --out DIR [--strategy auto|linear|stages|partial|full] [--backbone NAME]
+                 [--budget SECONDS] [--max-epochs N] [--no-hflip] [--lr-find] [--resolution auto|native] [--json]
 python -m ml predict DIR_OR_BUNDLE_ZIP IMAGE... [-k 5]
 python -m ml backbones
 """
@@ -37,6 +38,20 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--strategy", default="auto", choices=STRATEGIES)
     f.add_argument("--backbone", default=DEFAULT_BACKBONE)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--budget", type=float, default=None, help="seconds allowed for fine-tuning")
+    f.add_argument(
+        "--max-epochs", type=int, default=15, help="fine-tuning epochs at most (early stopping may end sooner)"
+    )
+    f.add_argument(
+        "--no-hflip", dest="hflip", action="store_false", help="horizontal flips change the class here (text, digits)"
+    )
+    f.add_argument("--lr-find", action="store_true", help="run a learning-rate range test before fine-tuning")
+    f.add_argument(
+        "--resolution",
+        default="auto",
+        choices=("auto", "native"),
+        help="input size: follow the data, or the backbone's own",
+    )
     f.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
     f.set_defaults(func=_fit)
     pr = sub.add_parser("predict", help="top-k labels for images with a trained bundle")
@@ -71,15 +86,31 @@ def _fit(args: argparse.Namespace) -> int:
         if ev.done >= ev.total:
             bar.close()
 
-    config = FitConfig(strategy=args.strategy, backbone=args.backbone, seed=args.seed)
+    config = FitConfig(
+        strategy=args.strategy,
+        backbone=args.backbone,
+        seed=args.seed,
+        budget=args.budget,
+        max_epochs=args.max_epochs,
+        hflip=args.hflip,
+        lr_find=args.lr_find,
+        resolution=args.resolution,
+    )
     result = fit(args.dataset, args.out, config, progress=progress)
-    summary = {k: v for k, v in result.to_dict().items() if k != "history"}
+    summary = result.to_dict()
+    summary["metrics"] = {k: v for k, v in summary["metrics"].items() if k not in ("misclassified", "reliability")}
     if args.json:
         print(json.dumps(summary))
     else:
         m = result.metrics
-        print(f"strategy: {result.strategy['name']} — {result.strategy['reason']}")
-        print(f"val accuracy {m['val_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} on {m['num_val']} images")
+        for line in result.log:
+            print(line)
+        print(f"strategy: {result.strategy['name']} ({result.strategy['cell']})")
+        print(
+            f"val accuracy {m['val_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} "
+            f"on {m['num_val']} images; {len(m.get('misclassified', []))} misclassified"
+        )
+        print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
         print(f"bundle: {result.artifacts['bundle']}")
     return 0
 

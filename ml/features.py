@@ -18,10 +18,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from ml.backbones import Backbone
+from ml.backbones import Backbone, Preprocessing
 from ml.images import decode_rgb
 from ml.preprocess import eval_transform
+from ml.runtime import tune_allocator
+
+TOP = "top"  # key of the pooled top-layer features
+
+
+class GridPool(nn.Module):
+    """Average-pool a feature map into a 2x2 grid and flatten: (N, C, H, W) -> (N, 4C).
+
+    Global pooling throws away where things are, which is most of what tells a
+    6 from a 9; intermediate stages are pooled into quadrants instead. Plain
+    slicing (not adaptive pooling) so that TorchScript and ONNX export it as is.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2], x.shape[3]
+        hh, hw = max(1, h // 2), max(1, w // 2)
+        cells = [
+            x[:, :, :hh, :hw],
+            x[:, :, :hh, hw:] if w > 1 else x[:, :, :hh, :hw],
+            x[:, :, hh:, :hw] if h > 1 else x[:, :, :hh, :hw],
+            x[:, :, hh:, hw:] if h > 1 and w > 1 else x[:, :, :hh, :hw],
+        ]
+        return torch.cat([c.mean((2, 3)) for c in cells], 1)
+
 
 ProgressFn = Callable[[int, int], None]
 
@@ -68,7 +93,6 @@ def iter_batches(
                 batch = []
 
 
-@torch.inference_mode()
 def extract_features(
     backbone: Backbone,
     archive: Path,
@@ -76,18 +100,66 @@ def extract_features(
     *,
     batch_size: int = 64,
     device: torch.device = torch.device("cpu"),
+    preprocessing: Preprocessing | None = None,
     progress: ProgressFn | None = None,
 ) -> np.ndarray:
-    """Pooled features (N, D) for `members`, in order."""
-    prep = backbone.spec.preprocessing
+    """Pooled top-layer features (N, D) for `members`, in order."""
+    return extract_stage_features(
+        backbone,
+        archive,
+        members,
+        batch_size=batch_size,
+        device=device,
+        preprocessing=preprocessing,
+        progress=progress,
+    )[TOP]
+
+
+def extract_stage_features(
+    backbone: Backbone,
+    archive: Path,
+    members: Sequence[str],
+    *,
+    taps: Sequence[str] = (),
+    batch_size: int = 64,
+    device: torch.device = torch.device("cpu"),
+    preprocessing: Preprocessing | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, np.ndarray]:
+    """Features for `members`, in order: `TOP` (the pooled output) and each stage in `taps`.
+
+    A tapped stage's output is pooled into a 2x2 grid (`GridPool`). All of them
+    come from the one forward pass.
+    """
+    tune_allocator()
+    prep = preprocessing or backbone.spec.preprocessing
     images = ZipImages(archive, eval_transform(prep), min_side=prep.resize_size)
-    backbone.eval().to(device)
-    out = np.empty((len(members), backbone.feature_dim), dtype=np.float32)
+    # Outside inference mode: converted parameters made inside it would be inference
+    # tensors, unusable for export or fine-tuning afterwards.
+    body = backbone.eval().to(device, memory_format=torch.channels_last).body
+    modules = dict(body.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+    pool = GridPool()
+
+    def tap(name: str):
+        return lambda _module, _inputs, output: captured.__setitem__(name, pool(output))
+
+    hooks = [modules[name].register_forward_hook(tap(name)) for name in taps]
+    out: dict[str, np.ndarray] = {}
     done = 0
-    for batch in iter_batches(images.load, members, batch_size):
-        feats = backbone(batch.to(device, non_blocking=True))
-        out[done : done + len(batch)] = feats.float().cpu().numpy()
-        done += len(batch)
-        if progress:
-            progress(done, len(members))
+    try:
+        with torch.inference_mode():
+            for batch in iter_batches(images.load, members, batch_size):
+                x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                captured[TOP] = body(x)
+                for name, feats in captured.items():
+                    if name not in out:
+                        out[name] = np.empty((len(members), feats.shape[1]), dtype=np.float32)
+                    out[name][done : done + len(batch)] = feats.float().cpu().numpy()
+                done += len(batch)
+                if progress:
+                    progress(done, len(members))
+    finally:
+        for h in hooks:
+            h.remove()
     return out

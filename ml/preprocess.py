@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from PIL import Image
@@ -10,7 +11,7 @@ from torchvision.transforms import v2 as T
 
 from ml.backbones import Preprocessing
 
-_INTERPOLATION = {
+INTERPOLATION = {
     "bilinear": T.InterpolationMode.BILINEAR,
     "bicubic": T.InterpolationMode.BICUBIC,
 }
@@ -20,9 +21,40 @@ def eval_transform(p: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
     return T.Compose(
         [
             T.PILToTensor(),
-            T.Resize(p.resize_size, interpolation=_INTERPOLATION[p.interpolation], antialias=True),
+            T.Resize(p.resize_size, interpolation=INTERPOLATION[p.interpolation], antialias=True),
             T.CenterCrop(p.input_size),
             T.ToDtype(torch.float32, scale=True),
             T.Normalize(p.mean, p.std),
         ]
+    )
+
+
+MIN_INPUT = 64  # smallest input: the backbones downsample 32x, leaving a 2x2 map
+MAX_UPSCALE = 2  # enlarging small images further adds compute, not information
+
+
+def choose_preprocessing(native: Preprocessing, short_sides: list[int]) -> tuple[Preprocessing, str]:
+    """The input resolution follows the data: small images get a small input.
+
+    Images at least as large as the backbone's native input use its native
+    preprocessing. Smaller ones (8-px digits, 28-px crops) are upscaled at most
+    2x, to a multiple of 32 and not below 64 px, and not centre-cropped (their
+    edges carry the content). Compute falls with the square of the side: 64 px
+    costs 1/12 of 224 px.
+    """
+    if not short_sides:
+        return native, "no images to measure; the backbone's native input"
+    median = sorted(short_sides)[len(short_sides) // 2]
+    if median >= native.input_size:
+        return native, (
+            f"median short side {median} px >= the backbone's {native.input_size} px input: native preprocessing"
+        )
+    size = min(native.input_size, max(MIN_INPUT, -(-median * MAX_UPSCALE // 32) * 32))
+    if size == native.input_size:
+        return native, (f"median short side {median} px, upscaled {MAX_UPSCALE}x reaches the native {size} px input")
+    prep = replace(native, input_size=size, resize_size=size)
+    return prep, (
+        f"median short side {median} px: input {size} px (at most {MAX_UPSCALE}x upscaled, multiple of 32, "
+        f">= {MIN_INPUT}), no centre crop; {(native.input_size / size) ** 2:.0f}x less compute than "
+        f"{native.input_size} px"
     )

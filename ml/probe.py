@@ -43,11 +43,12 @@ def fit_probe(
     on_step: StepFn | None = None,
 ) -> ProbeFit:
     scaler = StandardScaler().fit(X)
-    Xs = scaler.transform(X)
+    Xs = scaler.transform(X).astype(np.float32)
+    Cs = tuple(sorted(Cs))  # ascending, so each fit warm-starts from the more regularised one
     k = int(min(folds, np.bincount(y, minlength=num_classes).min()))
+    scores = _cv_scores(Xs, y, Cs, k, seed, num_classes)
     history = []
-    for step, C in enumerate(Cs, start=1):
-        acc, loss = _cv_score(Xs, y, C, k, seed, num_classes)
+    for step, (C, (acc, loss)) in enumerate(zip(Cs, scores, strict=True), start=1):
         row = {"step": step, "C": C, "cv_accuracy": acc, "cv_loss": loss}
         history.append(row)
         if on_step:
@@ -57,22 +58,32 @@ def fit_probe(
     return ProbeFit(_fold_into_linear(scaler, clf, num_classes), best["C"], history)
 
 
-def _logreg(C: float, seed: int) -> LogisticRegression:
-    return LogisticRegression(C=C, max_iter=2000, class_weight="balanced", random_state=seed)
+def _logreg(C: float, seed: int, **kw) -> LogisticRegression:
+    return LogisticRegression(C=C, max_iter=2000, class_weight="balanced", random_state=seed, **kw)
 
 
-def _cv_score(X: np.ndarray, y: np.ndarray, C: float, k: int, seed: int, num_classes: int) -> tuple[float, float]:
+def _cv_scores(
+    X: np.ndarray, y: np.ndarray, Cs: tuple[float, ...], k: int, seed: int, num_classes: int
+) -> list[tuple[float, float]]:
+    """(accuracy, log loss) per C, pooled over k stratified folds.
+
+    Within a fold the C path is walked upwards with warm starts and a looser
+    tolerance (the ranking of Cs does not need the last digits): ~3x faster.
+    """
     if k < 2:  # a class with a single training image: nothing to cross-validate on
-        return float("nan"), float("nan")
-    correct, losses = 0, []
+        return [(float("nan"), float("nan"))] * len(Cs)
+    correct = np.zeros(len(Cs))
+    losses = np.zeros(len(Cs))
     for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(X, y):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf = _logreg(C, seed).fit(X[tr], y[tr])
-        proba = _full_proba(clf, X[te], num_classes)
-        correct += int((proba.argmax(1) == y[te]).sum())
-        losses.append(log_loss(y[te], proba, labels=list(range(num_classes))) * len(te))
-    return correct / len(y), float(sum(losses) / len(y))
+        clf = _logreg(Cs[0], seed, warm_start=True, tol=1e-3)
+        for i, C in enumerate(Cs):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf.set_params(C=C).fit(X[tr], y[tr])
+            proba = _full_proba(clf, X[te], num_classes)
+            correct[i] += int((proba.argmax(1) == y[te]).sum())
+            losses[i] += log_loss(y[te], proba, labels=list(range(num_classes))) * len(te)
+    return [(float(c / len(y)), float(loss / len(y))) for c, loss in zip(correct, losses, strict=True)]
 
 
 def _full_proba(clf: LogisticRegression, X: np.ndarray, num_classes: int) -> np.ndarray:

@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import onnxruntime as ort
+import pytest
 import torch
 from torch import nn
 
 from ml.backbones import Preprocessing
-from ml.bundle import unpack_bundle, write_bundle
+from ml.bundle import ExportError, check_onnx_parity, export_onnx, unpack_bundle, write_bundle
 from ml.predict import Predictor
 from tests.conftest import image_bytes
 
@@ -26,13 +29,18 @@ def test_bundle_round_trip_predicts_like_the_model(tmp_path):
     folder = unpack_bundle(zip_path, tmp_path / "unpacked")
     assert {p.name for p in folder.iterdir()} >= {
         "model.torchscript.pt",
+        "model.onnx",
         "labels.json",
         "preprocessing.json",
         "metrics.json",
         "model_card.md",
         "graft.json",
     }
-    assert json.loads((folder / "graft.json").read_text())["classes"] == ["a", "b", "c"]
+    card = json.loads((folder / "graft.json").read_text())
+    assert card["classes"] == ["a", "b", "c"]
+    assert card["onnx"]["opset"] and card["onnx"]["max_abs_diff"] < 1e-4
+    assert {"python", "torch", "torchvision", "timm", "onnx", "onnxruntime"} <= set(card["versions"])
+    assert "ONNX" in (folder / "model_card.md").read_text()
     predictor = Predictor(folder)
     img = predictor.decode(image_bytes(size=(48, 40), seed=3))
     (preds,) = predictor.predict([img], k=3)
@@ -40,3 +48,36 @@ def test_bundle_round_trip_predicts_like_the_model(tmp_path):
         expected = model(predictor._transform(img)[None]).softmax(1)[0]
     assert [p.label for p in preds] == [["a", "b", "c"][i] for i in expected.argsort(descending=True)]
     assert abs(preds[0].score - expected.max().item()) < 1e-5
+
+
+def tiny_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
+
+
+def test_onnx_export_agrees_with_pytorch(tmp_path):
+    model = tiny_model(0)
+    prep = Preprocessing(input_size=24, resize_size=28, mean=(0.5,) * 3, std=(0.25,) * 3)
+    info = export_onnx(model, prep, tmp_path / "model.onnx")
+    assert info["max_abs_diff"] < 1e-4
+    assert info["input"] == "image" and info["output"] == "logits"
+    # Any batch size, at the bundle's input size.
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(7, 3, 24, 24)
+    (logits,) = session.run(["logits"], {"image": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model(x).numpy(), atol=1e-4)
+
+
+def test_onnx_parity_check_rejects_a_different_model(tmp_path):
+    prep = Preprocessing(input_size=16, resize_size=18, mean=(0.5,) * 3, std=(0.25,) * 3)
+    export_onnx(tiny_model(0), prep, tmp_path / "model.onnx")
+    with pytest.raises(ExportError, match="disagrees"):
+        check_onnx_parity(tiny_model(1), tmp_path / "model.onnx", prep.input_size)
