@@ -72,16 +72,21 @@ def _fit(args: argparse.Namespace) -> int:
     if not args.dataset.is_file():
         print(f"error: no such file: {args.dataset}", file=sys.stderr)
         return 2
-    bars: dict[str, tqdm] = {}
+    bars: dict[tuple[str, int], tqdm] = {}
+    units = {"decode": "img", "features": "img", "export": "step"}
 
     def progress(ev) -> None:
-        bar = bars.get(ev.phase)
+        # One bar per phase and total: the fit phase runs the probe's C search, then epochs of images.
+        key = (ev.phase, ev.total)
+        bar = bars.get(key)
         if bar is None:
-            bar = bars[ev.phase] = tqdm(
-                total=ev.total, desc=ev.phase, unit="img" if ev.phase != "fit" else "step", leave=True
+            desc = ev.phase if ev.phase != "fit" or ev.total <= 64 else "fine-tune"
+            bar = bars[key] = tqdm(
+                total=ev.total, desc=desc, unit=units.get(ev.phase, "img" if ev.total > 64 else "step")
             )
-        bar.total = ev.total
         bar.n = ev.done
+        if ev.row and "val_accuracy" in ev.row and ev.row.get("epoch") is not None:
+            bar.set_postfix(epoch=ev.row["epoch"], val_acc=f"{ev.row['val_accuracy']:.3f}", best=ev.row["best_epoch"])
         bar.refresh()
         if ev.done >= ev.total:
             bar.close()

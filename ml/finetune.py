@@ -83,8 +83,13 @@ def make_optimizer(kind: str, groups: list[dict]) -> torch.optim.Optimizer:
     """The optimizer family the backbone was trained with, so that 1/10 of its LR means what it says."""
     if kind == "sgd":
         return torch.optim.SGD(groups, momentum=0.9, nesterov=True)
-    if kind == "rmsprop":  # TensorFlow-style: decay 0.9, momentum 0.9, large epsilon
-        return torch.optim.RMSprop(groups, alpha=0.9, momentum=0.9, eps=1e-3)
+    if kind == "rmsprop":
+        # TensorFlow's RMSProp, which these weights were trained with: its square average starts
+        # at 1, not 0 as in torch.optim.RMSprop, whose first steps move every weight by ~3x the
+        # LR whatever its gradient -- enough to wreck a pretrained network in a few batches.
+        from timm.optim import RMSpropTF
+
+        return RMSpropTF(groups, alpha=0.9, momentum=0.9, eps=1e-3)
     if kind == "adamw":
         return torch.optim.AdamW(groups)
     raise ValueError(f"unknown optimizer '{kind}'")

@@ -31,6 +31,7 @@ class JobOutputSerializer(serializers.ModelSerializer):
             "progress",
             "metrics",
             "timings",
+            "report",
             "history",
             "model",
             "error",
@@ -54,6 +55,10 @@ class JobListCreateApi(APIView):
         strategy = serializers.ChoiceField(choices=STRATEGIES, default="auto")
         backbone = serializers.ChoiceField(choices=sorted(REGISTRY), required=False)
         seed = serializers.IntegerField(default=0, min_value=0)
+        budget = serializers.FloatField(required=False, min_value=1, help_text="seconds allowed for fine-tuning")
+        max_epochs = serializers.IntegerField(required=False, min_value=1, max_value=200)
+        hflip = serializers.BooleanField(required=False, help_text="horizontal flips keep the class")
+        lr_find = serializers.BooleanField(required=False, help_text="run a learning-rate range test first")
 
     @extend_schema(responses=JobOutputSerializer(many=True))
     def get(self, request: Request) -> Response:

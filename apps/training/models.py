@@ -26,6 +26,8 @@ class Job(models.Model):
     progress = models.FloatField(default=0.0)  # 0..1
     metrics = models.JSONField(default=dict, blank=True)
     timings = models.JSONField(default=dict, blank=True)
+    # The engine's account of the run: sanity checks, hyperparameters, LR range test, log lines.
+    report = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
     attempts = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -33,17 +33,20 @@ class RetryLater(Exception):
     """The job looks alive elsewhere; check again once a heartbeat would have gone stale."""
 
 
-def job_create(
-    *, owner: AbstractBaseUser, dataset: Dataset, strategy: str = "auto", backbone: str | None = None, seed: int = 0
-) -> Job:
+# FitConfig fields a user may set through the API (everything else keeps the engine's default).
+USER_OPTIONS = ("strategy", "backbone", "seed", "budget", "max_epochs", "hflip", "lr_find")
+
+
+def job_create(*, owner: AbstractBaseUser, dataset: Dataset, **options) -> Job:
     from ml.fit import FitConfig
 
     if dataset.status != Dataset.Status.READY:
         state = "is still being processed" if dataset.status == Dataset.Status.PROCESSING else "failed to process"
         raise UserError(f"Dataset '{dataset.name}' {state}; train on a ready dataset.", status_code=409)
-    config = FitConfig(strategy=strategy, seed=seed)
-    if backbone:
-        config.backbone = backbone
+    unknown = set(options) - set(USER_OPTIONS)
+    if unknown:
+        raise UserError(f"Unknown option(s): {', '.join(sorted(unknown))}.")
+    config = FitConfig(**{k: v for k, v in options.items() if v is not None})
     try:
         config.validate()
     except MLError as exc:
@@ -52,7 +55,7 @@ def job_create(
         job = Job.objects.create(
             owner=owner,
             dataset=dataset,
-            config={"strategy": config.strategy, "backbone": config.backbone, "seed": config.seed},
+            config={k: getattr(config, k) for k in USER_OPTIONS},
         )
         transaction.on_commit(lambda: _enqueue(job.pk))
     return job
@@ -149,6 +152,14 @@ def _succeed(job: Job, result) -> None:
             strategy=result.strategy,
             metrics=result.metrics,
             timings=result.timings,
+            report={
+                "sanity": result.sanity,
+                "hyperparameters": result.hyperparameters,
+                "lr_range": result.lr_range,
+                "log": result.log,
+                "preprocessing": result.preprocessing,
+                "device": result.device,
+            },
         )
         if updated:  # not cancelled in the meantime
             model_create(job=job, bundle_path=result.artifacts["bundle"], result=result)
@@ -174,9 +185,8 @@ class _Recorder:
         if self.cancelled.is_set():
             raise Cancelled()
         if event.row is not None:
-            JobHistory.objects.create(
-                job_id=self.job_id, step=event.row.get("step", 0), phase=event.phase, data=event.row
-            )
+            step = event.row.get("step", event.row.get("epoch", 0))
+            JobHistory.objects.create(job_id=self.job_id, step=step, phase=event.phase, data=event.row)
         now = time.monotonic()
         if event.row is None and now - self._last < self.min_interval and event.done < event.total:
             return

@@ -1,0 +1,204 @@
+"""The fine-tuning recipe on a tiny CPU model: LR rule, frozen BN, early stopping, sanity checks."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ml.backbones import Backbone, BackboneSpec, Preprocessing, get_spec
+from ml.finetune import (
+    Batches,
+    EarlyStopping,
+    FinetuneConfig,
+    SanityReport,
+    backbone_lr,
+    check_initial_loss,
+    check_loss_decreases,
+    finetune,
+    lr_range_test,
+    param_groups,
+    trainable_stage,
+    warmup_cosine,
+)
+
+
+def _stage(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class TinyBody(nn.Module):
+    """Laid out like timm's EfficientNet (stem, `blocks` of stages), so stage logic applies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_stem = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.blocks = nn.Sequential(_stage(8, 8), _stage(8, 16, 2), _stage(16, 16), _stage(16, 16))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.blocks(self.bn1(self.conv_stem(x)))).flatten(1)
+
+
+def tiny_backbone(lr: float = 0.1) -> Backbone:
+    torch.manual_seed(0)
+    body = TinyBody()
+    for m in body.modules():  # "pretrained" statistics that must survive fine-tuning
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    spec = BackboneSpec(
+        name="tiny",
+        source="package",
+        arch="tiny",
+        weights_tag="none",
+        preprocessing=Preprocessing(16, 16, (0.5,) * 3, (0.5,) * 3),
+        train_lr=lr,
+        train_batch_size=256,
+        train_optimizer="sgd",
+    )
+    return Backbone(body, nn.Linear(16, 1000), spec).eval()
+
+
+def toy_data(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    y = np.arange(n) % 2
+    x = torch.randn(n, 3, 16, 16, generator=g)
+    x[y == 1, 0] += 1.5  # class 1 is redder
+    return x, y
+
+
+def batches(x: torch.Tensor, y: np.ndarray, size: int = 16) -> Batches:
+    return Batches(lambda i: x[i], y, size)
+
+
+def test_lr_rule_is_a_tenth_of_the_original_scaled_with_batch():
+    lite = get_spec("efficientnet_lite1")  # RMSProp at 0.016 per 256 images
+    assert backbone_lr(lite, 256) == pytest.approx(0.0016)
+    assert backbone_lr(lite, 32) == pytest.approx(0.0002)
+    assert backbone_lr(get_spec("resnet18"), 64) == pytest.approx(0.1 / 10 * 64 / 256)
+
+
+def test_depth_picks_the_top_stages_or_all():
+    bb = tiny_backbone()
+    assert trainable_stage(bb, "partial") == "blocks.3"
+    assert trainable_stage(bb, "full") == "blocks.0"
+    assert trainable_stage(tiny_backbone(), "partial") in bb.stages
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
+    decay, no_decay = param_groups(model.parameters(), 0.1, 1e-4)
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and len(decay["params"]) == 2
+    assert all(p.ndim == 1 for p in no_decay["params"]) and len(no_decay["params"]) == 4
+
+
+def test_warmup_then_cosine_decay():
+    f = warmup_cosine(4, 20)
+    assert [round(f(s), 2) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    assert f(12) == pytest.approx(0.5)
+    assert f(20) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_finetune_keeps_batchnorm_frozen_and_trains_only_the_top():
+    bb = tiny_backbone()
+    x, y = toy_data()
+    bn_before = {k: v.clone() for k, v in bb.body.state_dict().items() if "running" in k}
+    stem_before = bb.body.conv_stem.weight.clone()
+    top_before = bb.body.blocks[3][0].weight.clone()
+    head = nn.Linear(16, 2)
+    result = finetune(
+        bb,
+        head,
+        batches(x, y),
+        batches(x, y),
+        2,
+        FinetuneConfig(depth="partial", max_epochs=2, patience=5),
+        device=torch.device("cpu"),
+    )
+    for k, v in bb.body.state_dict().items():
+        if "running" in k:
+            assert torch.equal(v, bn_before[k]), f"{k} changed: BatchNorm statistics must stay frozen"
+    assert torch.equal(bb.body.conv_stem.weight, stem_before)
+    # The restored best epoch is epoch 0 or later; when later, the top stage moved.
+    if result.best_epoch > 0:
+        assert not torch.equal(bb.body.blocks[3][0].weight, top_before)
+    assert [r["epoch"] for r in result.history][:1] == [0]
+    assert result.hyperparameters["trainable_from"] == "blocks.3"
+    assert result.hyperparameters["batchnorm"].startswith("eval mode")
+
+
+def test_early_stopping_restores_the_best_snapshot():
+    model = nn.Linear(2, 2)
+    stopper = EarlyStopping(patience=2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    assert not stopper.update(1, 0.9, model)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    assert not stopper.update(2, 0.7, model)
+    assert stopper.update(3, 0.8, model)  # second epoch without improvement: stop
+    stopper.restore(model)
+    assert torch.all(model.weight == 1.0) and stopper.best_epoch == 1
+
+
+def test_finetune_that_never_beats_the_probe_returns_the_probe():
+    bb = tiny_backbone(lr=0.0)  # nothing can improve: every epoch ties epoch 0
+    x, y = toy_data()
+    head = nn.Linear(16, 2)
+    head_before = head.weight.clone()
+    result = finetune(
+        bb,
+        head,
+        batches(x, y),
+        batches(x, y),
+        2,
+        FinetuneConfig(depth="full", max_epochs=3, patience=2, head_lr_multiplier=0.0),
+        device=torch.device("cpu"),
+    )
+    assert result.best_epoch == 0
+    assert torch.equal(result.model[1].weight, head_before)
+    assert result.stopped.startswith("early stopping")
+
+
+def test_sanity_checks_fire_on_a_broken_setup():
+    report = SanityReport()
+    check_initial_loss(report, math.log(10), 10, 0.25)
+    check_initial_loss(report, 40.0, 10, 0.25)  # e.g. unnormalised inputs: huge initial logits
+    check_loss_decreases(report, [0.7, 0.9, 1.3])
+    assert [c["ok"] for c in report.checks] == [True, False, False]
+    assert not report.ok
+
+    # A learning rate that blows up: the non-finite loss is caught, training stops, the probe survives.
+    bb = tiny_backbone(lr=1e12)
+    x, y = toy_data()
+    x[:4] *= 1e6
+    result = finetune(
+        bb,
+        nn.Linear(16, 2),
+        batches(x, y),
+        batches(x, y),
+        2,
+        FinetuneConfig(depth="full", max_epochs=3),
+        device=torch.device("cpu"),
+    )
+    finite = next(c for c in result.sanity if c["check"] == "finite_loss")
+    assert not finite["ok"] and "loss became" in finite["detail"]
+    assert result.stopped == "non-finite loss" and result.best_epoch == 0
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_lr_range_test_returns_a_curve_and_leaves_the_model_alone():
+    bb = tiny_backbone()
+    x, y = toy_data()
+    model = nn.Sequential(bb.body, nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = lr_range_test(model, batches(x, y), torch.device("cpu"), steps=12)
+    lrs = [p["lr"] for p in out["curve"]]
+    assert len(lrs) >= 3 and lrs == sorted(lrs)
+    assert lrs[0] <= out["suggested_lr"] <= lrs[-1]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
