@@ -3,7 +3,7 @@
 Run from the repo root (prints figures; this is not a pass/fail test and pytest does not collect it):
 
     .venv/bin/python -m tests.benchmarks.bench_engine [DATASET_ZIP ...] [--strategy auto]
-        [--backbone efficientnet_lite0] [--budget SECONDS] [--seed 0] [--out DIR] [--only-baselines]
+        [--backbone efficientnet_lite1] [--budget SECONDS] [--seed 0] [--out DIR] [--only-baselines]
 
 With no zips it runs every *.zip in the shared datasets dir (GRAFT_DATASETS_DIR, else ../shared/datasets
 beside the checkout, else /work/shared/datasets). Each dataset runs in its own child process, so its peak
@@ -14,6 +14,7 @@ Per-dataset fields:
   device              where fit ran (FitResult.device)
   backbone            backbone name
   cell, strategy, similarity, images_per_class   from FitResult.strategy (cell: e.g. "small-different")
+  expected_cell, cell_as_manifest                the cell MANIFEST.md names for the zip, and whether it matches
   num_classes, num_train, num_val                of the seeded split (ml.dataset.split_samples, val 0.2)
   val_accuracy, macro_f1, ece                    FitResult.metrics on the val split
   input_size          input side the fit chose (FitResult.preprocessing)
@@ -34,17 +35,17 @@ Per-dataset fields:
 A child that fails prints {"dataset", "error"} instead. --only-baselines skips the fit (fit fields are
 null; bare extraction and the probe use native preprocessing) to check the baselines alone.
 
-Summary line: {"summary": true, "datasets", "all_beat_baselines", "failed", "mean_fit_over_bare",
+Summary line: {"summary": true, "datasets", "all_beat_baselines", "all_cells_as_manifest", "failed",
+"mean_fit_over_bare",
 "seconds"} (seconds: wall time of the whole run). Exit status 1 when any dataset failed.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -53,12 +54,23 @@ import time
 import zipfile
 from pathlib import Path
 
+from ml.backbones import DEFAULT_BACKBONE
+
 ROOT = Path(__file__).resolve().parents[2]
 _CANDIDATES = [os.environ.get("GRAFT_DATASETS_DIR", ""), ROOT.parent / "shared" / "datasets", "/work/shared/datasets"]
 
 
 def datasets_dir() -> Path:
     return next((Path(c) for c in _CANDIDATES if c and Path(c).is_dir()), ROOT.parent / "shared" / "datasets")
+
+
+def expected_cells() -> dict[str, str]:
+    """zip name -> the matrix cell its MANIFEST.md names (table rows: | name.zip | ... | `cell` | ...)."""
+    manifest = datasets_dir() / "MANIFEST.md"
+    if not manifest.is_file():
+        return {}
+    rows = re.findall(r"^\|\s*(\S+\.zip)\s*\|.*?`((?:small|large)-(?:similar|different))`", manifest.read_text(), re.M)
+    return dict(rows)
 
 
 def log(msg: str) -> None:
@@ -112,20 +124,15 @@ def pixel_baseline(archive: Path, train, val, class_id: dict, seed: int) -> dict
 
 
 def extract(backbone, archive: Path, members, device, prep):
-    """(features, seconds); passes `preprocessing=` only where the engine accepts it."""
+    """(features, seconds) of one bare frozen pass."""
     from ml.features import extract_features
 
-    kwargs = {"batch_size": 64, "device": device}
-    if "preprocessing" in inspect.signature(extract_features).parameters:
-        kwargs["preprocessing"] = prep
-    elif prep != backbone.spec.preprocessing:
-        log("  extract_features has no preprocessing= yet; using the backbone's native preprocessing")
     if device.type == "cuda":
         import torch
 
         torch.cuda.synchronize()
     t = time.perf_counter()
-    feats = extract_features(backbone, archive, members, **kwargs)
+    feats = extract_features(backbone, archive, members, batch_size=64, device=device, preprocessing=prep)
     return feats, time.perf_counter() - t
 
 
@@ -148,28 +155,17 @@ def child(args: argparse.Namespace) -> dict:
         from ml.fit import FitConfig, fit
 
         kwargs = {"strategy": args.strategy, "backbone": args.backbone, "seed": args.seed, "val_fraction": 0.2}
-        if args.budget is not None:
-            if "budget" in {f.name for f in dataclasses.fields(FitConfig)}:
-                kwargs["budget"] = args.budget
-            else:
-                log("  FitConfig has no budget yet; ignoring --budget")
+        kwargs["budget"] = args.budget
         log(f"{archive.name}: fit {kwargs}")
         result = fit(archive, Path(args.out) / archive.stem, FitConfig(**kwargs))
-        names = {f.name for f in dataclasses.fields(Preprocessing)}
-        if getattr(result, "preprocessing", None):
-            prep = Preprocessing(
-                **{k: tuple(v) if isinstance(v, list) else v for k, v in result.preprocessing.items() if k in names}
-            )
-        device = torch.device(getattr(result, "device", device.type))
-        tm = dict(result.timings)
-        timings = {
-            k: tm.get(k, tm.get("index") if k == "decode" else None)
-            for k in ("decode", "features", "fit", "export", "total")
-        }
+        prep = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in result.preprocessing.items()})
+        device = torch.device(result.device)
+        timings = {k: result.timings[k] for k in ("decode", "features", "fit", "export", "total")}
         st, m = result.strategy, result.metrics
         row.update(
             device=str(device),
             cell=st.get("cell"),
+            expected_cell=expected_cells().get(archive.name),
             strategy=st.get("name"),
             similarity=st.get("similarity"),
             images_per_class=st.get("images_per_class"),
@@ -212,6 +208,7 @@ def child(args: argparse.Namespace) -> dict:
     acc = row["val_accuracy"]
     base = (row["baseline_pixels"]["val_accuracy"], row["baseline_probe"]["val_accuracy"])
     row["beats_baselines"] = None if acc is None else bool(acc >= max(base))
+    row["cell_as_manifest"] = None if acc is None else row["cell"] == row["expected_cell"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     row["peak_rss_mib"] = round(rss / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
     return row
@@ -221,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Fields: see the module docstring.")
     ap.add_argument("zips", nargs="*", type=Path, help="dataset zips (default: every *.zip in the datasets dir)")
     ap.add_argument("--strategy", default="auto")
-    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--backbone", default=DEFAULT_BACKBONE)
     ap.add_argument("--budget", type=float, default=None, help="seconds bounding fine-tuning (FitConfig.budget)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="keep bundles under DIR/<dataset> (default: a temp dir, removed)")
@@ -274,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": True,
         "datasets": len(rows),
         "all_beat_baselines": bool(ok) and len(ok) == len(rows) and all(r.get("beats_baselines") for r in ok),
+        "all_cells_as_manifest": bool(ok) and all(r.get("cell_as_manifest") for r in ok),
         "failed": [r["dataset"] for r in rows if "error" in r],
         "mean_fit_over_bare": round(sum(ratios) / len(ratios), 2) if ratios else None,
         "seconds": round(time.perf_counter() - start, 1),
