@@ -2,12 +2,12 @@
 
 - start from the linear probe's head (features first, then fine-tune);
 - backbone learning rate = 1/10 of the rate it was trained with, scaled linearly
-  with the batch size; the new head learns 10x faster;
+  with the batch size (the head, already fitted as the probe, at the same rate);
 - BatchNorm in eval mode throughout (ImageNet statistics stay frozen);
 - linear warmup, then cosine decay, stepped per batch;
 - weight decay on weights only, never on norms or biases;
 - class-weighted loss for imbalanced data;
-- early stopping on validation accuracy, restoring the best snapshot — and the
+- early stopping on validation accuracy (ties go to the lower validation loss), restoring the best snapshot — and the
   starting point (epoch 0, the probe) counts, so fine-tuning never ends worse
   than the probe it started from;
 - sanity checks: initial loss of a fresh head ~ ln(C), the loss goes down, no NaN/Inf.
@@ -39,7 +39,10 @@ class FinetuneConfig:
     patience: int = 3  # epochs without a better validation score before stopping
     batch_size: int = 32
     warmup_epochs: float = 1.0
-    head_lr_multiplier: float = 10.0
+    # The recipe lets a *new* head learn faster; ours starts as the fitted probe, already at its
+    # optimum for the frozen features, and a 10x rate knocked it off (cats vs dogs: 0.99 -> 0.965
+    # after one epoch; at 1x it reaches 0.995).
+    head_lr_multiplier: float = 1.0
     weight_decay: float = 1e-4
     budget: float | None = None  # seconds of fine-tuning; None = only max_epochs bounds it
     initial_loss_tolerance: float = 0.25  # relative, for the ln(C) check
@@ -112,14 +115,14 @@ class EarlyStopping:
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
-        self.best_score = -math.inf
+        self.best_score: float | tuple = -math.inf
         self.best_epoch = -1
         self.bad_epochs = 0
         self._state: dict[str, torch.Tensor] | None = None
 
-    def update(self, epoch: int, score: float, model: nn.Module) -> bool:
-        """Record an epoch; True when training should stop."""
-        if score > self.best_score:
+    def update(self, epoch: int, score: float | tuple, model: nn.Module) -> bool:
+        """Record an epoch; True when training should stop. Scores compare with `>` (tuples break ties)."""
+        if self.best_epoch < 0 or score > self.best_score:
             self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
             self._state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
@@ -266,7 +269,7 @@ def finetune(
 
     stopper = EarlyStopping(config.patience)
     val_loss, val_acc = evaluate(model, val, device)
-    stopper.update(0, val_acc, model)
+    stopper.update(0, (val_acc, -val_loss), model)
     history = [_row(0, None, None, val_loss, val_acc, 0.0, 0.0, 0.0, stopper)]
     if on_epoch:
         on_epoch(history[-1])
@@ -305,7 +308,7 @@ def finetune(
             break
         train_losses.append(loss_sum / seen)
         val_loss, val_acc = evaluate(model, val, device)
-        stop = stopper.update(epoch, val_acc, model)
+        stop = stopper.update(epoch, (val_acc, -val_loss), model)
         seconds = time.perf_counter() - t_epoch
         history.append(
             _row(
