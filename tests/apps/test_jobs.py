@@ -63,3 +63,20 @@ def test_cancel_a_queued_job_over_http(celery_worker_process, api_for, tmp_path)
     assert done["model"] is None
     r = api.call("POST", "/jobs/", json={"dataset": dataset["id"], "strategy": "magic"})
     assert r.status_code == 400 and "strategy" in r.json()["error"]
+
+
+def test_training_options_are_validated_and_kept(db, make_user):
+    from apps.common.errors import UserError
+    from apps.training.services import job_create
+
+    user = make_user()
+    dataset = Dataset.objects.create(owner=user, name="d", status=Dataset.Status.READY)
+    job = job_create(owner=user, dataset=dataset, strategy="full", budget=600.0, hflip=False, max_epochs=5)
+    assert job.config["strategy"] == "full" and job.config["hflip"] is False
+    assert job.config["budget"] == 600.0 and job.config["max_epochs"] == 5
+    assert job.config["backbone"] == "efficientnet_lite1"  # the default, recorded
+    with pytest.raises(UserError, match="budget"):
+        job_create(owner=user, dataset=dataset, budget=-1.0)
+    with pytest.raises(UserError, match="Unknown option"):
+        job_create(owner=user, dataset=dataset, learning_rate=1.0)
+    assert Job.objects.count() == 1  # rejected options leave no job behind
