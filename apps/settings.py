@@ -27,6 +27,8 @@ MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(DATA_DIR / "media")))
 MEDIA_URL = "/media/"
 # Worker-local scratch space: unpacked bundles, job working folders, fetched archives.
 GRAFT_WORK_DIR = Path(env.str("GRAFT_WORK_DIR", default=str(DATA_DIR / "work")))
+# Resumable uploads in progress (tus part files). Several web hosts must share this folder.
+GRAFT_UPLOAD_DIR = Path(env.str("GRAFT_UPLOAD_DIR", default=str(DATA_DIR / "uploads")))
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -184,5 +186,6 @@ LOGGING = {
 # Re-queue jobs whose worker died (run beat: `celery -A apps beat`, or the worker's `-B`).
 CELERY_BEAT_SCHEDULE = {
     "recover-stale-jobs": {"task": "jobs.recover_stale", "schedule": float(GRAFT_JOB_STALE_SECONDS) / 2},
+    "expire-uploads": {"task": "datasets.expire_uploads", "schedule": 3600.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")

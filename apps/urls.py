@@ -5,12 +5,15 @@ from drf_spectacular.views import SpectacularAPIView
 
 from apps.accounts.api import TokenObtainApi
 from apps.datasets.api import DatasetDetailApi, DatasetListCreateApi
+from apps.datasets.tus import TusUploadApi, TusUploadListApi
 from apps.serving.api import ModelDetailApi, ModelDownloadApi, ModelListApi, ModelPredictApi
 from apps.training.api import JobCancelApi, JobDetailApi, JobListCreateApi
 
 api = [
     path("auth/token/", TokenObtainApi.as_view(), name="token"),
     path("datasets/", DatasetListCreateApi.as_view(), name="datasets"),
+    path("uploads/", TusUploadListApi.as_view(), name="uploads"),
+    path("uploads/<uuid:upload_id>/", TusUploadApi.as_view(), name="upload"),
     path("datasets/<int:dataset_id>/", DatasetDetailApi.as_view(), name="dataset"),
     path("jobs/", JobListCreateApi.as_view(), name="jobs"),
     path("jobs/<int:job_id>/", JobDetailApi.as_view(), name="job"),

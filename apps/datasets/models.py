@@ -38,3 +38,28 @@ class Dataset(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.status})"
+
+
+class Upload(models.Model):
+    """A resumable upload in progress (tus protocol, https://tus.io/protocols/resumable-upload).
+
+    The bytes go to a part file under GRAFT_DATA_DIR/uploads/; when the last byte
+    arrives the file becomes a Dataset and the Upload row is deleted.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="uploads")
+    length = models.BigIntegerField()
+    offset = models.BigIntegerField(default=0)
+    filename = models.CharField(max_length=255, blank=True)
+    name = models.CharField(max_length=200, blank=True)
+    dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"upload {self.pk} ({self.offset}/{self.length})"
+
+    @property
+    def part_path(self):
+        return settings.GRAFT_UPLOAD_DIR / f"{self.pk.hex}.part"

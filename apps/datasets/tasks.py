@@ -32,3 +32,10 @@ def ingest_dataset(dataset_id: int) -> None:
         dataset_fail(
             dataset=dataset, message="Processing the archive failed unexpectedly; the operators have the details."
         )
+
+
+@shared_task(name="datasets.expire_uploads")
+def expire_uploads() -> int:
+    from apps.datasets.tus import upload_expire
+
+    return upload_expire()

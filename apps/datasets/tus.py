@@ -1,0 +1,208 @@
+"""Resumable uploads over the tus protocol (core, creation, termination; https://tus.io).
+
+The browser uses tus-js-client (vendored in frontend/static/vendor). The Python
+server packages for tus are unmaintained (django-tus supports Django <= 3.1;
+drf-tus pins the archived django-fsm), and the server side of the core protocol
+is small, so it lives here: POST creates an upload, HEAD says how many bytes
+arrived, PATCH appends at that offset, DELETE abandons it. Bodies are streamed to
+a part file in 1 MiB pieces, so neither the page nor the server holds the file in
+memory; a dropped connection keeps every byte written, and the client resumes
+from the offset HEAD reports. The last byte turns the file into a Dataset.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.files import File
+from django.db import transaction
+from django.http import Http404
+from django.urls import reverse
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from apps.common.errors import UserError
+from apps.datasets.models import Dataset, Upload
+from apps.datasets.services import dataset_create
+
+log = logging.getLogger(__name__)
+
+TUS_VERSION = "1.0.0"
+CHUNK = 1024 * 1024
+UPLOAD_EXPIRY = timedelta(days=1)  # an upload untouched this long is deleted
+
+
+# --- services --------------------------------------------------------------------------------
+
+
+def upload_create(*, owner: AbstractBaseUser, length: int, filename: str = "", name: str = "") -> Upload:
+    if length <= 0:
+        raise UserError("The file is empty.")
+    if length > settings.GRAFT_MAX_UPLOAD_BYTES:
+        raise UserError(
+            f"The file is {length / 1e9:.2f} GB; the limit is {settings.GRAFT_MAX_UPLOAD_BYTES / 1e9:.2f} GB.",
+            status_code=413,
+        )
+    if filename and not filename.lower().endswith(".zip"):
+        raise UserError(f"'{filename}' is not a .zip file. Upload a zip with one folder of images per class.")
+    upload = Upload.objects.create(owner=owner, length=length, filename=filename[:255], name=name[:200])
+    upload.part_path.parent.mkdir(parents=True, exist_ok=True)
+    upload.part_path.touch()
+    return upload
+
+
+def upload_append(*, upload: Upload, offset: int, stream, declared: int | None) -> Upload:
+    """Append the request body at `offset`; keeps what arrived even if the client drops."""
+    if offset != upload.offset:
+        raise UserError(f"This upload is at byte {upload.offset}, not {offset}; resume from there.", status_code=409)
+    if declared is not None and upload.offset + declared > upload.length:
+        raise UserError("The chunk goes past the declared length of the upload.", status_code=413)
+    written = 0
+    try:
+        with open(upload.part_path, "r+b") as part:
+            part.seek(upload.offset)
+            while upload.offset + written < upload.length:
+                piece = stream.read(min(CHUNK, upload.length - upload.offset - written))
+                if not piece:
+                    break
+                part.write(piece)
+                written += len(piece)
+    except FileNotFoundError:
+        raise UserError("This upload was abandoned; start a new one.", status_code=410) from None
+    except OSError as exc:  # the client went away mid-chunk: keep the bytes we have
+        log.info("upload %s interrupted after %s bytes: %s", upload.pk, written, exc)
+    finally:
+        if written:
+            Upload.objects.filter(pk=upload.pk).update(offset=upload.offset + written, updated_at=timezone.now())
+            upload.offset += written
+    return upload
+
+
+def upload_finish(*, upload: Upload) -> Dataset:
+    """The last byte arrived: the part file becomes a dataset (validated like any upload)."""
+    try:
+        with open(upload.part_path, "rb") as part:
+            dataset = dataset_create(
+                owner=upload.owner, file=File(part, name=upload.filename or "upload.zip"), name=upload.name
+            )
+    finally:
+        upload_delete(upload=upload)
+    return dataset
+
+
+def upload_delete(*, upload: Upload) -> None:
+    upload.part_path.unlink(missing_ok=True)
+    upload.delete()
+
+
+def upload_expire() -> int:
+    """Delete uploads nobody has touched for a day (abandoned tabs, lost laptops)."""
+    stale = Upload.objects.filter(updated_at__lt=timezone.now() - UPLOAD_EXPIRY)
+    count = 0
+    for upload in stale:
+        upload_delete(upload=upload)
+        count += 1
+    return count
+
+
+# --- API ---------------------------------------------------------------------------------------
+
+
+def _tus_headers(**extra: str) -> dict[str, str]:
+    return {"Tus-Resumable": TUS_VERSION, "Cache-Control": "no-store", **extra}
+
+
+def _int_header(request: Request, name: str) -> int | None:
+    value = request.headers.get(name)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise UserError(f"The {name} header must be a non-negative integer.")
+    return int(value)
+
+
+def _metadata(header: str) -> dict[str, str]:
+    """Upload-Metadata: 'key base64(value),key2 base64(value2)'."""
+    out = {}
+    for pair in filter(None, (p.strip() for p in header.split(","))):
+        key, _, value = pair.partition(" ")
+        try:
+            out[key] = base64.b64decode(value, validate=True).decode("utf-8") if value else ""
+        except (binascii.Error, UnicodeDecodeError):
+            raise UserError(f"Upload-Metadata '{key}' is not valid base64 UTF-8.") from None
+    return out
+
+
+class TusUploadListApi(APIView):
+    @extend_schema(exclude=True)
+    def options(self, request: Request, *args, **kwargs) -> Response:
+        return Response(
+            status=204,
+            headers=_tus_headers(
+                **{
+                    "Tus-Version": TUS_VERSION,
+                    "Tus-Extension": "creation,termination",
+                    "Tus-Max-Size": str(settings.GRAFT_MAX_UPLOAD_BYTES),
+                }
+            ),
+        )
+
+    @extend_schema(request=None, responses={201: None}, description="tus creation: Upload-Length, Upload-Metadata")
+    def post(self, request: Request) -> Response:
+        length = _int_header(request, "Upload-Length")
+        if length is None:
+            raise UserError("The Upload-Length header is required (deferred length is not supported).")
+        meta = _metadata(request.headers.get("Upload-Metadata", ""))
+        upload = upload_create(
+            owner=request.user, length=length, filename=meta.get("filename", ""), name=meta.get("name", "")
+        )
+        location = request.build_absolute_uri(reverse("api:upload", args=[upload.pk]))
+        return Response(status=201, headers=_tus_headers(Location=location, **{"Upload-Offset": "0"}))
+
+
+class TusUploadApi(APIView):
+    def _get(self, request: Request, upload_id) -> Upload:
+        try:
+            return Upload.objects.get(pk=upload_id, owner=request.user)
+        except Upload.DoesNotExist:
+            raise Http404 from None
+
+    @extend_schema(exclude=True)
+    def head(self, request: Request, upload_id) -> Response:
+        upload = self._get(request, upload_id)
+        return Response(
+            status=200,
+            headers=_tus_headers(**{"Upload-Offset": str(upload.offset), "Upload-Length": str(upload.length)}),
+        )
+
+    @extend_schema(request=None, responses={204: None}, description="tus core: append bytes at Upload-Offset")
+    def patch(self, request: Request, upload_id) -> Response:
+        if request.content_type != "application/offset+octet-stream":
+            raise UserError("A tus PATCH must have Content-Type application/offset+octet-stream.", status_code=415)
+        offset = _int_header(request, "Upload-Offset")
+        if offset is None:
+            raise UserError("The Upload-Offset header is required.")
+        upload = self._get(request, upload_id)
+        upload = upload_append(
+            upload=upload, offset=offset, stream=request.stream, declared=_int_header(request, "Content-Length")
+        )
+        headers = _tus_headers(**{"Upload-Offset": str(upload.offset)})
+        if upload.offset == upload.length:
+            dataset = upload_finish(upload=upload)
+            headers["Graft-Dataset"] = str(dataset.pk)
+            headers["Graft-Dataset-Url"] = f"/datasets/{dataset.pk}/"
+        return Response(status=204, headers=headers)
+
+    @extend_schema(request=None, responses={204: None}, description="tus termination: abandon the upload")
+    def delete(self, request: Request, upload_id) -> Response:
+        with transaction.atomic():
+            upload_delete(upload=self._get(request, upload_id))
+        return Response(status=204, headers=_tus_headers())

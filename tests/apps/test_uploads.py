@@ -1,0 +1,86 @@
+"""Resumable uploads (tus): an interrupted upload resumes from where it stopped."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from apps.datasets.models import Upload
+from tests.conftest import class_folders, make_zip
+
+pytestmark = pytest.mark.integration
+
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def _meta(**kw: str) -> str:
+    return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in kw.items())
+
+
+def _patch(api, url: str, offset: int, data: bytes):
+    headers = {**TUS, "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"}
+    return api.session.patch(url, data=data, headers=headers, timeout=60)
+
+
+def test_upload_resumes_after_an_interruption_and_becomes_a_dataset(celery_worker_process, api_for, tmp_path):
+    api = api_for("alice")
+    data = make_zip(tmp_path / "d.zip", class_folders({"cats": 6, "dogs": 6})).read_bytes()
+    r = api.call("OPTIONS", "/uploads/")
+    assert r.status_code == 204 and "creation" in r.headers["Tus-Extension"]
+    r = api.call(
+        "POST",
+        "/uploads/",
+        headers={**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": _meta(filename="pets.zip", name="Pets")},
+    )
+    assert r.status_code == 201, r.text
+    url = r.headers["Location"]
+
+    half = len(data) // 2
+    assert _patch(api, url, 0, data[:half]).headers["Upload-Offset"] == str(half)
+    # The connection "dropped": the client asks where to resume.
+    head = api.session.head(url, headers=TUS, timeout=30)
+    assert head.status_code == 200 and head.headers["Upload-Offset"] == str(half)
+    r = _patch(api, url, 0, data)  # a stale offset is refused, not appended twice
+    assert r.status_code == 409 and str(half) in r.json()["error"]
+
+    # Someone else cannot see or finish it.
+    assert api_for("bob").session.head(url, headers=TUS, timeout=30).status_code == 404
+
+    r = _patch(api, url, half, data[half:])
+    assert r.status_code == 204 and r.headers["Upload-Offset"] == str(len(data))
+    dataset = api.wait(f"/datasets/{r.headers['Graft-Dataset']}/", ("ready", "failed"), timeout=120)
+    assert dataset["status"] == "ready" and dataset["name"] == "Pets"
+    assert {c["name"] for c in dataset["classes"]} == {"cats", "dogs"}
+    assert not Upload.objects.exists()  # the part file became the dataset
+    assert not any(p.suffix == ".part" for p in _upload_dir().glob("*"))
+
+
+def test_bad_uploads_are_refused_with_a_sentence(api_for):
+    api = api_for("alice")
+    r = api.call(
+        "POST", "/uploads/", headers={**TUS, "Upload-Length": "10", "Upload-Metadata": _meta(filename="cats.tar")}
+    )
+    assert r.status_code == 400 and "not a .zip" in r.json()["error"]
+    r = api.call("POST", "/uploads/", headers={**TUS, "Upload-Length": str(10**15)})
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    r = api.call("POST", "/uploads/", headers=TUS)
+    assert r.status_code == 400 and "Upload-Length" in r.json()["error"]
+
+    # A finished upload that is not a zip: a readable error, and nothing left behind.
+    junk = b"this is not a zip file at all"
+    url = api.call(
+        "POST",
+        "/uploads/",
+        headers={**TUS, "Upload-Length": str(len(junk)), "Upload-Metadata": _meta(filename="x.zip")},
+    ).headers["Location"]
+    r = _patch(api, url, 0, junk)
+    assert r.status_code == 400 and "not a zip archive" in r.json()["error"]
+    assert not Upload.objects.exists()
+    assert api.call("GET", "/datasets/").json() == []
+
+
+def _upload_dir():
+    from django.conf import settings
+
+    return settings.GRAFT_UPLOAD_DIR
