@@ -21,7 +21,9 @@ def train_transform(
       for other domains (an X-ray or a digit cropped to 8% is no longer the same class);
     - horizontal flip unless the user switched it off (text, digits, chirality);
     - colour jitter: full for photos, brightness/contrast only elsewhere;
-    - TrivialAugmentWide on top for larger sets, which can afford a stronger policy.
+    - a stronger policy for larger sets: TrivialAugmentWide for photos whose mirror image
+      is the same class; elsewhere a milder RandAugment (its rotations and shears stay small,
+      so a 6 does not become a 9 and an X-ray is not solarised to noise).
     """
     scale = (0.25, 1.0) if similar else (0.6, 1.0)
     steps: list = [
@@ -34,13 +36,19 @@ def train_transform(
         steps.append(T.RandomHorizontalFlip())
     jitter = dict(brightness=0.3, contrast=0.3, saturation=0.3) if similar else dict(brightness=0.2, contrast=0.2)
     steps.append(T.ColorJitter(**jitter))
+    policy = None
     if large:
-        steps.append(T.TrivialAugmentWide(interpolation=INTERPOLATION[prep.interpolation]))
+        interpolation = INTERPOLATION[prep.interpolation]
+        if similar and hflip:
+            policy, op = "trivial_augment_wide", T.TrivialAugmentWide(interpolation=interpolation)
+        else:
+            policy, op = "rand_augment(2, 5)", T.RandAugment(num_ops=2, magnitude=5, interpolation=interpolation)
+        steps.append(op)
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(prep.mean, prep.std)]
     description = {
         "random_resized_crop": {"size": prep.input_size, "scale": list(scale)},
         "horizontal_flip": hflip,
         "color_jitter": jitter,
-        "trivial_augment": large,
+        "policy": policy,
     }
     return T.Compose(steps), description

@@ -54,10 +54,10 @@ def backbone_lr(spec: BackboneSpec, batch_size: int) -> float:
 
 
 def trainable_stage(backbone: Backbone, depth: str) -> str:
-    """First stage that trains: the top ~third for `partial`, the first stage for `full`."""
+    """First stage that trains: the top ~30% for `partial`; for `full`, everything from the stem."""
     stages = backbone.stages
     if depth == "full":
-        return stages[0]
+        return "stem"
     if depth == "partial":
         return stages[-max(1, round(len(stages) * 0.3))]
     raise ValueError(f"unknown fine-tune depth '{depth}'")
@@ -205,27 +205,14 @@ def finetune(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     cuda = device.type == "cuda"
-    model = nn.Sequential(backbone.body, head).to(device, memory_format=torch.channels_last)
-    first = trainable_stage(backbone, config.depth)
-    body_params = backbone.parameters_from(first)
-    for p in backbone.body.parameters():
-        p.requires_grad_(False)
-    for p in body_params:
-        p.requires_grad_(True)
-    lr = backbone_lr(backbone.spec, config.batch_size)
-    head_lr = lr * config.head_lr_multiplier
-    optimizer = make_optimizer(
-        backbone.spec.train_optimizer,
-        param_groups(body_params, lr, config.weight_decay)
-        + param_groups(head.parameters(), head_lr, config.weight_decay),
-    )
+    model, first, body_params, optimizer = _prepare(backbone, head, config, device)
+    lr, head_lr = (g["lr"] for g in (optimizer.param_groups[0], optimizer.param_groups[-1]))
     n_train = len(train.labels)
     steps_per_epoch = max(1, math.ceil(n_train / config.batch_size))
     total_steps = steps_per_epoch * config.max_epochs
     warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total_steps))
-    counts = np.bincount(train.labels, minlength=num_classes).astype(np.float64)
-    class_weight = torch.tensor(n_train / (num_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+    class_weight = _class_weights(train.labels, num_classes, device)
     loss_fn = nn.CrossEntropyLoss(weight=class_weight)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     sanity = SanityReport()
@@ -361,52 +348,88 @@ def predict_logits(model: nn.Module, batches: Batches, device: torch.device) -> 
     return torch.cat(out), torch.cat(ys)
 
 
+def _prepare(backbone: Backbone, head: nn.Linear, config: FinetuneConfig, device: torch.device):
+    """(model, first trainable stage, trainable body parameters, optimizer) for `config.depth`."""
+    model = nn.Sequential(backbone.body, head).to(device, memory_format=torch.channels_last)
+    first = trainable_stage(backbone, config.depth)
+    body_params = list(backbone.body.parameters()) if first == "stem" else backbone.parameters_from(first)
+    for p in backbone.body.parameters():
+        p.requires_grad_(False)
+    for p in [*body_params, *head.parameters()]:
+        p.requires_grad_(True)
+    lr = backbone_lr(backbone.spec, config.batch_size)
+    optimizer = make_optimizer(
+        backbone.spec.train_optimizer,
+        param_groups(body_params, lr, config.weight_decay)
+        + param_groups(head.parameters(), lr * config.head_lr_multiplier, config.weight_decay),
+    )
+    return model, first, body_params, optimizer
+
+
+def _class_weights(labels: np.ndarray, num_classes: int, device: torch.device) -> torch.Tensor:
+    """Balanced class weights, n / (C * count): a rare class counts as much as a common one."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = len(labels) / (num_classes * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
 def lr_range_test(
-    model: nn.Module,
+    backbone: Backbone,
+    head: nn.Linear,
     train: Batches,
+    num_classes: int,
+    config: FinetuneConfig,
     device: torch.device,
     *,
-    lr_min: float = 1e-6,
-    lr_max: float = 1.0,
+    factor_min: float = 1e-3,
+    factor_max: float = 1e2,
     steps: int = 40,
     seed: int = 0,
+    on_step: StepFn | None = None,
 ) -> dict:
-    """Leslie Smith's range test on a copy of `model`: the loss as the LR grows exponentially.
+    """Leslie Smith's range test with the fine-tune's own setup, on copies of the weights.
 
-    Returns the curve and a suggestion (the LR of the steepest smoothed descent).
-    The model passed in is untouched.
+    The same trainable layers, optimizer family, parameter groups and class weights
+    as `finetune`; every group's LR is scaled by a factor growing exponentially from
+    `factor_min` to `factor_max`. The curve reports the backbone LR, so the
+    suggestion (steepest smoothed descent) compares directly with the recipe's rule.
     """
-    probe = copy.deepcopy(model).to(device)
-    trainable = [p for p in probe.parameters() if p.requires_grad] or list(probe.parameters())
-    for p in trainable:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable, lr=lr_min, weight_decay=0.0)
-    gamma = (lr_max / lr_min) ** (1 / max(1, steps - 1))
+    backbone, head = copy.deepcopy(backbone), copy.deepcopy(head)
+    model, _, _, optimizer = _prepare(backbone, head, config, device)
+    base = [g["lr"] for g in optimizer.param_groups]
+    loss_fn = nn.CrossEntropyLoss(weight=_class_weights(train.labels, num_classes, device))
+    gamma = (factor_max / factor_min) ** (1 / max(1, steps - 1))
     rng = np.random.default_rng(seed)
-    curve, smooth, best = [], None, math.inf
-    probe.train()
-    freeze_batchnorm(probe)
-    lr = lr_min
-    while len(curve) < steps:
+    curve: list[dict] = []
+    smooth, best, factor = None, math.inf, factor_min
+    model.train()
+    freeze_batchnorm(model)
+    diverged = False
+    while len(curve) < steps and not diverged:
         for x, y in train(rng.permutation(len(train.labels))):
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            loss = nn.functional.cross_entropy(probe(x.to(device)), y.to(device))
+            for g, lr in zip(optimizer.param_groups, base, strict=True):
+                g["lr"] = lr * factor
+            x = x.to(device, memory_format=torch.channels_last)
+            loss = loss_fn(model(x).float(), y.to(device))
+            value = loss.item()
+            if not math.isfinite(value):
+                diverged = True
+                break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            value = loss.item()
             smooth = value if smooth is None else 0.7 * smooth + 0.3 * value
-            curve.append({"lr": lr, "loss": value, "smoothed": smooth})
+            curve.append({"lr": base[0] * factor, "loss": value, "smoothed": smooth})
             best = min(best, smooth)
-            lr *= gamma
-            if len(curve) >= steps or not math.isfinite(value) or smooth > 4 * best:
+            factor *= gamma
+            if on_step:
+                on_step(len(curve), steps)
+            if len(curve) >= steps or smooth > 4 * best:
+                diverged = smooth > 4 * best
                 break
-        if curve and (not math.isfinite(curve[-1]["loss"]) or curve[-1]["smoothed"] > 4 * best):
-            break
     slopes = [(curve[i + 1]["smoothed"] - curve[i]["smoothed"], i) for i in range(len(curve) - 1)]
-    suggestion = curve[min(slopes)[1]]["lr"] if slopes else lr_min
-    return {"curve": curve, "suggested_lr": suggestion}
+    suggestion = curve[min(slopes)[1]]["lr"] if slopes else base[0]
+    return {"curve": curve, "suggested_lr": suggestion, "recipe_lr": base[0]}
 
 
 def _row(epoch, train_loss, train_acc, val_loss, val_acc, lr, head_lr, seconds, stopper: EarlyStopping) -> dict:

@@ -26,13 +26,13 @@ from ml.bundle import write_bundle
 from ml.dataset import DatasetIndex, IngestConfig, Sample, index_dataset, split_samples
 from ml.errors import ConfigError
 from ml.evaluate import classification_metrics
-from ml.features import TOP, GridPool, ZipImages, extract_stage_features, iter_batches
-from ml.finetune import Batches, FinetuneConfig, finetune, lr_range_test
+from ml.features import TOP, GridPool, ZipImages, extract_stage_features
+from ml.finetune import Batches, FinetuneConfig, finetune, lr_range_test, predict_logits
 from ml.preprocess import choose_preprocessing, eval_transform
 from ml.probe import DEFAULT_CS, ProbeFit, fit_probe
 from ml.runtime import tune_allocator
 from ml.similarity import BatchNormStats, head_entropy, similarity_score
-from ml.strategy import SIZE_BOUNDARY, STRATEGIES, decide
+from ml.strategy import SIZE_BOUNDARY, STRATEGIES, Plan, decide
 
 # Share of the overall progress bar each phase takes.
 PHASE_WEIGHTS = {"decode": 0.05, "features": 0.35, "fit": 0.55, "export": 0.05}
@@ -40,7 +40,7 @@ SIMILARITY_SAMPLE = 256  # images whose BN statistics measure similarity (train 
 # A stage must beat the top layer's cross-validated accuracy by this much to be preferred:
 # the top layer is the default, and ties go to it.
 STAGE_MARGIN = 0.005
-MAX_CACHED_PIXELS = 600_000_000  # decoded images kept in memory for fine-tuning (~1.8 GB of RGB)
+MAX_CACHED_BYTES = 2 * 1024**3  # decoded images kept in memory for fine-tuning; beyond, decode per epoch
 
 
 @dataclass
@@ -127,7 +127,7 @@ def fit(
     if index is None:
         index = index_dataset(archive, IngestConfig(), lambda d, n: report("decode", d, n))
     report("decode", 1, 1)
-    train, val = split_samples(index, config.val_fraction, config.seed)
+    train, val = _split(index, config.val_fraction, config.seed)
     num_classes = len(index.classes)
     class_id = {c: i for i, c in enumerate(index.classes)}
     y_train = np.array([class_id[s.label] for s in train])
@@ -145,7 +145,9 @@ def fit(
     else:
         prep, why_prep = choose_preprocessing(native, [min(s.width, s.height) for s in train])
     log.append(f"input {prep.input_size} px: {why_prep}")
-    taps = _stage_taps(backbone)
+    small = len(train) / num_classes < config.size_boundary
+    # Stage taps cost hooks and copies; only a stage plan (chosen or likely) needs them.
+    taps = _stage_taps(backbone) if config.strategy == "stages" or (config.strategy == "auto" and small) else []
     members = [s.member for s in train] + [s.member for s in val]
     with BatchNormStats(backbone.body, max_images=SIMILARITY_SAMPLE) as bn_stats:
         feats = extract_stage_features(
@@ -162,16 +164,10 @@ def fit(
             sim_top = feats[TOP][: len(train)]
     if prep != native:
         # The similarity is calibrated at the native input: measure it there, on a sample.
-        bn_stats = BatchNormStats(backbone.body)
-        sample = random.Random(config.seed).sample(train, min(len(train), SIMILARITY_SAMPLE))
-        with bn_stats:
-            sim_top = extract_stage_features(
-                backbone, archive, [s.member for s in sample], batch_size=config.batch_size, device=device
-            )[TOP]
+        sample = train[:SIMILARITY_SAMPLE]
+        bn_stats, sim_top = _native_pass(backbone, archive, sample, device, config.batch_size)
         log.append(f"similarity measured at the native {native.input_size} px on {len(sample)} training images")
-    with torch.no_grad():
-        entropy = head_entropy(backbone.imagenet_head.cpu()(torch.from_numpy(sim_top)))
-    similarity = similarity_score(bn_stats.divergence(), entropy)
+    similarity = _similarity(backbone, bn_stats, sim_top[:SIMILARITY_SAMPLE])
     images_per_class = len(train) / num_classes
     plan = decide(images_per_class, similarity, override=config.strategy, boundary=config.size_boundary)
     log.append(plan.reason)
@@ -179,45 +175,58 @@ def fit(
 
     # --- fit -------------------------------------------------------------------------------------
     t = time.perf_counter()
-    fit_steps = len(DEFAULT_CS) * (len(taps) + 1 if plan.name == "stages" else 1)
-    done_steps = [0]
+    # Progress in work units: each probe is len(DEFAULT_CS) units (ticking per fold inside),
+    # each fine-tuning epoch one unit per training image, the LR range test one per step.
+    n_cs = len(DEFAULT_CS)
+    finetuning = plan.name in ("partial", "full")
+    units = n_cs * (1 + len(taps) if plan.name == "stages" else 1)
+    lr_steps = 40 if config.lr_find and finetuning else 0
+    units += (lr_steps + config.max_epochs * len(train)) if finetuning else 0
+    probes_done = [0]
 
-    def probe_step(row: dict, stage: str) -> None:
-        done_steps[0] += 1
-        report("fit", done_steps[0], fit_steps, {"phase": "probe", "stage": stage, **row})
+    def on_probe_fit(done: int, total: int) -> None:
+        report("fit", probes_done[0] * n_cs + n_cs * done / total, units)
+
+    def on_probe_row(row: dict, stage: str) -> None:
+        report("fit", probes_done[0] * n_cs + row["step"], units, {"phase": "probe", "stage": stage, **row})
+        if row["step"] == n_cs:
+            probes_done[0] += 1
+
+    def probe(X: np.ndarray, stage: str) -> ProbeFit:
+        return fit_probe(
+            X, y_train, num_classes, seed=config.seed, on_step=lambda r: on_probe_row(r, stage), on_fit=on_probe_fit
+        )
 
     X_train, X_val = feats[TOP][: len(train)], feats[TOP][len(train) :]
-    probe = fit_probe(X_train, y_train, num_classes, seed=config.seed, on_step=lambda r: probe_step(r, TOP))
-    _sanity_probe = _probe_sanity(probe, X_train, y_train, num_classes)
-    history = [{"phase": "probe", "stage": TOP, **r} for r in probe.history]
-    hyper: dict = {"probe": {"stage": TOP, "C": probe.C, "class_weight": "balanced", "cv_folds": 5}}
-    sanity = _sanity_probe
+    top_probe = probe(X_train, TOP)
+    chosen = top_probe
+    sanity = _probe_sanity(top_probe, X_train, y_train, num_classes)
+    history = [{"phase": "probe", "stage": TOP, **r} for r in top_probe.history]
+    hyper: dict = {"probe": {"stage": TOP, "C": top_probe.C, "class_weight": "balanced", "cv_folds": 5}}
     lr_range = None
-    classifier: nn.Module = nn.Sequential(backbone.body, probe.linear)
+    classifier: nn.Module = nn.Sequential(backbone.body, top_probe.linear)
+    val_logits = None
 
     if plan.name == "stages":
-        stage, stage_probe, table = _best_stage(
-            feats, taps, probe, len(train), y_train, num_classes, config.seed, probe_step
-        )
+        stage, chosen, table = _best_stage(feats, taps, top_probe, len(train), probe)
         history += table
-        table = [{"stage": TOP, **r} for r in probe.history] + table
-        hyper["probe"] = {"stage": stage, "C": stage_probe.C, "class_weight": "balanced", "cv_folds": 5}
+        table = [{"stage": TOP, **r} for r in top_probe.history] + table
+        hyper["probe"] = {"stage": stage, "C": chosen.C, "class_weight": "balanced", "cv_folds": 5}
         hyper["stages"] = _stage_summary(table, stage)
         log.append(f"stage probes (cross-validated accuracy): {hyper['stages']['cv_accuracy']}; kept {stage}")
         if stage != TOP:
             X_train, X_val = feats[stage][: len(train)], feats[stage][len(train) :]
-            probe = stage_probe
-            classifier = nn.Sequential(backbone.truncated(stage), GridPool(), probe.linear)
-    elif plan.name in ("partial", "full"):
-        train_batches, val_batches = _image_batches(archive, train, val, y_train, y_val, prep, plan, config)
+            classifier = nn.Sequential(backbone.truncated(stage), GridPool(), chosen.linear)
+    elif finetuning:
         ft_config = FinetuneConfig(
             depth=plan.name, max_epochs=config.max_epochs, patience=config.patience, budget=config.budget
         )
-        fit_steps = config.max_epochs * len(train)
+        train_batches, val_batches = _image_batches(archive, train, val, y_train, y_val, prep, plan, config, ft_config)
+        start = n_cs + lr_steps
 
         def on_epoch(row: dict) -> None:
             history.append({"phase": "finetune", **row})
-            report("fit", row["epoch"] * len(train), fit_steps, history[-1])
+            report("fit", start + row["epoch"] * len(train), units, history[-1])
             log.append(
                 f"epoch {row['epoch']}: val accuracy {row['val_accuracy']:.4f}, val loss {row['val_loss']:.4f}"
                 + (f", train loss {row['train_loss']:.4f}" if row["train_loss"] is not None else " (probe head)")
@@ -225,14 +234,27 @@ def fit(
 
         def on_step(seen: int, total: int) -> None:
             epoch = sum(1 for r in history if r.get("phase") == "finetune")
-            report("fit", (epoch - 1) * total + seen, fit_steps)
+            report("fit", start + (epoch - 1) * total + seen, units)
 
         if config.lr_find:
-            lr_range = lr_range_test(nn.Sequential(backbone.body, probe.linear), train_batches, device)
-            log.append(f"LR range test: steepest descent at {lr_range['suggested_lr']:.2e}")
+            lr_range = lr_range_test(
+                backbone,
+                top_probe.linear,
+                train_batches,
+                num_classes,
+                ft_config,
+                device,
+                steps=lr_steps,
+                seed=config.seed,
+                on_step=lambda d, n: report("fit", n_cs + d, units),
+            )
+            log.append(
+                f"LR range test: steepest descent at {lr_range['suggested_lr']:.2e} "
+                f"(the recipe's rule gives {lr_range['recipe_lr']:.2e})"
+            )
         result = finetune(
             backbone,
-            probe.linear,
+            top_probe.linear,
             train_batches,
             val_batches,
             num_classes,
@@ -242,18 +264,24 @@ def fit(
             on_epoch=on_epoch,
             on_step=on_step,
         )
-        classifier = result.model.cpu()
+        classifier = result.model
+        val_logits, _ = predict_logits(classifier, val_batches, device)  # on the device, images already cached
         sanity = sanity + result.sanity
         hyper["finetune"] = {**result.hyperparameters, "best_epoch": result.best_epoch, "stopped": result.stopped}
         log.append(f"fine-tuning stopped: {result.stopped}; best epoch {result.best_epoch} restored")
+    if config.lr_find and not finetuning:
+        log.append(f"LR range test skipped: the '{plan.name}' plan fits a probe, with no learning rate to choose")
 
     classifier = classifier.eval().cpu()
     for check in sanity:
         log.append(f"sanity {check['check']}: {'ok' if check['ok'] else 'FAILED'} ({check['detail']})")
-    val_logits, train_accuracy = _evaluate(classifier, plan.name, probe, X_train, X_val, y_train, archive, val, prep)
+    if val_logits is None:  # a probe: logits straight from the cached features
+        with torch.no_grad():
+            val_logits = chosen.linear(torch.from_numpy(X_val))
+            train_logits = chosen.linear(torch.from_numpy(X_train))
     metrics = classification_metrics(val_logits, y_val, index.classes, names=[s.member for s in val])
-    if train_accuracy is not None:
-        metrics["train_accuracy"] = train_accuracy
+    if not finetuning:
+        metrics["train_accuracy"] = float((train_logits.argmax(1).numpy() == y_train).mean())
     metrics["num_train"] = len(train)
     timings["fit"] = time.perf_counter() - t
 
@@ -298,6 +326,52 @@ def fit(
     )
 
 
+def assess(
+    archive: Path,
+    index: DatasetIndex,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    size_boundary: int = SIZE_BOUNDARY,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    device: str = "auto",
+) -> Plan:
+    """Where a dataset sits in the transfer matrix, before any training.
+
+    The same measurement `fit` makes (same images, same order), so the cell shown
+    before training is the one the fit will find.
+    """
+    tune_allocator()
+    train, _ = _split(index, val_fraction, seed)
+    bb = create_backbone(backbone)
+    stats, top = _native_pass(bb, archive, train[:SIMILARITY_SAMPLE], _device(device), 64)
+    return decide(len(train) / len(index.classes), _similarity(bb, stats, top), boundary=size_boundary)
+
+
+def _split(index: DatasetIndex, val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """The stratified split, with the training images in a seeded random order.
+
+    The order matters: BatchNorm statistics are taken from the first
+    `SIMILARITY_SAMPLE` training images, which must not all be one class.
+    """
+    train, val = split_samples(index, val_fraction, seed)
+    return random.Random(seed).sample(train, len(train)), val
+
+
+def _native_pass(backbone: Backbone, archive: Path, samples: list[Sample], device, batch_size: int):
+    with BatchNormStats(backbone.body) as stats:
+        top = extract_stage_features(
+            backbone, archive, [s.member for s in samples], batch_size=batch_size, device=device
+        )[TOP]
+    return stats, top
+
+
+def _similarity(backbone: Backbone, stats: BatchNormStats, top: np.ndarray):
+    with torch.no_grad():
+        entropy = head_entropy(backbone.imagenet_head.cpu()(torch.from_numpy(top)))
+    return similarity_score(stats.divergence(), entropy)
+
+
 def _stage_taps(backbone: Backbone) -> list[str]:
     """Intermediate stages worth a probe: from a third of the way up to just below the top."""
     stages = backbone.stages
@@ -309,10 +383,7 @@ def _best_stage(
     taps: list[str],
     top: ProbeFit,
     n_train: int,
-    y_train: np.ndarray,
-    num_classes: int,
-    seed: int,
-    on_step: Callable[[dict, str], None],
+    probe: Callable[[np.ndarray, str], ProbeFit],
 ) -> tuple[str, ProbeFit, list[dict]]:
     """Probe every tapped stage; keep the best by cross-validated accuracy.
 
@@ -323,9 +394,7 @@ def _best_stage(
     fits = {TOP: top}
     table: list[dict] = []
     for stage in taps:
-        fits[stage] = fit_probe(
-            feats[stage][:n_train], y_train, num_classes, seed=seed, on_step=lambda r, s=stage: on_step(r, s)
-        )
+        fits[stage] = probe(feats[stage][:n_train], stage)
         table += [{"phase": "probe", "stage": stage, **r} for r in fits[stage].history]
     scores = {name: _cv_best(f) for name, f in fits.items()}
     best = max(taps, key=lambda s: scores[s], default=TOP)
@@ -365,7 +434,7 @@ def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: in
     return report.checks
 
 
-def _image_batches(archive, train, val, y_train, y_val, prep: Preprocessing, plan, config: FitConfig):
+def _image_batches(archive, train, val, y_train, y_val, prep: Preprocessing, plan, config: FitConfig, ft):
     """Train/val batch sources for fine-tuning; decoded images cached in memory when they fit."""
     similar = plan.cell.endswith("similar")
     large = plan.cell.startswith("large")
@@ -374,7 +443,7 @@ def _image_batches(archive, train, val, y_train, y_val, prep: Preprocessing, pla
     source = _ImageSource(archive, train + val, prep)
     n = len(train)
     return (
-        Batches(lambda i: augment(source.image(i)), y_train, 32),
+        Batches(lambda i: augment(source.image(i)), y_train, ft.batch_size),
         Batches(lambda i: evaluate(source.image(n + i)), y_val, 64),
     )
 
@@ -386,9 +455,13 @@ class _ImageSource:
         self.images = ZipImages(archive, lambda img: img, min_side=prep.resize_size)
         self.members = [s.member for s in samples]
         self.min_side = prep.resize_size
-        side = max(prep.resize_size, prep.input_size)
-        est = sum(min(s.width * s.height, side * side * 2) for s in samples)
-        self.cache: dict[int, object] | None = {} if est <= MAX_CACHED_PIXELS else None
+        # Kept images have a short side of at most 2 x resize_size; PIL holds RGB in 4 bytes/pixel.
+        cap = 2 * prep.resize_size
+        est = sum(
+            4 * min(s.width * s.height, cap * cap * max(s.width, s.height) / max(1, min(s.width, s.height)))
+            for s in samples
+        )
+        self.cache: dict[int, object] | None = {} if est <= MAX_CACHED_BYTES else None
 
     def image(self, i: int):
         if self.cache is not None and i in self.cache:
@@ -401,20 +474,6 @@ class _ImageSource:
         if self.cache is not None:
             self.cache[i] = img
         return img
-
-
-def _evaluate(classifier, strategy, probe, X_train, X_val, y_train, archive, val, prep):
-    """Validation logits of the final model (and train accuracy where it is cheap)."""
-    if strategy in ("partial", "full"):
-        images = ZipImages(archive, eval_transform(prep), min_side=prep.resize_size)
-        batches = iter_batches(images.load, [s.member for s in val], 64)
-        with torch.no_grad():
-            logits = [classifier(x.contiguous(memory_format=torch.channels_last)) for x in batches]
-        return torch.cat(logits), None
-    with torch.no_grad():
-        val_logits = probe.linear(torch.from_numpy(X_val))
-        train_logits = probe.linear(torch.from_numpy(X_train))
-    return val_logits, float((train_logits.argmax(1).numpy() == y_train).mean())
 
 
 def _seed_everything(seed: int) -> None:
@@ -430,16 +489,19 @@ def _device(name: str) -> torch.device:
 
 
 def _reporter(progress: ProgressFn | None) -> Callable[..., None]:
+    """report(phase, done, total, row) -> Progress events whose overall fraction never goes back."""
     order = list(PHASE_WEIGHTS)
+    last = [0.0]
 
-    def report(phase: str, done: int, total: int, row: dict | None = None) -> None:
+    def report(phase: str, done: float, total: float, row: dict | None = None) -> None:
         if progress is None:
             return
         before = sum(PHASE_WEIGHTS[p] for p in order[: order.index(phase)])
         frac = before + PHASE_WEIGHTS[phase] * (min(done, total) / total if total else 1.0)
-        progress(Progress(phase, done, total, round(min(frac, 1.0), 4), row))
+        last[0] = max(last[0], min(frac, 1.0))
+        progress(Progress(phase, round(done), round(total), round(last[0], 4), row))
 
     return report
 
 
-__all__ = ["FitConfig", "FitResult", "Progress", "fit"]
+__all__ = ["FitConfig", "FitResult", "Progress", "assess", "fit"]

@@ -41,12 +41,15 @@ def fit_probe(
     folds: int = 5,
     seed: int = 0,
     on_step: StepFn | None = None,
+    on_fit: Callable[[int, int], None] | None = None,
 ) -> ProbeFit:
+    """Fit the probe. `on_step(row)` gets each C's CV row; `on_fit(done, total)` ticks after every
+    (fold, C) fit, so a caller can show progress, or cancel by raising, during long searches."""
     scaler = StandardScaler().fit(X)
     Xs = scaler.transform(X).astype(np.float32)
     Cs = tuple(sorted(Cs))  # ascending, so each fit warm-starts from the more regularised one
     k = int(min(folds, np.bincount(y, minlength=num_classes).min()))
-    scores = _cv_scores(Xs, y, Cs, k, seed, num_classes)
+    scores = _cv_scores(Xs, y, Cs, k, seed, num_classes, on_fit)
     history = []
     for step, (C, (acc, loss)) in enumerate(zip(Cs, scores, strict=True), start=1):
         row = {"step": step, "C": C, "cv_accuracy": acc, "cv_loss": loss}
@@ -63,7 +66,13 @@ def _logreg(C: float, seed: int, **kw) -> LogisticRegression:
 
 
 def _cv_scores(
-    X: np.ndarray, y: np.ndarray, Cs: tuple[float, ...], k: int, seed: int, num_classes: int
+    X: np.ndarray,
+    y: np.ndarray,
+    Cs: tuple[float, ...],
+    k: int,
+    seed: int,
+    num_classes: int,
+    on_fit: Callable[[int, int], None] | None = None,
 ) -> list[tuple[float, float]]:
     """(accuracy, log loss) per C, pooled over k stratified folds.
 
@@ -74,6 +83,7 @@ def _cv_scores(
         return [(float("nan"), float("nan"))] * len(Cs)
     correct = np.zeros(len(Cs))
     losses = np.zeros(len(Cs))
+    done = 0
     for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(X, y):
         clf = _logreg(Cs[0], seed, warm_start=True, tol=1e-3)
         for i, C in enumerate(Cs):
@@ -83,6 +93,9 @@ def _cv_scores(
             proba = _full_proba(clf, X[te], num_classes)
             correct[i] += int((proba.argmax(1) == y[te]).sum())
             losses[i] += log_loss(y[te], proba, labels=list(range(num_classes))) * len(te)
+            done += 1
+            if on_fit:
+                on_fit(done, k * len(Cs))
     return [(float(c / len(y)), float(loss / len(y))) for c, loss in zip(correct, losses, strict=True)]
 
 

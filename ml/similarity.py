@@ -96,16 +96,18 @@ SIMILARITY_THRESHOLD = 0.5
 @dataclass(frozen=True)
 class Similarity:
     score: float  # 0 (unlike ImageNet) .. 1 (ImageNet-like); >= SIMILARITY_THRESHOLD reads "similar"
-    bn_divergence: float  # median over BN layers of the per-channel symmetric KL
+    bn_divergence: float | None  # median over BN layers of the per-channel symmetric KL (None: no BN layers)
     head_entropy: float  # normalised, 0..1
 
     def to_dict(self) -> dict:
-        return {k: round(v, 4) for k, v in self.__dict__.items()}
+        return {k: None if v is None else round(v, 4) for k, v in self.__dict__.items()}
 
 
 def similarity_score(layer_divergences: list[float], entropy: float) -> Similarity:
     """Combine the two signals into one score in [0, 1]."""
-    div = float(torch.tensor(layer_divergences).median()) if layer_divergences else float("inf")
+    if not layer_divergences:  # no BatchNorm (ConvNeXt uses LayerNorm): the head's entropy alone
+        return Similarity(score=1.0 - entropy, bn_divergence=None, head_entropy=entropy)
+    div = float(torch.tensor(layer_divergences).median())
     bn_part = 1.0 / (1.0 + div / DIVERGENCE_SCALE)
     score = BN_WEIGHT * bn_part + (1 - BN_WEIGHT) * (1.0 - entropy)
     return Similarity(score=score, bn_divergence=div, head_entropy=entropy)

@@ -25,6 +25,7 @@ class DatasetOutputSerializer(serializers.ModelSerializer):
             "num_images",
             "classes",
             "warnings",
+            "assessment",
             "error",
             "layout",
             "archive_bytes",

@@ -29,6 +29,9 @@ class Dataset(models.Model):
     classes = models.JSONField(default=list, blank=True)  # [{name, count, train, val}]
     warnings = models.JSONField(default=list, blank=True)  # [{code, message, files}]
     content_hash = models.CharField(max_length=64, blank=True)
+    # Where the data sits in the transfer matrix, measured at ingestion (ml.fit.assess):
+    # {name, cell, images_per_class, similarity, reason, measurements, backbone} or {error}.
+    assessment = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -76,6 +76,7 @@ def dataset_ingest(*, dataset: Dataset) -> None:
     try:
         with local_copy(dataset.archive) as path:
             index = index_dataset(path, ingest_config())
+            assessment = _assess(path, index)
     except DatasetError as exc:
         dataset_fail(dataset=dataset, message=exc.message)
         return
@@ -84,13 +85,25 @@ def dataset_ingest(*, dataset: Dataset) -> None:
         ContentFile(json.dumps(index.to_dict()).encode()),
     )
     try:
-        _mark_ready(dataset, index, manifest)
+        _mark_ready(dataset, index, manifest, assessment)
     except BaseException:
         delete_quietly(manifest)
         raise
 
 
-def _mark_ready(dataset: Dataset, index: DatasetIndex, manifest: str) -> None:
+def _assess(path, index: DatasetIndex) -> dict:
+    """The transfer-matrix cell with the default backbone, for the train page. Never fails ingestion."""
+    from ml.backbones import DEFAULT_BACKBONE
+    from ml.errors import MLError
+    from ml.fit import assess
+
+    try:
+        return {**assess(path, index).to_dict(), "backbone": DEFAULT_BACKBONE}
+    except MLError as exc:
+        return {"error": exc.message}
+
+
+def _mark_ready(dataset: Dataset, index: DatasetIndex, manifest: str, assessment: dict) -> None:
     totals, train, val = index.counts(), index.counts("train"), index.counts("val")
     updated = Dataset.objects.filter(pk=dataset.pk, status=Dataset.Status.PROCESSING).update(
         status=Dataset.Status.READY,
@@ -100,6 +113,7 @@ def _mark_ready(dataset: Dataset, index: DatasetIndex, manifest: str) -> None:
         classes=[{"name": c, "count": totals[c], "train": train[c], "val": val[c]} for c in index.classes],
         warnings=[asdict(w) for w in index.warnings],
         content_hash=index.content_hash,
+        assessment=assessment,
         error="",
     )
     if not updated:  # deleted or failed meanwhile

@@ -57,8 +57,9 @@ class JobListCreateApi(APIView):
         seed = serializers.IntegerField(default=0, min_value=0)
         budget = serializers.FloatField(required=False, min_value=1, help_text="seconds allowed for fine-tuning")
         max_epochs = serializers.IntegerField(required=False, min_value=1, max_value=200)
-        hflip = serializers.BooleanField(required=False, help_text="horizontal flips keep the class")
-        lr_find = serializers.BooleanField(required=False, help_text="run a learning-rate range test first")
+        # Explicit defaults: a form-encoded request that leaves a checkbox out must not turn it off.
+        hflip = serializers.BooleanField(default=True, help_text="horizontal flips keep the class")
+        lr_find = serializers.BooleanField(default=False, help_text="run a learning-rate range test first")
 
     @extend_schema(responses=JobOutputSerializer(many=True))
     def get(self, request: Request) -> Response:

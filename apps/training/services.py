@@ -8,6 +8,7 @@ detected (`Job.is_stale`) and re-queued by `job_recover_stale`.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import threading
 import time
@@ -27,6 +28,18 @@ from apps.training.models import Job, JobHistory
 from ml.errors import Cancelled, MLError
 
 log = logging.getLogger(__name__)
+
+
+def json_safe(value):
+    """NaN and infinities (a CV score with one image per class, a diverged loss) become null:
+    JSON has no such numbers, and PostgreSQL and SQLite both refuse them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class RetryLater(Exception):
@@ -149,17 +162,19 @@ def _succeed(job: Job, result) -> None:
             finished_at=timezone.now(),
             phase="done",
             progress=1.0,
-            strategy=result.strategy,
-            metrics=result.metrics,
+            strategy=json_safe(result.strategy),
+            metrics=json_safe(result.metrics),
             timings=result.timings,
-            report={
-                "sanity": result.sanity,
-                "hyperparameters": result.hyperparameters,
-                "lr_range": result.lr_range,
-                "log": result.log,
-                "preprocessing": result.preprocessing,
-                "device": result.device,
-            },
+            report=json_safe(
+                {
+                    "sanity": result.sanity,
+                    "hyperparameters": result.hyperparameters,
+                    "lr_range": result.lr_range,
+                    "log": result.log,
+                    "preprocessing": result.preprocessing,
+                    "device": result.device,
+                }
+            ),
         )
         if updated:  # not cancelled in the meantime
             model_create(job=job, bundle_path=result.artifacts["bundle"], result=result)
@@ -186,7 +201,7 @@ class _Recorder:
             raise Cancelled()
         if event.row is not None:
             step = event.row.get("step", event.row.get("epoch", 0))
-            JobHistory.objects.create(job_id=self.job_id, step=step, phase=event.phase, data=event.row)
+            JobHistory.objects.create(job_id=self.job_id, step=step, phase=event.phase, data=json_safe(event.row))
         now = time.monotonic()
         if event.row is None and now - self._last < self.min_interval and event.done < event.total:
             return

@@ -84,7 +84,7 @@ def test_lr_rule_is_a_tenth_of_the_original_scaled_with_batch():
 def test_depth_picks_the_top_stages_or_all():
     bb = tiny_backbone()
     assert trainable_stage(bb, "partial") == "blocks.3"
-    assert trainable_stage(bb, "full") == "blocks.0"
+    assert trainable_stage(bb, "full") == "stem"  # "up to all": the stem trains too
     assert trainable_stage(tiny_backbone(), "partial") in bb.stages
 
 
@@ -192,13 +192,17 @@ def test_sanity_checks_fire_on_a_broken_setup():
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
 
 
-def test_lr_range_test_returns_a_curve_and_leaves_the_model_alone():
+def test_lr_range_test_uses_the_finetune_setup_and_leaves_the_model_alone():
     bb = tiny_backbone()
     x, y = toy_data()
-    model = nn.Sequential(bb.body, nn.Linear(16, 2))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = lr_range_test(model, batches(x, y), torch.device("cpu"), steps=12)
+    head = nn.Linear(16, 2)
+    before = {k: v.clone() for k, v in nn.Sequential(bb.body, head).state_dict().items()}
+    config = FinetuneConfig(depth="partial", batch_size=16)
+    out = lr_range_test(bb, head, batches(x, y), 2, config, torch.device("cpu"), steps=12)
     lrs = [p["lr"] for p in out["curve"]]
     assert len(lrs) >= 3 and lrs == sorted(lrs)
     assert lrs[0] <= out["suggested_lr"] <= lrs[-1]
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert out["recipe_lr"] == pytest.approx(backbone_lr(bb.spec, 16))
+    assert lrs[0] < out["recipe_lr"] < lrs[-1] or len(lrs) < 12  # the sweep brackets the rule
+    assert all(torch.equal(v, before[k]) for k, v in nn.Sequential(bb.body, head).state_dict().items())
+    assert all(math.isfinite(p["loss"]) for p in out["curve"])
