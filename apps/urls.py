@@ -1,6 +1,5 @@
 from django.contrib import admin
 from django.urls import include, path
-from django.views.generic import TemplateView
 from drf_spectacular.views import SpectacularAPIView
 
 from apps.accounts.api import TokenObtainApi
@@ -26,7 +25,7 @@ api = [
 ]
 
 urlpatterns = [
-    path("", TemplateView.as_view(template_name="index.html"), name="home"),
+    path("", include("apps.web.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", include((api, "api"))),
 ]

@@ -1,0 +1,21 @@
+from django.contrib.auth import views as auth_views
+from django.urls import path
+
+from apps.web import views
+
+app_name = "web"
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("accounts/signup/", views.signup, name="signup"),
+    path("accounts/login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("tokens/", views.tokens, name="tokens"),
+    path("upload/", views.upload, name="upload"),
+    path("datasets/<int:dataset_id>/", views.dataset_detail, name="dataset"),
+    path("datasets/<int:dataset_id>/delete/", views.dataset_remove, name="dataset-delete"),
+    path("datasets/<int:dataset_id>/train/", views.train, name="train"),
+    path("datasets/<int:dataset_id>/thumb/", views.dataset_thumb, name="thumb"),
+    path("jobs/<int:job_id>/", views.job_detail, name="job"),
+    path("models/<int:model_id>/", views.model_detail, name="model"),
+]

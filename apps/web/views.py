@@ -1,0 +1,175 @@
+"""The browser pages. Thin: selectors and services do the work; live data comes from the JSON API."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.forms import UserCreationForm
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.cache import cache_control
+from django.views.decorators.http import require_POST
+
+from apps.accounts.models import ApiToken
+from apps.accounts.services import token_create
+from apps.common.errors import UserError
+from apps.common.storage import local_copy
+from apps.datasets.selectors import dataset_get, dataset_index, dataset_list
+from apps.datasets.services import dataset_delete
+from apps.serving.selectors import model_get, model_list
+from apps.training.selectors import job_get, job_list
+from apps.training.services import job_create
+from ml.backbones import DEFAULT_BACKBONE, available_backbones
+from ml.images import ImageDecodeError, decode_rgb
+from ml.strategy import SIZE_BOUNDARY, STRATEGIES
+
+THUMB_SIDE = 160
+THUMBS_PER_CLASS = 12
+
+
+def home(request: HttpRequest) -> HttpResponse:
+    if not request.user.is_authenticated:
+        return render(request, "web/landing.html")
+    user = request.user
+    return render(
+        request,
+        "web/dashboard.html",
+        {
+            "datasets": dataset_list(user=user)[:50],
+            "jobs": job_list(user=user).select_related("dataset")[:50],
+            "models": model_list(user=user)[:50],
+        },
+    )
+
+
+def signup(request: HttpRequest) -> HttpResponse:
+    form = UserCreationForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        user = form.save()
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        return redirect("web:home")
+    return render(request, "registration/signup.html", {"form": form})
+
+
+@login_required
+def tokens(request: HttpRequest) -> HttpResponse:
+    new_key = None
+    if request.method == "POST":
+        if "revoke" in request.POST:
+            ApiToken.objects.filter(user=request.user, pk=request.POST["revoke"]).delete()
+            messages.success(request, "Token revoked. Programs using it can no longer sign in.")
+            return redirect("web:tokens")
+        _, new_key = token_create(user=request.user, name=request.POST.get("name", "")[:100])
+    return render(
+        request, "web/tokens.html", {"tokens": ApiToken.objects.filter(user=request.user), "new_key": new_key}
+    )
+
+
+@login_required
+def upload(request: HttpRequest) -> HttpResponse:
+    return render(request, "web/upload.html")
+
+
+@login_required
+def dataset_detail(request: HttpRequest, dataset_id: int) -> HttpResponse:
+    dataset = dataset_get(user=request.user, dataset_id=dataset_id)
+    return render(request, "web/dataset.html", _dataset_context(dataset))
+
+
+def _dataset_context(dataset, error: str = "") -> dict:
+    backbones = available_backbones()
+    thumbs: dict[str, list[str]] = {}
+    if dataset.manifest:
+        for sample in dataset_index(dataset=dataset).samples:
+            group = thumbs.setdefault(sample.label, [])
+            if len(group) < THUMBS_PER_CLASS:
+                group.append(sample.member)
+    assessment = dataset.assessment or {}
+    return {
+        "thumbs": sorted(thumbs.items()),
+        "assessment": assessment,
+        "cells": [("small", "similar"), ("small", "different"), ("large", "similar"), ("large", "different")],
+        "plans": {
+            "small-similar": "Linear probe on the top layer",
+            "small-different": "Linear probes on several stages; best kept",
+            "large-similar": "Fine-tune the top stages",
+            "large-different": "Fine-tune most or all stages",
+        },
+        "dataset": dataset,
+        "strategies": [s for s in STRATEGIES],
+        "backbones": sorted(backbones.items()),
+        "default_backbone": DEFAULT_BACKBONE,
+        "boundary": SIZE_BOUNDARY,
+        "train_error": error,
+    }
+
+
+@login_required
+@require_POST
+def dataset_remove(request: HttpRequest, dataset_id: int) -> HttpResponse:
+    dataset = dataset_get(user=request.user, dataset_id=dataset_id)
+    name = dataset.name
+    dataset_delete(dataset=dataset)
+    messages.success(request, f"Dataset '{name}' deleted.")
+    return redirect("web:home")
+
+
+@login_required
+@require_POST
+def train(request: HttpRequest, dataset_id: int) -> HttpResponse:
+    dataset = dataset_get(user=request.user, dataset_id=dataset_id)
+    post = request.POST
+    options: dict = {"strategy": post.get("strategy", "auto")}
+    if post.get("backbone"):
+        options["backbone"] = post["backbone"]
+    try:
+        if post.get("budget"):
+            options["budget"] = float(post["budget"])
+        if post.get("max_epochs"):
+            options["max_epochs"] = int(post["max_epochs"])
+    except ValueError:
+        return render(request, "web/dataset.html", _dataset_context(dataset, "Budget and epochs must be numbers."))
+    # A checkbox ticked by default: in the page's form (which carries `advanced`) absent means unticked.
+    options["hflip"] = "hflip" in post if "advanced" in post else True
+    options["lr_find"] = post.get("lr_find") == "on"
+    try:
+        job = job_create(owner=request.user, dataset=dataset, **options)
+    except UserError as exc:
+        return render(request, "web/dataset.html", _dataset_context(dataset, exc.message), status=exc.status_code)
+    return redirect("web:job", job_id=job.pk)
+
+
+@login_required
+@cache_control(private=True, max_age=3600)
+def dataset_thumb(request: HttpRequest, dataset_id: int) -> HttpResponse:
+    """A thumbnail of one image of the dataset; only members of its index can be asked for."""
+    dataset = dataset_get(user=request.user, dataset_id=dataset_id)
+    member = request.GET.get("m", "")
+    if not dataset.manifest or member not in {s.member for s in dataset_index(dataset=dataset).samples}:
+        raise Http404("No such image in this dataset.")
+    with local_copy(dataset.archive) as path, zipfile.ZipFile(path) as zf:
+        try:
+            img = decode_rgb(zf.read(member), min_side=THUMB_SIDE)
+        except ImageDecodeError:
+            raise Http404("This image cannot be decoded.") from None
+    img.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=80)
+    return HttpResponse(buf.getvalue(), content_type="image/jpeg")
+
+
+@login_required
+def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
+    job = job_get(user=request.user, job_id=job_id)
+    return render(request, "web/job.html", {"job": job})
+
+
+@login_required
+def model_detail(request: HttpRequest, model_id: int) -> HttpResponse:
+    model = model_get(user=request.user, model_id=model_id)
+    return render(request, "web/model.html", {"model": model, "metrics_json": json.dumps(model.metrics)})

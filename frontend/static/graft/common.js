@@ -1,0 +1,107 @@
+// Shared helpers for Graft's pages: API calls with the session's CSRF token, readable errors, formatting.
+"use strict";
+
+window.Graft = (() => {
+  function csrfToken() {
+    const m = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
+    return m ? decodeURIComponent(m[1]) : "";
+  }
+
+  // Turn any failed response into one sentence for the page (never raw JSON).
+  async function errorSentence(response) {
+    let text = "";
+    try {
+      text = await response.text();
+      const body = JSON.parse(text);
+      if (body && typeof body.error === "string") return body.error;
+      if (body && typeof body.detail === "string") return body.detail;
+    } catch (_) { /* not JSON */ }
+    if (response.status === 413) return "The file is over the upload size limit.";
+    if (response.status === 403) return "You are signed out or not allowed to do that. Sign in again and retry.";
+    if (response.status === 404) return "That no longer exists (it may have been deleted).";
+    if (response.status >= 500) return "The server had a problem. Try again in a moment.";
+    return `The request failed (HTTP ${response.status}).`;
+  }
+
+  async function api(path, options = {}) {
+    const headers = { "X-CSRFToken": csrfToken(), Accept: "application/json", ...(options.headers || {}) };
+    let response;
+    try {
+      response = await fetch(`/api/v1${path}`, { credentials: "same-origin", ...options, headers });
+    } catch (_) {
+      throw new Error("Graft cannot be reached. Check your connection; the page will retry.");
+    }
+    if (!response.ok) throw new Error(await errorSentence(response));
+    return response.status === 204 ? null : response.json();
+  }
+
+  function bytes(n) {
+    if (n < 1024) return `${n} B`;
+    const units = ["KB", "MB", "GB", "TB"];
+    let i = -1;
+    do { n /= 1000; i++; } while (n >= 1000 && i < units.length - 1);
+    return `${n.toFixed(1)} ${units[i]}`;
+  }
+
+  function duration(seconds) {
+    if (!isFinite(seconds) || seconds < 0) return "";
+    if (seconds < 60) return `${Math.round(seconds)} s`;
+    const m = Math.floor(seconds / 60);
+    return m < 60 ? `${m} min ${Math.round(seconds % 60)} s` : `${Math.floor(m / 60)} h ${m % 60} min`;
+  }
+
+  function pct(x, digits = 1) { return x == null ? "—" : `${(100 * x).toFixed(digits)}%`; }
+
+  function el(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs)) {
+      if (k === "class") node.className = v;
+      else if (k === "text") node.textContent = v;
+      else if (v !== undefined && v !== null) node.setAttribute(k, v);
+    }
+    for (const c of children) node.append(c);
+    return node;
+  }
+
+  function showError(target, message) {
+    const node = typeof target === "string" ? document.querySelector(target) : target;
+    if (!node) return;
+    node.textContent = message || "";
+    node.hidden = !message;
+  }
+
+  // Copy buttons: <button data-copy="#selector">
+  document.addEventListener("click", async (event) => {
+    const button = event.target.closest("[data-copy]");
+    if (!button) return;
+    const source = document.querySelector(button.dataset.copy);
+    try {
+      await navigator.clipboard.writeText(source.textContent.trim());
+      button.textContent = "Copied";
+    } catch (_) {
+      const range = document.createRange();
+      range.selectNodeContents(source);
+      getSelection().removeAllRanges();
+      getSelection().addRange(range);
+      button.textContent = "Selected: press Ctrl+C";
+    }
+    setTimeout(() => { button.textContent = "Copy"; }, 2500);
+  });
+
+  // Poll `fn` every `ms` until it returns true; back off on errors.
+  function poll(fn, ms = 1500) {
+    let delay = ms;
+    const tick = async () => {
+      try {
+        if (await fn()) return;
+        delay = ms;
+      } catch (err) {
+        delay = Math.min(delay * 2, 15000);
+      }
+      setTimeout(tick, delay);
+    };
+    tick();
+  }
+
+  return { api, errorSentence, bytes, duration, pct, el, showError, csrfToken, poll };
+})();

@@ -1,0 +1,48 @@
+// Model page: the "try it" box posts an image to the prediction endpoint and draws top-k bars.
+"use strict";
+
+document.addEventListener("DOMContentLoaded", () => {
+  const id = document.getElementById("model-root").dataset.model;
+  const $ = (s) => document.querySelector(s);
+  const list = $("#predictions");
+
+  async function predict(file) {
+    Graft.showError("#try-error", "");
+    list.replaceChildren(Graft.el("li", { class: "pending", text: "Predicting…" }));
+    const preview = $("#try-preview");
+    preview.src = URL.createObjectURL(file);
+    preview.alt = `The image you chose: ${file.name}`;
+    preview.hidden = false;
+    const form = new FormData();
+    form.append("image", file);
+    form.append("k", "5");
+    try {
+      const body = await Graft.api(`/models/${id}/predict/`, { method: "POST", body: form });
+      const top = body.predictions[0];
+      list.replaceChildren(...top.map((p) => {
+        const bar = Graft.el("span", { class: "bar" });
+        bar.style.width = `${Math.max(1, p.score * 100)}%`;
+        return Graft.el("li", { class: "prediction" },
+          Graft.el("span", { class: "label", text: p.label }),
+          Graft.el("span", { class: "track" }, bar),
+          Graft.el("span", { class: "score", text: Graft.pct(p.score) }));
+      }));
+    } catch (err) {
+      list.replaceChildren();
+      Graft.showError("#try-error", err.message);
+    }
+  }
+
+  $("#try-input").addEventListener("change", (e) => { if (e.target.files[0]) predict(e.target.files[0]); });
+  const zone = $("#try-drop");
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    if (e.dataTransfer.files[0]) predict(e.dataTransfer.files[0]);
+  });
+  zone.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("#try-input").click(); }
+  });
+});
