@@ -34,6 +34,7 @@ document.addEventListener("DOMContentLoaded", () => {
   }
 
   $("#try-input").addEventListener("change", (e) => { if (e.target.files[0]) predict(e.target.files[0]); });
+  if ($("#try-input").files[0]) predict($("#try-input").files[0]); // chosen before this script ran
   const zone = $("#try-drop");
   zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
   zone.addEventListener("dragleave", () => zone.classList.remove("over"));

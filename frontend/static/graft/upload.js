@@ -107,6 +107,7 @@ $("#file-input").addEventListener("change", (e) => {
   const file = e.target.files[0];
   if (file) start(file, file.name);
 });
+if ($("#file-input").files[0]) start($("#file-input").files[0], $("#file-input").files[0].name); // chosen early
 
 $("#folder-input").addEventListener("change", (e) => {
   const files = [...e.target.files];
