@@ -54,21 +54,32 @@ document.addEventListener("DOMContentLoaded", () => {
       curveChart = chart(curveChart, canvas, {
         type: "line",
         data: {
-          datasets: stages.map((stage, i) => ({
-            label: `${stage}: cross-validated accuracy`,
-            data: probe.filter((r) => r.stage === stage).map((r) => ({ x: r.C, y: r.cv_accuracy })),
-            borderColor: palette[i % palette.length],
-          })),
+          datasets: stages.flatMap((stage, i) => [
+            {
+              label: `${stage}: CV accuracy`,
+              data: probe.filter((r) => r.stage === stage).map((r) => ({ x: r.C, y: r.cv_accuracy })),
+              borderColor: palette[i % palette.length],
+              yAxisID: "acc",
+            },
+            {
+              label: `${stage}: CV log loss`,
+              data: probe.filter((r) => r.stage === stage).map((r) => ({ x: r.C, y: r.cv_loss })),
+              borderColor: palette[i % palette.length],
+              borderDash: [5, 4],
+              yAxisID: "loss",
+            },
+          ]),
         },
         options: {
           maintainAspectRatio: false, animation: false,
           scales: {
             x: { type: "logarithmic", title: { display: true, text: "C (inverse regularisation strength)" } },
-            y: { title: { display: true, text: "cross-validated accuracy" }, suggestedMax: 1 },
+            acc: { position: "left", title: { display: true, text: "cross-validated accuracy" }, suggestedMax: 1 },
+            loss: { position: "right", title: { display: true, text: "log loss" }, beginAtZero: true, grid: { drawOnChartArea: false } },
           },
         },
       });
-      $("#curve-note").textContent = "A linear probe is fitted for several regularisation strengths; the best by 5-fold cross-validation on the training split is kept.";
+      $("#curve-note").textContent = "A linear probe is fitted for several regularisation strengths; the one with the lowest 5-fold cross-validated log loss on the training split is kept.";
     }
   }
 
