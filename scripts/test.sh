@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Integration tests use PostgreSQL (127.0.0.1:5432) and Redis
 # (127.0.0.1:6379); this script starts them when they are installed here but down.
-# With CI=true they are required: the run fails instead of skipping them.
+# With CI=true they are required: the run fails instead of skipping them. The same goes for
+# Chromium (/usr/bin/chromium, Debian's package), which the browser tests drive; it is installed if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,5 +22,20 @@ for _ in $(seq 30); do up 5432 && up 6379 && break; sleep 1; done
 if [[ "${CI:-}" == "true" ]] && ! { up 5432 && up 6379; }; then
   echo "CI needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379; they are not reachable." >&2
   exit 1
+fi
+
+# Browser tests drive Debian's Chromium (Playwright cannot download its own browser here).
+if [[ ! -x /usr/bin/chromium ]]; then
+  echo "installing Chromium for the browser tests"
+  sudo=""; [[ "$(id -u)" == 0 ]] || sudo="sudo"
+  apt_get() { $sudo env DEBIAN_FRONTEND=noninteractive apt-get -q "$@" >/dev/null; }
+  apt_get install -y --no-install-recommends chromium || { apt_get update && apt_get install -y --no-install-recommends chromium; } || true
+  if [[ ! -x /usr/bin/chromium ]]; then
+    if [[ "${CI:-}" == "true" ]]; then
+      echo "CI needs Chromium at /usr/bin/chromium for the browser tests; installing it failed." >&2
+      exit 1
+    fi
+    echo "warning: could not install Chromium; the browser tests will be skipped." >&2
+  fi
 fi
 exec .venv/bin/python -m pytest "$@"
