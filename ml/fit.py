@@ -67,7 +67,7 @@ class FitConfig:
         get_spec(self.backbone)
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("val_fraction must be between 0 and 1.")
-        if self.budget is not None and self.budget <= 0:
+        if self.budget is not None and not (0 < self.budget < float("inf")):  # also refuses NaN
             raise ConfigError("budget must be a positive number of seconds.")
         if self.max_epochs < 1 or self.patience < 1:
             raise ConfigError("max_epochs and patience must be at least 1.")

@@ -46,8 +46,8 @@ class Dataset(models.Model):
 class Upload(models.Model):
     """A resumable upload in progress (tus protocol, https://tus.io/protocols/resumable-upload).
 
-    The bytes go to a part file under GRAFT_DATA_DIR/uploads/; when the last byte
-    arrives the file becomes a Dataset and the Upload row is deleted.
+    The bytes go to a part file under GRAFT_UPLOAD_DIR; when the last byte arrives the
+    file becomes a Dataset, linked here until the upload expires (so retries find it).
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)

@@ -7,13 +7,14 @@ is small, so it lives here: POST creates an upload, HEAD says how many bytes
 arrived, PATCH appends at that offset, DELETE abandons it. Bodies are streamed to
 a part file in 1 MiB pieces, so neither the page nor the server holds the file in
 memory; a dropped connection keeps every byte written, and the client resumes
-from the offset HEAD reports. The last byte turns the file into a Dataset.
+from the offset HEAD reports. The last byte turns the file into a Dataset (moved, not copied, into local storage).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import logging
 from datetime import timedelta
 
@@ -60,41 +61,82 @@ def upload_create(*, owner: AbstractBaseUser, length: int, filename: str = "", n
 
 
 def upload_append(*, upload: Upload, offset: int, stream, declared: int | None) -> Upload:
-    """Append the request body at `offset`; keeps what arrived even if the client drops."""
+    """Append the request body at `offset`; keeps what arrived even if the client drops.
+
+    One PATCH at a time per upload (an exclusive lock on the part file; a second
+    gets 423 and tus clients retry). A client that goes away mid-body keeps every
+    byte written; a failing disk is the server's error, never reported as success.
+    """
     if offset != upload.offset:
         raise UserError(f"This upload is at byte {upload.offset}, not {offset}; resume from there.", status_code=409)
     if declared is not None and upload.offset + declared > upload.length:
         raise UserError("The chunk goes past the declared length of the upload.", status_code=413)
-    written = 0
     try:
-        with open(upload.part_path, "r+b") as part:
-            part.seek(upload.offset)
-            while upload.offset + written < upload.length:
-                piece = stream.read(min(CHUNK, upload.length - upload.offset - written))
+        part = open(upload.part_path, "r+b", buffering=0)  # unbuffered: written means on disk
+    except FileNotFoundError:
+        raise UserError("This upload was abandoned; start a new one.", status_code=410) from None
+    with part:
+        try:
+            fcntl.flock(part, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError("Another request is writing this upload; retry shortly.", status_code=423) from None
+        upload.refresh_from_db(fields=["offset"])
+        if offset != upload.offset:  # the request holding the lock before us moved it
+            raise UserError(
+                f"This upload is at byte {upload.offset}, not {offset}; resume from there.", status_code=409
+            )
+        part.seek(upload.offset)
+        written = 0
+        try:
+            while stream is not None and upload.offset + written < upload.length:
+                try:
+                    piece = stream.read(min(CHUNK, upload.length - upload.offset - written))
+                except OSError as exc:  # the client went away mid-chunk: keep the bytes we have
+                    log.info("upload %s interrupted after %s bytes: %s", upload.pk, written, exc)
+                    break
                 if not piece:
                     break
                 part.write(piece)
                 written += len(piece)
-    except FileNotFoundError:
-        raise UserError("This upload was abandoned; start a new one.", status_code=410) from None
-    except OSError as exc:  # the client went away mid-chunk: keep the bytes we have
-        log.info("upload %s interrupted after %s bytes: %s", upload.pk, written, exc)
-    finally:
-        if written:
-            Upload.objects.filter(pk=upload.pk).update(offset=upload.offset + written, updated_at=timezone.now())
-            upload.offset += written
+        finally:
+            if written:
+                Upload.objects.filter(pk=upload.pk).update(offset=upload.offset + written, updated_at=timezone.now())
+                upload.offset += written
     return upload
 
 
+class _PartFile(File):
+    """The finished part file; its path lets local storage move it instead of copying gigabytes."""
+
+    def temporary_file_path(self) -> str:
+        return self.file.name
+
+
 def upload_finish(*, upload: Upload) -> Dataset:
-    """The last byte arrived: the part file becomes a dataset (validated like any upload)."""
+    """The last byte arrived: the part file becomes a dataset (validated like any upload).
+
+    Idempotent: the finished upload keeps a link to its dataset (until it expires),
+    so a client that lost the last response learns the dataset from a retry or a
+    HEAD. A user error (not a zip) deletes the upload; any other failure keeps the
+    bytes, so a retry finishes without uploading again.
+    """
     try:
-        with open(upload.part_path, "rb") as part:
-            dataset = dataset_create(
-                owner=upload.owner, file=File(part, name=upload.filename or "upload.zip"), name=upload.name
-            )
-    finally:
+        with transaction.atomic():
+            upload = Upload.objects.select_for_update().get(pk=upload.pk)
+            if upload.dataset_id:
+                return upload.dataset
+            try:
+                with open(upload.part_path, "rb") as part:
+                    file = _PartFile(part, name=upload.filename or "upload.zip")
+                    dataset = dataset_create(owner=upload.owner, file=file, name=upload.name)
+            except FileNotFoundError:
+                raise UserError("This upload's data is gone; upload the file again.", status_code=410) from None
+            upload.dataset = dataset
+            upload.save(update_fields=["dataset", "updated_at"])
+    except UserError:  # outside the rolled-back transaction: the refusal is final
         upload_delete(upload=upload)
+        raise
+    upload.part_path.unlink(missing_ok=True)  # moved into storage already, on local disks
     return dataset
 
 
@@ -124,7 +166,7 @@ def _int_header(request: Request, name: str) -> int | None:
     value = request.headers.get(name)
     if value is None:
         return None
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise UserError(f"The {name} header must be a non-negative integer.")
     return int(value)
 
@@ -139,6 +181,10 @@ def _metadata(header: str) -> dict[str, str]:
         except (binascii.Error, UnicodeDecodeError):
             raise UserError(f"Upload-Metadata '{key}' is not valid base64 UTF-8.") from None
     return out
+
+
+def _dataset_headers(dataset: Dataset) -> dict[str, str]:
+    return {"Graft-Dataset": str(dataset.pk), "Graft-Dataset-Url": f"/datasets/{dataset.pk}/"}
 
 
 class TusUploadListApi(APIView):
@@ -178,10 +224,10 @@ class TusUploadApi(APIView):
     @extend_schema(exclude=True)
     def head(self, request: Request, upload_id) -> Response:
         upload = self._get(request, upload_id)
-        return Response(
-            status=200,
-            headers=_tus_headers(**{"Upload-Offset": str(upload.offset), "Upload-Length": str(upload.length)}),
-        )
+        headers = _tus_headers(**{"Upload-Offset": str(upload.offset), "Upload-Length": str(upload.length)})
+        if upload.offset == upload.length:  # complete: finish it if the last PATCH could not
+            headers.update(_dataset_headers(upload_finish(upload=upload)))
+        return Response(status=200, headers=headers)
 
     @extend_schema(request=None, responses={204: None}, description="tus core: append bytes at Upload-Offset")
     def patch(self, request: Request, upload_id) -> Response:
@@ -196,9 +242,7 @@ class TusUploadApi(APIView):
         )
         headers = _tus_headers(**{"Upload-Offset": str(upload.offset)})
         if upload.offset == upload.length:
-            dataset = upload_finish(upload=upload)
-            headers["Graft-Dataset"] = str(dataset.pk)
-            headers["Graft-Dataset-Url"] = f"/datasets/{dataset.pk}/"
+            headers.update(_dataset_headers(upload_finish(upload=upload)))
         return Response(status=204, headers=headers)
 
     @extend_schema(request=None, responses={204: None}, description="tus termination: abandon the upload")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import zipfile
@@ -10,6 +11,7 @@ from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
+from django.core.files.storage import default_storage
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import cache_control
@@ -18,7 +20,6 @@ from django.views.decorators.http import require_POST
 from apps.accounts.models import ApiToken
 from apps.accounts.services import token_create
 from apps.common.errors import UserError
-from apps.common.storage import local_copy
 from apps.datasets.selectors import dataset_get, dataset_index, dataset_list
 from apps.datasets.services import dataset_delete
 from apps.serving.selectors import model_get, model_list
@@ -61,7 +62,8 @@ def tokens(request: HttpRequest) -> HttpResponse:
     new_key = None
     if request.method == "POST":
         if "revoke" in request.POST:
-            ApiToken.objects.filter(user=request.user, pk=request.POST["revoke"]).delete()
+            token_id = request.POST["revoke"]
+            ApiToken.objects.filter(user=request.user, pk=int(token_id) if token_id.isdigit() else -1).delete()
             messages.success(request, "Token revoked. Programs using it can no longer sign in.")
             return redirect("web:tokens")
         _, new_key = token_create(user=request.user, name=request.POST.get("name", "")[:100])
@@ -150,9 +152,10 @@ def dataset_thumb(request: HttpRequest, dataset_id: int) -> HttpResponse:
     """A thumbnail of one image of the dataset; only members of its index can be asked for."""
     dataset = dataset_get(user=request.user, dataset_id=dataset_id)
     member = request.GET.get("m", "")
-    if not dataset.manifest or member not in {s.member for s in dataset_index(dataset=dataset).samples}:
+    if not dataset.manifest or member not in _members(dataset.pk, dataset.manifest):
         raise Http404("No such image in this dataset.")
-    with local_copy(dataset.archive) as path, zipfile.ZipFile(path) as zf:
+    # Read only that member: the storage file is seekable, so the archive is never copied whole.
+    with default_storage.open(dataset.archive) as f, zipfile.ZipFile(f) as zf:
         try:
             img = decode_rgb(zf.read(member), min_side=THUMB_SIDE)
         except ImageDecodeError:
@@ -161,6 +164,14 @@ def dataset_thumb(request: HttpRequest, dataset_id: int) -> HttpResponse:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=80)
     return HttpResponse(buf.getvalue(), content_type="image/jpeg")
+
+
+@functools.lru_cache(maxsize=32)
+def _members(dataset_id: int, manifest: str) -> frozenset[str]:
+    """The member names a dataset's thumbnails may show (its index; immutable once ready)."""
+    from apps.datasets.models import Dataset
+
+    return frozenset(s.member for s in dataset_index(dataset=Dataset.objects.get(pk=dataset_id)).samples)
 
 
 @login_required

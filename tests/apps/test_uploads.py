@@ -52,8 +52,11 @@ def test_upload_resumes_after_an_interruption_and_becomes_a_dataset(celery_worke
     dataset = api.wait(f"/datasets/{r.headers['Graft-Dataset']}/", ("ready", "failed"), timeout=120)
     assert dataset["status"] == "ready" and dataset["name"] == "Pets"
     assert {c["name"] for c in dataset["classes"]} == {"cats", "dogs"}
-    assert not Upload.objects.exists()  # the part file became the dataset
-    assert not any(p.suffix == ".part" for p in _upload_dir().glob("*"))
+    assert not any(p.suffix == ".part" for p in _upload_dir().glob("*"))  # the part file became the dataset
+    # A client that lost that last response asks again, and learns the same dataset.
+    head = api.session.head(url, headers=TUS, timeout=30)
+    assert head.headers["Graft-Dataset"] == r.headers["Graft-Dataset"]
+    assert Upload.objects.get().dataset_id == int(r.headers["Graft-Dataset"])
 
 
 def test_bad_uploads_are_refused_with_a_sentence(api_for):

@@ -31,7 +31,11 @@ window.Graft = (() => {
     } catch (_) {
       throw new Error("Graft cannot be reached. Check your connection; the page will retry.");
     }
-    if (!response.ok) throw new Error(await errorSentence(response));
+    if (!response.ok) {
+      const error = new Error(await errorSentence(response));
+      error.status = response.status;
+      throw error;
+    }
     return response.status === 204 ? null : response.json();
   }
 
@@ -88,14 +92,18 @@ window.Graft = (() => {
     setTimeout(() => { button.textContent = "Copy"; }, 2500);
   });
 
-  // Poll `fn` every `ms` until it returns true; back off on errors.
-  function poll(fn, ms = 1500) {
+  // Poll `fn` every `ms` until it returns true. Network trouble backs off and says so;
+  // a 403/404 (signed out, deleted) stops polling with the sentence in `errorTarget`.
+  function poll(fn, ms = 1500, errorTarget = null) {
     let delay = ms;
     const tick = async () => {
       try {
         if (await fn()) return;
         delay = ms;
+        if (errorTarget) showError(errorTarget, "");
       } catch (err) {
+        if (errorTarget) showError(errorTarget, err.message);
+        if (err.status === 403 || err.status === 404) return;
         delay = Math.min(delay * 2, 15000);
       }
       setTimeout(tick, delay);

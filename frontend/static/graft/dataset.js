@@ -16,6 +16,15 @@ document.addEventListener("DOMContentLoaded", () => {
         return true;
       }
       return false;
+    }, 1500, "#poll-error");
+  }
+
+  // One click, one job: a double click must not queue two trainings.
+  const train = document.getElementById("train-form");
+  if (train) {
+    train.addEventListener("submit", () => {
+      const button = train.querySelector("button[type=submit]");
+      setTimeout(() => { button.disabled = true; button.textContent = "Starting…"; }, 0);
     });
   }
 

@@ -184,7 +184,7 @@ document.addEventListener("DOMContentLoaded", () => {
     return FINAL.includes(job.status);
   }
 
-  Graft.poll(async () => render(await Graft.api(`/jobs/${id}/`)), 1500);
+  Graft.poll(async () => render(await Graft.api(`/jobs/${id}/`)), 1500, "#poll-error");
 
   $("#cancel").addEventListener("click", async () => {
     if (!confirm("Stop this training job?")) return;

@@ -5,11 +5,14 @@ document.addEventListener("DOMContentLoaded", () => {
   const id = document.getElementById("model-root").dataset.model;
   const $ = (s) => document.querySelector(s);
   const list = $("#predictions");
+  let latest = 0;
 
   async function predict(file) {
+    const ticket = ++latest; // a slower, older answer must not overwrite a newer one
     Graft.showError("#try-error", "");
     list.replaceChildren(Graft.el("li", { class: "pending", text: "Predicting…" }));
     const preview = $("#try-preview");
+    if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
     preview.src = URL.createObjectURL(file);
     preview.alt = `The image you chose: ${file.name}`;
     preview.hidden = false;
@@ -18,6 +21,7 @@ document.addEventListener("DOMContentLoaded", () => {
     form.append("k", "5");
     try {
       const body = await Graft.api(`/models/${id}/predict/`, { method: "POST", body: form });
+      if (ticket !== latest) return;
       const top = body.predictions[0];
       list.replaceChildren(...top.map((p) => {
         const bar = Graft.el("span", { class: "bar" });
@@ -28,6 +32,7 @@ document.addEventListener("DOMContentLoaded", () => {
           Graft.el("span", { class: "score", text: Graft.pct(p.score) }));
       }));
     } catch (err) {
+      if (ticket !== latest) return;
       list.replaceChildren();
       Graft.showError("#try-error", err.message);
     }

@@ -25,7 +25,9 @@ async function tusError(err) {
   return "The connection dropped. Press Resume to continue where it stopped.";
 }
 
-function start(blob, filename) {
+function start(blob, filename, { resumable = true } = {}) {
+  if (current) current.abort(); // one upload at a time
+  current = null;
   Graft.showError("#upload-error", "");
   if (!/\.zip$/i.test(filename)) {
     fail(`'${filename}' is not a .zip file. Choose a .zip, or drop the folder itself.`);
@@ -36,6 +38,7 @@ function start(blob, filename) {
   $("#upload-pause").hidden = false;
   $("#upload-resume").hidden = true;
   let datasetUrl = null;
+  let announced = -1; // screen readers hear every 10%, not every progress event
   const began = Date.now();
   const upload = new tus.Upload(blob, {
     endpoint: "/api/v1/uploads/",
@@ -44,11 +47,15 @@ function start(blob, filename) {
     metadata: { filename, name },
     headers: { "X-CSRFToken": Graft.csrfToken() },
     removeFingerprintOnSuccess: true,
+    // A zip made here has no stable identity (name, date) to resume by across reloads.
+    storeFingerprintForResuming: resumable,
     onProgress(sent, total) {
       const p = total ? sent / total : 0;
       bar.value = Math.floor(p * 100);
       const rate = sent / Math.max(1, (Date.now() - began) / 1000);
       const eta = rate > 0 ? Graft.duration((total - sent) / rate) : "";
+      const tenth = Math.floor(p * 10);
+      if (tenth !== announced) { announced = tenth; $("#upload-announce").textContent = `${tenth * 10}% uploaded`; }
       status.textContent = `${Graft.bytes(sent)} of ${Graft.bytes(total)} (${Math.floor(p * 100)}%)${eta && sent < total ? ` · about ${eta} left` : ""}`;
     },
     onAfterResponse(_req, res) {
@@ -69,10 +76,10 @@ function start(blob, filename) {
     },
   });
   current = upload;
-  upload.findPreviousUploads().then((previous) => {
-    if (previous.length) upload.resumeFromPreviousUpload(previous[0]);
-    upload.start();
-  });
+  upload.findPreviousUploads()
+    .then((previous) => { if (previous.length) upload.resumeFromPreviousUpload(previous[0]); })
+    .catch(() => {}) // no resume information: start from the beginning
+    .finally(() => { if (current === upload) upload.start(); });
 }
 
 $("#upload-pause").addEventListener("click", () => {
@@ -99,13 +106,18 @@ async function zipFolder(entries, folderName) {
   }
   panel.hidden = false;
   status.textContent = `Zipping ${images.length} files…`;
-  const blob = await downloadZip(images.map(({ path, file }) => ({ name: path, input: file, lastModified: file.lastModified }))).blob();
-  start(blob, `${folderName}.zip`);
+  try {
+    const blob = await downloadZip(images.map(({ path, file }) => ({ name: path, input: file, lastModified: file.lastModified }))).blob();
+    start(blob, `${folderName}.zip`, { resumable: false });
+  } catch (err) {
+    fail(`The folder could not be zipped in the browser (${err.message}). Zip it yourself and upload the .zip.`);
+  }
 }
 
 $("#file-input").addEventListener("change", (e) => {
   const file = e.target.files[0];
   if (file) start(file, file.name);
+  e.target.value = ""; // choosing the same file again (after an error) must fire again
 });
 if ($("#file-input").files[0]) start($("#file-input").files[0], $("#file-input").files[0].name); // chosen early
 
@@ -114,6 +126,7 @@ $("#folder-input").addEventListener("change", (e) => {
   if (!files.length) return;
   const root = files[0].webkitRelativePath.split("/")[0];
   zipFolder(files.map((file) => ({ path: file.webkitRelativePath.slice(root.length + 1), file })), root);
+  e.target.value = "";
 });
 
 async function walk(entry, prefix = "") {
@@ -140,8 +153,12 @@ zone.addEventListener("drop", async (e) => {
   const item = [...e.dataTransfer.items].find((i) => i.kind === "file");
   const entry = item && item.webkitGetAsEntry && item.webkitGetAsEntry();
   if (entry && entry.isDirectory) {
-    const files = await walk(entry);
-    zipFolder(files.map(({ path, file }) => ({ path: path.slice(entry.name.length + 1), file })), entry.name);
+    try {
+      const files = await walk(entry);
+      zipFolder(files.map(({ path, file }) => ({ path: path.slice(entry.name.length + 1), file })), entry.name);
+    } catch (err) {
+      fail(`The folder could not be read (${err.message}). Zip it yourself and upload the .zip.`);
+    }
   } else if (e.dataTransfer.files[0]) {
     start(e.dataTransfer.files[0], e.dataTransfer.files[0].name);
   }
