@@ -76,6 +76,8 @@ def _fit(args: argparse.Namespace) -> int:
     units = {"decode": "img", "features": "img", "export": "step"}
 
     def progress(ev) -> None:
+        if ev.message is not None:  # log lines are printed with the result
+            return
         # One bar per phase and total: the fit phase runs the probe's C search, then epochs of images.
         key = (ev.phase, ev.total)
         bar = bars.get(key)

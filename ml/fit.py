@@ -82,6 +82,7 @@ class Progress:
     total: int
     fraction: float  # overall, 0..1
     row: dict | None = None  # a history row, when this event completes one
+    message: str | None = None  # a log line, as it is written (the event carries nothing else new)
 
 
 @dataclass
@@ -120,7 +121,7 @@ def fit(
     _seed_everything(config.seed)
     report = _reporter(progress)
     timings: dict[str, float] = {}
-    log: list[str] = []
+    log = _Log(report.say)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     t = time.perf_counter()
@@ -322,7 +323,7 @@ def fit(
         sanity=sanity,
         hyperparameters=hyper,
         lr_range=lr_range,
-        log=log,
+        log=list(log),
     )
 
 
@@ -493,15 +494,36 @@ def _reporter(progress: ProgressFn | None) -> Callable[..., None]:
     order = list(PHASE_WEIGHTS)
     last = [0.0]
 
+    current = ["decode", 0, 1]
+
     def report(phase: str, done: float, total: float, row: dict | None = None) -> None:
         if progress is None:
             return
         before = sum(PHASE_WEIGHTS[p] for p in order[: order.index(phase)])
         frac = before + PHASE_WEIGHTS[phase] * (min(done, total) / total if total else 1.0)
         last[0] = max(last[0], min(frac, 1.0))
+        current[:] = [phase, round(done), round(total)]
         progress(Progress(phase, round(done), round(total), round(last[0], 4), row))
 
+    def say(message: str) -> None:
+        if progress is not None:
+            phase, done, total = current
+            progress(Progress(phase, done, total, round(last[0], 4), message=message))
+
+    report.say = say
     return report
+
+
+class _Log(list):
+    """The fit's log lines; each is also sent to the progress callback as it is written."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        super().__init__()
+        self._say = say
+
+    def append(self, line: str) -> None:
+        super().append(line)
+        self._say(line)
 
 
 __all__ = ["FitConfig", "FitResult", "Progress", "assess", "fit"]

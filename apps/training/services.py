@@ -195,10 +195,15 @@ class _Recorder:
         self.job_id = job_id
         self.cancelled = threading.Event()
         self._last = 0.0
+        self.lines: list[str] = []
 
     def __call__(self, event) -> None:
         if self.cancelled.is_set():
             raise Cancelled()
+        if event.message is not None:  # the log, live: the job page shows it while training runs
+            self.lines.append(event.message)
+            Job.objects.filter(pk=self.job_id, status=Job.Status.RUNNING).update(report={"log": self.lines})
+            return
         if event.row is not None:
             step = event.row.get("step", event.row.get("epoch", 0))
             JobHistory.objects.create(job_id=self.job_id, step=step, phase=event.phase, data=json_safe(event.row))
