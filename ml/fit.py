@@ -27,7 +27,15 @@ from ml.dataset import DatasetIndex, IngestConfig, Sample, index_dataset, split_
 from ml.errors import ConfigError
 from ml.evaluate import classification_metrics
 from ml.features import TOP, GridPool, ZipImages, extract_stage_features
-from ml.finetune import Batches, FinetuneConfig, finetune, lr_range_test, predict_logits
+from ml.finetune import (
+    Batches,
+    FinetuneConfig,
+    SanityReport,
+    check_initial_loss,
+    finetune,
+    lr_range_test,
+    predict_logits,
+)
 from ml.preprocess import choose_preprocessing, eval_transform
 from ml.probe import DEFAULT_CS, ProbeFit, fit_probe
 from ml.runtime import tune_allocator
@@ -209,11 +217,13 @@ def fit(
     val_logits = None
 
     if plan.name == "stages":
-        stage, chosen, table = _best_stage(feats, taps, top_probe, len(train), probe)
+        stage, chosen, table, scores = _best_stage(feats, taps, top_probe, len(train), probe)
         history += table
-        table = [{"stage": TOP, **r} for r in top_probe.history] + table
         hyper["probe"] = {"stage": stage, "C": chosen.C, "class_weight": "balanced", "cv_folds": 5}
-        hyper["stages"] = _stage_summary(table, stage)
+        hyper["stages"] = {
+            "chosen": stage,
+            "cv_accuracy": {k: round(v, 4) for k, v in scores.items() if v is not None},
+        }
         log.append(f"stage probes (cross-validated accuracy): {hyper['stages']['cv_accuracy']}; kept {stage}")
         if stage != TOP:
             X_train, X_val = feats[stage][: len(train)], feats[stage][len(train) :]
@@ -222,7 +232,9 @@ def fit(
         ft_config = FinetuneConfig(
             depth=plan.name, max_epochs=config.max_epochs, patience=config.patience, budget=config.budget
         )
-        train_batches, val_batches = _image_batches(archive, train, val, y_train, y_val, prep, plan, config, ft_config)
+        train_batches, val_batches, augmentation = _image_batches(
+            archive, train, val, y_train, y_val, prep, plan, config, ft_config
+        )
         start = n_cs + lr_steps
 
         def on_epoch(row: dict) -> None:
@@ -268,7 +280,12 @@ def fit(
         classifier = result.model
         val_logits, _ = predict_logits(classifier, val_batches, device)  # on the device, images already cached
         sanity = sanity + result.sanity
-        hyper["finetune"] = {**result.hyperparameters, "best_epoch": result.best_epoch, "stopped": result.stopped}
+        hyper["finetune"] = {
+            **result.hyperparameters,
+            "augmentation": augmentation,
+            "best_epoch": result.best_epoch,
+            "stopped": result.stopped,
+        }
         log.append(f"fine-tuning stopped: {result.stopped}; best epoch {result.best_epoch} restored")
     if config.lr_find and not finetuning:
         log.append(f"LR range test skipped: the '{plan.name}' plan fits a probe, with no learning rate to choose")
@@ -385,8 +402,12 @@ def _best_stage(
     top: ProbeFit,
     n_train: int,
     probe: Callable[[np.ndarray, str], ProbeFit],
-) -> tuple[str, ProbeFit, list[dict]]:
+) -> tuple[str, ProbeFit, list[dict], dict[str, float | None]]:
     """Probe every tapped stage; keep the best by cross-validated accuracy.
+
+    Returns (chosen stage, its probe, the tapped stages' history rows, best CV
+    accuracy per stage including the top layer; None where nothing could be
+    cross-validated).
 
     Selection uses cross-validation on the training split, like the choice of C,
     so the validation split stays an honest estimate of the chosen model. The
@@ -398,27 +419,18 @@ def _best_stage(
         fits[stage] = probe(feats[stage][:n_train], stage)
         table += [{"phase": "probe", "stage": stage, **r} for r in fits[stage].history]
     scores = {name: _cv_best(f) for name, f in fits.items()}
-    best = max(taps, key=lambda s: scores[s], default=TOP)
-    chosen = best if scores[best] >= scores[TOP] + STAGE_MARGIN else TOP
-    return chosen, fits[chosen], table
+    score = {name: -1.0 if v is None else v for name, v in scores.items()}
+    best = max(taps, key=score.__getitem__, default=TOP)
+    chosen = best if score[best] >= score[TOP] + STAGE_MARGIN else TOP
+    return chosen, fits[chosen], table, scores
 
 
-def _cv_best(probe: ProbeFit) -> float:
-    return max((r["cv_accuracy"] for r in probe.history if r["cv_accuracy"] == r["cv_accuracy"]), default=0.0)
-
-
-def _stage_summary(table: list[dict], chosen: str) -> dict:
-    stages: dict[str, float] = {}
-    for r in table:
-        if r["cv_accuracy"] != r["cv_accuracy"]:  # NaN: too few images per class to cross-validate
-            continue
-        stages[r["stage"]] = max(stages.get(r["stage"], 0.0), r["cv_accuracy"])
-    return {"chosen": chosen, "cv_accuracy": {k: round(v, 4) for k, v in stages.items()}}
+def _cv_best(probe: ProbeFit) -> float | None:
+    """Best cross-validated accuracy over the C path; None when every fold was NaN (too few images)."""
+    return max((r["cv_accuracy"] for r in probe.history if r["cv_accuracy"] == r["cv_accuracy"]), default=None)
 
 
 def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: int) -> list[dict]:
-    from ml.finetune import SanityReport, check_initial_loss
-
     report = SanityReport()
     mean, std = X.mean(0), X.std(0) + 1e-6
     Xs = torch.from_numpy((X - mean) / std).float()
@@ -436,16 +448,19 @@ def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: in
 
 
 def _image_batches(archive, train, val, y_train, y_val, prep: Preprocessing, plan, config: FitConfig, ft):
-    """Train/val batch sources for fine-tuning; decoded images cached in memory when they fit."""
+    """(train, val) batch sources for fine-tuning, and the augmentation's description for the model card.
+
+    Decoded images are cached in memory when they fit."""
     similar = plan.cell.endswith("similar")
     large = plan.cell.startswith("large")
-    augment, _ = train_transform(prep, similar=similar, large=large, hflip=config.hflip)
+    augment, augmentation = train_transform(prep, similar=similar, large=large, hflip=config.hflip)
     evaluate = eval_transform(prep)
     source = _ImageSource(archive, train + val, prep)
     n = len(train)
     return (
         Batches(lambda i: augment(source.image(i)), y_train, ft.batch_size),
         Batches(lambda i: evaluate(source.image(n + i)), y_val, 64),
+        augmentation,
     )
 
 

@@ -60,6 +60,10 @@ def upload_create(*, owner: AbstractBaseUser, length: int, filename: str = "", n
     return upload
 
 
+def _offset_conflict(upload: Upload, offset: int) -> UserError:
+    return UserError(f"This upload is at byte {upload.offset}, not {offset}; resume from there.", status_code=409)
+
+
 def upload_append(*, upload: Upload, offset: int, stream, declared: int | None) -> Upload:
     """Append the request body at `offset`; keeps what arrived even if the client drops.
 
@@ -68,7 +72,7 @@ def upload_append(*, upload: Upload, offset: int, stream, declared: int | None) 
     byte written; a failing disk is the server's error, never reported as success.
     """
     if offset != upload.offset:
-        raise UserError(f"This upload is at byte {upload.offset}, not {offset}; resume from there.", status_code=409)
+        raise _offset_conflict(upload, offset)
     if declared is not None and upload.offset + declared > upload.length:
         raise UserError("The chunk goes past the declared length of the upload.", status_code=413)
     try:
@@ -82,9 +86,7 @@ def upload_append(*, upload: Upload, offset: int, stream, declared: int | None) 
             raise UserError("Another request is writing this upload; retry shortly.", status_code=423) from None
         upload.refresh_from_db(fields=["offset"])
         if offset != upload.offset:  # the request holding the lock before us moved it
-            raise UserError(
-                f"This upload is at byte {upload.offset}, not {offset}; resume from there.", status_code=409
-            )
+            raise _offset_conflict(upload, offset)
         part.seek(upload.offset)
         written = 0
         try:

@@ -27,8 +27,14 @@ from apps.training.selectors import job_get, job_list
 from apps.training.services import job_create
 from ml.backbones import DEFAULT_BACKBONE, available_backbones
 from ml.images import ImageDecodeError, decode_rgb
-from ml.strategy import SIZE_BOUNDARY, STRATEGIES
+from ml.strategy import PLANS, SIZE_BOUNDARY, STRATEGIES
 
+PLAN_LABELS = {
+    "linear": "Linear probe on the top layer",
+    "stages": "Linear probes on several stages; best kept",
+    "partial": "Fine-tune the top stages",
+    "full": "Fine-tune most or all stages",
+}
 THUMB_SIDE = 160
 THUMBS_PER_CLASS = 12
 
@@ -95,15 +101,10 @@ def _dataset_context(dataset, error: str = "") -> dict:
     return {
         "thumbs": sorted(thumbs.items()),
         "assessment": assessment,
-        "cells": [("small", "similar"), ("small", "different"), ("large", "similar"), ("large", "different")],
-        "plans": {
-            "small-similar": "Linear probe on the top layer",
-            "small-different": "Linear probes on several stages; best kept",
-            "large-similar": "Fine-tune the top stages",
-            "large-different": "Fine-tune most or all stages",
-        },
+        # The 2x2 matrix in reading order: cell and what runs there (ml.strategy.PLANS).
+        "matrix": [(cell, PLAN_LABELS[plan]) for cell, plan in PLANS.items()],
         "dataset": dataset,
-        "strategies": [s for s in STRATEGIES],
+        "strategies": STRATEGIES,
         "backbones": sorted(backbones.items()),
         "default_backbone": DEFAULT_BACKBONE,
         "boundary": SIZE_BOUNDARY,

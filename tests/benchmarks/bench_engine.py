@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import resource
 import subprocess
@@ -55,13 +54,11 @@ import zipfile
 from pathlib import Path
 
 from ml.backbones import DEFAULT_BACKBONE
-
-ROOT = Path(__file__).resolve().parents[2]
-_CANDIDATES = [os.environ.get("GRAFT_DATASETS_DIR", ""), ROOT.parent / "shared" / "datasets", "/work/shared/datasets"]
+from tests.conftest import DATASETS, ROOT
 
 
 def datasets_dir() -> Path:
-    return next((Path(c) for c in _CANDIDATES if c and Path(c).is_dir()), ROOT.parent / "shared" / "datasets")
+    return DATASETS  # found the way the tests find it (tests/conftest.py)
 
 
 def expected_cells() -> dict[str, str]:

@@ -92,6 +92,21 @@ window.Graft = (() => {
     setTimeout(() => { button.textContent = "Copy"; }, 2500);
   });
 
+  // A drop zone: highlights while dragged over, hands the drop event to `onDrop`, and opens the
+  // file picker `input` from the keyboard (Enter or Space).
+  function dropzone(zone, input, onDrop) {
+    zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+    zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+    zone.addEventListener("drop", (e) => {
+      e.preventDefault();
+      zone.classList.remove("over");
+      onDrop(e);
+    });
+    zone.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); }
+    });
+  }
+
   // Poll `fn` every `ms` until it returns true. Network trouble backs off and says so;
   // a 403/404 (signed out, deleted) stops polling with the sentence in `errorTarget`.
   function poll(fn, ms = 1500, errorTarget = null) {
@@ -111,5 +126,5 @@ window.Graft = (() => {
     tick();
   }
 
-  return { api, errorSentence, bytes, duration, pct, el, showError, csrfToken, poll };
+  return { api, errorSentence, bytes, duration, pct, el, showError, csrfToken, poll, dropzone };
 })();

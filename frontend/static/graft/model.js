@@ -40,15 +40,5 @@ document.addEventListener("DOMContentLoaded", () => {
 
   $("#try-input").addEventListener("change", (e) => { if (e.target.files[0]) predict(e.target.files[0]); });
   if ($("#try-input").files[0]) predict($("#try-input").files[0]); // chosen before this script ran
-  const zone = $("#try-drop");
-  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
-  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
-  zone.addEventListener("drop", (e) => {
-    e.preventDefault();
-    zone.classList.remove("over");
-    if (e.dataTransfer.files[0]) predict(e.dataTransfer.files[0]);
-  });
-  zone.addEventListener("keydown", (e) => {
-    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("#try-input").click(); }
-  });
+  Graft.dropzone($("#try-drop"), $("#try-input"), (e) => { if (e.dataTransfer.files[0]) predict(e.dataTransfer.files[0]); });
 });

@@ -144,12 +144,7 @@ async function walk(entry, prefix = "") {
   return out;
 }
 
-const zone = $("#dropzone");
-zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
-zone.addEventListener("dragleave", () => zone.classList.remove("over"));
-zone.addEventListener("drop", async (e) => {
-  e.preventDefault();
-  zone.classList.remove("over");
+Graft.dropzone($("#dropzone"), $("#file-input"), async (e) => {
   const item = [...e.dataTransfer.items].find((i) => i.kind === "file");
   const entry = item && item.webkitGetAsEntry && item.webkitGetAsEntry();
   if (entry && entry.isDirectory) {
@@ -162,7 +157,4 @@ zone.addEventListener("drop", async (e) => {
   } else if (e.dataTransfer.files[0]) {
     start(e.dataTransfer.files[0], e.dataTransfer.files[0].name);
   }
-});
-zone.addEventListener("keydown", (e) => {
-  if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("#file-input").click(); }
 });
