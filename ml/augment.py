@@ -1,4 +1,18 @@
-"""Train-time augmentation, chosen per plan and limited to the invariances the user allows."""
+"""Train-time augmentation: a ladder of strengths, and the transforms the invariance tests use.
+
+The engine does not assume which invariances hold; it measures them (ml.fit): the
+linear probe reads held-out training images once as they are and once through each
+transformation, and a transformation whose views it reads worse is not one the data
+has (a mirrored 7 or "keep right" sign changes the class). The levels, mildest first:
+
+- `light`: random resized crop of 70-100% of the image, near-square, mild brightness/contrast;
+- `medium`: crops of 35-100%, any sensible aspect, colour jitter;
+- `strong`: `medium` plus TrivialAugmentWide (one random op per image, at a random magnitude).
+
+Flips are added to any level only when the flip test holds. The first fine-tuning epoch
+always runs `light`: the probe head was fitted on clean images, and a strong policy on the
+first pass knocks it off before the backbone has adapted (LP-FT).
+"""
 
 from __future__ import annotations
 
@@ -11,44 +25,48 @@ from torchvision.transforms import v2 as T
 from ml.backbones import Preprocessing
 from ml.preprocess import INTERPOLATION
 
+LEVELS = ("light", "medium", "strong")
+
+_CROP = {
+    "light": ((0.7, 1.0), (0.9, 1.1)),
+    "medium": ((0.35, 1.0), (3 / 4, 4 / 3)),
+    "strong": ((0.35, 1.0), (3 / 4, 4 / 3)),
+}
+_JITTER = {
+    "light": {"brightness": 0.1, "contrast": 0.1},
+    "medium": {"brightness": 0.3, "contrast": 0.3, "saturation": 0.3},
+    "strong": {"brightness": 0.3, "contrast": 0.3, "saturation": 0.3},
+}
+
 
 def train_transform(
-    prep: Preprocessing, *, similar: bool, large: bool, hflip: bool = True
+    prep: Preprocessing, level: str = "medium", *, hflip: bool = False
 ) -> tuple[Callable[[Image.Image], torch.Tensor], dict]:
-    """(transform, description) for fine-tuning.
-
-    - random resized crop: a wide scale range for ImageNet-like photos, a gentler one
-      for other domains (an X-ray or a digit cropped to 8% is no longer the same class);
-    - horizontal flip unless the user switched it off (text, digits, chirality);
-    - colour jitter: full for photos, brightness/contrast only elsewhere;
-    - a stronger policy for larger sets: TrivialAugmentWide for photos whose mirror image
-      is the same class; elsewhere a milder RandAugment (its rotations and shears stay small,
-      so a 6 does not become a 9 and an X-ray is not solarised to noise).
-    """
-    scale = (0.25, 1.0) if similar else (0.6, 1.0)
+    """(transform, description) for one augmentation level."""
+    if level not in LEVELS:
+        raise ValueError(f"unknown augmentation level '{level}'. Valid choices: {', '.join(LEVELS)}.")
+    interpolation = INTERPOLATION[prep.interpolation]
+    scale, ratio = _CROP[level]
     steps: list = [
         T.PILToTensor(),
-        T.RandomResizedCrop(
-            prep.input_size, scale=scale, interpolation=INTERPOLATION[prep.interpolation], antialias=True
-        ),
+        T.RandomResizedCrop(prep.input_size, scale=scale, ratio=ratio, interpolation=interpolation, antialias=True),
     ]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
-    jitter = dict(brightness=0.3, contrast=0.3, saturation=0.3) if similar else dict(brightness=0.2, contrast=0.2)
-    steps.append(T.ColorJitter(**jitter))
-    policy = None
-    if large:
-        interpolation = INTERPOLATION[prep.interpolation]
-        if similar and hflip:
-            policy, op = "trivial_augment_wide", T.TrivialAugmentWide(interpolation=interpolation)
-        else:
-            policy, op = "rand_augment(2, 5)", T.RandAugment(num_ops=2, magnitude=5, interpolation=interpolation)
-        steps.append(op)
+    steps.append(T.ColorJitter(**_JITTER[level]))
+    if level == "strong":
+        steps.append(T.TrivialAugmentWide(interpolation=interpolation))
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(prep.mean, prep.std)]
     description = {
-        "random_resized_crop": {"size": prep.input_size, "scale": list(scale)},
+        "level": level,
+        "random_resized_crop": {"size": prep.input_size, "scale": list(scale), "ratio": [round(r, 3) for r in ratio]},
         "horizontal_flip": hflip,
-        "color_jitter": jitter,
-        "policy": policy,
+        "color_jitter": _JITTER[level],
+        "policy": "trivial_augment_wide" if level == "strong" else None,
     }
     return T.Compose(steps), description
+
+
+def mirrored(transform: Callable[[Image.Image], torch.Tensor]) -> Callable[[Image.Image], torch.Tensor]:
+    """`transform` applied to the mirror image: the view the flip test reads."""
+    return lambda img: transform(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))

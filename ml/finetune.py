@@ -1,16 +1,27 @@
-"""Fine-tuning by the recipe of DESIGN.md §1.
+"""Fine-tuning by the recipe of DESIGN.md §1, with the measured parts the engine adds.
 
-- start from the linear probe's head (features first, then fine-tune);
+- start from the linear probe (LP-FT): the model is the probe's own network (the body
+  up to the chosen stage, pooled) with the probe's head, so epoch 0 *is* the probe;
 - backbone learning rate = 1/10 of the rate it was trained with, scaled linearly
-  with the batch size (the head, already fitted as the probe, at the same rate);
+  with the batch size, in the optimizer family it was trained with (timm's factory);
 - BatchNorm in eval mode throughout (ImageNet statistics stay frozen);
-- linear warmup, then cosine decay, stepped per batch;
-- weight decay on weights only, never on norms or biases;
-- class-weighted loss for imbalanced data;
-- early stopping on validation accuracy (ties go to the lower validation loss), restoring the best snapshot — and the
-  starting point (epoch 0, the probe) counts, so fine-tuning never ends worse
-  than the probe it started from;
-- sanity checks: initial loss of a fresh head ~ ln(C), the loss goes down, no NaN/Inf.
+- linear warmup, then cosine decay (timm's scheduler), stepped per batch; when a time
+  budget allows fewer epochs than `max_epochs`, the schedule is resized to fit after
+  the first epoch, so a budget stop does not leave the LR mid-schedule;
+- weight decay on weights only, never on norms or biases; class-weighted loss;
+- selection on a held-out slice of the *training* split (never the reported
+  validation split): early stopping restores the best snapshot, and epoch 0 counts,
+  so fine-tuning never ends worse than the probe it started from;
+- a pilot: when the first `pilot_epochs` do not beat the probe on the held-out slice,
+  the fine-tune stops there and says so, rather than spending its whole budget;
+- an exponential moving average of the weights, kept only when it scores better;
+- sanity checks on the model actually trained: overfit one small batch (which also
+  checks the initial loss ~ ln C), the loss goes down, no NaN/Inf; and the
+  update/weight ratio (~1e-3 is healthy) per epoch in the history.
+
+On CUDA: autocast in bf16 where supported (else fp16 with a gradient scaler), the head
+and the loss in fp32, cudnn autotuning, uint8 batches pinned and normalised on the
+device, and one host sync per epoch.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ import torch
 from torch import nn
 
 from ml.backbones import Backbone, BackboneSpec
-from ml.features import iter_batches
+from ml.features import TOP, GridPool, iter_batches
 
 EpochFn = Callable[[dict], None]
 StepFn = Callable[[int, int], None]
@@ -36,16 +47,19 @@ StepFn = Callable[[int, int], None]
 class FinetuneConfig:
     depth: str = "partial"  # partial: the top stages + head; full: every stage + head
     max_epochs: int = 15
-    patience: int = 3  # epochs without a better validation score before stopping
+    patience: int = 3  # epochs without a better held-out score before stopping
+    pilot_epochs: int = 2  # when none of these beats the probe on the held-out slice, stop: it will not pay
     batch_size: int = 32
     warmup_epochs: float = 1.0
     # The recipe lets a *new* head learn faster; ours starts as the fitted probe, already at its
     # optimum for the frozen features, and a 10x rate knocked it off (cats vs dogs: 0.99 -> 0.965
     # after one epoch; at 1x it reaches 0.995).
     head_lr_multiplier: float = 1.0
+    lr_multiplier: float = 1.0  # on top of the recipe's rule (a measured choice may move it)
     weight_decay: float = 1e-4
+    ema_decay: float | None = 0.998  # per step; None: no weight averaging
     budget: float | None = None  # seconds of fine-tuning; None = only max_epochs bounds it
-    initial_loss_tolerance: float = 0.25  # relative, for the ln(C) check
+    overfit_steps: int = 25  # sanity check: steps on one small batch (0: skip)
 
 
 def backbone_lr(spec: BackboneSpec, batch_size: int) -> float:
@@ -53,14 +67,22 @@ def backbone_lr(spec: BackboneSpec, batch_size: int) -> float:
     return spec.train_lr / 10 * batch_size / spec.train_batch_size
 
 
-def trainable_stage(backbone: Backbone, depth: str) -> str:
-    """First stage that trains: the top ~30% for `partial`; for `full`, everything from the stem."""
-    stages = backbone.stages
+def trainable_stage(backbone: Backbone, depth: str, top: str = TOP) -> str:
+    """First stage that trains: the top ~30% of the stages in use for `partial`; for `full`,
+    everything from the stem. `top` is the stage the model is cut at (TOP: the whole body)."""
+    stages = backbone.stages if top == TOP else backbone.stages[: backbone.stages.index(top) + 1]
     if depth == "full":
         return "stem"
     if depth == "partial":
         return stages[-max(1, round(len(stages) * 0.3))]
-    raise ValueError(f"unknown fine-tune depth '{depth}'")
+    raise ValueError(f"unknown fine-tune depth '{depth}'. Valid choices: partial, full.")
+
+
+def probe_model(backbone: Backbone, head: nn.Module, stage: str = TOP) -> nn.Sequential:
+    """The probe's network: the body (cut after `stage`, its map pooled into a 2x2 grid) + head."""
+    if stage == TOP:
+        return nn.Sequential(backbone.body, head)
+    return nn.Sequential(backbone.truncated(stage), GridPool(), head)
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
@@ -82,48 +104,52 @@ def param_groups(params: Iterable[nn.Parameter], lr: float, weight_decay: float)
     return groups
 
 
+# timm's optimizer names for the families backbones were trained with. TF RMSProp for the
+# TF-trained weights: its square average starts at 1, not 0 as in torch.optim.RMSprop, whose
+# first steps move every weight by ~3x the LR whatever its gradient -- enough to wreck a
+# pretrained network in a few batches.
+_TIMM_OPT = {"sgd": ("sgd", {}), "rmsprop": ("rmsproptf", {"alpha": 0.9, "eps": 1e-3}), "adamw": ("adamw", {})}
+
+
 def make_optimizer(kind: str, groups: list[dict]) -> torch.optim.Optimizer:
     """The optimizer family the backbone was trained with, so that 1/10 of its LR means what it says."""
-    if kind == "sgd":
-        return torch.optim.SGD(groups, momentum=0.9, nesterov=True)
-    if kind == "rmsprop":
-        # TensorFlow's RMSProp, which these weights were trained with: its square average starts
-        # at 1, not 0 as in torch.optim.RMSprop, whose first steps move every weight by ~3x the
-        # LR whatever its gradient -- enough to wreck a pretrained network in a few batches.
-        from timm.optim import RMSpropTF
+    from timm.optim import create_optimizer_v2
 
-        return RMSpropTF(groups, alpha=0.9, momentum=0.9, eps=1e-3)
-    if kind == "adamw":
-        return torch.optim.AdamW(groups)
-    raise ValueError(f"unknown optimizer '{kind}'")
+    if kind not in _TIMM_OPT:
+        raise ValueError(f"unknown optimizer '{kind}'. Valid choices: {', '.join(_TIMM_OPT)}.")
+    name, kwargs = _TIMM_OPT[kind]
+    return create_optimizer_v2(groups, opt=name, lr=groups[0]["lr"], momentum=0.9, **kwargs)
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warmup to 1, then cosine decay to 0."""
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warmup from 0, then cosine decay to 0 over the remaining steps (timm), stepped per batch."""
+    from timm.scheduler import CosineLRScheduler
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps - warmup_steps),
+        warmup_t=warmup_steps,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
 
 
 class EarlyStopping:
-    """Tracks the best validation score and its weights; says when patience ran out."""
+    """Tracks the best held-out score and its weights; says when patience ran out."""
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
         self.best_score: float | tuple = -math.inf
         self.best_epoch = -1
+        self.best_source = "model"
         self.bad_epochs = 0
         self._state: dict[str, torch.Tensor] | None = None
 
-    def update(self, epoch: int, score: float | tuple, model: nn.Module) -> bool:
+    def update(self, epoch: int, score: float | tuple, model: nn.Module, source: str = "model") -> bool:
         """Record an epoch; True when training should stop. Scores compare with `>` (tuples break ties)."""
         if self.best_epoch < 0 or score > self.best_score:
-            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            self.best_score, self.best_epoch, self.best_source, self.bad_epochs = score, epoch, source, 0
             self._state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
             self.bad_epochs += 1
@@ -164,6 +190,53 @@ def check_loss_decreases(report: SanityReport, losses: Sequence[float]) -> None:
     report.add("loss_decreases", ok, f"train loss {losses[0]:.4f} (first epoch) -> {losses[-1]:.4f} (last)")
 
 
+def check_overfits_a_batch(
+    report: SanityReport,
+    model: nn.Module,
+    params: list[nn.Parameter],
+    kind: str,
+    lr: float,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    steps: int,
+) -> None:
+    """Karpathy's "overfit one batch", on a copy of the model actually fine-tuned.
+
+    The head is zeroed, so the first loss must be ln(C) exactly (a wrong label
+    mapping or mangled inputs show here), and the same trainable layers, loss and
+    optimizer family, at a raised learning rate, must then drive the loss on this one
+    batch to near zero (frozen or detached layers, a dead LR or a broken loss show here).
+    """
+    ids = {id(p) for p in params}
+    names = {n for n, p in model.named_parameters() if id(p) in ids}
+    model = copy.deepcopy(model)
+    head = model[-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    trainable = [p for n, p in model.named_parameters() if n in names and not n.startswith(f"{len(model) - 1}.")]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in [*trainable, *head.parameters()]:
+        p.requires_grad_(True)
+    opt = make_optimizer(kind, param_groups([*trainable, *head.parameters()], lr, 0.0))
+    model.train()
+    freeze_batchnorm(model)
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x).float(), y)
+        losses.append(loss.item())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        final = nn.functional.cross_entropy(model.eval()(x).float(), y).item()
+    check_initial_loss(report, losses[0], num_classes, 0.01)
+    ok = math.isfinite(final) and final < 0.1 * math.log(num_classes)
+    report.add("overfits_one_batch", ok, f"{len(y)} images, {steps} steps: loss {losses[0]:.3f} -> {final:.4f}")
+
+
 @dataclass
 class FinetuneResult:
     model: nn.Module
@@ -191,71 +264,85 @@ class Batches:
 def finetune(
     backbone: Backbone,
     head: nn.Linear,
-    train: Batches,
-    val: Batches,
+    train: Batches | Callable[[int], Batches],
+    holdout: Batches,
     num_classes: int,
     config: FinetuneConfig,
     *,
+    stage: str = TOP,
     device: torch.device,
     seed: int = 0,
     on_epoch: EpochFn | None = None,
     on_step: StepFn | None = None,
 ) -> FinetuneResult:
-    """Fine-tune `backbone` + `head` (initialised from the probe); returns the best model."""
+    """Fine-tune the probe's network (body up to `stage` + `head`, the fitted probe); returns the best model.
+
+    `train` is the training batches, or a function of the epoch (1, 2, ...) giving them, so
+    augmentation can start gently; `holdout` is the held-out slice of the training split
+    that early stopping, the pilot and EMA selection read.
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    cuda = device.type == "cuda"
-    model, first, body_params, optimizer = _prepare(backbone, head, config, device)
+    train_for = train if callable(train) and not isinstance(train, Batches) else (lambda _epoch: train)
+    amp = _amp_dtype(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one input size per job: autotuned kernels pay off
+    model, first, trainable, optimizer = _prepare(backbone, head, config, device, stage)
     lr, head_lr = (g["lr"] for g in (optimizer.param_groups[0], optimizer.param_groups[-1]))
-    n_train = len(train.labels)
+    n_train = len(train_for(1).labels)
     steps_per_epoch = max(1, math.ceil(n_train / config.batch_size))
-    total_steps = steps_per_epoch * config.max_epochs
     warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total_steps))
-    class_weight = _class_weights(train.labels, num_classes, device)
+    epochs = config.max_epochs
+    scheduler = make_scheduler(optimizer, warmup, steps_per_epoch * epochs)
+    class_weight = _class_weights(train_for(1).labels, num_classes, device)
     loss_fn = nn.CrossEntropyLoss(weight=class_weight)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    ema_decay = min(0.999, max(0.9, 1 - 1 / steps_per_epoch))  # averages over about one epoch
+    ema = _ema(model, ema_decay) if config.ema_decay else None
     sanity = SanityReport()
     hyper = {
         "depth": config.depth,
+        "model_stage": stage,
         "trainable_from": first,
-        "trainable_params": sum(p.numel() for p in body_params) + sum(p.numel() for p in head.parameters()),
+        "trainable_params": sum(p.numel() for p in trainable),
         "optimizer": backbone.spec.train_optimizer,
         "backbone_lr": lr,
         "head_lr": head_lr,
         "lr_rule": (
             f"{backbone.spec.train_lr} (original) / 10 x {config.batch_size} / {backbone.spec.train_batch_size} "
-            "(batch-scaled)"
+            f"(batch-scaled)" + (f" x {config.lr_multiplier:g} (measured)" if config.lr_multiplier != 1 else "")
         ),
         "batch_size": config.batch_size,
-        "schedule": f"linear warmup {warmup} steps, cosine decay over {total_steps}",
+        "schedule": f"linear warmup {warmup} steps, cosine decay over {steps_per_epoch * epochs}",
         "weight_decay": config.weight_decay,
         "weight_decay_on": "weights only (no norms, no biases)",
         "batchnorm": "eval mode (frozen ImageNet statistics)",
         "class_weights": [round(float(w), 4) for w in class_weight.cpu()],
         "max_epochs": config.max_epochs,
         "patience": config.patience,
+        "pilot_epochs": config.pilot_epochs,
+        "ema_decay": ema_decay if ema is not None else None,
         "budget_s": config.budget,
-        "amp": cuda,
+        "amp": str(amp).replace("torch.", "") if amp else None,
         "channels_last": True,
+        "selection": "held-out slice of the training split",
     }
-
-    # Sanity check on the recipe's terms: a freshly initialised head must start near ln(C).
-    x0, y0 = next(iter(train(list(range(min(n_train, config.batch_size))))))
-    with torch.no_grad():
-        feats = backbone.body.eval()(x0.to(device, memory_format=torch.channels_last))
-        fresh = nn.Linear(head.in_features, num_classes).to(device)
-        nn.init.normal_(fresh.weight, std=0.01)
-        nn.init.zeros_(fresh.bias)
-        check_initial_loss(
+    if config.overfit_steps:
+        x0, y0 = next(iter(holdout(list(range(min(len(holdout.labels), 8))))))
+        check_overfits_a_batch(
             sanity,
-            nn.functional.cross_entropy(fresh(feats), y0.to(device)).item(),
+            model,
+            trainable,
+            backbone.spec.train_optimizer,
+            10 * lr,
+            x0.to(device, memory_format=torch.channels_last),
+            y0.to(device),
             num_classes,
-            config.initial_loss_tolerance,
+            config.overfit_steps,
         )
 
     stopper = EarlyStopping(config.patience)
-    val_loss, val_acc = evaluate(model, val, device)
+    val_loss, val_acc = evaluate(model, holdout, device)
     stopper.update(0, (val_acc, -val_loss), model)
     history = [_row(0, None, None, val_loss, val_acc, 0.0, 0.0, 0.0, stopper)]
     if on_epoch:
@@ -264,61 +351,82 @@ def finetune(
     started = time.perf_counter()
     stopped = f"reached max_epochs ({config.max_epochs})"
     step = 0
-    for epoch in range(1, config.max_epochs + 1):
+    epoch = 0
+    while epoch < epochs:
+        epoch += 1
         t_epoch = time.perf_counter()
         model.train()
         freeze_batchnorm(model)
-        loss_sum, correct, seen = 0.0, 0, 0
-        order = rng.permutation(n_train)
-        for x, y in train(order):
+        # Accumulated on the device; read once per epoch (one host sync, not three per step).
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen, ratio = 0, None
+        for x, y in train_for(epoch)(rng.permutation(n_train)):
             x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, enabled=cuda):
-                logits = model(x)
-                loss = loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
-                sanity.add("finite_loss", False, f"loss became {loss.item()} at epoch {epoch}, step {step}")
-                stopped = "non-finite loss"
-                break
+            logits = _forward(model, x, amp)
+            loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            before = [p.detach().clone() for p in trainable] if seen == 0 else None
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
+            if before is not None:
+                ratio = _update_ratio(before, trainable)
             step += 1
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            scheduler.step_update(step)
+            if ema is not None:
+                ema.update(model, step)
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
             if on_step:
                 on_step(seen, n_train)
-        if stopped == "non-finite loss":
+        epoch_loss = float(loss_sum) / max(1, seen)
+        if not math.isfinite(epoch_loss):
+            sanity.add("finite_loss", False, f"loss became {epoch_loss} in epoch {epoch}")
+            stopped = "non-finite loss"
             break
-        train_losses.append(loss_sum / seen)
-        val_loss, val_acc = evaluate(model, val, device)
-        stop = stopper.update(epoch, (val_acc, -val_loss), model)
+        train_losses.append(epoch_loss)
+        val_loss, val_acc = evaluate(model, holdout, device)
+        scored, source = model, "model"
+        if ema is not None:
+            ema_loss, ema_acc = evaluate(ema.module, holdout, device)
+            if (ema_acc, -ema_loss) > (val_acc, -val_loss):
+                scored, source, val_loss, val_acc = ema.module, "ema", ema_loss, ema_acc
+        stop = stopper.update(epoch, (val_acc, -val_loss), scored, source)
         seconds = time.perf_counter() - t_epoch
-        history.append(
-            _row(
-                epoch,
-                loss_sum / seen,
-                correct / seen,
-                val_loss,
-                val_acc,
-                optimizer.param_groups[0]["lr"],
-                optimizer.param_groups[-1]["lr"],
-                seconds,
-                stopper,
-            )
+        row = _row(
+            epoch,
+            epoch_loss,
+            int(correct) / max(1, seen),
+            val_loss,
+            val_acc,
+            optimizer.param_groups[0]["lr"],
+            optimizer.param_groups[-1]["lr"],
+            seconds,
+            stopper,
         )
+        history.append({**row, "weights": source, "update_ratio": ratio, "images_per_s": round(seen / seconds, 1)})
         if on_epoch:
             on_epoch(history[-1])
         if stop:
-            stopped = f"early stopping: no better validation accuracy for {config.patience} epochs"
+            stopped = f"early stopping: no better held-out accuracy for {config.patience} epochs"
             break
-        elapsed = time.perf_counter() - started
-        if config.budget is not None and elapsed + seconds > config.budget:
-            stopped = f"time budget of {config.budget:.0f} s would be exceeded by another epoch"
+        if epoch >= config.pilot_epochs and stopper.best_epoch == 0:
+            stopped = (
+                f"pilot: {epoch} epoch(s) did not beat the probe on the held-out slice "
+                f"({val_acc:.4f} vs {history[0]['val_accuracy']:.4f}), so fine-tuning would not pay here"
+            )
             break
+        if config.budget is not None and epoch == 1:
+            fit_in = max(1, int(config.budget // seconds))
+            if fit_in < epochs:  # resize the schedule to the epochs the budget allows
+                epochs = fit_in
+                scheduler.t_initial = max(1, steps_per_epoch * epochs - warmup)
+                hyper["schedule"] = f"linear warmup {warmup} steps, cosine decay over {steps_per_epoch * epochs}"
+                hyper["budget_epochs"] = epochs
+                stopped = f"time budget of {config.budget:.0f} s: {epochs} epoch(s) at {seconds:.0f} s each"
     if not any(c["check"] == "finite_loss" for c in sanity.checks):
         sanity.add("finite_loss", True, "every training loss was finite")
     check_loss_decreases(sanity, train_losses)
@@ -326,7 +434,40 @@ def finetune(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    hyper["best_weights"] = stopper.best_source
+    hyper["train_seconds"] = round(time.perf_counter() - started, 2)
     return FinetuneResult(model, history, stopper.best_epoch, stopped, sanity.checks, hyper)
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU has it (no gradient scaler needed), else fp16; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _forward(model: nn.Sequential, x: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
+    """Logits with the body under autocast and the head in fp32.
+
+    The head is the probe with the feature scaler folded in (|W| up to 1e3-1e4 on near-dead
+    channels): in fp16 its logits would lose 0.1-1."""
+    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        feats = model[:-1](x)
+    return model[-1](feats.float())
+
+
+def _update_ratio(before: list[torch.Tensor], params: list[nn.Parameter]) -> float:
+    """||update|| / ||weights|| over the trainable parameters for one step (healthy: ~1e-3)."""
+    with torch.no_grad():
+        delta = torch.stack([(p.detach() - b).float().norm() for p, b in zip(params, before, strict=True)]).norm()
+        norm = torch.stack([b.float().norm() for b in before]).norm()
+    return float(delta / norm.clamp_min(1e-12))
+
+
+def _ema(model: nn.Module, decay: float) -> nn.Module:
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay)
 
 
 @torch.no_grad()
@@ -339,31 +480,37 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device) -> tuple[
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches: Batches, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 logits, labels) for every image of `batches`, in order, in eval mode."""
     model.eval()
+    amp = _amp_dtype(device)
     out, ys = [], []
     for x, y in batches(range(len(batches.labels))):
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            out.append(model(x.to(device, memory_format=torch.channels_last)).float().cpu())
+        out.append(_forward(model, x.to(device, memory_format=torch.channels_last), amp).cpu())
         ys.append(y)
     return torch.cat(out), torch.cat(ys)
 
 
-def _prepare(backbone: Backbone, head: nn.Linear, config: FinetuneConfig, device: torch.device):
-    """(model, first trainable stage, trainable body parameters, optimizer) for `config.depth`."""
-    model = nn.Sequential(backbone.body, head).to(device, memory_format=torch.channels_last)
-    first = trainable_stage(backbone, config.depth)
-    body_params = list(backbone.body.parameters()) if first == "stem" else backbone.parameters_from(first)
-    for p in backbone.body.parameters():
+def _prepare(backbone: Backbone, head: nn.Linear, config: FinetuneConfig, device: torch.device, stage: str = TOP):
+    """(model, first trainable stage, trainable parameters incl. the head's, optimizer) for `config.depth`."""
+    model = probe_model(backbone, head, stage).to(device, memory_format=torch.channels_last)
+    first = trainable_stage(backbone, config.depth, stage)
+    in_model = {id(p) for p in model[0].parameters()}
+    body_params = (
+        list(model[0].parameters())
+        if first == "stem"
+        else [p for p in backbone.parameters_from(first) if id(p) in in_model]
+    )
+    for p in model.parameters():
         p.requires_grad_(False)
     for p in [*body_params, *head.parameters()]:
         p.requires_grad_(True)
-    lr = backbone_lr(backbone.spec, config.batch_size)
+    lr = backbone_lr(backbone.spec, config.batch_size) * config.lr_multiplier
     optimizer = make_optimizer(
         backbone.spec.train_optimizer,
         param_groups(body_params, lr, config.weight_decay)
         + param_groups(head.parameters(), lr * config.head_lr_multiplier, config.weight_decay),
     )
-    return model, first, body_params, optimizer
+    return model, first, [*body_params, *head.parameters()], optimizer
 
 
 def _class_weights(labels: np.ndarray, num_classes: int, device: torch.device) -> torch.Tensor:
@@ -385,6 +532,7 @@ def lr_range_test(
     factor_max: float = 1e2,
     steps: int = 40,
     seed: int = 0,
+    stage: str = TOP,
     on_step: StepFn | None = None,
 ) -> dict:
     """Leslie Smith's range test with the fine-tune's own setup, on copies of the weights.
@@ -395,7 +543,9 @@ def lr_range_test(
     suggestion (steepest smoothed descent) compares directly with the recipe's rule.
     """
     backbone, head = copy.deepcopy(backbone), copy.deepcopy(head)
-    model, _, _, optimizer = _prepare(backbone, head, config, device)
+    model, _, _, optimizer = _prepare(backbone, head, config, device, stage)
+    amp = _amp_dtype(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     base = [g["lr"] for g in optimizer.param_groups]
     loss_fn = nn.CrossEntropyLoss(weight=_class_weights(train.labels, num_classes, device))
     gamma = (factor_max / factor_min) ** (1 / max(1, steps - 1))
@@ -410,14 +560,15 @@ def lr_range_test(
             for g, lr in zip(optimizer.param_groups, base, strict=True):
                 g["lr"] = lr * factor
             x = x.to(device, memory_format=torch.channels_last)
-            loss = loss_fn(model(x).float(), y.to(device))
+            loss = loss_fn(_forward(model, x, amp), y.to(device))
             value = loss.item()
             if not math.isfinite(value):
                 diverged = True
                 break
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             smooth = value if smooth is None else 0.7 * smooth + 0.3 * value
             curve.append({"lr": base[0] * factor, "loss": value, "smoothed": smooth})
             best = min(best, smooth)
@@ -450,6 +601,9 @@ def _row(epoch, train_loss, train_acc, val_loss, val_acc, lr, head_lr, seconds, 
 __all__ = [
     "Batches",
     "EarlyStopping",
+    "check_overfits_a_batch",
+    "make_scheduler",
+    "probe_model",
     "FinetuneConfig",
     "FinetuneResult",
     "backbone_lr",
@@ -458,5 +612,4 @@ __all__ = [
     "lr_range_test",
     "param_groups",
     "trainable_stage",
-    "warmup_cosine",
 ]

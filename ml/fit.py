@@ -1,53 +1,61 @@
 """The whole pipeline: archive in, bundle and a result out.
 
-    index -> split -> input resolution -> one frozen pass (top + stage features,
-    BatchNorm statistics) -> similarity -> plan -> linear probe ->
-    [stage probes | fine-tune] -> evaluate -> export (TorchScript + ONNX)
+    load and split -> measure (one frozen pass at the backbone's native input, plus one at a
+    size that follows small images; BatchNorm statistics -> similarity -> the matrix's prior)
+    -> choose the probe (input size x stage, by cross-validation on train) -> fine-tune where
+    the matrix allows it and a pilot says it pays (flips and augmentation strength measured
+    first) -> evaluate on the validation split -> export (TorchScript + ONNX)
 
-`progress` receives `Progress` events; raising `ml.errors.Cancelled` from it
-stops the fit cleanly (the web app does this when a user cancels).
+Every choice is a `Decision` with its candidates and their scores, all measured on the
+training split; the validation split is only reported. `progress` receives `Progress`
+events; raising `ml.errors.Cancelled` from it stops the fit cleanly.
 """
 
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ml.augment import train_transform
+from ml.augment import LEVELS, mirrored, train_transform
 from ml.backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone, get_spec
 from ml.bundle import write_bundle
 from ml.dataset import DatasetIndex, IngestConfig, Sample, index_dataset, split_samples
 from ml.errors import ConfigError
 from ml.evaluate import classification_metrics
-from ml.features import TOP, GridPool, ZipImages, extract_stage_features
+from ml.features import TOP, ZipImages, extract_stage_features
 from ml.finetune import (
     Batches,
     FinetuneConfig,
     SanityReport,
     check_initial_loss,
+    evaluate,
     finetune,
     lr_range_test,
     predict_logits,
+    probe_model,
 )
 from ml.preprocess import choose_preprocessing, eval_transform
-from ml.probe import DEFAULT_CS, ProbeFit, fit_probe
+from ml.probe import ProbeFit, fit_probe, fit_probe_at
+from ml.run import Progress, ProgressFn, Run
 from ml.runtime import tune_allocator
-from ml.similarity import BatchNormStats, head_entropy, similarity_score
-from ml.strategy import SIZE_BOUNDARY, STRATEGIES, Plan, decide
+from ml.selection import Candidate, Decision, best_of, invariance_holds, strongest_within
+from ml.similarity import BatchNormStats, Similarity, head_entropy, similarity_score
+from ml.strategy import SIZE_BOUNDARY, STRATEGIES, Plan, decide, finetune_depth
 
-# Share of the overall progress bar each phase takes.
-PHASE_WEIGHTS = {"decode": 0.05, "features": 0.35, "fit": 0.55, "export": 0.05}
 SIMILARITY_SAMPLE = 256  # images whose BN statistics measure similarity (train split first)
-# A stage must beat the top layer's cross-validated accuracy by this much to be preferred:
-# the top layer is the default, and ties go to it.
-STAGE_MARGIN = 0.005
+# Another input size or stage must beat the plain top-layer probe at the native input by this much
+# (cross-validated accuracy) to replace it: ties go to the plain probe.
+PROBE_MARGIN = 0.005
+PILOT_IMAGES = 1500  # candidate probes are ranked on at most this many training images (3-fold CV)
+HOLDOUT_FRACTION = 0.1  # of train, held out for the fine-tune's selection and the invariance tests
+INVARIANCE_SAMPLE = 256  # held-out images the flip and augmentation tests read
+FLIP_TOLERANCE = 0.02  # accuracy a mirror may cost the probe and still count as an invariance
+AUGMENT_TOLERANCE = 0.05  # accuracy an augmentation level's views may cost the probe
 MAX_CACHED_BYTES = 2 * 1024**3  # decoded images kept in memory for fine-tuning; beyond, decode per epoch
 
 
@@ -63,9 +71,9 @@ class FitConfig:
     budget: float | None = None  # seconds allowed for fine-tuning (None: epochs and early stopping bound it)
     max_epochs: int = 15
     patience: int = 3
-    hflip: bool = True  # horizontal flips are a valid augmentation for this data
+    hflip: bool = True  # flips may be used (when measured to hold); False: never (text, digits)
     lr_find: bool = False  # run a learning-rate range test before fine-tuning and return its curve
-    resolution: str = "auto"  # auto: follows the data; native: the backbone's own input size
+    resolution: str = "auto"  # auto: measured (native vs a size that follows small images); native: native only
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -83,16 +91,6 @@ class FitConfig:
             raise ConfigError("resolution must be 'auto' or 'native'.")
 
 
-@dataclass(frozen=True)
-class Progress:
-    phase: str  # decode | features | fit | export
-    done: int
-    total: int
-    fraction: float  # overall, 0..1
-    row: dict | None = None  # a history row, when this event completes one
-    message: str | None = None  # a log line, as it is written (the event carries nothing else new)
-
-
 @dataclass
 class FitResult:
     classes: list[str]
@@ -107,12 +105,47 @@ class FitResult:
     hyperparameters: dict = field(default_factory=dict)
     lr_range: dict | None = None
     log: list[str] = field(default_factory=list)
+    decisions: list[dict] = field(default_factory=list)
+    peak_rss_mib: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-ProgressFn = Callable[[Progress], None]
+@dataclass(frozen=True)
+class Data:
+    archive: Path
+    classes: list[str]
+    train: list[Sample]  # in a seeded random order
+    val: list[Sample]
+    y_train: np.ndarray
+    y_val: np.ndarray
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class Representation:
+    """Frozen features at one input size: TOP and the stage taps, train rows then val rows."""
+
+    prep: Preprocessing
+    feats: dict[str, np.ndarray]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ChosenProbe:
+    rep: Representation
+    stage: str
+    probe: ProbeFit  # fitted on the whole training split
+    n_train: int
+
+    @property
+    def X_train(self) -> np.ndarray:
+        return self.rep.feats[self.stage][: self.n_train]
+
+    @property
+    def X_val(self) -> np.ndarray:
+        return self.rep.feats[self.stage][self.n_train :]
 
 
 def fit(
@@ -127,221 +160,128 @@ def fit(
     config.validate()
     tune_allocator()
     _seed_everything(config.seed)
-    report = _reporter(progress)
-    timings: dict[str, float] = {}
-    log = _Log(report.say)
+    run = Run(progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    t = time.perf_counter()
-    if index is None:
-        index = index_dataset(archive, IngestConfig(), lambda d, n: report("decode", d, n))
-    report("decode", 1, 1)
-    train, val = _split(index, config.val_fraction, config.seed)
-    num_classes = len(index.classes)
-    class_id = {c: i for i, c in enumerate(index.classes)}
-    y_train = np.array([class_id[s.label] for s in train])
-    y_val = np.array([class_id[s.label] for s in val])
-    log.append(f"{len(train)} training and {len(val)} validation images in {num_classes} classes")
-    timings["decode"] = time.perf_counter() - t
-
-    # --- one frozen pass: top-layer and stage features, BN statistics ---------------------------
-    t = time.perf_counter()
-    device = _device(config.device)
-    backbone = create_backbone(config.backbone)
-    native = backbone.spec.preprocessing
-    if config.resolution == "native":
-        prep, why_prep = native, "the backbone's native input (asked for)"
-    else:
-        prep, why_prep = choose_preprocessing(native, [min(s.width, s.height) for s in train])
-    log.append(f"input {prep.input_size} px: {why_prep}")
-    small = len(train) / num_classes < config.size_boundary
-    # Stage taps cost hooks and copies; only a stage plan (chosen or likely) needs them.
-    taps = _stage_taps(backbone) if config.strategy == "stages" or (config.strategy == "auto" and small) else []
-    members = [s.member for s in train] + [s.member for s in val]
-    with BatchNormStats(backbone.body, max_images=SIMILARITY_SAMPLE) as bn_stats:
-        feats = extract_stage_features(
-            backbone,
-            archive,
-            members,
-            taps=taps,
-            batch_size=config.batch_size,
-            device=device,
-            preprocessing=prep,
-            progress=lambda d, n: report("features", d, n),
-        )
-        if prep == native:
-            sim_top = feats[TOP][: len(train)]
-    if prep != native:
-        # The similarity is calibrated at the native input: measure it there, on a sample.
-        sample = train[:SIMILARITY_SAMPLE]
-        bn_stats, sim_top = _native_pass(backbone, archive, sample, device, config.batch_size)
-        log.append(f"similarity measured at the native {native.input_size} px on {len(sample)} training images")
-    similarity = _similarity(backbone, bn_stats, sim_top[:SIMILARITY_SAMPLE])
-    images_per_class = len(train) / num_classes
-    plan = decide(images_per_class, similarity, override=config.strategy, boundary=config.size_boundary)
-    log.append(plan.reason)
-    timings["features"] = time.perf_counter() - t
-
-    # --- fit -------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    # Progress in work units: each probe is len(DEFAULT_CS) units (ticking per fold inside),
-    # each fine-tuning epoch one unit per training image, the LR range test one per step.
-    n_cs = len(DEFAULT_CS)
-    finetuning = plan.name in ("partial", "full")
-    units = n_cs * (1 + len(taps) if plan.name == "stages" else 1)
-    lr_steps = 40 if config.lr_find and finetuning else 0
-    units += (lr_steps + config.max_epochs * len(train)) if finetuning else 0
-    probes_done = [0]
-
-    def on_probe_fit(done: int, total: int) -> None:
-        report("fit", probes_done[0] * n_cs + n_cs * done / total, units)
-
-    def on_probe_row(row: dict, stage: str) -> None:
-        report("fit", probes_done[0] * n_cs + row["step"], units, {"phase": "probe", "stage": stage, **row})
-        if row["step"] == n_cs:
-            probes_done[0] += 1
-
-    def probe(X: np.ndarray, stage: str) -> ProbeFit:
-        return fit_probe(
-            X, y_train, num_classes, seed=config.seed, on_step=lambda r: on_probe_row(r, stage), on_fit=on_probe_fit
-        )
-
-    X_train, X_val = feats[TOP][: len(train)], feats[TOP][len(train) :]
-    top_probe = probe(X_train, TOP)
-    chosen = top_probe
-    sanity = _probe_sanity(top_probe, X_train, y_train, num_classes)
-    history = [{"phase": "probe", "stage": TOP, **r} for r in top_probe.history]
-    hyper: dict = {"probe": {"stage": TOP, "C": top_probe.C, "class_weight": "balanced", "cv_folds": 5}}
-    lr_range = None
-    classifier: nn.Module = nn.Sequential(backbone.body, top_probe.linear)
-    val_logits = None
-
-    if plan.name == "stages":
-        stage, chosen, table, scores = _best_stage(feats, taps, top_probe, len(train), probe)
-        history += table
-        hyper["probe"] = {"stage": stage, "C": chosen.C, "class_weight": "balanced", "cv_folds": 5}
-        hyper["stages"] = {
-            "chosen": stage,
-            "cv_accuracy": {k: round(v, 4) for k, v in scores.items() if v is not None},
-        }
-        log.append(f"stage probes (cross-validated accuracy): {hyper['stages']['cv_accuracy']}; kept {stage}")
-        if stage != TOP:
-            X_train, X_val = feats[stage][: len(train)], feats[stage][len(train) :]
-            classifier = nn.Sequential(backbone.truncated(stage), GridPool(), chosen.linear)
-    elif finetuning:
-        ft_config = FinetuneConfig(
-            depth=plan.name, max_epochs=config.max_epochs, patience=config.patience, budget=config.budget
-        )
-        train_batches, val_batches, augmentation = _image_batches(
-            archive, train, val, y_train, y_val, prep, plan, config, ft_config
-        )
-        start = n_cs + lr_steps
-
-        def on_epoch(row: dict) -> None:
-            history.append({"phase": "finetune", **row})
-            report("fit", start + row["epoch"] * len(train), units, history[-1])
-            log.append(
-                f"epoch {row['epoch']}: val accuracy {row['val_accuracy']:.4f}, val loss {row['val_loss']:.4f}"
-                + (f", train loss {row['train_loss']:.4f}" if row["train_loss"] is not None else " (probe head)")
-            )
-
-        def on_step(seen: int, total: int) -> None:
-            epoch = sum(1 for r in history if r.get("phase") == "finetune")
-            report("fit", start + (epoch - 1) * total + seen, units)
-
-        if config.lr_find:
-            lr_range = lr_range_test(
-                backbone,
-                top_probe.linear,
-                train_batches,
-                num_classes,
-                ft_config,
-                device,
-                steps=lr_steps,
-                seed=config.seed,
-                on_step=lambda d, n: report("fit", n_cs + d, units),
-            )
-            log.append(
-                f"LR range test: steepest descent at {lr_range['suggested_lr']:.2e} "
-                f"(the recipe's rule gives {lr_range['recipe_lr']:.2e})"
-            )
-        result = finetune(
-            backbone,
-            top_probe.linear,
-            train_batches,
-            val_batches,
-            num_classes,
-            ft_config,
-            device=device,
-            seed=config.seed,
-            on_epoch=on_epoch,
-            on_step=on_step,
-        )
-        classifier = result.model
-        val_logits, _ = predict_logits(classifier, val_batches, device)  # on the device, images already cached
-        sanity = sanity + result.sanity
-        hyper["finetune"] = {
-            **result.hyperparameters,
-            "augmentation": augmentation,
-            "best_epoch": result.best_epoch,
-            "stopped": result.stopped,
-        }
-        log.append(f"fine-tuning stopped: {result.stopped}; best epoch {result.best_epoch} restored")
-    if config.lr_find and not finetuning:
-        log.append(f"LR range test skipped: the '{plan.name}' plan fits a probe, with no learning rate to choose")
-
-    classifier = classifier.eval().cpu()
-    for check in sanity:
-        log.append(f"sanity {check['check']}: {'ok' if check['ok'] else 'FAILED'} ({check['detail']})")
-    if val_logits is None:  # a probe: logits straight from the cached features
-        with torch.no_grad():
-            val_logits = chosen.linear(torch.from_numpy(X_val))
-            train_logits = chosen.linear(torch.from_numpy(X_train))
-    metrics = classification_metrics(val_logits, y_val, index.classes, names=[s.member for s in val])
-    if not finetuning:
-        metrics["train_accuracy"] = float((train_logits.argmax(1).numpy() == y_train).mean())
-    metrics["num_train"] = len(train)
-    timings["fit"] = time.perf_counter() - t
-
-    # --- export ----------------------------------------------------------------------------------
-    t = time.perf_counter()
-    strategy = plan.to_dict()
-    hyper["input"] = {"size": prep.input_size, "reason": why_prep}
-    bundle_zip = write_bundle(
-        out_dir,
-        model=classifier,
-        classes=index.classes,
-        preprocessing=prep,
-        metrics=metrics,
-        card={
-            "backbone": backbone.spec.name,
-            "weights_tag": backbone.spec.weights_tag,
-            "strategy": strategy,
-            "hyperparameters": hyper,
-            "sanity": sanity,
-            "data_hash": index.content_hash,
-            "seed": config.seed,
-            "num_train": len(train),
-            "num_val": len(val),
-        },
-    )
-    report("export", 1, 1)
-    timings["export"] = time.perf_counter() - t
-    timings["total"] = sum(timings.values())
+    with run.phase("decode"):
+        data = _load(run, archive, index, config)
+    with run.phase("features"):
+        device = _device(config.device)
+        backbone = create_backbone(config.backbone)
+        reps, plan = measure(run, backbone, data, config, device)
+    with run.phase("fit"):
+        chosen = choose_probe(run, reps, data, plan, config)
+        model, val_logits, report = train(run, backbone, chosen, data, plan, config, device)
+        metrics = classification_metrics(val_logits, data.y_val, data.classes, names=[s.member for s in data.val])
+        metrics["num_train"] = len(data.train)
+    for check in report["sanity"]:
+        run.say(f"sanity {check['check']}: {'ok' if check['ok'] else 'FAILED'} ({check['detail']})")
+    with run.phase("export"):
+        bundle_zip = _export(out_dir, model, chosen.rep.prep, data, backbone, plan, metrics, report, run, config)
+        run.report("export", 1, 1)
+    run.timings["total"] = sum(run.timings.values())
     return FitResult(
-        classes=index.classes,
-        strategy=strategy,
+        classes=data.classes,
+        strategy=plan.to_dict(),
         metrics=metrics,
-        timings={k: round(v, 3) for k, v in timings.items()},
+        timings={k: round(v, 3) for k, v in run.timings.items()},
         artifacts={"bundle": str(bundle_zip), "bundle_dir": str(out_dir / "bundle")},
-        preprocessing=asdict(prep),
+        preprocessing=asdict(chosen.rep.prep),
         device=str(device),
-        history=history,
-        sanity=sanity,
-        hyperparameters=hyper,
-        lr_range=lr_range,
-        log=list(log),
+        history=report["history"],
+        sanity=report["sanity"],
+        hyperparameters=report["hyperparameters"],
+        lr_range=report["lr_range"],
+        log=run.log,
+        decisions=[d.to_dict() for d in run.decisions],
+        peak_rss_mib=run.peak_rss_mib,
     )
+
+
+# --- load -------------------------------------------------------------------------------------
+
+
+def _load(run: Run, archive: Path, index: DatasetIndex | None, config: FitConfig) -> Data:
+    if index is None:
+        index = index_dataset(archive, IngestConfig(), lambda d, n: run.report("decode", d, n))
+    run.report("decode", 1, 1)
+    train, val = _split(index, config.val_fraction, config.seed)
+    class_id = {c: i for i, c in enumerate(index.classes)}
+    run.say(f"{len(train)} training and {len(val)} validation images in {len(index.classes)} classes")
+    return Data(
+        archive=archive,
+        classes=index.classes,
+        train=train,
+        val=val,
+        y_train=np.array([class_id[s.label] for s in train]),
+        y_val=np.array([class_id[s.label] for s in val]),
+        content_hash=index.content_hash,
+    )
+
+
+def _split(index: DatasetIndex, val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """The stratified split, with the training images in a seeded random order.
+
+    The order matters: BatchNorm statistics are taken from the first
+    `SIMILARITY_SAMPLE` training images, which must not all be one class.
+    """
+    train, val = split_samples(index, val_fraction, seed)
+    return random.Random(seed).sample(train, len(train)), val
+
+
+# --- measure ----------------------------------------------------------------------------------
+
+
+def measure(
+    run: Run, backbone: Backbone, data: Data, config: FitConfig, device: torch.device
+) -> tuple[list[Representation], Plan]:
+    """Frozen features at each candidate input size, the similarity, and the matrix's plan.
+
+    The native input is always a candidate (and where similarity is measured, as calibrated);
+    images smaller than it add a candidate size that follows them (at most 2x upscaled).
+    Stage taps come along in the same passes: they cost little, and the probe choice reads them.
+    """
+    native = backbone.spec.preprocessing
+    sizes = [native]
+    if config.resolution == "auto":
+        small, why = choose_preprocessing(native, [min(s.width, s.height) for s in data.train])
+        if small != native:
+            sizes.insert(0, small)
+            run.say(f"input size candidates: {small.input_size} px ({why}) and the native {native.input_size} px")
+    members = [s.member for s in data.train] + [s.member for s in data.val]
+    taps = _stage_taps(backbone)
+    reps: list[Representation] = []
+    similarity = None
+    for i, prep in enumerate(sizes):
+        base, span = i / len(sizes), 1 / len(sizes)
+
+        def tick(done: int, total: int, base: float = base, span: float = span) -> None:
+            run.report("features", (base + span * done / total) * total, total)
+
+        with _timer() as t:
+            if prep == native:
+                feats, similarity = _native_pass(backbone, data.archive, members, taps, device, config, tick)
+            else:
+                feats = extract_stage_features(
+                    backbone, data.archive, members, taps=taps, batch_size=config.batch_size,
+                    device=device, preprocessing=prep, progress=tick,
+                )  # fmt: skip
+        reps.append(Representation(prep, feats, t.seconds))
+    plan = decide(
+        len(data.train) / len(data.classes), similarity, override=config.strategy, boundary=config.size_boundary
+    )
+    run.say(plan.reason)
+    return reps, plan
+
+
+def _native_pass(backbone, archive, members, taps, device, config, tick=None) -> tuple[dict, Similarity]:
+    """Features at the native input, with the BatchNorm statistics of the first training images."""
+    with BatchNormStats(backbone.body, max_images=SIMILARITY_SAMPLE) as stats:
+        feats = extract_stage_features(
+            backbone, archive, members, taps=taps, batch_size=config.batch_size, device=device, progress=tick
+        )
+    with torch.no_grad():
+        logits = backbone.imagenet_head.cpu()(torch.from_numpy(feats[TOP][:SIMILARITY_SAMPLE]))
+    return feats, similarity_score(stats.divergence(), head_entropy(logits))
 
 
 def assess(
@@ -362,32 +302,9 @@ def assess(
     tune_allocator()
     train, _ = _split(index, val_fraction, seed)
     bb = create_backbone(backbone)
-    stats, top = _native_pass(bb, archive, train[:SIMILARITY_SAMPLE], _device(device), 64)
-    return decide(len(train) / len(index.classes), _similarity(bb, stats, top), boundary=size_boundary)
-
-
-def _split(index: DatasetIndex, val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """The stratified split, with the training images in a seeded random order.
-
-    The order matters: BatchNorm statistics are taken from the first
-    `SIMILARITY_SAMPLE` training images, which must not all be one class.
-    """
-    train, val = split_samples(index, val_fraction, seed)
-    return random.Random(seed).sample(train, len(train)), val
-
-
-def _native_pass(backbone: Backbone, archive: Path, samples: list[Sample], device, batch_size: int):
-    with BatchNormStats(backbone.body) as stats:
-        top = extract_stage_features(
-            backbone, archive, [s.member for s in samples], batch_size=batch_size, device=device
-        )[TOP]
-    return stats, top
-
-
-def _similarity(backbone: Backbone, stats: BatchNormStats, top: np.ndarray):
-    with torch.no_grad():
-        entropy = head_entropy(backbone.imagenet_head.cpu()(torch.from_numpy(top)))
-    return similarity_score(stats.divergence(), entropy)
+    members = [s.member for s in train[:SIMILARITY_SAMPLE]]
+    _, similarity = _native_pass(bb, archive, members, [], _device(device), FitConfig())
+    return decide(len(train) / len(index.classes), similarity, boundary=size_boundary)
 
 
 def _stage_taps(backbone: Backbone) -> list[str]:
@@ -396,38 +313,230 @@ def _stage_taps(backbone: Backbone) -> list[str]:
     return stages[len(stages) // 3 : -1]
 
 
-def _best_stage(
-    feats: dict[str, np.ndarray],
-    taps: list[str],
-    top: ProbeFit,
-    n_train: int,
-    probe: Callable[[np.ndarray, str], ProbeFit],
-) -> tuple[str, ProbeFit, list[dict], dict[str, float | None]]:
-    """Probe every tapped stage; keep the best by cross-validated accuracy.
+# --- choose the probe ---------------------------------------------------------------------------
 
-    Returns (chosen stage, its probe, the tapped stages' history rows, best CV
-    accuracy per stage including the top layer; None where nothing could be
-    cross-validated).
 
-    Selection uses cross-validation on the training split, like the choice of C,
-    so the validation split stays an honest estimate of the chosen model. The
-    top layer is the incumbent: another stage must beat it by `STAGE_MARGIN`.
+def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, config: FitConfig) -> ChosenProbe:
+    """The probe on the input size and stage that cross-validate best on the training split.
+
+    Candidates: the top layer at every candidate size, and for data unlike ImageNet (or when
+    asked) the intermediate stages too. The plain top-layer probe at the native input is the
+    incumbent. With many images, candidates are ranked on a stratified subsample with 3-fold
+    CV (a pilot), and only the winner gets the full 5-fold search for C.
     """
-    fits = {TOP: top}
-    table: list[dict] = []
-    for stage in taps:
-        fits[stage] = probe(feats[stage][:n_train], stage)
-        table += [{"phase": "probe", "stage": stage, **r} for r in fits[stage].history]
-    scores = {name: _cv_best(f) for name, f in fits.items()}
-    score = {name: -1.0 if v is None else v for name, v in scores.items()}
-    best = max(taps, key=score.__getitem__, default=TOP)
-    chosen = best if score[best] >= score[TOP] + STAGE_MARGIN else TOP
-    return chosen, fits[chosen], table, scores
+    n, k = len(data.train), len(data.classes)
+    stages = [TOP]
+    if config.strategy == "stages" or (config.strategy == "auto" and plan.cell.endswith("different")):
+        stages += [s for s in reps[-1].feats if s != TOP]
+    options = {_name(stage, rep): (rep, stage) for rep in reps for stage in stages}
+    incumbent = _name(TOP, reps[-1])  # the native size is always last
+    history: list[dict] = []
+    if len(options) > 1:
+        idx = _subsample(data.y_train, PILOT_IMAGES, config.seed)
+        pilot = len(idx) < n
+        candidates = []
+        for i, (name, (rep, stage)) in enumerate(options.items()):
+            with _timer() as t:
+                fitted = fit_probe(
+                    rep.feats[stage][idx], data.y_train[idx], k, folds=3 if pilot else 5, seed=config.seed
+                )
+            history += [{"phase": "probe", "stage": name, **r} for r in fitted.history]
+            candidates.append(Candidate(name, _cv_best(fitted), t.seconds, {"C": fitted.C}))
+            run.report("fit", i + 1, len(options) + 1)
+        chosen_name = best_of(candidates, incumbent=incumbent, margin=PROBE_MARGIN)
+        run.decide(
+            Decision(
+                "representation",
+                chosen_name,
+                tuple(candidates),
+                f"the plain top-layer probe at the native input stays unless another beats it by {PROBE_MARGIN:.1%}",
+                metric=f"{'3' if pilot else '5'}-fold CV accuracy on {len(idx)} training images",
+            )
+        )
+    else:
+        chosen_name = incumbent
+    rep, stage = options[chosen_name]
+    probe = fit_probe(rep.feats[stage][:n], data.y_train, k, seed=config.seed)
+    history += [{"phase": "probe", "stage": chosen_name, **r} for r in probe.history]
+    run.report("fit", len(options), len(options) + 1)
+    run.say(f"probe: {chosen_name}, C={probe.C:g}")
+    chosen = ChosenProbe(rep, stage, replace(probe, history=history), n)
+    return chosen
+
+
+def _name(stage: str, rep: Representation) -> str:
+    return f"{stage} @ {rep.prep.input_size} px"
+
+
+def _subsample(y: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """Positions of a stratified random subsample of at most `cap` items (all of them when fewer)."""
+    if len(y) <= cap:
+        return np.arange(len(y))
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(np.arange(len(y)), train_size=cap, stratify=y, random_state=seed)
+    return np.sort(keep)
 
 
 def _cv_best(probe: ProbeFit) -> float | None:
     """Best cross-validated accuracy over the C path; None when every fold was NaN (too few images)."""
     return max((r["cv_accuracy"] for r in probe.history if r["cv_accuracy"] == r["cv_accuracy"]), default=None)
+
+
+# --- train: the probe, or a fine-tune that earns its time ------------------------------------------
+
+
+def train(
+    run: Run, backbone: Backbone, chosen: ChosenProbe, data: Data, plan: Plan, config: FitConfig, device
+) -> tuple[nn.Module, torch.Tensor, dict]:
+    """(model, validation logits, report) for the plan: the chosen probe, or a fine-tune started from it."""
+    k = len(data.classes)
+    sanity = _probe_sanity(chosen.probe, chosen.X_train, data.y_train, k)
+    hyper: dict = {
+        "probe": {"stage": chosen.stage, "C": chosen.probe.C, "class_weight": "balanced", "cv_folds": 5},
+        "input": {"size": chosen.rep.prep.input_size},
+    }
+    report = {"history": list(chosen.probe.history), "sanity": sanity, "hyperparameters": hyper, "lr_range": None}
+    probe_net = probe_model(backbone, chosen.probe.linear, chosen.stage)
+    with torch.no_grad():
+        probe_logits = chosen.probe.linear(torch.from_numpy(chosen.X_val))
+    depth = finetune_depth(plan, config.strategy)
+    if depth is None:
+        if config.lr_find:
+            run.say(f"LR range test skipped: the '{plan.name}' plan fits a probe, with no learning rate to choose")
+        return probe_net.eval(), probe_logits, report
+
+    # A held-out slice of train selects; the fine-tune starts from a probe that has not seen it.
+    fit_idx, hold_idx = _holdout(data.y_train, config.seed)
+    head = fit_probe_at(chosen.X_train[fit_idx], data.y_train[fit_idx], k, C=chosen.probe.C, seed=config.seed)
+    prep = chosen.rep.prep
+    source = _ImageSource(data.archive, data.train + data.val, prep)
+    clean = eval_transform(prep)
+    hold = Batches(lambda i: clean(source.image(hold_idx[i])), data.y_train[hold_idx], 64)
+    start = probe_model(backbone, head, chosen.stage).to(device, memory_format=torch.channels_last)
+    flip = _flip_decision(run, start, source, hold_idx, data, clean, config, device)
+    level = _augmentation_decision(run, start, source, hold_idx, data, prep, flip, device)
+    augments = {lv: train_transform(prep, lv, hflip=flip) for lv in {"light", level}}
+    hyper["augmentation"] = {"first_epoch": augments["light"][1], "after": augments[level][1]}
+
+    def batches_for(epoch: int) -> Batches:
+        augment = augments["light" if epoch == 1 else level][0]  # no augmentation shock on the first pass
+        return Batches(lambda i: augment(source.image(fit_idx[i])), data.y_train[fit_idx], ft_config.batch_size)
+
+    ft_config = FinetuneConfig(
+        depth=depth, max_epochs=config.max_epochs, patience=config.patience, budget=config.budget
+    )
+    units = config.max_epochs * len(fit_idx)
+    if config.lr_find:
+        report["lr_range"] = lr_range_test(
+            backbone, head, batches_for(2), k, ft_config, device, seed=config.seed, stage=chosen.stage
+        )
+        run.say(
+            f"LR range test: steepest descent at {report['lr_range']['suggested_lr']:.2e} "
+            f"(the recipe's rule gives {report['lr_range']['recipe_lr']:.2e})"
+        )
+    epochs_done = [0]
+
+    def on_epoch(row: dict) -> None:
+        epochs_done[0] = row["epoch"]
+        report["history"].append({"phase": "finetune", **row})
+        run.report("fit", row["epoch"] * len(fit_idx), units, report["history"][-1])
+        run.say(
+            f"epoch {row['epoch']}: held-out accuracy {row['val_accuracy']:.4f}, loss {row['val_loss']:.4f}"
+            + (f", train loss {row['train_loss']:.4f}" if row["train_loss"] is not None else " (the probe)")
+        )
+
+    result = finetune(
+        backbone, head, batches_for, hold, k, ft_config, stage=chosen.stage, device=device, seed=config.seed,
+        on_epoch=on_epoch, on_step=lambda seen, total: run.report("fit", epochs_done[0] * total + seen, units),
+    )  # fmt: skip
+    report["sanity"] = sanity + result.sanity
+    hyper["finetune"] = {**result.hyperparameters, "best_epoch": result.best_epoch, "stopped": result.stopped}
+    run.say(f"fine-tuning stopped: {result.stopped}; best epoch {result.best_epoch} restored")
+    rows = [r for r in result.history if r["epoch"] > 0]
+    best = result.history[result.best_epoch]
+    run.decide(
+        Decision(
+            "finetune",
+            f"{depth} fine-tune" if result.best_epoch > 0 else "probe",
+            (
+                Candidate("probe", result.history[0]["val_accuracy"]),
+                Candidate(
+                    f"{depth} fine-tune",
+                    best["val_accuracy"] if rows else None,
+                    result.hyperparameters["train_seconds"],
+                    {"epochs": len(rows), "best_epoch": result.best_epoch},
+                ),
+            ),  # fmt: skip
+            result.stopped,
+            metric=f"accuracy on {len(hold_idx)} held-out training images",
+        )
+    )
+    if result.best_epoch == 0:  # the probe, refitted on the whole training split, is the better model
+        return probe_net.eval(), probe_logits, report
+    val = Batches(lambda i: clean(source.image(len(data.train) + i)), data.y_val, 64)
+    val_logits, _ = predict_logits(result.model, val, device)
+    return result.model, val_logits, report
+
+
+def _holdout(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) positions: a stratified slice of the training split, at least one per class."""
+    from sklearn.model_selection import train_test_split
+
+    n_hold = max(len(np.unique(y)), round(len(y) * HOLDOUT_FRACTION))
+    fit_idx, hold_idx = train_test_split(np.arange(len(y)), test_size=n_hold, stratify=y, random_state=seed)
+    return np.sort(fit_idx), np.sort(hold_idx)
+
+
+def _flip_decision(run, model, source, hold_idx, data, clean, config, device) -> bool:
+    """Whether horizontal flips are an invariance: the probe reads mirrored held-out images as well."""
+    if not config.hflip:
+        run.say("horizontal flips: off (asked for)")
+        return False
+    sample = hold_idx[:INVARIANCE_SAMPLE]
+    y = data.y_train[sample]
+    with _timer() as t:
+        _, acc = evaluate(model, Batches(lambda i: clean(source.image(sample[i])), y, 64), device)
+        _, mirror = evaluate(model, Batches(lambda i: mirrored(clean)(source.image(sample[i])), y, 64), device)
+    holds = invariance_holds(acc, mirror, tolerance=FLIP_TOLERANCE)
+    run.decide(
+        Decision(
+            "flip",
+            "flip" if holds else "no flip",
+            (Candidate("as is", acc, t.seconds / 2), Candidate("mirrored", mirror, t.seconds / 2)),
+            f"a mirror {'keeps' if holds else 'changes'} the probe's answers "
+            f"(tolerance {FLIP_TOLERANCE:.0%}), so flips {'are' if holds else 'are not'} used",
+            metric=f"probe accuracy on {len(sample)} held-out training images",
+        )
+    )
+    return holds
+
+
+def _augmentation_decision(run, model, source, hold_idx, data, prep, flip, device) -> str:
+    """The strongest augmentation level whose views the probe still reads (within a tolerance)."""
+    sample = hold_idx[:INVARIANCE_SAMPLE]
+    y = data.y_train[sample]
+    clean = eval_transform(prep)
+    _, acc = evaluate(model, Batches(lambda i: clean(source.image(sample[i])), y, 64), device)
+    levels = []
+    for level in LEVELS:
+        torch.manual_seed(0)  # the same random views each run
+        augment, _ = train_transform(prep, level, hflip=flip)
+        with _timer() as t:
+            _, score = evaluate(model, Batches(lambda i, a=augment: a(source.image(sample[i])), y, 64), device)
+        levels.append(Candidate(level, score, t.seconds))
+    chosen = strongest_within(levels, acc, tolerance=AUGMENT_TOLERANCE)
+    run.decide(
+        Decision(
+            "augmentation",
+            chosen,
+            (Candidate("clean", acc), *levels),
+            f"the strongest level whose views the probe reads within {AUGMENT_TOLERANCE:.0%} of clean images; "
+            "the first epoch runs 'light' either way",
+            metric=f"probe accuracy on {len(sample)} held-out training images",
+        )
+    )
+    return chosen
 
 
 def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: int) -> list[dict]:
@@ -445,23 +554,6 @@ def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: in
     report.add("loss_decreases", final < initial, f"probe train loss {initial:.4f} (fresh head) -> {final:.4f}")
     report.add("finite_loss", bool(np.isfinite(final) and np.isfinite(X).all()), "features and probe loss finite")
     return report.checks
-
-
-def _image_batches(archive, train, val, y_train, y_val, prep: Preprocessing, plan, config: FitConfig, ft):
-    """(train, val) batch sources for fine-tuning, and the augmentation's description for the model card.
-
-    Decoded images are cached in memory when they fit."""
-    similar = plan.cell.endswith("similar")
-    large = plan.cell.startswith("large")
-    augment, augmentation = train_transform(prep, similar=similar, large=large, hflip=config.hflip)
-    evaluate = eval_transform(prep)
-    source = _ImageSource(archive, train + val, prep)
-    n = len(train)
-    return (
-        Batches(lambda i: augment(source.image(i)), y_train, ft.batch_size),
-        Batches(lambda i: evaluate(source.image(n + i)), y_val, 64),
-        augmentation,
-    )
 
 
 class _ImageSource:
@@ -492,6 +584,48 @@ class _ImageSource:
         return img
 
 
+# --- export -------------------------------------------------------------------------------------
+
+
+def _export(out_dir, model, prep, data: Data, backbone, plan, metrics, report, run: Run, config: FitConfig) -> Path:
+    return write_bundle(
+        out_dir,
+        model=model.eval().cpu(),
+        classes=data.classes,
+        preprocessing=prep,
+        metrics=metrics,
+        card={
+            "backbone": backbone.spec.name,
+            "weights_tag": backbone.spec.weights_tag,
+            "strategy": plan.to_dict(),
+            "decisions": [d.to_dict() for d in run.decisions],
+            "hyperparameters": report["hyperparameters"],
+            "sanity": report["sanity"],
+            "data_hash": data.content_hash,
+            "seed": config.seed,
+            "num_train": len(data.train),
+            "num_val": len(data.val),
+        },
+    )
+
+
+# --- small helpers ------------------------------------------------------------------------------
+
+
+class _timer:
+    def __enter__(self) -> _timer:
+        import time
+
+        self._t = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import time
+
+        self.seconds = time.perf_counter() - self._t
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -504,41 +638,4 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _reporter(progress: ProgressFn | None) -> Callable[..., None]:
-    """report(phase, done, total, row) -> Progress events whose overall fraction never goes back."""
-    order = list(PHASE_WEIGHTS)
-    last = [0.0]
-
-    current = ["decode", 0, 1]
-
-    def report(phase: str, done: float, total: float, row: dict | None = None) -> None:
-        if progress is None:
-            return
-        before = sum(PHASE_WEIGHTS[p] for p in order[: order.index(phase)])
-        frac = before + PHASE_WEIGHTS[phase] * (min(done, total) / total if total else 1.0)
-        last[0] = max(last[0], min(frac, 1.0))
-        current[:] = [phase, round(done), round(total)]
-        progress(Progress(phase, round(done), round(total), round(last[0], 4), row))
-
-    def say(message: str) -> None:
-        if progress is not None:
-            phase, done, total = current
-            progress(Progress(phase, done, total, round(last[0], 4), message=message))
-
-    report.say = say
-    return report
-
-
-class _Log(list):
-    """The fit's log lines; each is also sent to the progress callback as it is written."""
-
-    def __init__(self, say: Callable[[str], None]) -> None:
-        super().__init__()
-        self._say = say
-
-    def append(self, line: str) -> None:
-        super().append(line)
-        self._say(line)
-
-
-__all__ = ["FitConfig", "FitResult", "Progress", "assess", "fit"]
+__all__ = ["FitConfig", "FitResult", "Progress", "assess", "fit", "measure"]

@@ -123,3 +123,10 @@ def _fold_into_linear(scaler: StandardScaler, clf: LogisticRegression, num_class
         linear.weight.copy_(torch.from_numpy(full_W))
         linear.bias.copy_(torch.from_numpy(full_b))
     return linear
+
+
+def fit_probe_at(X: np.ndarray, y: np.ndarray, num_classes: int, *, C: float, seed: int = 0) -> nn.Linear:
+    """The probe at a known C (no search): for refits on a subset, e.g. the fine-tune's starting head."""
+    scaler = StandardScaler().fit(X)
+    clf = _logreg(C, seed).fit(scaler.transform(X).astype(np.float32), y)
+    return _fold_into_linear(scaler, clf, num_classes)

@@ -18,6 +18,24 @@ PLANS = {
     "large-different": "full",
 }
 STRATEGIES = ("auto", "linear", "stages", "partial", "full")
+# How much compute the matrix lets a fine-tune candidate spend per cell: its depth, or None for
+# probes only. A fine-tune candidate still has to earn its keep: its pilot epochs must beat the
+# probe on a held-out slice of the training split (ml.finetune), or the probe is returned.
+FINETUNE_DEPTH = {
+    "small-similar": None,
+    "small-different": "partial",
+    "large-similar": "partial",
+    "large-different": "full",
+}
+
+
+def finetune_depth(plan: Plan, override: str = "auto") -> str | None:
+    """The fine-tune candidate's depth for this plan: the user's choice, else the cell's allowance."""
+    if override != "auto":
+        return override if override in ("partial", "full") else None
+    return FINETUNE_DEPTH[plan.cell]
+
+
 _WHY = {
     "small-similar": (
         "few images that look like ImageNet, so the pretrained top-layer features already separate them: a linear probe"

@@ -20,7 +20,7 @@ from ml.finetune import (
     lr_range_test,
     param_groups,
     trainable_stage,
-    warmup_cosine,
+    make_scheduler,
 )
 
 
@@ -97,11 +97,15 @@ def test_no_weight_decay_on_norms_and_biases():
 
 
 def test_warmup_then_cosine_decay():
-    f = warmup_cosine(4, 20)
-    assert [round(f(s), 2) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert f(4) == pytest.approx(1.0)
-    assert f(12) == pytest.approx(0.5)
-    assert f(20) == pytest.approx(0.0, abs=1e-9)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, 4, 20)
+    lrs = []
+    for step in range(21):
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert [round(v, 2) for v in lrs[:5]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert lrs[12] == pytest.approx(0.5)
+    assert lrs[20] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_finetune_keeps_batchnorm_frozen_and_trains_only_the_top():

@@ -1,0 +1,79 @@
+"""Decisions by measurement: candidates, their scores on the training split, and the pick.
+
+Every choice the engine makes between options (input resolution and stage, flips,
+augmentation strength, probe vs fine-tune, EMA and test-time augmentation) is a
+`Decision`: the candidates it considered, each with the score it measured, the one
+kept and a sentence saying why. The selection rules live here as small pure
+functions so that they are tested table-driven, apart from the measuring.
+
+Scores always come from the training split (cross-validation, or a held-out slice of
+it); the validation split that is reported never chooses anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    score: float | None  # higher is better; None when it could not be measured
+    seconds: float = 0.0  # what measuring it cost
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    what: str  # representation | flip | augmentation | finetune | ema | tta
+    chosen: str
+    candidates: tuple[Candidate, ...]
+    reason: str
+    metric: str = ""  # what the scores are, e.g. "5-fold CV accuracy on train"
+
+    @property
+    def seconds(self) -> float:
+        return sum(c.seconds for c in self.candidates)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["seconds"] = round(self.seconds, 3)
+        for c in out["candidates"]:
+            c["score"] = None if c["score"] is None else round(c["score"], 4)
+            c["seconds"] = round(c["seconds"], 3)
+        return out
+
+
+def best_of(candidates: Sequence[Candidate], *, incumbent: str, margin: float) -> str:
+    """The best-scoring candidate; the incumbent (the plain default) keeps its place unless another
+    beats it by more than `margin`, so measurement noise never trades a simple model for a complex one."""
+    scores = {c.name: (-1.0 if c.score is None else c.score) for c in candidates}
+    if incumbent not in scores:
+        raise ValueError(f"incumbent '{incumbent}' is not among the candidates {list(scores)}")
+    challenger = max((n for n in scores if n != incumbent), key=scores.__getitem__, default=incumbent)
+    return challenger if scores[challenger] > scores[incumbent] + margin else incumbent
+
+
+def invariance_holds(clean: float, transformed: float, *, tolerance: float) -> bool:
+    """A transformation is an invariance of the data when the probe answers as well on transformed
+    images as on the originals (within `tolerance`): a mirror that changes the answers is not one."""
+    return transformed >= clean - tolerance
+
+
+def strongest_within(levels: Sequence[Candidate], clean: float, *, tolerance: float) -> str:
+    """The strongest augmentation level (listed mildest first) whose views the probe still reads
+    within `tolerance` of the clean images; the mildest when none is."""
+    chosen = levels[0].name
+    for level in levels:
+        if level.score is not None and invariance_holds(clean, level.score, tolerance=tolerance):
+            chosen = level.name
+    return chosen
+
+
+def keep_if_better(base: float, new: float, *, margin: float = 0.0) -> bool:
+    """An extra (EMA weights, test-time augmentation) is kept only when it measures better."""
+    return new > base + margin
+
+
+__all__ = ["Candidate", "Decision", "best_of", "invariance_holds", "keep_if_better", "strongest_within"]
