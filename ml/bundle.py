@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import platform
+import re
 import shutil
 import warnings
 import zipfile
@@ -223,7 +225,7 @@ def _card_markdown(card: dict, metrics: dict) -> str:
     strategy = card.get("strategy", {})
     onnx = card["onnx"]
     lines = [
-        f"# Model card: {', '.join(card['classes'])}",
+        f"# Model card: {', '.join(_md(c) for c in card['classes'])}",
         "",
         f"- Backbone: `{card.get('backbone')}` (weights `{card.get('weights_tag')}`)",
         f"- Strategy: `{strategy.get('name')}` ({strategy.get('cell') or 'cell not measured'})",
@@ -247,8 +249,47 @@ def _card_markdown(card: dict, metrics: dict) -> str:
         "Both models (TorchScript and ONNX, input `image`, output `logits`) return logits; "
         "softmax gives class probabilities.",
         "",
+        *_decision_lines(card.get("decisions") or []),
     ]
     return "\n".join(lines)
+
+
+def _decision_lines(decisions: list[dict]) -> list[str]:
+    if not decisions:
+        return []
+    lines = [
+        "## Why this model",
+        "",
+        "Each choice was measured on the training split (cross-validation or a held-out slice of it); "
+        "the validation split above chose nothing.",
+        "",
+    ]
+    for d in decisions:
+        candidates = "; ".join(
+            f"{_md(c['name'])} {_score(c.get('score'))}{' (kept)' if c['name'] == d['chosen'] else ''}"
+            for c in d.get("candidates", [])
+        )
+        metric = f" ({_md(d['metric'])})" if d.get("metric") else ""
+        lines.append(f"- **{_md(d['what'])}: {_md(d['chosen'])}** — {_md(d.get('reason', ''))}")
+        if candidates:
+            lines.append(f"  Candidates{metric}: {candidates}")
+    lines.append("")
+    return lines
+
+
+# Characters that make Markdown (or GitHub's math) or raw HTML anywhere on a line. The rest only
+# matter at the start of a line, which _md's folded whitespace never gives user text, or right
+# after a "]", which is escaped.
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|~&$])")
+
+
+def _md(text: object) -> str:
+    """User text (class names, candidate names) as literal Markdown: no markup, no HTML."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def _score(score: float | None) -> str:
+    return f"{score:.1%}" if isinstance(score, int | float) and math.isfinite(score) else "not measured"
 
 
 def _calibration_lines(metrics: dict) -> list[str]:

@@ -76,7 +76,8 @@ def _fit(args: argparse.Namespace) -> int:
     units = {"decode": "img", "features": "img", "export": "step"}
 
     def progress(ev) -> None:
-        if ev.message is not None:  # log lines are printed with the result
+        if ev.message is not None:  # log lines as they are written, above the bars
+            tqdm.write(ev.message, file=sys.stderr)
             return
         # One bar per phase and total: the fit phase runs the probe's C search, then epochs of images.
         key = (ev.phase, ev.total)
@@ -110,8 +111,6 @@ def _fit(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         m = result.metrics
-        for line in result.log:
-            print(line)
         print(f"strategy: {result.strategy['name']} ({result.strategy['cell']})")
         print(
             f"val accuracy {m['val_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} "

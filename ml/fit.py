@@ -14,6 +14,7 @@ events; raising `ml.errors.Cancelled` from it stops the fit cleanly.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from ml.preprocess import choose_preprocessing, eval_transform
 from ml.probe import ProbeFit, fit_probe, fit_probe_at
 from ml.run import Progress, ProgressFn, Run
 from ml.runtime import tune_allocator
-from ml.selection import Candidate, Decision, best_of, invariance_holds, strongest_within
+from ml.selection import Candidate, Decision, best_of, invariance_holds, keep_if_better, strongest_within
 from ml.similarity import BatchNormStats, Similarity, head_entropy, similarity_score
 from ml.strategy import SIZE_BOUNDARY, STRATEGIES, Plan, decide, finetune_depth
 
@@ -414,8 +415,12 @@ def train(
     clean = eval_transform(prep)
     hold = Batches(lambda i: clean(source.image(hold_idx[i])), data.y_train[hold_idx], 64)
     start = probe_model(backbone, head, chosen.stage).to(device, memory_format=torch.channels_last)
-    flip = _flip_decision(run, start, source, hold_idx, data, clean, config, device)
-    level = _augmentation_decision(run, start, source, hold_idx, data, prep, flip, device)
+    sample = hold_idx[:INVARIANCE_SAMPLE]
+    held_out = lambda i: source.image(sample[i])  # noqa: E731
+    flip = config.hflip and flip_decision(run, start, held_out, data.y_train[sample], clean, device)
+    if not config.hflip:
+        run.say("horizontal flips: off (asked for)")
+    level = augmentation_decision(run, start, held_out, data.y_train[sample], prep, flip, device)
     augments = {lv: train_transform(prep, lv, hflip=flip) for lv in {"light", level}}
     hyper["augmentation"] = {"first_epoch": augments["light"][1], "after": augments[level][1]}
 
@@ -472,11 +477,51 @@ def train(
             metric=f"accuracy on {len(hold_idx)} held-out training images",
         )
     )
-    if result.best_epoch == 0:  # the probe, refitted on the whole training split, is the better model
+    model = result.model if result.best_epoch > 0 else probe_net  # else: the probe refitted on all of train
+    if flip:
+        model = _tta_decision(run, model, hold, device)
+    if model is probe_net:
         return probe_net.eval(), probe_logits, report
     val = Batches(lambda i: clean(source.image(len(data.train) + i)), data.y_val, 64)
-    val_logits, _ = predict_logits(result.model, val, device)
-    return result.model, val_logits, report
+    val_logits, _ = predict_logits(model, val, device)
+    return model, val_logits, report
+
+
+class FlipAverage(nn.Module):
+    """Test-time augmentation: the mean of the features of the image and of its mirror.
+
+    The head is linear, so this equals averaging the two logits; keeping the head outside
+    leaves the model a (body, head) sequence like every other."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.body(x) + self.body(x.flip(3))) / 2
+
+
+def with_flip_average(model: nn.Sequential) -> nn.Sequential:
+    return nn.Sequential(FlipAverage(model[:-1]), model[-1])
+
+
+def _tta_decision(run: Run, model: nn.Module, hold: Batches, device) -> nn.Module:
+    """Flip TTA costs a second forward pass per image at serving: kept only when it measures better."""
+    with _timer() as t:
+        _, plain = evaluate(model, hold, device)
+    with _timer() as t2:
+        _, tta = evaluate(with_flip_average(model), hold, device)
+    keep = keep_if_better(plain, tta)
+    run.decide(
+        Decision(
+            "tta",
+            "flip average" if keep else "none",
+            (Candidate("none", plain, t.seconds), Candidate("flip average", tta, t2.seconds)),
+            "kept: it reads the held-out images better" if keep else "not kept: no better on held-out images",
+            metric=f"accuracy on {len(hold.labels)} held-out training images",
+        )
+    )
+    return with_flip_average(model) if keep else model
 
 
 def _holdout(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -488,42 +533,40 @@ def _holdout(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(fit_idx), np.sort(hold_idx)
 
 
-def _flip_decision(run, model, source, hold_idx, data, clean, config, device) -> bool:
-    """Whether horizontal flips are an invariance: the probe reads mirrored held-out images as well."""
-    if not config.hflip:
-        run.say("horizontal flips: off (asked for)")
-        return False
-    sample = hold_idx[:INVARIANCE_SAMPLE]
-    y = data.y_train[sample]
+def flip_decision(run: Run, model: nn.Module, images: Callable, labels: np.ndarray, transform, device) -> bool:
+    """Whether horizontal flips are an invariance: the probe reads mirrored held-out images as well.
+
+    `images(i)` gives the i-th held-out PIL image, `labels` their classes, `transform` the eval transform."""
     with _timer() as t:
-        _, acc = evaluate(model, Batches(lambda i: clean(source.image(sample[i])), y, 64), device)
-        _, mirror = evaluate(model, Batches(lambda i: mirrored(clean)(source.image(sample[i])), y, 64), device)
+        _, acc = evaluate(model, Batches(lambda i: transform(images(i)), labels, 64), device)
+        _, mirror = evaluate(model, Batches(lambda i: mirrored(transform)(images(i)), labels, 64), device)
     holds = invariance_holds(acc, mirror, tolerance=FLIP_TOLERANCE)
     run.decide(
         Decision(
             "flip",
             "flip" if holds else "no flip",
-            (Candidate("as is", acc, t.seconds / 2), Candidate("mirrored", mirror, t.seconds / 2)),
+            # "no flip" is scored on the images as they are, "flip" on their mirrors.
+            (Candidate("no flip", acc, t.seconds / 2), Candidate("flip", mirror, t.seconds / 2)),
             f"a mirror {'keeps' if holds else 'changes'} the probe's answers "
             f"(tolerance {FLIP_TOLERANCE:.0%}), so flips {'are' if holds else 'are not'} used",
-            metric=f"probe accuracy on {len(sample)} held-out training images",
+            metric=f"probe accuracy on {len(labels)} held-out training images",
         )
     )
     return holds
 
 
-def _augmentation_decision(run, model, source, hold_idx, data, prep, flip, device) -> str:
+def augmentation_decision(
+    run: Run, model: nn.Module, images: Callable, labels: np.ndarray, prep: Preprocessing, flip: bool, device
+) -> str:
     """The strongest augmentation level whose views the probe still reads (within a tolerance)."""
-    sample = hold_idx[:INVARIANCE_SAMPLE]
-    y = data.y_train[sample]
     clean = eval_transform(prep)
-    _, acc = evaluate(model, Batches(lambda i: clean(source.image(sample[i])), y, 64), device)
+    _, acc = evaluate(model, Batches(lambda i: clean(images(i)), labels, 64), device)
     levels = []
     for level in LEVELS:
         torch.manual_seed(0)  # the same random views each run
         augment, _ = train_transform(prep, level, hflip=flip)
         with _timer() as t:
-            _, score = evaluate(model, Batches(lambda i, a=augment: a(source.image(sample[i])), y, 64), device)
+            _, score = evaluate(model, Batches(lambda i, a=augment: a(images(i)), labels, 64), device)
         levels.append(Candidate(level, score, t.seconds))
     chosen = strongest_within(levels, acc, tolerance=AUGMENT_TOLERANCE)
     run.decide(
@@ -533,7 +576,7 @@ def _augmentation_decision(run, model, source, hold_idx, data, prep, flip, devic
             (Candidate("clean", acc), *levels),
             f"the strongest level whose views the probe reads within {AUGMENT_TOLERANCE:.0%} of clean images; "
             "the first epoch runs 'light' either way",
-            metric=f"probe accuracy on {len(sample)} held-out training images",
+            metric=f"probe accuracy on {len(labels)} held-out training images",
         )
     )
     return chosen
@@ -638,4 +681,14 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-__all__ = ["FitConfig", "FitResult", "Progress", "assess", "fit", "measure"]
+__all__ = [
+    "FitConfig",
+    "FitResult",
+    "Progress",
+    "assess",
+    "augmentation_decision",
+    "fit",
+    "flip_decision",
+    "measure",
+    "with_flip_average",
+]

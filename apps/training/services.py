@@ -168,11 +168,14 @@ def _succeed(job: Job, result) -> None:
             report=json_safe(
                 {
                     "sanity": result.sanity,
+                    # Every choice the engine measured (candidates, scores on the training split, reason).
+                    "decisions": result.decisions,
                     "hyperparameters": result.hyperparameters,
                     "lr_range": result.lr_range,
                     "log": result.log,
                     "preprocessing": result.preprocessing,
                     "device": result.device,
+                    "peak_rss_mib": result.peak_rss_mib,
                 }
             ),
         )

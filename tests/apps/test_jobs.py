@@ -80,3 +80,46 @@ def test_training_options_are_validated_and_kept(db, make_user):
     with pytest.raises(UserError, match="Unknown option"):
         job_create(owner=user, dataset=dataset, learning_rate=1.0)
     assert Job.objects.count() == 1  # rejected options leave no job behind
+
+
+def test_a_finished_job_shows_its_decisions_over_the_api(job, client, tmp_path):
+    from types import SimpleNamespace
+
+    from apps.training.services import _succeed
+
+    decision = {
+        "what": "representation",
+        "chosen": "top @ 224 px",
+        "candidates": [
+            {"name": "top @ 224 px", "score": 0.9, "seconds": 1.0, "detail": {}},
+            {"name": "blocks.3 @ 64 px", "score": float("nan"), "seconds": 0.5, "detail": {"size": (64, 64)}},
+        ],
+        "reason": "the plain probe stays",
+        "metric": "5-fold CV accuracy on 12 training images",
+        "seconds": 1.5,
+    }
+    bundle = tmp_path / "bundle.zip"
+    bundle.write_bytes(b"not really a zip")
+    result = SimpleNamespace(
+        classes=["a", "b"],
+        strategy={"name": "linear"},
+        metrics={"val_accuracy": 1.0},
+        timings={},
+        artifacts={"bundle": str(bundle)},
+        sanity=[],
+        hyperparameters={},
+        lr_range=None,
+        log=[],
+        preprocessing={},
+        device="cpu",
+        decisions=[decision],
+        peak_rss_mib={"features": 812.5},
+    )
+    _succeed(job_claim(job_id=job.pk), result)
+    client.force_login(job.owner)
+    report = client.get(f"/api/v1/jobs/{job.pk}/").json()["report"]
+    (shown,) = report["decisions"]
+    assert shown["chosen"] == "top @ 224 px" and shown["candidates"][0]["score"] == 0.9
+    assert shown["candidates"][1]["score"] is None  # NaN has no JSON spelling
+    assert shown["candidates"][1]["detail"] == {"size": [64, 64]}
+    assert report["peak_rss_mib"] == {"features": 812.5}

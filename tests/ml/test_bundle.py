@@ -50,6 +50,41 @@ def test_bundle_round_trip_predicts_like_the_model(tmp_path):
     assert abs(preds[0].score - expected.max().item()) < 1e-5
 
 
+def test_model_card_says_why_and_escapes_user_text(tmp_path):
+    hostile = "<script>alert(1)</script> | *bold* [x](y)"
+    decisions = [
+        {
+            "what": "representation",
+            "chosen": hostile,
+            "candidates": [
+                {"name": "top @ 224 px", "score": 0.91, "seconds": 1.5, "detail": {}},
+                {"name": hostile, "score": 0.9375, "seconds": 2.0, "detail": {}},
+                {"name": "blocks.3 @ 64 px", "score": None, "seconds": 0.0, "detail": {}},
+            ],
+            "reason": "the plain top-layer probe stays unless another beats it by 1.0%",
+            "metric": "5-fold CV accuracy on 40 training images",
+            "seconds": 3.5,
+        }
+    ]
+    zip_path = write_bundle(
+        tmp_path / "out",
+        model=nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2)).eval(),
+        classes=["a|b", "<c>"],
+        preprocessing=Preprocessing(input_size=8, resize_size=8, mean=(0.5,) * 3, std=(0.25,) * 3),
+        metrics={"val_accuracy": 1.0},
+        card={"strategy": {"name": "linear"}, "decisions": decisions},
+    )
+    text = (unpack_bundle(zip_path, tmp_path / "unpacked") / "model_card.md").read_text()
+    escaped = r"\<script\>alert(1)\</script\> \| \*bold\* \[x\](y)"
+    assert "## Why this model" in text
+    assert f"- **representation: {escaped}** — the plain top-layer probe stays" in text
+    assert "5-fold CV accuracy on 40 training images" in text
+    assert f"{escaped} 93.8% (kept)" in text and "top @ 224 px 91.0%;" in text
+    assert "blocks.3 @ 64 px not measured" in text
+    assert "<script>" not in text and "<c>" not in text and "a|b" not in text
+    assert json.loads((tmp_path / "unpacked" / "graft.json").read_text())["decisions"] == decisions
+
+
 def tiny_model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(

@@ -18,9 +18,9 @@ from ml.finetune import (
     check_loss_decreases,
     finetune,
     lr_range_test,
+    make_scheduler,
     param_groups,
     trainable_stage,
-    make_scheduler,
 )
 
 
@@ -210,3 +210,63 @@ def test_lr_range_test_uses_the_finetune_setup_and_leaves_the_model_alone():
     assert lrs[0] < out["recipe_lr"] < lrs[-1] or len(lrs) < 12  # the sweep brackets the rule
     assert all(torch.equal(v, before[k]) for k, v in nn.Sequential(bb.body, head).state_dict().items())
     assert all(math.isfinite(p["loss"]) for p in out["curve"])
+
+
+def test_overfit_check_passes_on_a_working_setup_and_fails_on_a_frozen_one():
+    from ml.finetune import _prepare, check_overfits_a_batch
+
+    bb = tiny_backbone(lr=1.0)
+    x, y = toy_data(8)
+    model, _, trainable, _ = _prepare(bb, nn.Linear(16, 2), FinetuneConfig(depth="full"), torch.device("cpu"))
+    working, broken = SanityReport(), SanityReport()
+    yt = torch.as_tensor(y)
+    check_overfits_a_batch(working, model, trainable, "sgd", 0.5, x, yt, 2, 40)
+    check_overfits_a_batch(broken, model, trainable, "sgd", 0.0, x, yt, 2, 40)  # a dead learning rate
+    assert [c["check"] for c in working.checks] == ["initial_loss", "overfits_one_batch"]
+    assert working.ok, working.checks
+    assert [c["ok"] for c in broken.checks] == [True, False]  # starts at ln 2, never learns
+
+
+def test_head_runs_in_fp32_under_autocast():
+    from ml.finetune import _forward
+
+    body = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    head = nn.Linear(4, 2)
+    with torch.no_grad():
+        head.weight.fill_(1e4)  # a probe head with the scaler folded in: large weights
+    logits = _forward(nn.Sequential(body, head), torch.randn(2, 3, 8, 8), torch.bfloat16)
+    assert logits.dtype == torch.float32
+
+
+def test_training_reads_the_device_once_per_epoch_not_per_step(monkeypatch):
+    """Host syncs (`.item()`, `float(tensor)`) per epoch must not grow with the number of steps."""
+    counts = []
+    for batch_size in (4, 16):  # 16 vs 4 steps per epoch
+        calls = [0]
+        real_item, real_float = torch.Tensor.item, torch.Tensor.__float__
+
+        def item(self, real=real_item, calls=calls):
+            calls[0] += 1
+            return real(self)
+
+        def to_float(self, real=real_float, calls=calls):
+            calls[0] += 1
+            return real(self)
+
+        monkeypatch.setattr(torch.Tensor, "item", item)
+        monkeypatch.setattr(torch.Tensor, "__float__", to_float)
+        x, y = toy_data()
+        finetune(
+            tiny_backbone(),
+            nn.Linear(16, 2),
+            Batches(lambda i: x[i], y, batch_size),
+            batches(x, y),
+            2,
+            FinetuneConfig(
+                depth="full", max_epochs=2, patience=5, pilot_epochs=5, batch_size=batch_size, overfit_steps=0
+            ),
+            device=torch.device("cpu"),
+        )
+        monkeypatch.undo()
+        counts.append(calls[0])
+    assert counts[0] == counts[1]

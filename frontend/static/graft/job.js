@@ -1,4 +1,4 @@
-// Job page: live status, progress with ETA, learning curves, LR, early stopping, sanity, log, results.
+// Job page: live status, progress with ETA, why this plan, learning curves, LR, early stopping, sanity, log, results.
 "use strict";
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -10,6 +10,7 @@ document.addEventListener("DOMContentLoaded", () => {
   let curveChart = null;
   let lrChart = null;
   let shownResults = false;
+  let shownDecisions = false;
 
   function chart(existing, canvas, config) {
     if (existing) {
@@ -33,9 +34,9 @@ document.addEventListener("DOMContentLoaded", () => {
           labels,
           datasets: [
             { label: "train loss", data: epochs.map((r) => r.train_loss), borderColor: "#3d6fd9", yAxisID: "loss" },
-            { label: "val loss", data: epochs.map((r) => r.val_loss), borderColor: "#d9573d", yAxisID: "loss" },
+            { label: "held-out loss", data: epochs.map((r) => r.val_loss), borderColor: "#d9573d", yAxisID: "loss" },
             { label: "train accuracy", data: epochs.map((r) => r.train_accuracy), borderColor: "#3d6fd9", borderDash: [5, 4], yAxisID: "acc" },
-            { label: "val accuracy", data: epochs.map((r) => r.val_accuracy), borderColor: "#d9573d", borderDash: [5, 4], yAxisID: "acc" },
+            { label: "held-out accuracy", data: epochs.map((r) => r.val_accuracy), borderColor: "#d9573d", borderDash: [5, 4], yAxisID: "acc" },
           ],
         },
         options: {
@@ -47,7 +48,9 @@ document.addEventListener("DOMContentLoaded", () => {
           },
         },
       });
-      $("#curve-note").textContent = "Per epoch. Epoch 0 is the linear probe the fine-tune starts from.";
+      $("#curve-note").textContent = "Per epoch. Epoch 0 is the linear probe the fine-tune starts from. " +
+        "Held-out: a slice of the training split set aside; it chooses the epoch to keep. " +
+        "The reported validation accuracy is in the results.";
     } else if (probe.length) {
       const stages = [...new Set(probe.map((r) => r.stage))];
       const palette = ["#3d6fd9", "#d9573d", "#2f9e6e", "#9a5fd0", "#c9a227", "#555"];
@@ -79,7 +82,8 @@ document.addEventListener("DOMContentLoaded", () => {
           },
         },
       });
-      $("#curve-note").textContent = "A linear probe is fitted for several regularisation strengths; the one with the lowest 5-fold cross-validated log loss on the training split is kept.";
+      $("#curve-note").textContent = "For each candidate (stage @ input size) a linear probe is fitted for several regularisation strengths; " +
+        "the one with the lowest cross-validated log loss on the training split is kept.";
     }
   }
 
@@ -102,9 +106,72 @@ document.addEventListener("DOMContentLoaded", () => {
     const last = job.history.filter((r) => r.phase === "finetune").slice(-1)[0];
     if (last) {
       const ft = (job.report && job.report.hyperparameters && job.report.hyperparameters.finetune) || {};
-      $("#early-stopping").textContent = `Early stopping: best epoch ${last.best_epoch} (val accuracy), patience used ${last.patience_used} of ${ft.patience || 3}.` +
+      $("#early-stopping").textContent = `Early stopping: best epoch ${last.best_epoch} (held-out accuracy), patience used ${last.patience_used} of ${ft.patience || 3}.` +
         (ft.stopped ? ` Stopped: ${ft.stopped}.` : "");
     }
+  }
+
+  // The engine's choices between candidates, each with the scores it measured on the training split.
+  function drawDecisions(report) {
+    const decisions = (report && report.decisions) || [];
+    if (shownDecisions || !decisions.length) return;
+    shownDecisions = true;
+    $("#decisions-section").hidden = false;
+    const blocks = decisions.map(decisionBlock);
+    $("#decisions").replaceChildren(...blocks.map((b) => b.node));
+    blocks.forEach((b) => b.canvas && drawScores(b.canvas, b.decision)); // once attached, so it sizes to its box
+  }
+
+  function decisionBlock(d) {
+    const candidates = d.candidates || [];
+    const seconds = (x) => (x == null ? "—" : `${x.toFixed(1)} s`);
+    const rows = candidates.map((c) => {
+      const kept = c.name === d.chosen;
+      return Graft.el("tr", { class: kept ? "kept" : "" },
+        Graft.el("th", { scope: "row" }, ...(kept ? [Graft.el("strong", { text: c.name }), " ✓ kept"] : [c.name])),
+        Graft.el("td", { text: c.score == null ? "not measured" : Graft.pct(c.score) }),
+        Graft.el("td", { text: seconds(c.seconds) }));
+    });
+    const table = Graft.el("table", {},
+      Graft.el("thead", {}, Graft.el("tr", {}, ...["Candidate", "Score", "Time"].map((h) => Graft.el("th", { scope: "col", text: h })))),
+      Graft.el("tbody", {}, ...rows));
+    const node = Graft.el("div", { class: "decision" },
+      Graft.el("h3", { text: `${d.what}: ${d.chosen}` }),
+      Graft.el("p", { text: d.reason || "" }),
+      Graft.el("p", { class: "meta", text: `${d.metric ? `Scores: ${d.metric} · ` : ""}measuring took ${seconds(d.seconds)}` }));
+    let canvas = null;
+    if (d.what === "representation" && candidates.length > 1) {
+      canvas = Graft.el("canvas", { role: "img", "aria-label": `Scores of the ${d.what} candidates (listed in the table below)` });
+      const box = Graft.el("div", { class: "chart" }, canvas);
+      box.style.height = `${Math.max(140, 30 * candidates.length + 50)}px`;
+      node.append(box);
+    }
+    node.append(Graft.el("div", { class: "scroll" }, table));
+    return { node, canvas, decision: d };
+  }
+
+  function drawScores(canvas, d) {
+    const labels = d.candidates.map((c) => (c.name === d.chosen ? `${c.name} ✓ kept` : c.name));
+    new Chart(canvas, {
+      type: "bar",
+      data: {
+        labels,
+        datasets: [{
+          label: "score",
+          data: d.candidates.map((c) => c.score),
+          backgroundColor: d.candidates.map((c) => (c.name === d.chosen ? "#2f9e6e" : "#9aa6bd")),
+        }],
+      },
+      options: {
+        indexAxis: "y", maintainAspectRatio: false, animation: false,
+        plugins: { legend: { display: false }, tooltip: { callbacks: { label: (ctx) => Graft.pct(ctx.raw) } } },
+        scales: {
+          x: { min: 0, max: 1, ticks: { callback: (v) => Graft.pct(v, 0) } },
+          // Long names would squeeze the bars on a phone; the table and the tooltip give them whole.
+          y: { ticks: { callback: (_, i) => (labels[i].length > 26 ? `${labels[i].slice(0, 25)}…` : labels[i]) } },
+        },
+      },
+    });
   }
 
   function drawSanity(report) {
@@ -170,6 +237,7 @@ document.addEventListener("DOMContentLoaded", () => {
     if (job.strategy && job.strategy.name) {
       $("#strategy-line").textContent = `${job.strategy.cell} → ${job.strategy.name}. ${job.strategy.reason || ""}`;
     }
+    drawDecisions(job.report);
     drawCurves(job.history || []);
     drawLr(job);
     drawSanity(job.report);

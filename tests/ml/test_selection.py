@@ -1,0 +1,134 @@
+"""Decisions by measurement: the selection rules (table-driven) and the flip test on toy data."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from ml.backbones import Preprocessing
+from ml.fit import augmentation_decision, flip_decision
+from ml.preprocess import eval_transform
+from ml.run import Run
+from ml.selection import Candidate, Decision, best_of, invariance_holds, keep_if_better, strongest_within
+
+
+def _c(name: str, score: float | None) -> Candidate:
+    return Candidate(name, score)
+
+
+@pytest.mark.parametrize(
+    "scores,expected",
+    [
+        ({"top @ 240": 0.90, "blocks.3 @ 64": 0.95}, "blocks.3 @ 64"),  # a clear winner replaces the incumbent
+        ({"top @ 240": 0.90, "blocks.3 @ 64": 0.904}, "top @ 240"),  # within the margin: the plain probe stays
+        ({"top @ 240": 0.90, "a": 0.80, "b": 0.85}, "top @ 240"),  # nothing beats it
+        ({"top @ 240": None, "a": 0.50}, "a"),  # an incumbent that could not be measured loses
+        ({"top @ 240": 0.90, "a": None}, "top @ 240"),
+        ({"top @ 240": 0.90}, "top @ 240"),  # alone
+    ],
+)
+def test_best_of_keeps_the_incumbent_unless_clearly_beaten(scores, expected):
+    candidates = [_c(n, s) for n, s in scores.items()]
+    assert best_of(candidates, incumbent="top @ 240", margin=0.005) == expected
+
+
+def test_best_of_needs_its_incumbent():
+    with pytest.raises(ValueError, match="incumbent"):
+        best_of([_c("a", 1.0)], incumbent="b", margin=0.0)
+
+
+@pytest.mark.parametrize(
+    "clean,transformed,holds",
+    [(0.95, 0.95, True), (0.95, 0.94, True), (0.95, 0.93, True), (0.95, 0.92, False), (0.98, 0.31, False)],
+)
+def test_invariance_holds_within_tolerance(clean, transformed, holds):
+    assert invariance_holds(clean, transformed, tolerance=0.02) is holds
+
+
+@pytest.mark.parametrize(
+    "levels,expected",
+    [
+        ([0.97, 0.95, 0.93], "strong"),  # every level read within 5 points of clean (0.97)
+        ([0.97, 0.90, 0.95], "strong"),  # the strongest that holds, even past a weaker one that does not
+        ([0.97, 0.67, 0.53], "light"),  # digits: crops and colour ops change the class
+        ([0.50, 0.40, 0.30], "light"),  # none holds: the mildest
+        ([0.96, 0.93, None], "medium"),  # a level that could not be measured is skipped
+    ],
+)
+def test_strongest_augmentation_within_tolerance(levels, expected):
+    candidates = [_c(n, s) for n, s in zip(("light", "medium", "strong"), levels, strict=True)]
+    assert strongest_within(candidates, 0.97, tolerance=0.05) == expected
+
+
+@pytest.mark.parametrize("base,new,keep", [(0.90, 0.91, True), (0.90, 0.90, False), (0.90, 0.89, False)])
+def test_extras_are_kept_only_if_they_measure_better(base, new, keep):
+    assert keep_if_better(base, new) is keep
+
+
+def test_decision_serialises_with_its_cost():
+    d = Decision("flip", "no flip", (Candidate("as is", 0.98765, 1.25), Candidate("mirrored", 0.3, 0.5)), "why", "m")
+    out = d.to_dict()
+    assert out["seconds"] == 1.75 and out["candidates"][0]["score"] == 0.9877 and out["chosen"] == "no flip"
+
+
+# --- the flip test on toy data ------------------------------------------------------------------
+
+PREP = Preprocessing(16, 16, (0.5,) * 3, (0.5,) * 3)
+
+
+class Halves(nn.Module):
+    """Features: mean brightness of the left and the right half (or, transposed, top and bottom)."""
+
+    def __init__(self, transpose: bool) -> None:
+        super().__init__()
+        self.transpose = transpose
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.transpose(2, 3) if self.transpose else x
+        w = x.shape[3] // 2
+        return torch.stack([x[..., :w].mean((1, 2, 3)), x[..., w:].mean((1, 2, 3))], 1)
+
+
+def toy_probe(axis: str) -> nn.Sequential:
+    """A stand-in probe: class 0 when the left (top) half is brighter, class 1 when the right (bottom) is.
+    Reading left vs right, a mirror swaps its answers; reading top vs bottom, it does not."""
+    head = nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[10.0, -10.0], [-10.0, 10.0]]))
+        head.bias.zero_()
+    return nn.Sequential(Halves(transpose=axis == "top"), head)
+
+
+def _images(axis: str, n: int = 32) -> tuple[list[Image.Image], np.ndarray]:
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 2
+    out = []
+    for y in labels:
+        a = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+        half = (slice(None), slice(8 * y, 8 * y + 8)) if axis == "side" else (slice(8 * y, 8 * y + 8), slice(None))
+        a[half] += 150
+        out.append(Image.fromarray(a))
+    return out, labels
+
+
+@pytest.mark.parametrize("axis,holds", [("side", False), ("top", True)])
+def test_flip_test_detects_mirror_sensitive_data(axis, holds):
+    images, labels = _images(axis)
+    run = Run()
+    got = flip_decision(run, toy_probe(axis), images.__getitem__, labels, eval_transform(PREP), torch.device("cpu"))
+    assert got is holds
+    decision = run.decisions[-1]
+    scores = {c.name: c.score for c in decision.candidates}
+    assert scores["no flip"] == 1.0
+    assert (scores["flip"] == 0.0) is not holds
+    assert decision.chosen == ("flip" if holds else "no flip")
+
+
+def test_augmentation_decision_reports_every_level():
+    images, labels = _images("top")
+    run = Run()
+    level = augmentation_decision(run, toy_probe("top"), images.__getitem__, labels, PREP, False, torch.device("cpu"))
+    decision = run.decisions[-1]
+    assert [c.name for c in decision.candidates] == ["clean", "light", "medium", "strong"]
+    assert level == decision.chosen and level in ("light", "medium", "strong")
