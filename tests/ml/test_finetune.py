@@ -259,7 +259,7 @@ def test_training_reads_the_device_once_per_epoch_not_per_step(monkeypatch):
         finetune(
             tiny_backbone(),
             nn.Linear(16, 2),
-            Batches(lambda i: x[i], y, batch_size),
+            batches(x, y, batch_size),
             batches(x, y),
             2,
             FinetuneConfig(
