@@ -55,7 +55,8 @@ def train_transform(
         steps.append(T.RandomHorizontalFlip())
     steps.append(T.ColorJitter(**_JITTER[level]))
     if level == "strong":
-        steps.append(T.TrivialAugmentWide(interpolation=interpolation))
+        # Bilinear: on tensors torchvision's rotate and shear refuse bicubic.
+        steps.append(T.TrivialAugmentWide(interpolation=T.InterpolationMode.BILINEAR))
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(prep.mean, prep.std)]
     description = {
         "level": level,
