@@ -48,7 +48,7 @@ class FinetuneConfig:
     depth: str = "partial"  # partial: the top stages + head; full: every stage + head
     max_epochs: int = 15
     patience: int = 3  # epochs without a better held-out score before stopping
-    pilot_epochs: int = 2  # when none of these beats the probe on the held-out slice, stop: it will not pay
+    pilot_epochs: int = 3  # when none of these beats the probe on the held-out slice, stop: it will not pay
     batch_size: int = 32
     warmup_epochs: float = 1.0
     # The recipe lets a *new* head learn faster; ours starts as the fitted probe, already at its

@@ -139,6 +139,8 @@ class ChosenProbe:
     stage: str
     probe: ProbeFit  # fitted on the whole training split
     n_train: int
+    # Every candidate (input size, stage) and its pilot score: the fine-tune may start from another.
+    ranking: dict[str, tuple[Representation, str, Candidate]] = field(default_factory=dict)
 
     @property
     def X_train(self) -> np.ndarray:
@@ -171,13 +173,14 @@ def fit(
         reps, plan = measure(run, backbone, data, config, device)
     with run.phase("fit"):
         chosen = choose_probe(run, reps, data, plan, config)
-        model, val_logits, report = train(run, backbone, chosen, data, plan, config, device)
+        model, prep, val_logits, report = train(run, backbone, chosen, data, plan, config, device)
+        report["hyperparameters"]["input"] = {"size": prep.input_size}
         metrics = classification_metrics(val_logits, data.y_val, data.classes, names=[s.member for s in data.val])
         metrics["num_train"] = len(data.train)
     for check in report["sanity"]:
         run.say(f"sanity {check['check']}: {'ok' if check['ok'] else 'FAILED'} ({check['detail']})")
     with run.phase("export"):
-        bundle_zip = _export(out_dir, model, chosen.rep.prep, data, backbone, plan, metrics, report, run, config)
+        bundle_zip = _export(out_dir, model, prep, data, backbone, plan, metrics, report, run, config)
         run.report("export", 1, 1)
     run.timings["total"] = sum(run.timings.values())
     return FitResult(
@@ -186,7 +189,7 @@ def fit(
         metrics=metrics,
         timings={k: round(v, 3) for k, v in run.timings.items()},
         artifacts={"bundle": str(bundle_zip), "bundle_dir": str(out_dir / "bundle")},
-        preprocessing=asdict(chosen.rep.prep),
+        preprocessing=asdict(prep),
         device=str(device),
         history=report["history"],
         sanity=report["sanity"],
@@ -335,7 +338,7 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
     if len(options) > 1:
         idx = _subsample(data.y_train, PILOT_IMAGES, config.seed)
         pilot = len(idx) < n
-        candidates = []
+        candidates: list[Candidate] = []
         for i, (name, (rep, stage)) in enumerate(options.items()):
             with _timer() as t:
                 fitted = fit_probe(
@@ -356,13 +359,14 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
         )
     else:
         chosen_name = incumbent
+        candidates = [Candidate(incumbent, None)]
     rep, stage = options[chosen_name]
     probe = fit_probe(rep.feats[stage][:n], data.y_train, k, seed=config.seed)
     history += [{"phase": "probe", "stage": chosen_name, **r} for r in probe.history]
     run.report("fit", len(options), len(options) + 1)
     run.say(f"probe: {chosen_name}, C={probe.C:g}")
-    chosen = ChosenProbe(rep, stage, replace(probe, history=history), n)
-    return chosen
+    ranking = {c.name: (*options[c.name], c) for c in candidates}
+    return ChosenProbe(rep, stage, replace(probe, history=history), n, ranking)
 
 
 def _name(stage: str, rep: Representation) -> str:
@@ -389,13 +393,12 @@ def _cv_best(probe: ProbeFit) -> float | None:
 
 def train(
     run: Run, backbone: Backbone, chosen: ChosenProbe, data: Data, plan: Plan, config: FitConfig, device
-) -> tuple[nn.Module, torch.Tensor, dict]:
-    """(model, validation logits, report) for the plan: the chosen probe, or a fine-tune started from it."""
+) -> tuple[nn.Module, Preprocessing, torch.Tensor, dict]:
+    """(model, its preprocessing, validation logits, report): the chosen probe, or a fine-tune that beats it."""
     k = len(data.classes)
     sanity = _probe_sanity(chosen.probe, chosen.X_train, data.y_train, k)
     hyper: dict = {
         "probe": {"stage": chosen.stage, "C": chosen.probe.C, "class_weight": "balanced", "cv_folds": 5},
-        "input": {"size": chosen.rep.prep.input_size},
     }
     report = {"history": list(chosen.probe.history), "sanity": sanity, "hyperparameters": hyper, "lr_range": None}
     probe_net = probe_model(backbone, chosen.probe.linear, chosen.stage)
@@ -405,16 +408,23 @@ def train(
     if depth is None:
         if config.lr_find:
             run.say(f"LR range test skipped: the '{plan.name}' plan fits a probe, with no learning rate to choose")
-        return probe_net.eval(), probe_logits, report
+        return probe_net.eval(), chosen.rep.prep, probe_logits, report
 
-    # A held-out slice of train selects; the fine-tune starts from a probe that has not seen it.
+    # A held-out slice of train selects. The fine-tune starts from the best probe at the cheapest
+    # input size (fine-tuning adapts the filters to the scale, and compute grows with its square),
+    # refitted without the held-out images; the chosen probe is scored on the same slice.
     fit_idx, hold_idx = _holdout(data.y_train, config.seed)
-    head = fit_probe_at(chosen.X_train[fit_idx], data.y_train[fit_idx], k, C=chosen.probe.C, seed=config.seed)
-    prep = chosen.rep.prep
+    y_fit, y_hold = data.y_train[fit_idx], data.y_train[hold_idx]
+    probe_hold = _holdout_accuracy(chosen.X_train, data.y_train, fit_idx, hold_idx, k, chosen.probe.C, config.seed)
+    ft_rep, ft_stage, ft_c = _finetune_start(chosen)
+    X_ft = ft_rep.feats[ft_stage][: len(data.train)]
+    head = fit_probe_at(X_ft[fit_idx], y_fit, k, C=ft_c, seed=config.seed)
+    prep = ft_rep.prep
+    run.say(f"fine-tune candidate starts from the probe on {_name(ft_stage, ft_rep)}")
     source = _ImageSource(data.archive, data.train + data.val, prep)
     clean = eval_transform(prep)
-    hold = Batches(lambda i: clean(source.image(hold_idx[i])), data.y_train[hold_idx], 64)
-    start = probe_model(backbone, head, chosen.stage).to(device, memory_format=torch.channels_last)
+    hold = Batches(lambda i: clean(source.image(hold_idx[i])), y_hold, 64)
+    start = probe_model(backbone, head, ft_stage).to(device, memory_format=torch.channels_last)
     sample = hold_idx[:INVARIANCE_SAMPLE]
     held_out = lambda i: source.image(sample[i])  # noqa: E731
     flip = config.hflip and flip_decision(run, start, held_out, data.y_train[sample], clean, device)
@@ -426,7 +436,7 @@ def train(
 
     def batches_for(epoch: int) -> Batches:
         augment = augments["light" if epoch == 1 else level][0]  # no augmentation shock on the first pass
-        return Batches(lambda i: augment(source.image(fit_idx[i])), data.y_train[fit_idx], ft_config.batch_size)
+        return Batches(lambda i: augment(source.image(fit_idx[i])), y_fit, ft_config.batch_size)
 
     ft_config = FinetuneConfig(
         depth=depth, max_epochs=config.max_epochs, patience=config.patience, budget=config.budget
@@ -434,7 +444,7 @@ def train(
     units = config.max_epochs * len(fit_idx)
     if config.lr_find:
         report["lr_range"] = lr_range_test(
-            backbone, head, batches_for(2), k, ft_config, device, seed=config.seed, stage=chosen.stage
+            backbone, head, batches_for(2), k, ft_config, device, seed=config.seed, stage=ft_stage
         )
         run.say(
             f"LR range test: steepest descent at {report['lr_range']['suggested_lr']:.2e} "
@@ -452,39 +462,57 @@ def train(
         )
 
     result = finetune(
-        backbone, head, batches_for, hold, k, ft_config, stage=chosen.stage, device=device, seed=config.seed,
+        backbone, head, batches_for, hold, k, ft_config, stage=ft_stage, device=device, seed=config.seed,
         on_epoch=on_epoch, on_step=lambda seen, total: run.report("fit", epochs_done[0] * total + seen, units),
     )  # fmt: skip
     report["sanity"] = sanity + result.sanity
     hyper["finetune"] = {**result.hyperparameters, "best_epoch": result.best_epoch, "stopped": result.stopped}
     run.say(f"fine-tuning stopped: {result.stopped}; best epoch {result.best_epoch} restored")
-    rows = [r for r in result.history if r["epoch"] > 0]
-    best = result.history[result.best_epoch]
+    tuned = result.best_epoch > 0
+    tuned_acc = result.history[result.best_epoch]["val_accuracy"] if tuned else None
+    keep = tuned and keep_if_better(probe_hold, tuned_acc)
     run.decide(
         Decision(
             "finetune",
-            f"{depth} fine-tune" if result.best_epoch > 0 else "probe",
+            f"{depth} fine-tune" if keep else "probe",
             (
-                Candidate("probe", result.history[0]["val_accuracy"]),
+                Candidate("probe", probe_hold, 0.0, {"model": _name(chosen.stage, chosen.rep)}),
                 Candidate(
                     f"{depth} fine-tune",
-                    best["val_accuracy"] if rows else None,
+                    tuned_acc,
                     result.hyperparameters["train_seconds"],
-                    {"epochs": len(rows), "best_epoch": result.best_epoch},
+                    {"model": _name(ft_stage, ft_rep), "best_epoch": result.best_epoch},
                 ),
             ),  # fmt: skip
-            result.stopped,
+            result.stopped
+            + ("" if keep or not tuned else "; its best epoch did not beat the chosen probe, which is kept"),
             metric=f"accuracy on {len(hold_idx)} held-out training images",
         )
     )
-    model = result.model if result.best_epoch > 0 else probe_net  # else: the probe refitted on all of train
-    if flip:
-        model = _tta_decision(run, model, hold, device)
-    if model is probe_net:
-        return probe_net.eval(), probe_logits, report
+    if not keep:  # the chosen probe, fitted on the whole training split
+        return probe_net.eval(), chosen.rep.prep, probe_logits, report
+    model = _tta_decision(run, result.model, hold, device) if flip else result.model
     val = Batches(lambda i: clean(source.image(len(data.train) + i)), data.y_val, 64)
     val_logits, _ = predict_logits(model, val, device)
-    return model, val_logits, report
+    return model, prep, val_logits, report
+
+
+def _finetune_start(chosen: ChosenProbe) -> tuple[Representation, str, float]:
+    """(features, stage, C) of the best-ranked probe at the smallest candidate input size."""
+    smallest = min(rep.prep.input_size for rep, _, _ in chosen.ranking.values()) if chosen.ranking else None
+    if smallest is None or smallest == chosen.rep.prep.input_size:
+        return chosen.rep, chosen.stage, chosen.probe.C
+    options = [(c.score if c.score is not None else -1.0, rep, stage, c) for rep, stage, c in chosen.ranking.values()]
+    _, rep, stage, c = max((o for o in options if o[1].prep.input_size == smallest), key=lambda o: o[0])
+    return rep, stage, c.detail.get("C", chosen.probe.C)
+
+
+def _holdout_accuracy(X, y, fit_idx, hold_idx, num_classes: int, C: float, seed: int) -> float:
+    """Accuracy on the held-out slice of a probe refitted without it (features already cached)."""
+    linear = fit_probe_at(X[fit_idx], y[fit_idx], num_classes, C=C, seed=seed)
+    with torch.no_grad():
+        pred = linear(torch.from_numpy(X[hold_idx])).argmax(1).numpy()
+    return float((pred == y[hold_idx]).mean())
 
 
 class FlipAverage(nn.Module):
