@@ -46,6 +46,7 @@ from ml.run import Progress, ProgressFn, Run
 from ml.runtime import tune_allocator
 from ml.selection import Candidate, Decision, best_of, invariance_holds, keep_if_better, strongest_within
 from ml.similarity import BatchNormStats, Similarity, head_entropy, similarity_score
+from ml.strategy import REGISTRY as PLAN_REGISTRY
 from ml.strategy import SIZE_BOUNDARY, STRATEGIES, Plan, decide, finetune_depth
 
 SIMILARITY_SAMPLE = 256  # images whose BN statistics measure similarity (train split first)
@@ -330,7 +331,7 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
     """
     n, k = len(data.train), len(data.classes)
     stages = [TOP]
-    if config.strategy == "stages" or (config.strategy == "auto" and plan.cell.endswith("different")):
+    if PLAN_REGISTRY[plan.name].stage_probes:
         stages += [s for s in reps[-1].feats if s != TOP]
     options = {_name(stage, rep): (rep, stage) for rep in reps for stage in stages}
     incumbent = _name(TOP, reps[-1])  # the native size is always last

@@ -9,45 +9,71 @@ from ml.similarity import SIMILARITY_THRESHOLD, Similarity
 
 SIZE_BOUNDARY = 300  # training images per class; at or above is "large"
 
-# cell -> strategy: linear probe on top features; linear probes on several stages (best kept);
-# fine-tune the top stages; fine-tune most or all stages.
-PLANS = {
-    "small-similar": "linear",
-    "small-different": "stages",
-    "large-similar": "partial",
-    "large-different": "full",
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """One plan of the matrix: where it is the prior, what runs, and what it may spend."""
+
+    name: str  # what users pick (API, CLI, UI)
+    cell: str  # the matrix cell it is the prior for
+    label: str  # what runs, in a few words
+    why: str  # the end of the reason sentence
+    stage_probes: bool  # intermediate stages are probe candidates beside the top layer
+    # The fine-tune candidate's depth (or None: probes only). A fine-tune still has to earn its keep:
+    # it must beat the chosen probe on a held-out slice of the training split (ml.fit.train).
+    finetune: str | None
+
+
+# The registry: adding a plan means one entry here (the engine reads only these fields).
+REGISTRY: dict[str, PlanSpec] = {
+    p.name: p
+    for p in (
+        PlanSpec(
+            "linear",
+            "small-similar",
+            "Linear probe on the top layer",
+            "few images that look like ImageNet, so the pretrained top-layer features already separate them: "
+            "a linear probe",
+            stage_probes=False,
+            finetune=None,
+        ),
+        PlanSpec(
+            "stages",
+            "small-different",
+            "Linear probes on several stages; best kept; a fine-tune if its pilot pays",
+            "few images unlike ImageNet, so the top layer may be too specialised: linear probes on several "
+            "stages, best kept, and a fine-tune of the top stages if a pilot shows it pays",
+            stage_probes=True,
+            finetune="partial",
+        ),
+        PlanSpec(
+            "partial",
+            "large-similar",
+            "Fine-tune the top stages",
+            "plenty of ImageNet-like images: fine-tune the top stages at 1/10 of the original learning rate",
+            stage_probes=False,
+            finetune="partial",
+        ),
+        PlanSpec(
+            "full",
+            "large-different",
+            "Fine-tune most or all stages",
+            "plenty of images unlike ImageNet: fine-tune most of the network at 1/10 of the original learning rate",
+            stage_probes=True,
+            finetune="full",
+        ),
+    )
 }
-STRATEGIES = ("auto", "linear", "stages", "partial", "full")
-# How much compute the matrix lets a fine-tune candidate spend per cell: its depth, or None for
-# probes only. A fine-tune candidate still has to earn its keep: its pilot epochs must beat the
-# probe on a held-out slice of the training split (ml.finetune), or the probe is returned.
-FINETUNE_DEPTH = {
-    "small-similar": None,
-    "small-different": "partial",
-    "large-similar": "partial",
-    "large-different": "full",
-}
+PLANS = {p.cell: p.name for p in REGISTRY.values()}  # cell -> the plan it runs by default
+STRATEGIES = ("auto", *REGISTRY)
 
 
 def finetune_depth(plan: Plan, override: str = "auto") -> str | None:
-    """The fine-tune candidate's depth for this plan: the user's choice, else the cell's allowance."""
+    """The fine-tune candidate's depth: the cell's allowance; when the user picked a plan, that plan's
+    own (a probe plan they picked means probes only)."""
     if override != "auto":
-        return override if override in ("partial", "full") else None
-    return FINETUNE_DEPTH[plan.cell]
-
-
-_WHY = {
-    "small-similar": (
-        "few images that look like ImageNet, so the pretrained top-layer features already separate them: a linear probe"
-    ),
-    "small-different": (
-        "few images unlike ImageNet, so the top layer is too specialised: linear probes on several stages, best kept"
-    ),
-    "large-similar": "plenty of ImageNet-like images: fine-tune the top stages at 1/10 of the original learning rate",
-    "large-different": (
-        "plenty of images unlike ImageNet: fine-tune most of the network at 1/10 of the original learning rate"
-    ),
-}
+        return override if REGISTRY[override].finetune == override else None
+    return REGISTRY[plan.name].finetune
 
 
 @dataclass(frozen=True)
@@ -95,7 +121,7 @@ def decide(
     if override != "auto":
         name, reason = override, f"Strategy '{override}' chosen by the user; the data reads {cell}: {facts}."
     else:
-        name, reason = PLANS[cell], f"{cell}: {facts}; {_WHY[cell]}."
+        name, reason = PLANS[cell], f"{cell}: {facts}; {REGISTRY[PLANS[cell]].why}."
     if name not in available:
         reason += f" '{name}' is not available in this build, so a linear probe runs instead."
         name = "linear"

@@ -28,13 +28,8 @@ from apps.training.services import job_create
 from ml.backbones import DEFAULT_BACKBONE, available_backbones
 from ml.images import ImageDecodeError, decode_rgb
 from ml.strategy import PLANS, SIZE_BOUNDARY, STRATEGIES
+from ml.strategy import REGISTRY as PLAN_REGISTRY
 
-PLAN_LABELS = {
-    "linear": "Linear probe on the top layer",
-    "stages": "Linear probes on several stages; best kept",
-    "partial": "Fine-tune the top stages",
-    "full": "Fine-tune most or all stages",
-}
 THUMB_SIDE = 160
 THUMBS_PER_CLASS = 12
 
@@ -102,7 +97,7 @@ def _dataset_context(dataset, error: str = "") -> dict:
         "thumbs": sorted(thumbs.items()),
         "assessment": assessment,
         # The 2x2 matrix in reading order: cell and what runs there (ml.strategy.PLANS).
-        "matrix": [(cell, PLAN_LABELS[plan]) for cell, plan in PLANS.items()],
+        "matrix": [(cell, PLAN_REGISTRY[plan].label) for cell, plan in PLANS.items()],
         "dataset": dataset,
         "strategies": STRATEGIES,
         "backbones": sorted(backbones.items()),

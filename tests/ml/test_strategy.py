@@ -56,3 +56,29 @@ def test_score_orders_similar_above_different():
     uniform = head_entropy(torch.zeros(1, 1000))
     assert confident < 0.01 and abs(uniform - 1.0) < 1e-9
     assert similarity_score([0.06, 0.05, 4.0], 0.23).score > 0.5 > similarity_score([1.1, 0.9, 200.0], 0.78).score
+
+
+@pytest.mark.parametrize(
+    "score,ipc,override,depth",
+    [
+        (0.8, 100, "auto", None),  # small-similar: probes only
+        (0.2, 100, "auto", "partial"),  # small-different: a partial fine-tune may earn its keep
+        (0.8, 500, "auto", "partial"),
+        (0.2, 500, "auto", "full"),
+        (0.2, 500, "linear", None),  # a probe plan the user picked means probes only
+        (0.2, 100, "stages", None),
+        (0.8, 100, "full", "full"),
+    ],
+)
+def test_the_matrix_sets_the_finetune_allowance(score, ipc, override, depth):
+    from ml.strategy import finetune_depth
+
+    plan = decide(ipc, _sim(score), override=override)
+    assert finetune_depth(plan, override) == depth
+
+
+def test_every_cell_has_one_registered_plan():
+    from ml.strategy import PLANS, REGISTRY, STRATEGIES
+
+    assert sorted(PLANS) == ["large-different", "large-similar", "small-different", "small-similar"]
+    assert STRATEGIES == ("auto", *REGISTRY) and all(REGISTRY[p].cell == c for c, p in PLANS.items())
