@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ml.backbones import Preprocessing
-from ml.bundle import ExportError, check_onnx_parity, export_onnx, unpack_bundle, write_bundle
+from ml.bundle import ExportError, check_onnx_parity, export_onnx, export_torchscript, unpack_bundle, write_bundle
 from ml.predict import Predictor
 from tests.conftest import image_bytes
 
@@ -116,3 +116,25 @@ def test_onnx_parity_check_rejects_a_different_model(tmp_path):
     export_onnx(tiny_model(0), prep, tmp_path / "model.onnx")
     with pytest.raises(ExportError, match="disagrees"):
         check_onnx_parity(tiny_model(1), tmp_path / "model.onnx", prep.input_size)
+
+
+def test_flip_tta_model_exports_and_averages_the_mirror(tmp_path):
+    from ml.fit import with_flip_average
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = nn.Sequential(body, nn.Linear(4, 3)).eval()
+    tta = with_flip_average(model).eval()
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        expected = (model(x) + model(x.flip(3))) / 2  # the head is linear: averaged features = averaged logits
+        torch.testing.assert_close(tta(x), expected)
+    prep = Preprocessing(input_size=24, resize_size=28, mean=(0.5,) * 3, std=(0.25,) * 3)
+    info = export_onnx(tta, prep, tmp_path / "model.onnx")
+    assert info["max_abs_diff"] < 1e-4
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"image": x.numpy()})
+    np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4)
+    export_torchscript(tta, prep, tmp_path / "model.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(tmp_path / "model.pt")(x), expected, atol=1e-5, rtol=1e-5)
