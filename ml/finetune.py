@@ -40,7 +40,8 @@ from ml.backbones import Backbone, BackboneSpec
 from ml.features import TOP, GridPool, iter_batches
 
 EpochFn = Callable[[dict], None]
-StepFn = Callable[[int, int], None]
+StepFn = Callable[[int, int, int], None]  # (epoch, images seen in it, images per epoch)
+RangeStepFn = Callable[[int, int], None]  # (steps done, steps)
 
 
 @dataclass
@@ -55,9 +56,9 @@ class FinetuneConfig:
     # optimum for the frozen features, and a 10x rate knocked it off (cats vs dogs: 0.99 -> 0.965
     # after one epoch; at 1x it reaches 0.995).
     head_lr_multiplier: float = 1.0
-    lr_multiplier: float = 1.0  # on top of the recipe's rule (a measured choice may move it)
+    lr_multiplier: float = 1.0  # on top of the recipe's rule
     weight_decay: float = 1e-4
-    ema_decay: float | None = 0.998  # per step; None: no weight averaging
+    ema: bool = True  # also score an exponential moving average of the weights (over about one epoch)
     budget: float | None = None  # seconds of fine-tuning; None = only max_epochs bounds it
     overfit_steps: int = 25  # sanity check: steps on one small batch (0: skip)
 
@@ -186,8 +187,14 @@ def check_loss_decreases(report: SanityReport, losses: Sequence[float]) -> None:
     if len(losses) < 2:
         report.add("loss_decreases", True, "fewer than two epochs: nothing to compare")
         return
-    ok = losses[-1] < losses[0]
-    report.add("loss_decreases", ok, f"train loss {losses[0]:.4f} (first epoch) -> {losses[-1]:.4f} (last)")
+    # Later epochs run stronger augmentation than the first, so the last epoch may sit above the
+    # lowest: the check is that training brought the loss below where it started at some point.
+    low = min(losses[1:])
+    report.add(
+        "loss_decreases",
+        low < losses[0],
+        f"train loss {losses[0]:.4f} (first epoch) -> lowest later {low:.4f}, last {losses[-1]:.4f}",
+    )
 
 
 def check_overfits_a_batch(
@@ -203,18 +210,21 @@ def check_overfits_a_batch(
 ) -> None:
     """Karpathy's "overfit one batch", on a copy of the model actually fine-tuned.
 
-    The head is zeroed, so the first loss must be ln(C) exactly (a wrong label
-    mapping or mangled inputs show here), and the same trainable layers, loss and
-    optimizer family, at a raised learning rate, must then drive the loss on this one
-    batch to near zero (frozen or detached layers, a dead LR or a broken loss show here).
+    The head is re-initialised small, so the first loss must be near ln(C) (mangled or
+    unnormalised inputs show here), and the same trainable layers, loss and optimizer
+    family, at a raised learning rate, must then drive the loss on this one batch to near
+    zero (frozen or detached layers, a dead LR or a broken loss show here).
     """
     ids = {id(p) for p in params}
     names = {n for n, p in model.named_parameters() if id(p) in ids}
     model = copy.deepcopy(model)
     head = model[-1]
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
+    with torch.no_grad():  # a fresh head, small on standardised features: initial loss ~ ln C
+        feats = model[:-1].eval()(x).float()
+        mean = feats.mean(0)
+        rms = (feats - mean).pow(2).mean().sqrt().clamp_min(1.0)  # shrink only for large features
+        head.weight.copy_(torch.randn_like(head.weight) * 0.01 / rms)
+        head.bias.copy_(-head.weight @ mean)
     trainable = [p for n, p in model.named_parameters() if n in names and not n.startswith(f"{len(model) - 1}.")]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -232,7 +242,7 @@ def check_overfits_a_batch(
         opt.step()
     with torch.no_grad():
         final = nn.functional.cross_entropy(model.eval()(x).float(), y).item()
-    check_initial_loss(report, losses[0], num_classes, 0.01)
+    check_initial_loss(report, losses[0], num_classes, 0.25)
     ok = math.isfinite(final) and final < 0.1 * math.log(num_classes)
     report.add("overfits_one_batch", ok, f"{len(y)} images, {steps} steps: loss {losses[0]:.3f} -> {final:.4f}")
 
@@ -298,7 +308,7 @@ def finetune(
     loss_fn = nn.CrossEntropyLoss(weight=class_weight)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     ema_decay = min(0.999, max(0.9, 1 - 1 / steps_per_epoch))  # averages over about one epoch
-    ema = _ema(model, ema_decay) if config.ema_decay else None
+    ema = _ema(model, ema_decay) if config.ema else None
     sanity = SanityReport()
     hyper = {
         "depth": config.depth,
@@ -368,7 +378,8 @@ def finetune(
             loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            before = [p.detach().clone() for p in trainable] if seen == 0 else None
+            # One step's update, mid-epoch (the run's first step has LR 0 under warmup).
+            before = [p.detach().clone() for p in trainable] if step % steps_per_epoch == steps_per_epoch // 2 else None
             scaler.step(optimizer)
             scaler.update()
             if before is not None:
@@ -381,7 +392,7 @@ def finetune(
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
             if on_step:
-                on_step(seen, n_train)
+                on_step(epoch, seen, n_train)
         epoch_loss = float(loss_sum) / max(1, seen)
         if not math.isfinite(epoch_loss):
             sanity.add("finite_loss", False, f"loss became {epoch_loss} in epoch {epoch}")
@@ -410,14 +421,14 @@ def finetune(
         history.append({**row, "weights": source, "update_ratio": ratio, "images_per_s": round(seen / seconds, 1)})
         if on_epoch:
             on_epoch(history[-1])
-        if stop:
-            stopped = f"early stopping: no better held-out accuracy for {config.patience} epochs"
-            break
         if epoch >= config.pilot_epochs and stopper.best_epoch == 0:
             stopped = (
                 f"pilot: {epoch} epoch(s) did not beat the probe on the held-out slice "
                 f"({val_acc:.4f} vs {history[0]['val_accuracy']:.4f}), so fine-tuning would not pay here"
             )
+            break
+        if stop:
+            stopped = f"early stopping: no better held-out accuracy for {config.patience} epochs"
             break
         if config.budget is not None and epoch == 1:
             fit_in = max(1, int(config.budget // seconds))
@@ -533,7 +544,7 @@ def lr_range_test(
     steps: int = 40,
     seed: int = 0,
     stage: str = TOP,
-    on_step: StepFn | None = None,
+    on_step: RangeStepFn | None = None,
 ) -> dict:
     """Leslie Smith's range test with the fine-tune's own setup, on copies of the weights.
 

@@ -13,6 +13,7 @@ events; raising `ml.errors.Cancelled` from it stops the fit cleanly.
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -32,6 +33,7 @@ from ml.features import TOP, ZipImages, extract_stage_features
 from ml.finetune import (
     Batches,
     FinetuneConfig,
+    FinetuneResult,
     SanityReport,
     check_initial_loss,
     evaluate,
@@ -50,11 +52,13 @@ from ml.strategy import REGISTRY as PLAN_REGISTRY
 from ml.strategy import SIZE_BOUNDARY, STRATEGIES, Plan, decide, finetune_depth
 
 SIMILARITY_SAMPLE = 256  # images whose BN statistics measure similarity (train split first)
-# Another input size or stage must beat the plain top-layer probe at the native input by this much
-# (cross-validated accuracy) to replace it: ties go to the plain probe.
+# Another input size or stage must beat the plain top-layer probe at the native input by more than
+# twice the standard error of the CV accuracy (and at least this much) to replace it.
 PROBE_MARGIN = 0.005
 PILOT_IMAGES = 1500  # candidate probes are ranked on at most this many training images (3-fold CV)
 HOLDOUT_FRACTION = 0.1  # of train, held out for the fine-tune's selection and the invariance tests
+MIN_HOLDOUT = 50  # held-out images at least (where train has 200+)
+LR_MULTIPLIERS = (1.0, 0.25)  # fine-tune learning rates tried, on the recipe's rule, until a pilot pays
 INVARIANCE_SAMPLE = 256  # held-out images the flip and augmentation tests read
 FLIP_TOLERANCE = 0.02  # accuracy a mirror may cost the probe and still count as an invariance
 AUGMENT_TOLERANCE = 0.05  # accuracy an augmentation level's views may cost the probe
@@ -264,7 +268,9 @@ def measure(
 
         with _timer() as t:
             if prep == native:
-                feats, similarity = _native_pass(backbone, data.archive, members, taps, device, config, tick)
+                feats, similarity = _native_pass(
+                    backbone, data.archive, members, len(data.train), taps, device, config, tick
+                )
             else:
                 feats = extract_stage_features(
                     backbone, data.archive, members, taps=taps, batch_size=config.batch_size,
@@ -278,14 +284,16 @@ def measure(
     return reps, plan
 
 
-def _native_pass(backbone, archive, members, taps, device, config, tick=None) -> tuple[dict, Similarity]:
-    """Features at the native input, with the BatchNorm statistics of the first training images."""
-    with BatchNormStats(backbone.body, max_images=SIMILARITY_SAMPLE) as stats:
+def _native_pass(backbone, archive, members, n_train, taps, device, config, tick=None) -> tuple[dict, Similarity]:
+    """Features at the native input, and the similarity measured on the first training images
+    (`members` starts with the `n_train` training images; the validation images never count)."""
+    n = min(SIMILARITY_SAMPLE, n_train)
+    with BatchNormStats(backbone.body, max_images=n) as stats:
         feats = extract_stage_features(
             backbone, archive, members, taps=taps, batch_size=config.batch_size, device=device, progress=tick
         )
     with torch.no_grad():
-        logits = backbone.imagenet_head.cpu()(torch.from_numpy(feats[TOP][:SIMILARITY_SAMPLE]))
+        logits = backbone.imagenet_head.cpu()(torch.from_numpy(feats[TOP][:n]))
     return feats, similarity_score(stats.divergence(), head_entropy(logits))
 
 
@@ -308,7 +316,7 @@ def assess(
     train, _ = _split(index, val_fraction, seed)
     bb = create_backbone(backbone)
     members = [s.member for s in train[:SIMILARITY_SAMPLE]]
-    _, similarity = _native_pass(bb, archive, members, [], _device(device), FitConfig())
+    _, similarity = _native_pass(bb, archive, members, len(members), [], _device(device), FitConfig())
     return decide(len(train) / len(index.classes), similarity, boundary=size_boundary)
 
 
@@ -348,13 +356,15 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
             history += [{"phase": "probe", "stage": name, **r} for r in fitted.history]
             candidates.append(Candidate(name, _cv_best(fitted), t.seconds, {"C": fitted.C}))
             run.report("fit", i + 1, len(options) + 1)
-        chosen_name = best_of(candidates, incumbent=incumbent, margin=PROBE_MARGIN)
+        margin = _margin(candidates, incumbent, len(idx))
+        chosen_name = best_of(candidates, incumbent=incumbent, margin=margin)
         run.decide(
             Decision(
                 "representation",
                 chosen_name,
                 tuple(candidates),
-                f"the plain top-layer probe at the native input stays unless another beats it by {PROBE_MARGIN:.1%}",
+                f"the plain top-layer probe at the native input stays unless another beats it by more than "
+                f"twice the standard error of its CV accuracy ({margin:.1%})",
                 metric=f"{'3' if pilot else '5'}-fold CV accuracy on {len(idx)} training images",
             )
         )
@@ -370,18 +380,36 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
     return ChosenProbe(rep, stage, replace(probe, history=history), n, ranking)
 
 
+def _margin(candidates: list[Candidate], incumbent: str, n: int) -> float:
+    """Twice the standard error of the incumbent's CV accuracy on n images: differences below it are noise."""
+    p = next((c.score for c in candidates if c.name == incumbent), None)
+    if p is None or n == 0:
+        return PROBE_MARGIN
+    return max(PROBE_MARGIN, 2 * float(np.sqrt(p * (1 - p) / n)))
+
+
 def _name(stage: str, rep: Representation) -> str:
     return f"{stage} @ {rep.prep.input_size} px"
 
 
 def _subsample(y: np.ndarray, cap: int, seed: int) -> np.ndarray:
-    """Positions of a stratified random subsample of at most `cap` items (all of them when fewer)."""
+    """Positions of a stratified random subsample of at most about `cap` items (all of them when fewer)."""
     if len(y) <= cap:
         return np.arange(len(y))
-    from sklearn.model_selection import train_test_split
+    return _stratified_draw(y, cap / len(y), seed, keep_one=False)
 
-    keep, _ = train_test_split(np.arange(len(y)), train_size=cap, stratify=y, random_state=seed)
-    return np.sort(keep)
+
+def _stratified_draw(y: np.ndarray, fraction: float, seed: int, *, keep_one: bool) -> np.ndarray:
+    """Sorted positions of `fraction` of each class, drawn at random; at least one per class, and
+    with `keep_one` at least one left out of the draw (a class of one image is not drawn at all)."""
+    rng = np.random.default_rng(seed)
+    drawn = []
+    for c in np.unique(y):
+        pos = np.flatnonzero(y == c)
+        m = max(1, round(fraction * len(pos)))
+        m = min(m, len(pos) - 1) if keep_one else min(m, len(pos))
+        drawn.append(rng.choice(pos, m, replace=False))
+    return np.sort(np.concatenate(drawn))
 
 
 def _cv_best(probe: ProbeFit) -> float | None:
@@ -431,18 +459,18 @@ def train(
     flip = config.hflip and flip_decision(run, start, held_out, data.y_train[sample], clean, device)
     if not config.hflip:
         run.say("horizontal flips: off (asked for)")
-    level = augmentation_decision(run, start, held_out, data.y_train[sample], prep, flip, device)
+    level = augmentation_decision(run, start, held_out, data.y_train[sample], prep, flip, device, config.seed)
     augments = {lv: train_transform(prep, lv, hflip=flip) for lv in {"light", level}}
     hyper["augmentation"] = {"first_epoch": augments["light"][1], "after": augments[level][1]}
+
+    ft_config = FinetuneConfig(
+        depth=depth, max_epochs=config.max_epochs, patience=config.patience, budget=config.budget
+    )
 
     def batches_for(epoch: int) -> Batches:
         augment = augments["light" if epoch == 1 else level][0]  # no augmentation shock on the first pass
         return Batches(lambda i: augment(source.image(fit_idx[i])), y_fit, ft_config.batch_size)
 
-    ft_config = FinetuneConfig(
-        depth=depth, max_epochs=config.max_epochs, patience=config.patience, budget=config.budget
-    )
-    units = config.max_epochs * len(fit_idx)
     if config.lr_find:
         report["lr_range"] = lr_range_test(
             backbone, head, batches_for(2), k, ft_config, device, seed=config.seed, stage=ft_stage
@@ -451,27 +479,41 @@ def train(
             f"LR range test: steepest descent at {report['lr_range']['suggested_lr']:.2e} "
             f"(the recipe's rule gives {report['lr_range']['recipe_lr']:.2e})"
         )
-    epochs_done = [0]
 
-    def on_epoch(row: dict) -> None:
-        epochs_done[0] = row["epoch"]
-        report["history"].append({"phase": "finetune", **row})
-        run.report("fit", row["epoch"] * len(fit_idx), units, report["history"][-1])
-        run.say(
-            f"epoch {row['epoch']}: held-out accuracy {row['val_accuracy']:.4f}, loss {row['val_loss']:.4f}"
-            + (f", train loss {row['train_loss']:.4f}" if row["train_loss"] is not None else " (the probe)")
+    # The learning rate is measured too: the recipe's rule first; when its pilot does not beat the
+    # probe, a quarter of it (dissimilar data often wants a gentler start), each from the same probe.
+    tries: list[tuple[float, FinetuneResult]] = []
+    for multiplier in LR_MULTIPLIERS:
+        cfg = replace(ft_config, lr_multiplier=multiplier)
+        if multiplier != LR_MULTIPLIERS[0]:
+            run.say(f"retrying the fine-tune at {multiplier:g}x the recipe's learning rate")
+        result = _run_finetune(run, backbone, head, batches_for, hold, k, cfg, ft_stage, device, config, report)
+        tries.append((multiplier, result))
+        if result.best_epoch > 0:
+            break
+    multiplier, result = max(tries, key=lambda t: _best_score(t[1]))
+    if len(tries) > 1:
+        run.decide(
+            Decision(
+                "learning_rate",
+                f"{multiplier:g}x",
+                tuple(Candidate(f"{m:g}x", _best_score(r)[0], r.hyperparameters["train_seconds"]) for m, r in tries),
+                "the recipe's rule (1/10 of the original, batch-scaled) unless its pilot could not beat the probe",
+                metric=f"best accuracy on {len(hold_idx)} held-out training images",
+            )
         )
-
-    result = finetune(
-        backbone, head, batches_for, hold, k, ft_config, stage=ft_stage, device=device, seed=config.seed,
-        on_epoch=on_epoch, on_step=lambda seen, total: run.report("fit", epochs_done[0] * total + seen, units),
-    )  # fmt: skip
     report["sanity"] = sanity + result.sanity
-    hyper["finetune"] = {**result.hyperparameters, "best_epoch": result.best_epoch, "stopped": result.stopped}
+    hyper["finetune"] = {
+        **result.hyperparameters,
+        "start": _name(ft_stage, ft_rep),
+        "best_epoch": result.best_epoch,
+        "stopped": result.stopped,
+    }
     run.say(f"fine-tuning stopped: {result.stopped}; best epoch {result.best_epoch} restored")
     tuned = result.best_epoch > 0
     tuned_acc = result.history[result.best_epoch]["val_accuracy"] if tuned else None
-    keep = tuned and keep_if_better(probe_hold, tuned_acc)
+    # One more right answer than the probe is noise on a small slice: the fine-tune must win by two.
+    keep = tuned and keep_if_better(probe_hold, tuned_acc, margin=1.5 / len(hold_idx))
     run.decide(
         Decision(
             "finetune",
@@ -481,7 +523,7 @@ def train(
                 Candidate(
                     f"{depth} fine-tune",
                     tuned_acc,
-                    result.hyperparameters["train_seconds"],
+                    sum(r.hyperparameters["train_seconds"] for _, r in tries),
                     {"model": _name(ft_stage, ft_rep), "best_epoch": result.best_epoch},
                 ),
             ),  # fmt: skip
@@ -491,11 +533,41 @@ def train(
         )
     )
     if not keep:  # the chosen probe, fitted on the whole training split
+        del hyper["augmentation"]
         return probe_net.eval(), chosen.rep.prep, probe_logits, report
     model = _tta_decision(run, result.model, hold, device) if flip else result.model
     val = Batches(lambda i: clean(source.image(len(data.train) + i)), data.y_val, 64)
     val_logits, _ = predict_logits(model, val, device)
     return model, prep, val_logits, report
+
+
+def _run_finetune(run, backbone, head, batches_for, hold, k, cfg, stage, device, config, report) -> FinetuneResult:
+    """One fine-tune from the probe, on copies (the chosen probe shares the pretrained body and the
+    head may be tried again), with its epochs in the history and the log."""
+    units = config.max_epochs * len(batches_for(1).labels)
+    n = units // config.max_epochs
+
+    def on_epoch(row: dict) -> None:
+        report["history"].append({"phase": "finetune", "lr_multiplier": cfg.lr_multiplier, **row})
+        run.report("fit", row["epoch"] * n, units, report["history"][-1])
+        run.say(
+            f"epoch {row['epoch']}: held-out accuracy {row['val_accuracy']:.4f}, loss {row['val_loss']:.4f}"
+            + (f", train loss {row['train_loss']:.4f}" if row["train_loss"] is not None else " (the probe)")
+        )
+
+    def on_step(epoch: int, seen: int, total: int) -> None:
+        run.report("fit", (epoch - 1) * total + seen, units)
+
+    return finetune(
+        copy.deepcopy(backbone), copy.deepcopy(head), batches_for, hold, k, cfg, stage=stage, device=device,
+        seed=config.seed, on_epoch=on_epoch, on_step=on_step,
+    )  # fmt: skip
+
+
+def _best_score(result: FinetuneResult) -> tuple[float, float]:
+    """(held-out accuracy, -loss) of a fine-tune's best epoch."""
+    row = result.history[result.best_epoch]
+    return row["val_accuracy"], -row["val_loss"]
 
 
 def _finetune_start(chosen: ChosenProbe) -> tuple[Representation, str, float]:
@@ -554,12 +626,13 @@ def _tta_decision(run: Run, model: nn.Module, hold: Batches, device) -> nn.Modul
 
 
 def _holdout(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, held-out) positions: a stratified slice of the training split, at least one per class."""
-    from sklearn.model_selection import train_test_split
+    """(fit, held-out) positions: a stratified slice of the training split.
 
-    n_hold = max(len(np.unique(y)), round(len(y) * HOLDOUT_FRACTION))
-    fit_idx, hold_idx = train_test_split(np.arange(len(y)), test_size=n_hold, stratify=y, random_state=seed)
-    return np.sort(fit_idx), np.sort(hold_idx)
+    10%, but at least `MIN_HOLDOUT` images where the split allows (a quarter at most): below
+    that, one image moves the score by several points."""
+    n_hold = min(max(round(len(y) * HOLDOUT_FRACTION), MIN_HOLDOUT), len(y) // 4)
+    hold_idx = _stratified_draw(y, n_hold / len(y), seed, keep_one=True)
+    return np.setdiff1d(np.arange(len(y)), hold_idx), hold_idx
 
 
 def flip_decision(run: Run, model: nn.Module, images: Callable, labels: np.ndarray, transform, device) -> bool:
@@ -585,14 +658,21 @@ def flip_decision(run: Run, model: nn.Module, images: Callable, labels: np.ndarr
 
 
 def augmentation_decision(
-    run: Run, model: nn.Module, images: Callable, labels: np.ndarray, prep: Preprocessing, flip: bool, device
+    run: Run,
+    model: nn.Module,
+    images: Callable,
+    labels: np.ndarray,
+    prep: Preprocessing,
+    flip: bool,
+    device,
+    seed: int = 0,
 ) -> str:
     """The strongest augmentation level whose views the probe still reads (within a tolerance)."""
     clean = eval_transform(prep)
     _, acc = evaluate(model, Batches(lambda i: clean(images(i)), labels, 64), device)
     levels = []
     for level in LEVELS:
-        torch.manual_seed(0)  # the same random views each run
+        torch.manual_seed(seed)  # the same random views each run
         augment, _ = train_transform(prep, level, hflip=flip)
         with _timer() as t:
             _, score = evaluate(model, Batches(lambda i, a=augment: a(images(i)), labels, 64), device)
@@ -612,6 +692,8 @@ def augmentation_decision(
 
 
 def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: int) -> list[dict]:
+    """The recipe's checks on the probe: a fresh small head starts near ln C on the standardised
+    features, the fitted probe's loss is below it, and nothing is NaN/Inf."""
     report = SanityReport()
     mean, std = X.mean(0), X.std(0) + 1e-6
     Xs = torch.from_numpy((X - mean) / std).float()
@@ -625,7 +707,7 @@ def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: in
     check_initial_loss(report, initial, num_classes, 0.25)
     report.add("loss_decreases", final < initial, f"probe train loss {initial:.4f} (fresh head) -> {final:.4f}")
     report.add("finite_loss", bool(np.isfinite(final) and np.isfinite(X).all()), "features and probe loss finite")
-    return report.checks
+    return [{**c, "check": f"probe_{c['check']}"} for c in report.checks]
 
 
 class _ImageSource:

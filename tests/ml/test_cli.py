@@ -38,7 +38,13 @@ def test_fit_measures_the_data_and_runs_the_stage_probes(digits_fit):
     assert metrics["val_accuracy"] >= 0.97, metrics
     assert 0 <= metrics["ece"] < 0.1
     assert set(metrics["top_k_accuracy"]) == {"top1", "top3", "top5"}
-    assert result["hyperparameters"]["stages"]["chosen"] != "top"
+    decisions = {d["what"]: d for d in result["decisions"]}
+    # Chosen by cross-validation on train among input sizes and stages, with every candidate's score.
+    assert not decisions["representation"]["chosen"].startswith("top")
+    assert {"top @ 64 px", "top @ 240 px"} <= {c["name"] for c in decisions["representation"]["candidates"]}
+    assert result["hyperparameters"]["probe"]["stage"] != "top"
+    # small-different lets a fine-tune compete; flips were switched off, so no flip test ran.
+    assert decisions["finetune"]["chosen"] in ("probe", "partial fine-tune") and "flip" not in decisions
     assert all(check["ok"] for check in result["sanity"]), result["sanity"]
 
 
