@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ml.backbones import Backbone, Preprocessing
+from ml.dataset import Sample
 from ml.images import decode_rgb
 from ml.preprocess import eval_transform
 from ml.runtime import tune_allocator
@@ -163,3 +164,34 @@ def extract_stage_features(
         for h in hooks:
             h.remove()
     return out
+
+
+MAX_CACHED_BYTES = 2 * 1024**3  # decoded images kept in memory for fine-tuning; beyond, decode per epoch
+
+
+class ImageSource:
+    """Decoded, size-reduced RGB images by position; kept in memory when they fit."""
+
+    def __init__(self, archive: Path, samples: list[Sample], prep: Preprocessing) -> None:
+        self.images = ZipImages(archive, lambda img: img, min_side=prep.resize_size)
+        self.members = [s.member for s in samples]
+        self.min_side = prep.resize_size
+        # Kept images have a short side of at most 2 x resize_size; PIL holds RGB in 4 bytes/pixel.
+        cap = 2 * prep.resize_size
+        est = sum(
+            4 * min(s.width * s.height, cap * cap * max(s.width, s.height) / max(1, min(s.width, s.height)))
+            for s in samples
+        )
+        self.cache: dict[int, object] | None = {} if est <= MAX_CACHED_BYTES else None
+
+    def image(self, i: int):
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        img = self.images.load(self.members[i])
+        short = min(img.size)
+        if short > 2 * self.min_side:  # keep the cache small: crops never need more than ~2x
+            scale = 2 * self.min_side / short
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+        if self.cache is not None:
+            self.cache[i] = img
+        return img

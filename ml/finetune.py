@@ -86,6 +86,24 @@ def probe_model(backbone: Backbone, head: nn.Module, stage: str = TOP) -> nn.Seq
     return nn.Sequential(backbone.truncated(stage), GridPool(), head)
 
 
+class FlipAverage(nn.Module):
+    """Test-time augmentation: the mean of the features of the image and of its mirror.
+
+    The head is linear, so this equals averaging the two logits; keeping the head outside
+    leaves the model a (body, head) sequence like every other."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.body(x) + self.body(x.flip(3))) / 2
+
+
+def with_flip_average(model: nn.Sequential) -> nn.Sequential:
+    return nn.Sequential(FlipAverage(model[:-1]), model[-1])
+
+
 def freeze_batchnorm(model: nn.Module) -> None:
     """Put every BatchNorm layer in eval mode: running statistics stay ImageNet's."""
     for m in model.modules():
@@ -615,6 +633,7 @@ __all__ = [
     "check_overfits_a_batch",
     "make_scheduler",
     "probe_model",
+    "with_flip_average",
     "FinetuneConfig",
     "FinetuneResult",
     "backbone_lr",

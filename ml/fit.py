@@ -23,20 +23,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from ml.augment import LEVELS, mirrored, train_transform
+from ml.augment import train_transform
 from ml.backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone, get_spec
 from ml.bundle import write_bundle
 from ml.dataset import DatasetIndex, IngestConfig, Sample, index_dataset, split_samples
+from ml.decisions import augmentation_decision, flip_decision, tta_decision
 from ml.errors import ConfigError
 from ml.evaluate import classification_metrics
-from ml.features import TOP, ZipImages, extract_stage_features
+from ml.features import TOP, ImageSource, extract_stage_features
 from ml.finetune import (
     Batches,
     FinetuneConfig,
     FinetuneResult,
     SanityReport,
     check_initial_loss,
-    evaluate,
     finetune,
     lr_range_test,
     predict_logits,
@@ -44,9 +44,9 @@ from ml.finetune import (
 )
 from ml.preprocess import choose_preprocessing, eval_transform
 from ml.probe import ProbeFit, fit_probe, fit_probe_at
-from ml.run import Progress, ProgressFn, Run
+from ml.run import Progress, ProgressFn, Run, timer
 from ml.runtime import tune_allocator
-from ml.selection import Candidate, Decision, best_of, invariance_holds, keep_if_better, strongest_within
+from ml.selection import Candidate, Decision, best_of, keep_if_better
 from ml.similarity import BatchNormStats, Similarity, head_entropy, similarity_score
 from ml.strategy import REGISTRY as PLAN_REGISTRY
 from ml.strategy import SIZE_BOUNDARY, STRATEGIES, Plan, decide, finetune_depth
@@ -60,9 +60,6 @@ HOLDOUT_FRACTION = 0.1  # of train, held out for the fine-tune's selection and t
 MIN_HOLDOUT = 50  # held-out images at least (where train has 200+)
 LR_MULTIPLIERS = (1.0, 0.25)  # fine-tune learning rates tried, on the recipe's rule, until a pilot pays
 INVARIANCE_SAMPLE = 256  # held-out images the flip and augmentation tests read
-FLIP_TOLERANCE = 0.02  # accuracy a mirror may cost the probe and still count as an invariance
-AUGMENT_TOLERANCE = 0.05  # accuracy an augmentation level's views may cost the probe
-MAX_CACHED_BYTES = 2 * 1024**3  # decoded images kept in memory for fine-tuning; beyond, decode per epoch
 
 
 @dataclass
@@ -266,7 +263,7 @@ def measure(
         def tick(done: int, total: int, base: float = base, span: float = span) -> None:
             run.report("features", (base + span * done / total) * total, total)
 
-        with _timer() as t:
+        with timer() as t:
             if prep == native:
                 feats, similarity = _native_pass(
                     backbone, data.archive, members, len(data.train), taps, device, config, tick
@@ -349,7 +346,7 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
         pilot = len(idx) < n
         candidates: list[Candidate] = []
         for i, (name, (rep, stage)) in enumerate(options.items()):
-            with _timer() as t:
+            with timer() as t:
                 fitted = fit_probe(
                     rep.feats[stage][idx], data.y_train[idx], k, folds=3 if pilot else 5, seed=config.seed
                 )
@@ -423,46 +420,76 @@ def _cv_best(probe: ProbeFit) -> float | None:
 def train(
     run: Run, backbone: Backbone, chosen: ChosenProbe, data: Data, plan: Plan, config: FitConfig, device
 ) -> tuple[nn.Module, Preprocessing, torch.Tensor, dict]:
-    """(model, its preprocessing, validation logits, report): the chosen probe, or a fine-tune that beats it."""
-    k = len(data.classes)
-    sanity = _probe_sanity(chosen.probe, chosen.X_train, data.y_train, k)
-    hyper: dict = {
-        "probe": {"stage": chosen.stage, "C": chosen.probe.C, "class_weight": "balanced", "cv_folds": 5},
+    """(model, its preprocessing, validation logits, report): the chosen probe, or a fine-tune that beats it
+    on a held-out slice of the training split."""
+    report = {
+        "history": list(chosen.probe.history),
+        "sanity": _probe_sanity(chosen.probe, chosen.X_train, data.y_train, len(data.classes)),
+        "hyperparameters": {"probe": {"stage": chosen.stage, "C": chosen.probe.C, "class_weight": "balanced"}},
+        "lr_range": None,
     }
-    report = {"history": list(chosen.probe.history), "sanity": sanity, "hyperparameters": hyper, "lr_range": None}
-    probe_net = probe_model(backbone, chosen.probe.linear, chosen.stage)
+    probe_net = probe_model(backbone, chosen.probe.linear, chosen.stage).eval()
     with torch.no_grad():
         probe_logits = chosen.probe.linear(torch.from_numpy(chosen.X_val))
     depth = finetune_depth(plan, config.strategy)
     if depth is None:
         if config.lr_find:
             run.say(f"LR range test skipped: the '{plan.name}' plan fits a probe, with no learning rate to choose")
-        return probe_net.eval(), chosen.rep.prep, probe_logits, report
+        return probe_net, chosen.rep.prep, probe_logits, report
 
-    # A held-out slice of train selects. The fine-tune starts from the best probe at the cheapest
-    # input size (fine-tuning adapts the filters to the scale, and compute grows with its square),
-    # refitted without the held-out images; the chosen probe is scored on the same slice.
+    setup = _finetune_setup(run, backbone, chosen, data, depth, config, device, report)
+    result = _finetune_with_measured_lr(run, backbone, setup, config, device, report)
+    if not _keep_finetune(run, chosen, setup, result, depth):  # the chosen probe, fitted on all of train
+        del report["hyperparameters"]["augmentation"]
+        return probe_net, chosen.rep.prep, probe_logits, report
+    model = tta_decision(run, result.model, setup.hold, device) if setup.flip else result.model
+    val = Batches(lambda i: setup.clean(setup.source.image(len(data.train) + i)), data.y_val, 64)
+    val_logits, _ = predict_logits(model, val, device)
+    return model, setup.rep.prep, val_logits, report
+
+
+@dataclass
+class _FinetuneSetup:
+    rep: Representation  # the fine-tune's input size and starting features
+    stage: str
+    head: nn.Linear  # the probe it starts from, fitted without the held-out slice
+    hold_idx: np.ndarray
+    probe_hold: float  # the chosen probe's accuracy on the held-out slice (refitted without it)
+    source: ImageSource
+    clean: Callable
+    hold: Batches
+    flip: bool
+    batches_for: Callable[[int], Batches]
+    config: FinetuneConfig
+
+
+def _finetune_setup(run, backbone, chosen: ChosenProbe, data: Data, depth: str, config, device, report):
+    """The fine-tune candidate: its held-out slice, starting probe, invariances and training batches.
+
+    It starts from the best probe at the cheapest input size (fine-tuning adapts the filters to
+    the scale, and compute grows with its square), refitted without the held-out images; the
+    chosen probe is scored on the same slice.
+    """
+    k = len(data.classes)
     fit_idx, hold_idx = _holdout(data.y_train, config.seed)
     y_fit, y_hold = data.y_train[fit_idx], data.y_train[hold_idx]
     probe_hold = _holdout_accuracy(chosen.X_train, data.y_train, fit_idx, hold_idx, k, chosen.probe.C, config.seed)
-    ft_rep, ft_stage, ft_c = _finetune_start(chosen)
-    X_ft = ft_rep.feats[ft_stage][: len(data.train)]
-    head = fit_probe_at(X_ft[fit_idx], y_fit, k, C=ft_c, seed=config.seed)
-    prep = ft_rep.prep
-    run.say(f"fine-tune candidate starts from the probe on {_name(ft_stage, ft_rep)}")
-    source = _ImageSource(data.archive, data.train + data.val, prep)
-    clean = eval_transform(prep)
+    rep, stage, C = _finetune_start(chosen)
+    head = fit_probe_at(rep.feats[stage][fit_idx], y_fit, k, C=C, seed=config.seed)
+    run.say(f"fine-tune candidate starts from the probe on {_name(stage, rep)}")
+    source = ImageSource(data.archive, data.train + data.val, rep.prep)
+    clean = eval_transform(rep.prep)
     hold = Batches(lambda i: clean(source.image(hold_idx[i])), y_hold, 64)
-    start = probe_model(backbone, head, ft_stage).to(device, memory_format=torch.channels_last)
+
+    start = probe_model(backbone, head, stage).to(device, memory_format=torch.channels_last)
     sample = hold_idx[:INVARIANCE_SAMPLE]
     held_out = lambda i: source.image(sample[i])  # noqa: E731
     flip = config.hflip and flip_decision(run, start, held_out, data.y_train[sample], clean, device)
     if not config.hflip:
         run.say("horizontal flips: off (asked for)")
-    level = augmentation_decision(run, start, held_out, data.y_train[sample], prep, flip, device, config.seed)
-    augments = {lv: train_transform(prep, lv, hflip=flip) for lv in {"light", level}}
-    hyper["augmentation"] = {"first_epoch": augments["light"][1], "after": augments[level][1]}
-
+    level = augmentation_decision(run, start, held_out, data.y_train[sample], rep.prep, flip, device, config.seed)
+    augments = {lv: train_transform(rep.prep, lv, hflip=flip) for lv in {"light", level}}
+    report["hyperparameters"]["augmentation"] = {"first_epoch": augments["light"][1], "after": augments[level][1]}
     ft_config = FinetuneConfig(
         depth=depth, max_epochs=config.max_epochs, patience=config.patience, budget=config.budget
     )
@@ -471,25 +498,28 @@ def train(
         augment = augments["light" if epoch == 1 else level][0]  # no augmentation shock on the first pass
         return Batches(lambda i: augment(source.image(fit_idx[i])), y_fit, ft_config.batch_size)
 
+    return _FinetuneSetup(rep, stage, head, hold_idx, probe_hold, source, clean, hold, flip, batches_for, ft_config)
+
+
+def _finetune_with_measured_lr(run, backbone, setup: _FinetuneSetup, config, device, report) -> FinetuneResult:
+    """The recipe's learning rate first; when its pilot cannot beat the probe, a quarter of it
+    (dissimilar data often wants a gentler start), each from the same probe. The best is returned."""
+    k = len(setup.head.weight)
     if config.lr_find:
         report["lr_range"] = lr_range_test(
-            backbone, head, batches_for(2), k, ft_config, device, seed=config.seed, stage=ft_stage
+            backbone, setup.head, setup.batches_for(2), k, setup.config, device, seed=config.seed, stage=setup.stage
         )
         run.say(
             f"LR range test: steepest descent at {report['lr_range']['suggested_lr']:.2e} "
             f"(the recipe's rule gives {report['lr_range']['recipe_lr']:.2e})"
         )
-
-    # The learning rate is measured too: the recipe's rule first; when its pilot does not beat the
-    # probe, a quarter of it (dissimilar data often wants a gentler start), each from the same probe.
     tries: list[tuple[float, FinetuneResult]] = []
     for multiplier in LR_MULTIPLIERS:
-        cfg = replace(ft_config, lr_multiplier=multiplier)
-        if multiplier != LR_MULTIPLIERS[0]:
+        if tries:
             run.say(f"retrying the fine-tune at {multiplier:g}x the recipe's learning rate")
-        result = _run_finetune(run, backbone, head, batches_for, hold, k, cfg, ft_stage, device, config, report)
-        tries.append((multiplier, result))
-        if result.best_epoch > 0:
+        cfg = replace(setup.config, lr_multiplier=multiplier)
+        tries.append((multiplier, _run_finetune(run, backbone, setup, cfg, device, config, report)))
+        if tries[-1][1].best_epoch > 0:
             break
     multiplier, result = max(tries, key=lambda t: _best_score(t[1]))
     if len(tries) > 1:
@@ -499,53 +529,53 @@ def train(
                 f"{multiplier:g}x",
                 tuple(Candidate(f"{m:g}x", _best_score(r)[0], r.hyperparameters["train_seconds"]) for m, r in tries),
                 "the recipe's rule (1/10 of the original, batch-scaled) unless its pilot could not beat the probe",
-                metric=f"best accuracy on {len(hold_idx)} held-out training images",
+                metric=f"best accuracy on {len(setup.hold_idx)} held-out training images",
             )
         )
-    report["sanity"] = sanity + result.sanity
-    hyper["finetune"] = {
+    report["sanity"] += result.sanity
+    report["hyperparameters"]["finetune"] = {
         **result.hyperparameters,
-        "start": _name(ft_stage, ft_rep),
+        "start": _name(setup.stage, setup.rep),
         "best_epoch": result.best_epoch,
         "stopped": result.stopped,
+        "seconds_all_tries": sum(r.hyperparameters["train_seconds"] for _, r in tries),
     }
     run.say(f"fine-tuning stopped: {result.stopped}; best epoch {result.best_epoch} restored")
+    return result
+
+
+def _keep_finetune(run: Run, chosen: ChosenProbe, setup: _FinetuneSetup, result: FinetuneResult, depth: str) -> bool:
+    """Whether the fine-tune beats the chosen probe on the held-out slice, by two images at least
+    (one more right answer is noise on a small slice)."""
     tuned = result.best_epoch > 0
     tuned_acc = result.history[result.best_epoch]["val_accuracy"] if tuned else None
-    # One more right answer than the probe is noise on a small slice: the fine-tune must win by two.
-    keep = tuned and keep_if_better(probe_hold, tuned_acc, margin=1.5 / len(hold_idx))
+    keep = tuned and keep_if_better(setup.probe_hold, tuned_acc, margin=1.5 / len(setup.hold_idx))
     run.decide(
         Decision(
             "finetune",
             f"{depth} fine-tune" if keep else "probe",
             (
-                Candidate("probe", probe_hold, 0.0, {"model": _name(chosen.stage, chosen.rep)}),
+                Candidate("probe", setup.probe_hold, 0.0, {"model": _name(chosen.stage, chosen.rep)}),
                 Candidate(
                     f"{depth} fine-tune",
                     tuned_acc,
-                    sum(r.hyperparameters["train_seconds"] for _, r in tries),
-                    {"model": _name(ft_stage, ft_rep), "best_epoch": result.best_epoch},
+                    result.hyperparameters["train_seconds"],
+                    {"model": _name(setup.stage, setup.rep), "best_epoch": result.best_epoch},
                 ),
             ),  # fmt: skip
             result.stopped
             + ("" if keep or not tuned else "; its best epoch did not beat the chosen probe, which is kept"),
-            metric=f"accuracy on {len(hold_idx)} held-out training images",
+            metric=f"accuracy on {len(setup.hold_idx)} held-out training images",
         )
     )
-    if not keep:  # the chosen probe, fitted on the whole training split
-        del hyper["augmentation"]
-        return probe_net.eval(), chosen.rep.prep, probe_logits, report
-    model = _tta_decision(run, result.model, hold, device) if flip else result.model
-    val = Batches(lambda i: clean(source.image(len(data.train) + i)), data.y_val, 64)
-    val_logits, _ = predict_logits(model, val, device)
-    return model, prep, val_logits, report
+    return keep
 
 
-def _run_finetune(run, backbone, head, batches_for, hold, k, cfg, stage, device, config, report) -> FinetuneResult:
+def _run_finetune(run, backbone, setup: _FinetuneSetup, cfg: FinetuneConfig, device, config, report) -> FinetuneResult:
     """One fine-tune from the probe, on copies (the chosen probe shares the pretrained body and the
     head may be tried again), with its epochs in the history and the log."""
-    units = config.max_epochs * len(batches_for(1).labels)
-    n = units // config.max_epochs
+    n = len(setup.batches_for(1).labels)
+    units = config.max_epochs * n
 
     def on_epoch(row: dict) -> None:
         report["history"].append({"phase": "finetune", "lr_multiplier": cfg.lr_multiplier, **row})
@@ -559,8 +589,8 @@ def _run_finetune(run, backbone, head, batches_for, hold, k, cfg, stage, device,
         run.report("fit", (epoch - 1) * total + seen, units)
 
     return finetune(
-        copy.deepcopy(backbone), copy.deepcopy(head), batches_for, hold, k, cfg, stage=stage, device=device,
-        seed=config.seed, on_epoch=on_epoch, on_step=on_step,
+        copy.deepcopy(backbone), copy.deepcopy(setup.head), setup.batches_for, setup.hold, len(setup.head.weight),
+        cfg, stage=setup.stage, device=device, seed=config.seed, on_epoch=on_epoch, on_step=on_step,
     )  # fmt: skip
 
 
@@ -588,43 +618,6 @@ def _holdout_accuracy(X, y, fit_idx, hold_idx, num_classes: int, C: float, seed:
     return float((pred == y[hold_idx]).mean())
 
 
-class FlipAverage(nn.Module):
-    """Test-time augmentation: the mean of the features of the image and of its mirror.
-
-    The head is linear, so this equals averaging the two logits; keeping the head outside
-    leaves the model a (body, head) sequence like every other."""
-
-    def __init__(self, body: nn.Module) -> None:
-        super().__init__()
-        self.body = body
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.body(x) + self.body(x.flip(3))) / 2
-
-
-def with_flip_average(model: nn.Sequential) -> nn.Sequential:
-    return nn.Sequential(FlipAverage(model[:-1]), model[-1])
-
-
-def _tta_decision(run: Run, model: nn.Module, hold: Batches, device) -> nn.Module:
-    """Flip TTA costs a second forward pass per image at serving: kept only when it measures better."""
-    with _timer() as t:
-        _, plain = evaluate(model, hold, device)
-    with _timer() as t2:
-        _, tta = evaluate(with_flip_average(model), hold, device)
-    keep = keep_if_better(plain, tta)
-    run.decide(
-        Decision(
-            "tta",
-            "flip average" if keep else "none",
-            (Candidate("none", plain, t.seconds), Candidate("flip average", tta, t2.seconds)),
-            "kept: it reads the held-out images better" if keep else "not kept: no better on held-out images",
-            metric=f"accuracy on {len(hold.labels)} held-out training images",
-        )
-    )
-    return with_flip_average(model) if keep else model
-
-
 def _holdout(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(fit, held-out) positions: a stratified slice of the training split.
 
@@ -633,62 +626,6 @@ def _holdout(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     n_hold = min(max(round(len(y) * HOLDOUT_FRACTION), MIN_HOLDOUT), len(y) // 4)
     hold_idx = _stratified_draw(y, n_hold / len(y), seed, keep_one=True)
     return np.setdiff1d(np.arange(len(y)), hold_idx), hold_idx
-
-
-def flip_decision(run: Run, model: nn.Module, images: Callable, labels: np.ndarray, transform, device) -> bool:
-    """Whether horizontal flips are an invariance: the probe reads mirrored held-out images as well.
-
-    `images(i)` gives the i-th held-out PIL image, `labels` their classes, `transform` the eval transform."""
-    with _timer() as t:
-        _, acc = evaluate(model, Batches(lambda i: transform(images(i)), labels, 64), device)
-        _, mirror = evaluate(model, Batches(lambda i: mirrored(transform)(images(i)), labels, 64), device)
-    holds = invariance_holds(acc, mirror, tolerance=FLIP_TOLERANCE)
-    run.decide(
-        Decision(
-            "flip",
-            "flip" if holds else "no flip",
-            # "no flip" is scored on the images as they are, "flip" on their mirrors.
-            (Candidate("no flip", acc, t.seconds / 2), Candidate("flip", mirror, t.seconds / 2)),
-            f"a mirror {'keeps' if holds else 'changes'} the probe's answers "
-            f"(tolerance {FLIP_TOLERANCE:.0%}), so flips {'are' if holds else 'are not'} used",
-            metric=f"probe accuracy on {len(labels)} held-out training images",
-        )
-    )
-    return holds
-
-
-def augmentation_decision(
-    run: Run,
-    model: nn.Module,
-    images: Callable,
-    labels: np.ndarray,
-    prep: Preprocessing,
-    flip: bool,
-    device,
-    seed: int = 0,
-) -> str:
-    """The strongest augmentation level whose views the probe still reads (within a tolerance)."""
-    clean = eval_transform(prep)
-    _, acc = evaluate(model, Batches(lambda i: clean(images(i)), labels, 64), device)
-    levels = []
-    for level in LEVELS:
-        torch.manual_seed(seed)  # the same random views each run
-        augment, _ = train_transform(prep, level, hflip=flip)
-        with _timer() as t:
-            _, score = evaluate(model, Batches(lambda i, a=augment: a(images(i)), labels, 64), device)
-        levels.append(Candidate(level, score, t.seconds))
-    chosen = strongest_within(levels, acc, tolerance=AUGMENT_TOLERANCE)
-    run.decide(
-        Decision(
-            "augmentation",
-            chosen,
-            (Candidate("clean", acc), *levels),
-            f"the strongest level whose views the probe reads within {AUGMENT_TOLERANCE:.0%} of clean images; "
-            "the first epoch runs 'light' either way",
-            metric=f"probe accuracy on {len(labels)} held-out training images",
-        )
-    )
-    return chosen
 
 
 def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: int) -> list[dict]:
@@ -708,34 +645,6 @@ def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: in
     report.add("loss_decreases", final < initial, f"probe train loss {initial:.4f} (fresh head) -> {final:.4f}")
     report.add("finite_loss", bool(np.isfinite(final) and np.isfinite(X).all()), "features and probe loss finite")
     return [{**c, "check": f"probe_{c['check']}"} for c in report.checks]
-
-
-class _ImageSource:
-    """Decoded, size-reduced RGB images by position; kept in memory when they fit."""
-
-    def __init__(self, archive: Path, samples: list[Sample], prep: Preprocessing) -> None:
-        self.images = ZipImages(archive, lambda img: img, min_side=prep.resize_size)
-        self.members = [s.member for s in samples]
-        self.min_side = prep.resize_size
-        # Kept images have a short side of at most 2 x resize_size; PIL holds RGB in 4 bytes/pixel.
-        cap = 2 * prep.resize_size
-        est = sum(
-            4 * min(s.width * s.height, cap * cap * max(s.width, s.height) / max(1, min(s.width, s.height)))
-            for s in samples
-        )
-        self.cache: dict[int, object] | None = {} if est <= MAX_CACHED_BYTES else None
-
-    def image(self, i: int):
-        if self.cache is not None and i in self.cache:
-            return self.cache[i]
-        img = self.images.load(self.members[i])
-        short = min(img.size)
-        if short > 2 * self.min_side:  # keep the cache small: crops never need more than ~2x
-            scale = 2 * self.min_side / short
-            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
-        if self.cache is not None:
-            self.cache[i] = img
-        return img
 
 
 # --- export -------------------------------------------------------------------------------------
@@ -766,20 +675,6 @@ def _export(out_dir, model, prep, data: Data, backbone, plan, metrics, report, r
 # --- small helpers ------------------------------------------------------------------------------
 
 
-class _timer:
-    def __enter__(self) -> _timer:
-        import time
-
-        self._t = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import time
-
-        self.seconds = time.perf_counter() - self._t
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -792,14 +687,4 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-__all__ = [
-    "FitConfig",
-    "FitResult",
-    "Progress",
-    "assess",
-    "augmentation_decision",
-    "fit",
-    "flip_decision",
-    "measure",
-    "with_flip_average",
-]
+__all__ = ["FitConfig", "FitResult", "Progress", "assess", "choose_probe", "fit", "measure", "train"]

@@ -78,3 +78,15 @@ class Run:
         scores = ", ".join(f"{c.name} {'n/a' if c.score is None else f'{c.score:.4f}'}" for c in decision.candidates)
         self.say(f"{decision.what}: {decision.chosen} ({decision.metric}: {scores}). {decision.reason}")
         return decision
+
+
+class timer:  # noqa: N801 (used as a context manager, like a function)
+    """`with timer() as t: ...` then `t.seconds`."""
+
+    def __enter__(self) -> timer:
+        self._t = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._t

@@ -119,7 +119,7 @@ def test_onnx_parity_check_rejects_a_different_model(tmp_path):
 
 
 def test_flip_tta_model_exports_and_averages_the_mirror(tmp_path):
-    from ml.fit import with_flip_average
+    from ml.finetune import with_flip_average
 
     torch.manual_seed(0)
     body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())

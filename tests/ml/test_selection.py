@@ -7,7 +7,7 @@ from PIL import Image
 from torch import nn
 
 from ml.backbones import Preprocessing
-from ml.fit import augmentation_decision, flip_decision
+from ml.decisions import augmentation_decision, flip_decision
 from ml.preprocess import eval_transform
 from ml.run import Run
 from ml.selection import Candidate, Decision, best_of, invariance_holds, keep_if_better, strongest_within

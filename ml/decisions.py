@@ -1,0 +1,99 @@
+"""Measured decisions on held-out training images: flips, augmentation strength, test-time flips.
+
+Each reads how the probe (or the fine-tuned model) answers on up to a few hundred images of
+the held-out slice of the training split, once as they are and once transformed, and records
+a `Decision` with what it measured. The validation split is never read here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ml.augment import LEVELS, mirrored, train_transform
+from ml.backbones import Preprocessing
+from ml.finetune import Batches, evaluate, with_flip_average
+from ml.preprocess import eval_transform
+from ml.run import Run, timer
+from ml.selection import Candidate, Decision, invariance_holds, keep_if_better, strongest_within
+
+FLIP_TOLERANCE = 0.02  # accuracy a mirror may cost the probe and still count as an invariance
+AUGMENT_TOLERANCE = 0.05  # accuracy an augmentation level's views may cost the probe
+
+
+def flip_decision(run: Run, model: nn.Module, images: Callable, labels: np.ndarray, transform, device) -> bool:
+    """Whether horizontal flips are an invariance: the probe reads mirrored held-out images as well.
+
+    `images(i)` gives the i-th held-out PIL image, `labels` their classes, `transform` the eval transform."""
+    with timer() as t:
+        _, acc = evaluate(model, Batches(lambda i: transform(images(i)), labels, 64), device)
+        _, mirror = evaluate(model, Batches(lambda i: mirrored(transform)(images(i)), labels, 64), device)
+    holds = invariance_holds(acc, mirror, tolerance=FLIP_TOLERANCE)
+    run.decide(
+        Decision(
+            "flip",
+            "flip" if holds else "no flip",
+            # "no flip" is scored on the images as they are, "flip" on their mirrors.
+            (Candidate("no flip", acc, t.seconds / 2), Candidate("flip", mirror, t.seconds / 2)),
+            f"a mirror {'keeps' if holds else 'changes'} the probe's answers "
+            f"(tolerance {FLIP_TOLERANCE:.0%}), so flips {'are' if holds else 'are not'} used",
+            metric=f"probe accuracy on {len(labels)} held-out training images",
+        )
+    )
+    return holds
+
+
+def augmentation_decision(
+    run: Run,
+    model: nn.Module,
+    images: Callable,
+    labels: np.ndarray,
+    prep: Preprocessing,
+    flip: bool,
+    device,
+    seed: int = 0,
+) -> str:
+    """The strongest augmentation level whose views the probe still reads (within a tolerance)."""
+    clean = eval_transform(prep)
+    _, acc = evaluate(model, Batches(lambda i: clean(images(i)), labels, 64), device)
+    levels = []
+    for level in LEVELS:
+        torch.manual_seed(seed)  # the same random views each run
+        augment, _ = train_transform(prep, level, hflip=flip)
+        with timer() as t:
+            _, score = evaluate(model, Batches(lambda i, a=augment: a(images(i)), labels, 64), device)
+        levels.append(Candidate(level, score, t.seconds))
+    chosen = strongest_within(levels, acc, tolerance=AUGMENT_TOLERANCE)
+    run.decide(
+        Decision(
+            "augmentation",
+            chosen,
+            (Candidate("clean", acc), *levels),
+            f"the strongest level whose views the probe reads within {AUGMENT_TOLERANCE:.0%} of clean images; "
+            "the first epoch runs 'light' either way",
+            metric=f"probe accuracy on {len(labels)} held-out training images",
+        )
+    )
+    return chosen
+
+
+def tta_decision(run: Run, model: nn.Module, hold: Batches, device) -> nn.Module:
+    """Flip TTA costs a second forward pass per image at serving: kept only when it measures better."""
+    with timer() as t:
+        _, plain = evaluate(model, hold, device)
+    with timer() as t2:
+        _, tta = evaluate(with_flip_average(model), hold, device)
+    keep = keep_if_better(plain, tta)
+    run.decide(
+        Decision(
+            "tta",
+            "flip average" if keep else "none",
+            (Candidate("none", plain, t.seconds), Candidate("flip average", tta, t2.seconds)),
+            "kept: it reads the held-out images better" if keep else "not kept: no better on held-out images",
+            metric=f"accuracy on {len(hold.labels)} held-out training images",
+        )
+    )
+    return with_flip_average(model) if keep else model
