@@ -411,7 +411,8 @@ def finetune(
             seen += len(y)
             if on_step:
                 on_step(epoch, seen, n_train)
-        epoch_loss = float(loss_sum) / max(1, seen)
+        epoch_loss = float(loss_sum) / max(1, seen)  # the epoch's one host sync
+        train_seconds = time.perf_counter() - t_epoch  # the training loop alone, data pipeline included
         if not math.isfinite(epoch_loss):
             sanity.add("finite_loss", False, f"loss became {epoch_loss} in epoch {epoch}")
             stopped = "non-finite loss"
@@ -436,7 +437,9 @@ def finetune(
             seconds,
             stopper,
         )
-        history.append({**row, "weights": source, "update_ratio": ratio, "images_per_s": round(seen / seconds, 1)})
+        history.append(
+            {**row, "weights": source, "update_ratio": ratio, "images_per_s": round(seen / train_seconds, 1)}
+        )
         if on_epoch:
             on_epoch(history[-1])
         if epoch >= config.pilot_epochs and stopper.best_epoch == 0:

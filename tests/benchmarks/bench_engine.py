@@ -41,7 +41,7 @@ Per-dataset fields:
   measurement_share   measurement_s / phases.total.seconds
   finetune_images_per_s          training images/s of the fine-tune: the median over epochs >= 2 of the
                                  history's images_per_s (epoch 1 when it is the only one). An epoch's time
-                                 includes its data pipeline, EMA updates and held-out evaluation
+                                 is its training loop: data pipeline and EMA updates, not the held-out evaluation
   synthetic_train_images_per_s   the same network (ml.finetune.probe_model at the fine-tune's stage, its
                                  trainable layers as ml.finetune._prepare sets them for the same depth) on
                                  the same device: 8 timed training steps (after 2 warm-up) on random
