@@ -18,7 +18,7 @@ from ml.backbones import Preprocessing
 from ml.finetune import Batches, evaluate, with_flip_average
 from ml.preprocess import eval_transform
 from ml.run import Run, timer
-from ml.selection import Candidate, Decision, invariance_holds, keep_if_better, strongest_within
+from ml.selection import Candidate, Decision, invariance_holds, keep_if_better, significance_margin, strongest_within
 
 FLIP_TOLERANCE = 0.02  # accuracy a mirror may cost the probe and still count as an invariance
 AUGMENT_TOLERANCE = 0.05  # accuracy an augmentation level's views may cost the probe
@@ -86,7 +86,7 @@ def tta_decision(run: Run, model: nn.Module, hold: Batches, device) -> nn.Module
         _, plain = evaluate(model, hold, device)
     with timer() as t2:
         _, tta = evaluate(with_flip_average(model), hold, device)
-    keep = keep_if_better(plain, tta)
+    keep = keep_if_better(plain, tta, margin=significance_margin(plain, len(hold.labels)))  # it doubles serving cost
     run.decide(
         Decision(
             "tta",

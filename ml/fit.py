@@ -46,7 +46,7 @@ from ml.preprocess import choose_preprocessing, eval_transform
 from ml.probe import ProbeFit, fit_probe, fit_probe_at
 from ml.run import Progress, ProgressFn, Run, timer
 from ml.runtime import tune_allocator
-from ml.selection import Candidate, Decision, best_of, keep_if_better
+from ml.selection import Candidate, Decision, best_of, keep_if_better, significance_margin
 from ml.similarity import BatchNormStats, Similarity, head_entropy, similarity_score
 from ml.strategy import REGISTRY as PLAN_REGISTRY
 from ml.strategy import SIZE_BOUNDARY, STRATEGIES, Plan, decide, finetune_depth
@@ -378,11 +378,9 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
 
 
 def _margin(candidates: list[Candidate], incumbent: str, n: int) -> float:
-    """Twice the standard error of the incumbent's CV accuracy on n images: differences below it are noise."""
+    """The lead a candidate needs over the incumbent's CV accuracy on n images (twice its standard error)."""
     p = next((c.score for c in candidates if c.name == incumbent), None)
-    if p is None or n == 0:
-        return PROBE_MARGIN
-    return max(PROBE_MARGIN, 2 * float(np.sqrt(p * (1 - p) / n)))
+    return PROBE_MARGIN if p is None else significance_margin(p, n, floor=PROBE_MARGIN)
 
 
 def _name(stage: str, rep: Representation) -> str:
@@ -545,11 +543,13 @@ def _finetune_with_measured_lr(run, backbone, setup: _FinetuneSetup, config, dev
 
 
 def _keep_finetune(run: Run, chosen: ChosenProbe, setup: _FinetuneSetup, result: FinetuneResult, depth: str) -> bool:
-    """Whether the fine-tune beats the chosen probe on the held-out slice, by two images at least
-    (one more right answer is noise on a small slice)."""
+    """Whether the fine-tune beats the chosen probe on the held-out slice by more than twice the
+    standard error of the probe's score there: its best epoch is the best of many tries on the
+    same few images, and a smaller lead is what luck alone gives it."""
     tuned = result.best_epoch > 0
     tuned_acc = result.history[result.best_epoch]["val_accuracy"] if tuned else None
-    keep = tuned and keep_if_better(setup.probe_hold, tuned_acc, margin=1.5 / len(setup.hold_idx))
+    margin = significance_margin(setup.probe_hold, len(setup.hold_idx))
+    keep = tuned and keep_if_better(setup.probe_hold, tuned_acc, margin=margin)
     run.decide(
         Decision(
             "finetune",
@@ -564,7 +564,12 @@ def _keep_finetune(run: Run, chosen: ChosenProbe, setup: _FinetuneSetup, result:
                 ),
             ),  # fmt: skip
             result.stopped
-            + ("" if keep or not tuned else "; its best epoch did not beat the chosen probe, which is kept"),
+            + (
+                ""
+                if keep or not tuned
+                else f"; its best epoch did not beat the chosen probe by more than {margin:.1%} "
+                "(twice the standard error on these images), so the probe is kept"
+            ),
             metric=f"accuracy on {len(setup.hold_idx)} held-out training images",
         )
     )

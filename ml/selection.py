@@ -12,6 +12,7 @@ it); the validation split that is reported never chooses anything.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -71,9 +72,26 @@ def strongest_within(levels: Sequence[Candidate], clean: float, *, tolerance: fl
     return chosen
 
 
+def significance_margin(base: float, n: int, *, floor: float = 0.0) -> float:
+    """Twice the standard error of an accuracy `base` measured on `n` images (at least `floor`, and at
+    least one and a half images): a challenger that wins by less has not shown it is better, since
+    the noise of n images (and the best of several tries) could give it that lead."""
+    if n <= 0:
+        return floor
+    return max(floor, 1.5 / n, 2 * math.sqrt(max(base * (1 - base), 0.0) / n))
+
+
 def keep_if_better(base: float, new: float, *, margin: float = 0.0) -> bool:
     """An extra (EMA weights, test-time augmentation) is kept only when it measures better."""
     return new > base + margin
 
 
-__all__ = ["Candidate", "Decision", "best_of", "invariance_holds", "keep_if_better", "strongest_within"]
+__all__ = [
+    "Candidate",
+    "Decision",
+    "best_of",
+    "invariance_holds",
+    "keep_if_better",
+    "significance_margin",
+    "strongest_within",
+]

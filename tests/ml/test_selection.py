@@ -132,3 +132,26 @@ def test_augmentation_decision_reports_every_level():
     decision = run.decisions[-1]
     assert [c.name for c in decision.candidates] == ["clean", "light", "medium", "strong"]
     assert level == decision.chosen and level in ("light", "medium", "strong")
+
+
+@pytest.mark.parametrize(
+    "base,n,new,kept",
+    [
+        (0.94, 50, 0.98, False),  # 2 more right of 50: within twice the standard error (6.7 points)
+        (0.70, 60, 0.75, False),  # 3 more right of 60 at 70%: noise
+        (0.965, 400, 0.9975, True),  # 13 more right of 400: a real gain
+        (1.0, 145, 1.0, False),  # a tie at the ceiling
+        (0.99, 1000, 0.997, True),  # past twice the standard error (0.63 points)
+    ],
+)
+def test_a_challenger_must_win_by_more_than_twice_the_standard_error(base, n, new, kept):
+    from ml.selection import significance_margin
+
+    assert keep_if_better(base, new, margin=significance_margin(base, n)) is kept
+
+
+def test_significance_margin_has_a_floor_of_one_and_a_half_images():
+    from ml.selection import significance_margin
+
+    assert significance_margin(1.0, 100) == pytest.approx(0.015)
+    assert significance_margin(0.5, 100, floor=0.5) == 0.5
