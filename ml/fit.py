@@ -350,9 +350,8 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
                 fitted = fit_probe(
                     rep.feats[stage][idx], data.y_train[idx], k, folds=3 if pilot else 5, seed=config.seed
                 )
-            history += [{"phase": "probe", "stage": name, **r} for r in fitted.history]
             candidates.append(Candidate(name, _cv_best(fitted), t.seconds, {"C": fitted.C}))
-            run.report("fit", i + 1, len(options) + 1)
+            history += _report_rows(run, fitted, name, i + 1, len(options) + 1)
         margin = _margin(candidates, incumbent, len(idx))
         chosen_name = best_of(candidates, incumbent=incumbent, margin=margin)
         run.decide(
@@ -370,11 +369,18 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
         candidates = [Candidate(incumbent, None)]
     rep, stage = options[chosen_name]
     probe = fit_probe(rep.feats[stage][:n], data.y_train, k, seed=config.seed)
-    history += [{"phase": "probe", "stage": chosen_name, **r} for r in probe.history]
-    run.report("fit", len(options), len(options) + 1)
+    history += _report_rows(run, probe, chosen_name, len(options) + 1, len(options) + 1)
     run.say(f"probe: {chosen_name}, C={probe.C:g}")
     ranking = {c.name: (*options[c.name], c) for c in candidates}
     return ChosenProbe(rep, stage, replace(probe, history=history), n, ranking)
+
+
+def _report_rows(run: Run, probe: ProbeFit, name: str, done: int, total: int) -> list[dict]:
+    """A probe's C path as history rows, each sent with the progress (the job page plots them live)."""
+    rows = [{"phase": "probe", "stage": name, **r} for r in probe.history]
+    for row in rows:
+        run.report("fit", done, total, row)
+    return rows
 
 
 def _margin(candidates: list[Candidate], incumbent: str, n: int) -> float:
