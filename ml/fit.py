@@ -132,7 +132,6 @@ class Representation:
 
     prep: Preprocessing
     feats: dict[str, np.ndarray]
-    seconds: float
 
 
 @dataclass(frozen=True)
@@ -263,17 +262,16 @@ def measure(
         def tick(done: int, total: int, base: float = base, span: float = span) -> None:
             run.report("features", (base + span * done / total) * total, total)
 
-        with timer() as t:
-            if prep == native:
-                feats, similarity = _native_pass(
-                    backbone, data.archive, members, len(data.train), taps, device, config, tick
-                )
-            else:
-                feats = extract_stage_features(
-                    backbone, data.archive, members, taps=taps, batch_size=config.batch_size,
-                    device=device, preprocessing=prep, progress=tick,
-                )  # fmt: skip
-        reps.append(Representation(prep, feats, t.seconds))
+        if prep == native:
+            feats, similarity = _native_pass(
+                backbone, data.archive, members, len(data.train), taps, device, config, tick
+            )
+        else:
+            feats = extract_stage_features(
+                backbone, data.archive, members, taps=taps, batch_size=config.batch_size,
+                device=device, preprocessing=prep, progress=tick,
+            )  # fmt: skip
+        reps.append(Representation(prep, feats))
     plan = decide(
         len(data.train) / len(data.classes), similarity, override=config.strategy, boundary=config.size_boundary
     )

@@ -1,7 +1,7 @@
 """Decisions by measurement: candidates, their scores on the training split, and the pick.
 
 Every choice the engine makes between options (input resolution and stage, flips,
-augmentation strength, probe vs fine-tune, EMA and test-time augmentation) is a
+augmentation strength, learning rate, probe vs fine-tune, test-time augmentation) is a
 `Decision`: the candidates it considered, each with the score it measured, the one
 kept and a sentence saying why. The selection rules live here as small pure
 functions so that they are tested table-driven, apart from the measuring.
@@ -27,7 +27,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Decision:
-    what: str  # representation | flip | augmentation | finetune | ema | tta
+    what: str  # representation | flip | augmentation | learning_rate | finetune | tta
     chosen: str
     candidates: tuple[Candidate, ...]
     reason: str
