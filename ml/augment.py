@@ -40,9 +40,10 @@ _JITTER = {
 
 
 def train_transform(
-    prep: Preprocessing, level: str = "medium", *, hflip: bool = False
+    prep: Preprocessing, level: str = "medium", *, hflip: bool = False, uint8: bool = False
 ) -> tuple[Callable[[Image.Image], torch.Tensor], dict]:
-    """(transform, description) for one augmentation level."""
+    """(transform, description) for one augmentation level; with `uint8`, the views stop before
+    scaling and normalisation, as `eval_transform(uint8=True)` does."""
     if level not in LEVELS:
         raise ValueError(f"unknown augmentation level '{level}'. Valid choices: {', '.join(LEVELS)}.")
     interpolation = INTERPOLATION[prep.interpolation]
@@ -57,7 +58,8 @@ def train_transform(
     if level == "strong":
         # Bilinear: on tensors torchvision's rotate and shear refuse bicubic.
         steps.append(T.TrivialAugmentWide(interpolation=T.InterpolationMode.BILINEAR))
-    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(prep.mean, prep.std)]
+    if not uint8:
+        steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(prep.mean, prep.std)]
     description = {
         "level": level,
         "random_resized_crop": {"size": prep.input_size, "scale": list(scale), "ratio": [round(r, 3) for r in ratio]},

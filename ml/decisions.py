@@ -15,10 +15,17 @@ from torch import nn
 
 from ml.augment import LEVELS, mirrored, train_transform
 from ml.backbones import Preprocessing
-from ml.finetune import Batches, evaluate, with_flip_average
+from ml.finetune import Batches, evaluate, predict_logits, with_flip_average
 from ml.preprocess import eval_transform
 from ml.run import Run, timer
-from ml.selection import Candidate, Decision, invariance_holds, keep_if_better, significance_margin, strongest_within
+from ml.selection import (
+    Candidate,
+    Decision,
+    invariance_holds,
+    keep_if_better,
+    paired_margin,
+    strongest_within,
+)
 
 FLIP_TOLERANCE = 0.02  # accuracy a mirror may cost the probe and still count as an invariance
 AUGMENT_TOLERANCE = 0.05  # accuracy an augmentation level's views may cost the probe
@@ -27,19 +34,27 @@ AUGMENT_TOLERANCE = 0.05  # accuracy an augmentation level's views may cost the 
 def flip_decision(run: Run, model: nn.Module, images: Callable, labels: np.ndarray, transform, device) -> bool:
     """Whether horizontal flips are an invariance: the probe reads mirrored held-out images as well.
 
-    `images(i)` gives the i-th held-out PIL image, `labels` their classes, `transform` the eval transform."""
+    The mirrors may cost the probe `FLIP_TOLERANCE`, or twice the standard error of the paired
+    difference when that is larger: a few images' noise must not switch flips off (a mirrored
+    digit or sign costs tens of points). `images(i)` gives the i-th held-out PIL image, `labels`
+    their classes, `transform` the eval transform."""
     with timer() as t:
-        _, acc = evaluate(model, Batches(lambda i: transform(images(i)), labels, 64), device)
-        _, mirror = evaluate(model, Batches(lambda i: mirrored(transform)(images(i)), labels, 64), device)
-    holds = invariance_holds(acc, mirror, tolerance=FLIP_TOLERANCE)
+        plain = _correct(model, Batches(lambda i: transform(images(i)), labels, 64), device)
+        mirror = _correct(model, Batches(lambda i: mirrored(transform)(images(i)), labels, 64), device)
+    tolerance = paired_margin(plain, mirror, floor=FLIP_TOLERANCE)
+    holds = invariance_holds(float(plain.mean()), float(mirror.mean()), tolerance=tolerance)
     run.decide(
         Decision(
             "flip",
             "flip" if holds else "no flip",
             # "no flip" is scored on the images as they are, "flip" on their mirrors.
-            (Candidate("no flip", acc, t.seconds / 2), Candidate("flip", mirror, t.seconds / 2)),
-            f"a mirror {'keeps' if holds else 'changes'} the probe's answers "
-            f"(tolerance {FLIP_TOLERANCE:.0%}), so flips {'are' if holds else 'are not'} used",
+            (
+                Candidate("no flip", float(plain.mean()), t.seconds / 2),
+                Candidate("flip", float(mirror.mean()), t.seconds / 2),
+            ),
+            f"a mirror {'keeps' if holds else 'changes'} the probe's answers (it may cost {tolerance:.1%}: "
+            f"{FLIP_TOLERANCE:.0%}, or twice the standard error of the paired difference when larger), "
+            f"so flips {'are' if holds else 'are not'} used",
             metric=f"probe accuracy on {len(labels)} held-out training images",
         )
     )
@@ -83,17 +98,27 @@ def augmentation_decision(
 def tta_decision(run: Run, model: nn.Module, hold: Batches, device) -> nn.Module:
     """Flip TTA costs a second forward pass per image at serving: kept only when it measures better."""
     with timer() as t:
-        _, plain = evaluate(model, hold, device)
+        plain = _correct(model, hold, device)
     with timer() as t2:
-        _, tta = evaluate(with_flip_average(model), hold, device)
-    keep = keep_if_better(plain, tta, margin=significance_margin(plain, len(hold.labels)))  # it doubles serving cost
+        tta = _correct(with_flip_average(model), hold, device)
+    # Paired: both read the same images. It doubles serving cost, so it must win beyond the noise.
+    keep = keep_if_better(float(plain.mean()), float(tta.mean()), margin=paired_margin(plain, tta))
     run.decide(
         Decision(
             "tta",
             "flip average" if keep else "none",
-            (Candidate("none", plain, t.seconds), Candidate("flip average", tta, t2.seconds)),
+            (
+                Candidate("none", float(plain.mean()), t.seconds),
+                Candidate("flip average", float(tta.mean()), t2.seconds),
+            ),
             "kept: it reads the held-out images better" if keep else "not kept: no better on held-out images",
             metric=f"accuracy on {len(hold.labels)} held-out training images",
         )
     )
     return with_flip_average(model) if keep else model
+
+
+def _correct(model: nn.Module, batches: Batches, device) -> np.ndarray:
+    """Per image: whether the model's top answer is its label."""
+    logits, labels = predict_logits(model, batches, device)
+    return (logits.argmax(1) == labels).numpy()

@@ -72,7 +72,7 @@ def iter_batches(
     load: Callable[[str], torch.Tensor],
     items: Sequence[str],
     batch_size: int,
-    workers: int = min(8, (os.cpu_count() or 2) * 2),
+    workers: int = min(16, (os.cpu_count() or 2) * 2),
 ) -> Iterator[torch.Tensor]:
     """Yield stacked batches in order, decoding up to two batches ahead."""
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -59,6 +59,9 @@ PILOT_IMAGES = 1500  # candidate probes are ranked on at most this many training
 HOLDOUT_FRACTION = 0.1  # of train, held out for the fine-tune's selection and the invariance tests
 MIN_HOLDOUT = 50  # held-out images at least (where train has 200+)
 LR_MULTIPLIERS = (1.0, 0.25)  # fine-tune learning rates tried, on the recipe's rule, until a pilot pays
+# Fine-tuning batch per device: small on the CPU (steps are slow, more of them converge sooner),
+# large enough to keep a GPU busy; the learning rate follows the batch (ml.finetune.backbone_lr).
+TRAIN_BATCH = {"cpu": 32, "cuda": 128}
 INVARIANCE_SAMPLE = 256  # held-out images the flip and augmentation tests read
 
 
@@ -445,7 +448,7 @@ def train(
         del report["hyperparameters"]["augmentation"]
         return probe_net, chosen.rep.prep, probe_logits, report
     model = tta_decision(run, result.model, setup.hold, device) if setup.flip else result.model
-    val = Batches(lambda i: setup.clean(setup.source.image(len(data.train) + i)), data.y_val, 64)
+    val = Batches(lambda i: setup.clean(setup.source.image(len(data.train) + i)), data.y_val, 64, setup.norm)
     val_logits, _ = predict_logits(model, val, device)
     return model, setup.rep.prep, val_logits, report
 
@@ -458,7 +461,8 @@ class _FinetuneSetup:
     hold_idx: np.ndarray
     probe_hold: float  # the chosen probe's accuracy on the held-out slice (refitted without it)
     source: ImageSource
-    clean: Callable
+    clean: Callable  # the eval transform, to uint8
+    norm: tuple  # (mean, std) applied on the device
     hold: Batches
     flip: bool
     batches_for: Callable[[int], Batches]
@@ -480,27 +484,34 @@ def _finetune_setup(run, backbone, chosen: ChosenProbe, data: Data, depth: str, 
     head = fit_probe_at(rep.feats[stage][fit_idx], y_fit, k, C=C, seed=config.seed)
     run.say(f"fine-tune candidate starts from the probe on {_name(stage, rep)}")
     source = ImageSource(data.archive, data.train + data.val, rep.prep)
-    clean = eval_transform(rep.prep)
-    hold = Batches(lambda i: clean(source.image(hold_idx[i])), y_hold, 64)
+    norm = (rep.prep.mean, rep.prep.std)  # the batches stay uint8 until they reach the device
+    clean = eval_transform(rep.prep, uint8=True)
+    hold = Batches(lambda i: clean(source.image(hold_idx[i])), y_hold, 64, norm)
 
     start = probe_model(backbone, head, stage).to(device, memory_format=torch.channels_last)
     sample = hold_idx[:INVARIANCE_SAMPLE]
     held_out = lambda i: source.image(sample[i])  # noqa: E731
-    flip = config.hflip and flip_decision(run, start, held_out, data.y_train[sample], clean, device)
+    flip = config.hflip and flip_decision(run, start, held_out, data.y_train[sample], eval_transform(rep.prep), device)
     if not config.hflip:
         run.say("horizontal flips: off (asked for)")
     level = augmentation_decision(run, start, held_out, data.y_train[sample], rep.prep, flip, device, config.seed)
-    augments = {lv: train_transform(rep.prep, lv, hflip=flip) for lv in {"light", level}}
+    augments = {lv: train_transform(rep.prep, lv, hflip=flip, uint8=True) for lv in {"light", level}}
     report["hyperparameters"]["augmentation"] = {"first_epoch": augments["light"][1], "after": augments[level][1]}
     ft_config = FinetuneConfig(
-        depth=depth, max_epochs=config.max_epochs, patience=config.patience, budget=config.budget
+        depth=depth,
+        max_epochs=config.max_epochs,
+        patience=config.patience,
+        budget=config.budget,
+        batch_size=TRAIN_BATCH.get(device.type, TRAIN_BATCH["cpu"]),
     )
 
     def batches_for(epoch: int) -> Batches:
         augment = augments["light" if epoch == 1 else level][0]  # no augmentation shock on the first pass
-        return Batches(lambda i: augment(source.image(fit_idx[i])), y_fit, ft_config.batch_size)
+        return Batches(lambda i: augment(source.image(fit_idx[i])), y_fit, ft_config.batch_size, norm)
 
-    return _FinetuneSetup(rep, stage, head, hold_idx, probe_hold, source, clean, hold, flip, batches_for, ft_config)
+    return _FinetuneSetup(
+        rep, stage, head, hold_idx, probe_hold, source, clean, norm, hold, flip, batches_for, ft_config
+    )
 
 
 def _finetune_with_measured_lr(run, backbone, setup: _FinetuneSetup, config, device, report) -> FinetuneResult:

@@ -17,16 +17,23 @@ INTERPOLATION = {
 }
 
 
-def eval_transform(p: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
-    return T.Compose(
-        [
-            T.PILToTensor(),
-            T.Resize(p.resize_size, interpolation=INTERPOLATION[p.interpolation], antialias=True),
-            T.CenterCrop(p.input_size),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(p.mean, p.std),
-        ]
-    )
+def eval_transform(p: Preprocessing, *, uint8: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize, centre-crop, scale and normalise; with `uint8`, stop before scaling (a quarter of the
+    bytes to move; `normalize` finishes the job where the model runs)."""
+    steps = [
+        T.PILToTensor(),
+        T.Resize(p.resize_size, interpolation=INTERPOLATION[p.interpolation], antialias=True),
+        T.CenterCrop(p.input_size),
+    ]
+    if not uint8:
+        steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(p.mean, p.std)]
+    return T.Compose(steps)
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A uint8 (N, 3, H, W) batch scaled to [0, 1] and normalised, on the device it is on
+    (`mean` and `std` shaped (1, 3, 1, 1) there): the last step of `eval_transform`."""
+    return x.float().div_(255).sub_(mean).div_(std)
 
 
 MIN_INPUT = 64  # smallest input: the backbones downsample 32x, leaving a 2x2 map

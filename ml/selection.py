@@ -16,6 +16,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -81,6 +83,14 @@ def significance_margin(base: float, n: int, *, floor: float = 0.0) -> float:
     return max(floor, 1.5 / n, 2 * math.sqrt(max(base * (1 - base), 0.0) / n))
 
 
+def paired_margin(first: Sequence[bool], second: Sequence[bool], *, floor: float = 0.0) -> float:
+    """Twice the standard error of the difference between two accuracies read on the same images
+    (`first[i]`, `second[i]`: image i read correctly), at least `floor`. Paired, as McNemar's test
+    is: only the images the two readings disagree on add noise."""
+    d = np.asarray(first, dtype=float) - np.asarray(second, dtype=float)
+    return floor if len(d) == 0 else max(floor, 2 * float(d.std()) / math.sqrt(len(d)))
+
+
 def keep_if_better(base: float, new: float, *, margin: float = 0.0) -> bool:
     """An extra (EMA weights, test-time augmentation) is kept only when it measures better."""
     return new > base + margin
@@ -92,6 +102,7 @@ __all__ = [
     "best_of",
     "invariance_holds",
     "keep_if_better",
+    "paired_margin",
     "significance_margin",
     "strongest_within",
 ]

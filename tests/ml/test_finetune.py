@@ -270,3 +270,24 @@ def test_training_reads_the_device_once_per_epoch_not_per_step(monkeypatch):
         monkeypatch.undo()
         counts.append(calls[0])
     assert counts[0] == counts[1]
+
+
+def test_uint8_batches_are_normalised_where_the_model_runs_as_the_float_transform_would():
+    from PIL import Image
+
+    from ml.preprocess import eval_transform
+
+    prep = Preprocessing(16, 20, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)) for _ in range(5)]
+    small, full = eval_transform(prep, uint8=True), eval_transform(prep)
+    shipped = Batches(lambda i: small(images[i]), np.zeros(5, dtype=int), 4, (prep.mean, prep.std))
+    reference = Batches(lambda i: full(images[i]), np.zeros(5, dtype=int), 4)
+
+    assert small(images[0]).dtype == torch.uint8
+    got = [x for x, _ in shipped(range(5), torch.device("cpu"))]
+    want = [x for x, _ in reference(range(5), torch.device("cpu"))]
+    assert [x.dtype for x in got] == [torch.float32, torch.float32]
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)

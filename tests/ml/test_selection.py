@@ -1,5 +1,7 @@
 """Decisions by measurement: the selection rules (table-driven) and the flip test on toy data."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -155,3 +157,35 @@ def test_significance_margin_has_a_floor_of_one_and_a_half_images():
 
     assert significance_margin(1.0, 100) == pytest.approx(0.015)
     assert significance_margin(0.5, 100, floor=0.5) == 0.5
+
+
+@pytest.mark.parametrize(
+    "first,second,margin",
+    [
+        ([1] * 100, [1] * 100, 0.0),  # the readings agree everywhere: no noise in their difference
+        ([1] * 100, [1] * 99 + [0], 2 * math.sqrt(0.01 - 0.0001) / 10),  # one discordant image
+        ([1] * 50 + [0] * 50, [0] * 50 + [1] * 50, 0.2),  # equal accuracies, every image discordant
+    ],
+)
+def test_paired_margin_counts_only_the_images_the_readings_disagree_on(first, second, margin):
+    from ml.selection import paired_margin
+
+    assert paired_margin(first, second) == pytest.approx(margin)
+    assert paired_margin(first, second, floor=0.5) == 0.5
+
+
+def test_flip_test_tolerates_a_few_images_of_noise_but_not_a_class_changing_mirror():
+    from ml.selection import paired_margin
+
+    n = 200  # 0.915 -> 0.895 with 6 + 2 discordant images (brain MRI's held-out reading): noise
+    plain = np.array([1] * 183 + [0] * 17)
+    mirror = plain.copy()
+    mirror[:6], mirror[183:185] = 0, 1
+    assert (plain.mean(), mirror.mean()) == (0.915, 0.895)
+    assert invariance_holds(plain.mean(), mirror.mean(), tolerance=paired_margin(plain, mirror, floor=0.02))
+    signs = np.array([1] * 190 + [0] * 10)  # 0.95 -> 0.80: a class-changing mirror
+    mirrored = signs.copy()
+    mirrored[:30] = 0
+    assert len(plain) == n and not invariance_holds(
+        signs.mean(), mirrored.mean(), tolerance=paired_margin(signs, mirrored, floor=0.02)
+    )
