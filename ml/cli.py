@@ -1,7 +1,8 @@
 """`python -m ml`: the pipeline without the web app.
 
 python -m ml fit DATASET.zip --out DIR [--strategy auto|linear|stages|partial|full] [--backbone NAME]
-                 [--budget SECONDS] [--max-epochs N] [--no-hflip] [--lr-find] [--resolution auto|native] [--json]
+                 [--budget SECONDS] [--max-epochs N] [--no-hflip] [--lr-find] [--resolution auto|native]
+                 [--search N] [--json]
 python -m ml predict DIR_OR_BUNDLE_ZIP IMAGE... [-k 5]
 python -m ml backbones
 """
@@ -51,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         choices=("auto", "native"),
         help="input size: follow the data, or the backbone's own",
+    )
+    f.add_argument(
+        "--search",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N short fine-tunes of a coarse-to-fine random search over learning rate and weight decay",
     )
     f.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
     f.set_defaults(func=_fit)
@@ -103,6 +111,7 @@ def _fit(args: argparse.Namespace) -> int:
         hflip=args.hflip,
         lr_find=args.lr_find,
         resolution=args.resolution,
+        search=args.search,
     )
     result = fit(args.dataset, args.out, config, progress=progress)
     summary = result.to_dict()

@@ -46,6 +46,7 @@ from ml.preprocess import choose_preprocessing, eval_transform
 from ml.probe import ProbeFit, fit_probe, fit_probe_at
 from ml.run import Progress, ProgressFn, Run, timer
 from ml.runtime import tune_allocator
+from ml.search import search
 from ml.selection import Candidate, Decision, best_of, keep_if_better, significance_margin
 from ml.similarity import BatchNormStats, Similarity, head_entropy, similarity_score
 from ml.strategy import REGISTRY as PLAN_REGISTRY
@@ -62,6 +63,7 @@ LR_MULTIPLIERS = (1.0, 0.25)  # fine-tune learning rates tried, on the recipe's 
 # Fine-tuning batch per device: small on the CPU (steps are slow, more of them converge sooner),
 # large enough to keep a GPU busy; the learning rate follows the batch (ml.finetune.backbone_lr).
 TRAIN_BATCH = {"cpu": 32, "cuda": 128}
+MAX_SEARCH = 64  # --search trials at most
 INVARIANCE_SAMPLE = 256  # held-out images the flip and augmentation tests read
 
 
@@ -80,6 +82,7 @@ class FitConfig:
     hflip: bool = True  # flips may be used (when measured to hold); False: never (text, digits)
     lr_find: bool = False  # run a learning-rate range test before fine-tuning and return its curve
     resolution: str = "auto"  # auto: measured (native vs a size that follows small images); native: native only
+    search: int = 0  # fine-tune trials of a random search over learning rate and weight decay (0: the LR ladder)
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -95,6 +98,8 @@ class FitConfig:
             raise ConfigError("max_epochs and patience must be at least 1.")
         if self.resolution not in ("auto", "native"):
             raise ConfigError("resolution must be 'auto' or 'native'.")
+        if not 0 <= self.search <= MAX_SEARCH:
+            raise ConfigError(f"search must be between 0 and {MAX_SEARCH} trials.")
 
 
 @dataclass
@@ -438,8 +443,8 @@ def train(
         probe_logits = chosen.probe.linear(torch.from_numpy(chosen.X_val))
     depth = finetune_depth(plan, config.strategy)
     if depth is None:
-        if config.lr_find:
-            run.say(f"LR range test skipped: the '{plan.name}' plan fits a probe, with no learning rate to choose")
+        if config.lr_find or config.search:
+            run.say(f"LR search skipped: the '{plan.name}' plan fits a probe, with no learning rate to choose")
         return probe_net, chosen.rep.prep, probe_logits, report
 
     setup = _finetune_setup(run, backbone, chosen, data, depth, config, device, report)
@@ -526,6 +531,30 @@ def _finetune_with_measured_lr(run, backbone, setup: _FinetuneSetup, config, dev
             f"LR range test: steepest descent at {report['lr_range']['suggested_lr']:.2e} "
             f"(the recipe's rule gives {report['lr_range']['recipe_lr']:.2e})"
         )
+    if config.search:
+
+        def trial(cfg: FinetuneConfig, number: int) -> FinetuneResult:
+            return _run_finetune(run, backbone, setup, cfg, device, config, report, trial=number)
+
+        cfg, searched = search(run, config.search, setup.config, trial, len(setup.hold_idx), config.budget, config.seed)
+        result = _run_finetune(run, backbone, setup, cfg, device, config, report)
+        seconds = searched + result.hyperparameters["train_seconds"]
+    else:
+        result, seconds = _lr_ladder(run, backbone, setup, config, device, report)
+    report["sanity"] += result.sanity
+    report["hyperparameters"]["finetune"] = {
+        **result.hyperparameters,
+        "start": _name(setup.stage, setup.rep),
+        "best_epoch": result.best_epoch,
+        "stopped": result.stopped,
+        "seconds_all_tries": round(seconds, 2),
+    }
+    run.say(f"fine-tuning stopped: {result.stopped}; best epoch {result.best_epoch} restored")
+    return result
+
+
+def _lr_ladder(run, backbone, setup: _FinetuneSetup, config, device, report) -> tuple[FinetuneResult, float]:
+    """(best fine-tune, seconds of all of them): the recipe's rate, then lower ones while the pilot fails."""
     tries: list[tuple[float, FinetuneResult]] = []
     for multiplier in LR_MULTIPLIERS:
         if tries:
@@ -545,16 +574,7 @@ def _finetune_with_measured_lr(run, backbone, setup: _FinetuneSetup, config, dev
                 metric=f"best accuracy on {len(setup.hold_idx)} held-out training images",
             )
         )
-    report["sanity"] += result.sanity
-    report["hyperparameters"]["finetune"] = {
-        **result.hyperparameters,
-        "start": _name(setup.stage, setup.rep),
-        "best_epoch": result.best_epoch,
-        "stopped": result.stopped,
-        "seconds_all_tries": sum(r.hyperparameters["train_seconds"] for _, r in tries),
-    }
-    run.say(f"fine-tuning stopped: {result.stopped}; best epoch {result.best_epoch} restored")
-    return result
+    return result, sum(r.hyperparameters["train_seconds"] for _, r in tries)
 
 
 def _keep_finetune(run: Run, chosen: ChosenProbe, setup: _FinetuneSetup, result: FinetuneResult, depth: str) -> bool:
@@ -591,14 +611,17 @@ def _keep_finetune(run: Run, chosen: ChosenProbe, setup: _FinetuneSetup, result:
     return keep
 
 
-def _run_finetune(run, backbone, setup: _FinetuneSetup, cfg: FinetuneConfig, device, config, report) -> FinetuneResult:
+def _run_finetune(
+    run, backbone, setup: _FinetuneSetup, cfg: FinetuneConfig, device, config, report, trial: int | None = None
+) -> FinetuneResult:
     """One fine-tune from the probe, on copies (the chosen probe shares the pretrained body and the
-    head may be tried again), with its epochs in the history and the log."""
+    head may be tried again), with its epochs in the history and the log (a search `trial`'s tagged)."""
     n = len(setup.batches_for(1).labels)
-    units = config.max_epochs * n
+    units = cfg.max_epochs * n
+    tag = {"lr_multiplier": cfg.lr_multiplier} | ({"trial": trial, "weight_decay": cfg.weight_decay} if trial else {})
 
     def on_epoch(row: dict) -> None:
-        report["history"].append({"phase": "finetune", "lr_multiplier": cfg.lr_multiplier, **row})
+        report["history"].append({"phase": "search" if trial else "finetune", **tag, **row})
         run.report("fit", row["epoch"] * n, units, report["history"][-1])
         run.say(
             f"epoch {row['epoch']}: held-out accuracy {row['val_accuracy']:.4f}, loss {row['val_loss']:.4f}"

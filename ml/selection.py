@@ -29,7 +29,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Decision:
-    what: str  # representation | flip | augmentation | learning_rate | finetune | tta
+    what: str  # representation | flip | augmentation | learning_rate | search | finetune | tta
     chosen: str
     candidates: tuple[Candidate, ...]
     reason: str
