@@ -22,6 +22,7 @@ from ml.errors import DatasetError
 from ml.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb, header_size
 
 ProgressFn = Callable[[int, int], None]
+VERIFY_SIDE = 64  # ingestion decodes JPEGs at the smallest draft that keeps this side: it only verifies them
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,9 @@ def _decode_all(
             zf = local.zf = zipfile.ZipFile(path)
         data = read_member(zf, member.name, config.limits.max_member_bytes)
         try:
-            # Decode fully (catches truncation) but let JPEG skip detail we never use.
-            img = decode_rgb(data, max_pixels=config.max_pixels, min_side=512)
+            # Decode every byte (catches truncation and corrupt data), but let JPEG skip the
+            # inverse DCT at full size (draft mode, down to 1/8): only the header's size is kept.
+            img = decode_rgb(data, max_pixels=config.max_pixels, min_side=VERIFY_SIDE)
         except ImageDecodeError as exc:
             return member.name, str(exc)
         size = header_size(data) or img.size

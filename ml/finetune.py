@@ -598,6 +598,7 @@ def lr_range_test(
     `factor_min` to `factor_max`. The curve reports the backbone LR, so the
     suggestion (steepest smoothed descent) compares directly with the recipe's rule.
     """
+    started = time.perf_counter()
     backbone, head = copy.deepcopy(backbone), copy.deepcopy(head)
     model, _, _, optimizer = _prepare(backbone, head, config, device, stage)
     amp = _amp_dtype(device)
@@ -635,7 +636,14 @@ def lr_range_test(
                 break
     slopes = [(curve[i + 1]["smoothed"] - curve[i]["smoothed"], i) for i in range(len(curve) - 1)]
     suggestion = curve[min(slopes)[1]]["lr"] if slopes else base[0]
-    return {"curve": curve, "suggested_lr": suggestion, "recipe_lr": base[0]}
+    return {
+        "curve": curve,
+        "suggested_lr": suggestion,
+        "recipe_lr": base[0],
+        # where the loss blew up (smoothed above 4x its best, or not finite); None: it never did
+        "diverged_lr": (curve[-1]["lr"] if curve else base[0] * factor_min) if diverged else None,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def _row(epoch, train_loss, train_acc, val_loss, val_acc, lr, head_lr, seconds, stopper: EarlyStopping) -> dict:

@@ -59,7 +59,8 @@ PROBE_MARGIN = 0.005
 PILOT_IMAGES = 1500  # candidate probes are ranked on at most this many training images (3-fold CV)
 HOLDOUT_FRACTION = 0.1  # of train, held out for the fine-tune's selection and the invariance tests
 MIN_HOLDOUT = 50  # held-out images at least (where train has 200+)
-LR_MULTIPLIERS = (1.0, 0.25)  # fine-tune learning rates tried, on the recipe's rule, until a pilot pays
+LR_MULTIPLIERS = (1.0, 0.25)  # fine-tune learning rates tried, on the measured start, until a pilot pays
+LR_TEST_FROM, LR_TEST_STEPS = 0.1, 20  # the automatic range test: from 0.1x the rule, growing 1.41x a step
 # Fine-tuning batch per device: small on the CPU (steps are slow, more of them converge sooner),
 # large enough to keep a GPU busy; the learning rate follows the batch (ml.finetune.backbone_lr).
 TRAIN_BATCH = {"cpu": 32, "cuda": 128}
@@ -520,27 +521,23 @@ def _finetune_setup(run, backbone, chosen: ChosenProbe, data: Data, depth: str, 
 
 
 def _finetune_with_measured_lr(run, backbone, setup: _FinetuneSetup, config, device, report) -> FinetuneResult:
-    """The recipe's learning rate first; when its pilot cannot beat the probe, a quarter of it
-    (dissimilar data often wants a gentler start), each from the same probe. The best is returned."""
-    k = len(setup.head.weight)
-    if config.lr_find:
-        report["lr_range"] = lr_range_test(
-            backbone, setup.head, setup.batches_for(2), k, setup.config, device, seed=config.seed, stage=setup.stage
-        )
-        run.say(
-            f"LR range test: steepest descent at {report['lr_range']['suggested_lr']:.2e} "
-            f"(the recipe's rule gives {report['lr_range']['recipe_lr']:.2e})"
-        )
+    """The recipe's learning rate, capped by a range test; when its pilot cannot beat the probe, a
+    quarter of it (dissimilar data often wants a gentler start), each from the same probe. The best
+    is returned. With `config.search`, a random search over learning rate and weight decay instead."""
     if config.search:
 
         def trial(cfg: FinetuneConfig, number: int) -> FinetuneResult:
             return _run_finetune(run, backbone, setup, cfg, device, config, report, trial=number)
 
         cfg, searched = search(run, config.search, setup.config, trial, len(setup.hold_idx), config.budget, config.seed)
+        if config.budget is not None:  # the full run gets what the trials left of the budget
+            cfg = replace(cfg, budget=max(1.0, config.budget - searched))
         result = _run_finetune(run, backbone, setup, cfg, device, config, report)
         seconds = searched + result.hyperparameters["train_seconds"]
     else:
-        result, seconds = _lr_ladder(run, backbone, setup, config, device, report)
+        start = _lr_cap(run, backbone, setup, config, device, report)
+        result, seconds = _lr_ladder(run, backbone, setup, start, config, device, report)
+        seconds += report["lr_range"]["seconds"]
     report["sanity"] += result.sanity
     report["hyperparameters"]["finetune"] = {
         **result.hyperparameters,
@@ -553,27 +550,59 @@ def _finetune_with_measured_lr(run, backbone, setup: _FinetuneSetup, config, dev
     return result
 
 
-def _lr_ladder(run, backbone, setup: _FinetuneSetup, config, device, report) -> tuple[FinetuneResult, float]:
-    """(best fine-tune, seconds of all of them): the recipe's rate, then lower ones while the pilot fails."""
+def _lr_cap(run, backbone, setup: _FinetuneSetup, config, device, report) -> float:
+    """The learning rate the fine-tune starts at, as a multiple of the recipe's rule: the rule, unless a
+    range test (the fine-tune's own setup, on copies, the LR growing each step) sees the loss blow up
+    within 10x of it; then a tenth of where it blew up. With frozen BatchNorm nothing renormalises
+    an update that is too large, and how large is too large depends on the data and the input size
+    (brain MRI, the whole network at 240 px: the loss blew up at 2.9x the rule within a few steps,
+    and a fine-tune at the rule collapsed to chance in its second epoch)."""
+    wide = config.lr_find  # asked for: the whole curve, from 1/1000 of the rule
+    rt = lr_range_test(
+        backbone, setup.head, setup.batches_for(2), len(setup.head.weight), setup.config, device,
+        factor_min=1e-3 if wide else LR_TEST_FROM, steps=40 if wide else LR_TEST_STEPS, seed=config.seed,
+        stage=setup.stage,
+    )  # fmt: skip
+    report["lr_range"] = rt
+    blown = rt["diverged_lr"]
+    multiplier = 1.0 if blown is None else min(1.0, blown / 10 / rt["recipe_lr"])
+    run.say(
+        f"LR range test ({len(rt['curve'])} steps, {rt['seconds']:.0f} s): "
+        + (f"the loss blew up at {blown:.2e}" if blown else "the loss never blew up")
+        + f"; the recipe's rule gives {rt['recipe_lr']:.2e}, so the fine-tune starts at {multiplier:.2g}x it"
+    )
+    return multiplier
+
+
+def _lr_ladder(
+    run, backbone, setup: _FinetuneSetup, start: float, config, device, report
+) -> tuple[FinetuneResult, float]:
+    """(best fine-tune, seconds of all of them): from `start` x the recipe's rate, then lower while the pilot fails."""
     tries: list[tuple[float, FinetuneResult]] = []
-    for multiplier in LR_MULTIPLIERS:
+    for step in LR_MULTIPLIERS:
+        multiplier = start * step
         if tries:
-            run.say(f"retrying the fine-tune at {multiplier:g}x the recipe's learning rate")
+            run.say(f"retrying the fine-tune at {multiplier:.2g}x the recipe's learning rate")
         cfg = replace(setup.config, lr_multiplier=multiplier)
         tries.append((multiplier, _run_finetune(run, backbone, setup, cfg, device, config, report)))
         if tries[-1][1].best_epoch > 0:
             break
     multiplier, result = max(tries, key=lambda t: _best_score(t[1]))
-    if len(tries) > 1:
-        run.decide(
-            Decision(
-                "learning_rate",
-                f"{multiplier:g}x",
-                tuple(Candidate(f"{m:g}x", _best_score(r)[0], r.hyperparameters["train_seconds"]) for m, r in tries),
-                "the recipe's rule (1/10 of the original, batch-scaled) unless its pilot could not beat the probe",
-                metric=f"best accuracy on {len(setup.hold_idx)} held-out training images",
-            )
+    blown = report["lr_range"]["diverged_lr"]
+    run.decide(
+        Decision(
+            "learning_rate",
+            f"{multiplier:.2g}x",
+            (
+                Candidate("range test", None, report["lr_range"]["seconds"], {"blew_up_at": blown}),
+                *(Candidate(f"{m:.2g}x", _best_score(r)[0], r.hyperparameters["train_seconds"]) for m, r in tries),
+            ),
+            "the recipe's rule (1/10 of the original, batch-scaled), capped at a tenth of where a range test's "
+            f"loss blew up ({'at ' + format(blown, '.2e') if blown else 'it never did'}); a quarter of that "
+            "when the pilot cannot beat the probe",
+            metric=f"best accuracy on {len(setup.hold_idx)} held-out training images",
         )
+    )
     return result, sum(r.hyperparameters["train_seconds"] for _, r in tries)
 
 

@@ -291,3 +291,16 @@ def test_uint8_batches_are_normalised_where_the_model_runs_as_the_float_transfor
     assert got[0].is_contiguous(memory_format=torch.channels_last)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
+def test_lr_range_test_reports_where_the_loss_blows_up():
+    x, y = toy_data()
+    config = FinetuneConfig(depth="full", batch_size=16)
+    cpu = torch.device("cpu")
+    # SGD at 0.1 x up to 1e4: the loss blows up, and where is reported, above the rule
+    wild = lr_range_test(tiny_backbone(), nn.Linear(16, 2), batches(x, y), 2, config, cpu, factor_max=1e4, steps=30)
+    assert wild["diverged_lr"] is not None and wild["diverged_lr"] > wild["recipe_lr"]
+    assert wild["diverged_lr"] == wild["curve"][-1]["lr"] and len(wild["curve"]) < 30
+    # up to the rule itself it does not
+    calm = lr_range_test(tiny_backbone(), nn.Linear(16, 2), batches(x, y), 2, config, cpu, factor_max=1.0, steps=8)
+    assert calm["diverged_lr"] is None and len(calm["curve"]) == 8 and calm["seconds"] >= 0
