@@ -141,6 +141,22 @@ def make_optimizer(kind: str, groups: list[dict]) -> torch.optim.Optimizer:
     return create_optimizer_v2(groups, opt=name, lr=groups[0]["lr"], momentum=0.9, **kwargs)
 
 
+def seed_second_moment(optimizer: torch.optim.Optimizer) -> None:
+    """Start RMSProp's running mean of squared gradients from the gradients just taken.
+
+    TF's RMSProp (timm's `rmsproptf`, which EfficientNet-Lite was trained with) starts it at 1,
+    PyTorch's at 0. From 1, with a fine-tune's small gradients, the effective step grows ~30x
+    over the first ~100 steps as the mean decays: after the schedule's warmup, at its peak LR
+    (brain MRI, whole network: the training loss doubled in epoch 2, then the network collapsed
+    to chance). Seeded from real gradients, the schedule's warmup is the only warmup, and a
+    short LR range test sees the steps the fine-tune will take. Other optimizers: no-op."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if p.grad is not None and state and "square_avg" in state:
+                state["square_avg"].copy_(p.grad.detach().square())
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
     """Linear warmup from 0, then cosine decay to 0 over the remaining steps (timm), stepped per batch."""
     from timm.scheduler import CosineLRScheduler
@@ -424,6 +440,8 @@ def finetune(
             before = [p.detach().clone() for p in trainable] if step % steps_per_epoch == steps_per_epoch // 2 else None
             scaler.step(optimizer)
             scaler.update()
+            if step == 0:  # the warmup's first step, at LR 0
+                seed_second_moment(optimizer)
             if before is not None:
                 ratio = _update_ratio(before, trainable)
             step += 1
@@ -625,6 +643,8 @@ def lr_range_test(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if not curve:
+                seed_second_moment(optimizer)
             smooth = value if smooth is None else 0.7 * smooth + 0.3 * value
             curve.append({"lr": base[0] * factor, "loss": value, "smoothed": smooth})
             best = min(best, smooth)

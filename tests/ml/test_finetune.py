@@ -304,3 +304,18 @@ def test_lr_range_test_reports_where_the_loss_blows_up():
     # up to the rule itself it does not
     calm = lr_range_test(tiny_backbone(), nn.Linear(16, 2), batches(x, y), 2, config, cpu, factor_max=1.0, steps=8)
     assert calm["diverged_lr"] is None and len(calm["curve"]) == 8 and calm["seconds"] >= 0
+
+
+def test_rmsprop_second_moment_starts_from_the_first_gradients_not_from_one():
+    from ml.finetune import make_optimizer, seed_second_moment
+
+    for kind, seeded in (("rmsprop", True), ("sgd", False)):
+        layer = nn.Linear(4, 2)
+        opt = make_optimizer(kind, param_groups(layer.parameters(), 0.0, 0.0))
+        layer(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()  # at LR 0: TF's RMSProp starts its mean of squared gradients at 1 here
+        seed_second_moment(opt)
+        state = opt.state[layer.weight]
+        assert ("square_avg" in state) is seeded
+        if seeded:
+            torch.testing.assert_close(state["square_avg"], layer.weight.grad.square())
