@@ -59,7 +59,10 @@ class JobListCreateApi(APIView):
         max_epochs = serializers.IntegerField(required=False, min_value=1, max_value=200)
         # Explicit defaults: a form-encoded request that leaves a checkbox out must not turn it off.
         hflip = serializers.BooleanField(default=True, help_text="horizontal flips keep the class")
-        lr_find = serializers.BooleanField(default=False, help_text="run a learning-rate range test first")
+        lr_find = serializers.BooleanField(
+            default=False,
+            help_text="run the fine-tune's learning-rate range test over its whole width (from 1/1000 of the rule)",
+        )
 
     @extend_schema(responses=JobOutputSerializer(many=True))
     def get(self, request: Request) -> Response:
