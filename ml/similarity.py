@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-
 STAT_GRID = 16  # positions per side sampled from each feature map for the BatchNorm statistics
 
 
