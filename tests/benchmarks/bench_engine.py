@@ -89,7 +89,6 @@ import contextlib
 import json
 import re
 import statistics
-import statistics
 import subprocess
 import sys
 import tempfile
