@@ -266,7 +266,7 @@ def _decision_lines(decisions: list[dict]) -> list[str]:
     ]
     for d in decisions:
         candidates = "; ".join(
-            f"{_md(c['name'])} {_score(c.get('score'))}{' (kept)' if c['name'] == d['chosen'] else ''}"
+            f"{_md(c['name'])} {_score(c.get('score'), c.get('detail'))}{' (kept)' if c['name'] == d['chosen'] else ''}"
             for c in d.get("candidates", [])
         )
         metric = f" ({_md(d['metric'])})" if d.get("metric") else ""
@@ -288,8 +288,13 @@ def _md(text: object) -> str:
     return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 
 
-def _score(score: float | None) -> str:
-    return f"{score:.1%}" if isinstance(score, int | float) and math.isfinite(score) else "not measured"
+def _score(score: float | None, detail: dict | None = None) -> str:
+    """A candidate's score; without one, what it measured instead (the range test: where the loss blew up)."""
+    if isinstance(score, int | float) and math.isfinite(score):
+        return f"{score:.1%}"
+    shown = [f"{_md(k.replace('_', ' '))} {'never' if v is None else _md(f'{v:.3g}' if isinstance(v, float) else v)}"
+             for k, v in (detail or {}).items()]  # fmt: skip
+    return ", ".join(shown) or "not measured"
 
 
 def _calibration_lines(metrics: dict) -> list[str]:

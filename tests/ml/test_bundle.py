@@ -64,7 +64,18 @@ def test_model_card_says_why_and_escapes_user_text(tmp_path):
             "reason": "the plain top-layer probe stays unless another beats it by 1.0%",
             "metric": "5-fold CV accuracy on 40 training images",
             "seconds": 3.5,
-        }
+        },
+        {
+            "what": "learning_rate",
+            "chosen": "0.38x",
+            "candidates": [
+                {"name": "range test", "score": None, "seconds": 2.0, "detail": {"blew_up_at": 0.000759}},
+                {"name": "0.38x", "score": 0.99, "seconds": 90.0, "detail": {}},
+            ],
+            "reason": "capped at a tenth of where the loss blew up",
+            "metric": "best accuracy on 400 held-out training images",
+            "seconds": 2.0,
+        },
     ]
     zip_path = write_bundle(
         tmp_path / "out",
@@ -81,6 +92,7 @@ def test_model_card_says_why_and_escapes_user_text(tmp_path):
     assert "5-fold CV accuracy on 40 training images" in text
     assert f"{escaped} 93.8% (kept)" in text and "top @ 224 px 91.0%;" in text
     assert "blocks.3 @ 64 px not measured" in text
+    assert "range test blew up at 0.000759; 0.38x 99.0% (kept)" in text  # what it measured instead of a score
     assert "<script>" not in text and "<c>" not in text and "a|b" not in text
     assert json.loads((tmp_path / "unpacked" / "graft.json").read_text())["decisions"] == decisions
 

@@ -129,7 +129,7 @@ document.addEventListener("DOMContentLoaded", () => {
       const kept = c.name === d.chosen;
       return Graft.el("tr", { class: kept ? "kept" : "" },
         Graft.el("th", { scope: "row" }, ...(kept ? [Graft.el("strong", { text: c.name }), " ✓ kept"] : [c.name])),
-        Graft.el("td", { text: c.score == null ? "not measured" : Graft.pct(c.score) }),
+        Graft.el("td", { text: c.score == null ? detailText(c.detail) || "not measured" : Graft.pct(c.score) }),
         Graft.el("td", { text: seconds(c.seconds) }));
     });
     const table = Graft.el("table", {},
@@ -148,6 +148,12 @@ document.addEventListener("DOMContentLoaded", () => {
     }
     node.append(Graft.el("div", { class: "scroll" }, table));
     return { node, canvas, decision: d };
+  }
+
+  // What a candidate without a score measured instead (e.g. the range test: where the loss blew up).
+  function detailText(detail) {
+    const show = (v) => (typeof v === "number" ? Number(v.toPrecision(3)).toString() : v == null ? "never" : String(v));
+    return Object.entries(detail || {}).map(([k, v]) => `${k.replaceAll("_", " ")} ${show(v)}`).join(", ");
   }
 
   function drawScores(canvas, d) {
