@@ -34,10 +34,12 @@ Per-dataset fields:
   phases              {decode, features, fit, export, total: {seconds, peak_rss_mib}} from FitResult.timings
                       and FitResult.peak_rss_mib (the process's peak RSS at the end of that phase; for
                       total, the largest: the fit process's peak)
-  decisions           [{what, chosen, metric, scores: {candidate: score}}] from FitResult.decisions
+  decisions           [{what, chosen, metric, scores: {candidate: score}, seconds}] from FitResult.decisions
+                      (seconds: what measuring cost, as measurement_s counts it)
   measurement_s       seconds spent measuring candidates: the decisions' seconds, except the "finetune"
-                      decision's (that is the training itself). Not counted: the features pass at each
-                      candidate input size other than the chosen one (FitResult does not report it per size)
+                      decision's and the kept learning-rate try's (those are the training itself). Not
+                      counted: the features pass at each candidate input size other than the chosen one
+                      (FitResult does not report it per size)
   measurement_share   measurement_s / phases.total.seconds
   finetune_images_per_s          training images/s of the fine-tune: the median over epochs >= 2 of the
                                  history's images_per_s (epoch 1 when it is the only one). An epoch's time
@@ -201,12 +203,22 @@ def compact_decision(decision: dict) -> dict:
         "chosen": decision["chosen"],
         "metric": decision.get("metric"),
         "scores": {c["name"]: c["score"] for c in decision["candidates"]},
+        "seconds": round(decision_overhead(decision), 2),
     }
 
 
+def decision_overhead(decision: dict) -> float:
+    """Seconds a decision spent measuring: its candidates' seconds, less the training it kept (the
+    fine-tune decision is the training itself; the learning-rate try that was kept is the fine-tune)."""
+    if decision["what"] == "finetune":
+        return 0.0
+    kept = decision["chosen"] if decision["what"] == "learning_rate" else None
+    return sum(c["seconds"] for c in decision["candidates"] if c["name"] != kept)
+
+
 def measurement_seconds(decisions: list[dict]) -> float:
-    """Seconds spent measuring candidates; the fine-tune decision's seconds are the training itself."""
-    return sum(d["seconds"] for d in decisions if d["what"] != "finetune")
+    """Seconds spent measuring candidates (decision_overhead, summed)."""
+    return sum(decision_overhead(d) for d in decisions)
 
 
 def finetune_images_per_s(history: list[dict]) -> float | None:
