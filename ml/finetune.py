@@ -651,8 +651,9 @@ def lr_range_test(
             factor *= gamma
             if on_step:
                 on_step(len(curve), steps)
-            if len(curve) >= steps or smooth > 4 * best:
-                diverged = smooth > 4 * best
+            blown = loss_blew_up(smooth, best, num_classes)
+            if len(curve) >= steps or blown:
+                diverged = blown
                 break
     slopes = [(curve[i + 1]["smoothed"] - curve[i]["smoothed"], i) for i in range(len(curve) - 1)]
     suggestion = curve[min(slopes)[1]]["lr"] if slopes else base[0]
@@ -664,6 +665,13 @@ def lr_range_test(
         "diverged_lr": (curve[-1]["lr"] if curve else base[0] * factor_min) if diverged else None,
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def loss_blew_up(smoothed: float, best: float, num_classes: int) -> bool:
+    """The range test's stop: the smoothed loss at 4x its best (fastai's rule) and a quarter of the way
+    to chance (ln C) above it, so batch noise on a near-perfect probe's tiny loss does not count
+    (cats vs dogs: 0.02 -> 0.08 is noise, not a blow-up)."""
+    return smoothed > max(4 * best, best + 0.25 * math.log(num_classes))
 
 
 def _row(epoch, train_loss, train_acc, val_loss, val_acc, lr, head_lr, seconds, stopper: EarlyStopping) -> dict:
@@ -693,6 +701,7 @@ __all__ = [
     "backbone_lr",
     "finetune",
     "freeze_batchnorm",
+    "loss_blew_up",
     "lr_range_test",
     "param_groups",
     "trainable_stage",

@@ -319,3 +319,18 @@ def test_rmsprop_second_moment_starts_from_the_first_gradients_not_from_one():
         assert ("square_avg" in state) is seeded
         if seeded:
             torch.testing.assert_close(state["square_avg"], layer.weight.grad.square())
+
+
+@pytest.mark.parametrize(
+    "smoothed,best,k,blown",
+    [
+        (0.08, 0.02, 2, False),  # a near-perfect probe's noise: 4x, but nowhere near chance
+        (0.30, 0.02, 2, True),
+        (1.00, 0.30, 4, False),  # a quarter of the way to chance, but not 4x
+        (1.30, 0.30, 4, True),
+    ],
+)
+def test_range_test_blow_up_needs_4x_and_a_quarter_of_the_way_to_chance(smoothed, best, k, blown):
+    from ml.finetune import loss_blew_up
+
+    assert loss_blew_up(smoothed, best, k) is blown

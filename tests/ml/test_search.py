@@ -60,3 +60,16 @@ def test_search_stops_at_half_the_time_budget():
     run = Run()
     _, spent = search(run, 10, FinetuneConfig(), trial, 100, budget=100.0, seed=0)
     assert spent == 60.0 and len(run.decisions[-1].candidates) == 2
+
+
+@pytest.mark.parametrize("n,ok", [(0, True), (1, True), (64, True), (65, False), (-1, False)])
+def test_search_trials_are_bounded(n, ok):
+    from ml.errors import ConfigError
+    from ml.fit import MAX_SEARCH, FitConfig
+
+    assert MAX_SEARCH == 64
+    if ok:
+        FitConfig(search=n).validate()
+    else:
+        with pytest.raises(ConfigError, match="search must be between 0 and 64"):
+            FitConfig(search=n).validate()
