@@ -542,6 +542,7 @@ def _finetune_with_measured_lr(run, backbone, setup: _FinetuneSetup, config, dev
     report["hyperparameters"]["finetune"] = {
         **result.hyperparameters,
         "start": _name(setup.stage, setup.rep),
+        "input_size": setup.rep.prep.input_size,
         "best_epoch": result.best_epoch,
         "stopped": result.stopped,
         "seconds_all_tries": round(seconds, 2),

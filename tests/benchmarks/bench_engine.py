@@ -47,7 +47,8 @@ Per-dataset fields:
   synthetic_train_images_per_s   the same network (ml.finetune.probe_model at the fine-tune's stage, its
                                  trainable layers as ml.finetune._prepare sets them for the same depth) on
                                  the same device: 8 timed training steps (after 2 warm-up) on random
-                                 (32, 3, S, S) channels-last tensors, S = input_size; BatchNorm frozen,
+                                 (32, 3, S, S) channels-last tensors, S = the fine-tune's input size
+                                 (hyperparameters.finetune.input_size); BatchNorm frozen,
                                  autocast as the fine-tune (bf16/fp16 on CUDA). Measured in the analysis child
   data_pipeline_ratio            finetune_images_per_s / synthetic_train_images_per_s (1.0: the epoch runs
                                  at the speed of the bare training step)
@@ -483,7 +484,8 @@ def child(args: argparse.Namespace) -> dict:
     finetune = (fit or {}).get("hyperparameters", {}).get("finetune")
     row["synthetic_train_images_per_s"] = None
     if finetune:
-        rate = synthetic_train_images_per_s(args.backbone, finetune, len(index.classes), prep.input_size, device)
+        size = finetune.get("input_size", prep.input_size)  # the fine-tune's own input (its cheapest candidate)
+        rate = synthetic_train_images_per_s(args.backbone, finetune, len(index.classes), size, device)
         row["synthetic_train_images_per_s"] = round(rate, 1)
         log(f"  synthetic training: {rate:.1f} images/s")
     return row
