@@ -661,7 +661,7 @@ def lr_range_test(
         "curve": curve,
         "suggested_lr": suggestion,
         "recipe_lr": base[0],
-        # where the loss blew up (smoothed above 4x its best, or not finite); None: it never did
+        # where the loss blew up (loss_blew_up, or not finite); None: it never did
         "diverged_lr": (curve[-1]["lr"] if curve else base[0] * factor_min) if diverged else None,
         "seconds": round(time.perf_counter() - started, 2),
     }

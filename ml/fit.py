@@ -535,9 +535,10 @@ def _finetune_with_measured_lr(run, backbone, setup: _FinetuneSetup, config, dev
         result = _run_finetune(run, backbone, setup, cfg, device, config, report)
         seconds = searched + result.hyperparameters["train_seconds"]
     else:
-        start = _lr_cap(run, backbone, setup, config, device, report)
-        result, seconds = _lr_ladder(run, backbone, setup, start, config, device, report)
-        seconds += report["lr_range"]["seconds"]
+        start, rt = _lr_cap(run, backbone, setup, config, device)
+        report["lr_range"] = rt
+        result, seconds = _lr_ladder(run, backbone, setup, start, rt, config, device, report)
+        seconds += rt["seconds"]
     report["sanity"] += result.sanity
     report["hyperparameters"]["finetune"] = {
         **result.hyperparameters,
@@ -551,8 +552,9 @@ def _finetune_with_measured_lr(run, backbone, setup: _FinetuneSetup, config, dev
     return result
 
 
-def _lr_cap(run, backbone, setup: _FinetuneSetup, config, device, report) -> float:
-    """The learning rate the fine-tune starts at, as a multiple of the recipe's rule: the rule, unless a
+def _lr_cap(run, backbone, setup: _FinetuneSetup, config, device) -> tuple[float, dict]:
+    """(start, the range test): the learning rate the fine-tune starts at, as a multiple of the recipe's
+    rule: the rule, unless a
     range test (the fine-tune's own setup, on copies, the LR growing each step) sees the loss blow up
     within 10x of it; then a tenth of where it blew up. With frozen BatchNorm nothing renormalises
     an update that is too large, and how large is too large depends on the data and the input size
@@ -565,7 +567,6 @@ def _lr_cap(run, backbone, setup: _FinetuneSetup, config, device, report) -> flo
         factor_min=1e-3 if wide else LR_TEST_FROM, steps=40 if wide else LR_TEST_STEPS, seed=config.seed,
         stage=setup.stage,
     )  # fmt: skip
-    report["lr_range"] = rt
     blown = rt["diverged_lr"]
     multiplier = 1.0 if blown is None else min(1.0, blown / 10 / rt["recipe_lr"])
     run.say(
@@ -573,11 +574,11 @@ def _lr_cap(run, backbone, setup: _FinetuneSetup, config, device, report) -> flo
         + (f"the loss blew up at {blown:.2e}" if blown else "the loss never blew up")
         + f"; the recipe's rule gives {rt['recipe_lr']:.2e}, so the fine-tune starts at {multiplier:.2g}x it"
     )
-    return multiplier
+    return multiplier, rt
 
 
 def _lr_ladder(
-    run, backbone, setup: _FinetuneSetup, start: float, config, device, report
+    run, backbone, setup: _FinetuneSetup, start: float, rt: dict, config, device, report
 ) -> tuple[FinetuneResult, float]:
     """(best fine-tune, seconds of all of them): from `start` x the recipe's rate, then lower while the pilot fails."""
     tries: list[tuple[float, FinetuneResult]] = []
@@ -590,13 +591,13 @@ def _lr_ladder(
         if tries[-1][1].best_epoch > 0:
             break
     multiplier, result = max(tries, key=lambda t: _best_score(t[1]))
-    blown = report["lr_range"]["diverged_lr"]
+    blown = rt["diverged_lr"]
     run.decide(
         Decision(
             "learning_rate",
             f"{multiplier:.2g}x",
             (
-                Candidate("range test", None, report["lr_range"]["seconds"], {"blew_up_at": blown}),
+                Candidate("range test", None, rt["seconds"], {"blew_up_at": blown}),
                 *(Candidate(f"{m:.2g}x", _best_score(r)[0], r.hyperparameters["train_seconds"]) for m, r in tries),
             ),
             "the recipe's rule (1/10 of the original, batch-scaled), capped at a tenth of where a range test's "
