@@ -25,10 +25,12 @@ CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 DATA_DIR = Path(env.str("GRAFT_DATA_DIR", default=str(BASE_DIR / "var")))
 MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(DATA_DIR / "media")))
 MEDIA_URL = "/media/"
-# Worker-local scratch space: unpacked bundles, job working folders, fetched archives.
+# Host-local scratch space, never shared: unpacked bundles, job working folders, fetched archives.
+# Everything that outlives a request or a job lives in storage (below) or in the database.
 GRAFT_WORK_DIR = Path(env.str("GRAFT_WORK_DIR", default=str(DATA_DIR / "work")))
-# Resumable uploads in progress (tus part files). Several web hosts must share this folder.
-GRAFT_UPLOAD_DIR = Path(env.str("GRAFT_UPLOAD_DIR", default=str(DATA_DIR / "uploads")))
+# Where training and ingestion run: auto (CUDA when visible), cpu, cuda, cuda:1, ...
+# Ingestion's similarity measurement always runs on the CPU (it must not take a trainer's GPU).
+GRAFT_DEVICE = env.str("GRAFT_DEVICE", default="auto")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -110,8 +112,33 @@ USE_I18N = True
 STATIC_URL = "/static/"
 STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(DATA_DIR / "static")))
 STATICFILES_DIRS = [BASE_DIR / "frontend" / "static"]
+# Datasets, thumbnails, upload parts, checkpoints and bundles: local files under MEDIA_ROOT by
+# default; S3-compatible object storage (django-storages + boto3) when AWS_STORAGE_BUCKET_NAME is
+# set, which is what lets web hosts and GPU workers share nothing but it, PostgreSQL and the broker.
+AWS_STORAGE_BUCKET_NAME = env.str("AWS_STORAGE_BUCKET_NAME", default="")
+if AWS_STORAGE_BUCKET_NAME:
+    _default_storage = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": AWS_STORAGE_BUCKET_NAME,
+            "endpoint_url": env.str("AWS_S3_ENDPOINT_URL", default=None),  # None: AWS itself
+            "region_name": env.str("AWS_S3_REGION_NAME", default=None),
+            "access_key": env.str("AWS_ACCESS_KEY_ID", default=None),  # None: boto3's own chain (roles)
+            "secret_key": env.str("AWS_SECRET_ACCESS_KEY", default=None),
+            "addressing_style": env.str("AWS_S3_ADDRESSING_STYLE", default="path"),
+            "signature_version": "s3v4",
+            "file_overwrite": True,  # names are unique by design; a retried write replaces its own
+            "default_acl": None,
+            "querystring_auth": True,
+        },
+    }
+else:
+    _default_storage = {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"allow_overwrite": True},  # as on S3: a retried write replaces its own
+    }
 STORAGES = {
-    "default": {"BACKEND": env.str("STORAGE_BACKEND", default="django.core.files.storage.FileSystemStorage")},
+    "default": _default_storage,
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 WHITENOISE_USE_FINDERS = True  # static files work even before collectstatic
@@ -172,8 +199,16 @@ GRAFT_MAX_PREDICT_BYTES = env.int("GRAFT_MAX_PREDICT_BYTES", default=32 * 1024**
 # A running job whose worker has not written a heartbeat for this long is stale.
 GRAFT_JOB_STALE_SECONDS = env.int("GRAFT_JOB_STALE_SECONDS", default=120)
 GRAFT_HEARTBEAT_SECONDS = env.int("GRAFT_HEARTBEAT_SECONDS", default=10)
+# A job whose worker died this many times (killed, out of memory, lost) fails instead of
+# being handed to yet another worker.
+GRAFT_JOB_MAX_ATTEMPTS = env.int("GRAFT_JOB_MAX_ATTEMPTS", default=3)
 
-for _name in ("GRAFT_MAX_UPLOAD_BYTES", "GRAFT_MIN_IMAGES_PER_CLASS", "GRAFT_JOB_STALE_SECONDS"):
+for _name in (
+    "GRAFT_MAX_UPLOAD_BYTES",
+    "GRAFT_MIN_IMAGES_PER_CLASS",
+    "GRAFT_JOB_STALE_SECONDS",
+    "GRAFT_JOB_MAX_ATTEMPTS",
+):
     if globals()[_name] <= 0:
         raise ImproperlyConfigured(f"{_name} must be a positive integer.")
 if GRAFT_HEARTBEAT_SECONDS * 3 > GRAFT_JOB_STALE_SECONDS:

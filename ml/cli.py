@@ -2,7 +2,7 @@
 
 python -m ml fit DATASET.zip --out DIR [--strategy auto|linear|stages|partial|full] [--backbone NAME]
                  [--budget SECONDS] [--max-epochs N] [--no-hflip] [--lr-find] [--resolution auto|native]
-                 [--search N] [--json]
+                 [--search N] [--checkpoint FILE] [--json]
 python -m ml predict DIR_OR_BUNDLE_ZIP IMAGE... [-k 5]
 python -m ml backbones
 """
@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
         help="input size: follow the data, or the backbone's own",
     )
     f.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="keep the fine-tune's state here after each epoch; a fit cut short and run again goes on from it",
+    )
+    f.add_argument(
         "--search",
         type=int,
         default=0,
@@ -75,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 def _fit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ml.checkpoint import FileCheckpoints
     from ml.fit import FitConfig, fit
 
     if not args.dataset.is_file():
@@ -113,7 +121,8 @@ def _fit(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         search=args.search,
     )
-    result = fit(args.dataset, args.out, config, progress=progress)
+    checkpoints = FileCheckpoints(args.checkpoint) if args.checkpoint else None
+    result = fit(args.dataset, args.out, config, progress=progress, checkpoints=checkpoints)
     summary = result.to_dict()
     summary["metrics"] = {k: v for k, v in summary["metrics"].items() if k not in ("misclassified", "reliability")}
     if args.json:

@@ -41,6 +41,7 @@ from ml.features import TOP, GridPool, iter_batches
 from ml.preprocess import normalize
 
 EpochFn = Callable[[dict], None]
+CheckpointFn = Callable[[dict], None]  # receives the state after each epoch (see `finetune`)
 StepFn = Callable[[int, int, int], None]  # (epoch, images seen in it, images per epoch)
 RangeStepFn = Callable[[int, int], None]  # (steps done, steps)
 
@@ -195,6 +196,19 @@ class EarlyStopping:
         if self._state is not None:
             model.load_state_dict(self._state)
 
+    def state_dict(self) -> dict:
+        return {
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "best_source": self.best_source,
+            "bad_epochs": self.bad_epochs,
+            "weights": self._state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        self.best_source, self.bad_epochs, self._state = state["best_source"], state["bad_epochs"], state["weights"]
+
 
 @dataclass
 class SanityReport:
@@ -344,12 +358,19 @@ def finetune(
     seed: int = 0,
     on_epoch: EpochFn | None = None,
     on_step: StepFn | None = None,
+    checkpoint: CheckpointFn | None = None,
+    resume: dict | None = None,
 ) -> FinetuneResult:
     """Fine-tune the probe's network (body up to `stage` + `head`, the fitted probe); returns the best model.
 
     `train` is the training batches, or a function of the epoch (1, 2, ...) giving them, so
     augmentation can start gently; `holdout` is the held-out slice of the training split
     that early stopping, the pilot and EMA selection read.
+
+    `checkpoint` receives, after each epoch that training goes on from, everything needed to
+    go on from there: weights, optimizer, schedule, EMA, early-stopping state, RNG states,
+    history. Given that state as `resume` (same data and config), training continues after
+    its epoch, and the epochs before it are not run again.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -397,7 +418,7 @@ def finetune(
         "channels_last": True,
         "selection": "held-out slice of the training split",
     }
-    if config.overfit_steps:
+    if config.overfit_steps and resume is None:
         x0, y0 = next(iter(holdout(list(range(min(len(holdout.labels), 8))), device)))
         check_overfits_a_batch(
             sanity,
@@ -412,16 +433,56 @@ def finetune(
         )
 
     stopper = EarlyStopping(config.patience)
-    val_loss, val_acc = evaluate(model, holdout, device)
-    stopper.update(0, (val_acc, -val_loss), model)
-    history = [_row(0, None, None, val_loss, val_acc, 0.0, 0.0, 0.0, stopper)]
-    if on_epoch:
-        on_epoch(history[-1])
-    train_losses: list[float] = []
     started = time.perf_counter()
     stopped = f"reached max_epochs ({config.max_epochs})"
-    step = 0
-    epoch = 0
+    if resume is None:
+        val_loss, val_acc = evaluate(model, holdout, device)
+        stopper.update(0, (val_acc, -val_loss), model)
+        history = [_row(0, None, None, val_loss, val_acc, 0.0, 0.0, 0.0, stopper)]
+        if on_epoch:
+            on_epoch(history[-1])
+        train_losses: list[float] = []
+        step = epoch = 0
+    else:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        if ema is not None and resume["ema"] is not None:
+            ema.module.load_state_dict(resume["ema"])
+        stopper.load_state_dict(resume["stopper"])
+        rng.bit_generator.state = resume["rng"]
+        torch.set_rng_state(resume["torch_rng"])
+        if device.type == "cuda" and resume["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(resume["cuda_rng"], device)
+        history, train_losses, sanity.checks = resume["history"], resume["train_losses"], resume["sanity"]
+        step, epoch, epochs, stopped = resume["step"], resume["epoch"], resume["epochs"], resume["stopped"]
+        hyper.update(resume["hyper"])
+        started -= resume["train_seconds"]
+
+    def state() -> dict:
+        """Everything the next epoch depends on (the `checkpoint` contract)."""
+        return {
+            "epoch": epoch,
+            "step": step,
+            "epochs": epochs,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "ema": ema.module.state_dict() if ema is not None else None,
+            "stopper": stopper.state_dict(),
+            "rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "history": history,
+            "train_losses": train_losses,
+            "sanity": sanity.checks,
+            "stopped": stopped,
+            "hyper": {k: hyper[k] for k in ("schedule", "budget_epochs") if k in hyper},
+            "train_seconds": time.perf_counter() - started,
+        }
+
     while epoch < epochs:
         epoch += 1
         t_epoch = time.perf_counter()
@@ -501,6 +562,8 @@ def finetune(
                 hyper["schedule"] = f"linear warmup {warmup} steps, cosine decay over {steps_per_epoch * epochs}"
                 hyper["budget_epochs"] = epochs
                 stopped = f"time budget of {config.budget:.0f} s: {epochs} epoch(s) at {seconds:.0f} s each"
+        if checkpoint is not None and epoch < epochs:
+            checkpoint(state())
     if not any(c["check"] == "finite_loss" for c in sanity.checks):
         sanity.add("finite_loss", True, "every training loss was finite")
     check_loss_decreases(sanity, train_losses)

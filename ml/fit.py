@@ -14,6 +14,8 @@ events; raising `ml.errors.Cancelled` from it stops the fit cleanly.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -26,6 +28,7 @@ from torch import nn
 from ml.augment import train_transform
 from ml.backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone, get_spec
 from ml.bundle import write_bundle
+from ml.checkpoint import Checkpoints
 from ml.dataset import DatasetIndex, IngestConfig, Sample, index_dataset, split_samples
 from ml.decisions import augmentation_decision, flip_decision, tta_decision
 from ml.errors import ConfigError
@@ -168,7 +171,10 @@ def fit(
     *,
     index: DatasetIndex | None = None,
     progress: ProgressFn | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> FitResult:
+    """`checkpoints` (see ml.checkpoint): the fine-tune saves its state there after each epoch,
+    and a fit that finds a state of the same inputs there goes on from it."""
     config = config or FitConfig()
     config.validate()
     tune_allocator()
@@ -177,6 +183,7 @@ def fit(
     out_dir.mkdir(parents=True, exist_ok=True)
     with run.phase("decode"):
         data = _load(run, archive, index, config)
+    run.resume_from(checkpoints, _fit_key(config, data))
     with run.phase("features"):
         device = _device(config.device)
         backbone = create_backbone(config.backbone)
@@ -444,6 +451,7 @@ def train(
         probe_logits = chosen.probe.linear(torch.from_numpy(chosen.X_val))
     depth = finetune_depth(plan, config.strategy)
     if depth is None:
+        run.end_replay()
         if config.lr_find or config.search:
             run.say(f"no LR range test or search: the '{plan.name}' plan fits a probe, with no learning rate to choose")
         return probe_net, chosen.rep.prep, probe_logits, report
@@ -525,6 +533,9 @@ def _finetune_with_measured_lr(run, backbone, setup: _FinetuneSetup, config, dev
     quarter of it (dissimilar data often wants a gentler start), each from the same probe. The best
     is returned. With `config.search`, a random search over learning rate and weight decay instead."""
     if config.search:
+        if run.replaying:
+            run.say("search trials are not checkpointed: the search starts over")
+            run.end_replay()
 
         def trial(cfg: FinetuneConfig, number: int) -> FinetuneResult:
             return _run_finetune(run, backbone, setup, cfg, device, config, report, trial=number)
@@ -535,9 +546,10 @@ def _finetune_with_measured_lr(run, backbone, setup: _FinetuneSetup, config, dev
         result = _run_finetune(run, backbone, setup, cfg, device, config, report)
         seconds = searched + result.hyperparameters["train_seconds"]
     else:
-        start, rt = _lr_cap(run, backbone, setup, config, device)
+        saved = _saved_ladder(run, setup, report)
+        start, rt = (saved["start"], saved["rt"]) if saved else _lr_cap(run, backbone, setup, config, device)
         report["lr_range"] = rt
-        result, seconds = _lr_ladder(run, backbone, setup, start, rt, config, device, report)
+        result, seconds = _lr_ladder(run, backbone, setup, start, rt, config, device, report, saved)
         seconds += rt["seconds"]
     report["sanity"] += result.sanity
     report["hyperparameters"]["finetune"] = {
@@ -578,19 +590,46 @@ def _lr_cap(run, backbone, setup: _FinetuneSetup, config, device) -> tuple[float
 
 
 def _lr_ladder(
-    run, backbone, setup: _FinetuneSetup, start: float, rt: dict, config, device, report
+    run, backbone, setup: _FinetuneSetup, start: float, rt: dict, config, device, report, saved: dict | None = None
 ) -> tuple[FinetuneResult, float]:
-    """(best fine-tune, seconds of all of them): from `start` x the recipe's rate, then lower while the pilot fails."""
-    tries: list[tuple[float, FinetuneResult]] = []
-    for step in LR_MULTIPLIERS:
+    """(best fine-tune, seconds of all of them): from `start` x the recipe's rate, then lower while the pilot fails.
+
+    Each epoch checkpoints the ladder (its start, range test and finished tries) with the
+    fine-tune's state; from `saved`, the finished tries are not run again and the one it
+    was in goes on.
+    """
+    done: list[dict] = []  # finished tries: multiplier, score, seconds, history rows
+    results: list[tuple[float, FinetuneResult]] = []
+    for i, step in enumerate(LR_MULTIPLIERS):
         multiplier = start * step
-        if tries:
+        if saved is not None and i < saved["try"]:  # finished before the checkpoint: a pilot that failed
+            done.append(saved["done"][i])
+            report["history"] += saved["done"][i]["rows"]
+            continue
+        resume = saved["state"] if saved is not None and i == saved["try"] else None
+        if done and resume is None:
             run.say(f"retrying the fine-tune at {multiplier:.2g}x the recipe's learning rate")
-        cfg = replace(setup.config, lr_multiplier=multiplier)
-        tries.append((multiplier, _run_finetune(run, backbone, setup, cfg, device, config, report)))
-        if tries[-1][1].best_epoch > 0:
+        ladder = {"start": start, "rt": rt, "try": i, "done": list(done)}
+        rows_before = len(report["history"])
+        result = _run_finetune(
+            run, backbone, setup, replace(setup.config, lr_multiplier=multiplier), device, config, report,
+            checkpoint=lambda state, ladder=ladder: run.checkpoint(
+                {"setup": _fingerprint(setup, report), "ladder": ladder, "state": state}
+            ),
+            resume=resume,
+        )  # fmt: skip
+        results.append((multiplier, result))
+        done.append(
+            {
+                "multiplier": multiplier,
+                "score": _best_score(result)[0],
+                "seconds": result.hyperparameters["train_seconds"],
+                "rows": report["history"][rows_before:],
+            }
+        )
+        if result.best_epoch > 0:
             break
-    multiplier, result = max(tries, key=lambda t: _best_score(t[1]))
+    multiplier, result = max(results, key=lambda t: _best_score(t[1]))
     blown = rt["diverged_lr"]
     run.decide(
         Decision(
@@ -598,7 +637,7 @@ def _lr_ladder(
             f"{multiplier:.2g}x",
             (
                 Candidate("range test", None, rt["seconds"], {"blew_up_at": blown}),
-                *(Candidate(f"{m:.2g}x", _best_score(r)[0], r.hyperparameters["train_seconds"]) for m, r in tries),
+                *(Candidate(f"{d['multiplier']:.2g}x", d["score"], d["seconds"]) for d in done),
             ),
             "the recipe's rule (1/10 of the original, batch-scaled), capped at a tenth of where a range test's "
             f"loss blew up ({'at ' + format(blown, '.2e') if blown else 'it never did'}); a quarter of that "
@@ -606,7 +645,32 @@ def _lr_ladder(
             metric=f"best accuracy on {len(setup.hold_idx)} held-out training images",
         )
     )
-    return result, sum(r.hyperparameters["train_seconds"] for _, r in tries)
+    return result, sum(d["seconds"] for d in done)
+
+
+def _fingerprint(setup: _FinetuneSetup, report: dict) -> dict:
+    """What a checkpoint's fine-tune was measured to be; a resumed fit must measure the same."""
+    return {
+        "start": _name(setup.stage, setup.rep),
+        "depth": setup.config.depth,
+        "batch_size": setup.config.batch_size,
+        "flip": setup.flip,
+        "augmentation": report["hyperparameters"]["augmentation"],
+        "held_out": len(setup.hold_idx),
+    }
+
+
+def _saved_ladder(run: Run, setup: _FinetuneSetup, report: dict) -> dict | None:
+    """The resumed checkpoint's ladder and fine-tune state, when it is of this very fine-tune."""
+    saved = run.resumed
+    run.end_replay()
+    if saved is None:
+        return None
+    if saved["setup"] != _fingerprint(setup, report):
+        run.say("the checkpoint's fine-tune differs from the one measured now: fine-tuning starts over")
+        return None
+    run.say(f"LR range test and {saved['ladder']['try']} finished tries taken from the checkpoint")
+    return {**saved["ladder"], "state": saved["state"]}
 
 
 def _keep_finetune(run: Run, chosen: ChosenProbe, setup: _FinetuneSetup, result: FinetuneResult, depth: str) -> bool:
@@ -644,13 +708,26 @@ def _keep_finetune(run: Run, chosen: ChosenProbe, setup: _FinetuneSetup, result:
 
 
 def _run_finetune(
-    run, backbone, setup: _FinetuneSetup, cfg: FinetuneConfig, device, config, report, trial: int | None = None
+    run,
+    backbone,
+    setup: _FinetuneSetup,
+    cfg: FinetuneConfig,
+    device,
+    config,
+    report,
+    trial: int | None = None,
+    checkpoint=None,
+    resume: dict | None = None,
 ) -> FinetuneResult:
     """One fine-tune from the probe, on copies (the chosen probe shares the pretrained body and the
-    head may be tried again), with its epochs in the history and the log (a search `trial`'s tagged)."""
+    head may be tried again), with its epochs in the history and the log (a search `trial`'s tagged);
+    `checkpoint` and `resume` as in ml.finetune.finetune."""
     n = len(setup.batches_for(1).labels)
     units = cfg.max_epochs * n
     tag = {"lr_multiplier": cfg.lr_multiplier} | ({"trial": trial, "weight_decay": cfg.weight_decay} if trial else {})
+    if resume is not None:  # the epochs the earlier attempt trained, in this fit's history too
+        report["history"] += [{"phase": "finetune", **tag, **row} for row in resume["history"]]
+        run.say(f"fine-tune at {cfg.lr_multiplier:.2g}x resumed after epoch {resume['epoch']}")
 
     def on_epoch(row: dict) -> None:
         report["history"].append({"phase": "search" if trial else "finetune", **tag, **row})
@@ -666,6 +743,7 @@ def _run_finetune(
     return finetune(
         copy.deepcopy(backbone), copy.deepcopy(setup.head), setup.batches_for, setup.hold, len(setup.head.weight),
         cfg, stage=setup.stage, device=device, seed=config.seed, on_epoch=on_epoch, on_step=on_step,
+        checkpoint=checkpoint, resume=resume,
     )  # fmt: skip
 
 
@@ -748,6 +826,12 @@ def _export(out_dir, model, prep, data: Data, backbone, plan, metrics, report, r
 
 
 # --- small helpers ------------------------------------------------------------------------------
+
+
+def _fit_key(config: FitConfig, data: Data) -> str:
+    """Names a fit's inputs: a checkpoint is only used by a fit of the same data and configuration."""
+    inputs = {**asdict(config), "content_hash": data.content_hash, "classes": data.classes}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _seed_everything(seed: int) -> None:

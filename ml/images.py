@@ -50,6 +50,15 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: i
         raise ImageDecodeError(f"corrupt or truncated image ({exc})") from None
 
 
+def thumbnail_jpeg(data: bytes, side: int, *, max_pixels: int = DEFAULT_MAX_PIXELS, quality: int = 80) -> bytes:
+    """A JPEG of the image at most `side` pixels on its longer side (decoded cheaply where JPEG allows)."""
+    img = decode_rgb(data, max_pixels=max_pixels, min_side=side)
+    img.thumbnail((side, side))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def header_size(data: bytes) -> tuple[int, int] | None:
     """Width and height from the header alone, or None if unreadable."""
     try:

@@ -39,6 +39,13 @@ class Run:
 
     def __init__(self, progress: ProgressFn | None = None) -> None:
         self._progress = progress
+        self._checkpoints = None
+        self._key = ""
+        # The checkpoint of an earlier attempt of this fit; while `replaying`, the steps before
+        # the point it resumes from run again (deterministic under the seed) without sending
+        # their history rows, which the earlier attempt already sent.
+        self.resumed: dict | None = None
+        self.replaying = False
         self._last = 0.0
         self._current: tuple[str, int, int] = ("decode", 0, 1)
         self.log: list[str] = []
@@ -64,7 +71,31 @@ class Run:
         frac = before + PHASE_WEIGHTS[phase] * (min(done, total) / total if total else 1.0)
         self._last = max(self._last, min(frac, 1.0))
         self._current = (phase, round(done), round(total))
+        row = None if self.replaying else row
         self._progress(Progress(phase, round(done), round(total), round(self._last, 4), row))
+
+    def resume_from(self, checkpoints, key: str) -> None:
+        """Use `checkpoints` (ml.checkpoint.Checkpoints) for this fit, whose inputs `key` names."""
+        self._checkpoints, self._key = checkpoints, key
+        saved = checkpoints.load() if checkpoints is not None else None
+        if saved is None:
+            return
+        if saved.get("key") != key:
+            self.say("a checkpoint of another dataset or configuration was ignored")
+            return
+        self.resumed, self.replaying = saved, True
+        self.say(
+            f"resuming from a checkpoint an earlier attempt wrote after epoch {saved['state']['epoch']} "
+            "of its fine-tune: the measurements before the fine-tune run again (the same under the seed), "
+            "the epochs already trained do not"
+        )
+
+    def end_replay(self) -> None:
+        self.replaying = False
+
+    def checkpoint(self, record: dict) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.save({**record, "key": self._key})
 
     def say(self, line: str) -> None:
         """A log line: kept, and sent with the progress events as it is written."""

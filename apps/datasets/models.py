@@ -32,6 +32,8 @@ class Dataset(models.Model):
     # Where the data sits in the transfer matrix, measured at ingestion (ml.fit.assess):
     # {name, cell, images_per_class, similarity, reason, measurements, backbone} or {error}.
     assessment = models.JSONField(default=dict, blank=True)
+    # The images its page shows, {class: [member, ...]}, their thumbnails stored at ingestion.
+    thumbnails = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -46,8 +48,9 @@ class Dataset(models.Model):
 class Upload(models.Model):
     """A resumable upload in progress (tus protocol, https://tus.io/protocols/resumable-upload).
 
-    The bytes go to a part file under GRAFT_UPLOAD_DIR; when the last byte arrives the
-    file becomes a Dataset, linked here until the upload expires (so retries find it).
+    Each PATCH's bytes are a stored part under `storage_prefix`; when the last byte arrives
+    the parts become the archive of a Dataset, linked here until the upload expires (so
+    retries find it). Nothing lives on a web host: any host can take the next PATCH.
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -57,6 +60,10 @@ class Upload(models.Model):
     filename = models.CharField(max_length=255, blank=True)
     name = models.CharField(max_length=200, blank=True)
     dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    parts = models.JSONField(default=list, blank=True)  # storage names, in order
+    # The request writing it now, and until when its lease holds (apps.datasets.tus._Lease).
+    writer = models.UUIDField(null=True, blank=True)
+    writer_until = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -64,5 +71,5 @@ class Upload(models.Model):
         return f"upload {self.pk} ({self.offset}/{self.length})"
 
     @property
-    def part_path(self):
-        return settings.GRAFT_UPLOAD_DIR / f"{self.pk.hex}.part"
+    def storage_prefix(self) -> str:
+        return f"uploads/{self.pk.hex}/"

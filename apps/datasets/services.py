@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 from django.conf import settings
@@ -13,11 +16,15 @@ from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 
 from apps.common.errors import UserError
-from apps.common.storage import delete_quietly, local_copy
+from apps.common.storage import delete_prefix, delete_quietly, local_copy
 from apps.datasets.models import Dataset
-from ml.archive import ArchiveLimits
+from ml.archive import ArchiveLimits, read_member
 from ml.dataset import DatasetIndex, IngestConfig, index_dataset
 from ml.errors import DatasetError
+from ml.images import ImageDecodeError, thumbnail_jpeg
+
+THUMB_SIDE = 160
+THUMBS_PER_CLASS = 12
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +38,24 @@ def dataset_create(*, owner: AbstractBaseUser, file: UploadedFile, name: str = "
     if not zipfile.is_zipfile(file):
         raise UserError(f"'{file.name}' is not a zip archive. Upload a .zip with one folder of images per class.")
     file.seek(0)
-    dataset = Dataset(owner=owner, name=(name or _default_name(file.name))[:200], archive_bytes=file.size)
-    stored = None
+    dataset = Dataset(owner=owner, archive_bytes=file.size)
+    # Stored first, streamed from the upload's temporary file (never whole in memory), and
+    # outside any transaction; the row follows, so a failure leaves neither behind.
+    stored = default_storage.save(f"{dataset.storage_prefix}archive.zip", file)
     try:
         with transaction.atomic():
-            dataset.save()
-            # Streams from the upload's temporary file in chunks; never the whole file in memory.
-            stored = default_storage.save(f"{dataset.storage_prefix}archive.zip", file)
-            dataset.archive = stored
-            dataset.save(update_fields=["archive"])
-            transaction.on_commit(lambda: _enqueue_ingest(dataset.pk))
+            return dataset_create_stored(dataset=dataset, archive=stored, name=name, filename=file.name)
     except BaseException:
         delete_quietly(stored)
         raise
+
+
+def dataset_create_stored(*, dataset: Dataset, archive: str, name: str, filename: str) -> Dataset:
+    """The row for an archive already in storage, with its ingestion queued once the transaction commits."""
+    dataset.name = (name or _default_name(filename))[:200]
+    dataset.archive = archive
+    dataset.save()
+    transaction.on_commit(lambda: _enqueue_ingest(dataset.pk))
     return dataset
 
 
@@ -77,6 +89,7 @@ def dataset_ingest(*, dataset: Dataset) -> None:
         with local_copy(dataset.archive) as path:
             index = index_dataset(path, ingest_config())
             assessment = _assess(path, index)
+            thumbnails = _store_thumbnails(path, dataset, index)
     except DatasetError as exc:
         dataset_fail(dataset=dataset, message=exc.message)
         return
@@ -84,11 +97,45 @@ def dataset_ingest(*, dataset: Dataset) -> None:
         f"{dataset.storage_prefix}manifest.json",
         ContentFile(json.dumps(index.to_dict()).encode()),
     )
+    _mark_ready(dataset, index, manifest, assessment, thumbnails)
+
+
+def thumbnail_members(index: DatasetIndex) -> dict[str, list[str]]:
+    """The images a dataset's page shows: the first few of each class, in index order."""
+    picked: dict[str, list[str]] = {}
+    for sample in index.samples:
+        group = picked.setdefault(sample.label, [])
+        if len(group) < THUMBS_PER_CLASS:
+            group.append(sample.member)
+    return picked
+
+
+def thumbnail_name(dataset: Dataset, member: str) -> str:
+    return f"{dataset.storage_prefix}thumbs/{hashlib.sha256(member.encode()).hexdigest()[:24]}.jpg"
+
+
+def thumbnail_store(dataset: Dataset, member: str, data: bytes) -> str | None:
+    """Store the JPEG thumbnail of one image (its bytes `data`); None when it cannot be decoded."""
     try:
-        _mark_ready(dataset, index, manifest, assessment)
-    except BaseException:
-        delete_quietly(manifest)
-        raise
+        jpeg = thumbnail_jpeg(data, THUMB_SIDE, max_pixels=settings.GRAFT_MAX_IMAGE_PIXELS)
+    except ImageDecodeError:
+        return None
+    return default_storage.save(thumbnail_name(dataset, member), ContentFile(jpeg))
+
+
+def _store_thumbnails(path, dataset: Dataset, index: DatasetIndex) -> dict[str, list[str]]:
+    """Thumbnails made once, at ingestion, and stored: pages never decode a full image."""
+    members = [m for group in thumbnail_members(index).values() for m in group]
+    local = threading.local()
+
+    def make(member: str) -> None:
+        if not hasattr(local, "zf"):
+            local.zf = zipfile.ZipFile(path)
+        thumbnail_store(dataset, member, read_member(local.zf, member, ingest_config().limits.max_member_bytes))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # object storage: a round trip per thumbnail
+        list(pool.map(make, members))
+    return thumbnail_members(index)
 
 
 def _assess(path, index: DatasetIndex) -> dict:
@@ -98,12 +145,13 @@ def _assess(path, index: DatasetIndex) -> dict:
     from ml.fit import assess
 
     try:
-        return {**assess(path, index).to_dict(), "backbone": DEFAULT_BACKBONE}
+        # On the CPU always: a worker of the ingestion queue must not take a trainer's GPU.
+        return {**assess(path, index, device="cpu").to_dict(), "backbone": DEFAULT_BACKBONE}
     except MLError as exc:
         return {"error": exc.message}
 
 
-def _mark_ready(dataset: Dataset, index: DatasetIndex, manifest: str, assessment: dict) -> None:
+def _mark_ready(dataset: Dataset, index: DatasetIndex, manifest: str, assessment: dict, thumbnails: dict) -> None:
     totals, train, val = index.counts(), index.counts("train"), index.counts("val")
     updated = Dataset.objects.filter(pk=dataset.pk, status=Dataset.Status.PROCESSING).update(
         status=Dataset.Status.READY,
@@ -114,21 +162,20 @@ def _mark_ready(dataset: Dataset, index: DatasetIndex, manifest: str, assessment
         warnings=[asdict(w) for w in index.warnings],
         content_hash=index.content_hash,
         assessment=assessment,
+        thumbnails=thumbnails,
         error="",
     )
     if not updated:  # deleted or failed meanwhile
-        delete_quietly(manifest)
+        delete_prefix(dataset.storage_prefix)
 
 
 def dataset_fail(*, dataset: Dataset, message: str) -> None:
     """Mark failed and drop what was stored: a failed upload leaves no files behind."""
     Dataset.objects.filter(pk=dataset.pk).update(status=Dataset.Status.FAILED, error=message)
-    delete_quietly(dataset.archive)
-    delete_quietly(dataset.manifest)
+    delete_prefix(dataset.storage_prefix)
 
 
 def dataset_delete(*, dataset: Dataset) -> None:
-    names = [dataset.archive, dataset.manifest]
+    prefix = dataset.storage_prefix
     dataset.delete()
-    for name in names:
-        delete_quietly(name)
+    delete_prefix(prefix)

@@ -4,24 +4,37 @@ The browser uses tus-js-client (vendored in frontend/static/vendor). The Python
 server packages for tus are unmaintained (django-tus supports Django <= 3.1;
 drf-tus pins the archived django-fsm), and the server side of the core protocol
 is small, so it lives here: POST creates an upload, HEAD says how many bytes
-arrived, PATCH appends at that offset, DELETE abandons it. Bodies are streamed to
-a part file in 1 MiB pieces, so neither the page nor the server holds the file in
-memory; a dropped connection keeps every byte written, and the client resumes
-from the offset HEAD reports. The last byte turns the file into a Dataset (moved, not copied, into local storage).
+arrived, PATCH appends at that offset, DELETE abandons it.
+
+Nothing about an upload lives on the web host, so consecutive PATCHes may land on
+different hosts that share only the database and storage:
+- each PATCH body streams (1 MiB pieces) into its own stored part,
+  `uploads/<id>/<offset>-<writer>`; a client that drops mid-body keeps every byte
+  that arrived, and resumes from the offset HEAD reports;
+- the row records the parts and the offset, moved by a conditional UPDATE only
+  after the part is stored;
+- one writer at a time: a PATCH takes a lease on the row (a conditional UPDATE,
+  renewed while bytes arrive, released at the end); a second PATCH gets 423, and
+  a writer that died loses its lease after `LEASE` seconds;
+- the last byte assembles the parts into the dataset's archive (streamed, storage
+  to storage), outside any transaction; only then is the Dataset row created.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import fcntl
+import io
 import logging
+import time
+import uuid
+import zipfile
 from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.core.files import File
 from django.db import transaction
+from django.db.models import Q
 from django.http import Http404
 from django.urls import reverse
 from django.utils import timezone
@@ -31,14 +44,17 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.common.errors import UserError
+from apps.common.storage import PIECE, StreamReader, delete_quietly, save_stream, stored_pieces
 from apps.datasets.models import Dataset, Upload
-from apps.datasets.services import dataset_create
+from apps.datasets.services import dataset_create_stored
 
 log = logging.getLogger(__name__)
 
 TUS_VERSION = "1.0.0"
-CHUNK = 1024 * 1024
 UPLOAD_EXPIRY = timedelta(days=1)  # an upload untouched this long is deleted
+LEASE = timedelta(seconds=60)  # a writer that shows no sign of life this long loses the upload
+RENEW_EVERY = 10.0  # seconds between lease renewals while bytes arrive
+ZIP_TAIL = 128 * 1024  # a zip's end-of-directory record (and its comment) sits in its last 64 KiB
 
 
 # --- services --------------------------------------------------------------------------------
@@ -54,97 +70,159 @@ def upload_create(*, owner: AbstractBaseUser, length: int, filename: str = "", n
         )
     if filename and not filename.lower().endswith(".zip"):
         raise UserError(f"'{filename}' is not a .zip file. Upload a zip with one folder of images per class.")
-    upload = Upload.objects.create(owner=owner, length=length, filename=filename[:255], name=name[:200])
-    upload.part_path.parent.mkdir(parents=True, exist_ok=True)
-    upload.part_path.touch()
-    return upload
+    return Upload.objects.create(owner=owner, length=length, filename=filename[:255], name=name[:200])
 
 
 def _offset_conflict(upload: Upload, offset: int) -> UserError:
     return UserError(f"This upload is at byte {upload.offset}, not {offset}; resume from there.", status_code=409)
 
 
-def upload_append(*, upload: Upload, offset: int, stream, declared: int | None) -> Upload:
-    """Append the request body at `offset`; keeps what arrived even if the client drops.
+class _Lease:
+    """The right to write an upload at one offset: taken, renewed and released with conditional UPDATEs."""
 
-    One PATCH at a time per upload (an exclusive lock on the part file; a second
-    gets 423 and tus clients retry). A client that goes away mid-body keeps every
-    byte written; a failing disk is the server's error, never reported as success.
-    """
+    def __init__(self, upload: Upload, offset: int) -> None:
+        self.upload, self.offset, self.token = upload, offset, uuid.uuid4()
+        self._renewed = 0.0
+
+    def take(self) -> _Lease:
+        now = timezone.now()
+        free = Q(writer__isnull=True) | Q(writer_until__lt=now)
+        rows = Upload.objects.filter(free, pk=self.upload.pk, offset=self.offset)
+        if not rows.update(writer=self.token, writer_until=now + LEASE):
+            current = Upload.objects.filter(pk=self.upload.pk).first()
+            if current is None:
+                raise UserError("This upload was abandoned; start a new one.", status_code=410)
+            if current.offset != self.offset:  # the request before us moved it
+                raise _offset_conflict(current, self.offset)
+            raise UserError("Another request is writing this upload; retry shortly.", status_code=423)
+        self._renewed = time.monotonic()
+        return self
+
+    def renew(self) -> None:
+        if time.monotonic() - self._renewed < RENEW_EVERY:
+            return
+        self._renewed = time.monotonic()
+        if not Upload.objects.filter(pk=self.upload.pk, writer=self.token).update(writer_until=timezone.now() + LEASE):
+            raise _LeaseLost
+
+    def release(self) -> None:
+        Upload.objects.filter(pk=self.upload.pk, writer=self.token).update(writer=None, writer_until=None)
+
+
+class _LeaseLost(Exception):
+    """This writer stalled past its lease and another may have taken the upload."""
+
+
+def _body(stream, limit: int, lease: _Lease):
+    """The request body in pieces, at most `limit` bytes; a client that goes away ends it early."""
+    left = limit
+    while stream is not None and left > 0:
+        try:
+            piece = stream.read(min(PIECE, left))
+        except OSError as exc:  # the client went away mid-chunk: keep the bytes we have
+            log.info("upload %s interrupted after %s bytes: %s", lease.upload.pk, limit - left, exc)
+            return
+        if not piece:
+            return
+        left -= len(piece)
+        lease.renew()
+        yield piece
+
+
+def upload_append(*, upload: Upload, offset: int, stream, declared: int | None) -> Upload:
+    """Append the request body at `offset` as a new stored part; keeps what arrived if the client drops."""
     if offset != upload.offset:
         raise _offset_conflict(upload, offset)
     if declared is not None and upload.offset + declared > upload.length:
         raise UserError("The chunk goes past the declared length of the upload.", status_code=413)
+    lease = _Lease(upload, offset).take()
+    name = f"{upload.storage_prefix}{offset:020d}-{lease.token.hex[:12]}"
+    stored = None
     try:
-        part = open(upload.part_path, "r+b", buffering=0)  # unbuffered: written means on disk
-    except FileNotFoundError:
-        raise UserError("This upload was abandoned; start a new one.", status_code=410) from None
-    with part:
-        try:
-            fcntl.flock(part, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError("Another request is writing this upload; retry shortly.", status_code=423) from None
-        upload.refresh_from_db(fields=["offset"])
-        if offset != upload.offset:  # the request holding the lock before us moved it
-            raise _offset_conflict(upload, offset)
-        part.seek(upload.offset)
-        written = 0
-        try:
-            while stream is not None and upload.offset + written < upload.length:
-                try:
-                    piece = stream.read(min(CHUNK, upload.length - upload.offset - written))
-                except OSError as exc:  # the client went away mid-chunk: keep the bytes we have
-                    log.info("upload %s interrupted after %s bytes: %s", upload.pk, written, exc)
-                    break
-                if not piece:
-                    break
-                part.write(piece)
-                written += len(piece)
-        finally:
-            if written:
-                Upload.objects.filter(pk=upload.pk).update(offset=upload.offset + written, updated_at=timezone.now())
-                upload.offset += written
+        reader = StreamReader(_body(stream, upload.length - offset, lease))
+        first = reader.read(1)  # store nothing for an empty body
+        if first:
+            stored = save_stream(name, StreamReader(_chain(first, reader)))
+            written = reader.count
+            recorded = Upload.objects.filter(pk=upload.pk, offset=offset, writer=lease.token).update(
+                offset=offset + written, parts=[*upload.parts, stored], updated_at=timezone.now()
+            )
+            if not recorded:
+                raise _LeaseLost
+            upload.offset, upload.parts = offset + written, [*upload.parts, stored]
+            stored = None
+    except _LeaseLost:
+        raise UserError(
+            "This upload stalled and was taken over by another request; resume it.", status_code=409
+        ) from None
+    finally:
+        delete_quietly(stored)  # stored but not recorded: not part of the upload
+        lease.release()
     return upload
 
 
-class _PartFile(File):
-    """The finished part file; its path lets local storage move it instead of copying gigabytes."""
+def _chain(first: bytes, rest: StreamReader):
+    yield first
+    while piece := rest.read(PIECE):
+        yield piece
 
-    def temporary_file_path(self) -> str:
-        return self.file.name
 
+def upload_finish(*, upload: Upload) -> Dataset | None:
+    """The last byte arrived: the parts become one archive, and the archive a dataset.
 
-def upload_finish(*, upload: Upload) -> Dataset:
-    """The last byte arrived: the part file becomes a dataset (validated like any upload).
-
-    Idempotent: the finished upload keeps a link to its dataset (until it expires),
-    so a client that lost the last response learns the dataset from a retry or a
-    HEAD. A user error (not a zip) deletes the upload; any other failure keeps the
-    bytes, so a retry finishes without uploading again.
+    Idempotent: the finished upload keeps a link to its dataset (until it expires), so a
+    client that lost the last response learns the dataset from a retry or a HEAD. None
+    while another request is finishing it. A user error (not a zip) deletes the upload;
+    any other failure keeps the parts, so a retry finishes without uploading again.
     """
+    upload.refresh_from_db()
+    if upload.dataset_id:
+        return upload.dataset
     try:
+        lease = _Lease(upload, upload.length).take()
+    except UserError as exc:
+        if exc.status_code == 423:
+            return None
+        raise
+    dataset = Dataset(owner=upload.owner, archive_bytes=upload.length)
+    archive = None
+    try:
+        reader = StreamReader(stored_pieces(upload.parts, on_piece=lease.renew), tail=ZIP_TAIL)
+        archive = save_stream(f"{dataset.storage_prefix}archive.zip", reader)
+        if reader.count != upload.length:  # parts lost (or written by an older release, on a local disk)
+            raise UserError("This upload's data is gone; upload the file again.", status_code=410)
+        if not zipfile.is_zipfile(io.BytesIO(reader.tail)):
+            name = upload.filename or "The upload"
+            raise UserError(f"'{name}' is not a zip archive. Upload a .zip with one folder of images per class.")
         with transaction.atomic():
-            upload = Upload.objects.select_for_update().get(pk=upload.pk)
-            if upload.dataset_id:
-                return upload.dataset
-            try:
-                with open(upload.part_path, "rb") as part:
-                    file = _PartFile(part, name=upload.filename or "upload.zip")
-                    dataset = dataset_create(owner=upload.owner, file=file, name=upload.name)
-            except FileNotFoundError:
-                raise UserError("This upload's data is gone; upload the file again.", status_code=410) from None
-            upload.dataset = dataset
-            upload.save(update_fields=["dataset", "updated_at"])
-    except UserError:  # outside the rolled-back transaction: the refusal is final
+            dataset = dataset_create_stored(
+                dataset=dataset, archive=archive, name=upload.name, filename=upload.filename or "upload.zip"
+            )
+            if not Upload.objects.filter(pk=upload.pk, writer=lease.token, dataset__isnull=True).update(
+                dataset=dataset, writer=None, writer_until=None, updated_at=timezone.now()
+            ):
+                raise _LeaseLost
+        archive = None
+    except UserError:
         upload_delete(upload=upload)
         raise
-    upload.part_path.unlink(missing_ok=True)  # moved into storage already, on local disks
+    except _LeaseLost:  # another request finished it meanwhile: that dataset is the one
+        upload.refresh_from_db()
+        return upload.dataset
+    finally:
+        delete_quietly(archive)
+        lease.release()
+    for part in upload.parts:  # in the archive now
+        delete_quietly(part)
+    Upload.objects.filter(pk=upload.pk).update(parts=[])
     return dataset
 
 
 def upload_delete(*, upload: Upload) -> None:
-    upload.part_path.unlink(missing_ok=True)
-    upload.delete()
+    parts = Upload.objects.filter(pk=upload.pk).values_list("parts", flat=True).first() or upload.parts
+    Upload.objects.filter(pk=upload.pk).delete()
+    for part in parts:
+        delete_quietly(part)
 
 
 def upload_expire() -> int:
@@ -228,7 +306,9 @@ class TusUploadApi(APIView):
         upload = self._get(request, upload_id)
         headers = _tus_headers(**{"Upload-Offset": str(upload.offset), "Upload-Length": str(upload.length)})
         if upload.offset == upload.length:  # complete: finish it if the last PATCH could not
-            headers.update(_dataset_headers(upload_finish(upload=upload)))
+            dataset = upload_finish(upload=upload)
+            if dataset is not None:  # else another request is finishing it: ask again
+                headers.update(_dataset_headers(dataset))
         return Response(status=200, headers=headers)
 
     @extend_schema(request=None, responses={204: None}, description="tus core: append bytes at Upload-Offset")
@@ -244,11 +324,13 @@ class TusUploadApi(APIView):
         )
         headers = _tus_headers(**{"Upload-Offset": str(upload.offset)})
         if upload.offset == upload.length:
-            headers.update(_dataset_headers(upload_finish(upload=upload)))
+            dataset = upload_finish(upload=upload)
+            if dataset is None:
+                raise UserError("Another request is finishing this upload; ask again shortly.", status_code=423)
+            headers.update(_dataset_headers(dataset))
         return Response(status=204, headers=headers)
 
     @extend_schema(request=None, responses={204: None}, description="tus termination: abandon the upload")
     def delete(self, request: Request, upload_id) -> Response:
-        with transaction.atomic():
-            upload_delete(upload=self._get(request, upload_id))
+        upload_delete(upload=self._get(request, upload_id))
         return Response(status=204, headers=_tus_headers())

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.core.files.storage import default_storage
 from django.http import FileResponse
 from drf_spectacular.utils import OpenApiTypes, extend_schema
 from rest_framework import serializers
@@ -11,6 +10,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.common.errors import UserError
+from apps.common.storage import open_stream
 from apps.common.uploads import limit_upload_size
 from apps.serving.models import TrainedModel
 from apps.serving.selectors import model_get, model_list
@@ -50,12 +50,14 @@ class ModelDownloadApi(APIView):
     @extend_schema(responses={(200, "application/zip"): OpenApiTypes.BINARY})
     def get(self, request: Request, model_id: int) -> FileResponse:
         model = model_get(user=request.user, model_id=model_id)
-        return FileResponse(
-            default_storage.open(model.bundle, "rb"),
+        response = FileResponse(
+            open_stream(model.bundle),  # streamed from storage as the client reads it
             as_attachment=True,
             filename=f"graft-model-{model.pk}.zip",
             content_type="application/zip",
         )
+        response["Content-Length"] = str(model.bundle_bytes)
+        return response
 
 
 class ModelPredictApi(APIView):

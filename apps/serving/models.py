@@ -6,7 +6,7 @@ from django.conf import settings
 from django.db import models
 
 
-def _storage_prefix() -> str:
+def model_storage_prefix() -> str:
     return f"models/{uuid.uuid4().hex}/"
 
 
@@ -14,7 +14,7 @@ class TrainedModel(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="models")
     job = models.OneToOneField("training.Job", on_delete=models.SET_NULL, null=True, related_name="trained_model")
     name = models.CharField(max_length=200)
-    storage_prefix = models.CharField(max_length=100, default=_storage_prefix, unique=True, editable=False)
+    storage_prefix = models.CharField(max_length=100, default=model_storage_prefix, unique=True, editable=False)
     bundle = models.CharField(max_length=300, help_text="Storage name of the bundle zip.")
     bundle_bytes = models.BigIntegerField(default=0)
     bundle_sha256 = models.CharField(max_length=64)
@@ -29,3 +29,6 @@ class TrainedModel(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} (model {self.pk})"
+
+
+_storage_prefix = model_storage_prefix  # the name migration 0001 refers to

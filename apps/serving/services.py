@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
@@ -10,14 +11,30 @@ from django.core.files.uploadedfile import UploadedFile
 
 from apps.common.errors import UserError
 from apps.serving.cache import get_predictor
-from apps.serving.models import TrainedModel
+from apps.serving.models import TrainedModel, model_storage_prefix
 from apps.training.models import Job
 from ml.images import ImageDecodeError
 
 
-def model_create(*, job: Job, bundle_path: str, result) -> TrainedModel:
+@dataclass(frozen=True)
+class StoredBundle:
+    prefix: str  # the model's storage prefix
+    name: str
+    size: int
+    sha256: str
+
+
+def bundle_store(bundle_path: str) -> StoredBundle:
+    """Copy a trained bundle into storage (slow: call it outside any transaction)."""
     path = Path(bundle_path)
-    model = TrainedModel(
+    prefix = model_storage_prefix()
+    with path.open("rb") as fh:
+        name = default_storage.save(f"{prefix}bundle.zip", File(fh))
+    return StoredBundle(prefix, name, path.stat().st_size, _sha256(path))
+
+
+def model_create(*, job: Job, bundle: StoredBundle, result) -> TrainedModel:
+    return TrainedModel.objects.create(
         owner=job.owner,
         job=job,
         name=job.dataset.name if job.dataset else f"job {job.pk}",
@@ -25,13 +42,11 @@ def model_create(*, job: Job, bundle_path: str, result) -> TrainedModel:
         classes=result.classes,
         metrics=result.metrics,
         strategy=result.strategy,
-        bundle_bytes=path.stat().st_size,
-        bundle_sha256=_sha256(path),
+        storage_prefix=bundle.prefix,
+        bundle=bundle.name,
+        bundle_bytes=bundle.size,
+        bundle_sha256=bundle.sha256,
     )
-    with path.open("rb") as fh:
-        model.bundle = default_storage.save(f"{model.storage_prefix}bundle.zip", File(fh))
-    model.save()
-    return model
 
 
 def _sha256(path: Path) -> str:

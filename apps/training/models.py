@@ -34,12 +34,21 @@ class Job(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # The fine-tune's last checkpoint in storage (under `storage_prefix`), while the job runs, and
+    # the last history row it covers: a worker that takes the job over goes on from there.
+    checkpoint = models.CharField(max_length=300, blank=True)
+    checkpoint_history_id = models.BigIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
         return f"job {self.pk} ({self.status})"
+
+    @property
+    def storage_prefix(self) -> str:
+        """Where its checkpoints are stored (removed when the job ends, however it ends)."""
+        return f"jobs/{self.pk}/"
 
     @property
     def is_stale(self) -> bool:

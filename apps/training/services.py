@@ -2,7 +2,10 @@
 
 A job is claimed with a conditional UPDATE, so a duplicate delivery does
 nothing; a worker heartbeat marks it alive, so a job whose worker died is
-detected (`Job.is_stale`) and re-queued by `job_recover_stale`.
+detected (`Job.is_stale`) and re-queued by `job_recover_stale`. The fine-tune
+checkpoints to storage after each epoch, so the worker that takes a lost job
+over goes on from its last epoch; after GRAFT_JOB_MAX_ATTEMPTS lost workers
+the job fails with a reason instead of being handed on forever.
 """
 
 from __future__ import annotations
@@ -12,19 +15,23 @@ import math
 import shutil
 import threading
 import time
+import uuid
 from datetime import timedelta
+from tempfile import NamedTemporaryFile
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.files.storage import default_storage
 from django.db import close_old_connections, connection, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from apps.common.errors import UserError
-from apps.common.storage import local_copy
+from apps.common.storage import delete_prefix, delete_quietly, local_copy
 from apps.datasets.models import Dataset
 from apps.datasets.selectors import dataset_index
 from apps.training.models import Job, JobHistory
+from ml.checkpoint import read_record, write_record
 from ml.errors import Cancelled, MLError
 
 log = logging.getLogger(__name__)
@@ -82,16 +89,29 @@ def _enqueue(job_id: int) -> None:
 
 def job_cancel(*, job: Job) -> Job:
     updated = Job.objects.filter(pk=job.pk, status__in=[Job.Status.QUEUED, Job.Status.RUNNING]).update(
-        status=Job.Status.CANCELLED, finished_at=timezone.now(), phase="cancelled"
+        status=Job.Status.CANCELLED, finished_at=timezone.now(), phase="cancelled", checkpoint=""
     )
     job.refresh_from_db()
     if not updated and job.status != Job.Status.CANCELLED:
         raise UserError(f"Job {job.pk} already {job.status}; there is nothing to cancel.", status_code=409)
+    delete_prefix(job.storage_prefix)  # its checkpoints (a worker still writing one deletes its own)
     return job
 
 
+def _lost_too_often(attempts: int) -> str:
+    return (
+        f"The worker training this job stopped {attempts} times without finishing (killed, out of memory, "
+        "or the machine was lost), so it was not handed to another worker again. "
+        "Try a smaller budget or fewer epochs, or ask the operators to check the GPU workers."
+    )
+
+
 def job_claim(*, job_id: int, redelivered: bool = False) -> Job | None:
-    """Take the job for this worker, or return None if it is not ours to run."""
+    """Take the job for this worker, or return None if it is not ours to run.
+
+    A job taken over from a worker that went silent keeps its history up to its last
+    checkpoint (the fit goes on from there); one whose workers were lost too often fails.
+    """
     now = timezone.now()
     claim = dict(
         status=Job.Status.RUNNING,
@@ -102,23 +122,56 @@ def job_claim(*, job_id: int, redelivered: bool = False) -> Job | None:
         progress=0.0,
         error="",
     )
-    if Job.objects.filter(pk=job_id, status=Job.Status.QUEUED).update(**claim):
-        return Job.objects.get(pk=job_id)
+    under_cap = Q(attempts__lt=settings.GRAFT_JOB_MAX_ATTEMPTS)
     stale_before = now - timedelta(seconds=settings.GRAFT_JOB_STALE_SECONDS)
-    if Job.objects.filter(pk=job_id, status=Job.Status.RUNNING, heartbeat_at__lt=stale_before).update(**claim):
-        log.warning("job %s: previous worker went silent; restarting it", job_id)
-        JobHistory.objects.filter(job_id=job_id).delete()
-        return Job.objects.get(pk=job_id)
+    stale = Q(status=Job.Status.RUNNING, heartbeat_at__lt=stale_before)
+    if Job.objects.filter(under_cap, pk=job_id, status=Job.Status.QUEUED).update(**claim) or (
+        Job.objects.filter(under_cap, stale, pk=job_id).update(**claim)
+    ):
+        job = Job.objects.get(pk=job_id)
+        if job.attempts > 1:
+            log.warning("job %s: attempt %s, after a lost worker", job_id, job.attempts)
+            _forget_after_checkpoint(job)
+        return job
+    if _fail_lost(Job.objects.filter(Q(status=Job.Status.QUEUED) | stale, pk=job_id)):
+        return None
     if redelivered and Job.objects.filter(pk=job_id, status=Job.Status.RUNNING).exists():
         raise RetryLater
     return None
 
 
+def _forget_after_checkpoint(job: Job) -> None:
+    """History rows the lost worker wrote after its last checkpoint: the resumed fit writes them again."""
+    rows = JobHistory.objects.filter(job=job)
+    if job.checkpoint and job.checkpoint_history_id is not None:
+        rows = rows.filter(pk__gt=job.checkpoint_history_id)
+    rows.delete()
+
+
+def _fail_lost(jobs) -> int:
+    """Fail the jobs among `jobs` that used up their attempts; returns how many."""
+    failed = 0
+    for job in jobs.filter(attempts__gte=settings.GRAFT_JOB_MAX_ATTEMPTS):
+        if jobs.filter(pk=job.pk, attempts=job.attempts).update(
+            status=Job.Status.FAILED,
+            finished_at=timezone.now(),
+            phase="failed",
+            error=_lost_too_often(job.attempts),
+            checkpoint="",
+        ):
+            delete_prefix(job.storage_prefix)
+            failed += 1
+    return failed
+
+
 def job_recover_stale() -> list[int]:
-    """Re-queue running jobs whose worker stopped heart-beating. Returns their ids."""
+    """Re-queue running jobs whose worker stopped heart-beating (or fail them when that happened
+    too often). Returns the ids re-queued."""
     stale_before = timezone.now() - timedelta(seconds=settings.GRAFT_JOB_STALE_SECONDS)
+    stale = Job.objects.filter(status=Job.Status.RUNNING, heartbeat_at__lt=stale_before)
+    _fail_lost(stale)
     recovered = []
-    for job in Job.objects.filter(status=Job.Status.RUNNING, heartbeat_at__lt=stale_before):
+    for job in stale.filter(attempts__lt=settings.GRAFT_JOB_MAX_ATTEMPTS):
         if Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, heartbeat_at=job.heartbeat_at).update(
             status=Job.Status.QUEUED, phase="requeued after a lost worker"
         ):
@@ -134,13 +187,15 @@ def job_run(*, job: Job) -> None:
     workdir = settings.GRAFT_WORK_DIR / "jobs" / str(job.pk)
     shutil.rmtree(workdir, ignore_errors=True)
     recorder = _Recorder(job.pk)
+    config = FitConfig(**job.config, device=settings.GRAFT_DEVICE)
     try:
         dataset = job.dataset
         if dataset is None or dataset.status != Dataset.Status.READY:
             raise MLError("The dataset of this job was deleted or is not ready.")
         index = dataset_index(dataset=dataset)
+        checkpoints = JobCheckpoints(job, recorder)
         with _Heartbeat(job.pk, recorder.cancelled), local_copy(dataset.archive) as archive:
-            result = fit(archive, workdir, FitConfig(**job.config), index=index, progress=recorder)
+            result = fit(archive, workdir, config, index=index, progress=recorder, checkpoints=checkpoints)
         _succeed(job, result)
     except Cancelled:
         log.info("job %s cancelled", job.pk)
@@ -150,37 +205,98 @@ def job_run(*, job: Job) -> None:
         log.exception("job %s failed", job.pk)
         _fail(job.pk, f"Training failed: {exc.__class__.__name__}: {exc}")
     finally:
+        # However it ended, its checkpoints are done with (a lost worker never gets here).
+        Job.objects.filter(pk=job.pk).exclude(status=Job.Status.RUNNING).update(checkpoint="")
+        delete_prefix(job.storage_prefix)
         shutil.rmtree(workdir, ignore_errors=True)
+        _release_gpu_memory()
+
+
+def _release_gpu_memory() -> None:
+    """A worker child lives on after the job: hand its cached GPU memory back to the other processes."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+class JobCheckpoints:
+    """The fine-tune's checkpoints in storage (ml.checkpoint.Checkpoints): written through local
+    scratch, then recorded on the job with a conditional UPDATE, then the previous one deleted."""
+
+    def __init__(self, job: Job, recorder: _Recorder) -> None:
+        self.job, self.recorder = job, recorder
+
+    def load(self) -> dict | None:
+        name = Job.objects.filter(pk=self.job.pk).values_list("checkpoint", flat=True).first()
+        if not name:
+            return None
+        try:
+            with local_copy(name) as path, path.open("rb") as fh:
+                return read_record(fh)
+        except Exception:  # noqa: BLE001 - a checkpoint that cannot be read only costs the epochs it held
+            log.exception("job %s: checkpoint %s unreadable; starting over", self.job.pk, name)
+            return None
+
+    def save(self, record: dict) -> None:
+        previous = Job.objects.filter(pk=self.job.pk).values_list("checkpoint", flat=True).first()
+        epoch = record["state"]["epoch"]
+        settings.GRAFT_WORK_DIR.mkdir(parents=True, exist_ok=True)
+        with NamedTemporaryFile(dir=settings.GRAFT_WORK_DIR, suffix=".pt") as tmp:
+            write_record(record, tmp)
+            tmp.flush()
+            tmp.seek(0)
+            name = default_storage.save(f"{self.job.storage_prefix}checkpoint-{epoch}-{uuid.uuid4().hex[:8]}.pt", tmp)
+        if not Job.objects.filter(pk=self.job.pk, status=Job.Status.RUNNING).update(
+            checkpoint=name, checkpoint_history_id=self.recorder.last_row_id
+        ):
+            delete_quietly(name)  # cancelled meanwhile
+            raise Cancelled()
+        if previous and previous != name:
+            delete_quietly(previous)
 
 
 def _succeed(job: Job, result) -> None:
-    from apps.serving.services import model_create
+    from apps.serving.services import bundle_store, model_create
 
-    with transaction.atomic():
-        updated = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(
-            status=Job.Status.SUCCEEDED,
-            finished_at=timezone.now(),
-            phase="done",
-            progress=1.0,
-            strategy=json_safe(result.strategy),
-            metrics=json_safe(result.metrics),
-            timings=result.timings,
-            report=json_safe(
-                {
-                    "sanity": result.sanity,
-                    # Every choice the engine measured (candidates, scores on the training split, reason).
-                    "decisions": result.decisions,
-                    "hyperparameters": result.hyperparameters,
-                    "lr_range": result.lr_range,
-                    "log": result.log,
-                    "preprocessing": result.preprocessing,
-                    "device": result.device,
-                    "peak_rss_mib": result.peak_rss_mib,
-                }
-            ),
-        )
-        if updated:  # not cancelled in the meantime
-            model_create(job=job, bundle_path=result.artifacts["bundle"], result=result)
+    # The bundle is copied to storage and hashed first, outside any transaction.
+    bundle = bundle_store(result.artifacts["bundle"])
+    try:
+        with transaction.atomic():
+            updated = _mark_succeeded(job, result)
+            if updated:  # not cancelled in the meantime
+                model_create(job=job, bundle=bundle, result=result)
+    except BaseException:
+        delete_prefix(bundle.prefix)
+        raise
+    if not updated:
+        delete_prefix(bundle.prefix)
+
+
+def _mark_succeeded(job: Job, result) -> int:
+    return Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(
+        status=Job.Status.SUCCEEDED,
+        finished_at=timezone.now(),
+        phase="done",
+        progress=1.0,
+        strategy=json_safe(result.strategy),
+        metrics=json_safe(result.metrics),
+        timings=result.timings,
+        report=json_safe(
+            {
+                "sanity": result.sanity,
+                # Every choice the engine measured (candidates, scores on the training split, reason).
+                "decisions": result.decisions,
+                "hyperparameters": result.hyperparameters,
+                "lr_range": result.lr_range,
+                "log": result.log,
+                "preprocessing": result.preprocessing,
+                "device": result.device,
+                "peak_rss_mib": result.peak_rss_mib,
+            }
+        ),
+        checkpoint="",
+    )
 
 
 def _fail(job_id: int, message: str) -> None:
@@ -199,6 +315,7 @@ class _Recorder:
         self.cancelled = threading.Event()
         self._last = 0.0
         self.lines: list[str] = []
+        self.last_row_id: int | None = None  # the newest history row written
 
     def __call__(self, event) -> None:
         if self.cancelled.is_set():
@@ -209,7 +326,8 @@ class _Recorder:
             return
         if event.row is not None:
             step = event.row.get("step", event.row.get("epoch", 0))
-            JobHistory.objects.create(job_id=self.job_id, step=step, phase=event.phase, data=json_safe(event.row))
+            row = JobHistory.objects.create(job_id=self.job_id, step=step, phase=event.phase, data=json_safe(event.row))
+            self.last_row_id = row.pk
         now = time.monotonic()
         if event.row is None and now - self._last < self.min_interval and event.done < event.total:
             return

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import io
 import json
 import zipfile
 
@@ -12,7 +11,7 @@ from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.core.files.storage import default_storage
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import cache_control
 from django.views.decorators.http import require_POST
@@ -20,18 +19,15 @@ from django.views.decorators.http import require_POST
 from apps.accounts.models import ApiToken
 from apps.accounts.services import token_create
 from apps.common.errors import UserError
+from apps.common.storage import open_stream
 from apps.datasets.selectors import dataset_get, dataset_index, dataset_list
-from apps.datasets.services import dataset_delete
+from apps.datasets.services import dataset_delete, thumbnail_members, thumbnail_name, thumbnail_store
 from apps.serving.selectors import model_get, model_list
 from apps.training.selectors import job_get, job_list
 from apps.training.services import job_create
 from ml.backbones import DEFAULT_BACKBONE, available_backbones
-from ml.images import ImageDecodeError, decode_rgb
 from ml.strategy import PLANS, SIZE_BOUNDARY, STRATEGIES
 from ml.strategy import REGISTRY as PLAN_REGISTRY
-
-THUMB_SIDE = 160
-THUMBS_PER_CLASS = 12
 
 
 def home(request: HttpRequest) -> HttpResponse:
@@ -86,12 +82,9 @@ def dataset_detail(request: HttpRequest, dataset_id: int) -> HttpResponse:
 
 def _dataset_context(dataset, error: str = "") -> dict:
     backbones = available_backbones()
-    thumbs: dict[str, list[str]] = {}
-    if dataset.manifest:
-        for sample in dataset_index(dataset=dataset).samples:
-            group = thumbs.setdefault(sample.label, [])
-            if len(group) < THUMBS_PER_CLASS:
-                group.append(sample.member)
+    thumbs = dataset.thumbnails
+    if not thumbs and dataset.manifest:  # ingested before thumbnails were stored
+        thumbs = thumbnail_members(dataset_index(dataset=dataset))
     assessment = dataset.assessment or {}
     return {
         "thumbs": sorted(thumbs.items()),
@@ -145,29 +138,34 @@ def train(request: HttpRequest, dataset_id: int) -> HttpResponse:
 @login_required
 @cache_control(private=True, max_age=3600)
 def dataset_thumb(request: HttpRequest, dataset_id: int) -> HttpResponse:
-    """A thumbnail of one image of the dataset; only members of its index can be asked for."""
+    """A stored thumbnail of one image the dataset's page shows (made at ingestion)."""
     dataset = dataset_get(user=request.user, dataset_id=dataset_id)
     member = request.GET.get("m", "")
-    if not dataset.manifest or member not in _members(dataset.pk, dataset.manifest):
+    if member not in _shown(dataset):
         raise Http404("No such image in this dataset.")
-    # Read only that member: the storage file is seekable, so the archive is never copied whole.
-    with default_storage.open(dataset.archive) as f, zipfile.ZipFile(f) as zf:
-        try:
-            img = decode_rgb(zf.read(member), min_side=THUMB_SIDE)
-        except ImageDecodeError:
-            raise Http404("This image cannot be decoded.") from None
-    img.thumbnail((THUMB_SIDE, THUMB_SIDE))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=80)
-    return HttpResponse(buf.getvalue(), content_type="image/jpeg")
+    name = thumbnail_name(dataset, member)
+    if not default_storage.exists(name):  # ingested before thumbnails were stored: made once, now
+        with default_storage.open(dataset.archive) as f, zipfile.ZipFile(f) as zf:
+            if thumbnail_store(dataset, member, zf.read(member)) is None:
+                raise Http404("This image cannot be decoded.")
+    return FileResponse(open_stream(name), content_type="image/jpeg")
+
+
+def _shown(dataset) -> frozenset[str]:
+    if dataset.thumbnails:
+        return frozenset(m for group in dataset.thumbnails.values() for m in group)
+    if not dataset.manifest:
+        return frozenset()
+    return _members(dataset.pk, dataset.manifest)
 
 
 @functools.lru_cache(maxsize=32)
 def _members(dataset_id: int, manifest: str) -> frozenset[str]:
-    """The member names a dataset's thumbnails may show (its index; immutable once ready)."""
+    """The members a legacy dataset's page shows (its index is immutable once ready)."""
     from apps.datasets.models import Dataset
 
-    return frozenset(s.member for s in dataset_index(dataset=Dataset.objects.get(pk=dataset_id)).samples)
+    index = dataset_index(dataset=Dataset.objects.get(pk=dataset_id))
+    return frozenset(m for group in thumbnail_members(index).values() for m in group)
 
 
 @login_required

@@ -80,6 +80,20 @@ def _wait_for_other_sessions_to_close(name: str, timeout: float = 15) -> None:
         time.sleep(0.2)
 
 
+def stored_files(prefix: str = "") -> set[str]:
+    """Every stored file under `prefix`, through the storage API (local files or S3)."""
+    from django.core.files.storage import default_storage
+
+    def walk(folder: str) -> set[str]:
+        try:
+            dirs, files = default_storage.listdir(folder)
+        except FileNotFoundError:
+            return set()
+        return {folder + f for f in files}.union(*(walk(f"{folder}{d}/") for d in dirs))
+
+    return walk(prefix)
+
+
 class Api:
     """A program talking to Graft over HTTP with a token, as in the README."""
 

@@ -11,6 +11,7 @@ import pytest
 from django.conf import settings
 
 from apps.datasets.models import Dataset
+from tests.apps.conftest import stored_files
 from tests.conftest import class_folders, image_bytes, make_zip
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -18,11 +19,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 def _zip_bytes(tmp_path: Path, members: dict[str, bytes]) -> bytes:
     return make_zip(tmp_path / "upload.zip", members).read_bytes()
-
-
-def _stored_files() -> set[str]:
-    root = Path(settings.MEDIA_ROOT)
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} if root.exists() else set()
 
 
 def _upload_and_wait(api, data: bytes, filename: str = "upload.zip") -> dict:
@@ -48,7 +44,10 @@ def test_good_upload_becomes_ready_with_report(celery_worker_process, api_for, t
     assert any("pets/dogs/broken.jpg" in f for f in codes["unreadable"]["files"])
     assert codes["duplicate"]["files"]
     prefix = Dataset.objects.get(pk=body["id"]).storage_prefix
-    assert {f for f in _stored_files() if f.startswith(prefix)} == {f"{prefix}archive.zip", f"{prefix}manifest.json"}
+    stored = stored_files(prefix)
+    assert {f"{prefix}archive.zip", f"{prefix}manifest.json"} <= stored
+    # One stored thumbnail per image the page shows (11 readable, distinct images here).
+    assert len([f for f in stored if f.startswith(f"{prefix}thumbs/")]) == 11 == len(stored) - 2
 
 
 def _symlink_zip(tmp_path: Path) -> bytes:
@@ -91,30 +90,30 @@ BAD_ARCHIVES = {
 def test_bad_archives_fail_with_a_clear_error_and_leave_nothing(celery_worker_process, api_for, tmp_path, case):
     build, needle = BAD_ARCHIVES[case]
     api = api_for("alice")
-    before = _stored_files()
+    before = stored_files()
     body = _upload_and_wait(api, build(tmp_path))
     assert body["status"] == "failed"
     assert needle in body["error"], body["error"]
-    assert _stored_files() == before  # the failed upload's archive is gone, nothing was extracted anywhere
+    assert stored_files() == before  # the failed upload's archive is gone, nothing was extracted anywhere
     assert not list(Path(settings.DATA_DIR).rglob("evil*")) and not Path("/tmp/evil.png").exists()
 
 
 def test_non_zip_upload_is_rejected_at_once(live_server, api_for):
     api = api_for("alice")
-    before = _stored_files()
+    before = stored_files()
     r = api.upload(b"GIF89a not a zip", "photos.zip")
     assert r.status_code == 400 and "'photos.zip' is not a zip archive" in r.json()["error"]
     r = api.upload(b"", "empty.zip")
     assert r.status_code == 400 and "empty" in r.json()["error"]
     r = api.call("POST", "/datasets/", data={"name": "x"})
     assert r.status_code == 400 and "'file'" in r.json()["error"]
-    assert Dataset.objects.count() == 0 and _stored_files() == before
+    assert Dataset.objects.count() == 0 and stored_files() == before
 
 
 def test_over_size_upload_is_413(live_server, api_for, settings, tmp_path):
     settings.GRAFT_MAX_UPLOAD_BYTES = 100_000
     api = api_for("alice")
-    before = _stored_files()
+    before = stored_files()
     r = api.upload(b"PK" + b"\0" * 300_000, "big.zip")
     assert r.status_code == 413 and "limit" in r.json()["error"]
-    assert Dataset.objects.count() == 0 and _stored_files() == before
+    assert Dataset.objects.count() == 0 and stored_files() == before

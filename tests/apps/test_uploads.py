@@ -7,6 +7,7 @@ import base64
 import pytest
 
 from apps.datasets.models import Upload
+from tests.apps.conftest import stored_files
 from tests.conftest import class_folders, make_zip
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,7 @@ def test_upload_resumes_after_an_interruption_and_becomes_a_dataset(celery_worke
     dataset = api.wait(f"/datasets/{r.headers['Graft-Dataset']}/", ("ready", "failed"), timeout=120)
     assert dataset["status"] == "ready" and dataset["name"] == "Pets"
     assert {c["name"] for c in dataset["classes"]} == {"cats", "dogs"}
-    assert not any(p.suffix == ".part" for p in _upload_dir().glob("*"))  # the part file became the dataset
+    assert stored_files("uploads/") == set()  # the parts became the dataset's archive
     # A client that lost that last response asks again, and learns the same dataset.
     head = api.session.head(url, headers=TUS, timeout=30)
     assert head.headers["Graft-Dataset"] == r.headers["Graft-Dataset"]
@@ -81,9 +82,3 @@ def test_bad_uploads_are_refused_with_a_sentence(api_for):
     assert r.status_code == 400 and "not a zip archive" in r.json()["error"]
     assert not Upload.objects.exists()
     assert api.call("GET", "/datasets/").json() == []
-
-
-def _upload_dir():
-    from django.conf import settings
-
-    return settings.GRAFT_UPLOAD_DIR

@@ -334,3 +334,40 @@ def test_range_test_blow_up_needs_4x_and_a_quarter_of_the_way_to_chance(smoothed
     from ml.finetune import loss_blew_up
 
     assert loss_blew_up(smoothed, best, k) is blown
+
+
+def test_a_finetune_resumed_from_its_checkpoint_goes_on_as_if_never_stopped(tmp_path):
+    """Stopped after epoch 2 and resumed from the checkpoint, the epochs after it match an unbroken run."""
+    from ml.checkpoint import FileCheckpoints
+
+    x, y = toy_data()
+    cfg = FinetuneConfig(depth="full", max_epochs=4, patience=4, pilot_epochs=4, warmup_epochs=0.5)
+
+    def run(**kw):
+        return finetune(
+            tiny_backbone(), nn.Linear(16, 2), batches(x, y), batches(x, y), 2, cfg, device=torch.device("cpu"), **kw
+        )
+
+    unbroken = run()
+    store = FileCheckpoints(tmp_path / "ckpt.pt")
+    seen: list[int] = []
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die_after_epoch_2(state: dict) -> None:
+        store.save(state)
+        if state["epoch"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(checkpoint=save_then_die_after_epoch_2)
+    resumed = run(resume=store.load(), on_epoch=lambda row: seen.append(row["epoch"]))
+
+    assert seen == [3, 4]  # epochs 1 and 2 were not trained again
+    assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3, 4]
+    for a, b in zip(unbroken.history[1:], resumed.history[1:], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=1e-7)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    for p, q in zip(unbroken.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)

@@ -1,0 +1,49 @@
+"""Where a fit keeps its checkpoint, so that a fit cut short (a worker lost) resumes instead of restarting.
+
+`fit(..., checkpoints=...)` takes any object with `load()` and `save(record)`; the app
+keeps them in object storage, `python -m ml fit --checkpoint FILE` in a file.
+A record is a dict of tensors and plain values (no code), loaded with `weights_only`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import torch
+
+
+class Checkpoints(Protocol):
+    def load(self) -> dict | None:
+        """The last record saved, or None."""
+
+    def save(self, record: dict) -> None:
+        """Keep `record` (serialise it before returning: its tensors are live weights)."""
+
+
+def write_record(record: dict, fh: BinaryIO) -> None:
+    torch.save(record, fh)
+
+
+def read_record(fh: BinaryIO) -> dict:
+    return torch.load(fh, map_location="cpu", weights_only=True)
+
+
+class FileCheckpoints:
+    """One file, replaced atomically at each save."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        with self.path.open("rb") as fh:
+            return read_record(fh)
+
+    def save(self, record: dict) -> None:
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with tmp.open("wb") as fh:
+            write_record(record, fh)
+        os.replace(tmp, self.path)
