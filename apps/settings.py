@@ -20,7 +20,21 @@ if not SECRET_KEY:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off (or set DEBUG=true for development).")
     SECRET_KEY = "insecure-development-key"
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
-CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])  # e.g. https://graft.example.org
+
+# HTTPS, terminated by a proxy in front (nginx, an ingress, a load balancer) that sets
+# X-Forwarded-Proto: GRAFT_HTTPS=true turns on what that needs; each can be overridden.
+GRAFT_HTTPS = env.bool("GRAFT_HTTPS", default=False)
+if env.bool("GRAFT_BEHIND_TLS_PROXY", default=GRAFT_HTTPS):
+    # request.is_secure() (and so tus Location headers and redirects) follows the proxy's scheme.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=GRAFT_HTTPS)
+SECURE_REDIRECT_EXEMPT = [r"^health/"]  # probes speak plain HTTP inside the cluster
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=GRAFT_HTTPS)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=GRAFT_HTTPS)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=365 * 24 * 3600 if GRAFT_HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=GRAFT_HTTPS)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=GRAFT_HTTPS)
 
 DATA_DIR = Path(env.str("GRAFT_DATA_DIR", default=str(BASE_DIR / "var")))
 MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(DATA_DIR / "media")))

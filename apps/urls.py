@@ -3,6 +3,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 
 from apps.accounts.api import TokenObtainApi
+from apps.common import health
 from apps.datasets.api import DatasetDetailApi, DatasetListCreateApi
 from apps.datasets.tus import TusUploadApi, TusUploadListApi
 from apps.serving.api import ModelDetailApi, ModelDownloadApi, ModelListApi, ModelPredictApi
@@ -25,6 +26,8 @@ api = [
 ]
 
 urlpatterns = [
+    path("health/live/", health.live, name="health-live"),
+    path("health/ready/", health.ready, name="health-ready"),
     path("", include("apps.web.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", include((api, "api"))),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. Integration tests use PostgreSQL (127.0.0.1:5432) and Redis
-# (127.0.0.1:6379); this script starts them when they are installed here but down.
+# Runs the whole test suite. Integration tests use PostgreSQL (127.0.0.1:5432), Redis
+# (127.0.0.1:6379) and an S3 server (SeaweedFS, 127.0.0.1:8333; its `weed` binary comes with
+# requirements-dev.txt); this script starts them when they are installed here but down.
 # With CI=true they are required: the run fails instead of skipping them. The same goes for
 # Chromium (/usr/bin/chromium, Debian's package), which the browser tests drive; it is installed if missing.
 set -euo pipefail
@@ -18,9 +19,17 @@ if ! up 6379 && command -v redis-server >/dev/null; then
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
 fi
-for _ in $(seq 30); do up 5432 && up 6379 && break; sleep 1; done
-if [[ "${CI:-}" == "true" ]] && ! { up 5432 && up 6379; }; then
-  echo "CI needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379; they are not reachable." >&2
+if ! up 8333 && [[ -x .venv/bin/weed ]]; then
+  echo "starting SeaweedFS (S3 on 127.0.0.1:8333)"
+  weed_dir="${TMPDIR:-/tmp}/graft-seaweedfs"
+  mkdir -p "$weed_dir"
+  nohup .venv/bin/weed server -s3 -dir="$weed_dir" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+    -master.volumeSizeLimitMB=256 >"$weed_dir/weed.log" 2>&1 &
+fi
+for _ in $(seq 60); do up 5432 && up 6379 && up 8333 && break; sleep 1; done
+if [[ "${CI:-}" == "true" ]] && ! { up 5432 && up 6379 && up 8333; }; then
+  echo "CI needs PostgreSQL on 127.0.0.1:5432, Redis on 127.0.0.1:6379 and S3 on 127.0.0.1:8333;" \
+    "they are not all reachable." >&2
   exit 1
 fi
 

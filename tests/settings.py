@@ -1,7 +1,9 @@
 """Test settings: the real services when they are reachable (always in CI).
 
-Integration tests need PostgreSQL and Redis; with CI=true they must be there
-(scripts/test.sh starts them), elsewhere the integration tests skip with a reason.
+Integration tests need PostgreSQL and Redis, and the many-hosts tests an S3 server
+(SeaweedFS on :8333); with CI=true they must be there (scripts/test.sh starts them),
+elsewhere those tests skip with a reason. The suite's own storage stays local files:
+the many-hosts tests point the processes they start at the S3 server.
 """
 
 import os
@@ -29,5 +31,7 @@ os.environ.setdefault("GRAFT_HEARTBEAT_SECONDS", "2")
 from apps.settings import *  # noqa: E402,F403
 
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # noqa: F405 - whitenoise expects it
+S3_ENDPOINT = os.environ.get("GRAFT_TEST_S3_ENDPOINT", "http://127.0.0.1:8333")
+S3_REACHABLE = _reachable(int(S3_ENDPOINT.rsplit(":", 1)[1].split("/")[0]))
 INTEGRATION = DATABASES["default"]["ENGINE"].endswith("postgresql") and CELERY_BROKER_URL.startswith("redis://")  # noqa: F405
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast user creation in tests

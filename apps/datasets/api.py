@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from django.conf import settings
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_serializer
 from rest_framework import serializers, status
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
@@ -34,6 +34,7 @@ class DatasetOutputSerializer(serializers.ModelSerializer):
 
 
 class DatasetListCreateApi(APIView):
+    @extend_schema_serializer(component_name="DatasetInput")
     class InputSerializer(serializers.Serializer):
         file = serializers.FileField(allow_empty_file=True)
         name = serializers.CharField(required=False, allow_blank=True, max_length=200)
@@ -60,6 +61,7 @@ class DatasetDetailApi(APIView):
     def get(self, request: Request, dataset_id: int) -> Response:
         return Response(DatasetOutputSerializer(dataset_get(user=request.user, dataset_id=dataset_id)).data)
 
+    @extend_schema(responses={204: None})
     def delete(self, request: Request, dataset_id: int) -> Response:
         dataset_delete(dataset=dataset_get(user=request.user, dataset_id=dataset_id))
         return Response(status=status.HTTP_204_NO_CONTENT)

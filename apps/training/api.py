@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_serializer
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -37,6 +37,7 @@ class JobOutputSerializer(serializers.ModelSerializer):
             "error",
             "stale",
             "attempts",
+            "worker",
             "created_at",
             "started_at",
             "finished_at",
@@ -50,6 +51,7 @@ class JobOutputSerializer(serializers.ModelSerializer):
 
 
 class JobListCreateApi(APIView):
+    @extend_schema_serializer(component_name="JobInput")
     class InputSerializer(serializers.Serializer):
         dataset = serializers.IntegerField()
         strategy = serializers.ChoiceField(choices=STRATEGIES, default="auto")

@@ -106,7 +106,7 @@ def _lost_too_often(attempts: int) -> str:
     )
 
 
-def job_claim(*, job_id: int, redelivered: bool = False) -> Job | None:
+def job_claim(*, job_id: int, redelivered: bool = False, worker: str = "") -> Job | None:
     """Take the job for this worker, or return None if it is not ours to run.
 
     A job taken over from a worker that went silent keeps its history up to its last
@@ -121,6 +121,7 @@ def job_claim(*, job_id: int, redelivered: bool = False) -> Job | None:
         phase="starting",
         progress=0.0,
         error="",
+        worker=worker[:200],
     )
     under_cap = Q(attempts__lt=settings.GRAFT_JOB_MAX_ATTEMPTS)
     stale_before = now - timedelta(seconds=settings.GRAFT_JOB_STALE_SECONDS)
