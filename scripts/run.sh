@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole app on embedded defaults (SQLite + filesystem broker under ./var):
-# migrations, a Celery worker (queues gpu and celery, with beat) and the web server on :8000.
+# migrations, two Celery workers (training on `gpu`, one job at a time in a fresh child each;
+# ingestion on `celery`, with beat) and the web server on :8000.
 # Any setting can be overridden from the environment (DATABASE_URL, CELERY_BROKER_URL, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +20,11 @@ if [[ -n "${DJANGO_SUPERUSER_USERNAME:-}" && -n "${DJANGO_SUPERUSER_PASSWORD:-}"
   $PY manage.py createsuperuser --noinput --email "${DJANGO_SUPERUSER_EMAIL:-admin@localhost}" 2>/dev/null \
     && echo "created user $DJANGO_SUPERUSER_USERNAME" || true
 fi
-.venv/bin/celery -A apps worker -B -Q gpu,celery --concurrency "${GRAFT_WORKER_CONCURRENCY:-2}" \
-  --loglevel INFO --schedule "$GRAFT_DATA_DIR/celerybeat-schedule" &
-worker=$!
-trap 'kill "$worker" 2>/dev/null; wait "$worker" 2>/dev/null' EXIT INT TERM
-echo "Graft: http://${GRAFT_ADDR:-127.0.0.1:8000}/  (worker pid $worker)"
+.venv/bin/celery -A apps worker -Q gpu --concurrency 1 --max-tasks-per-child 1 -n gpu@%h --loglevel INFO &
+trainer=$!
+.venv/bin/celery -A apps worker -B -Q celery --concurrency 1 -n ingest@%h --loglevel INFO \
+  --schedule "$GRAFT_DATA_DIR/celerybeat-schedule" &
+ingester=$!
+trap 'kill "$trainer" "$ingester" 2>/dev/null; wait "$trainer" "$ingester" 2>/dev/null' EXIT INT TERM
+echo "Graft: http://${GRAFT_ADDR:-127.0.0.1:8000}/  (worker pids $trainer, $ingester)"
 $PY manage.py runserver "${GRAFT_ADDR:-127.0.0.1:8000}" --noreload

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 
 import pytest
 
@@ -82,3 +83,58 @@ def test_bad_uploads_are_refused_with_a_sentence(api_for):
     assert r.status_code == 400 and "not a zip archive" in r.json()["error"]
     assert not Upload.objects.exists()
     assert api.call("GET", "/datasets/").json() == []
+
+
+def _create(api, data: bytes) -> str:
+    r = api.call("POST", "/uploads/", headers={**TUS, "Upload-Length": str(len(data))})
+    assert r.status_code == 201, r.text
+    return r.headers["Location"]
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_upload(api_for, tmp_path):
+    """One PATCH at a time, whichever web host each lands on: the lease lives in the database."""
+    from datetime import timedelta
+    from uuid import uuid4
+
+    from django.utils import timezone
+
+    api = api_for("alice")
+    data = make_zip(tmp_path / "d.zip", class_folders({"cats": 6, "dogs": 6})).read_bytes()
+    url = _create(api, data)
+    upload = Upload.objects.get()
+    # Another request (on any host) is writing it now.
+    Upload.objects.filter(pk=upload.pk).update(writer=uuid4(), writer_until=timezone.now() + timedelta(seconds=30))
+    r = _patch(api, url, 0, data[:100])
+    assert r.status_code == 423 and "retry" in r.json()["error"]
+    assert api.session.head(url, headers=TUS, timeout=30).headers["Upload-Offset"] == "0"
+    # That writer died: once its lease runs out, the upload is free again.
+    Upload.objects.filter(pk=upload.pk).update(writer_until=timezone.now() - timedelta(seconds=1))
+    r = _patch(api, url, 0, data[:100])
+    assert r.status_code == 204 and r.headers["Upload-Offset"] == "100"
+    assert Upload.objects.get().writer is None  # released at the end of the PATCH
+
+
+def test_a_dropped_connection_keeps_every_byte_that_arrived(live_server, api_for, tmp_path):
+    import socket
+    from urllib.parse import urlparse
+
+    api = api_for("alice")
+    data = make_zip(tmp_path / "d.zip", class_folders({"cats": 6, "dogs": 6})).read_bytes()
+    url = urlparse(_create(api, data))
+    sent = len(data) // 3
+    head = (
+        f"PATCH {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+        f"Authorization: {api.session.headers['Authorization']}\r\nTus-Resumable: 1.0.0\r\n"
+        f"Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    with socket.create_connection((url.hostname, url.port)) as s:
+        s.sendall(head.encode() + data[:sent])  # then the connection drops mid-body
+    offset = None
+    for _ in range(50):  # the server notices the drop when its read comes up short
+        offset = int(api.session.head(url.geturl(), headers=TUS, timeout=30).headers["Upload-Offset"])
+        if offset == sent:
+            break
+        time.sleep(0.1)
+    assert offset == sent
+    r = _patch(api, url.geturl(), sent, data[sent:])
+    assert r.status_code == 204 and r.headers["Upload-Offset"] == str(len(data))
