@@ -75,3 +75,35 @@ def test_compose_runs_two_web_hosts_a_gpu_worker_per_gpu_and_an_s3_server():
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["0"]
     assert "--max-tasks-per-child 1" in gpu["command"] and "-n gpu0@" in gpu["command"]
     assert " -B " in services["worker"]["command"]
+
+
+def test_the_readme_production_settings_pass_djangos_deploy_checks_without_a_warning(tmp_path):
+    """`manage.py check --deploy` with the environment 'Running on many machines' sets."""
+    import os
+    import secrets
+    import subprocess
+    import sys
+
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", str(tmp_path)),
+        "DJANGO_SETTINGS_MODULE": "apps.settings",
+        "SECRET_KEY": secrets.token_urlsafe(50),
+        "GRAFT_DATA_DIR": str(tmp_path),
+        "DATABASE_URL": "postgres://graft:pw@db:5432/graft",
+        "CELERY_BROKER_URL": "redis://redis:6379/0",
+        "AWS_STORAGE_BUCKET_NAME": "graft",
+        "AWS_S3_ENDPOINT_URL": "http://s3:8333",
+        "GRAFT_HTTPS": "true",
+        "ALLOWED_HOSTS": "graft.example.org",
+        "CSRF_TRUSTED_ORIGINS": "https://graft.example.org",
+    }
+    out = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and "no issues" in out.stdout, out.stdout + out.stderr

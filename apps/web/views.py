@@ -138,34 +138,30 @@ def train(request: HttpRequest, dataset_id: int) -> HttpResponse:
 @login_required
 @cache_control(private=True, max_age=3600)
 def dataset_thumb(request: HttpRequest, dataset_id: int) -> HttpResponse:
-    """A stored thumbnail of one image the dataset's page shows (made at ingestion)."""
+    """A stored thumbnail of one image of the dataset; only members of its index can be asked for.
+
+    The images its page shows were made at ingestion; any other (a misclassified validation
+    image on the model page) is made on first request and stored, never decoded twice.
+    """
     dataset = dataset_get(user=request.user, dataset_id=dataset_id)
     member = request.GET.get("m", "")
-    if member not in _shown(dataset):
+    if not dataset.manifest or member not in _members(dataset.pk, dataset.manifest):
         raise Http404("No such image in this dataset.")
     name = thumbnail_name(dataset, member)
-    if not default_storage.exists(name):  # ingested before thumbnails were stored: made once, now
+    made_at_ingestion = any(member in shown for shown in dataset.thumbnails.values())
+    if not made_at_ingestion and not default_storage.exists(name):
         with default_storage.open(dataset.archive) as f, zipfile.ZipFile(f) as zf:
             if thumbnail_store(dataset, member, zf.read(member)) is None:
                 raise Http404("This image cannot be decoded.")
     return FileResponse(open_stream(name), content_type="image/jpeg")
 
 
-def _shown(dataset) -> frozenset[str]:
-    if dataset.thumbnails:
-        return frozenset(m for group in dataset.thumbnails.values() for m in group)
-    if not dataset.manifest:
-        return frozenset()
-    return _members(dataset.pk, dataset.manifest)
-
-
 @functools.lru_cache(maxsize=32)
 def _members(dataset_id: int, manifest: str) -> frozenset[str]:
-    """The members a legacy dataset's page shows (its index is immutable once ready)."""
+    """The member names a dataset's thumbnails may show (its index; immutable once ready)."""
     from apps.datasets.models import Dataset
 
-    index = dataset_index(dataset=Dataset.objects.get(pk=dataset_id))
-    return frozenset(m for group in thumbnail_members(index).values() for m in group)
+    return frozenset(s.member for s in dataset_index(dataset=Dataset.objects.get(pk=dataset_id)).samples)
 
 
 @login_required
