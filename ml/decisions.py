@@ -8,6 +8,7 @@ a `Decision` with what it measured. The validation split is never read here.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from ml.augment import LEVELS, mirrored, train_transform
 from ml.backbones import Preprocessing
+from ml.features import DECODE_WORKERS
 from ml.finetune import Batches, evaluate, predict_logits, with_flip_average
 from ml.preprocess import eval_transform
 from ml.run import Run, timer
@@ -71,15 +73,24 @@ def augmentation_decision(
     device,
     seed: int = 0,
 ) -> str:
-    """The strongest augmentation level whose views the probe still reads (within a tolerance)."""
+    """The strongest augmentation level whose views the probe still reads (within a tolerance).
+
+    The images are decoded once, in threads; each level's random views are then drawn in
+    order under `seed`, so the same data gives the same decision on every run (a resumed fit
+    measures it again and must find what the first attempt found).
+    """
+    with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
+        decoded = list(pool.map(images, range(len(labels))))
     clean = eval_transform(prep)
-    _, acc = evaluate(model, Batches(lambda i: clean(images(i)), labels, 64), device)
+    _, acc = evaluate(model, Batches(lambda i: clean(decoded[i]), labels, 64), device)
     levels = []
     for level in LEVELS:
-        torch.manual_seed(seed)  # the same random views each run
-        augment, _ = train_transform(prep, level, hflip=flip)
+        augment, _ = train_transform(prep, level, hflip=flip, uint8=True)
         with timer() as t:
-            _, score = evaluate(model, Batches(lambda i, a=augment: a(images(i)), labels, 64), device)
+            torch.manual_seed(seed)
+            views = [augment(img) for img in decoded]
+            norm = (prep.mean, prep.std)
+            _, score = evaluate(model, Batches(lambda i, v=views: v[i], labels, 64, norm), device)
         levels.append(Candidate(level, score, t.seconds))
     chosen = strongest_within(levels, acc, tolerance=AUGMENT_TOLERANCE)
     run.decide(

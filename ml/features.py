@@ -68,11 +68,14 @@ class ZipImages:
         return self.transform(decode_rgb(zf.read(member), min_side=self.min_side))
 
 
+DECODE_WORKERS = min(16, (os.cpu_count() or 2) * 2)  # decoding threads (Pillow and zlib release the GIL)
+
+
 def iter_batches(
     load: Callable[[str], torch.Tensor],
     items: Sequence[str],
     batch_size: int,
-    workers: int = min(16, (os.cpu_count() or 2) * 2),
+    workers: int = DECODE_WORKERS,
 ) -> Iterator[torch.Tensor]:
     """Yield stacked batches in order, decoding up to two batches ahead."""
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -1,6 +1,7 @@
 """Decisions by measurement: the selection rules (table-driven) and the flip test on toy data."""
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -134,6 +135,22 @@ def test_augmentation_decision_reports_every_level():
     decision = run.decisions[-1]
     assert [c.name for c in decision.candidates] == ["clean", "light", "medium", "strong"]
     assert level == decision.chosen and level in ("light", "medium", "strong")
+
+
+def test_augmentation_decision_draws_the_same_views_on_every_run():
+    """Decoding runs in threads; the random views must not depend on which thread came first
+    (a resumed fit measures again and must find what the first attempt found)."""
+    images, labels = _images("side", n=96)
+    slow = lambda i: (time.sleep(0.002 * (i % 5)), images[i])[1]  # noqa: E731 - threads finish out of order
+
+    def scores() -> list[float]:
+        run = Run()
+        augmentation_decision(run, toy_probe("side"), slow, labels, PREP, True, torch.device("cpu"), seed=3)
+        return [c.score for c in run.decisions[-1].candidates]
+
+    first = scores()
+    assert len(set(first)) > 1  # the views do change the probe's answers here
+    assert all(scores() == first for _ in range(3))
 
 
 @pytest.mark.parametrize(
