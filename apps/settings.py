@@ -63,6 +63,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: a body over its path's limit is refused before anything reads it (apps.common.limits).
+    "apps.common.limits.BodyLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -210,6 +212,12 @@ GRAFT_MAX_IMAGE_PIXELS = env.int("GRAFT_MAX_IMAGE_PIXELS", default=64_000_000)
 GRAFT_MIN_IMAGES_PER_CLASS = env.int("GRAFT_MIN_IMAGES_PER_CLASS", default=5)
 GRAFT_MAX_PREDICT_IMAGES = env.int("GRAFT_MAX_PREDICT_IMAGES", default=32)
 GRAFT_MAX_PREDICT_BYTES = env.int("GRAFT_MAX_PREDICT_BYTES", default=32 * 1024**2)
+# Megapixels one prediction request may decode in all (a cap on its CPU time and memory).
+GRAFT_MAX_PREDICT_PIXELS = env.int("GRAFT_MAX_PREDICT_PIXELS", default=256_000_000)
+# Pixels a web process decodes at once, over all its requests (about 4 bytes of memory each).
+GRAFT_DECODE_PIXELS = env.int("GRAFT_DECODE_PIXELS", default=64_000_000)
+# Any other request body (forms, JSON, sign-in); uploads and predictions have the limits above.
+GRAFT_MAX_REQUEST_BYTES = env.int("GRAFT_MAX_REQUEST_BYTES", default=1024**2)
 # A running job whose worker has not written a heartbeat for this long is stale.
 GRAFT_JOB_STALE_SECONDS = env.int("GRAFT_JOB_STALE_SECONDS", default=120)
 GRAFT_HEARTBEAT_SECONDS = env.int("GRAFT_HEARTBEAT_SECONDS", default=10)

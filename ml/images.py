@@ -8,7 +8,10 @@ the same everywhere.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -18,6 +21,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 # Default cap on decoded pixels (Pillow's own default is ~89 MP with a warning only).
 DEFAULT_MAX_PIXELS = 64_000_000
 
+# Pillow holds big images in blocks (16 MB by default). The C allocator keeps freed blocks of
+# that size in per-thread arenas, so a process that decodes large images in several threads
+# grows by a full image per thread. Blocks of 64 MB are mapped and unmapped directly instead.
+Image.core.set_block_size(64 * 1024 * 1024)
+
 
 class ImageDecodeError(ValueError):
     """The bytes are not an image we can read; the message says why."""
@@ -26,8 +34,11 @@ class ImageDecodeError(ValueError):
 def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:
     """Decode `data` into an upright RGB image.
 
-    `min_side` lets JPEG decoding skip work: the decoder scales down by a power
-    of two while keeping both sides >= `min_side` (Pillow's draft mode).
+    `min_side` lets decoding skip work and memory: JPEG scales down by a power of two
+    while keeping both sides >= `min_side` (Pillow's draft mode); an image of another
+    format more than 4x that size is reduced right after decoding, to about twice it,
+    before any conversion copies it (a 64-MP PNG then holds its full size once, briefly).
+    Any failure of the decoder on hostile bytes is an `ImageDecodeError`.
     """
     try:
         with warnings.catch_warnings():
@@ -40,14 +51,28 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: i
                 img.draft("RGB", _draft_target(width, height, min_side))
             img.seek(0)  # first frame of animations (GIF, WebP, TIFF pages)
             img.load()
+            if min_side:
+                img = _reduce(img, min_side)
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
-    except ImageDecodeError:
+    except (ImageDecodeError, MemoryError):
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(_reason(exc)) from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageDecodeError(f"corrupt or truncated image ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - hostile bytes make decoders raise anything (TypeError, ...)
+        raise ImageDecodeError(f"corrupt or truncated image ({exc.__class__.__name__}: {exc})") from None
+
+
+def _reduce(img: Image.Image, min_side: int) -> Image.Image:
+    factor = min(img.size) // (2 * min_side)
+    if factor < 2:
+        return img
+    try:
+        if "A" in img.mode:  # reduce() would first copy it whole, premultiplied: a band at a time instead
+            return Image.merge(img.mode, [img.getchannel(b).reduce(factor) for b in img.getbands()])
+        return img.reduce(factor)
+    except ValueError:  # a mode reduce() does not handle (16-bit, palette): the full size stays
+        return img
 
 
 def thumbnail_jpeg(data: bytes, side: int, *, max_pixels: int = DEFAULT_MAX_PIXELS, quality: int = 80) -> bytes:
@@ -64,8 +89,36 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.size
-    except (UnidentifiedImageError, OSError, ValueError):
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - unreadable, whatever the decoder raised
         return None
+
+
+class PixelGate:
+    """A counting semaphore in pixels: decodes wait until the pixels they will hold fit.
+
+    Many small images decode at once; one huge image waits for the others and then runs
+    alone (a request for more than the capacity is admitted alone, never refused here).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._free = capacity
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        need = max(1, min(pixels, self.capacity))
+        with self._cond:
+            self._cond.wait_for(lambda: self._free >= need)
+            self._free -= need
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += need
+                self._cond.notify_all()
 
 
 def _draft_target(width: int, height: int, min_side: int) -> tuple[int, int]:

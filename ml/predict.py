@@ -44,12 +44,20 @@ class Predictor:
         """Decode one encoded image (raises ml.images.ImageDecodeError)."""
         return decode_rgb(data, max_pixels=max_pixels, min_side=self.preprocessing.resize_size)
 
+    def prepare(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """One encoded image to the model's input tensor; the decoded image is dropped at once."""
+        return self._transform(self.decode(data, max_pixels=max_pixels))
+
     def predict_bytes(self, images: list[bytes], k: int = 5) -> list[list[Prediction]]:
-        return self.predict([self.decode(b) for b in images], k=k)
+        return self.predict_tensors([self.prepare(b) for b in images], k=k)
 
     def predict(self, images: list[Image.Image], k: int = 5) -> list[list[Prediction]]:
         """Top-k (label, probability) for each RGB image."""
-        batch = torch.stack([self._transform(img) for img in images])
+        return self.predict_tensors([self._transform(img) for img in images], k=k)
+
+    def predict_tensors(self, inputs: list[torch.Tensor], k: int = 5) -> list[list[Prediction]]:
+        """Top-k (label, probability) for each prepared input."""
+        batch = torch.stack(inputs)
         with torch.inference_mode():
             probs = self.model(batch).softmax(dim=1)
         k = max(1, min(k, len(self.labels)))

@@ -6,22 +6,15 @@ from django.core.files.uploadhandler import FileUploadHandler
 from rest_framework.request import Request
 
 from apps.common.errors import UserError
+from apps.common.limits import human_bytes
 
 
 def _too_large(limit: int) -> UserError:
     return UserError(
-        f"The upload is larger than the limit of {_human(limit)}.",
+        f"The upload is larger than the limit of {human_bytes(limit)}.",
         status_code=413,
         limit_bytes=limit,
     )
-
-
-def _human(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n} bytes"
 
 
 class MaxSizeUploadHandler(FileUploadHandler):

@@ -9,11 +9,12 @@ from django.core.files import File
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
 
+from apps.common.decoding import decode_gate
 from apps.common.errors import UserError
 from apps.serving.cache import get_predictor
 from apps.serving.models import TrainedModel, model_storage_prefix
 from apps.training.models import Job
-from ml.images import ImageDecodeError
+from ml.images import ImageDecodeError, header_size
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,23 @@ def model_predict(*, model: TrainedModel, images: list[UploadedFile], k: int = 5
         raise UserError(f"At most {settings.GRAFT_MAX_PREDICT_IMAGES} images per request.")
     if sum(f.size for f in images) > settings.GRAFT_MAX_PREDICT_BYTES:
         raise UserError("The images are over the request size limit.", status_code=413)
+    encoded = [(f.name, f.read()) for f in images]  # a few MB at most (GRAFT_MAX_PREDICT_BYTES)
+    sizes = [header_size(data) for _, data in encoded]
+    pixels = sum(w * h for w, h in filter(None, sizes))
+    if pixels > settings.GRAFT_MAX_PREDICT_PIXELS:
+        raise UserError(
+            f"The images add up to {pixels / 1e6:,.0f} megapixels; one request may hold "
+            f"{settings.GRAFT_MAX_PREDICT_PIXELS / 1e6:,.0f}. Send fewer or smaller images.",
+            status_code=413,
+        )
     predictor = get_predictor(model)
-    decoded = []
-    for f in images:
+    inputs = []
+    for (name, data), size in zip(encoded, sizes, strict=True):
         try:
-            decoded.append(predictor.decode(f.read(), max_pixels=settings.GRAFT_MAX_IMAGE_PIXELS))
+            # One image at a time, decoded only when its pixels fit the process's decode budget.
+            with decode_gate().hold(size[0] * size[1] if size else 1):
+                inputs.append(predictor.prepare(data, max_pixels=settings.GRAFT_MAX_IMAGE_PIXELS))
         except ImageDecodeError as exc:
-            raise UserError(f"'{f.name}' cannot be read as an image: {exc}.", file=f.name) from None
-    results = predictor.predict(decoded, k=k)
+            raise UserError(f"'{name}' cannot be read as an image: {exc}.", file=name) from None
+    results = predictor.predict_tensors(inputs, k=k)
     return [[{"label": p.label, "score": p.score} for p in row] for row in results]

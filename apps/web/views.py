@@ -18,6 +18,7 @@ from django.views.decorators.http import require_POST
 
 from apps.accounts.models import ApiToken
 from apps.accounts.services import token_create
+from apps.common.decoding import decode_gate
 from apps.common.errors import UserError
 from apps.common.storage import open_stream
 from apps.datasets.selectors import dataset_get, dataset_index, dataset_list
@@ -26,6 +27,7 @@ from apps.serving.selectors import model_get, model_list
 from apps.training.selectors import job_get, job_list
 from apps.training.services import job_create
 from ml.backbones import DEFAULT_BACKBONE, available_backbones
+from ml.images import header_size
 from ml.strategy import PLANS, SIZE_BOUNDARY, STRATEGIES
 from ml.strategy import REGISTRY as PLAN_REGISTRY
 
@@ -151,7 +153,10 @@ def dataset_thumb(request: HttpRequest, dataset_id: int) -> HttpResponse:
     made_at_ingestion = any(member in shown for shown in dataset.thumbnails.values())
     if not made_at_ingestion and not default_storage.exists(name):
         with default_storage.open(dataset.archive) as f, zipfile.ZipFile(f) as zf:
-            if thumbnail_store(dataset, member, zf.read(member)) is None:
+            data = zf.read(member)
+        size = header_size(data)
+        with decode_gate().hold(size[0] * size[1] if size else 1):
+            if thumbnail_store(dataset, member, data) is None:
                 raise Http404("This image cannot be decoded.")
     return FileResponse(open_stream(name), content_type="image/jpeg")
 

@@ -71,3 +71,50 @@ def test_jpeg_draft_keeps_requested_short_side():
     data = _encode(Image.new("RGB", (2000, 1000)), "JPEG")
     out = decode_rgb(data, min_side=256)
     assert min(out.size) >= 256 and out.size[0] < 2000
+
+
+def test_concurrent_decodes_of_huge_pngs_stay_within_a_memory_bound(tmp_path):
+    """Eight requests at once, each with 4 x 64-MP PNGs (200 KB each on the wire): through the
+    pixel gate, with the reduction right after decoding, the process grows by under 500 MB
+    (each decoded whole at once would be 8 x 256 MB)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.conftest import ROOT
+
+    path = tmp_path / "huge.png"
+    Image.new("RGBA", (8000, 8000), (10, 200, 30, 255)).save(path)
+    script = f"""
+import resource
+from concurrent.futures import ThreadPoolExecutor
+from ml.images import PixelGate, decode_rgb, header_size
+data = open({str(path)!r}, "rb").read()
+gate = PixelGate(64_000_000)
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def request(_):
+    for _ in range(4):
+        w, h = header_size(data)
+        with gate.hold(w * h):
+            img = decode_rgb(data, max_pixels=64_000_000, min_side=274)
+        assert min(img.size) >= 548 and img.mode == "RGB"
+base = peak()
+with ThreadPoolExecutor(8) as pool:
+    list(pool.map(request, range(8)))
+print(round(peak() - base))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) < 500, f"{out.stdout.strip()} MB added"
+
+
+def test_hostile_bytes_that_make_pillow_raise_anything_are_a_decode_error():
+    """A 716-byte malformed TIFF made Pillow raise TypeError (a 500 on predict)."""
+    import struct
+
+    # A little-endian TIFF whose one IFD entry (StripOffsets) has a type Pillow cannot use.
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + struct.pack("<HHII", 273, 99, 1, 0) + b"\0" * 700
+    with pytest.raises(ImageDecodeError):
+        decode_rgb(tiff)
