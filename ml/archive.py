@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import stat
+import threading
 import unicodedata
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -33,6 +35,36 @@ class ArchiveLimits:
     max_member_bytes: int = 256 * 1024**2
     max_ratio: float = 200.0  # per member, only checked above `ratio_floor_bytes`
     ratio_floor_bytes: int = 1024**2
+    max_name_chars: int = 1024  # a member's path inside the zip
+    max_label_chars: int = 100
+    max_csv_bytes: int = 64 * 1024**2
+
+
+class DamagedMember(DatasetError):
+    """One member cannot be read from the zip (bad CRC, truncated data): that image is left out."""
+
+
+class InflateBudget:
+    """Bytes actually inflated, over the whole archive, against its real size on disk.
+
+    The sizes in a zip's headers are the uploader's word; this counts what decompression
+    produces and stops a bomb as it goes off, whatever the headers claimed.
+    """
+
+    def __init__(self, path: Path, limits: ArchiveLimits) -> None:
+        self.limit = min(limits.max_total_bytes, int(limits.max_ratio * path.stat().st_size) + limits.ratio_floor_bytes)
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def charge(self, n: int, name: str) -> None:
+        with self._lock:
+            self.used += n
+            used = self.used
+        if used > self.limit:
+            raise DatasetError(
+                f"The archive expands to more than {self.limit:,} bytes as it is read (at '{name}'): "
+                "far more than its size allows. This looks like a zip bomb."
+            )
 
 
 @dataclass(frozen=True)
@@ -65,7 +97,7 @@ def scan_archive(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> Archive
         _check_limits(infos, limits)
         files = [info for info in infos if not info.is_dir()]
         for info in files:
-            _check_member(info)
+            _check_member(info, limits)
         skipped: dict[str, list[str]] = {}
         kept = []
         for info in files:
@@ -78,8 +110,8 @@ def scan_archive(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> Archive
         rel = {name: name[len(prefix) :] for name in kept}
         if LABELS_CSV in rel.values():
             csv_member = next(n for n, r in rel.items() if r == LABELS_CSV)
-            return _scan_csv(zf, csv_member, rel, skipped)
-        return _scan_folders(rel, skipped)
+            return _scan_csv(zf, csv_member, rel, skipped, limits)
+        return _scan_folders(rel, skipped, limits)
 
 
 def _check_limits(infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> None:
@@ -103,8 +135,13 @@ def _check_limits(infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> None:
                 )
 
 
-def _check_member(info: zipfile.ZipInfo) -> None:
+def _check_member(info: zipfile.ZipInfo, limits: ArchiveLimits) -> None:
     name = info.filename
+    if len(name) > limits.max_name_chars:
+        raise DatasetError(
+            f"A file name in the archive is {len(name):,} characters long (the limit is {limits.max_name_chars:,}): "
+            f"'{name[:60]}...'."
+        )
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         raise DatasetError(f"Unsafe archive: '{name}' is an absolute path.", file=name)
     if ".." in PurePosixPath(name.replace("\\", "/")).parts:
@@ -128,15 +165,32 @@ def _wrapper_prefix(names: list[str]) -> str:
     return firsts.pop() + "/"
 
 
-def _label(text: str) -> str:
-    return unicodedata.normalize("NFC", text.strip())
+def _label(text: str, limits: ArchiveLimits, where: str) -> str:
+    """A class name as shown everywhere: NFC, trimmed, and refused when empty, too long, or
+    holding control or text-direction characters (they would disguise it on every page)."""
+    label = unicodedata.normalize("NFC", text.strip())
+    if not label:
+        raise DatasetError(f"{where} has an empty class name; give every class a name.")
+    hidden = sorted({c for c in label if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn")})
+    if hidden:
+        codes = ", ".join(f"U+{ord(c):04X}" for c in hidden)
+        raise DatasetError(
+            f"{where}: the class name {label.encode('ascii', 'backslashreplace').decode()!r} holds control or "
+            f"text-direction characters ({codes}); rename it."
+        )
+    if len(label) > limits.max_label_chars:
+        raise DatasetError(
+            f"{where}: a class name is {len(label)} characters long (the limit is {limits.max_label_chars}): "
+            f"'{label[:40]}...'."
+        )
+    return label
 
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _scan_folders(rel: dict[str, str], skipped: dict[str, list[str]]) -> ArchiveScan:
+def _scan_folders(rel: dict[str, str], skipped: dict[str, list[str]], limits: ArchiveLimits) -> ArchiveScan:
     parts = {name: PurePosixPath(r).parts for name, r in rel.items()}
     split_layout = "train" in {p[0].lower() for p in parts.values() if len(p) > 2}
     members = []
@@ -154,30 +208,40 @@ def _scan_folders(rel: dict[str, str], skipped: dict[str, list[str]]) -> Archive
         if not _is_image(name):
             skipped.setdefault("not an image file", []).append(name)
             continue
-        members.append(Member(name=name, label=_label(p[0]), split=split))
+        members.append(Member(name=name, label=_label(p[0], limits, f"The folder of '{name}'"), split=split))
     return ArchiveScan(members, skipped, "split" if split_layout else "folders")
 
 
-def _scan_csv(zf: zipfile.ZipFile, csv_member: str, rel: dict[str, str], skipped: dict[str, list[str]]) -> ArchiveScan:
+def _scan_csv(
+    zf: zipfile.ZipFile, csv_member: str, rel: dict[str, str], skipped: dict[str, list[str]], limits: ArchiveLimits
+) -> ArchiveScan:
     by_rel = {r: n for n, r in rel.items()}
     try:
-        text = zf.read(csv_member).decode("utf-8-sig")
+        text = read_member(zf, csv_member, limits.max_csv_bytes).decode("utf-8-sig")
     except UnicodeDecodeError:
         raise DatasetError(f"'{LABELS_CSV}' is not UTF-8 text.") from None
     members, seen = [], set()
-    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+    rows = csv.reader(io.StringIO(text))
+    lineno = 0
+    while True:
+        try:
+            row = next(rows, None)
+        except csv.Error as exc:  # a field over the csv module's limit (128 KiB), a stray NUL, ...
+            raise DatasetError(f"'{LABELS_CSV}' line {rows.line_num}: not valid CSV ({exc}).") from None
+        if row is None:
+            break
+        lineno = rows.line_num
         if not row or not "".join(row).strip():
             continue
         if len(row) < 2:
             raise DatasetError(f"'{LABELS_CSV}' line {lineno}: expected 'filename,label'.")
-        filename, label = row[0].strip().lstrip("./"), _label(row[1])
-        if lineno == 1 and (filename.lower(), label.lower()) == ("filename", "label"):
+        filename = row[0].strip().lstrip("./")
+        if lineno == 1 and (filename.lower(), row[1].strip().lower()) == ("filename", "label"):
             continue
         name = by_rel.get(filename)
         if name is None:
-            raise DatasetError(f"'{LABELS_CSV}' line {lineno}: '{filename}' is not in the archive.")
-        if not label:
-            raise DatasetError(f"'{LABELS_CSV}' line {lineno}: '{filename}' has an empty label.")
+            raise DatasetError(f"'{LABELS_CSV}' line {lineno}: '{filename[:200]}' is not in the archive.")
+        label = _label(row[1], limits, f"'{LABELS_CSV}' line {lineno}")
         seen.add(name)
         members.append(Member(name=name, label=label, split=""))
     unlisted = [n for r, n in by_rel.items() if n not in seen and r != LABELS_CSV]
@@ -186,10 +250,20 @@ def _scan_csv(zf: zipfile.ZipFile, csv_member: str, rel: dict[str, str], skipped
     return ArchiveScan(members, skipped, "csv")
 
 
-def read_member(zf: zipfile.ZipFile, name: str, max_bytes: int) -> bytes:
-    """Read one member, never more than `max_bytes` whatever its header claims."""
-    with zf.open(name) as fh:
-        data = fh.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise DatasetError(f"'{name}' is larger than {max_bytes:,} bytes.", file=name)
-    return data
+def read_member(zf: zipfile.ZipFile, name: str, max_bytes: int, budget: InflateBudget | None = None) -> bytes:
+    """Read one member, never more than `max_bytes` whatever its header claims, each MiB
+    charged to `budget` as it is inflated. A member the zip cannot give back intact (bad CRC,
+    truncated data, an unknown compression) is `DamagedMember`."""
+    pieces, size = [], 0
+    try:
+        with zf.open(name) as fh:
+            while piece := fh.read(min(1024 * 1024, max_bytes + 1 - size)):
+                pieces.append(piece)
+                size += len(piece)
+                if budget is not None:
+                    budget.charge(len(piece), name)
+                if size > max_bytes:
+                    raise DatasetError(f"'{name}' is larger than {max_bytes:,} bytes.", file=name)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError, ValueError) as exc:
+        raise DamagedMember(f"damaged in the archive ({exc})", file=name) from None
+    return b"".join(pieces)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ml.archive import ArchiveLimits, Member, read_member, scan_archive
+from ml.archive import ArchiveLimits, DamagedMember, InflateBudget, Member, read_member, scan_archive
 from ml.errors import DatasetError
 from ml.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb, header_size
 
@@ -43,11 +43,20 @@ class Sample:
     height: int
 
 
+MAX_WARNING_FILES = 100
+
+
 @dataclass(frozen=True)
 class DatasetWarning:
     code: str  # unreadable | not_image | duplicate | label_conflict | split_leak | imbalance | skipped
     message: str
     files: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # The message counts them all; the list names the first ones (a report, not a dump).
+        if len(self.files) > MAX_WARNING_FILES + 1:
+            rest = len(self.files) - MAX_WARNING_FILES
+            object.__setattr__(self, "files", [*self.files[:MAX_WARNING_FILES], f"... and {rest} more"])
 
 
 @dataclass
@@ -117,12 +126,16 @@ def _decode_all(
     path: Path, members: list[Member], config: IngestConfig, progress: ProgressFn | None
 ) -> tuple[list[Sample], list[tuple[str, str]]]:
     local = threading.local()
+    budget = InflateBudget(path, config.limits)
 
     def check(member: Member) -> Sample | tuple[str, str]:
         zf = getattr(local, "zf", None)
         if zf is None:
             zf = local.zf = zipfile.ZipFile(path)
-        data = read_member(zf, member.name, config.limits.max_member_bytes)
+        try:
+            data = read_member(zf, member.name, config.limits.max_member_bytes, budget)
+        except DamagedMember as exc:
+            return member.name, exc.message
         try:
             # Decode every byte (catches truncation and corrupt data), but let JPEG skip the
             # inverse DCT at full size (draft mode, down to 1/8): only the header's size is kept.

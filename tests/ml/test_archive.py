@@ -148,3 +148,100 @@ def test_not_a_zip(tmp_path):
     path.write_bytes(b"plain text")
     with pytest.raises(DatasetError, match="not a readable zip"):
         index_dataset(path)
+
+
+def _patch_member_header(path, name: str, offset_in_central: int, offset_in_local: int, value: int) -> None:
+    """Rewrite a 4-byte field of `name`'s central-directory and local headers (an uploader lying)."""
+    import struct
+
+    raw = bytearray(path.read_bytes())
+    encoded = name.encode()
+    central = raw.index(b"PK\x01\x02" + raw[raw.index(b"PK\x01\x02") + 4 : raw.index(b"PK\x01\x02") + 4])
+    while raw[central + 46 : central + 46 + len(encoded)] != encoded:
+        central = raw.index(b"PK\x01\x02", central + 4)
+    local = struct.unpack_from("<I", raw, central + 42)[0]
+    struct.pack_into("<I", raw, central + offset_in_central, value)
+    struct.pack_into("<I", raw, local + offset_in_local, value)
+    path.write_bytes(bytes(raw))
+
+
+def test_a_bomb_of_many_members_under_the_header_checks_is_stopped_by_the_bytes_actually_inflated(tmp_path):
+    """300 members of 1 MiB of zeros: each under the per-member ratio check's floor, their sum
+    far under the total limit, so the headers pass; 300 MB from a 300 KB archive is a bomb all
+    the same, and what inflation produces, against the archive's real size, stops it."""
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in class_folders({"a": 6, "b": 6}).items():
+            zf.writestr(name, data)
+        for i in range(300):
+            zf.writestr(f"a/zeros_{i}.png", b"\0" * 1024**2)
+    assert path.stat().st_size < 500_000
+    with pytest.raises(DatasetError, match="zip bomb"):
+        index_dataset(path, IngestConfig(min_per_class=5))
+
+
+def test_a_member_whose_compressed_size_lies_is_left_out_not_inflated(tmp_path):
+    """The declared compressed size was rewritten so the ratio check passes: the member cannot
+    be read back consistently, so it is reported by name and left out."""
+    path = tmp_path / "liar.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in class_folders({"a": 6, "b": 6}).items():
+            zf.writestr(name, data)
+        zf.writestr("a/bomb.png", b"\0" * (50 * 1024**2))
+    _patch_member_header(path, "a/bomb.png", 20, 18, 30 * 1024**2)  # "compressed: 30 MB" (really ~50 KB)
+    index = index_dataset(path, IngestConfig(min_per_class=5))
+    unreadable = next(w for w in index.warnings if w.code == "unreadable")
+    assert [f for f in unreadable.files if f.startswith("a/bomb.png: damaged in the archive")]
+    assert len(index.samples) == 12
+
+
+def test_a_member_with_a_bad_crc_is_left_out_by_name_not_a_crash(tmp_path):
+    members = class_folders({"a": 6, "b": 6})
+    path = tmp_path / "crc.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(members["a/img_0.png"][-40:])
+    raw[at] ^= 0xFF  # one flipped byte inside a stored member: its CRC no longer matches
+    path.write_bytes(bytes(raw))
+    index = index_dataset(path, IngestConfig(min_per_class=5))
+    assert len(index.samples) == 11
+    unreadable = next(w for w in index.warnings if w.code == "unreadable")
+    assert any(f.startswith("a/img_0.png: damaged in the archive") for f in unreadable.files)
+
+
+def test_a_labels_csv_field_over_the_csv_limit_is_a_readable_error(tmp_path):
+    members = class_folders({"a": 6, "b": 6})
+    members["labels.csv"] = ("filename,label\n" + "a/img_0.png," + "x" * 200_000 + "\n").encode()
+    _fails(tmp_path, members, "labels.csv", "line 2", "not valid CSV")
+
+
+@pytest.mark.parametrize(
+    "folder,needle",
+    [
+        (" ", "empty class name"),
+        ("cats\u202egnp.exe", "U+202E"),  # a right-to-left override disguising the name
+        ("dogs\x07", "U+0007"),
+        ("x" * 101, "101 characters"),
+    ],
+)
+def test_class_names_that_would_disguise_themselves_are_refused(tmp_path, folder, needle):
+    members = class_folders({"a": 6})
+    members.update({f"{folder}/img_{i}.png": image_bytes(seed=100 + i) for i in range(6)})
+    _fails(tmp_path, members, needle)
+
+
+def test_a_file_name_longer_than_the_limit_is_refused(tmp_path):
+    members = class_folders({"a": 6, "b": 6})
+    members["a/" + "n" * 2000 + ".png"] = image_bytes(seed=99)
+    _fails(tmp_path, members, "2,006 characters")
+
+
+def test_warning_file_lists_are_capped(tmp_path):
+    members = class_folders({"a": 6, "b": 6})
+    members.update({f"a/notes_{i}.txt": b"x" for i in range(500)})
+    index = index_dataset(make_zip(tmp_path / "d.zip", members), IngestConfig(min_per_class=5))
+    skipped = next(w for w in index.warnings if w.code == "skipped")
+    assert "500 file(s)" in skipped.message
+    assert len(skipped.files) == 101 and skipped.files[-1] == "... and 400 more"
