@@ -33,5 +33,6 @@ urlpatterns = [
     path("api/v1/", include((api, "api"))),
 ]
 
+handler400 = "apps.common.errors.json_400_or_html"
 handler404 = "apps.common.errors.json_404_or_html"
 handler500 = "apps.common.errors.json_500_or_html"

@@ -68,6 +68,9 @@ LR_TEST_FROM, LR_TEST_STEPS = 0.1, 20  # the automatic range test: from 0.1x the
 # large enough to keep a GPU busy; the learning rate follows the batch (ml.finetune.backbone_lr).
 TRAIN_BATCH = {"cpu": 32, "cuda": 128}
 MAX_SEARCH = 64  # --search trials at most
+MAX_EPOCHS = 200
+MAX_BUDGET = 7 * 24 * 3600.0  # seconds of fine-tuning at most
+MAX_SEED = 2**32 - 1  # numpy's seeds
 INVARIANCE_SAMPLE = 256  # held-out images the flip and augmentation tests read
 
 
@@ -89,6 +92,7 @@ class FitConfig:
     search: int = 0  # fine-tune trials of a random search over learning rate and weight decay (0: the LR ladder)
 
     def validate(self) -> None:
+        """The one check of fit options: the API, the web form and the CLI all end here."""
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"Unknown strategy '{self.strategy}'. Valid choices: {', '.join(STRATEGIES)}.")
         if self.size_boundary < 1:
@@ -96,10 +100,14 @@ class FitConfig:
         get_spec(self.backbone)
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("val_fraction must be between 0 and 1.")
-        if self.budget is not None and not (0 < self.budget < float("inf")):  # also refuses NaN
-            raise ConfigError("budget must be a positive number of seconds.")
-        if self.max_epochs < 1 or self.patience < 1:
-            raise ConfigError("max_epochs and patience must be at least 1.")
+        if self.budget is not None and not (1 <= self.budget <= MAX_BUDGET):  # also refuses NaN
+            raise ConfigError(f"budget must be between 1 and {MAX_BUDGET:.0f} seconds.")
+        if not 1 <= self.max_epochs <= MAX_EPOCHS:
+            raise ConfigError(f"max_epochs must be between 1 and {MAX_EPOCHS}.")
+        if not 1 <= self.patience <= MAX_EPOCHS:
+            raise ConfigError(f"patience must be between 1 and {MAX_EPOCHS}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be between 0 and {MAX_SEED}.")
         if self.resolution not in ("auto", "native"):
             raise ConfigError("resolution must be 'auto' or 'native'.")
         if not 0 <= self.search <= MAX_SEARCH:

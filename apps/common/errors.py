@@ -76,6 +76,14 @@ def _is_api(request: HttpRequest) -> bool:
     return request.path.startswith("/api/")
 
 
+def json_400_or_html(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """Django's own 400s (too many files or fields in one request, a malformed body)."""
+    if _is_api(request):
+        reason = str(exception) if exception is not None and str(exception) else "Bad request."
+        return JsonResponse({"error": f"{reason.rstrip('.')}."}, status=400)
+    return defaults.bad_request(request, exception)
+
+
 def json_404_or_html(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
     if _is_api(request):
         return JsonResponse({"error": f"Not found: {request.path}"}, status=404)

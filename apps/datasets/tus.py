@@ -206,9 +206,11 @@ def upload_finish(*, upload: Upload) -> Dataset | None:
     except UserError:
         upload_delete(upload=upload)
         raise
-    except _LeaseLost:  # another request finished it meanwhile: that dataset is the one
-        upload.refresh_from_db()
-        return upload.dataset
+    except _LeaseLost:  # another request finished (or abandoned) it meanwhile
+        current = Upload.objects.filter(pk=upload.pk).select_related("dataset").first()
+        if current is None:
+            raise UserError("This upload was abandoned; start a new one.", status_code=410) from None
+        return current.dataset
     finally:
         delete_quietly(archive)
         lease.release()
@@ -218,10 +220,17 @@ def upload_finish(*, upload: Upload) -> Dataset | None:
     return dataset
 
 
-def upload_delete(*, upload: Upload) -> None:
-    parts = Upload.objects.filter(pk=upload.pk).values_list("parts", flat=True).first() or upload.parts
-    Upload.objects.filter(pk=upload.pk).delete()
-    for part in parts:
+def upload_delete(*, upload: Upload, unless_writing: bool = False) -> None:
+    """Abandon an upload and its parts. `unless_writing`: refuse (423) while a request holds its
+    lease (a tus DELETE racing a PATCH, or the last PATCH assembling the archive)."""
+    rows = Upload.objects.filter(pk=upload.pk)
+    if unless_writing:
+        rows = rows.filter(Q(writer__isnull=True) | Q(writer_until__lt=timezone.now()))
+    parts = rows.values_list("parts", flat=True).first()
+    if parts is None and unless_writing and Upload.objects.filter(pk=upload.pk).exists():
+        raise UserError("This upload is being written; retry shortly.", status_code=423)
+    rows.delete()
+    for part in parts or upload.parts:
         delete_quietly(part)
 
 
@@ -332,5 +341,5 @@ class TusUploadApi(APIView):
 
     @extend_schema(request=None, responses={204: None}, description="tus termination: abandon the upload")
     def delete(self, request: Request, upload_id) -> Response:
-        upload_delete(upload=self._get(request, upload_id))
+        upload_delete(upload=self._get(request, upload_id), unless_writing=True)
         return Response(status=204, headers=_tus_headers())

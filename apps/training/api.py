@@ -11,6 +11,7 @@ from apps.training.models import Job
 from apps.training.selectors import job_get, job_list
 from apps.training.services import job_cancel, job_create
 from ml.backbones import REGISTRY
+from ml.fit import MAX_BUDGET, MAX_EPOCHS, MAX_SEED
 from ml.strategy import STRATEGIES
 
 
@@ -56,9 +57,12 @@ class JobListCreateApi(APIView):
         dataset = serializers.IntegerField()
         strategy = serializers.ChoiceField(choices=STRATEGIES, default="auto")
         backbone = serializers.ChoiceField(choices=sorted(REGISTRY), required=False)
-        seed = serializers.IntegerField(default=0, min_value=0)
-        budget = serializers.FloatField(required=False, min_value=1, help_text="seconds allowed for fine-tuning")
-        max_epochs = serializers.IntegerField(required=False, min_value=1, max_value=200)
+        # Types only here: the bounds are checked once, by ml.fit.FitConfig.validate (via job_create).
+        seed = serializers.IntegerField(default=0, help_text=f"0 to {MAX_SEED}")
+        budget = serializers.FloatField(
+            required=False, help_text=f"seconds allowed for fine-tuning, 1 to {MAX_BUDGET:.0f}"
+        )
+        max_epochs = serializers.IntegerField(required=False, help_text=f"1 to {MAX_EPOCHS}")
         # Explicit defaults: a form-encoded request that leaves a checkbox out must not turn it off.
         hflip = serializers.BooleanField(default=True, help_text="horizontal flips keep the class")
         lr_find = serializers.BooleanField(

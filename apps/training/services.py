@@ -202,9 +202,11 @@ def job_run(*, job: Job) -> None:
         log.info("job %s cancelled", job.pk)
     except MLError as exc:
         _fail(job.pk, exc.message)
-    except Exception as exc:
-        log.exception("job %s failed", job.pk)
-        _fail(job.pk, f"Training failed: {exc.__class__.__name__}: {exc}")
+    except Exception:
+        incident = uuid.uuid4().hex[:8]
+        log.exception("job %s failed (incident %s)", job.pk, incident)
+        # The exception's text can name server paths and internals: it goes to the log, not the user.
+        _fail(job.pk, f"Training failed unexpectedly (incident {incident}); the operators have the details.")
     finally:
         # However it ended, its checkpoints are done with (a lost worker never gets here).
         Job.objects.filter(pk=job.pk).exclude(status=Job.Status.RUNNING).update(checkpoint="")
