@@ -125,9 +125,12 @@ def shot() -> Callable:
                 page.set_viewport_size(size)
                 _settle(page)
                 page.screenshot(path=SCREENSHOTS / f"{slug}-{size['width']}.png", full_page=True, animations="disabled")
-                # "Reads well at 390 px": nothing may stick out sideways.
-                overflow = page.evaluate(_OVERFLOW)
-                assert not overflow, f"{name} at {size['width']} px: wider than the screen: {overflow}"
+                # "Reads well at 390 px": nothing may stick out sideways, once layout has settled.
+                try:
+                    page.wait_for_function("document.documentElement.scrollWidth <= window.innerWidth", timeout=3000)
+                except Exception:  # noqa: BLE001 - still too wide after 3 s: a real overflow, named below
+                    overflow = page.evaluate(_OVERFLOW)
+                    assert not overflow, f"{name} at {size['width']} px: wider than the screen: {overflow}"
         finally:
             page.set_viewport_size(DESKTOP)
             _settle(page)
@@ -136,12 +139,24 @@ def shot() -> Callable:
 
 
 def _settle(page) -> None:
-    """Let a resize reach layout and canvas charts (Chart.js resizes on a later frame) before a screenshot."""
-    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
-    try:
-        page.wait_for_function("document.documentElement.scrollWidth <= window.innerWidth", timeout=2000)
-    except Exception:  # noqa: BLE001 - the overflow assertion after the screenshot names the culprits
-        pass
+    """Wait until a resize has settled: the page width and every canvas's size unchanged for 10
+    frames in a row (Chart.js resizes its canvases from a ResizeObserver, frames after the
+    viewport changed; a screenshot or a width check taken before that races it)."""
+    page.evaluate(_STABLE_LAYOUT)
+
+
+_STABLE_LAYOUT = """() => new Promise(resolve => {
+  const signature = () => [document.documentElement.scrollWidth,
+    ...[...document.querySelectorAll('canvas')].map(c => `${c.width}x${c.height}`)].join(',');
+  let last = null, stable = 0, frames = 0;
+  const tick = () => {
+    const now = signature();
+    stable = now === last ? stable + 1 : 0;
+    last = now;
+    if (stable >= 10 || ++frames > 300) resolve(); else requestAnimationFrame(tick);
+  };
+  requestAnimationFrame(tick);
+})"""
 
 
 _OVERFLOW = """() => document.documentElement.scrollWidth <= window.innerWidth ? [] :
