@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint
+.PHONY: run test test-fast lint
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	scripts/test.sh
+
+# The inner loop: unit tests only (no services, no browser, no whole fits), well under a minute.
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest tests/ml tests/test_deploy.py -q -m "not slow and not integration and not browser"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -24,6 +24,7 @@ def digits_fit(datasets_dir, tmp_path_factory):
     return out, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_fit_measures_the_data_and_runs_the_stage_probes(digits_fit):
     _, result = digits_fit
     strategy = result["strategy"]
@@ -48,6 +49,7 @@ def test_fit_measures_the_data_and_runs_the_stage_probes(digits_fit):
     assert all(check["ok"] for check in result["sanity"]), result["sanity"]
 
 
+@pytest.mark.slow
 def test_bundle_holds_both_exports_and_a_model_card(digits_fit):
     out, _ = digits_fit
     names = set(zipfile.ZipFile(out / "bundle.zip").namelist())
@@ -60,6 +62,7 @@ def test_bundle_holds_both_exports_and_a_model_card(digits_fit):
     assert all({"file", "label", "predicted", "score"} <= set(m) for m in metrics["misclassified"])
 
 
+@pytest.mark.slow
 def test_predict_uses_only_the_bundle(digits_fit, datasets_dir, tmp_path):
     out, _ = digits_fit
     bundle = tmp_path / "copy.zip"

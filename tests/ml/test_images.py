@@ -73,6 +73,7 @@ def test_jpeg_draft_keeps_requested_short_side():
     assert min(out.size) >= 256 and out.size[0] < 2000
 
 
+@pytest.mark.slow
 def test_concurrent_decodes_of_huge_pngs_stay_within_a_memory_bound(tmp_path):
     """Eight requests at once, each with 4 x 64-MP PNGs (200 KB each on the wire): through the
     pixel gate, with the reduction right after decoding, the process grows by under 500 MB
