@@ -180,6 +180,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Upload labelled images, train a classifier, download and serve it.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "apps.common.schema.add_error_responses",
+    ],
 }
 
 # --- Celery ---------------------------------------------------------------------------

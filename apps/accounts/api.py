@@ -16,8 +16,8 @@ class TokenObtainApi(APIView):
 
     @extend_schema_serializer(component_name="TokenInput")
     class InputSerializer(serializers.Serializer):
-        username = serializers.CharField()
-        password = serializers.CharField(style={"input_type": "password"})
+        username = serializers.CharField(min_length=1, max_length=150)
+        password = serializers.CharField(min_length=1, max_length=4096, style={"input_type": "password"})
         name = serializers.CharField(required=False, allow_blank=True, max_length=100)
 
     @extend_schema(

@@ -44,6 +44,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.common.errors import UserError
+from apps.common.schema import TUS_RESUMABLE, tus_header
 from apps.common.storage import PIECE, StreamReader, delete_quietly, save_stream, stored_pieces
 from apps.datasets.models import Dataset, Upload
 from apps.datasets.services import dataset_create_stored
@@ -290,7 +291,16 @@ class TusUploadListApi(APIView):
             ),
         )
 
-    @extend_schema(request=None, responses={201: None}, description="tus creation: Upload-Length, Upload-Metadata")
+    @extend_schema(
+        request=None,
+        responses={201: None},
+        description="tus creation: Upload-Length, Upload-Metadata",
+        parameters=[
+            TUS_RESUMABLE,
+            tus_header("Upload-Length", "the file's size in bytes", kind=int),
+            tus_header("Upload-Metadata", "'filename <base64>,name <base64>'", required=False),
+        ],
+    )
     def post(self, request: Request) -> Response:
         length = _int_header(request, "Upload-Length")
         if length is None:
@@ -320,7 +330,15 @@ class TusUploadApi(APIView):
                 headers.update(_dataset_headers(dataset))
         return Response(status=200, headers=headers)
 
-    @extend_schema(request=None, responses={204: None}, description="tus core: append bytes at Upload-Offset")
+    @extend_schema(
+        request={"application/offset+octet-stream": {"type": "string", "format": "binary"}},
+        responses={204: None},
+        description="tus core: append bytes at Upload-Offset",
+        parameters=[
+            TUS_RESUMABLE,
+            tus_header("Upload-Offset", "where these bytes go: the offset HEAD reports", kind=int),
+        ],
+    )
     def patch(self, request: Request, upload_id) -> Response:
         if request.content_type != "application/offset+octet-stream":
             raise UserError("A tus PATCH must have Content-Type application/offset+octet-stream.", status_code=415)
@@ -339,7 +357,12 @@ class TusUploadApi(APIView):
             headers.update(_dataset_headers(dataset))
         return Response(status=204, headers=headers)
 
-    @extend_schema(request=None, responses={204: None}, description="tus termination: abandon the upload")
+    @extend_schema(
+        request=None,
+        responses={204: None},
+        description="tus termination: abandon the upload",
+        parameters=[TUS_RESUMABLE],
+    )
     def delete(self, request: Request, upload_id) -> Response:
         upload_delete(upload=self._get(request, upload_id), unless_writing=True)
         return Response(status=204, headers=_tus_headers())
