@@ -55,6 +55,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "axes",  # sign-in lockout after repeated failures (django-axes)
     "apps.accounts",
     "apps.datasets",
     "apps.training",
@@ -73,6 +74,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",  # last: answers a locked-out sign-in (apps.accounts.lockout)
 ]
 
 ROOT_URLCONF = "apps.urls"
@@ -174,7 +176,34 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "apps.common.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    "DEFAULT_THROTTLE_CLASSES": ["apps.common.throttles.AnonThrottle", "apps.common.throttles.UserThrottle"],
 }
+# Per client address (anon, sign_in) or per user; 429 with Retry-After past them.
+GRAFT_THROTTLE_RATES = {
+    "anon": env.str("GRAFT_THROTTLE_ANON", default="60/min"),
+    "user": env.str("GRAFT_THROTTLE_USER", default="1200/min"),
+    "sign_in": env.str("GRAFT_THROTTLE_SIGN_IN", default="20/min"),
+}
+
+# Sign-in lockout (django-axes): this many failures for one username from one address lock
+# both the login page and the token endpoint for them, for the cool-off time. Attempts are
+# kept in the database, so every web host sees them.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_ENABLED = env.bool("GRAFT_LOGIN_LOCKOUT", default=True)
+AXES_FAILURE_LIMIT = env.int("GRAFT_LOGIN_FAILURE_LIMIT", default=10)
+AXES_COOLOFF_TIME = env.float("GRAFT_LOGIN_LOCKOUT_HOURS", default=0.25)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "apps.accounts.lockout.locked_out"
+AXES_VERBOSE = False
+
+# API tokens: each lives this many days, and a user holds at most this many (the least
+# recently used go first when a new one would pass the cap).
+GRAFT_TOKEN_DAYS = env.int("GRAFT_TOKEN_DAYS", default=90)
+GRAFT_MAX_TOKENS_PER_USER = env.int("GRAFT_MAX_TOKENS_PER_USER", default=20)
+
+# Throttle counts live here; with several web processes, point it at Redis (redis://host:6379/1).
+CACHES = {"default": env.cache_url("CACHE_URL", default="locmemcache://")}
 SPECTACULAR_SETTINGS = {
     "TITLE": "Graft API",
     "DESCRIPTION": "Upload labelled images, train a classifier, download and serve it.",

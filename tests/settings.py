@@ -34,4 +34,6 @@ STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # noqa: F405 - whitenoise expect
 S3_ENDPOINT = os.environ.get("GRAFT_TEST_S3_ENDPOINT", "http://127.0.0.1:8333")
 S3_REACHABLE = _reachable(int(S3_ENDPOINT.rsplit(":", 1)[1].split("/")[0]))
 INTEGRATION = DATABASES["default"]["ENGINE"].endswith("postgresql") and CELERY_BROKER_URL.startswith("redis://")  # noqa: F405
+AXES_ENABLED = False  # the test client signs in without a request; tests/apps/test_throttles.py turns it on
+GRAFT_THROTTLE_RATES = {"anon": "100000/min", "user": "100000/min", "sign_in": "100000/min"}  # noqa: F405
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast user creation in tests

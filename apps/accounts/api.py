@@ -8,11 +8,13 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.accounts.services import token_obtain
+from apps.common.throttles import SignInThrottle
 
 
 class TokenObtainApi(APIView):
     authentication_classes: list = []
     permission_classes = [AllowAny]
+    throttle_classes = [SignInThrottle]  # each call costs a password hash; lockout per account: django-axes
 
     @extend_schema_serializer(component_name="TokenInput")
     class InputSerializer(serializers.Serializer):
@@ -27,4 +29,4 @@ class TokenObtainApi(APIView):
     def post(self, request: Request) -> Response:
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        return Response({"token": token_obtain(**data.validated_data)})
+        return Response({"token": token_obtain(request=request._request, **data.validated_data)})

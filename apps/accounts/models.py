@@ -15,6 +15,7 @@ class ApiToken(models.Model):
     prefix = models.CharField(max_length=8, help_text="First characters of the key, to recognise it.")
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)  # null: made before tokens expired
 
     class Meta:
         ordering = ["-created_at"]

@@ -1,23 +1,41 @@
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 
+from django.conf import settings
 from django.contrib.auth import authenticate
 from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import F
+from django.http import HttpRequest
+from django.utils import timezone
 
+from apps.accounts.lockout import message as lockout_message
 from apps.accounts.models import ApiToken
 from apps.common.errors import UserError
 
 
 def token_create(*, user: AbstractBaseUser, name: str = "") -> tuple[ApiToken, str]:
-    """Create a token; return it with the plain key (never stored)."""
+    """Create a token (it expires after GRAFT_TOKEN_DAYS); return it with the plain key (never
+    stored). Past GRAFT_MAX_TOKENS_PER_USER, the user's least recently used tokens are revoked."""
     key = secrets.token_hex(20)
-    token = ApiToken.objects.create(user=user, name=name, key_hash=ApiToken.hash_key(key), prefix=key[:8])
+    token = ApiToken.objects.create(
+        user=user,
+        name=name,
+        key_hash=ApiToken.hash_key(key),
+        prefix=key[:8],
+        expires_at=timezone.now() + timedelta(days=settings.GRAFT_TOKEN_DAYS),
+    )
+    keep = ApiToken.objects.filter(user=user).order_by(F("last_used_at").desc(nulls_last=True), "-created_at")
+    surplus = list(keep.values_list("pk", flat=True)[settings.GRAFT_MAX_TOKENS_PER_USER :])
+    ApiToken.objects.filter(pk__in=[pk for pk in surplus if pk != token.pk]).delete()
     return token, key
 
 
-def token_obtain(*, username: str, password: str, name: str = "") -> str:
-    user = authenticate(username=username, password=password)
+def token_obtain(*, request: HttpRequest, username: str, password: str, name: str = "") -> str:
+    user = authenticate(request, username=username, password=password)
+    if getattr(request, "axes_locked_out", False):
+        raise UserError(lockout_message(), status_code=429)
     if user is None or not user.is_active:
         raise UserError("Invalid username or password.", status_code=401)
     _, key = token_create(user=user, name=name or "API")
