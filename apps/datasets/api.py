@@ -9,6 +9,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.common.errors import UserError
+from apps.common.pagination import paginated, paginated_response
 from apps.common.uploads import limit_upload_size
 from apps.datasets.models import Dataset
 from apps.datasets.selectors import dataset_get, dataset_list
@@ -33,6 +34,19 @@ class DatasetOutputSerializer(serializers.ModelSerializer):
         ]
 
 
+class DatasetListSerializer(serializers.ModelSerializer):
+    """A dataset in a list: what a table row shows (the detail has classes, warnings, assessment)."""
+
+    num_classes = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Dataset
+        fields = ["id", "name", "status", "num_images", "num_classes", "error", "archive_bytes", "created_at"]
+
+    def get_num_classes(self, dataset: Dataset) -> int:
+        return len(dataset.classes)
+
+
 class DatasetListCreateApi(APIView):
     @extend_schema_serializer(component_name="DatasetInput")
     class InputSerializer(serializers.Serializer):
@@ -41,9 +55,10 @@ class DatasetListCreateApi(APIView):
 
     parser_classes = [MultiPartParser, FormParser]
 
-    @extend_schema(responses=DatasetOutputSerializer(many=True))
+    @extend_schema(responses=paginated(DatasetListSerializer, "DatasetPage"))
     def get(self, request: Request) -> Response:
-        return Response(DatasetOutputSerializer(dataset_list(user=request.user), many=True).data)
+        datasets = dataset_list(user=request.user).defer("warnings", "assessment", "thumbnails")
+        return paginated_response(datasets, request, DatasetListSerializer, self)
 
     @extend_schema(request={"multipart/form-data": InputSerializer}, responses={201: DatasetOutputSerializer})
     def post(self, request: Request) -> Response:

@@ -10,6 +10,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.common.errors import UserError
+from apps.common.pagination import paginated, paginated_response
 from apps.common.storage import open_stream
 from apps.common.uploads import limit_upload_size
 from apps.serving.models import TrainedModel
@@ -34,10 +35,27 @@ class ModelOutputSerializer(serializers.ModelSerializer):
         ]
 
 
+class ModelListSerializer(serializers.ModelSerializer):
+    """A model in a list: name, backbone, accuracy (the detail has per-class metrics and the plan)."""
+
+    num_classes = serializers.SerializerMethodField()
+    val_accuracy = serializers.SerializerMethodField()
+
+    class Meta:
+        model = TrainedModel
+        fields = ["id", "name", "job", "backbone", "num_classes", "val_accuracy", "bundle_bytes", "created_at"]
+
+    def get_num_classes(self, model: TrainedModel) -> int:
+        return len(model.classes)
+
+    def get_val_accuracy(self, model: TrainedModel) -> float | None:
+        return model.metrics.get("val_accuracy")
+
+
 class ModelListApi(APIView):
-    @extend_schema(responses=ModelOutputSerializer(many=True))
+    @extend_schema(responses=paginated(ModelListSerializer, "ModelPage"))
     def get(self, request: Request) -> Response:
-        return Response(ModelOutputSerializer(model_list(user=request.user), many=True).data)
+        return paginated_response(model_list(user=request.user), request, ModelListSerializer, self)
 
 
 class ModelDetailApi(APIView):

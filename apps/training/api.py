@@ -6,6 +6,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from apps.common.pagination import paginated, paginated_response
 from apps.datasets.selectors import dataset_get
 from apps.training.models import Job
 from apps.training.selectors import job_get, job_list
@@ -51,6 +52,30 @@ class JobOutputSerializer(serializers.ModelSerializer):
         return [{"phase": row.phase, **row.data} for row in job.history.all()]
 
 
+class JobListSerializer(serializers.ModelSerializer):
+    """A job in a list: state and outcome (the detail has the report, history and metrics)."""
+
+    model = serializers.SerializerMethodField()
+    strategy = serializers.SerializerMethodField()
+    val_accuracy = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Job
+        fields = [
+            "id", "dataset", "status", "phase", "progress", "strategy", "val_accuracy", "model", "error",
+            "attempts", "created_at", "finished_at",
+        ]  # fmt: skip
+
+    def get_model(self, job: Job) -> int | None:
+        return getattr(getattr(job, "trained_model", None), "pk", None)
+
+    def get_strategy(self, job: Job) -> str | None:
+        return job.strategy.get("name")
+
+    def get_val_accuracy(self, job: Job) -> float | None:
+        return job.metrics.get("val_accuracy")
+
+
 class JobListCreateApi(APIView):
     @extend_schema_serializer(component_name="JobInput")
     class InputSerializer(serializers.Serializer):
@@ -70,10 +95,10 @@ class JobListCreateApi(APIView):
             help_text="run the fine-tune's learning-rate range test over its whole width (from 1/1000 of the rule)",
         )
 
-    @extend_schema(responses=JobOutputSerializer(many=True))
+    @extend_schema(responses=paginated(JobListSerializer, "JobPage"))
     def get(self, request: Request) -> Response:
-        jobs = job_list(user=request.user).prefetch_related("history")
-        return Response(JobOutputSerializer(jobs, many=True).data)
+        jobs = job_list(user=request.user).select_related("trained_model").defer("report", "timings", "config")
+        return paginated_response(jobs, request, JobListSerializer, self)
 
     @extend_schema(request=InputSerializer, responses={201: JobOutputSerializer})
     def post(self, request: Request) -> Response:

@@ -79,4 +79,4 @@ def test_hymenoptera_from_upload_to_predictions(celery_worker_process, api_for, 
         assert r.status_code == 404 and r.json()["error"].startswith("Not found"), (method, path, r.text)
     r = bob.call("POST", "/jobs/", json={"dataset": dataset["id"]})
     assert r.status_code == 404
-    assert bob.call("GET", "/datasets/").json() == [] and bob.call("GET", "/models/").json() == []
+    assert bob.call("GET", "/datasets/").json()["results"] == [] and bob.call("GET", "/models/").json()["results"] == []

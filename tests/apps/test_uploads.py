@@ -82,7 +82,7 @@ def test_bad_uploads_are_refused_with_a_sentence(api_for):
     r = _patch(api, url, 0, junk)
     assert r.status_code == 400 and "not a zip archive" in r.json()["error"]
     assert not Upload.objects.exists()
-    assert api.call("GET", "/datasets/").json() == []
+    assert api.call("GET", "/datasets/").json()["results"] == []
 
 
 def _create(api, data: bytes) -> str:

@@ -85,3 +85,24 @@ def test_a_tus_delete_racing_a_write_waits_its_turn(api_for):
     Upload.objects.filter(pk=upload.pk).update(writer=None, writer_until=None)
     assert api.session.delete(url, headers=TUS, timeout=30).status_code == 204
     assert not Upload.objects.exists()
+
+
+def test_lists_are_paged_and_lean(api_for, settings):
+    """Long names, many warnings, history: none of it in a list, which comes a page at a time."""
+    api = api_for("alice")
+    owner = Dataset._meta.get_field("owner").related_model.objects.get(username="alice")
+    warning = {"code": "skipped", "message": "x", "files": ["f" * 200] * 100}
+    Dataset.objects.bulk_create(
+        Dataset(owner=owner, name=f"d{i}", storage_prefix=f"datasets/{i}/", warnings=[warning] * 5) for i in range(120)
+    )
+    r = api.call("GET", "/datasets/")
+    body = r.json()
+    assert len(body["results"]) == 50 and body["next"] and body["previous"] is None
+    assert "warnings" not in body["results"][0] and body["results"][0]["name"] == "d119"  # newest first
+    assert len(r.content) < 20_000
+    seen = [d["name"] for d in body["results"]]
+    while body["next"]:
+        body = api.session.get(body["next"], timeout=30).json()
+        seen += [d["name"] for d in body["results"]]
+    assert len(seen) == 120 == len(set(seen))
+    assert len(api.call("GET", "/datasets/?page_size=500").json()["results"]) == 120  # capped at 200 a page
