@@ -251,6 +251,14 @@ GRAFT_MAX_PREDICT_PIXELS = env.int("GRAFT_MAX_PREDICT_PIXELS", default=256_000_0
 GRAFT_DECODE_PIXELS = env.int("GRAFT_DECODE_PIXELS", default=64_000_000)
 # Any other request body (forms, JSON, sign-in); uploads and predictions have the limits above.
 GRAFT_MAX_REQUEST_BYTES = env.int("GRAFT_MAX_REQUEST_BYTES", default=1024**2)
+# Per-user quotas (apps.accounts.quotas): bytes stored (datasets, models, uploads in progress),
+# datasets, resumable uploads in progress, training jobs waiting or running.
+GRAFT_QUOTA_BYTES = env.int("GRAFT_QUOTA_BYTES", default=50 * 1024**3)
+GRAFT_QUOTA_DATASETS = env.int("GRAFT_QUOTA_DATASETS", default=200)
+GRAFT_QUOTA_OPEN_UPLOADS = env.int("GRAFT_QUOTA_OPEN_UPLOADS", default=5)
+GRAFT_QUOTA_ACTIVE_JOBS = env.int("GRAFT_QUOTA_ACTIVE_JOBS", default=4)
+# A resumable upload untouched this long is deleted (beat checks hourly).
+GRAFT_UPLOAD_EXPIRY_HOURS = env.int("GRAFT_UPLOAD_EXPIRY_HOURS", default=6)
 # A running job whose worker has not written a heartbeat for this long is stale.
 GRAFT_JOB_STALE_SECONDS = env.int("GRAFT_JOB_STALE_SECONDS", default=120)
 GRAFT_HEARTBEAT_SECONDS = env.int("GRAFT_HEARTBEAT_SECONDS", default=10)

@@ -15,6 +15,7 @@ from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 
+from apps.accounts.quotas import check_new_dataset
 from apps.common.errors import UserError
 from apps.common.storage import delete_prefix, delete_quietly, local_copy
 from apps.datasets.models import Dataset
@@ -37,6 +38,7 @@ def dataset_create(*, owner: AbstractBaseUser, file: UploadedFile, name: str = "
         raise UserError("The upload is over the size limit.", status_code=413)
     if not zipfile.is_zipfile(file):
         raise UserError(f"'{file.name}' is not a zip archive. Upload a .zip with one folder of images per class.")
+    check_new_dataset(owner, file.size)
     file.seek(0)
     dataset = Dataset(owner=owner, archive_bytes=file.size)
     # Stored first, streamed from the upload's temporary file (never whole in memory), and

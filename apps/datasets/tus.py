@@ -43,6 +43,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from apps.accounts.quotas import check_new_dataset
 from apps.common.errors import UserError
 from apps.common.schema import TUS_RESUMABLE, tus_header
 from apps.common.storage import PIECE, StreamReader, delete_quietly, save_stream, stored_pieces
@@ -52,7 +53,6 @@ from apps.datasets.services import dataset_create_stored
 log = logging.getLogger(__name__)
 
 TUS_VERSION = "1.0.0"
-UPLOAD_EXPIRY = timedelta(days=1)  # an upload untouched this long is deleted
 LEASE = timedelta(seconds=60)  # a writer that shows no sign of life this long loses the upload
 RENEW_EVERY = 10.0  # seconds between lease renewals while bytes arrive
 ZIP_TAIL = 128 * 1024  # a zip's end-of-directory record (and its comment) sits in its last 64 KiB
@@ -71,6 +71,7 @@ def upload_create(*, owner: AbstractBaseUser, length: int, filename: str = "", n
         )
     if filename and not filename.lower().endswith(".zip"):
         raise UserError(f"'{filename}' is not a .zip file. Upload a zip with one folder of images per class.")
+    check_new_dataset(owner, length, resumable=True)
     return Upload.objects.create(owner=owner, length=length, filename=filename[:255], name=name[:200])
 
 
@@ -236,8 +237,8 @@ def upload_delete(*, upload: Upload, unless_writing: bool = False) -> None:
 
 
 def upload_expire() -> int:
-    """Delete uploads nobody has touched for a day (abandoned tabs, lost laptops)."""
-    stale = Upload.objects.filter(updated_at__lt=timezone.now() - UPLOAD_EXPIRY)
+    """Delete uploads nobody has touched for GRAFT_UPLOAD_EXPIRY_HOURS (abandoned tabs, lost laptops)."""
+    stale = Upload.objects.filter(updated_at__lt=timezone.now() - timedelta(hours=settings.GRAFT_UPLOAD_EXPIRY_HOURS))
     count = 0
     for upload in stale:
         upload_delete(upload=upload)

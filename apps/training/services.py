@@ -26,6 +26,7 @@ from django.db import close_old_connections, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from apps.accounts.quotas import check_new_job
 from apps.common.errors import UserError
 from apps.common.storage import delete_prefix, delete_quietly, local_copy
 from apps.datasets.models import Dataset
@@ -71,6 +72,7 @@ def job_create(*, owner: AbstractBaseUser, dataset: Dataset, **options) -> Job:
         config.validate()
     except MLError as exc:
         raise UserError(exc.message) from None
+    check_new_job(owner)
     with transaction.atomic():
         job = Job.objects.create(
             owner=owner,

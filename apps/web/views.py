@@ -6,6 +6,7 @@ import functools
 import json
 import zipfile
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
@@ -17,6 +18,7 @@ from django.views.decorators.cache import cache_control
 from django.views.decorators.http import require_POST
 
 from apps.accounts.models import ApiToken
+from apps.accounts.quotas import usage
 from apps.accounts.services import token_create
 from apps.common.decoding import decode_gate
 from apps.common.errors import UserError
@@ -43,6 +45,12 @@ def home(request: HttpRequest) -> HttpResponse:
             "datasets": dataset_list(user=user)[:50],
             "jobs": job_list(user=user).select_related("dataset")[:50],
             "models": model_list(user=user)[:50],
+            "usage": usage(user),
+            "quota": {
+                "open_uploads": settings.GRAFT_QUOTA_OPEN_UPLOADS,
+                "active_jobs": settings.GRAFT_QUOTA_ACTIVE_JOBS,
+                "datasets": settings.GRAFT_QUOTA_DATASETS,
+            },
         },
     )
 

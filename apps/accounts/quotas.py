@@ -1,0 +1,85 @@
+"""Per-user quotas: bytes stored, datasets, uploads in progress, jobs waiting or running.
+
+Each is a setting; each refusal is a 4xx with a sentence that names the quota and what to do.
+The dashboard shows the same figures (`usage`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import Sum
+
+from apps.common.errors import UserError
+from apps.common.limits import human_bytes
+
+
+@dataclass(frozen=True)
+class Usage:
+    bytes_stored: int  # dataset archives, model bundles, and uploads in progress at their full length
+    datasets: int
+    open_uploads: int
+    active_jobs: int  # queued or running
+
+    @property
+    def bytes_quota(self) -> int:
+        return settings.GRAFT_QUOTA_BYTES
+
+    @property
+    def share(self) -> float:
+        return min(1.0, self.bytes_stored / self.bytes_quota)
+
+
+def usage(user: AbstractBaseUser) -> Usage:
+    from apps.datasets.models import Dataset, Upload
+    from apps.serving.models import TrainedModel
+    from apps.training.models import Job
+
+    def total(qs, field: str) -> int:
+        return qs.aggregate(n=Sum(field))["n"] or 0
+
+    open_uploads = Upload.objects.filter(owner=user, dataset__isnull=True)
+    datasets = Dataset.objects.filter(owner=user).exclude(status=Dataset.Status.FAILED)
+    return Usage(
+        bytes_stored=total(datasets, "archive_bytes")
+        + total(TrainedModel.objects.filter(owner=user), "bundle_bytes")
+        + total(open_uploads, "length"),
+        datasets=datasets.count(),
+        open_uploads=open_uploads.count(),
+        active_jobs=Job.objects.filter(owner=user, status__in=[Job.Status.QUEUED, Job.Status.RUNNING]).count(),
+    )
+
+
+def check_new_dataset(user: AbstractBaseUser, size: int, *, resumable: bool = False) -> None:
+    """Before accepting an upload of `size` bytes (a tus upload counts at its declared length)."""
+    used = usage(user)
+    if resumable and used.open_uploads >= settings.GRAFT_QUOTA_OPEN_UPLOADS:
+        raise UserError(
+            f"You have {used.open_uploads} uploads in progress, the most allowed at once; finish or "
+            "cancel one first (unfinished uploads are removed after "
+            f"{settings.GRAFT_UPLOAD_EXPIRY_HOURS} hours without activity).",
+            status_code=429,
+        )
+    if used.datasets >= settings.GRAFT_QUOTA_DATASETS:
+        raise UserError(
+            f"You have {used.datasets} datasets, the most allowed; delete one to upload another.", status_code=403
+        )
+    if used.bytes_stored + size > used.bytes_quota:
+        raise UserError(
+            f"This upload ({human_bytes(size)}) would take your storage to "
+            f"{human_bytes(used.bytes_stored + size)}, over your quota of {human_bytes(used.bytes_quota)}. "
+            "Delete datasets or models you no longer need.",
+            status_code=413,
+        )
+
+
+def check_new_job(user: AbstractBaseUser) -> None:
+    used = usage(user)
+    if used.active_jobs >= settings.GRAFT_QUOTA_ACTIVE_JOBS:
+        raise UserError(
+            f"You have {used.active_jobs} training jobs waiting or running, the most allowed at once; "
+            "wait for one to finish, or cancel one.",
+            status_code=429,
+        )
