@@ -17,7 +17,7 @@ def test_token_for_username_and_password(live_server, make_user):
     assert r.status_code == 200
     token = r.json()["token"]
     listed = requests.get(f"{live_server.url}/api/v1/datasets/", headers={"Authorization": f"Token {token}"})
-    assert listed.status_code == 200 and listed.json() == []
+    assert listed.status_code == 200 and listed.json()["results"] == []
 
 
 def test_wrong_password_and_missing_or_bad_token_are_json_401(live_server, make_user):

@@ -130,9 +130,9 @@ class Cluster:
 
 
 def _ready(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/health/ready/", timeout=5).status_code == 200
-    except requests.ConnectionError:
+    try:  # the first request imports the app (torch and all): give it time
+        return requests.get(f"{url}/health/ready/", timeout=30).status_code == 200
+    except requests.RequestException:
         return False
 
 

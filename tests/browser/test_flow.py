@@ -164,7 +164,7 @@ def test_the_whole_story(page, shot, live_server, celery_worker_process, dataset
     page.get_by_role("button", name="Copy", exact=True).click()
     assert page.evaluate("navigator.clipboard.readText()") == key
     r = _api_get(live_server, "/datasets/", key)
-    assert r.status_code == 200 and [d["name"] for d in r.json()] == ["ants vs bees"], r.text
+    assert r.status_code == 200 and [d["name"] for d in r.json()["results"]] == ["ants vs bees"], r.text
     shot(page, "tokens-created")
     revoke = page.locator("#tokens").get_by_role("button", name="Revoke")
     expect(revoke).to_have_count(1)
