@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,9 @@ from ml.backbones import Preprocessing
 from ml.bundle import MODEL_FILE
 from ml.images import DEFAULT_MAX_PIXELS, decode_rgb
 from ml.preprocess import eval_transform
+
+MAX_BATCH = 8  # images per forward pass (bounds activation memory)
+_FORWARD = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -56,10 +60,17 @@ class Predictor:
         return self.predict_tensors([self._transform(img) for img in images], k=k)
 
     def predict_tensors(self, inputs: list[torch.Tensor], k: int = 5) -> list[list[Prediction]]:
-        """Top-k (label, probability) for each prepared input."""
-        batch = torch.stack(inputs)
-        with torch.inference_mode():
-            probs = self.model(batch).softmax(dim=1)
+        """Top-k (label, probability) for each prepared input.
+
+        Forward passes run one at a time per process, at most `MAX_BATCH` images each: on a CPU
+        each already uses every core, and concurrent ones would only add their activations up.
+        """
+        chunks = []
+        for start in range(0, len(inputs), MAX_BATCH):
+            batch = torch.stack(inputs[start : start + MAX_BATCH])
+            with _FORWARD, torch.inference_mode():
+                chunks.append(self.model(batch).softmax(dim=1))
+        probs = torch.cat(chunks)
         k = max(1, min(k, len(self.labels)))
         scores, idx = probs.topk(k, dim=1)
         return [

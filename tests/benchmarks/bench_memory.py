@@ -9,8 +9,9 @@ a temporary GRAFT_DATA_DIR), with a model trained here on a tiny dataset (a line
 and measures the worker's peak RSS (VmHWM) before and after each scenario:
   predict_refused   32 x 64-MP PNGs (8000x8000, ~200 KB each) in one request, under the default
                     per-request pixel budget: refused (413) from the image headers alone
-  predict_decoded   the same request, 8 copies of it at once, with the budget raised so that
-                    every image is decoded (the decode gate and the reduction bound them)
+  predict_decoded   the same request with the budget raised so that every image is decoded
+                    (the decode gate, the reduction after decoding and the bounded forward pass hold it)
+  predict_parallel  8 requests at once of 4 such images each, budget raised (32 decodes, concurrent)
   dataset_page      a dataset of ten 64-MP PNGs (ingested here, as the worker would): its page
                     and its ten thumbnails, requested at once
 Each line: {"scenario", "status", "seconds", "peak_rss_added_mib", "worker_peak_rss_mib"}.
@@ -64,6 +65,7 @@ def main() -> None:
         "SECRET_KEY": "bench-memory-only",
         "DJANGO_SETTINGS_MODULE": "apps.settings",
         "GRAFT_THROTTLE_USER": "100000/min",
+        "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),  # as deploy/Dockerfile sets it
     }
     os.environ.update(env)
     import django
@@ -81,6 +83,7 @@ def main() -> None:
     for scenario, extra_env in (
         ("predict_refused", {}),
         ("predict_decoded", {"GRAFT_MAX_PREDICT_PIXELS": str(33 * 64_000_000)}),
+        ("predict_parallel", {"GRAFT_MAX_PREDICT_PIXELS": str(33 * 64_000_000)}),
         ("dataset_page", {}),
     ):
         results.append(_run(scenario, base, port, {**env, **extra_env}, model_id, dataset_id))
@@ -135,10 +138,10 @@ def _run(scenario: str, base: str, port: int, env: dict, model_id: int, dataset_
     )  # fmt: skip
     try:
         for _ in range(120):
-            try:
-                if requests.get(f"{base}/health/live/", timeout=2).ok:
+            try:  # the first request imports the app
+                if requests.get(f"{base}/health/live/", timeout=60).ok:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:
                 time.sleep(0.5)
         session = requests.Session()
         token = session.post(f"{base}/api/v1/auth/token/", json={"username": "bench", "password": PASSWORD}).json()
@@ -151,8 +154,8 @@ def _run(scenario: str, base: str, port: int, env: dict, model_id: int, dataset_
         t = time.perf_counter()
         if scenario.startswith("predict"):
             huge = _huge_png((200, 30, 30))
-            files = [("image", (f"{i}.png", huge)) for i in range(32)]
-            copies = 1 if scenario == "predict_refused" else 8
+            copies = 8 if scenario == "predict_parallel" else 1
+            files = [("image", (f"{i}.png", huge)) for i in range(32 // copies)]
 
             def call(_):
                 return session.post(f"{base}/api/v1/models/{model_id}/predict/", files=files, timeout=600).status_code
