@@ -177,6 +177,9 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
     "DEFAULT_THROTTLE_CLASSES": ["apps.common.throttles.AnonThrottle", "apps.common.throttles.UserThrottle"],
+    # A client's address: REMOTE_ADDR, or with N trusted proxies in front (nginx: 1), the address the
+    # Nth from the end of X-Forwarded-For names; the rest of that header is the client's to forge.
+    "NUM_PROXIES": env.int("GRAFT_TRUSTED_PROXIES", default=0),
 }
 # Per client address (anon, sign_in) or per user; 429 with Retry-After past them.
 GRAFT_THROTTLE_RATES = {
@@ -195,6 +198,7 @@ AXES_COOLOFF_TIME = env.float("GRAFT_LOGIN_LOCKOUT_HOURS", default=0.25)
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_CALLABLE = "apps.accounts.lockout.locked_out"
+AXES_CLIENT_IP_CALLABLE = "apps.accounts.lockout.client_ip"  # the same address the throttles use
 AXES_VERBOSE = False
 
 # API tokens: each lives this many days, and a user holds at most this many (the least
@@ -209,6 +213,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Upload labelled images, train a classifier, download and serve it.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "ENUM_NAME_OVERRIDES": {
+        "DatasetStatusEnum": "apps.datasets.models.Dataset.Status",
+        "JobStatusEnum": "apps.training.models.Job.Status",
+    },
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "apps.common.schema.add_error_responses",

@@ -21,6 +21,9 @@ class Checkpoints(Protocol):
     def save(self, record: dict) -> None:
         """Keep `record` (serialise it before returning: its tensors are live weights)."""
 
+    # Optional: `discard(everything: bool)`, called when the fit will not go on from the record
+    # it loaded (another configuration, or a fine-tune measured differently this time).
+
 
 def write_record(record: dict, fh: BinaryIO) -> None:
     torch.save(record, fh)

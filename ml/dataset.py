@@ -153,11 +153,14 @@ def _decode_all(
         )
 
     samples, unreadable = [], []
-    with ThreadPoolExecutor(max_workers=config.workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=config.workers)
+    try:
         for i, outcome in enumerate(pool.map(check, members), start=1):
             (samples if isinstance(outcome, Sample) else unreadable).append(outcome)
             if progress:
                 progress(i, len(members))
+    finally:  # a zip bomb (or any error) stops the members not yet started, not after them
+        pool.shutdown(wait=True, cancel_futures=True)
     return samples, unreadable
 
 

@@ -459,7 +459,9 @@ def train(
         probe_logits = chosen.probe.linear(torch.from_numpy(chosen.X_val))
     depth = finetune_depth(plan, config.strategy)
     if depth is None:
-        run.end_replay()
+        if run.replaying:
+            run.end_replay()
+            run.discard_checkpoint(everything=False)
         if config.lr_find or config.search:
             run.say(f"no LR range test or search: the '{plan.name}' plan fits a probe, with no learning rate to choose")
         return probe_net, chosen.rep.prep, probe_logits, report
@@ -544,6 +546,7 @@ def _finetune_with_measured_lr(run, backbone, setup: _FinetuneSetup, config, dev
         if run.replaying:
             run.say("search trials are not checkpointed: the search starts over")
             run.end_replay()
+            run.discard_checkpoint(everything=False)
 
         def trial(cfg: FinetuneConfig, number: int) -> FinetuneResult:
             return _run_finetune(run, backbone, setup, cfg, device, config, report, trial=number)
@@ -676,6 +679,7 @@ def _saved_ladder(run: Run, setup: _FinetuneSetup, report: dict) -> dict | None:
         return None
     if saved["setup"] != _fingerprint(setup, report):
         run.say("the checkpoint's fine-tune differs from the one measured now: fine-tuning starts over")
+        run.discard_checkpoint(everything=False)
         return None
     run.say(f"LR range test and {saved['ladder']['try']} finished tries taken from the checkpoint")
     return {**saved["ladder"], "state": saved["state"]}

@@ -68,6 +68,10 @@ def _reduce(img: Image.Image, min_side: int) -> Image.Image:
     if factor < 2:
         return img
     try:
+        if img.mode == "P":  # reduce() has no palette mode: 4 bytes a pixel, as the decode gate counts
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        elif img.mode.startswith("I;16"):
+            img = img.convert("I")
         if "A" in img.mode:  # reduce() would first copy it whole, premultiplied: a band at a time instead
             return Image.merge(img.mode, [img.getchannel(b).reduce(factor) for b in img.getbands()])
         return img.reduce(factor)

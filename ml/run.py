@@ -82,6 +82,7 @@ class Run:
             return
         if saved.get("key") != key:
             self.say("a checkpoint of another dataset or configuration was ignored")
+            self.discard_checkpoint(everything=True)
             return
         self.resumed, self.replaying = saved, True
         self.say(
@@ -92,6 +93,14 @@ class Run:
 
     def end_replay(self) -> None:
         self.replaying = False
+
+    def discard_checkpoint(self, everything: bool) -> None:
+        """The fit will not go on from the checkpoint it found: tell its keeper (whose optional
+        `discard` forgets what the earlier attempt reported that this one will report again:
+        everything, or only its fine-tune when the measurements before it were replayed)."""
+        discard = getattr(self._checkpoints, "discard", None)
+        if discard is not None:
+            discard(everything)
 
     def checkpoint(self, record: dict) -> None:
         if self._checkpoints is not None:

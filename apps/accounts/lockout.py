@@ -14,6 +14,18 @@ def message() -> str:
     )
 
 
+def client_ip(request: HttpRequest) -> str:
+    """The client's address as the throttles see it (DRF's rule, REST_FRAMEWORK["NUM_PROXIES"])."""
+    from rest_framework.settings import api_settings
+
+    proxies = api_settings.NUM_PROXIES or 0
+    forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
+    if proxies and forwarded:
+        hops = [h.strip() for h in forwarded.split(",")]
+        return hops[-min(proxies, len(hops))]
+    return request.META.get("REMOTE_ADDR", "")
+
+
 def locked_out(request: HttpRequest, credentials: dict | None = None, *args, **kwargs) -> HttpResponse:
     if request.path.startswith("/api/"):
         return JsonResponse({"error": message()}, status=429)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Sum
+from django.db.models import F, Sum
 
 from apps.common.errors import UserError
 from apps.common.limits import human_bytes
@@ -40,7 +40,7 @@ def usage(user: AbstractBaseUser) -> Usage:
     def total(qs, field: str) -> int:
         return qs.aggregate(n=Sum(field))["n"] or 0
 
-    open_uploads = Upload.objects.filter(owner=user, dataset__isnull=True)
+    open_uploads = Upload.objects.filter(owner=user, dataset__isnull=True, offset__lt=F("length"))
     datasets = Dataset.objects.filter(owner=user).exclude(status=Dataset.Status.FAILED)
     return Usage(
         bytes_stored=total(datasets, "archive_bytes")

@@ -6,7 +6,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.contrib.auth import authenticate
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import F
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils import timezone
 
@@ -26,9 +26,11 @@ def token_create(*, user: AbstractBaseUser, name: str = "") -> tuple[ApiToken, s
         prefix=key[:8],
         expires_at=timezone.now() + timedelta(days=settings.GRAFT_TOKEN_DAYS),
     )
-    keep = ApiToken.objects.filter(user=user).order_by(F("last_used_at").desc(nulls_last=True), "-created_at")
-    surplus = list(keep.values_list("pk", flat=True)[settings.GRAFT_MAX_TOKENS_PER_USER :])
-    ApiToken.objects.filter(pk__in=[pk for pk in surplus if pk != token.pk]).delete()
+    ApiToken.objects.filter(user=user, expires_at__lte=timezone.now()).delete()
+    others = ApiToken.objects.filter(user=user).exclude(pk=token.pk)
+    by_use = others.order_by(Coalesce("last_used_at", "created_at").desc())
+    surplus = list(by_use.values_list("pk", flat=True)[settings.GRAFT_MAX_TOKENS_PER_USER - 1 :])
+    ApiToken.objects.filter(pk__in=surplus).delete()
     return token, key
 
 

@@ -55,7 +55,7 @@ class DatasetListCreateApi(APIView):
 
     parser_classes = [MultiPartParser, FormParser]
 
-    @extend_schema(responses=paginated(DatasetListSerializer, "DatasetPage"))
+    @extend_schema(operation_id="datasets_list", responses=paginated(DatasetListSerializer, "DatasetPage"))
     def get(self, request: Request) -> Response:
         datasets = dataset_list(user=request.user).defer("warnings", "assessment", "thumbnails")
         return paginated_response(datasets, request, DatasetListSerializer, self)

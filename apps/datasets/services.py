@@ -178,6 +178,9 @@ def dataset_fail(*, dataset: Dataset, message: str) -> None:
 
 
 def dataset_delete(*, dataset: Dataset) -> None:
+    from apps.datasets.models import Upload
+
     prefix = dataset.storage_prefix
+    Upload.objects.filter(dataset=dataset).delete()  # its parts went into the archive already
     dataset.delete()
     delete_prefix(prefix)

@@ -46,7 +46,7 @@ from rest_framework.views import APIView
 from apps.accounts.quotas import check_new_dataset
 from apps.common.errors import UserError
 from apps.common.schema import TUS_RESUMABLE, tus_header
-from apps.common.storage import PIECE, StreamReader, delete_quietly, save_stream, stored_pieces
+from apps.common.storage import PIECE, StreamReader, delete_prefix, delete_quietly, save_stream, stored_pieces
 from apps.datasets.models import Dataset, Upload
 from apps.datasets.services import dataset_create_stored
 
@@ -138,27 +138,29 @@ def upload_append(*, upload: Upload, offset: int, stream, declared: int | None) 
     if declared is not None and upload.offset + declared > upload.length:
         raise UserError("The chunk goes past the declared length of the upload.", status_code=413)
     lease = _Lease(upload, offset).take()
-    name = f"{upload.storage_prefix}{offset:020d}-{lease.token.hex[:12]}"
-    stored = None
+    name = f"{upload.storage_prefix}{offset:020d}-{lease.token.hex[:12]}"  # this writer's alone
+    recorded = False
     try:
         reader = StreamReader(_body(stream, upload.length - offset, lease))
         first = reader.read(1)  # store nothing for an empty body
         if first:
             stored = save_stream(name, StreamReader(_chain(first, reader)))
             written = reader.count
-            recorded = Upload.objects.filter(pk=upload.pk, offset=offset, writer=lease.token).update(
-                offset=offset + written, parts=[*upload.parts, stored], updated_at=timezone.now()
+            recorded = bool(
+                Upload.objects.filter(pk=upload.pk, offset=offset, writer=lease.token).update(
+                    offset=offset + written, parts=[*upload.parts, stored], updated_at=timezone.now()
+                )
             )
             if not recorded:
                 raise _LeaseLost
             upload.offset, upload.parts = offset + written, [*upload.parts, stored]
-            stored = None
     except _LeaseLost:
         raise UserError(
             "This upload stalled and was taken over by another request; resume it.", status_code=409
         ) from None
     finally:
-        delete_quietly(stored)  # stored but not recorded: not part of the upload
+        if not recorded:  # stored whole or in part, but not part of the upload
+            delete_quietly(name)
         lease.release()
     return upload
 
@@ -216,9 +218,8 @@ def upload_finish(*, upload: Upload) -> Dataset | None:
     finally:
         delete_quietly(archive)
         lease.release()
-    for part in upload.parts:  # in the archive now
-        delete_quietly(part)
     Upload.objects.filter(pk=upload.pk).update(parts=[])
+    delete_prefix(upload.storage_prefix)  # the parts are in the archive now
     return dataset
 
 
@@ -228,12 +229,12 @@ def upload_delete(*, upload: Upload, unless_writing: bool = False) -> None:
     rows = Upload.objects.filter(pk=upload.pk)
     if unless_writing:
         rows = rows.filter(Q(writer__isnull=True) | Q(writer_until__lt=timezone.now()))
-    parts = rows.values_list("parts", flat=True).first()
-    if parts is None and unless_writing and Upload.objects.filter(pk=upload.pk).exists():
-        raise UserError("This upload is being written; retry shortly.", status_code=423)
-    rows.delete()
-    for part in parts or upload.parts:
-        delete_quietly(part)
+    deleted, _ = rows.delete()
+    if not deleted:
+        if unless_writing and Upload.objects.filter(pk=upload.pk).exists():
+            raise UserError("This upload is being written; retry shortly.", status_code=423)
+        return
+    delete_prefix(upload.storage_prefix)  # its parts, and anything a failed write left
 
 
 def upload_expire() -> int:

@@ -53,7 +53,7 @@ class ModelListSerializer(serializers.ModelSerializer):
 
 
 class ModelListApi(APIView):
-    @extend_schema(responses=paginated(ModelListSerializer, "ModelPage"))
+    @extend_schema(operation_id="models_list", responses=paginated(ModelListSerializer, "ModelPage"))
     def get(self, request: Request) -> Response:
         return paginated_response(model_list(user=request.user), request, ModelListSerializer, self)
 

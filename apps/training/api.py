@@ -95,7 +95,7 @@ class JobListCreateApi(APIView):
             help_text="run the fine-tune's learning-rate range test over its whole width (from 1/1000 of the rule)",
         )
 
-    @extend_schema(responses=paginated(JobListSerializer, "JobPage"))
+    @extend_schema(operation_id="jobs_list", responses=paginated(JobListSerializer, "JobPage"))
     def get(self, request: Request) -> Response:
         jobs = job_list(user=request.user).select_related("trained_model").defer("report", "timings", "config")
         return paginated_response(jobs, request, JobListSerializer, self)

@@ -189,7 +189,10 @@ def job_run(*, job: Job) -> None:
 
     workdir = settings.GRAFT_WORK_DIR / "jobs" / str(job.pk)
     shutil.rmtree(workdir, ignore_errors=True)
-    recorder = _Recorder(job.pk)
+    # Every write of this run names its attempt: once a worker that went silent has been replaced,
+    # its writes (progress, checkpoints, the outcome, cleanup) match nothing and it stops.
+    mine = Job.objects.filter(pk=job.pk, attempts=job.attempts)
+    recorder = _Recorder(job.pk, mine)
     config = FitConfig(**job.config, device=settings.GRAFT_DEVICE)
     try:
         dataset = job.dataset
@@ -197,22 +200,23 @@ def job_run(*, job: Job) -> None:
             raise MLError("The dataset of this job was deleted or is not ready.")
         index = dataset_index(dataset=dataset)
         checkpoints = JobCheckpoints(job, recorder)
-        with _Heartbeat(job.pk, recorder.cancelled), local_copy(dataset.archive) as archive:
+        with _Heartbeat(job.pk, mine, recorder.cancelled), local_copy(dataset.archive) as archive:
             result = fit(archive, workdir, config, index=index, progress=recorder, checkpoints=checkpoints)
-        _succeed(job, result)
+        _succeed(job, result, mine)
     except Cancelled:
-        log.info("job %s cancelled", job.pk)
+        log.info("job %s cancelled (or taken over by another worker)", job.pk)
     except MLError as exc:
-        _fail(job.pk, exc.message)
+        _fail(job.pk, exc.message, mine)
     except Exception:
         incident = uuid.uuid4().hex[:8]
         log.exception("job %s failed (incident %s)", job.pk, incident)
         # The exception's text can name server paths and internals: it goes to the log, not the user.
-        _fail(job.pk, f"Training failed unexpectedly (incident {incident}); the operators have the details.")
+        _fail(job.pk, f"Training failed unexpectedly (incident {incident}); the operators have the details.", mine)
     finally:
-        # However it ended, its checkpoints are done with (a lost worker never gets here).
-        Job.objects.filter(pk=job.pk).exclude(status=Job.Status.RUNNING).update(checkpoint="")
-        delete_prefix(job.storage_prefix)
+        # However this attempt ended the job, its checkpoints are done with. (A lost worker never
+        # gets here; one that was replaced matches nothing and leaves them to its successor.)
+        if mine.exclude(status=Job.Status.RUNNING).update(checkpoint=""):
+            delete_prefix(job.storage_prefix)
         shutil.rmtree(workdir, ignore_errors=True)
         _release_gpu_memory()
 
@@ -241,7 +245,16 @@ class JobCheckpoints:
                 return read_record(fh)
         except Exception:  # noqa: BLE001 - a checkpoint that cannot be read only costs the epochs it held
             log.exception("job %s: checkpoint %s unreadable; starting over", self.job.pk, name)
+            self.discard(everything=True)
             return None
+
+    def discard(self, everything: bool) -> None:
+        """The fit will not go on from the checkpoint: the earlier attempt's rows it will send
+        again go (all of them, or those of its fine-tune, when the measurements before it held)."""
+        rows = JobHistory.objects.filter(job_id=self.job.pk)
+        if not everything:
+            rows = rows.filter(data__phase__in=["finetune", "search"])
+        rows.delete()
 
     def save(self, record: dict) -> None:
         previous = Job.objects.filter(pk=self.job.pk).values_list("checkpoint", flat=True).first()
@@ -252,23 +265,23 @@ class JobCheckpoints:
             tmp.flush()
             tmp.seek(0)
             name = default_storage.save(f"{self.job.storage_prefix}checkpoint-{epoch}-{uuid.uuid4().hex[:8]}.pt", tmp)
-        if not Job.objects.filter(pk=self.job.pk, status=Job.Status.RUNNING).update(
+        if not self.recorder.mine.filter(status=Job.Status.RUNNING).update(
             checkpoint=name, checkpoint_history_id=self.recorder.last_row_id
         ):
-            delete_quietly(name)  # cancelled meanwhile
+            delete_quietly(name)  # cancelled, or taken over by another worker, meanwhile
             raise Cancelled()
         if previous and previous != name:
             delete_quietly(previous)
 
 
-def _succeed(job: Job, result) -> None:
+def _succeed(job: Job, result, mine) -> None:
     from apps.serving.services import bundle_store, model_create
 
     # The bundle is copied to storage and hashed first, outside any transaction.
     bundle = bundle_store(result.artifacts["bundle"])
     try:
         with transaction.atomic():
-            updated = _mark_succeeded(job, result)
+            updated = _mark_succeeded(mine, result)
             if updated:  # not cancelled in the meantime
                 model_create(job=job, bundle=bundle, result=result)
     except BaseException:
@@ -278,8 +291,8 @@ def _succeed(job: Job, result) -> None:
         delete_prefix(bundle.prefix)
 
 
-def _mark_succeeded(job: Job, result) -> int:
-    return Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(
+def _mark_succeeded(mine, result) -> int:
+    return mine.filter(status=Job.Status.RUNNING).update(
         status=Job.Status.SUCCEEDED,
         finished_at=timezone.now(),
         phase="done",
@@ -304,8 +317,9 @@ def _mark_succeeded(job: Job, result) -> int:
     )
 
 
-def _fail(job_id: int, message: str) -> None:
-    Job.objects.filter(pk=job_id, status=Job.Status.RUNNING).update(
+def _fail(job_id: int, message: str, mine=None) -> None:
+    jobs = mine if mine is not None else Job.objects.filter(pk=job_id)
+    jobs.filter(status=Job.Status.RUNNING).update(
         status=Job.Status.FAILED, finished_at=timezone.now(), error=message, phase="failed"
     )
 
@@ -315,8 +329,9 @@ class _Recorder:
 
     min_interval = 0.5  # seconds between progress writes (history rows always written)
 
-    def __init__(self, job_id: int) -> None:
+    def __init__(self, job_id: int, mine=None) -> None:
         self.job_id = job_id
+        self.mine = mine if mine is not None else Job.objects.filter(pk=job_id)  # this attempt's row
         self.cancelled = threading.Event()
         self._last = 0.0
         self.lines: list[str] = []
@@ -327,29 +342,29 @@ class _Recorder:
             raise Cancelled()
         if event.message is not None:  # the log, live: the job page shows it while training runs
             self.lines.append(event.message)
-            Job.objects.filter(pk=self.job_id, status=Job.Status.RUNNING).update(report={"log": self.lines})
+            self.mine.filter(status=Job.Status.RUNNING).update(report={"log": self.lines})
             return
-        if event.row is not None:
-            step = event.row.get("step", event.row.get("epoch", 0))
-            row = JobHistory.objects.create(job_id=self.job_id, step=step, phase=event.phase, data=json_safe(event.row))
-            self.last_row_id = row.pk
         now = time.monotonic()
         if event.row is None and now - self._last < self.min_interval and event.done < event.total:
             return
         self._last = now
-        alive = Job.objects.filter(pk=self.job_id, status=Job.Status.RUNNING).update(
+        alive = self.mine.filter(status=Job.Status.RUNNING).update(
             phase=event.phase, progress=event.fraction, heartbeat_at=timezone.now()
         )
-        if not alive:
+        if not alive:  # cancelled, or another worker took it over: it writes no more rows
             self.cancelled.set()
             raise Cancelled()
+        if event.row is not None:
+            step = event.row.get("step", event.row.get("epoch", 0))
+            row = JobHistory.objects.create(job_id=self.job_id, step=step, phase=event.phase, data=json_safe(event.row))
+            self.last_row_id = row.pk
 
 
 class _Heartbeat:
     """Background thread proving the worker is alive while long steps run without progress."""
 
-    def __init__(self, job_id: int, cancelled: threading.Event) -> None:
-        self.job_id = job_id
+    def __init__(self, job_id: int, mine, cancelled: threading.Event) -> None:
+        self.job_id, self.mine = job_id, mine
         self.cancelled = cancelled
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
@@ -365,13 +380,12 @@ class _Heartbeat:
     def _run(self) -> None:
         try:
             while not self._stop.wait(settings.GRAFT_HEARTBEAT_SECONDS):
-                close_old_connections()
-                alive = Job.objects.filter(pk=self.job_id, status=Job.Status.RUNNING).update(
-                    heartbeat_at=timezone.now()
-                )
-                if not alive:
-                    self.cancelled.set()
-        except Exception:  # noqa: BLE001 - a missed heartbeat only makes the job look stale
-            log.exception("heartbeat for job %s failed", self.job_id)
+                try:
+                    close_old_connections()
+                    if not self.mine.filter(status=Job.Status.RUNNING).update(heartbeat_at=timezone.now()):
+                        self.cancelled.set()  # cancelled, or another worker took it over
+                except Exception:  # noqa: BLE001 - one missed beat (a database blip); the next may land
+                    log.exception("heartbeat for job %s failed", self.job_id)
+                    connection.close()
         finally:
             connection.close()

@@ -115,7 +115,8 @@ def test_a_finished_job_shows_its_decisions_over_the_api(job, client, tmp_path):
         decisions=[decision],
         peak_rss_mib={"features": 812.5},
     )
-    _succeed(job_claim(job_id=job.pk), result)
+    claimed = job_claim(job_id=job.pk)
+    _succeed(claimed, result, Job.objects.filter(pk=claimed.pk, attempts=claimed.attempts))
     client.force_login(job.owner)
     report = client.get(f"/api/v1/jobs/{job.pk}/").json()["report"]
     (shown,) = report["decisions"]
@@ -123,3 +124,21 @@ def test_a_finished_job_shows_its_decisions_over_the_api(job, client, tmp_path):
     assert shown["candidates"][1]["score"] is None  # NaN has no JSON spelling
     assert shown["candidates"][1]["detail"] == {"size": [64, 64]}
     assert report["peak_rss_mib"] == {"features": 812.5}
+
+
+def test_a_replaced_worker_can_no_longer_touch_the_job(job):
+    """Worker A went silent and B took the job over (attempt 2): whatever A still does matches nothing."""
+    from apps.training.services import JobCheckpoints, _fail, _Recorder
+    from ml.errors import Cancelled
+    from ml.run import Progress
+
+    Job.objects.filter(pk=job.pk).update(status="running", attempts=2, checkpoint="jobs/1/checkpoint-3-b.pt")
+    stale_attempt = Job.objects.filter(pk=job.pk, attempts=1)
+    recorder = _Recorder(job.pk, stale_attempt)
+    with pytest.raises(Cancelled):
+        recorder(Progress("fit", 1, 2, 0.5))
+    with pytest.raises(Cancelled):
+        JobCheckpoints(job, recorder).save({"state": {"epoch": 4}, "weights": {}})
+    _fail(job.pk, "A's failure", stale_attempt)
+    job.refresh_from_db()
+    assert job.status == "running" and job.error == "" and job.checkpoint == "jobs/1/checkpoint-3-b.pt"

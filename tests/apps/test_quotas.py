@@ -63,3 +63,16 @@ def test_the_dashboard_shows_usage_against_the_quota(client, make_user, settings
     html = client.get("/").content.decode()
     assert 'id="storage-meter"' in html and 'value="0.25"' in html
     assert "256.0\xa0MB of 1.0\xa0GB" in html and "Datasets 1 of" in html
+
+
+def test_a_finished_upload_of_a_deleted_dataset_is_not_an_upload_in_progress(api_for, settings, tmp_path):
+    settings.GRAFT_QUOTA_OPEN_UPLOADS = 1
+    api = api_for("alice")
+    data = make_zip(tmp_path / "d.zip", class_folders({"a": 6, "b": 6})).read_bytes()
+    url = _open_upload(api, len(data)).headers["Location"]
+    headers = {**TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}
+    r = api.session.patch(url, data=data, headers=headers, timeout=60)
+    assert r.status_code == 204, r.text
+    assert api.call("DELETE", f"/datasets/{r.headers['Graft-Dataset']}/").status_code == 204
+    assert not Upload.objects.exists()
+    assert _open_upload(api, 1000).status_code == 201

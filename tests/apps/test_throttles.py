@@ -71,12 +71,13 @@ def test_expired_tokens_are_refused_with_a_sentence(api_for):
 
 
 def test_a_user_holds_at_most_the_cap_and_the_least_recently_used_go(make_user, settings):
-    settings.GRAFT_MAX_TOKENS_PER_USER = 3
     user = make_user("alice", PASSWORD)
-    first, _ = token_create(user=user, name="used")
-    ApiToken.objects.filter(pk=first.pk).update(last_used_at=timezone.now())
     for i in range(5):
         token_create(user=user, name=f"t{i}")
+    settings.GRAFT_MAX_TOKENS_PER_USER = 3
+    ApiToken.objects.filter(name="t0").update(last_used_at=timezone.now())  # the oldest, but in use
+    ApiToken.objects.filter(name="t1").update(expires_at=timezone.now() - timedelta(seconds=1))
+    token_create(user=user, name="new")
     names = set(ApiToken.objects.filter(user=user).values_list("name", flat=True))
-    assert len(names) == 3 and "used" in names and "t4" in names
-    assert ApiToken.objects.get(name="t4").expires_at > timezone.now() + timedelta(days=89)
+    assert names == {"new", "t0", "t4"}  # the new one, the one used last, the one made last
+    assert ApiToken.objects.get(name="new").expires_at > timezone.now() + timedelta(days=89)
