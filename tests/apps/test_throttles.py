@@ -81,3 +81,13 @@ def test_a_user_holds_at_most_the_cap_and_the_least_recently_used_go(make_user, 
     names = set(ApiToken.objects.filter(user=user).values_list("name", flat=True))
     assert names == {"new", "t0", "t4"}  # the new one, the one used last, the one made last
     assert ApiToken.objects.get(name="new").expires_at > timezone.now() + timedelta(days=89)
+
+
+def test_the_client_address_is_the_one_the_trusted_proxy_saw_not_what_the_client_wrote(settings, rf):
+    from apps.accounts.lockout import client_ip
+
+    request = rf.get("/", HTTP_X_FORWARDED_FOR="6.6.6.6, 10.0.0.7", REMOTE_ADDR="10.0.0.1")
+    assert client_ip(request) == "10.0.0.1"  # no trusted proxy: the header is the client's to forge
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "NUM_PROXIES": 1}
+    assert client_ip(request) == "10.0.0.7"  # the address nginx appended, not the forged first hop
+    assert settings.AXES_CLIENT_IP_CALLABLE == "apps.accounts.lockout.client_ip"
