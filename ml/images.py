@@ -99,6 +99,12 @@ def header_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
+def header_pixels(data: bytes) -> int:
+    """Pixels the header declares (what decoding will hold), or 1 when it is unreadable."""
+    size = header_size(data)
+    return size[0] * size[1] if size else 1
+
+
 class PixelGate:
     """A counting semaphore in pixels: decodes wait until the pixels they will hold fit.
 

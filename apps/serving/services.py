@@ -14,7 +14,7 @@ from apps.common.errors import UserError
 from apps.serving.cache import get_predictor
 from apps.serving.models import TrainedModel, model_storage_prefix
 from apps.training.models import Job
-from ml.images import ImageDecodeError, header_size
+from ml.images import ImageDecodeError, header_pixels
 
 
 @dataclass(frozen=True)
@@ -66,20 +66,19 @@ def model_predict(*, model: TrainedModel, images: list[UploadedFile], k: int = 5
     if sum(f.size for f in images) > settings.GRAFT_MAX_PREDICT_BYTES:
         raise UserError("The images are over the request size limit.", status_code=413)
     encoded = [(f.name, f.read()) for f in images]  # a few MB at most (GRAFT_MAX_PREDICT_BYTES)
-    sizes = [header_size(data) for _, data in encoded]
-    pixels = sum(w * h for w, h in filter(None, sizes))
-    if pixels > settings.GRAFT_MAX_PREDICT_PIXELS:
+    pixels = [header_pixels(data) for _, data in encoded]
+    if sum(pixels) > settings.GRAFT_MAX_PREDICT_PIXELS:
         raise UserError(
-            f"The images add up to {pixels / 1e6:,.0f} megapixels; one request may hold "
+            f"The images add up to {sum(pixels) / 1e6:,.0f} megapixels; one request may hold "
             f"{settings.GRAFT_MAX_PREDICT_PIXELS / 1e6:,.0f}. Send fewer or smaller images.",
             status_code=413,
         )
     predictor = get_predictor(model)
     inputs = []
-    for (name, data), size in zip(encoded, sizes, strict=True):
+    for (name, data), size in zip(encoded, pixels, strict=True):
         try:
             # One image at a time, decoded only when its pixels fit the process's decode budget.
-            with decode_gate().hold(size[0] * size[1] if size else 1):
+            with decode_gate().hold(size):
                 inputs.append(predictor.prepare(data, max_pixels=settings.GRAFT_MAX_IMAGE_PIXELS))
         except ImageDecodeError as exc:
             raise UserError(f"'{name}' cannot be read as an image: {exc}.", file=name) from None

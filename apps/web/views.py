@@ -29,7 +29,7 @@ from apps.serving.selectors import model_get, model_list
 from apps.training.selectors import job_get, job_list
 from apps.training.services import job_create
 from ml.backbones import DEFAULT_BACKBONE, available_backbones
-from ml.images import header_size
+from ml.images import header_pixels
 from ml.strategy import PLANS, SIZE_BOUNDARY, STRATEGIES
 from ml.strategy import REGISTRY as PLAN_REGISTRY
 
@@ -162,8 +162,7 @@ def dataset_thumb(request: HttpRequest, dataset_id: int) -> HttpResponse:
     if not made_at_ingestion and not default_storage.exists(name):
         with default_storage.open(dataset.archive) as f, zipfile.ZipFile(f) as zf:
             data = zf.read(member)
-        size = header_size(data)
-        with decode_gate().hold(size[0] * size[1] if size else 1):
+        with decode_gate().hold(header_pixels(data)):
             if thumbnail_store(dataset, member, data) is None:
                 raise Http404("This image cannot be decoded.")
     return FileResponse(open_stream(name), content_type="image/jpeg")

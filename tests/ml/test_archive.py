@@ -156,7 +156,7 @@ def _patch_member_header(path, name: str, offset_in_central: int, offset_in_loca
 
     raw = bytearray(path.read_bytes())
     encoded = name.encode()
-    central = raw.index(b"PK\x01\x02" + raw[raw.index(b"PK\x01\x02") + 4 : raw.index(b"PK\x01\x02") + 4])
+    central = raw.index(b"PK\x01\x02")
     while raw[central + 46 : central + 46 + len(encoded)] != encoded:
         central = raw.index(b"PK\x01\x02", central + 4)
     local = struct.unpack_from("<I", raw, central + 42)[0]
