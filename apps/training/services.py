@@ -23,7 +23,8 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.files.storage import default_storage
 from django.db import close_old_connections, connection, transaction
-from django.db.models import F, Q
+from django.db.models import Count, F, OuterRef, Q, Subquery
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from apps.accounts.quotas import check_new_job
@@ -109,7 +110,12 @@ def _lost_too_often(attempts: int) -> str:
 
 
 def job_claim(*, job_id: int, redelivered: bool = False, worker: str = "") -> Job | None:
-    """Take the job for this worker, or return None if it is not ours to run.
+    """Take a job for this worker, or return None if there is none to run.
+
+    A message on the training queue is a ticket, one per queued job, not an order to run that job:
+    the worker takes the ticket's own job only when a lost worker left it running; otherwise it takes
+    the fairest queued job (`_fairest_queued`), so one user's backlog cannot starve everyone else.
+    Every queued job has a ticket of its own, so every queued job is taken by some ticket.
 
     A job taken over from a worker that went silent keeps its history up to its last
     checkpoint (the fit goes on from there); one whose workers were lost too often fails.
@@ -128,19 +134,38 @@ def job_claim(*, job_id: int, redelivered: bool = False, worker: str = "") -> Jo
     under_cap = Q(attempts__lt=settings.GRAFT_JOB_MAX_ATTEMPTS)
     stale_before = now - timedelta(seconds=settings.GRAFT_JOB_STALE_SECONDS)
     stale = Q(status=Job.Status.RUNNING, heartbeat_at__lt=stale_before)
-    if Job.objects.filter(under_cap, pk=job_id, status=Job.Status.QUEUED).update(**claim) or (
-        Job.objects.filter(under_cap, stale, pk=job_id).update(**claim)
-    ):
-        job = Job.objects.get(pk=job_id)
+    _fail_lost(Job.objects.filter(Q(status=Job.Status.QUEUED) | stale, pk=job_id))
+    claimed = job_id if Job.objects.filter(under_cap, stale, pk=job_id).update(**claim) else None
+    while claimed is None and (pick := _fairest_queued()) is not None:
+        # Another worker may take the same pick first: then pick again.
+        if Job.objects.filter(under_cap, pk=pick, status=Job.Status.QUEUED).update(**claim):
+            claimed = pick
+    if claimed is not None:
+        job = Job.objects.get(pk=claimed)
         if job.attempts > 1:
-            log.warning("job %s: attempt %s, after a lost worker", job_id, job.attempts)
+            log.warning("job %s: attempt %s, after a lost worker", claimed, job.attempts)
             _forget_after_checkpoint(job)
         return job
-    if _fail_lost(Job.objects.filter(Q(status=Job.Status.QUEUED) | stale, pk=job_id)):
-        return None
     if redelivered and Job.objects.filter(pk=job_id, status=Job.Status.RUNNING).exists():
         raise RetryLater
     return None
+
+
+def _fairest_queued() -> int | None:
+    """The queued job to run next: its owner has the fewest jobs running; among equals, the owner
+    who least recently had one started (round robin between users); then the oldest job."""
+    owners_jobs = Job.objects.filter(owner=OuterRef("owner"))
+    running = (
+        owners_jobs.filter(status=Job.Status.RUNNING).order_by().values("owner").annotate(n=Count("pk")).values("n")
+    )
+    last_start = owners_jobs.filter(started_at__isnull=False).order_by("-started_at").values("started_at")[:1]
+    return (
+        Job.objects.filter(status=Job.Status.QUEUED, attempts__lt=settings.GRAFT_JOB_MAX_ATTEMPTS)
+        .annotate(owner_running=Coalesce(Subquery(running), 0), owner_last_start=Subquery(last_start))
+        .order_by("owner_running", F("owner_last_start").asc(nulls_first=True), "created_at", "pk")
+        .values_list("pk", flat=True)
+        .first()
+    )
 
 
 def _forget_after_checkpoint(job: Job) -> None:

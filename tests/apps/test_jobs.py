@@ -38,6 +38,32 @@ def test_redelivery_of_a_live_job_waits_and_a_stale_one_restarts(job):
     assert Job.objects.get(pk=job.pk).attempts == 2
 
 
+def test_one_users_backlog_does_not_starve_another(db, make_user):
+    """Tickets are served in order, but each runs the fairest queued job: Bob's one job, queued
+    after three of Alice's, runs second on a single worker, and with two workers a newcomer's job goes
+    to the second one while the first user's backlog waits."""
+    alice, bob = make_user("alice"), make_user("bob")
+
+    def submit(user, n):
+        dataset = Dataset.objects.create(owner=user, name="d", status=Dataset.Status.READY)
+        return [Job.objects.create(owner=user, dataset=dataset).pk for _ in range(n)]
+
+    tickets = submit(alice, 3) + submit(bob, 1)  # the order the messages reach the queue
+    ran = []
+    for ticket in tickets:  # one worker: each job finishes before the next ticket is taken
+        job = job_claim(job_id=ticket)
+        ran.append(job.owner.username)
+        Job.objects.filter(pk=job.pk).update(status=Job.Status.SUCCEEDED, finished_at=timezone.now())
+    assert ran == ["alice", "bob", "alice", "alice"]
+
+    carol, dave = make_user("carol"), make_user("dave")
+    c1, c2, d1 = submit(carol, 2) + submit(dave, 1)
+    first = job_claim(job_id=c1)
+    second = job_claim(job_id=c2)  # two workers: Carol already has one running
+    assert (first.pk, second.pk) == (c1, d1)
+    assert job_claim(job_id=d1).pk == c2 and job_claim(job_id=d1) is None  # every job ran once
+
+
 def test_stale_running_jobs_are_requeued(job, django_capture_on_commit_callbacks):
     job_claim(job_id=job.pk)
     assert job_recover_stale() == []
