@@ -257,6 +257,10 @@ GRAFT_MAX_PREDICT_BYTES = env.int("GRAFT_MAX_PREDICT_BYTES", default=32 * 1024**
 GRAFT_MAX_PREDICT_PIXELS = env.int("GRAFT_MAX_PREDICT_PIXELS", default=256_000_000)
 # Pixels a web process decodes at once, over all its requests (about 4 bytes of memory each).
 GRAFT_DECODE_PIXELS = env.int("GRAFT_DECODE_PIXELS", default=64_000_000)
+# Serving: the runtime (auto: the faster of ONNX Runtime and TorchScript, measured at load), and the
+# memory a web process may spend on loaded models (least recently used ones are dropped past it).
+GRAFT_SERVE_RUNTIME = env.str("GRAFT_SERVE_RUNTIME", default="auto")
+GRAFT_SERVE_MODEL_MEMORY = env.int("GRAFT_SERVE_MODEL_MEMORY", default=1024**3)
 # Any other request body (forms, JSON, sign-in); uploads and predictions have the limits above.
 GRAFT_MAX_REQUEST_BYTES = env.int("GRAFT_MAX_REQUEST_BYTES", default=1024**2)
 # Per-user quotas (apps.accounts.quotas): bytes stored (datasets, models, uploads in progress),

@@ -13,6 +13,7 @@ from apps.common.errors import UserError
 from apps.common.pagination import paginated, paginated_response
 from apps.common.storage import open_stream
 from apps.common.uploads import limit_upload_size
+from apps.serving.cache import get_predictor
 from apps.serving.models import TrainedModel
 from apps.serving.selectors import model_get, model_list
 from apps.serving.services import model_predict
@@ -106,6 +107,12 @@ class ModelPredictApi(APIView):
         return Response(
             {
                 "predictions": predictions,
-                "model": {"id": model.pk, "name": model.name, "backbone": model.backbone, "classes": model.classes},
+                "model": {
+                    "id": model.pk,
+                    "name": model.name,
+                    "backbone": model.backbone,
+                    "classes": model.classes,
+                    "runtime": get_predictor(model).runtime,  # loaded by the prediction: a cache hit
+                },
             }
         )

@@ -1,9 +1,18 @@
-"""Loaded models stay in the process: a bundle is fetched and loaded once, then reused."""
+"""Loaded models stay in the process: a bundle is fetched and loaded once, then reused.
+
+How many stay loaded is set by memory, not by count: each model is charged what loading it added
+to the process's resident memory (its weights, the runtime's buffers and a warm-up pass), and the
+least recently used are dropped while the total is over GRAFT_SERVE_MODEL_MEMORY. The newest one
+always stays.
+"""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
 
 from django.conf import settings
 
@@ -12,10 +21,15 @@ from apps.serving.models import TrainedModel
 from ml.bundle import unpack_bundle
 from ml.predict import Predictor
 
-MAX_LOADED = 8
+
+@dataclass(frozen=True)
+class Loaded:
+    predictor: Predictor
+    bytes: int  # what loading it added to the process's resident memory
+
 
 _lock = threading.Lock()
-_loaded: OrderedDict[tuple[int, str], Predictor] = OrderedDict()
+_loaded: OrderedDict[tuple[int, str], Loaded] = OrderedDict()
 
 
 def get_predictor(model: TrainedModel) -> Predictor:
@@ -23,12 +37,27 @@ def get_predictor(model: TrainedModel) -> Predictor:
     with _lock:
         if key in _loaded:
             _loaded.move_to_end(key)
-            return _loaded[key]
+            return _loaded[key].predictor
         folder = settings.GRAFT_WORK_DIR / "serving" / f"{model.pk}-{model.bundle_sha256[:16]}"
         with local_copy(model.bundle) as archive:
             unpack_bundle(archive, folder)
-        predictor = Predictor(folder)
-        _loaded[key] = predictor
-        while len(_loaded) > MAX_LOADED:
-            _loaded.popitem(last=False)
+        before = resident_bytes()
+        predictor = Predictor(folder, runtime=settings.GRAFT_SERVE_RUNTIME)
+        _loaded[key] = Loaded(predictor, max(0, resident_bytes() - before))
+        while len(_loaded) > 1 and loaded_bytes() > settings.GRAFT_SERVE_MODEL_MEMORY:
+            _, dropped = _loaded.popitem(last=False)
+            dropped.predictor.close()
         return predictor
+
+
+def loaded_bytes() -> int:
+    return sum(entry.bytes for entry in _loaded.values())
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux; 0 where /proc is missing)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,285 @@
+"""Serving speed: the prediction endpoint against the model's own forward pass, under load.
+
+Run from the repo root (prints one JSON line; not a pass/fail test):
+
+    .venv/bin/python -m tests.benchmarks.bench_serve [--dataset ZIP] [--requests 200] [--clients 1 8 32]
+
+It trains a linear probe on the dataset (default: hymenoptera.zip from the shared datasets, the
+ants/bees model; EfficientNet-Lite1, as the engine chooses), then:
+  raw       the bundle's model alone, in this process, on that model's input: ONNX Runtime and
+            TorchScript at batch 1 and batch 8 (median ms per forward pass, and images/s), loaded here
+            by the benchmark itself with one thread per core;
+  endpoint  gunicorn as deploy/ starts it (gthread, 8 threads; one worker, since this box has two
+            cores) on embedded defaults in a temporary GRAFT_DATA_DIR, with a real token; a bounded
+            client of our own (threads, one keep-alive session each) posts one validation JPEG per
+            request. Per client count: requests, errors, images/s, p50/p95/p99 ms;
+  rss       the web process's RSS (MiB) with 1 model loaded, then with 4 (copies of the same bundle
+            as 4 models: each is loaded separately).
+Ratios: p50 at 1 client over the raw batch-1 forward of the runtime the server chose, and throughput
+at 8 clients over the best raw batched rate (batch 8, either runtime). Traffic stays on loopback;
+every phase is bounded in requests and seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PASSWORD = "correct horse battery"
+PHASE_SECONDS = 120  # no load phase runs longer than this, whatever its request count
+
+
+def main() -> None:
+    from tests.conftest import DATASETS
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", type=Path, default=DATASETS / "hymenoptera.zip")
+    parser.add_argument("--requests", type=int, default=200, help="requests per client count")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    args = parser.parse_args()
+
+    data_dir = Path(tempfile.mkdtemp(prefix="graft-bench-serve-"))
+    env = {
+        **os.environ,
+        "GRAFT_DATA_DIR": str(data_dir),
+        "SECRET_KEY": "bench-serve-only",
+        "DJANGO_SETTINGS_MODULE": "apps.settings",
+        "GRAFT_THROTTLE_USER": "1000000/min",
+        "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),  # as deploy/Dockerfile sets it
+    }
+    os.environ.update(env)
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    _log(f"training a linear probe on {args.dataset.name}")
+    model_ids, bundle = _prepare(args.dataset, data_dir)
+    images = _validation_jpegs(args.dataset, 64)
+    result: dict = {"dataset": args.dataset.name, "raw": _raw(bundle)}
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "apps.wsgi", "-b", f"127.0.0.1:{port}", "-w", "1",
+         "-k", "gthread", "--threads", "8", "--timeout", "300"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        token = _start(base)
+        url = f"{base}/api/v1/models/{model_ids[0]}/predict/"
+        _load(url, token, images, clients=1, requests=5)  # load the model
+        pid = _worker_pid(server.pid)
+        result["server_runtime"] = _model_runtime(base, token, model_ids[0], images[0])
+        result["endpoint"] = {}
+        for clients in args.clients:
+            _log(f"{clients} clients")
+            result["endpoint"][str(clients)] = _load(url, token, images, clients=clients, requests=args.requests)
+        rss = {"1": _rss_mib(pid)}
+        for model_id in model_ids[1:]:
+            _load(f"{base}/api/v1/models/{model_id}/predict/", token, images, clients=1, requests=3)
+        rss["4"] = _rss_mib(pid)
+        result["rss_mib"] = rss
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+
+    runtime = result["server_runtime"] or "torchscript"  # a server that does not say runs TorchScript
+    raw_1 = result["raw"][runtime]["batch_1_ms"]
+    best_batched = max(r["batch_8_images_per_s"] for r in result["raw"].values())
+    one, eight = result["endpoint"].get("1"), result["endpoint"].get("8")
+    result["ratios"] = {
+        "p50_1_client_over_raw_batch_1": round(one["p50_ms"] / raw_1, 2) if one else None,
+        "throughput_8_clients_over_raw_batch_8": round(eight["images_per_s"] / best_batched, 2) if eight else None,
+    }
+    print(json.dumps(result), flush=True)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench_serve] {msg}", file=sys.stderr, flush=True)
+
+
+def _prepare(dataset: Path, data_dir: Path) -> tuple[list[int], Path]:
+    """A user and four models (one trained bundle, stored as four models); the unpacked bundle."""
+    from django.contrib.auth.models import User
+
+    from apps.serving.services import bundle_store, model_create
+    from apps.training.models import Job
+    from ml.bundle import unpack_bundle
+    from ml.fit import FitConfig, fit
+
+    user = User.objects.create_user("bench", password=PASSWORD)
+    fitted = fit(dataset, data_dir / "fit", FitConfig(strategy="linear"))
+    ids = []
+    for _ in range(4):
+        job = Job.objects.create(owner=user, status=Job.Status.SUCCEEDED, config={"backbone": ""})
+        ids.append(model_create(job=job, bundle=bundle_store(fitted.artifacts["bundle"]), result=fitted).pk)
+    return ids, unpack_bundle(Path(fitted.artifacts["bundle"]), data_dir / "bundle")
+
+
+def _validation_jpegs(dataset: Path, n: int) -> list[bytes]:
+    with zipfile.ZipFile(dataset) as zf:
+        names = sorted(m for m in zf.namelist() if "/val/" in m and m.lower().endswith((".jpg", ".jpeg")))
+        names = names or sorted(m for m in zf.namelist() if m.lower().endswith((".jpg", ".jpeg")))
+        return [zf.read(m) for m in names[:n]]
+
+
+def _raw(bundle: Path) -> dict:
+    """Median forward-pass time of each runtime the bundle carries, at batch 1 and 8."""
+    import numpy as np
+
+    out = {}
+    for name, forward, size in _runtimes(bundle):
+        per_batch = {}
+        for batch in (1, 8):
+            x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+            for _ in range(3):
+                forward(x)
+            times = []
+            deadline = time.perf_counter() + 20
+            while len(times) < 30 and time.perf_counter() < deadline:
+                t = time.perf_counter()
+                forward(x)
+                times.append(time.perf_counter() - t)
+            per_batch[batch] = statistics.median(times)
+        out[name] = {
+            "batch_1_ms": round(per_batch[1] * 1000, 2),
+            "batch_8_ms": round(per_batch[8] * 1000, 2),
+            "batch_8_images_per_s": round(8 / per_batch[8], 1),
+        }
+        _log(f"raw {name}: {out[name]}")
+    return out
+
+
+def _runtimes(bundle: Path):
+    """The bundle's two model files, loaded here on their own (not through the code under test),
+    each with as many threads as this process has cores."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    size = json.loads((bundle / "preprocessing.json").read_text())["input_size"]
+    cores = len(os.sched_getaffinity(0))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = cores, 1
+    session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    yield "onnxruntime", lambda x: session.run(None, {name: x})[0], size
+    torch.set_num_threads(cores)
+    model = torch.jit.load(str(bundle / "model.torchscript.pt"), map_location="cpu").eval()
+
+    def torchscript(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    yield "torchscript", torchscript, size
+
+
+def _start(base: str) -> str:
+    import requests
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:  # the first request imports the app
+            if requests.get(f"{base}/health/live/", timeout=60).ok:
+                break
+        except requests.RequestException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    r = requests.post(f"{base}/api/v1/auth/token/", json={"username": "bench", "password": PASSWORD}, timeout=60)
+    r.raise_for_status()
+    return r.json()["token"]
+
+
+def _model_runtime(base: str, token: str, model_id: int, image: bytes) -> str | None:
+    """The runtime the server chose for the model (given with each prediction)."""
+    import requests
+
+    r = requests.post(
+        f"{base}/api/v1/models/{model_id}/predict/",
+        headers={"Authorization": f"Token {token}"},
+        files={"image": ("x.jpg", image, "image/jpeg")},
+        timeout=60,
+    )
+    return r.json()["model"].get("runtime")  # None before the server said
+
+
+def _load(url: str, token: str, images: list[bytes], *, clients: int, requests: int) -> dict:
+    """`requests` posts of one image each, spread over `clients` threads with a session each."""
+    import requests as http
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    counter = iter(range(requests))
+    deadline = time.monotonic() + PHASE_SECONDS
+
+    def client() -> None:
+        with http.Session() as session:
+            session.headers["Authorization"] = f"Token {token}"
+            while time.monotonic() < deadline:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                image = images[i % len(images)]
+                t = time.perf_counter()
+                try:
+                    r = session.post(url, files={"image": (f"{i}.jpg", io.BytesIO(image), "image/jpeg")}, timeout=60)
+                    ok = r.status_code == 200
+                    error = "" if ok else f"{r.status_code}: {r.text[:200]}"
+                except http.RequestException as exc:
+                    error = type(exc).__name__
+                elapsed = time.perf_counter() - t
+                with lock:
+                    (errors.append(error) if error else latencies.append(elapsed))
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
+    return {
+        "requests": len(latencies) + len(errors),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "images_per_s": round(len(latencies) / wall, 1),
+        "p50_ms": round(statistics.median(latencies) * 1000, 1) if latencies else None,
+        "p95_ms": round(q[94] * 1000, 1),
+        "p99_ms": round(q[98] * 1000, 1),
+    }
+
+
+def _worker_pid(master: int) -> int:
+    return int(Path(f"/proc/{master}/task/{master}/children").read_text().split()[0])
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError("no VmRSS")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Serving: the runtime is chosen by measurement, and shared forward passes give every caller its own rows."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ml.backbones import Preprocessing
+from ml.bundle import unpack_bundle, write_bundle
+from ml.predict import Batcher, Predictor
+from tests.conftest import image_bytes
+
+
+def test_concurrent_callers_share_passes_and_each_gets_its_own_rows():
+    calls = []
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        time.sleep(0.05)  # a pass long enough for the other callers to queue up behind it
+        return x[:, :, 0, 0] * 10  # each row's logits are its own input, scaled
+
+    batcher = Batcher(forward, max_batch=8)
+    start = threading.Barrier(24)
+
+    def call(i: int) -> np.ndarray:
+        rows = 1 + i % 3  # requests of 1, 2 and 3 images
+        x = np.full((rows, 3, 2, 2), i, dtype=np.float32) + np.arange(rows, dtype=np.float32)[:, None, None, None]
+        start.wait()
+        return batcher(x)
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(call, range(24)))
+    for i, out in enumerate(results):
+        rows = 1 + i % 3
+        assert out.shape == (rows, 3)
+        assert np.array_equal(out[:, 0], (i + np.arange(rows)) * 10), f"caller {i} got another caller's rows"
+    assert sum(calls) == sum(1 + i % 3 for i in range(24))
+    assert max(calls) <= 8 and len(calls) < 24 / 2  # passes were shared, and none was over the cap
+    batcher.close()
+
+
+def test_a_failed_pass_fails_its_callers_and_the_next_one_still_runs():
+    def forward(x: np.ndarray) -> np.ndarray:
+        if (x < 0).any():
+            raise RuntimeError("bad batch")
+        return x[:, :, 0, 0]
+
+    batcher = Batcher(forward)
+    with pytest.raises(RuntimeError, match="bad batch"):
+        batcher(-np.ones((1, 3, 2, 2), dtype=np.float32))
+    assert batcher(np.ones((2, 3, 2, 2), dtype=np.float32)).shape == (2, 3)
+    batcher.close()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    prep = Preprocessing(input_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.25,) * 3)
+    out = tmp_path_factory.mktemp("bundle")
+    archive = write_bundle(
+        out, model=model, classes=["a", "b", "c", "d"], preprocessing=prep, metrics={}, card={"backbone": "tiny"}
+    )
+    return unpack_bundle(archive, out / "unpacked")
+
+
+def test_the_runtime_is_the_one_measured_fastest(bundle):
+    predictor = Predictor(bundle)
+    assert set(predictor.timings_ms) == {"onnxruntime", "torchscript"}
+    assert predictor.runtime == min(predictor.timings_ms, key=predictor.timings_ms.get)
+    assert Predictor(bundle, runtime="torchscript").runtime == "torchscript"
+    with pytest.raises(ValueError, match="runtime"):
+        Predictor(bundle, runtime="tensorrt")
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torchscript"])
+def test_concurrent_predictions_of_distinct_images_match_one_at_a_time(bundle, runtime):
+    predictor = Predictor(bundle, runtime=runtime)
+    images = [
+        image_bytes(color=(i * 9 % 256, 255 - i * 7 % 256, i * 31 % 256), size=(40, 40), seed=i) for i in range(32)
+    ]
+    alone = [predictor.predict_bytes([data], k=4)[0] for data in images]
+    assert len({tuple(p.label for p in preds) + (round(preds[0].score, 4),) for preds in alone}) > 8  # distinct
+
+    start = threading.Barrier(16)
+
+    def call(i: int):
+        start.wait()
+        return predictor.predict_bytes([images[i], images[i + 16]], k=4)
+
+    with ThreadPoolExecutor(16) as pool:
+        together = [row for pair in pool.map(call, range(16)) for row in pair]
+    expected = [alone[i] for pair in zip(range(16), range(16, 32), strict=True) for i in pair]
+    for got, want in zip(together, expected, strict=True):
+        assert [p.label for p in got] == [p.label for p in want]
+        assert [p.score for p in got] == pytest.approx([p.score for p in want], abs=1e-5)
+    predictor.close()
