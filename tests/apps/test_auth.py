@@ -51,3 +51,31 @@ def test_createsuperuser_noinput_from_environment(live_server, monkeypatch):
 def test_openapi_schema_is_served(live_server):
     r = requests.get(f"{live_server.url}/api/v1/schema/?format=json")
     assert r.status_code == 200 and "/api/v1/models/{model_id}/predict/" in r.json()["paths"]
+
+
+def test_tokens_made_before_expiry_existed_expire_a_token_lifetime_after_the_upgrade(make_user, settings):
+    """A token from a release before 0002 had no expiry; migrating gives it GRAFT_TOKEN_DAYS from then."""
+    from datetime import timedelta
+
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+    from django.utils import timezone
+
+    from apps.accounts.models import ApiToken
+
+    user = make_user()
+    before, after = [("accounts", "0001_initial")], [("accounts", "0002_token_expiry")]
+    executor = MigrationExecutor(connection)
+    executor.migrate(before)
+    try:
+        OldApiToken = executor.loader.project_state(before).apps.get_model("accounts", "ApiToken")  # noqa: N806
+        OldApiToken.objects.create(user_id=user.pk, key_hash=ApiToken.hash_key("an old key"), prefix="an old k")
+        upgraded_at = timezone.now()
+        MigrationExecutor(connection).migrate(after)
+    finally:  # the rest of the suite runs on the latest schema
+        executor = MigrationExecutor(connection)
+        executor.migrate(executor.loader.graph.leaf_nodes())
+    token = ApiToken.objects.get(key_hash=ApiToken.hash_key("an old key"))
+    lifetime = timedelta(days=settings.GRAFT_TOKEN_DAYS)
+    assert token.expires_at is not None, "an old token would never expire"
+    assert upgraded_at + lifetime <= token.expires_at <= timezone.now() + lifetime

@@ -168,3 +168,56 @@ def test_a_replaced_worker_can_no_longer_touch_the_job(job):
     _fail(job.pk, "A's failure", stale_attempt)
     job.refresh_from_db()
     assert job.status == "running" and job.error == "" and job.checkpoint == "jobs/1/checkpoint-3-b.pt"
+
+
+@pytest.mark.parametrize("why", ["another configuration", "another fine-tune"])
+def test_a_resumed_job_that_cannot_use_its_checkpoint_shows_each_epoch_once(job, client, why):
+    """Attempt 1 sent its probe's rows and fine-tune epochs 0-3, checkpointed after epoch 2, and its
+    worker was lost. Attempt 2 finds the checkpoint but cannot go on from it: its inputs differ (say,
+    a worker on another device), or its fine-tune measures differently now. It sends those rows
+    again, and the job's history shows each of them once."""
+    from types import SimpleNamespace
+
+    from apps.training.services import JobCheckpoints, _Recorder
+    from ml.fit import _fingerprint, _saved_ladder
+    from ml.run import Run
+
+    def setup(held_out: int) -> SimpleNamespace:  # what _fingerprint reads of a fine-tune's setup
+        return SimpleNamespace(
+            stage="blocks.5",
+            rep=SimpleNamespace(prep=SimpleNamespace(input_size=224)),
+            config=SimpleNamespace(depth="partial", batch_size=32),
+            flip=True,
+            hold_idx=range(held_out),
+        )
+
+    report = {"hyperparameters": {"augmentation": "light"}}
+
+    def attempt(key: str, held_out: int, lost_after_checkpoint: bool) -> None:
+        claimed = job_claim(job_id=job.pk, redelivered=True)
+        recorder = _Recorder(job.pk, Job.objects.filter(pk=job.pk, attempts=claimed.attempts))
+        run = Run(recorder)
+        run.resume_from(JobCheckpoints(claimed, recorder), key)
+        for step in range(3):  # the probe's C path: not sent again while replaying
+            run.report("fit", step, 10, {"phase": "probe", "step": step, "cv_accuracy": 0.8})
+        this_setup = setup(held_out)
+        saved = _saved_ladder(run, this_setup, report)  # as fit does before its fine-tune
+        assert saved is None  # whichever attempt this is, the fine-tune starts at epoch 0
+        for epoch in range(4):
+            run.report("fit", 3 + epoch, 10, {"phase": "finetune", "epoch": epoch, "val_accuracy": 0.9})
+            if lost_after_checkpoint and epoch == 2:
+                run.checkpoint({"state": {"epoch": 2}, "setup": _fingerprint(this_setup, report), "ladder": {}})
+        if lost_after_checkpoint:  # its worker goes silent: the next claim takes the job over
+            Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+
+    attempt("inputs-1", held_out=20, lost_after_checkpoint=True)
+    if why == "another configuration":
+        attempt("inputs-2", held_out=20, lost_after_checkpoint=False)
+    else:
+        attempt("inputs-1", held_out=24, lost_after_checkpoint=False)
+
+    client.force_login(job.owner)
+    body = client.get(f"/api/v1/jobs/{job.pk}/").json()
+    assert body["attempts"] == 2
+    shown = [(row["phase"], row.get("step", row.get("epoch"))) for row in body["history"]]
+    assert shown == [("probe", 0), ("probe", 1), ("probe", 2)] + [("finetune", e) for e in range(4)]

@@ -138,3 +138,76 @@ def test_a_dropped_connection_keeps_every_byte_that_arrived(live_server, api_for
     assert offset == sent
     r = _patch(api, url.geturl(), sent, data[sent:])
     assert r.status_code == 204 and r.headers["Upload-Offset"] == str(len(data))
+
+
+class _Body:
+    """A request body of `length` bytes arriving in pieces of 1000; `on_read(n)` runs before the n-th read."""
+
+    def __init__(self, length: int, on_read=lambda n: None) -> None:
+        self.left, self.reads, self.on_read = length, 0, on_read
+
+    def read(self, size: int) -> bytes:
+        self.reads += 1
+        self.on_read(self.reads)
+        piece = b"x" * min(size, 1000, self.left)
+        self.left -= len(piece)
+        return piece
+
+
+def test_a_patch_that_loses_the_upload_midway_leaves_no_partial_part(db, make_user, monkeypatch):
+    """This PATCH stalled past its lease between two pieces of its body, and another request took
+    the upload over: it is answered 409, and none of its bytes stay in storage."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from apps.common.errors import UserError
+    from apps.datasets import tus
+
+    monkeypatch.setattr(tus, "RENEW_EVERY", 0.0)  # the stall outlasted it anyway
+    upload = tus.upload_create(owner=make_user(), length=3000)
+
+    def stall_then_lose_the_upload(n: int) -> None:
+        if n == 2:
+            Upload.objects.filter(pk=upload.pk).update(writer_until=timezone.now() - timedelta(seconds=1))
+            tus._Lease(upload, 0).take()  # the other request
+
+    with pytest.raises(UserError) as refused:
+        tus.upload_append(upload=upload, offset=0, stream=_Body(3000, stall_then_lose_the_upload), declared=3000)
+    assert refused.value.status_code == 409
+    assert stored_files(upload.storage_prefix) == set()
+    upload.refresh_from_db()
+    assert upload.offset == 0 and upload.parts == []
+
+
+def test_a_delete_that_loses_the_race_to_a_patch_deletes_none_of_the_parts(db, make_user):
+    """A tus DELETE finds the upload idle, but a PATCH takes it just before the DELETE statement
+    runs: the DELETE is refused (423, retry), the upload keeps every stored part, and a later
+    DELETE removes them all."""
+    from django.db import connection
+
+    from apps.common.errors import UserError
+    from apps.datasets import tus
+
+    upload = tus.upload_create(owner=make_user(), length=3000)
+    tus.upload_append(upload=upload, offset=0, stream=_Body(1000), declared=1000)
+    stored = stored_files(upload.storage_prefix)
+    assert len(stored) == 1
+
+    patched = []
+
+    def a_patch_comes_first(execute, sql, params, many, context):
+        if sql.startswith('DELETE FROM "datasets_upload"') and not patched:
+            patched.append(tus._Lease(upload, 1000).take())  # another request, committed before it
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(a_patch_comes_first), pytest.raises(UserError) as refused:
+        tus.upload_delete(upload=Upload.objects.get(pk=upload.pk), unless_writing=True)
+    assert patched and refused.value.status_code == 423
+    assert stored_files(upload.storage_prefix) == stored
+    assert Upload.objects.get(pk=upload.pk).parts == sorted(stored)
+
+    patched[0].release()
+    tus.upload_delete(upload=Upload.objects.get(pk=upload.pk), unless_writing=True)
+    assert not Upload.objects.filter(pk=upload.pk).exists()
+    assert stored_files(upload.storage_prefix) == set()

@@ -169,15 +169,40 @@ def test_a_bomb_of_many_members_under_the_header_checks_is_stopped_by_the_bytes_
     """300 members of 1 MiB of zeros: each under the per-member ratio check's floor, their sum
     far under the total limit, so the headers pass; 300 MB from a 300 KB archive is a bomb all
     the same, and what inflation produces, against the archive's real size, stops it."""
-    path = tmp_path / "bomb.zip"
+    path = _many_member_bomb(tmp_path / "bomb.zip")
+    assert path.stat().st_size < 500_000
+    with pytest.raises(DatasetError, match="zip bomb"):
+        index_dataset(path, IngestConfig(min_per_class=5))
+
+
+def _many_member_bomb(path):
+    """12 images, then 300 members of 1 MiB of zeros (about 1 KB each in the zip)."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in class_folders({"a": 6, "b": 6}).items():
             zf.writestr(name, data)
         for i in range(300):
             zf.writestr(f"a/zeros_{i}.png", b"\0" * 1024**2)
-    assert path.stat().st_size < 500_000
+    return path
+
+
+def test_a_bomb_stops_the_decoding_threads_before_the_members_not_yet_started(tmp_path, monkeypatch):
+    """The budget trips about a fifth of the way through the 312 members; the members no thread
+    had started then are never opened (each would inflate another MiB after the verdict)."""
+    import threading
+
+    import ml.dataset
+
+    opened, lock, read_member = [], threading.Lock(), ml.dataset.read_member
+
+    def counted(zf, name, *args):
+        with lock:
+            opened.append(name)
+        return read_member(zf, name, *args)
+
+    monkeypatch.setattr(ml.dataset, "read_member", counted)
     with pytest.raises(DatasetError, match="zip bomb"):
-        index_dataset(path, IngestConfig(min_per_class=5))
+        index_dataset(_many_member_bomb(tmp_path / "bomb.zip"), IngestConfig(min_per_class=5, workers=4))
+    assert len(opened) < 312 // 2, f"{len(opened)} of 312 members opened after a bomb"
 
 
 def test_a_member_whose_compressed_size_lies_is_left_out_not_inflated(tmp_path):

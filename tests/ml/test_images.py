@@ -119,3 +119,35 @@ def test_hostile_bytes_that_make_pillow_raise_anything_are_a_decode_error():
     tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + struct.pack("<HHII", 273, 99, 1, 0) + b"\0" * 700
     with pytest.raises(ImageDecodeError):
         decode_rgb(tiff)
+
+
+def _two_tone(mode: str, size: tuple[int, int]) -> Image.Image:
+    """Left half dark, right half bright, in `mode` (16-bit: its own scale)."""
+    dark, bright = (4000, 8000) if mode == "I;16" else ((40, 60, 200), (250, 200, 20))
+    if mode in ("RGB", "RGBA", "P"):
+        img = Image.new("RGB", size, dark)
+        img.paste(bright, (size[0] // 2, 0, size[0], size[1]))
+        return img.convert("P", palette=Image.Palette.ADAPTIVE) if mode == "P" else img.convert(mode)
+    img = Image.new(mode, size, dark)
+    img.paste(bright, (size[0] // 2, 0, size[0], size[1]))
+    return img
+
+
+@pytest.mark.parametrize(
+    "mode,transparent", [("RGB", False), ("RGBA", False), ("P", False), ("P", True), ("I;16", False)]
+)
+def test_an_image_over_four_times_min_side_is_reduced_right_after_decoding_whatever_its_mode(mode, transparent):
+    """Decoding for 100-px use, a 2000x1000 PNG is held at about twice that, not at full size (a
+    64-MP palette or 16-bit PNG would otherwise be converted to RGB whole), with its colours."""
+    img = _two_tone(mode, (2000, 1000))
+    if transparent:  # the dark half's palette entry is see-through: it decodes white
+        img.info["transparency"] = img.getpixel((0, 0))
+    data = _encode(img, "PNG")
+    full = decode_rgb(data)
+    out = decode_rgb(data, min_side=100)
+    assert out.mode == "RGB"
+    assert 200 <= min(out.size) < 400 and out.size[0] == 2 * out.size[1], out.size
+    for x in (0.25, 0.75):  # each half keeps its colour
+        got = out.getpixel((int(x * out.size[0]), out.size[1] // 2))
+        want = full.getpixel((int(x * full.size[0]), full.size[1] // 2))
+        assert max(abs(g - w) for g, w in zip(got, want, strict=True)) <= 2, (got, want)
