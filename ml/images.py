@@ -72,6 +72,8 @@ def _reduce(img: Image.Image, min_side: int) -> Image.Image:
             img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         elif img.mode.startswith("I;16"):
             img = img.convert("I")
+        elif img.mode == "1":  # bilevel: reduce() has no such mode either
+            img = img.convert("L")
         if "A" in img.mode:  # reduce() would first copy it whole, premultiplied: a band at a time instead
             return Image.merge(img.mode, [img.getchannel(b).reduce(factor) for b in img.getbands()])
         return img.reduce(factor)

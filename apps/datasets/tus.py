@@ -238,11 +238,15 @@ def upload_delete(*, upload: Upload, unless_writing: bool = False) -> None:
 
 
 def upload_expire() -> int:
-    """Delete uploads nobody has touched for GRAFT_UPLOAD_EXPIRY_HOURS (abandoned tabs, lost laptops)."""
+    """Delete uploads nobody has touched for GRAFT_UPLOAD_EXPIRY_HOURS (abandoned tabs, lost laptops);
+    not one that a request has just started writing (it is not abandoned)."""
     stale = Upload.objects.filter(updated_at__lt=timezone.now() - timedelta(hours=settings.GRAFT_UPLOAD_EXPIRY_HOURS))
     count = 0
     for upload in stale:
-        upload_delete(upload=upload)
+        try:
+            upload_delete(upload=upload, unless_writing=True)
+        except UserError:
+            continue
         count += 1
     return count
 

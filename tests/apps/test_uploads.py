@@ -211,3 +211,25 @@ def test_a_delete_that_loses_the_race_to_a_patch_deletes_none_of_the_parts(db, m
     tus.upload_delete(upload=Upload.objects.get(pk=upload.pk), unless_writing=True)
     assert not Upload.objects.filter(pk=upload.pk).exists()
     assert stored_files(upload.storage_prefix) == set()
+
+
+def test_expiry_removes_idle_uploads_but_not_one_being_written(db, make_user, settings):
+    """An upload idle past GRAFT_UPLOAD_EXPIRY_HOURS is removed with its parts; one that a PATCH
+    has just started writing again is not abandoned, and keeps its parts."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from apps.datasets import tus
+
+    idle, resumed = (tus.upload_create(owner=make_user(name), length=3000) for name in ("alice", "bob"))
+    for upload in (idle, resumed):
+        tus.upload_append(upload=upload, offset=0, stream=_Body(1000), declared=1000)
+    long_ago = timezone.now() - timedelta(hours=settings.GRAFT_UPLOAD_EXPIRY_HOURS + 1)
+    Upload.objects.filter(pk__in=[idle.pk, resumed.pk]).update(updated_at=long_ago)
+    lease = tus._Lease(Upload.objects.get(pk=resumed.pk), 1000).take()  # its owner came back
+
+    assert tus.upload_expire() == 1
+    assert not Upload.objects.filter(pk=idle.pk).exists() and stored_files(idle.storage_prefix) == set()
+    assert Upload.objects.filter(pk=resumed.pk).exists() and len(stored_files(resumed.storage_prefix)) == 1
+    lease.release()

@@ -123,7 +123,7 @@ def test_hostile_bytes_that_make_pillow_raise_anything_are_a_decode_error():
 
 def _two_tone(mode: str, size: tuple[int, int]) -> Image.Image:
     """Left half dark, right half bright, in `mode` (16-bit: its own scale)."""
-    dark, bright = (4000, 8000) if mode == "I;16" else ((40, 60, 200), (250, 200, 20))
+    dark, bright = {"I;16": (4000, 8000), "1": (0, 1)}.get(mode, ((40, 60, 200), (250, 200, 20)))
     if mode in ("RGB", "RGBA", "P"):
         img = Image.new("RGB", size, dark)
         img.paste(bright, (size[0] // 2, 0, size[0], size[1]))
@@ -134,7 +134,7 @@ def _two_tone(mode: str, size: tuple[int, int]) -> Image.Image:
 
 
 @pytest.mark.parametrize(
-    "mode,transparent", [("RGB", False), ("RGBA", False), ("P", False), ("P", True), ("I;16", False)]
+    "mode,transparent", [("RGB", False), ("RGBA", False), ("P", False), ("P", True), ("I;16", False), ("1", False)]
 )
 def test_an_image_over_four_times_min_side_is_reduced_right_after_decoding_whatever_its_mode(mode, transparent):
     """Decoding for 100-px use, a 2000x1000 PNG is held at about twice that, not at full size (a
