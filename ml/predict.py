@@ -7,6 +7,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -32,13 +33,12 @@ class Predictor:
     def __init__(self, folder: Path) -> None:
         folder = Path(folder)
         self.labels: list[str] = json.loads((folder / "labels.json").read_text("utf-8"))
-        self.preprocessing = Preprocessing(
-            **{
-                k: tuple(v) if isinstance(v, list) else v
-                for k, v in json.loads((folder / "preprocessing.json").read_text("utf-8")).items()
-            }
-        )
-        self.card: dict = json.loads((folder / "graft.json").read_text("utf-8"))
+        fields: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in json.loads((folder / "preprocessing.json").read_text("utf-8")).items()
+        }
+        self.preprocessing = Preprocessing(**fields)
+        self.card: dict[str, Any] = json.loads((folder / "graft.json").read_text("utf-8"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
             self.model = torch.jit.load(str(folder / MODEL_FILE), map_location="cpu").eval()
