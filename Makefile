@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint
+.PHONY: run test test-fast lint typecheck
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,3 +23,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# mypy over apps/ and ml/, strict on ml/ (mypy.ini); `make test` runs it too (tests/test_types.py).
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy

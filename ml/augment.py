@@ -17,6 +17,7 @@ first pass knocks it off before the backbone has adapted (LP-FT).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -41,14 +42,14 @@ _JITTER = {
 
 def train_transform(
     prep: Preprocessing, level: str = "medium", *, hflip: bool = False, uint8: bool = False
-) -> tuple[Callable[[Image.Image], torch.Tensor], dict]:
+) -> tuple[Callable[[Image.Image], torch.Tensor], dict[str, Any]]:
     """(transform, description) for one augmentation level; with `uint8`, the views stop before
     scaling and normalisation, as `eval_transform(uint8=True)` does."""
     if level not in LEVELS:
         raise ValueError(f"unknown augmentation level '{level}'. Valid choices: {', '.join(LEVELS)}.")
     interpolation = INTERPOLATION[prep.interpolation]
     scale, ratio = _CROP[level]
-    steps: list = [
+    steps: list[Any] = [
         T.PILToTensor(),
         T.RandomResizedCrop(prep.input_size, scale=scale, ratio=ratio, interpolation=interpolation, antialias=True),
     ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -85,8 +86,13 @@ def _timm_preprocessing(arch: str) -> Preprocessing:
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(arch)
+    if cfg is None:
+        raise ValueError(f"timm publishes no pretrained configuration for '{arch}'")
     size = cfg.input_size[-1]
-    return Preprocessing(size, round(size / cfg.crop_pct), tuple(cfg.mean), tuple(cfg.std), cfg.interpolation)
+    rgb = tuple[float, float, float]
+    return Preprocessing(
+        size, round(size / cfg.crop_pct), cast(rgb, tuple(cfg.mean)), cast(rgb, tuple(cfg.std)), cfg.interpolation
+    )
 
 
 def _torchvision_preprocessing(tag: str) -> Preprocessing:
@@ -154,7 +160,8 @@ class Backbone(nn.Module):
         self.feature_dim = imagenet_head.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        features: torch.Tensor = self.body(x)
+        return features
 
     @property
     def stages(self) -> list[str]:
@@ -188,11 +195,11 @@ def stage_names(body: nn.Module) -> list[str]:
     """
     names = dict(body.named_children())
     if "blocks" in names:  # timm EfficientNet family
-        return [f"blocks.{i}" for i in range(len(body.blocks))]
+        return [f"blocks.{i}" for i in range(len(cast(nn.Sequential, body.blocks)))]
     if "layer4" in names:  # torchvision ResNet
         return ["layer1", "layer2", "layer3", "layer4"]
     if "features" in names:  # torchvision MobileNetV3 / EfficientNet / ConvNeXt: features[0] is the stem
-        return [f"features.{i}" for i in range(1, len(body.features))]
+        return [f"features.{i}" for i in range(1, len(cast(nn.Sequential, body.features)))]
     raise ValueError(f"no stage layout known for {type(body).__name__}")
 
 
@@ -205,6 +212,7 @@ def create_backbone(name: str = DEFAULT_BACKBONE, *, allow_download: bool = True
 
 def _create_lite(spec: BackboneSpec) -> Backbone:
     import timm
+    from timm.models.efficientnet import EfficientNet
 
     file, directory = weights_location(spec)
     path = directory / file
@@ -215,9 +223,9 @@ def _create_lite(spec: BackboneSpec) -> Backbone:
             file=file,
             directory=str(directory),
         )
-    model = timm.create_model(spec.arch, pretrained=False)
+    model = cast(EfficientNet, timm.create_model(spec.arch, pretrained=False))
     model.load_state_dict(map_lite_state_dict(torch.load(path, map_location="cpu"), model))
-    head = model.get_classifier()
+    head = cast(nn.Linear, model.get_classifier())
     model.reset_classifier(0)
     return Backbone(model, head, spec).eval()
 
@@ -245,7 +253,7 @@ def map_lite_state_dict(source: dict[str, torch.Tensor], model: nn.Module) -> di
     return mapped
 
 
-def _zoo_weights(spec: BackboneSpec):  # -> torchvision.models.WeightsEnum member
+def _zoo_weights(spec: BackboneSpec) -> Any:  # a torchvision.models.WeightsEnum member
     from torchvision.models import get_weight
 
     return get_weight(spec.weights_tag)
@@ -279,10 +287,11 @@ def _create_zoo(spec: BackboneSpec, allow_download: bool) -> Backbone:
 
 def _detach_head(model: nn.Module) -> nn.Linear:
     """Replace the final Linear of a torchvision classifier by Identity; return it."""
-    if isinstance(getattr(model, "fc", None), nn.Linear):
-        head, model.fc = model.fc, nn.Identity()
-        return head
-    classifier = model.classifier
-    head = classifier[-1]
+    fc = getattr(model, "fc", None)
+    if isinstance(fc, nn.Linear):
+        model.fc = nn.Identity()
+        return fc
+    classifier = cast(nn.Sequential, model.classifier)
+    head = cast(nn.Linear, classifier[-1])  # the registry's classifiers all end in one
     classifier[-1] = nn.Identity()
     return head

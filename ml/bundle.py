@@ -24,6 +24,7 @@ import zipfile
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ def export_torchscript(model: nn.Module, prep: Preprocessing, path: Path) -> Non
         torch.jit.save(scripted, str(path))
 
 
-def export_onnx(model: nn.Module, prep: Preprocessing, path: Path) -> dict:
+def export_onnx(model: nn.Module, prep: Preprocessing, path: Path) -> dict[str, Any]:
     """Write `model` as ONNX and check it against PyTorch; return what graft.json records.
 
     Raises ExportError when neither exporter succeeds or the outputs disagree.
@@ -162,8 +163,8 @@ def write_bundle(
     model: nn.Module,
     classes: list[str],
     preprocessing: Preprocessing,
-    metrics: dict,
-    card: dict,
+    metrics: dict[str, Any],
+    card: dict[str, Any],
 ) -> Path:
     """Write the bundle folder and its zip; return the zip's path."""
     folder, archive = out_dir / "bundle", out_dir / "bundle.zip"
@@ -203,7 +204,7 @@ def _dump(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _versions() -> dict:
+def _versions() -> dict[str, str | None]:
     import ml
 
     return {
@@ -221,7 +222,7 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-def _card_markdown(card: dict, metrics: dict) -> str:
+def _card_markdown(card: dict[str, Any], metrics: dict[str, Any]) -> str:
     strategy = card.get("strategy", {})
     onnx = card["onnx"]
     lines = [
@@ -254,7 +255,7 @@ def _card_markdown(card: dict, metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _decision_lines(decisions: list[dict]) -> list[str]:
+def _decision_lines(decisions: list[dict[str, Any]]) -> list[str]:
     if not decisions:
         return []
     lines = [
@@ -288,7 +289,7 @@ def _md(text: object) -> str:
     return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 
 
-def _score(score: float | None, detail: dict | None = None) -> str:
+def _score(score: float | None, detail: dict[str, Any] | None = None) -> str:
     """A candidate's score; without one, what it measured instead (the range test: where the loss blew up)."""
     if isinstance(score, int | float) and math.isfinite(score):
         return f"{score:.1%}"
@@ -297,7 +298,7 @@ def _score(score: float | None, detail: dict | None = None) -> str:
     return ", ".join(shown) or "not measured"
 
 
-def _calibration_lines(metrics: dict) -> list[str]:
+def _calibration_lines(metrics: dict[str, Any]) -> list[str]:
     lines = []
     if "top_k_accuracy" in metrics:
         top_k = ", ".join(f"{k} {v:.4f}" for k, v in metrics["top_k_accuracy"].items())

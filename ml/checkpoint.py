@@ -9,28 +9,29 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import IO, Any, Protocol
 
 import torch
 
 
 class Checkpoints(Protocol):
-    def load(self) -> dict | None:
+    def load(self) -> dict[str, Any] | None:
         """The last record saved, or None."""
 
-    def save(self, record: dict) -> None:
+    def save(self, record: dict[str, Any]) -> None:
         """Keep `record` (serialise it before returning: its tensors are live weights)."""
 
     # Optional: `discard(everything: bool)`, called when the fit will not go on from the record
     # it loaded (another configuration, or a fine-tune measured differently this time).
 
 
-def write_record(record: dict, fh: BinaryIO) -> None:
+def write_record(record: dict[str, Any], fh: IO[bytes]) -> None:
     torch.save(record, fh)
 
 
-def read_record(fh: BinaryIO) -> dict:
-    return torch.load(fh, map_location="cpu", weights_only=True)
+def read_record(fh: IO[bytes]) -> dict[str, Any]:
+    record: dict[str, Any] = torch.load(fh, map_location="cpu", weights_only=True)
+    return record
 
 
 class FileCheckpoints:
@@ -39,13 +40,13 @@ class FileCheckpoints:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
-    def load(self) -> dict | None:
+    def load(self) -> dict[str, Any] | None:
         if not self.path.exists():
             return None
         with self.path.open("rb") as fh:
             return read_record(fh)
 
-    def save(self, record: dict) -> None:
+    def save(self, record: dict[str, Any]) -> None:
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         with tmp.open("wb") as fh:
             write_record(record, fh)

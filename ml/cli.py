@@ -14,6 +14,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Never
 
 from ml.errors import MLError
 
@@ -21,7 +22,8 @@ from ml.errors import MLError
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except MLError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
@@ -84,14 +86,15 @@ def _fit(args: argparse.Namespace) -> int:
 
     from ml.checkpoint import FileCheckpoints
     from ml.fit import FitConfig, fit
+    from ml.run import Progress
 
     if not args.dataset.is_file():
         print(f"error: no such file: {args.dataset}", file=sys.stderr)
         return 2
-    bars: dict[tuple[str, int], tqdm] = {}
+    bars: dict[tuple[str, int], tqdm[Never]] = {}  # no iterable: moved by hand
     units = {"decode": "img", "features": "img", "export": "step"}
 
-    def progress(ev) -> None:
+    def progress(ev: Progress) -> None:
         if ev.message is not None:  # log lines as they are written, above the bars
             tqdm.write(ev.message, file=sys.stderr)
             return

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ml.archive import ArchiveLimits, DamagedMember, InflateBudget, Member, read_member, scan_archive
 from ml.errors import DatasetError
@@ -78,7 +79,7 @@ class DatasetIndex:
             h.update(f"{s.sha256}\t{s.label}\t{s.split}\n".encode())
         return h.hexdigest()
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "classes": self.classes,
             "layout": self.layout,
@@ -87,7 +88,7 @@ class DatasetIndex:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> DatasetIndex:
+    def from_dict(cls, data: dict[str, Any]) -> DatasetIndex:
         return cls(
             classes=list(data["classes"]),
             samples=[Sample(**s) for s in data["samples"]],
@@ -152,11 +153,15 @@ def _decode_all(
             height=size[1],
         )
 
-    samples, unreadable = [], []
+    samples: list[Sample] = []
+    unreadable: list[tuple[str, str]] = []
     pool = ThreadPoolExecutor(max_workers=config.workers)
     try:
         for i, outcome in enumerate(pool.map(check, members), start=1):
-            (samples if isinstance(outcome, Sample) else unreadable).append(outcome)
+            if isinstance(outcome, Sample):
+                samples.append(outcome)
+            else:
+                unreadable.append(outcome)
             if progress:
                 progress(i, len(members))
     finally:  # a zip bomb (or any error) stops the members not yet started, not after them
@@ -170,7 +175,10 @@ def _dedupe(samples: list[Sample]) -> tuple[list[Sample], list[DatasetWarning]]:
     by_hash: dict[str, list[Sample]] = defaultdict(list)
     for s in sorted(samples, key=lambda s: (split_rank.get(s.split, 3), s.member)):
         by_hash[s.sha256].append(s)
-    kept, dups, conflicts, leaks = [], [], [], []
+    kept: list[Sample] = []
+    dups: list[str] = []
+    conflicts: list[str] = []
+    leaks: list[str] = []
     for group in by_hash.values():
         labels = {s.label for s in group}
         if len(labels) > 1:

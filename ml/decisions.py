@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from ml.augment import LEVELS, mirrored, train_transform
@@ -33,7 +34,14 @@ FLIP_TOLERANCE = 0.02  # accuracy a mirror may cost the probe and still count as
 AUGMENT_TOLERANCE = 0.05  # accuracy an augmentation level's views may cost the probe
 
 
-def flip_decision(run: Run, model: nn.Module, images: Callable, labels: np.ndarray, transform, device) -> bool:
+def flip_decision(
+    run: Run,
+    model: nn.Sequential,
+    images: Callable[[int], Image.Image],
+    labels: np.ndarray,
+    transform: Callable[[Image.Image], torch.Tensor],
+    device: torch.device,
+) -> bool:
     """Whether horizontal flips are an invariance: the probe reads mirrored held-out images as well.
 
     The mirrors may cost the probe `FLIP_TOLERANCE`, or twice the standard error of the paired
@@ -65,12 +73,12 @@ def flip_decision(run: Run, model: nn.Module, images: Callable, labels: np.ndarr
 
 def augmentation_decision(
     run: Run,
-    model: nn.Module,
-    images: Callable,
+    model: nn.Sequential,
+    images: Callable[[int], Image.Image],
     labels: np.ndarray,
     prep: Preprocessing,
     flip: bool,
-    device,
+    device: torch.device,
     seed: int = 0,
 ) -> str:
     """The strongest augmentation level whose views the probe still reads (within a tolerance).
@@ -90,7 +98,7 @@ def augmentation_decision(
             torch.manual_seed(seed)
             views = [augment(img) for img in decoded]
             norm = (prep.mean, prep.std)
-            _, score = evaluate(model, Batches(lambda i, v=views: v[i], labels, 64, norm), device)
+            _, score = evaluate(model, Batches(views.__getitem__, labels, 64, norm), device)
         levels.append(Candidate(level, score, t.seconds))
     chosen = strongest_within(levels, acc, tolerance=AUGMENT_TOLERANCE)
     run.decide(
@@ -106,7 +114,7 @@ def augmentation_decision(
     return chosen
 
 
-def tta_decision(run: Run, model: nn.Module, hold: Batches, device) -> nn.Module:
+def tta_decision(run: Run, model: nn.Sequential, hold: Batches, device: torch.device) -> nn.Sequential:
     """Flip TTA costs a second forward pass per image at serving: kept only when it measures better."""
     with timer() as t:
         plain = _correct(model, hold, device)
@@ -129,7 +137,7 @@ def tta_decision(run: Run, model: nn.Module, hold: Batches, device) -> nn.Module
     return with_flip_average(model) if keep else model
 
 
-def _correct(model: nn.Module, batches: Batches, device) -> np.ndarray:
+def _correct(model: nn.Sequential, batches: Batches, device: torch.device) -> np.ndarray:
     """Per image: whether the model's top answer is its label."""
     logits, labels = predict_logits(model, batches, device)
     return (logits.argmax(1) == labels).numpy()

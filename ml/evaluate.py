@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
@@ -13,7 +15,7 @@ MAX_MISCLASSIFIED = 200
 
 def classification_metrics(
     logits: torch.Tensor, y: np.ndarray, classes: list[str], *, names: list[str] | None = None
-) -> dict:
+) -> dict[str, Any]:
     """Metrics of validation `logits` (N, C) against integer labels `y` (N,).
 
     Keys:
@@ -64,7 +66,9 @@ def top_k_accuracies(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
     }
 
 
-def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS) -> tuple[float, list[dict]]:
+def calibration(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS
+) -> tuple[float, list[dict[str, float]]]:
     """Expected calibration error and the non-empty reliability bins (lo, hi]."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
@@ -82,7 +86,7 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRA
     return float(ece), reliability
 
 
-def misclassified(probs: np.ndarray, y: np.ndarray, classes: list[str], names: list[str]) -> list[dict]:
+def misclassified(probs: np.ndarray, y: np.ndarray, classes: list[str], names: list[str]) -> list[dict[str, Any]]:
     """The wrong predictions, most confident first, at most MAX_MISCLASSIFIED."""
     if len(names) != len(y):
         raise ValueError(f"names has {len(names)} entries but there are {len(y)} labels")

@@ -15,9 +15,11 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from ml.backbones import Backbone, Preprocessing
@@ -50,18 +52,21 @@ class GridPool(nn.Module):
 
 
 ProgressFn = Callable[[int, int], None]
+Loaded = TypeVar("Loaded")  # what ZipImages makes of an image
+Item = TypeVar("Item")  # what iter_batches' `load` takes: a member name, a position
 
 
-class ZipImages:
-    """Decodes members of one zip into model-ready tensors, one zip handle per thread."""
+class ZipImages(Generic[Loaded]):
+    """Decodes members of one zip and applies `transform` (to model-ready tensors, say), one zip
+    handle per thread."""
 
-    def __init__(self, archive: Path, transform: Callable, min_side: int | None = None) -> None:
+    def __init__(self, archive: Path, transform: Callable[[Image.Image], Loaded], min_side: int | None = None) -> None:
         self.archive = archive
         self.transform = transform
         self.min_side = min_side  # lets JPEG decoding skip resolution the transform drops
         self._local = threading.local()
 
-    def load(self, member: str) -> torch.Tensor:
+    def load(self, member: str) -> Loaded:
         zf = getattr(self._local, "zf", None)
         if zf is None:
             zf = self._local.zf = zipfile.ZipFile(self.archive)
@@ -72,14 +77,14 @@ DECODE_WORKERS = min(16, (os.cpu_count() or 2) * 2)  # decoding threads (Pillow 
 
 
 def iter_batches(
-    load: Callable[[str], torch.Tensor],
-    items: Sequence[str],
+    load: Callable[[Item], torch.Tensor],
+    items: Sequence[Item],
     batch_size: int,
     workers: int = DECODE_WORKERS,
 ) -> Iterator[torch.Tensor]:
     """Yield stacked batches in order, decoding up to two batches ahead."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque[Future] = deque()
+        pending: deque[Future[torch.Tensor]] = deque()
         it = iter(items)
         ahead = 3 * batch_size
         for item in it:
@@ -140,12 +145,13 @@ def extract_stage_features(
     images = ZipImages(archive, eval_transform(prep), min_side=prep.resize_size)
     # Outside inference mode: converted parameters made inside it would be inference
     # tensors, unusable for export or fine-tuning afterwards.
-    body = backbone.eval().to(device, memory_format=torch.channels_last).body
+    # torch's stubs lack the (device, memory_format) form of Module.to, which it accepts.
+    body = backbone.eval().to(device, memory_format=torch.channels_last).body  # type: ignore[call-overload]
     modules = dict(body.named_modules())
     captured: dict[str, torch.Tensor] = {}
     pool = GridPool()
 
-    def tap(name: str):
+    def tap(name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
         return lambda _module, _inputs, output: captured.__setitem__(name, pool(output))
 
     hooks = [modules[name].register_forward_hook(tap(name)) for name in taps]
@@ -176,7 +182,7 @@ class ImageSource:
     """Decoded, size-reduced RGB images by position; kept in memory when they fit."""
 
     def __init__(self, archive: Path, samples: list[Sample], prep: Preprocessing) -> None:
-        self.images = ZipImages(archive, lambda img: img, min_side=prep.resize_size)
+        self.images: ZipImages[Image.Image] = ZipImages(archive, lambda img: img, min_side=prep.resize_size)
         self.members = [s.member for s in samples]
         self.min_side = prep.resize_size
         # Kept images have a short side of at most 2 x resize_size; PIL holds RGB in 4 bytes/pixel.
@@ -185,9 +191,9 @@ class ImageSource:
             4 * min(s.width * s.height, cap * cap * max(s.width, s.height) / max(1, min(s.width, s.height)))
             for s in samples
         )
-        self.cache: dict[int, object] | None = {} if est <= MAX_CACHED_BYTES else None
+        self.cache: dict[int, Image.Image] | None = {} if est <= MAX_CACHED_BYTES else None
 
-    def image(self, i: int):
+    def image(self, i: int) -> Image.Image:
         if self.cache is not None and i in self.cache:
             return self.cache[i]
         img = self.images.load(self.members[i])

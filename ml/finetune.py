@@ -31,6 +31,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -40,8 +41,12 @@ from ml.backbones import Backbone, BackboneSpec
 from ml.features import TOP, GridPool, iter_batches
 from ml.preprocess import normalize
 
-EpochFn = Callable[[dict], None]
-CheckpointFn = Callable[[dict], None]  # receives the state after each epoch (see `finetune`)
+if TYPE_CHECKING:
+    from timm.scheduler import CosineLRScheduler
+    from timm.utils import ModelEmaV3
+
+EpochFn = Callable[[dict[str, Any]], None]
+CheckpointFn = Callable[[dict[str, Any]], None]  # receives the state after each epoch (see `finetune`)
 StepFn = Callable[[int, int, int], None]  # (epoch, images seen in it, images per epoch)
 RangeStepFn = Callable[[int, int], None]  # (steps done, steps)
 
@@ -99,7 +104,9 @@ class FlipAverage(nn.Module):
         self.body = body
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.body(x) + self.body(x.flip(3))) / 2
+        plain: torch.Tensor = self.body(x)
+        mirror: torch.Tensor = self.body(x.flip(3))
+        return (plain + mirror) / 2
 
 
 def with_flip_average(model: nn.Sequential) -> nn.Sequential:
@@ -113,13 +120,14 @@ def freeze_batchnorm(model: nn.Module) -> None:
             m.eval()
 
 
-def param_groups(params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> list[dict]:
+def param_groups(params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on weight matrices/kernels only; norms and biases (1-D) get none."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in params:
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay}]
+    groups: list[dict[str, Any]] = [{"params": decay, "lr": lr, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
     return groups
@@ -129,10 +137,14 @@ def param_groups(params: Iterable[nn.Parameter], lr: float, weight_decay: float)
 # TF-trained weights: its square average starts at 1, not 0 as in torch.optim.RMSprop, whose
 # first steps move every weight by ~3x the LR whatever its gradient -- enough to wreck a
 # pretrained network in a few batches.
-_TIMM_OPT = {"sgd": ("sgd", {}), "rmsprop": ("rmsproptf", {"alpha": 0.9, "eps": 1e-3}), "adamw": ("adamw", {})}
+_TIMM_OPT: dict[str, tuple[str, dict[str, Any]]] = {
+    "sgd": ("sgd", {}),
+    "rmsprop": ("rmsproptf", {"alpha": 0.9, "eps": 1e-3}),
+    "adamw": ("adamw", {}),
+}
 
 
-def make_optimizer(kind: str, groups: list[dict]) -> torch.optim.Optimizer:
+def make_optimizer(kind: str, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     """The optimizer family the backbone was trained with, so that 1/10 of its LR means what it says."""
     from timm.optim import create_optimizer_v2
 
@@ -158,7 +170,7 @@ def seed_second_moment(optimizer: torch.optim.Optimizer) -> None:
                 state["square_avg"].copy_(p.grad.detach().square())
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> CosineLRScheduler:
     """Linear warmup from 0, then cosine decay to 0 over the remaining steps (timm), stepped per batch."""
     from timm.scheduler import CosineLRScheduler
 
@@ -177,13 +189,13 @@ class EarlyStopping:
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
-        self.best_score: float | tuple = -math.inf
+        self.best_score: Any = -math.inf  # then the best score: a float or a tuple, as the caller scores
         self.best_epoch = -1
         self.best_source = "model"
         self.bad_epochs = 0
         self._state: dict[str, torch.Tensor] | None = None
 
-    def update(self, epoch: int, score: float | tuple, model: nn.Module, source: str = "model") -> bool:
+    def update(self, epoch: int, score: float | tuple[float, ...], model: nn.Module, source: str = "model") -> bool:
         """Record an epoch; True when training should stop. Scores compare with `>` (tuples break ties)."""
         if self.best_epoch < 0 or score > self.best_score:
             self.best_score, self.best_epoch, self.best_source, self.bad_epochs = score, epoch, source, 0
@@ -196,7 +208,7 @@ class EarlyStopping:
         if self._state is not None:
             model.load_state_dict(self._state)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
@@ -205,14 +217,14 @@ class EarlyStopping:
             "weights": self._state,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
         self.best_source, self.bad_epochs, self._state = state["best_source"], state["bad_epochs"], state["weights"]
 
 
 @dataclass
 class SanityReport:
-    checks: list[dict] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, name: str, ok: bool, detail: str) -> None:
         self.checks.append({"check": name, "ok": bool(ok), "detail": detail})
@@ -248,7 +260,7 @@ def check_loss_decreases(report: SanityReport, losses: Sequence[float]) -> None:
 
 def check_overfits_a_batch(
     report: SanityReport,
-    model: nn.Module,
+    model: nn.Sequential,
     params: list[nn.Parameter],
     kind: str,
     lr: float,
@@ -267,7 +279,7 @@ def check_overfits_a_batch(
     ids = {id(p) for p in params}
     names = {n for n, p in model.named_parameters() if id(p) in ids}
     model = copy.deepcopy(model)
-    head = model[-1]
+    head = cast(nn.Linear, model[-1])  # the probe's head
     with torch.no_grad():  # a fresh head, small on standardised features: initial loss ~ ln C
         feats = model[:-1].eval()(x).float()
         mean = feats.mean(0)
@@ -298,12 +310,12 @@ def check_overfits_a_batch(
 
 @dataclass
 class FinetuneResult:
-    model: nn.Module
-    history: list[dict]
+    model: nn.Sequential
+    history: list[dict[str, Any]]
     best_epoch: int
     stopped: str  # why training ended
-    sanity: list[dict]
-    hyperparameters: dict
+    sanity: list[dict[str, Any]]
+    hyperparameters: dict[str, Any]
 
 
 class Batches:
@@ -324,7 +336,7 @@ class Batches:
         self.load, self.labels, self.batch_size, self.normalize = load, labels, batch_size, normalize
 
     def __call__(
-        self, order: Sequence[int], device: torch.device | None = None
+        self, order: Sequence[int] | np.ndarray, device: torch.device | None = None
     ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """Batches in `order`; on `device` (channels-last, normalised) when one is given."""
         done = 0
@@ -359,7 +371,7 @@ def finetune(
     on_epoch: EpochFn | None = None,
     on_step: StepFn | None = None,
     checkpoint: CheckpointFn | None = None,
-    resume: dict | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Fine-tune the probe's network (body up to `stage` + `head`, the fitted probe); returns the best model.
 
@@ -460,7 +472,7 @@ def finetune(
         hyper.update(resume["hyper"])
         started -= resume["train_seconds"]
 
-    def state() -> dict:
+    def state() -> dict[str, Any]:
         """Everything the next epoch depends on (the `checkpoint` contract)."""
         return {
             "epoch": epoch,
@@ -590,7 +602,8 @@ def _forward(model: nn.Sequential, x: torch.Tensor, amp: torch.dtype | None) -> 
     channels): in fp16 its logits would lose 0.1-1."""
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         feats = model[:-1](x)
-    return model[-1](feats.float())
+    logits: torch.Tensor = model[-1](feats.float())
+    return logits
 
 
 def _update_ratio(before: list[torch.Tensor], params: list[nn.Parameter]) -> float:
@@ -601,14 +614,14 @@ def _update_ratio(before: list[torch.Tensor], params: list[nn.Parameter]) -> flo
     return float(delta / norm.clamp_min(1e-12))
 
 
-def _ema(model: nn.Module, decay: float) -> nn.Module:
+def _ema(model: nn.Module, decay: float) -> ModelEmaV3:
     from timm.utils import ModelEmaV3
 
     return ModelEmaV3(model, decay=decay)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, device: torch.device) -> tuple[float, float]:
+def evaluate(model: nn.Sequential, batches: Batches, device: torch.device) -> tuple[float, float]:
     """(mean loss, accuracy) over `batches` in eval mode."""
     logits, labels = predict_logits(model, batches, device)
     loss = nn.functional.cross_entropy(logits, labels).item()
@@ -616,7 +629,7 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device) -> tuple[
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, batches: Batches, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(model: nn.Sequential, batches: Batches, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 logits, labels) for every image of `batches`, in order, in eval mode."""
     model.eval()
     amp = _amp_dtype(device)
@@ -627,9 +640,12 @@ def predict_logits(model: nn.Module, batches: Batches, device: torch.device) -> 
     return torch.cat(out), torch.cat(ys)
 
 
-def _prepare(backbone: Backbone, head: nn.Linear, config: FinetuneConfig, device: torch.device, stage: str = TOP):
+def _prepare(
+    backbone: Backbone, head: nn.Linear, config: FinetuneConfig, device: torch.device, stage: str = TOP
+) -> tuple[nn.Sequential, str, list[nn.Parameter], torch.optim.Optimizer]:
     """(model, first trainable stage, trainable parameters incl. the head's, optimizer) for `config.depth`."""
-    model = probe_model(backbone, head, stage).to(device, memory_format=torch.channels_last)
+    # torch's stubs lack the (device, memory_format) form of Module.to, which it accepts.
+    model = probe_model(backbone, head, stage).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     first = trainable_stage(backbone, config.depth, stage)
     in_model = {id(p) for p in model[0].parameters()}
     body_params = (
@@ -671,7 +687,7 @@ def lr_range_test(
     seed: int = 0,
     stage: str = TOP,
     on_step: RangeStepFn | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Leslie Smith's range test with the fine-tune's own setup, on copies of the weights.
 
     The same trainable layers, optimizer family, parameter groups and class weights
@@ -688,7 +704,7 @@ def lr_range_test(
     loss_fn = nn.CrossEntropyLoss(weight=_class_weights(train.labels, num_classes, device))
     gamma = (factor_max / factor_min) ** (1 / max(1, steps - 1))
     rng = np.random.default_rng(seed)
-    curve: list[dict] = []
+    curve: list[dict[str, float]] = []
     smooth, best, factor = None, math.inf, factor_min
     model.train()
     freeze_batchnorm(model)
@@ -737,7 +753,17 @@ def loss_blew_up(smoothed: float, best: float, num_classes: int) -> bool:
     return smoothed > max(4 * best, best + 0.25 * math.log(num_classes))
 
 
-def _row(epoch, train_loss, train_acc, val_loss, val_acc, lr, head_lr, seconds, stopper: EarlyStopping) -> dict:
+def _row(
+    epoch: int,
+    train_loss: float | None,
+    train_acc: float | None,
+    val_loss: float,
+    val_acc: float,
+    lr: float,
+    head_lr: float,
+    seconds: float,
+    stopper: EarlyStopping,
+) -> dict[str, Any]:
     return {
         "epoch": epoch,
         "train_loss": train_loss,

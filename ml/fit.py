@@ -17,12 +17,14 @@ import copy
 import hashlib
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from ml.augment import train_transform
@@ -36,6 +38,7 @@ from ml.evaluate import classification_metrics
 from ml.features import TOP, ImageSource, extract_stage_features
 from ml.finetune import (
     Batches,
+    CheckpointFn,
     FinetuneConfig,
     FinetuneResult,
     SanityReport,
@@ -117,21 +120,21 @@ class FitConfig:
 @dataclass
 class FitResult:
     classes: list[str]
-    strategy: dict
-    metrics: dict
-    timings: dict
-    artifacts: dict
-    preprocessing: dict
+    strategy: dict[str, Any]
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+    artifacts: dict[str, str]
+    preprocessing: dict[str, Any]
     device: str
-    history: list[dict] = field(default_factory=list)
-    sanity: list[dict] = field(default_factory=list)
-    hyperparameters: dict = field(default_factory=dict)
-    lr_range: dict | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    sanity: list[dict[str, Any]] = field(default_factory=list)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    lr_range: dict[str, Any] | None = None
     log: list[str] = field(default_factory=list)
-    decisions: list[dict] = field(default_factory=list)
-    peak_rss_mib: dict = field(default_factory=dict)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -296,6 +299,7 @@ def measure(
                 device=device, preprocessing=prep, progress=tick,
             )  # fmt: skip
         reps.append(Representation(prep, feats))
+    assert similarity is not None  # the native input is always among the sizes
     plan = decide(
         len(data.train) / len(data.classes), similarity, override=config.strategy, boundary=config.size_boundary
     )
@@ -303,7 +307,16 @@ def measure(
     return reps, plan
 
 
-def _native_pass(backbone, archive, members, n_train, taps, device, config, tick=None) -> tuple[dict, Similarity]:
+def _native_pass(
+    backbone: Backbone,
+    archive: Path,
+    members: list[str],
+    n_train: int,
+    taps: list[str],
+    device: torch.device,
+    config: FitConfig,
+    tick: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, np.ndarray], Similarity]:
     """Features at the native input, and the similarity measured on the first training images
     (`members` starts with the `n_train` training images; the validation images never count)."""
     n = min(SIMILARITY_SAMPLE, n_train)
@@ -362,7 +375,7 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
         stages += [s for s in reps[-1].feats if s != TOP]
     options = {_name(stage, rep): (rep, stage) for rep in reps for stage in stages}
     incumbent = _name(TOP, reps[-1])  # the native size is always last
-    history: list[dict] = []
+    history: list[dict[str, Any]] = []
     if len(options) > 1:
         idx = _subsample(data.y_train, PILOT_IMAGES, config.seed)
         pilot = len(idx) < n
@@ -397,7 +410,7 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
     return ChosenProbe(rep, stage, replace(probe, history=history), n, ranking)
 
 
-def _report_rows(run: Run, probe: ProbeFit, name: str, done: int, total: int) -> list[dict]:
+def _report_rows(run: Run, probe: ProbeFit, name: str, done: int, total: int) -> list[dict[str, Any]]:
     """A probe's C path as history rows, each sent with the progress (the job page plots them live)."""
     rows = [{"phase": "probe", "stage": name, **r} for r in probe.history]
     for row in rows:
@@ -444,11 +457,11 @@ def _cv_best(probe: ProbeFit) -> float | None:
 
 
 def train(
-    run: Run, backbone: Backbone, chosen: ChosenProbe, data: Data, plan: Plan, config: FitConfig, device
-) -> tuple[nn.Module, Preprocessing, torch.Tensor, dict]:
+    run: Run, backbone: Backbone, chosen: ChosenProbe, data: Data, plan: Plan, config: FitConfig, device: torch.device
+) -> tuple[nn.Module, Preprocessing, torch.Tensor, dict[str, Any]]:
     """(model, its preprocessing, validation logits, report): the chosen probe, or a fine-tune that beats it
     on a held-out slice of the training split."""
-    report = {
+    report: dict[str, Any] = {
         "history": list(chosen.probe.history),
         "sanity": _probe_sanity(chosen.probe, chosen.X_train, data.y_train, len(data.classes)),
         "hyperparameters": {"probe": {"stage": chosen.stage, "C": chosen.probe.C, "class_weight": "balanced"}},
@@ -485,15 +498,24 @@ class _FinetuneSetup:
     hold_idx: np.ndarray
     probe_hold: float  # the chosen probe's accuracy on the held-out slice (refitted without it)
     source: ImageSource
-    clean: Callable  # the eval transform, to uint8
-    norm: tuple  # (mean, std) applied on the device
+    clean: Callable[[Image.Image], torch.Tensor]  # the eval transform, to uint8
+    norm: tuple[Sequence[float], Sequence[float]]  # (mean, std) applied on the device
     hold: Batches
     flip: bool
     batches_for: Callable[[int], Batches]
     config: FinetuneConfig
 
 
-def _finetune_setup(run, backbone, chosen: ChosenProbe, data: Data, depth: str, config, device, report):
+def _finetune_setup(
+    run: Run,
+    backbone: Backbone,
+    chosen: ChosenProbe,
+    data: Data,
+    depth: str,
+    config: FitConfig,
+    device: torch.device,
+    report: dict[str, Any],
+) -> _FinetuneSetup:
     """The fine-tune candidate: its held-out slice, starting probe, invariances and training batches.
 
     It starts from the best probe at the cheapest input size (fine-tuning adapts the filters to
@@ -512,9 +534,13 @@ def _finetune_setup(run, backbone, chosen: ChosenProbe, data: Data, depth: str, 
     clean = eval_transform(rep.prep, uint8=True)
     hold = Batches(lambda i: clean(source.image(hold_idx[i])), y_hold, 64, norm)
 
-    start = probe_model(backbone, head, stage).to(device, memory_format=torch.channels_last)
+    # torch's stubs lack the (device, memory_format) form of Module.to, which it accepts.
+    start = probe_model(backbone, head, stage).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     sample = hold_idx[:INVARIANCE_SAMPLE]
-    held_out = lambda i: source.image(sample[i])  # noqa: E731
+
+    def held_out(i: int) -> Image.Image:
+        return source.image(sample[i])
+
     flip = config.hflip and flip_decision(run, start, held_out, data.y_train[sample], eval_transform(rep.prep), device)
     if not config.hflip:
         run.say("horizontal flips: off (asked for)")
@@ -538,7 +564,9 @@ def _finetune_setup(run, backbone, chosen: ChosenProbe, data: Data, depth: str, 
     )
 
 
-def _finetune_with_measured_lr(run, backbone, setup: _FinetuneSetup, config, device, report) -> FinetuneResult:
+def _finetune_with_measured_lr(
+    run: Run, backbone: Backbone, setup: _FinetuneSetup, config: FitConfig, device: torch.device, report: dict[str, Any]
+) -> FinetuneResult:
     """The recipe's learning rate, capped by a range test; when its pilot cannot beat the probe, a
     quarter of it (dissimilar data often wants a gentler start), each from the same probe. The best
     is returned. With `config.search`, a random search over learning rate and weight decay instead."""
@@ -575,7 +603,9 @@ def _finetune_with_measured_lr(run, backbone, setup: _FinetuneSetup, config, dev
     return result
 
 
-def _lr_cap(run, backbone, setup: _FinetuneSetup, config, device) -> tuple[float, dict]:
+def _lr_cap(
+    run: Run, backbone: Backbone, setup: _FinetuneSetup, config: FitConfig, device: torch.device
+) -> tuple[float, dict[str, Any]]:
     """(start, the range test): the learning rate the fine-tune starts at, as a multiple of the recipe's
     rule: the rule, unless a
     range test (the fine-tune's own setup, on copies, the LR growing each step) sees the loss blow up
@@ -601,7 +631,15 @@ def _lr_cap(run, backbone, setup: _FinetuneSetup, config, device) -> tuple[float
 
 
 def _lr_ladder(
-    run, backbone, setup: _FinetuneSetup, start: float, rt: dict, config, device, report, saved: dict | None = None
+    run: Run,
+    backbone: Backbone,
+    setup: _FinetuneSetup,
+    start: float,
+    rt: dict[str, Any],
+    config: FitConfig,
+    device: torch.device,
+    report: dict[str, Any],
+    saved: dict[str, Any] | None = None,
 ) -> tuple[FinetuneResult, float]:
     """(best fine-tune, seconds of all of them): from `start` x the recipe's rate, then lower while the pilot fails.
 
@@ -609,7 +647,7 @@ def _lr_ladder(
     fine-tune's state; from `saved`, the finished tries are not run again and the one it
     was in goes on.
     """
-    done: list[dict] = []  # finished tries: multiplier, score, seconds, history rows
+    done: list[dict[str, Any]] = []  # finished tries: multiplier, score, seconds, history rows
     results: list[tuple[float, FinetuneResult]] = []
     for i, step in enumerate(LR_MULTIPLIERS):
         multiplier = start * step
@@ -621,13 +659,14 @@ def _lr_ladder(
         if done and resume is None:
             run.say(f"retrying the fine-tune at {multiplier:.2g}x the recipe's learning rate")
         ladder = {"start": start, "rt": rt, "try": i, "done": list(done)}
+
+        def save(state: dict[str, Any], ladder: dict[str, Any] = ladder) -> None:
+            run.checkpoint({"setup": _fingerprint(setup, report), "ladder": ladder, "state": state})
+
         rows_before = len(report["history"])
         result = _run_finetune(
             run, backbone, setup, replace(setup.config, lr_multiplier=multiplier), device, config, report,
-            checkpoint=lambda state, ladder=ladder: run.checkpoint(
-                {"setup": _fingerprint(setup, report), "ladder": ladder, "state": state}
-            ),
-            resume=resume,
+            checkpoint=save, resume=resume,
         )  # fmt: skip
         results.append((multiplier, result))
         done.append(
@@ -659,7 +698,7 @@ def _lr_ladder(
     return result, sum(d["seconds"] for d in done)
 
 
-def _fingerprint(setup: _FinetuneSetup, report: dict) -> dict:
+def _fingerprint(setup: _FinetuneSetup, report: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint's fine-tune was measured to be; a resumed fit must measure the same."""
     return {
         "start": _name(setup.stage, setup.rep),
@@ -671,7 +710,7 @@ def _fingerprint(setup: _FinetuneSetup, report: dict) -> dict:
     }
 
 
-def _saved_ladder(run: Run, setup: _FinetuneSetup, report: dict) -> dict | None:
+def _saved_ladder(run: Run, setup: _FinetuneSetup, report: dict[str, Any]) -> dict[str, Any] | None:
     """The resumed checkpoint's ladder and fine-tune state, when it is of this very fine-tune."""
     saved = run.resumed
     run.end_replay()
@@ -692,7 +731,7 @@ def _keep_finetune(run: Run, chosen: ChosenProbe, setup: _FinetuneSetup, result:
     tuned = result.best_epoch > 0
     tuned_acc = result.history[result.best_epoch]["val_accuracy"] if tuned else None
     margin = significance_margin(setup.probe_hold, len(setup.hold_idx))
-    keep = tuned and keep_if_better(setup.probe_hold, tuned_acc, margin=margin)
+    keep = tuned_acc is not None and keep_if_better(setup.probe_hold, tuned_acc, margin=margin)
     run.decide(
         Decision(
             "finetune",
@@ -720,16 +759,16 @@ def _keep_finetune(run: Run, chosen: ChosenProbe, setup: _FinetuneSetup, result:
 
 
 def _run_finetune(
-    run,
-    backbone,
+    run: Run,
+    backbone: Backbone,
     setup: _FinetuneSetup,
     cfg: FinetuneConfig,
-    device,
-    config,
-    report,
+    device: torch.device,
+    config: FitConfig,
+    report: dict[str, Any],
     trial: int | None = None,
-    checkpoint=None,
-    resume: dict | None = None,
+    checkpoint: CheckpointFn | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """One fine-tune from the probe, on copies (the chosen probe shares the pretrained body and the
     head may be tried again), with its epochs in the history and the log (a search `trial`'s tagged);
@@ -741,7 +780,7 @@ def _run_finetune(
         report["history"] += [{"phase": "finetune", **tag, **row} for row in resume["history"]]
         run.say(f"fine-tune at {cfg.lr_multiplier:.2g}x resumed after epoch {resume['epoch']}")
 
-    def on_epoch(row: dict) -> None:
+    def on_epoch(row: dict[str, Any]) -> None:
         report["history"].append({"phase": "search" if trial else "finetune", **tag, **row})
         run.report("fit", row["epoch"] * n, units, report["history"][-1])
         run.say(
@@ -775,7 +814,9 @@ def _finetune_start(chosen: ChosenProbe) -> tuple[Representation, str, float]:
     return rep, stage, c.detail.get("C", chosen.probe.C)
 
 
-def _holdout_accuracy(X, y, fit_idx, hold_idx, num_classes: int, C: float, seed: int) -> float:
+def _holdout_accuracy(
+    X: np.ndarray, y: np.ndarray, fit_idx: np.ndarray, hold_idx: np.ndarray, num_classes: int, C: float, seed: int
+) -> float:
     """Accuracy on the held-out slice of a probe refitted without it (features already cached)."""
     linear = fit_probe_at(X[fit_idx], y[fit_idx], num_classes, C=C, seed=seed)
     with torch.no_grad():
@@ -793,7 +834,7 @@ def _holdout(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.setdiff1d(np.arange(len(y)), hold_idx), hold_idx
 
 
-def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: int) -> list[dict]:
+def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: int) -> list[dict[str, Any]]:
     """The recipe's checks on the probe: a fresh small head starts near ln C on the standardised
     features, the fitted probe's loss is below it, and nothing is NaN/Inf."""
     report = SanityReport()
@@ -815,7 +856,18 @@ def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: in
 # --- export -------------------------------------------------------------------------------------
 
 
-def _export(out_dir, model, prep, data: Data, backbone, plan, metrics, report, run: Run, config: FitConfig) -> Path:
+def _export(
+    out_dir: Path,
+    model: nn.Module,
+    prep: Preprocessing,
+    data: Data,
+    backbone: Backbone,
+    plan: Plan,
+    metrics: dict[str, Any],
+    report: dict[str, Any],
+    run: Run,
+    config: FitConfig,
+) -> Path:
     return write_bundle(
         out_dir,
         model=model.eval().cpu(),

@@ -27,7 +27,8 @@ def eval_transform(p: Preprocessing, *, uint8: bool = False) -> Callable[[Image.
     ]
     if not uint8:
         steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(p.mean, p.std)]
-    return T.Compose(steps)
+    transform: Callable[[Image.Image], torch.Tensor] = T.Compose(steps)
+    return transform
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,14 +23,14 @@ from torch import nn
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 1, 6))
 
-StepFn = Callable[[dict], None]
+StepFn = Callable[[dict[str, Any]], None]
 
 
 @dataclass
 class ProbeFit:
     linear: nn.Linear  # raw features -> logits
     C: float
-    history: list[dict]  # one row per C tried: C, cv_accuracy, cv_loss
+    history: list[dict[str, Any]]  # one row per C tried: C, cv_accuracy, cv_loss
 
 
 def fit_probe(
@@ -50,7 +51,7 @@ def fit_probe(
     Cs = tuple(sorted(Cs))  # ascending, so each fit warm-starts from the more regularised one
     k = int(min(folds, np.bincount(y, minlength=num_classes).min()))
     scores = _cv_scores(Xs, y, Cs, k, seed, num_classes, on_fit)
-    history = []
+    history: list[dict[str, Any]] = []
     for step, (C, (acc, loss)) in enumerate(zip(Cs, scores, strict=True), start=1):
         row = {"step": step, "C": C, "cv_accuracy": acc, "cv_loss": loss}
         history.append(row)
@@ -63,7 +64,7 @@ def fit_probe(
     return ProbeFit(_fold_into_linear(scaler, clf, num_classes), best["C"], history)
 
 
-def _logreg(C: float, seed: int, **kw) -> LogisticRegression:
+def _logreg(C: float, seed: int, **kw: Any) -> LogisticRegression:
     return LogisticRegression(C=C, max_iter=2000, class_weight="balanced", random_state=seed, **kw)
 
 
@@ -104,7 +105,8 @@ def _cv_scores(
 def _full_proba(clf: LogisticRegression, X: np.ndarray, num_classes: int) -> np.ndarray:
     proba = np.zeros((len(X), num_classes))
     proba[:, clf.classes_] = clf.predict_proba(X)
-    return proba / proba.sum(axis=1, keepdims=True)  # exact renormalisation for log_loss
+    normalised: np.ndarray = proba / proba.sum(axis=1, keepdims=True)  # exact renormalisation for log_loss
+    return normalised
 
 
 def _fold_into_linear(scaler: StandardScaler, clf: LogisticRegression, num_classes: int) -> nn.Linear:

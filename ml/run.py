@@ -8,7 +8,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+from ml.checkpoint import Checkpoints
 from ml.selection import Decision
 
 # Share of the overall progress bar each phase takes.
@@ -21,7 +23,7 @@ class Progress:
     done: int
     total: int
     fraction: float  # overall, 0..1
-    row: dict | None = None  # a history row, when this event completes one
+    row: dict[str, Any] | None = None  # a history row, when this event completes one
     message: str | None = None  # a log line, as it is written (the event carries nothing else new)
 
 
@@ -39,12 +41,12 @@ class Run:
 
     def __init__(self, progress: ProgressFn | None = None) -> None:
         self._progress = progress
-        self._checkpoints = None
+        self._checkpoints: Checkpoints | None = None
         self._key = ""
         # The checkpoint of an earlier attempt of this fit; while `replaying`, the steps before
         # the point it resumes from run again (deterministic under the seed) without sending
         # their history rows, which the earlier attempt already sent.
-        self.resumed: dict | None = None
+        self.resumed: dict[str, Any] | None = None
         self.replaying = False
         self._last = 0.0
         self._current: tuple[str, int, int] = ("decode", 0, 1)
@@ -63,7 +65,7 @@ class Run:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
             self.peak_rss_mib[name] = peak_rss_mib()
 
-    def report(self, phase: str, done: float, total: float, row: dict | None = None) -> None:
+    def report(self, phase: str, done: float, total: float, row: dict[str, Any] | None = None) -> None:
         if self._progress is None:
             return
         order = list(PHASE_WEIGHTS)
@@ -74,8 +76,8 @@ class Run:
         row = None if self.replaying else row
         self._progress(Progress(phase, round(done), round(total), round(self._last, 4), row))
 
-    def resume_from(self, checkpoints, key: str) -> None:
-        """Use `checkpoints` (ml.checkpoint.Checkpoints) for this fit, whose inputs `key` names."""
+    def resume_from(self, checkpoints: Checkpoints | None, key: str) -> None:
+        """Use `checkpoints` for this fit, whose inputs `key` names."""
         self._checkpoints, self._key = checkpoints, key
         saved = checkpoints.load() if checkpoints is not None else None
         if saved is None:
@@ -102,7 +104,7 @@ class Run:
         if discard is not None:
             discard(everything)
 
-    def checkpoint(self, record: dict) -> None:
+    def checkpoint(self, record: dict[str, Any]) -> None:
         if self._checkpoints is not None:
             self._checkpoints.save({**record, "key": self._key})
 

@@ -35,7 +35,7 @@ class Trial:
         return f"lr x{self.lr_multiplier:.3g}, wd {self.weight_decay:.1e}"
 
 
-def propose(n: int, done: Sequence[tuple[Trial, tuple]], rng: np.random.Generator) -> Trial:
+def propose(n: int, done: Sequence[tuple[Trial, tuple[float, float]]], rng: np.random.Generator) -> Trial:
     """The next of `n` trials, given the scored trials `done` ((trial, score) pairs; higher scores win)."""
     coarse = len(done) < math.ceil(n / 2) or not done
     if coarse:
@@ -59,7 +59,7 @@ def search(
     one short fine-tune; with a time `budget`, trials stop once they have spent half of it."""
     rng = np.random.default_rng(seed)
     short = replace(base, max_epochs=base.pilot_epochs, patience=base.pilot_epochs, budget=None, overfit_steps=0)
-    done: list[tuple[Trial, tuple, float]] = []
+    done: list[tuple[Trial, tuple[float, float], float]] = []
     spent = 0.0
     for i in range(n):
         t = propose(n, [(d[0], d[1]) for d in done], rng)

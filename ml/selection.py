@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ class Candidate:
     name: str
     score: float | None  # higher is better; None when it could not be measured
     seconds: float = 0.0  # what measuring it cost
-    detail: dict = field(default_factory=dict)
+    detail: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Decision:
     def seconds(self) -> float:
         return sum(c.seconds for c in self.candidates)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["seconds"] = round(self.seconds, 3)
         for c in out["candidates"]:
@@ -83,7 +84,9 @@ def significance_margin(base: float, n: int, *, floor: float = 0.0) -> float:
     return max(floor, 1.5 / n, 2 * math.sqrt(max(base * (1 - base), 0.0) / n))
 
 
-def paired_margin(first: Sequence[bool], second: Sequence[bool], *, floor: float = 0.0) -> float:
+def paired_margin(
+    first: Sequence[bool] | np.ndarray, second: Sequence[bool] | np.ndarray, *, floor: float = 0.0
+) -> float:
     """Twice the standard error of the difference between two accuracies read on the same images
     (`first[i]`, `second[i]`: image i read correctly), at least `floor`. Paired, as McNemar's test
     is: only the images the two readings disagree on add noise."""

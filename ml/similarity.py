@@ -12,10 +12,12 @@ Two signals, both free while features are being extracted:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 STAT_GRID = 16  # positions per side sampled from each feature map for the BatchNorm statistics
 
@@ -30,7 +32,7 @@ class BatchNormStats:
         self._sq = [torch.zeros(m.num_features, dtype=torch.float64) for m in self.layers]
         self._n = [0] * len(self.layers)
         self._images = [0] * len(self.layers)
-        self._handles = []
+        self._handles: list[RemovableHandle] = []
 
     def __enter__(self) -> BatchNormStats:
         for i, layer in enumerate(self.layers):
@@ -42,7 +44,7 @@ class BatchNormStats:
             h.remove()
         self._handles.clear()
 
-    def _hook(self, i: int):
+    def _hook(self, i: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0].detach()
             if self.max_images is not None:
@@ -69,8 +71,8 @@ class BatchNormStats:
         """Symmetric KL(user || ImageNet) per layer, averaged over channels."""
         out = []
         for layer, s, sq, n in zip(self.layers, self._sum, self._sq, self._n, strict=True):
-            if n == 0:
-                continue
+            if n == 0 or layer.running_mean is None or layer.running_var is None:
+                continue  # no images seen, or a layer that keeps no statistics to compare with
             mu_u = s / n
             var_u = (sq / n - mu_u**2).clamp_min(1e-5)
             mu_r = layer.running_mean.double().cpu()
@@ -103,7 +105,7 @@ class Similarity:
     bn_divergence: float | None  # median over BN layers of the per-channel symmetric KL (None: no BN layers)
     head_entropy: float  # normalised, 0..1
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, float | None]:
         return {k: None if v is None else round(v, 4) for k, v in self.__dict__.items()}
 
 

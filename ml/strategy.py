@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from ml.errors import ConfigError
 from ml.similarity import SIMILARITY_THRESHOLD, Similarity
@@ -83,9 +84,9 @@ class Plan:
     images_per_class: float
     similarity: float
     reason: str
-    measurements: dict
+    measurements: dict[str, Any]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import F, Sum
 
 from apps.common.errors import UserError
@@ -32,7 +32,7 @@ class Usage:
         return min(1.0, self.bytes_stored / self.bytes_quota)
 
 
-def usage(user: AbstractBaseUser) -> Usage:
+def usage(user: User) -> Usage:
     from apps.datasets.models import Dataset, Upload
     from apps.serving.models import TrainedModel
     from apps.training.models import Job
@@ -52,7 +52,7 @@ def usage(user: AbstractBaseUser) -> Usage:
     )
 
 
-def check_new_dataset(user: AbstractBaseUser, size: int, *, resumable: bool = False) -> None:
+def check_new_dataset(user: User, size: int, *, resumable: bool = False) -> None:
     """Before accepting an upload of `size` bytes (a tus upload counts at its declared length)."""
     used = usage(user)
     if resumable and used.open_uploads >= settings.GRAFT_QUOTA_OPEN_UPLOADS:
@@ -75,7 +75,7 @@ def check_new_dataset(user: AbstractBaseUser, size: int, *, resumable: bool = Fa
         )
 
 
-def check_new_job(user: AbstractBaseUser) -> None:
+def check_new_job(user: User) -> None:
     used = usage(user)
     if used.active_jobs >= settings.GRAFT_QUOTA_ACTIVE_JOBS:
         raise UserError(

@@ -5,7 +5,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth import authenticate
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils import timezone
@@ -15,7 +15,7 @@ from apps.accounts.models import ApiToken
 from apps.common.errors import UserError
 
 
-def token_create(*, user: AbstractBaseUser, name: str = "") -> tuple[ApiToken, str]:
+def token_create(*, user: User, name: str = "") -> tuple[ApiToken, str]:
     """Create a token (it expires after GRAFT_TOKEN_DAYS); return it with the plain key (never
     stored). Past GRAFT_MAX_TOKENS_PER_USER, the user's least recently used tokens are revoked."""
     key = secrets.token_hex(20)

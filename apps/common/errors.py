@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 class UserError(Exception):
     """Something the client did wrong; `message` is shown to them verbatim."""
 
-    status_code = status.HTTP_400_BAD_REQUEST
+    status_code: int = status.HTTP_400_BAD_REQUEST
 
     def __init__(self, message: str, *, status_code: int | None = None, **details: object) -> None:
         super().__init__(message)
@@ -27,7 +28,7 @@ class UserError(Exception):
             self.status_code = status_code
 
 
-def exception_handler(exc: Exception, context: dict) -> Response | None:
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, UserError):
         return Response({"error": exc.message, **exc.details}, status=exc.status_code)
     if isinstance(exc, Http404):
@@ -35,7 +36,7 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied()
     response = drf_exception_handler(exc, context)
-    if response is None:
+    if response is None or not isinstance(exc, exceptions.APIException):
         return None  # a real bug: let Django log it and answer 500
     response.data = {"error": _message(exc), **_fields(exc)}
     return response
@@ -52,7 +53,7 @@ def _message(exc: exceptions.APIException) -> str:
     return str(exc.detail)
 
 
-def _fields(exc: exceptions.APIException) -> dict:
+def _fields(exc: exceptions.APIException) -> dict[str, Any]:
     if isinstance(exc, exceptions.ValidationError) and isinstance(exc.detail, dict):
         return {"fields": exc.detail}
     return {}
@@ -76,10 +77,10 @@ def _is_api(request: HttpRequest) -> bool:
     return request.path.startswith("/api/")
 
 
-def json_400_or_html(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+def json_400_or_html(request: HttpRequest, exception: Exception) -> HttpResponse:
     """Django's own 400s (too many files or fields in one request, a malformed body)."""
     if _is_api(request):
-        reason = str(exception) if exception is not None and str(exception) else "Bad request."
+        reason = str(exception) or "Bad request."
         return JsonResponse({"error": f"{reason.rstrip('.')}."}, status=400)
     return defaults.bad_request(request, exception)
 

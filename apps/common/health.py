@@ -44,7 +44,8 @@ def live(request: HttpRequest) -> JsonResponse:
 
 @never_cache
 def ready(request: HttpRequest) -> JsonResponse:
-    results, ok = {}, True
+    results: dict[str, dict[str, object]] = {}
+    ok = True
     for name, check in CHECKS.items():
         t = time.perf_counter()
         try:

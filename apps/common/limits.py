@@ -44,7 +44,7 @@ def human_bytes(n: float) -> str:
 def too_large(request: HttpRequest, limit: int) -> HttpResponse:
     message = f"The request body is larger than the limit of {human_bytes(limit)} for {request.path}."
     if request.path.startswith("/api/"):
-        response = JsonResponse({"error": message, "limit_bytes": limit}, status=413)
+        response: HttpResponse = JsonResponse({"error": message, "limit_bytes": limit}, status=413)
     else:
         response = HttpResponse(message, status=413, content_type="text/plain; charset=utf-8")
     return response
@@ -88,7 +88,8 @@ class BodyLimitMiddleware:
         if length > limit:
             return too_large(request, limit)
         if not length and request.META.get("wsgi.input_terminated"):  # chunked: no length to check
-            request._stream = _CappedStream(request._stream, limit)
+            # Django reads the body stream only through read() and readline(), which it has.
+            request._stream = _CappedStream(request._stream, limit)  # type: ignore[assignment]
         return self.get_response(request)
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:

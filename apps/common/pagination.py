@@ -3,11 +3,15 @@ new rows arrive): `{next, previous, results}`; `?page_size=` up to 200."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from django.db.models import QuerySet
 from drf_spectacular.utils import inline_serializer
 from rest_framework import serializers
 from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
 
 class NewestFirst(CursorPagination):
@@ -17,7 +21,9 @@ class NewestFirst(CursorPagination):
     ordering = ("-created_at", "-id")
 
 
-def paginated_response(queryset, request: Request, serializer_class, view) -> Response:
+def paginated_response(
+    queryset: QuerySet[Any], request: Request, serializer_class: type[serializers.BaseSerializer[Any]], view: APIView
+) -> Response:
     paginator = NewestFirst()
     page = paginator.paginate_queryset(queryset, request, view=view)
     return paginator.get_paginated_response(serializer_class(page, many=True).data)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from tempfile import NamedTemporaryFile
-from typing import BinaryIO
+from typing import IO, cast
 
 from django.conf import settings
 from django.core.files import File
@@ -32,7 +32,7 @@ def local_path(name: str) -> Path | None:
         return None
 
 
-def open_stream(name: str) -> BinaryIO:
+def open_stream(name: str) -> IO[bytes]:
     """A forward-only reader of stored file `name` that downloads as it is read.
 
     (django-storages' S3 file object would first copy the whole object into a temporary
@@ -41,7 +41,8 @@ def open_stream(name: str) -> BinaryIO:
     bucket = getattr(default_storage, "bucket", None)
     if bucket is None:
         return default_storage.open(name, "rb")
-    return bucket.Object(default_storage._normalize_name(name)).get()["Body"]
+    key = default_storage._normalize_name(name)  # type: ignore[attr-defined]  # S3Storage's: it has the bucket
+    return bucket.Object(key).get()["Body"]
 
 
 @contextmanager
@@ -59,9 +60,9 @@ def local_copy(name: str) -> Iterator[Path]:
         yield Path(tmp.name)
 
 
-def save_stream(name: str, reader: BinaryIO) -> str:
+def save_stream(name: str, reader: IO[bytes] | io.IOBase) -> str:
     """Store what `reader` gives until it ends, streamed (S3: multipart); returns the stored name."""
-    return default_storage.save(name, File(reader, name=name))
+    return default_storage.save(name, File(cast(IO[bytes], reader), name=name))  # an io stream reads as one
 
 
 def delete_quietly(name: str | None) -> None:
@@ -80,7 +81,8 @@ def delete_prefix(prefix: str) -> None:
     try:
         bucket = getattr(default_storage, "bucket", None)
         if bucket is not None:
-            bucket.objects.filter(Prefix=default_storage._normalize_name(prefix)).delete()
+            key_prefix = default_storage._normalize_name(prefix)  # type: ignore[attr-defined]  # S3Storage's
+            bucket.objects.filter(Prefix=key_prefix).delete()
         else:
             shutil.rmtree(default_storage.path(prefix), ignore_errors=True)
     except Exception:  # noqa: BLE001

@@ -9,8 +9,10 @@ from rest_framework import throttling
 
 
 class _SettingsRate:
+    scope: str | None  # the throttle's own (AnonRateThrottle's "anon", ...)
+
     def get_rate(self) -> str | None:
-        return settings.GRAFT_THROTTLE_RATES.get(self.scope)
+        return settings.GRAFT_THROTTLE_RATES.get(self.scope) if self.scope else None
 
 
 class AnonThrottle(_SettingsRate, throttling.AnonRateThrottle):

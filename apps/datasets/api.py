@@ -4,12 +4,12 @@ from django.conf import settings
 from drf_spectacular.utils import extend_schema, extend_schema_serializer
 from rest_framework import serializers, status
 from rest_framework.parsers import FormParser, MultiPartParser
-from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.common.errors import UserError
 from apps.common.pagination import paginated, paginated_response
+from apps.common.requests import AuthenticatedRequest
 from apps.common.uploads import limit_upload_size
 from apps.datasets.models import Dataset
 from apps.datasets.selectors import dataset_get, dataset_list
@@ -56,12 +56,12 @@ class DatasetListCreateApi(APIView):
     parser_classes = [MultiPartParser, FormParser]
 
     @extend_schema(operation_id="datasets_list", responses=paginated(DatasetListSerializer, "DatasetPage"))
-    def get(self, request: Request) -> Response:
+    def get(self, request: AuthenticatedRequest) -> Response:
         datasets = dataset_list(user=request.user).defer("warnings", "assessment", "thumbnails")
         return paginated_response(datasets, request, DatasetListSerializer, self)
 
     @extend_schema(request={"multipart/form-data": InputSerializer}, responses={201: DatasetOutputSerializer})
-    def post(self, request: Request) -> Response:
+    def post(self, request: AuthenticatedRequest) -> Response:
         limit_upload_size(request, settings.GRAFT_MAX_UPLOAD_BYTES)
         if "file" not in request.FILES:
             raise UserError("Attach the dataset zip as a multipart field named 'file'.")
@@ -73,10 +73,10 @@ class DatasetListCreateApi(APIView):
 
 class DatasetDetailApi(APIView):
     @extend_schema(responses=DatasetOutputSerializer)
-    def get(self, request: Request, dataset_id: int) -> Response:
+    def get(self, request: AuthenticatedRequest, dataset_id: int) -> Response:
         return Response(DatasetOutputSerializer(dataset_get(user=request.user, dataset_id=dataset_id)).data)
 
     @extend_schema(responses={204: None})
-    def delete(self, request: Request, dataset_id: int) -> Response:
+    def delete(self, request: AuthenticatedRequest, dataset_id: int) -> Response:
         dataset_delete(dataset=dataset_get(user=request.user, dataset_id=dataset_id))
         return Response(status=status.HTTP_204_NO_CONTENT)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.files.storage import default_storage
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
@@ -11,11 +11,11 @@ from apps.datasets.models import Dataset
 from ml.dataset import DatasetIndex
 
 
-def dataset_list(*, user: AbstractBaseUser) -> QuerySet[Dataset]:
+def dataset_list(*, user: User) -> QuerySet[Dataset]:
     return Dataset.objects.filter(owner=user)
 
 
-def dataset_get(*, user: AbstractBaseUser, dataset_id: int) -> Dataset:
+def dataset_get(*, user: User, dataset_id: int) -> Dataset:
     """The user's own dataset, or 404 (other users' datasets do not exist for them)."""
     return get_object_or_404(dataset_list(user=user), pk=dataset_id)
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
@@ -30,23 +30,24 @@ THUMBS_PER_CLASS = 12
 log = logging.getLogger(__name__)
 
 
-def dataset_create(*, owner: AbstractBaseUser, file: UploadedFile, name: str = "") -> Dataset:
+def dataset_create(*, owner: User, file: UploadedFile, name: str = "") -> Dataset:
     """Store an uploaded zip and queue its ingestion. Rejects non-zips at once."""
-    if file.size == 0:
+    size = file.size or 0  # an uploaded file always has its size; only a file made by hand has none
+    if size == 0:
         raise UserError("The uploaded file is empty.")
-    if file.size > settings.GRAFT_MAX_UPLOAD_BYTES:
+    if size > settings.GRAFT_MAX_UPLOAD_BYTES:
         raise UserError("The upload is over the size limit.", status_code=413)
     if not zipfile.is_zipfile(file):
         raise UserError(f"'{file.name}' is not a zip archive. Upload a .zip with one folder of images per class.")
-    check_new_dataset(owner, file.size)
+    check_new_dataset(owner, size)
     file.seek(0)
-    dataset = Dataset(owner=owner, archive_bytes=file.size)
+    dataset = Dataset(owner=owner, archive_bytes=size)
     # Stored first, streamed from the upload's temporary file (never whole in memory), and
     # outside any transaction; the row follows, so a failure leaves neither behind.
     stored = default_storage.save(f"{dataset.storage_prefix}archive.zip", file)
     try:
         with transaction.atomic():
-            return dataset_create_stored(dataset=dataset, archive=stored, name=name, filename=file.name)
+            return dataset_create_stored(dataset=dataset, archive=stored, name=name, filename=file.name or "")
     except BaseException:
         delete_quietly(stored)
         raise

@@ -32,7 +32,7 @@ import zipfile
 from datetime import timedelta
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.db.models import Q
 from django.http import Http404
@@ -45,6 +45,7 @@ from rest_framework.views import APIView
 
 from apps.accounts.quotas import check_new_dataset
 from apps.common.errors import UserError
+from apps.common.requests import AuthenticatedRequest
 from apps.common.schema import TUS_RESUMABLE, tus_header
 from apps.common.storage import PIECE, StreamReader, delete_prefix, delete_quietly, save_stream, stored_pieces
 from apps.datasets.models import Dataset, Upload
@@ -61,7 +62,7 @@ ZIP_TAIL = 128 * 1024  # a zip's end-of-directory record (and its comment) sits 
 # --- services --------------------------------------------------------------------------------
 
 
-def upload_create(*, owner: AbstractBaseUser, length: int, filename: str = "", name: str = "") -> Upload:
+def upload_create(*, owner: User, length: int, filename: str = "", name: str = "") -> Upload:
     if length <= 0:
         raise UserError("The file is empty.")
     if length > settings.GRAFT_MAX_UPLOAD_BYTES:
@@ -285,7 +286,8 @@ def _dataset_headers(dataset: Dataset) -> dict[str, str]:
 
 class TusUploadListApi(APIView):
     @extend_schema(exclude=True)
-    def options(self, request: Request, *args, **kwargs) -> Response:
+    # DRF hands its views a Request, where django-stubs' View.options expects an HttpRequest.
+    def options(self, request: Request, *args, **kwargs) -> Response:  # type: ignore[override]
         return Response(
             status=204,
             headers=_tus_headers(
@@ -307,7 +309,7 @@ class TusUploadListApi(APIView):
             tus_header("Upload-Metadata", "'filename <base64>,name <base64>'", required=False),
         ],
     )
-    def post(self, request: Request) -> Response:
+    def post(self, request: AuthenticatedRequest) -> Response:
         length = _int_header(request, "Upload-Length")
         if length is None:
             raise UserError("The Upload-Length header is required (deferred length is not supported).")
@@ -320,14 +322,14 @@ class TusUploadListApi(APIView):
 
 
 class TusUploadApi(APIView):
-    def _get(self, request: Request, upload_id) -> Upload:
+    def _get(self, request: AuthenticatedRequest, upload_id) -> Upload:
         try:
             return Upload.objects.get(pk=upload_id, owner=request.user)
         except Upload.DoesNotExist:
             raise Http404 from None
 
     @extend_schema(exclude=True)
-    def head(self, request: Request, upload_id) -> Response:
+    def head(self, request: AuthenticatedRequest, upload_id) -> Response:
         upload = self._get(request, upload_id)
         headers = _tus_headers(**{"Upload-Offset": str(upload.offset), "Upload-Length": str(upload.length)})
         if upload.offset == upload.length:  # complete: finish it if the last PATCH could not
@@ -345,7 +347,7 @@ class TusUploadApi(APIView):
             tus_header("Upload-Offset", "where these bytes go: the offset HEAD reports", kind=int),
         ],
     )
-    def patch(self, request: Request, upload_id) -> Response:
+    def patch(self, request: AuthenticatedRequest, upload_id) -> Response:
         if request.content_type != "application/offset+octet-stream":
             raise UserError("A tus PATCH must have Content-Type application/offset+octet-stream.", status_code=415)
         offset = _int_header(request, "Upload-Offset")
@@ -369,6 +371,6 @@ class TusUploadApi(APIView):
         description="tus termination: abandon the upload",
         parameters=[TUS_RESUMABLE],
     )
-    def delete(self, request: Request, upload_id) -> Response:
+    def delete(self, request: AuthenticatedRequest, upload_id) -> Response:
         upload_delete(upload=self._get(request, upload_id), unless_writing=True)
         return Response(status=204, headers=_tus_headers())

@@ -1,16 +1,18 @@
 from __future__ import annotations
 
+from typing import cast
+
 from django.conf import settings
-from django.http import FileResponse
+from django.http import FileResponse, QueryDict
 from drf_spectacular.utils import OpenApiTypes, extend_schema
 from rest_framework import serializers
 from rest_framework.parsers import FormParser, MultiPartParser
-from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.common.errors import UserError
 from apps.common.pagination import paginated, paginated_response
+from apps.common.requests import AuthenticatedRequest
 from apps.common.storage import open_stream
 from apps.common.uploads import limit_upload_size
 from apps.serving.cache import get_predictor
@@ -55,19 +57,19 @@ class ModelListSerializer(serializers.ModelSerializer):
 
 class ModelListApi(APIView):
     @extend_schema(operation_id="models_list", responses=paginated(ModelListSerializer, "ModelPage"))
-    def get(self, request: Request) -> Response:
+    def get(self, request: AuthenticatedRequest) -> Response:
         return paginated_response(model_list(user=request.user), request, ModelListSerializer, self)
 
 
 class ModelDetailApi(APIView):
     @extend_schema(responses=ModelOutputSerializer)
-    def get(self, request: Request, model_id: int) -> Response:
+    def get(self, request: AuthenticatedRequest, model_id: int) -> Response:
         return Response(ModelOutputSerializer(model_get(user=request.user, model_id=model_id)).data)
 
 
 class ModelDownloadApi(APIView):
     @extend_schema(responses={(200, "application/zip"): OpenApiTypes.BINARY})
-    def get(self, request: Request, model_id: int) -> FileResponse:
+    def get(self, request: AuthenticatedRequest, model_id: int) -> FileResponse:
         model = model_get(user=request.user, model_id=model_id)
         response = FileResponse(
             open_stream(model.bundle),  # streamed from storage as the client reads it
@@ -94,11 +96,11 @@ class ModelPredictApi(APIView):
         },
         responses=OpenApiTypes.OBJECT,
     )
-    def post(self, request: Request, model_id: int) -> Response:
+    def post(self, request: AuthenticatedRequest, model_id: int) -> Response:
         model = model_get(user=request.user, model_id=model_id)
         limit_upload_size(request, settings.GRAFT_MAX_PREDICT_BYTES)
         try:
-            k = int(request.data.get("k", 5))
+            k = int(cast(QueryDict, request.data).get("k", 5))  # the form parsers give a QueryDict
         except (TypeError, ValueError):
             raise UserError("'k' must be a whole number.") from None
         if k < 1:

@@ -63,7 +63,7 @@ def model_predict(*, model: TrainedModel, images: list[UploadedFile], k: int = 5
         raise UserError("Attach one or more images as multipart fields named 'image'.")
     if len(images) > settings.GRAFT_MAX_PREDICT_IMAGES:
         raise UserError(f"At most {settings.GRAFT_MAX_PREDICT_IMAGES} images per request.")
-    if sum(f.size for f in images) > settings.GRAFT_MAX_PREDICT_BYTES:
+    if sum(f.size or 0 for f in images) > settings.GRAFT_MAX_PREDICT_BYTES:
         raise UserError("The images are over the request size limit.", status_code=413)
     encoded = [(f.name, f.read()) for f in images]  # a few MB at most (GRAFT_MAX_PREDICT_BYTES)
     pixels = [header_pixels(data) for _, data in encoded]

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 from drf_spectacular.utils import extend_schema, extend_schema_serializer
 from rest_framework import serializers, status
-from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.common.pagination import paginated, paginated_response
+from apps.common.requests import AuthenticatedRequest
 from apps.datasets.selectors import dataset_get
 from apps.training.models import Job
 from apps.training.selectors import job_get, job_list
@@ -96,12 +96,12 @@ class JobListCreateApi(APIView):
         )
 
     @extend_schema(operation_id="jobs_list", responses=paginated(JobListSerializer, "JobPage"))
-    def get(self, request: Request) -> Response:
+    def get(self, request: AuthenticatedRequest) -> Response:
         jobs = job_list(user=request.user).select_related("trained_model").defer("report", "timings", "config")
         return paginated_response(jobs, request, JobListSerializer, self)
 
     @extend_schema(request=InputSerializer, responses={201: JobOutputSerializer})
-    def post(self, request: Request) -> Response:
+    def post(self, request: AuthenticatedRequest) -> Response:
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         args = dict(data.validated_data)
@@ -112,12 +112,12 @@ class JobListCreateApi(APIView):
 
 class JobDetailApi(APIView):
     @extend_schema(responses=JobOutputSerializer)
-    def get(self, request: Request, job_id: int) -> Response:
+    def get(self, request: AuthenticatedRequest, job_id: int) -> Response:
         return Response(JobOutputSerializer(job_get(user=request.user, job_id=job_id)).data)
 
 
 class JobCancelApi(APIView):
     @extend_schema(request=None, responses=JobOutputSerializer)
-    def post(self, request: Request, job_id: int) -> Response:
+    def post(self, request: AuthenticatedRequest, job_id: int) -> Response:
         job = job_cancel(job=job_get(user=request.user, job_id=job_id))
         return Response(JobOutputSerializer(job).data)

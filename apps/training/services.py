@@ -10,6 +10,7 @@ the job fails with a reason instead of being handed on forever.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
@@ -20,7 +21,7 @@ from datetime import timedelta
 from tempfile import NamedTemporaryFile
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.files.storage import default_storage
 from django.db import close_old_connections, connection, transaction
 from django.db.models import Count, F, OuterRef, Q, Subquery
@@ -59,7 +60,7 @@ class RetryLater(Exception):
 USER_OPTIONS = ("strategy", "backbone", "seed", "budget", "max_epochs", "hflip", "lr_find")
 
 
-def job_create(*, owner: AbstractBaseUser, dataset: Dataset, **options) -> Job:
+def job_create(*, owner: User, dataset: Dataset, **options) -> Job:
     from ml.fit import FitConfig
 
     if dataset.status != Dataset.Status.READY:
@@ -204,7 +205,7 @@ def job_recover_stale() -> list[int]:
             status=Job.Status.QUEUED, phase="requeued after a lost worker"
         ):
             recovered.append(job.pk)
-            transaction.on_commit(lambda pk=job.pk: _enqueue(pk))
+            transaction.on_commit(functools.partial(_enqueue, job.pk))
     return recovered
 
 

@@ -11,6 +11,7 @@ from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
+from django.contrib.auth.models import User
 from django.core.files.storage import default_storage
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
@@ -22,6 +23,7 @@ from apps.accounts.quotas import usage
 from apps.accounts.services import token_create
 from apps.common.decoding import decode_gate
 from apps.common.errors import UserError
+from apps.common.requests import AuthenticatedHttpRequest
 from apps.common.storage import open_stream
 from apps.datasets.selectors import dataset_get, dataset_index, dataset_list
 from apps.datasets.services import dataset_delete, thumbnail_members, thumbnail_name, thumbnail_store
@@ -56,7 +58,7 @@ def home(request: HttpRequest) -> HttpResponse:
 
 
 def signup(request: HttpRequest) -> HttpResponse:
-    form = UserCreationForm(request.POST or None)
+    form: UserCreationForm[User] = UserCreationForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         user = form.save()
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
@@ -65,7 +67,7 @@ def signup(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-def tokens(request: HttpRequest) -> HttpResponse:
+def tokens(request: AuthenticatedHttpRequest) -> HttpResponse:
     new_key = None
     if request.method == "POST":
         if "revoke" in request.POST:
@@ -80,12 +82,12 @@ def tokens(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-def upload(request: HttpRequest) -> HttpResponse:
+def upload(request: AuthenticatedHttpRequest) -> HttpResponse:
     return render(request, "web/upload.html")
 
 
 @login_required
-def dataset_detail(request: HttpRequest, dataset_id: int) -> HttpResponse:
+def dataset_detail(request: AuthenticatedHttpRequest, dataset_id: int) -> HttpResponse:
     dataset = dataset_get(user=request.user, dataset_id=dataset_id)
     return render(request, "web/dataset.html", _dataset_context(dataset))
 
@@ -112,7 +114,7 @@ def _dataset_context(dataset, error: str = "") -> dict:
 
 @login_required
 @require_POST
-def dataset_remove(request: HttpRequest, dataset_id: int) -> HttpResponse:
+def dataset_remove(request: AuthenticatedHttpRequest, dataset_id: int) -> HttpResponse:
     dataset = dataset_get(user=request.user, dataset_id=dataset_id)
     name = dataset.name
     dataset_delete(dataset=dataset)
@@ -122,7 +124,7 @@ def dataset_remove(request: HttpRequest, dataset_id: int) -> HttpResponse:
 
 @login_required
 @require_POST
-def train(request: HttpRequest, dataset_id: int) -> HttpResponse:
+def train(request: AuthenticatedHttpRequest, dataset_id: int) -> HttpResponse:
     dataset = dataset_get(user=request.user, dataset_id=dataset_id)
     post = request.POST
     options: dict = {"strategy": post.get("strategy", "auto")}
@@ -147,7 +149,7 @@ def train(request: HttpRequest, dataset_id: int) -> HttpResponse:
 
 @login_required
 @cache_control(private=True, max_age=3600)
-def dataset_thumb(request: HttpRequest, dataset_id: int) -> HttpResponse:
+def dataset_thumb(request: AuthenticatedHttpRequest, dataset_id: int) -> FileResponse:
     """A stored thumbnail of one image of the dataset; only members of its index can be asked for.
 
     The images its page shows were made at ingestion; any other (a misclassified validation
@@ -177,12 +179,12 @@ def _members(dataset_id: int, manifest: str) -> frozenset[str]:
 
 
 @login_required
-def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
+def job_detail(request: AuthenticatedHttpRequest, job_id: int) -> HttpResponse:
     job = job_get(user=request.user, job_id=job_id)
     return render(request, "web/job.html", {"job": job})
 
 
 @login_required
-def model_detail(request: HttpRequest, model_id: int) -> HttpResponse:
+def model_detail(request: AuthenticatedHttpRequest, model_id: int) -> HttpResponse:
     model = model_get(user=request.user, model_id=model_id)
     return render(request, "web/model.html", {"model": model, "metrics_json": json.dumps(model.metrics)})
