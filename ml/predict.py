@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,8 @@ MAX_WAIT_S = 0.0  # how long a pass waits for more callers once one is waiting (
 RUNTIMES = ("onnxruntime", "torchscript")
 _FORWARD = threading.Lock()  # one forward pass at a time per process: each already uses every core
 
-Forward = Callable[[np.ndarray], np.ndarray]  # float32 (N, 3, S, S) -> logits (N, classes)
+Array = np.ndarray[Any, np.dtype[np.float32]]
+Forward = Callable[[Array], Array]  # float32 (N, 3, S, S) -> logits (N, classes)
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,10 @@ def _torchscript(folder: Path) -> Forward:
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
         model = torch.jit.load(str(folder / MODEL_FILE), map_location="cpu").eval()
 
-    def forward(x: np.ndarray) -> np.ndarray:
+    def forward(x: Array) -> Array:
         with torch.inference_mode():
-            return model(torch.from_numpy(x)).numpy()
+            logits: torch.Tensor = model(torch.from_numpy(x))
+        return logits.numpy()
 
     return forward
 
@@ -85,15 +88,16 @@ def load_runtimes(folder: Path, names: tuple[str, ...] = RUNTIMES) -> Iterator[t
             yield name, load(folder), size
 
 
-def time_forward(forward: Forward, size: int, *, batch: int = 1, runs: int = 5) -> float:
-    """Median seconds of one forward pass on a random batch, after two warm-up passes."""
+def time_forward(forward: Forward, size: int, *, batch: int = 1, runs: int = 5, warmup: int = 3) -> float:
+    """Median seconds of one forward pass on a random batch, after warm-up passes (TorchScript's
+    profiling executor optimises the graph over its first calls)."""
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
     times = []
-    for i in range(runs + 2):
+    for i in range(warmup + runs):
         t = time.perf_counter()
         with _FORWARD:
             forward(x)
-        if i >= 2:
+        if i >= warmup:
             times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -113,14 +117,14 @@ class Batcher:
         self._forward = forward
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self._queue: queue.SimpleQueue[tuple[np.ndarray, Future] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Array, Future[Array]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start = threading.Lock()
         self.passes = 0  # forward passes run (for tests and figures)
 
-    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+    def __call__(self, inputs: Array) -> Array:
         """Logits for `inputs` (N, 3, S, S), computed in passes shared with other callers."""
-        future: Future = Future()
+        future: Future[Array] = Future()
         self._queue.put((inputs, future))
         with self._start:
             if self._thread is None:
@@ -151,12 +155,12 @@ class Batcher:
             if stop:
                 return
 
-    def _next(self, deadline: float) -> tuple[np.ndarray, Future] | None:
+    def _next(self, deadline: float) -> tuple[Array, Future[Array]] | None:
         if not self.max_wait_s:
             return self._queue.get_nowait()
         return self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
 
-    def _serve(self, waiting: list[tuple[np.ndarray, Future]]) -> None:
+    def _serve(self, waiting: list[tuple[Array, Future[Array]]]) -> None:
         try:
             batch = np.concatenate([inputs for inputs, _ in waiting])
             logits = []
@@ -181,13 +185,12 @@ class Predictor:
     def __init__(self, folder: Path, runtime: str = "auto") -> None:
         folder = Path(folder)
         self.labels: list[str] = json.loads((folder / "labels.json").read_text("utf-8"))
-        self.preprocessing = Preprocessing(
-            **{
-                k: tuple(v) if isinstance(v, list) else v
-                for k, v in json.loads((folder / "preprocessing.json").read_text("utf-8")).items()
-            }
-        )
-        self.card: dict = json.loads((folder / "graft.json").read_text("utf-8"))
+        fields: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in json.loads((folder / "preprocessing.json").read_text("utf-8")).items()
+        }
+        self.preprocessing = Preprocessing(**fields)
+        self.card: dict[str, Any] = json.loads((folder / "graft.json").read_text("utf-8"))
         if runtime not in ("auto", *RUNTIMES):
             raise ValueError(f"runtime must be auto or one of {', '.join(RUNTIMES)}, not {runtime!r}")
         loaded = list(load_runtimes(folder, RUNTIMES if runtime == "auto" else (runtime,)))
