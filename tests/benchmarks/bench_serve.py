@@ -8,11 +8,13 @@ It trains a linear probe on the dataset (default: hymenoptera.zip from the share
 ants/bees model; EfficientNet-Lite1, as the engine chooses), then:
   raw       the bundle's model alone, in this process, on that model's input: ONNX Runtime and
             TorchScript at batch 1 and batch 8 (median ms per forward pass, and images/s), loaded here
-            by the benchmark itself with one thread per core;
+            by the benchmark itself with one thread per core, while the server is idle;
   endpoint  gunicorn as deploy/ starts it (gthread, 8 threads; one worker, since this box has two
             cores) on embedded defaults in a temporary GRAFT_DATA_DIR, with a real token; a bounded
             client of our own (threads, one keep-alive session each) posts one validation JPEG per
-            request. Per client count: requests, errors, images/s, p50/p95/p99 ms;
+            request. Per client count: requests, errors, images/s (the median round's), p50/p95/p99 ms
+            over all requests. Raw passes and each client count take turns, in --rounds rounds, so
+            that both see the same machine (it is shared, and its speed changes by the minute);
   rss       the web process's RSS (MiB) with 1 model loaded, then with 4 (copies of the same bundle
             as 4 models: each is loaded separately).
 Ratios: p50 at 1 client over the raw batch-1 forward of the runtime the server chose, and throughput
@@ -47,8 +49,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", type=Path, default=DATASETS / "hymenoptera.zip")
-    parser.add_argument("--requests", type=int, default=200, help="requests per client count")
+    parser.add_argument("--requests", type=int, default=200, help="requests per client count, over all rounds")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="graft-bench-serve-"))
@@ -70,7 +73,9 @@ def main() -> None:
     _log(f"training a linear probe on {args.dataset.name}")
     model_ids, bundle = _prepare(args.dataset, data_dir)
     images = _validation_jpegs(args.dataset, 64)
-    result: dict = {"dataset": args.dataset.name, "raw": _raw(bundle)}
+    runtimes = list(_runtimes(bundle))
+    raw: dict[str, dict[int, list[float]]] = {name: {1: [], 8: []} for name, _, _ in runtimes}
+    load: dict[int, list[dict]] = {clients: [] for clients in args.clients}
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,16 +86,21 @@ def main() -> None:
          "-k", "gthread", "--threads", "8", "--timeout", "300"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
+    result: dict = {"dataset": args.dataset.name}
     try:
         token = _start(base)
         url = f"{base}/api/v1/models/{model_ids[0]}/predict/"
         _load(url, token, images, clients=1, requests=5)  # load the model
         pid = _worker_pid(server.pid)
         result["server_runtime"] = _model_runtime(base, token, model_ids[0], images[0])
-        result["endpoint"] = {}
-        for clients in args.clients:
-            _log(f"{clients} clients")
-            result["endpoint"][str(clients)] = _load(url, token, images, clients=clients, requests=args.requests)
+        # Rounds of raw passes and load, so that both see the same machine (it is shared and noisy).
+        for round_ in range(args.rounds):
+            _log(f"round {round_ + 1} of {args.rounds}")
+            for name, forward, size in runtimes:
+                for batch, passes in ((1, 12), (8, 4)):
+                    raw[name][batch] += _forward_times(forward, size, batch, passes)
+            for clients in args.clients:
+                load[clients].append(_load(url, token, images, clients=clients, requests=args.requests // args.rounds))
         rss = {"1": _rss_mib(pid)}
         for model_id in model_ids[1:]:
             _load(f"{base}/api/v1/models/{model_id}/predict/", token, images, clients=1, requests=3)
@@ -100,6 +110,15 @@ def main() -> None:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
 
+    result["raw"] = {
+        name: {
+            "batch_1_ms": _ms(statistics.median(times[1])),
+            "batch_8_ms": _ms(statistics.median(times[8])),
+            "batch_8_images_per_s": round(8 / statistics.median(times[8]), 1),
+        }
+        for name, times in raw.items()
+    }
+    result["endpoint"] = {str(clients): _summary(rounds) for clients, rounds in load.items()}
     runtime = result["server_runtime"] or "torchscript"  # a server that does not say runs TorchScript
     raw_1 = result["raw"][runtime]["batch_1_ms"]
     best_batched = max(r["batch_8_images_per_s"] for r in result["raw"].values())
@@ -109,6 +128,10 @@ def main() -> None:
         "throughput_8_clients_over_raw_batch_8": round(eight["images_per_s"] / best_batched, 2) if eight else None,
     }
     print(json.dumps(result), flush=True)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
 
 
 def _log(msg: str) -> None:
@@ -140,31 +163,18 @@ def _validation_jpegs(dataset: Path, n: int) -> list[bytes]:
         return [zf.read(m) for m in names[:n]]
 
 
-def _raw(bundle: Path) -> dict:
-    """Median forward-pass time of each runtime the bundle carries, at batch 1 and 8."""
+def _forward_times(forward, size: int, batch: int, passes: int) -> list[float]:
+    """Seconds of each of `passes` forward passes on a random batch, after one warm-up pass."""
     import numpy as np
 
-    out = {}
-    for name, forward, size in _runtimes(bundle):
-        per_batch = {}
-        for batch in (1, 8):
-            x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
-            for _ in range(3):
-                forward(x)
-            times = []
-            deadline = time.perf_counter() + 20
-            while len(times) < 30 and time.perf_counter() < deadline:
-                t = time.perf_counter()
-                forward(x)
-                times.append(time.perf_counter() - t)
-            per_batch[batch] = statistics.median(times)
-        out[name] = {
-            "batch_1_ms": round(per_batch[1] * 1000, 2),
-            "batch_8_ms": round(per_batch[8] * 1000, 2),
-            "batch_8_images_per_s": round(8 / per_batch[8], 1),
-        }
-        _log(f"raw {name}: {out[name]}")
-    return out
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+    forward(x)
+    times = []
+    for _ in range(passes):
+        t = time.perf_counter()
+        forward(x)
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def _runtimes(bundle: Path):
@@ -257,16 +267,22 @@ def _load(url: str, token: str, images: list[bytes], *, clients: int, requests: 
         th.start()
     for th in threads:
         th.join()
-    wall = time.perf_counter() - t
+    return {"latencies": latencies, "errors": errors, "wall": time.perf_counter() - t}
+
+
+def _summary(rounds: list[dict]) -> dict:
+    """Latency percentiles over every request of every round; throughput: the median round's."""
+    latencies = [x for r in rounds for x in r["latencies"]]
+    errors = [e for r in rounds for e in r["errors"]]
     q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
     return {
         "requests": len(latencies) + len(errors),
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
-        "images_per_s": round(len(latencies) / wall, 1),
-        "p50_ms": round(statistics.median(latencies) * 1000, 1) if latencies else None,
-        "p95_ms": round(q[94] * 1000, 1),
-        "p99_ms": round(q[98] * 1000, 1),
+        "images_per_s": round(statistics.median(len(r["latencies"]) / r["wall"] for r in rounds), 1),
+        "p50_ms": _ms(statistics.median(latencies)) if latencies else None,
+        "p95_ms": _ms(q[94]),
+        "p99_ms": _ms(q[98]),
     }
 
 
