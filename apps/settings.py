@@ -241,7 +241,7 @@ else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=12 * 3600)}
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = "celery"
-CELERY_TASK_ROUTES = {"training.*": {"queue": "gpu"}}
+CELERY_TASK_ROUTES = {"training.*": {"queue": "gpu"}, "serving.predict_batch": {"queue": "gpu"}}
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
@@ -264,7 +264,7 @@ GRAFT_SERVE_MODEL_MEMORY = env.int("GRAFT_SERVE_MODEL_MEMORY", default=1024**3)
 # Any other request body (forms, JSON, sign-in); uploads and predictions have the limits above.
 GRAFT_MAX_REQUEST_BYTES = env.int("GRAFT_MAX_REQUEST_BYTES", default=1024**2)
 # Per-user quotas (apps.accounts.quotas): bytes stored (datasets, models, uploads in progress),
-# datasets, resumable uploads in progress, training jobs waiting or running.
+# datasets, resumable uploads in progress, training jobs and batch predictions waiting or running.
 GRAFT_QUOTA_BYTES = env.int("GRAFT_QUOTA_BYTES", default=50 * 1024**3)
 GRAFT_QUOTA_DATASETS = env.int("GRAFT_QUOTA_DATASETS", default=200)
 GRAFT_QUOTA_OPEN_UPLOADS = env.int("GRAFT_QUOTA_OPEN_UPLOADS", default=5)

@@ -6,7 +6,15 @@ from apps.accounts.api import TokenObtainApi
 from apps.common import health
 from apps.datasets.api import DatasetDetailApi, DatasetListCreateApi
 from apps.datasets.tus import TusUploadApi, TusUploadListApi
-from apps.serving.api import ModelDetailApi, ModelDownloadApi, ModelListApi, ModelPredictApi
+from apps.serving.api import (
+    BatchDetailApi,
+    BatchListCreateApi,
+    BatchResultsApi,
+    ModelDetailApi,
+    ModelDownloadApi,
+    ModelListApi,
+    ModelPredictApi,
+)
 from apps.training.api import JobCancelApi, JobDetailApi, JobListCreateApi
 
 api = [
@@ -22,6 +30,12 @@ api = [
     path("models/<int:model_id>/", ModelDetailApi.as_view(), name="model"),
     path("models/<int:model_id>/download/", ModelDownloadApi.as_view(), name="model-download"),
     path("models/<int:model_id>/predict/", ModelPredictApi.as_view(), name="model-predict"),
+    path("models/<int:model_id>/batch/", BatchListCreateApi.as_view(), name="model-batches"),
+    path("batches/<int:batch_id>/", BatchDetailApi.as_view(), name="batch"),
+    path("batches/<int:batch_id>/predictions.csv", BatchResultsApi.as_view(), {"fmt": "csv"}, name="batch-results-csv"),
+    path(
+        "batches/<int:batch_id>/predictions.json", BatchResultsApi.as_view(), {"fmt": "json"}, name="batch-results-json"
+    ),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
 ]
 

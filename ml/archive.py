@@ -17,6 +17,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from ml.errors import DatasetError
 from ml.images import IMAGE_SUFFIXES
@@ -93,25 +94,41 @@ def scan_archive(path: Path, limits: ArchiveLimits = ArchiveLimits()) -> Archive
     except (zipfile.BadZipFile, OSError) as exc:
         raise DatasetError(f"The upload is not a readable zip archive ({exc}).") from None
     with zf:
-        infos = zf.infolist()
-        _check_limits(infos, limits)
-        files = [info for info in infos if not info.is_dir()]
-        for info in files:
-            _check_member(info, limits)
+        kept = _safe_files(zf, limits)
         skipped: dict[str, list[str]] = {}
-        kept = []
-        for info in files:
-            if _is_junk(info.filename):
-                continue
-            kept.append(info.filename)
-        if not kept:
-            raise DatasetError("The archive is empty: it holds no files besides system junk.")
         prefix = _wrapper_prefix(kept)
         rel = {name: name[len(prefix) :] for name in kept}
         if LABELS_CSV in rel.values():
             csv_member = next(n for n, r in rel.items() if r == LABELS_CSV)
             return _scan_csv(zf, csv_member, rel, skipped, limits)
         return _scan_folders(rel, skipped, limits)
+
+
+def scan_images(source: Path | IO[bytes], limits: ArchiveLimits = ArchiveLimits()) -> list[str]:
+    """The image members of a zip of unlabelled images (any folders), in name order, under the
+    same safety rules as a dataset. Raises DatasetError when there is none."""
+    try:
+        zf = zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DatasetError(f"The upload is not a readable zip archive ({exc}).") from None
+    with zf:
+        images = sorted(name for name in _safe_files(zf, limits) if _is_image(name))
+    if not images:
+        raise DatasetError(f"The archive holds no images (looked for {', '.join(IMAGE_SUFFIXES)}).")
+    return images
+
+
+def _safe_files(zf: zipfile.ZipFile, limits: ArchiveLimits) -> list[str]:
+    """The archive's file names, after every limit and safety rule, without system junk."""
+    infos = zf.infolist()
+    _check_limits(infos, limits)
+    files = [info for info in infos if not info.is_dir()]
+    for info in files:
+        _check_member(info, limits)
+    kept = [info.filename for info in files if not _is_junk(info.filename)]
+    if not kept:
+        raise DatasetError("The archive is empty: it holds no files besides system junk.")
+    return kept
 
 
 def _check_limits(infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> None:

@@ -16,8 +16,9 @@ import statistics
 import threading
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ml.archive import ArchiveLimits, DamagedMember, InflateBudget, read_member, scan_images
 from ml.backbones import Preprocessing
 from ml.bundle import MODEL_FILE, ONNX_FILE
-from ml.images import DEFAULT_MAX_PIXELS, decode_rgb
+from ml.errors import DatasetError
+from ml.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
 from ml.preprocess import eval_transform
 
 MAX_BATCH = 8  # images per forward pass (bounds activation memory; see Batcher for the measurement)
@@ -239,3 +242,58 @@ class Predictor:
             [Prediction(self.labels[i], float(s)) for s, i in zip(row_s, row_i, strict=True)]
             for row_s, row_i in zip(scores.tolist(), idx.tolist(), strict=True)
         ]
+
+
+@dataclass(frozen=True)
+class FilePrediction:
+    """One image of an archive: its top-k, or why it could not be read."""
+
+    file: str
+    predictions: list[Prediction]
+    error: str = ""
+
+
+def predict_archive(
+    predictor: Predictor,
+    path: Path,
+    *,
+    k: int = 5,
+    limits: ArchiveLimits = ArchiveLimits(),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[FilePrediction]:
+    """Top-k for every image in a zip of unlabelled images, in name order.
+
+    The zip is read under the dataset rules (names, sizes, inflated bytes); an image that cannot
+    be read gets its error and the rest go on. Two threads decode one batch ahead of the forward
+    passes; `progress(done, total)` after each batch.
+    """
+    names = scan_images(path, limits)
+    budget = InflateBudget(path, limits)
+
+    def prepare(zf: zipfile.ZipFile, name: str) -> torch.Tensor | str:
+        try:
+            return predictor.prepare(read_member(zf, name, limits.max_member_bytes, budget), max_pixels=max_pixels)
+        except ImageDecodeError as exc:
+            return f"cannot be read as an image: {exc}"
+        except DatasetError as exc:
+            if isinstance(exc, DamagedMember) or exc.details.get("file"):
+                return exc.message  # this file only; an archive-wide limit (a bomb) stops everything
+            raise
+
+    with zipfile.ZipFile(path) as zf, ThreadPoolExecutor(2) as pool:
+        chunks = [names[i : i + MAX_BATCH] for i in range(0, len(names), MAX_BATCH)]
+        pending = [pool.submit(prepare, zf, name) for name in chunks[0]] if chunks else []
+        done = 0
+        for i, chunk in enumerate(chunks):
+            prepared = [f.result() for f in pending]
+            pending = [pool.submit(prepare, zf, name) for name in chunks[i + 1]] if i + 1 < len(chunks) else []
+            tensors = [x for x in prepared if isinstance(x, torch.Tensor)]
+            rows = iter(predictor.predict_tensors(tensors, k=k) if tensors else [])
+            for name, x in zip(chunk, prepared, strict=True):
+                yield (
+                    FilePrediction(name, next(rows), "") if isinstance(x, torch.Tensor) else FilePrediction(name, [], x)
+                )
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(names))

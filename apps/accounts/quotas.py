@@ -21,7 +21,7 @@ class Usage:
     bytes_stored: int  # dataset archives, model bundles, and uploads in progress at their full length
     datasets: int
     open_uploads: int
-    active_jobs: int  # queued or running
+    active_jobs: int  # training jobs and batch predictions, queued or running
 
     @property
     def bytes_quota(self) -> int:
@@ -34,21 +34,26 @@ class Usage:
 
 def usage(user: User) -> Usage:
     from apps.datasets.models import Dataset, Upload
-    from apps.serving.models import TrainedModel
+    from apps.serving.models import BatchPrediction, TrainedModel
     from apps.training.models import Job
 
     def total(qs, field: str) -> int:
         return qs.aggregate(n=Sum(field))["n"] or 0
 
     open_uploads = Upload.objects.filter(owner=user, dataset__isnull=True, offset__lt=F("length"))
+    batches = BatchPrediction.objects.filter(owner=user)
+    active = [Job.Status.QUEUED, Job.Status.RUNNING]  # the same words for batches
     datasets = Dataset.objects.filter(owner=user).exclude(status=Dataset.Status.FAILED)
     return Usage(
         bytes_stored=total(datasets, "archive_bytes")
         + total(TrainedModel.objects.filter(owner=user), "bundle_bytes")
-        + total(open_uploads, "length"),
+        + total(open_uploads, "length")
+        + total(batches, "archive_bytes")
+        + total(batches, "results_bytes"),
         datasets=datasets.count(),
         open_uploads=open_uploads.count(),
-        active_jobs=Job.objects.filter(owner=user, status__in=[Job.Status.QUEUED, Job.Status.RUNNING]).count(),
+        active_jobs=Job.objects.filter(owner=user, status__in=active).count()
+        + batches.filter(status__in=active).count(),
     )
 
 
@@ -76,10 +81,27 @@ def check_new_dataset(user: User, size: int, *, resumable: bool = False) -> None
 
 
 def check_new_job(user: User) -> None:
-    used = usage(user)
+    _check_active(usage(user))
+
+
+def _check_active(used: Usage) -> None:
     if used.active_jobs >= settings.GRAFT_QUOTA_ACTIVE_JOBS:
         raise UserError(
-            f"You have {used.active_jobs} training jobs waiting or running, the most allowed at once; "
-            "wait for one to finish, or cancel one.",
+            f"You have {used.active_jobs} training jobs or batch predictions waiting or running, the most "
+            "allowed at once; wait for one to finish, or cancel one.",
             status_code=429,
+        )
+
+
+def check_new_batch(user: User, size: int) -> None:
+    """Before a batch prediction over an upload of `size` bytes (0 for a dataset's images): it
+    waits for the GPU queue like a training job, and its input counts against storage."""
+    used = usage(user)
+    _check_active(used)
+    if used.bytes_stored + size > used.bytes_quota:
+        raise UserError(
+            f"This upload ({human_bytes(size)}) would take your storage to "
+            f"{human_bytes(used.bytes_stored + size)}, over your quota of {human_bytes(used.bytes_quota)}. "
+            "Delete datasets, models or batch predictions you no longer need.",
+            status_code=413,
         )

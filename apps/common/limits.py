@@ -23,6 +23,7 @@ def _limits() -> list[tuple[re.Pattern, int]]:
         (re.compile(r"^/api/v1/datasets/$"), settings.GRAFT_MAX_UPLOAD_BYTES + FRAMING),
         (re.compile(r"^/api/v1/uploads/[^/]+/$"), settings.GRAFT_MAX_UPLOAD_BYTES),
         (re.compile(r"^/api/v1/models/\d+/predict/$"), settings.GRAFT_MAX_PREDICT_BYTES + FRAMING),
+        (re.compile(r"^/api/v1/models/\d+/batch/$"), settings.GRAFT_MAX_UPLOAD_BYTES + FRAMING),
     ]
 
 

@@ -4,9 +4,10 @@ from typing import cast
 
 from django.conf import settings
 from django.http import FileResponse, QueryDict
-from drf_spectacular.utils import OpenApiTypes, extend_schema
-from rest_framework import serializers
-from rest_framework.parsers import FormParser, MultiPartParser
+from django.urls import reverse
+from drf_spectacular.utils import OpenApiTypes, extend_schema, extend_schema_serializer
+from rest_framework import serializers, status
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -15,9 +16,11 @@ from apps.common.pagination import paginated, paginated_response
 from apps.common.requests import AuthenticatedRequest
 from apps.common.storage import open_stream
 from apps.common.uploads import limit_upload_size
+from apps.datasets.selectors import dataset_get
+from apps.serving.batches import batch_create, batch_delete
 from apps.serving.cache import get_predictor
-from apps.serving.models import TrainedModel
-from apps.serving.selectors import model_get, model_list
+from apps.serving.models import BatchPrediction, TrainedModel
+from apps.serving.selectors import batch_get, batch_list, model_get, model_list
 from apps.serving.services import model_predict
 
 
@@ -117,4 +120,98 @@ class ModelPredictApi(APIView):
                     "runtime": get_predictor(model).runtime,  # loaded by the prediction: a cache hit
                 },
             }
+        )
+
+
+class BatchOutputSerializer(serializers.ModelSerializer):
+    progress = serializers.FloatField(read_only=True)
+    results = serializers.SerializerMethodField()
+
+    class Meta:
+        model = BatchPrediction
+        fields = [
+            "id",
+            "model",
+            "dataset",
+            "name",
+            "status",
+            "k",
+            "total",
+            "done",
+            "failed",
+            "progress",
+            "results",
+            "error",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+
+    def get_results(self, batch: BatchPrediction) -> dict[str, str] | None:
+        """Where to download the predictions (CSV and JSON), once the batch has succeeded."""
+        if batch.status != BatchPrediction.Status.SUCCEEDED:
+            return None
+        return {fmt: reverse(f"api:batch-results-{fmt}", kwargs={"batch_id": batch.pk}) for fmt in ("csv", "json")}
+
+
+class BatchListCreateApi(APIView):
+    @extend_schema_serializer(component_name="BatchInput")
+    class InputSerializer(serializers.Serializer):
+        file = serializers.FileField(required=False, allow_empty_file=True)
+        dataset = serializers.IntegerField(required=False, min_value=1)
+        k = serializers.IntegerField(required=False, default=5)
+
+    parser_classes = [MultiPartParser, FormParser, JSONParser]
+
+    @extend_schema(operation_id="models_batches_list", responses=paginated(BatchOutputSerializer, "BatchPage"))
+    def get(self, request: AuthenticatedRequest, model_id: int) -> Response:
+        model = model_get(user=request.user, model_id=model_id)
+        return paginated_response(batch_list(user=request.user, model=model), request, BatchOutputSerializer, self)
+
+    @extend_schema(
+        request={"multipart/form-data": InputSerializer, "application/json": InputSerializer},
+        responses={202: BatchOutputSerializer},
+    )
+    def post(self, request: AuthenticatedRequest, model_id: int) -> Response:
+        model = model_get(user=request.user, model_id=model_id)
+        limit_upload_size(request, settings.GRAFT_MAX_UPLOAD_BYTES)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        dataset_id = data.validated_data.get("dataset")
+        batch = batch_create(
+            owner=request.user,
+            model=model,
+            file=data.validated_data.get("file"),
+            dataset=dataset_get(user=request.user, dataset_id=dataset_id) if dataset_id else None,
+            k=data.validated_data["k"],
+        )
+        return Response(BatchOutputSerializer(batch).data, status=status.HTTP_202_ACCEPTED)
+
+
+class BatchDetailApi(APIView):
+    @extend_schema(responses=BatchOutputSerializer)
+    def get(self, request: AuthenticatedRequest, batch_id: int) -> Response:
+        return Response(BatchOutputSerializer(batch_get(user=request.user, batch_id=batch_id)).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: AuthenticatedRequest, batch_id: int) -> Response:
+        batch_delete(batch=batch_get(user=request.user, batch_id=batch_id))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class BatchResultsApi(APIView):
+    @extend_schema(responses={(200, "text/csv"): OpenApiTypes.BINARY, (200, "application/json"): OpenApiTypes.BINARY})
+    def get(self, request: AuthenticatedRequest, batch_id: int, fmt: str) -> FileResponse:
+        batch = batch_get(user=request.user, batch_id=batch_id)
+        name = batch.results_csv if fmt == "csv" else batch.results_json
+        if batch.status != BatchPrediction.Status.SUCCEEDED or not name:
+            raise UserError(
+                f"Batch {batch.pk} is {batch.status}; its predictions come when it succeeds.", status_code=409
+            )
+        stem = f"graft-batch-{batch.pk}-predictions"
+        return FileResponse(
+            open_stream(name),
+            as_attachment=True,
+            filename=f"{stem}.{fmt}",
+            content_type="text/csv" if fmt == "csv" else "application/json",
         )

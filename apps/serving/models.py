@@ -32,3 +32,52 @@ class TrainedModel(models.Model):
 
 
 _storage_prefix = model_storage_prefix  # the name migration 0001 refers to
+
+
+def batch_storage_prefix() -> str:
+    return f"batches/{uuid.uuid4().hex}/"
+
+
+class BatchPrediction(models.Model):
+    """Top-k labels for every image of an uploaded zip (or a dataset), computed by a worker.
+
+    The input is stored under `storage_prefix` until the batch ends; the results stay there as
+    CSV and JSON until the batch (or its model) is deleted.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="batches")
+    model = models.ForeignKey(TrainedModel, on_delete=models.CASCADE, related_name="batches")
+    dataset = models.ForeignKey("datasets.Dataset", on_delete=models.SET_NULL, null=True, blank=True)
+    name = models.CharField(max_length=200)  # the uploaded file's name, or the dataset's
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    k = models.PositiveSmallIntegerField(default=5)
+    storage_prefix = models.CharField(max_length=100, default=batch_storage_prefix, unique=True, editable=False)
+    archive = models.CharField(max_length=300, blank=True)  # storage name of the input, while it is needed
+    archive_bytes = models.BigIntegerField(default=0)
+    total = models.PositiveIntegerField(default=0)  # images found
+    done = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)  # images that could not be read
+    results_csv = models.CharField(max_length=300, blank=True)
+    results_json = models.CharField(max_length=300, blank=True)
+    results_bytes = models.BigIntegerField(default=0)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"batch {self.pk} of model {self.model_id} ({self.status})"
+
+    @property
+    def progress(self) -> float:
+        return self.done / self.total if self.total else 0.0

@@ -4,7 +4,7 @@ from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
 
-from apps.serving.models import TrainedModel
+from apps.serving.models import BatchPrediction, TrainedModel
 
 
 def model_list(*, user: User) -> QuerySet[TrainedModel]:
@@ -13,3 +13,12 @@ def model_list(*, user: User) -> QuerySet[TrainedModel]:
 
 def model_get(*, user: User, model_id: int) -> TrainedModel:
     return get_object_or_404(model_list(user=user), pk=model_id)
+
+
+def batch_list(*, user: User, model: TrainedModel | None = None) -> QuerySet[BatchPrediction]:
+    batches = BatchPrediction.objects.filter(owner=user)
+    return batches.filter(model=model) if model is not None else batches
+
+
+def batch_get(*, user: User, batch_id: int) -> BatchPrediction:
+    return get_object_or_404(batch_list(user=user), pk=batch_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import zipfile
 
@@ -64,6 +65,37 @@ def test_hymenoptera_from_upload_to_predictions(celery_worker_process, api_for, 
     r = alice.call("POST", f"/models/{model_id}/predict/", data={"k": "3"})
     assert r.status_code == 400 and "'image'" in r.json()["error"]
 
+    # Batch prediction: a zip of images (in folders, with a file that is no image) on the GPU queue's
+    # worker; its CSV gives each image what the prediction endpoint gives it.
+    with zipfile.ZipFile(archive) as zf:
+        images = {f"photos/{i:02d}-{name.rsplit('/', 1)[1]}": zf.read(name) for i, name in enumerate(SAMPLE_IMAGES)}
+    batch_zip = io.BytesIO()
+    with zipfile.ZipFile(batch_zip, "w") as zf:
+        for name, data in images.items():
+            zf.writestr(name, data)
+        zf.writestr("photos/broken.jpg", b"not a jpeg")
+        zf.writestr("README.txt", b"not an image, not listed")
+    r = alice.call(
+        "POST", f"/models/{model_id}/batch/", files={"file": ("photos.zip", batch_zip.getvalue())}, data={"k": "2"}
+    )
+    assert r.status_code == 202 and r.json()["status"] == "queued", r.text
+    batch = alice.wait(f"/batches/{r.json()['id']}/", ("succeeded", "failed"), timeout=300)
+    assert batch["status"] == "succeeded", batch["error"]
+    assert (batch["total"], batch["done"], batch["failed"], batch["progress"]) == (7, 7, 1, 1.0)
+    rows = list(csv.DictReader(io.StringIO(alice.call("GET", batch["results"]["csv"].removeprefix("/api/v1")).text)))
+    assert [row["file"] for row in rows] == sorted([*images, "photos/broken.jpg"])
+    assert "cannot be read as an image" in rows[-1]["error"] and not rows[-1]["label_1"]
+    for row in rows[:-1]:
+        r = alice.call(
+            "POST", f"/models/{model_id}/predict/", files=[("image", ("x.jpg", images[row["file"]]))], data={"k": "2"}
+        )
+        single = r.json()["predictions"][0]
+        assert [row["label_1"], row["label_2"]] == [p["label"] for p in single] and not row["error"]
+        assert float(row["score_1"]) == pytest.approx(single[0]["score"], abs=1e-5)
+    as_json = alice.call("GET", batch["results"]["json"].removeprefix("/api/v1")).json()
+    assert [r["file"] for r in as_json] == [row["file"] for row in rows] and "error" in as_json[-1]
+    assert [b["id"] for b in alice.call("GET", f"/models/{model_id}/batch/").json()["results"]] == [batch["id"]]
+
     # Another user cannot see or touch any of it.
     bob = api_for("bob")
     for method, path in [
@@ -74,6 +106,10 @@ def test_hymenoptera_from_upload_to_predictions(celery_worker_process, api_for, 
         ("GET", f"/models/{model_id}/"),
         ("GET", f"/models/{model_id}/download/"),
         ("POST", f"/models/{model_id}/predict/"),
+        ("GET", f"/models/{model_id}/batch/"),
+        ("GET", f"/batches/{batch['id']}/"),
+        ("GET", batch["results"]["csv"].removeprefix("/api/v1")),
+        ("DELETE", f"/batches/{batch['id']}/"),
     ]:
         r = bob.call(method, path, files=files if path.endswith("predict/") else None)
         assert r.status_code == 404 and r.json()["error"].startswith("Not found"), (method, path, r.text)

@@ -50,7 +50,7 @@ def test_jobs_waiting_or_running_are_capped(api_for, settings):
     Job.objects.create(owner=owner, dataset=dataset, status=Job.Status.RUNNING)
     Job.objects.create(owner=owner, dataset=dataset, status=Job.Status.QUEUED)
     r = api.call("POST", "/jobs/", json={"dataset": dataset.pk})
-    assert r.status_code == 429 and "2 training jobs waiting or running" in r.json()["error"]
+    assert r.status_code == 429 and "2 training jobs or batch predictions waiting or running" in r.json()["error"]
     Job.objects.filter(status=Job.Status.RUNNING).update(status=Job.Status.SUCCEEDED)
     assert api.call("POST", "/jobs/", json={"dataset": dataset.pk}).status_code == 201
 
