@@ -18,4 +18,5 @@ urlpatterns = [
     path("datasets/<int:dataset_id>/thumb/", views.dataset_thumb, name="thumb"),
     path("jobs/<int:job_id>/", views.job_detail, name="job"),
     path("models/<int:model_id>/", views.model_detail, name="model"),
+    path("batches/<int:batch_id>/", views.batch_detail, name="batch"),
 ]

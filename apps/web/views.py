@@ -25,9 +25,10 @@ from apps.common.decoding import decode_gate
 from apps.common.errors import UserError
 from apps.common.requests import AuthenticatedHttpRequest
 from apps.common.storage import open_stream
+from apps.datasets.models import Dataset
 from apps.datasets.selectors import dataset_get, dataset_index, dataset_list
 from apps.datasets.services import dataset_delete, thumbnail_members, thumbnail_name, thumbnail_store
-from apps.serving.selectors import model_get, model_list
+from apps.serving.selectors import batch_get, model_get, model_list
 from apps.training.selectors import job_get, job_list
 from apps.training.services import job_create
 from ml.backbones import DEFAULT_BACKBONE, available_backbones
@@ -187,4 +188,16 @@ def job_detail(request: AuthenticatedHttpRequest, job_id: int) -> HttpResponse:
 @login_required
 def model_detail(request: AuthenticatedHttpRequest, model_id: int) -> HttpResponse:
     model = model_get(user=request.user, model_id=model_id)
-    return render(request, "web/model.html", {"model": model, "metrics_json": json.dumps(model.metrics)})
+    # The datasets a batch prediction can run over: the user's ready ones, newest first.
+    ready = dataset_list(user=request.user).filter(status=Dataset.Status.READY).only("pk", "name", "num_images")
+    return render(
+        request,
+        "web/model.html",
+        {"model": model, "metrics_json": json.dumps(model.metrics), "ready_datasets": ready[:200]},
+    )
+
+
+@login_required
+def batch_detail(request: AuthenticatedHttpRequest, batch_id: int) -> HttpResponse:
+    batch = batch_get(user=request.user, batch_id=batch_id)
+    return render(request, "web/batch.html", {"batch": batch, "model": batch.model})

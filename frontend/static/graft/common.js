@@ -39,6 +39,30 @@ window.Graft = (() => {
     return response.status === 204 ? null : response.json();
   }
 
+  // POST a FormData with upload progress (fetch cannot report it): resolves to the JSON body,
+  // rejects with one sentence (and .status) as `api` does. onProgress(sent, total) as bytes go up.
+  function upload(path, form, onProgress = () => {}) {
+    return new Promise((resolve, reject) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", `/api/v1${path}`);
+      xhr.setRequestHeader("X-CSRFToken", csrfToken());
+      xhr.setRequestHeader("Accept", "application/json");
+      xhr.upload.addEventListener("progress", (e) => { if (e.lengthComputable) onProgress(e.loaded, e.total); });
+      xhr.addEventListener("load", async () => {
+        if (xhr.status >= 200 && xhr.status < 300) {
+          try { resolve(xhr.status === 204 ? null : JSON.parse(xhr.responseText)); } catch (_) { resolve(null); }
+          return;
+        }
+        const error = new Error(await errorSentence(new Response(xhr.responseText, { status: xhr.status })));
+        error.status = xhr.status;
+        reject(error);
+      });
+      xhr.addEventListener("error", () => reject(new Error("The upload stopped: Graft cannot be reached. Check your connection and try again.")));
+      xhr.addEventListener("abort", () => reject(new Error("The upload was stopped.")));
+      xhr.send(form);
+    });
+  }
+
   function bytes(n) {
     if (n < 1024) return `${n} B`;
     const units = ["KB", "MB", "GB", "TB"];
@@ -126,5 +150,5 @@ window.Graft = (() => {
     tick();
   }
 
-  return { api, errorSentence, bytes, duration, pct, el, showError, csrfToken, poll, dropzone };
+  return { api, upload, errorSentence, bytes, duration, pct, el, showError, csrfToken, poll, dropzone };
 })();

@@ -21,6 +21,7 @@ document.addEventListener("DOMContentLoaded", () => {
     form.append("k", "5");
     try {
       const body = await Graft.api(`/models/${id}/predict/`, { method: "POST", body: form });
+      document.dispatchEvent(new CustomEvent("graft:predicted")); // the prediction log refreshes soon
       if (ticket !== latest) return;
       const top = body.predictions[0];
       list.replaceChildren(...top.map((p) => {

@@ -1,0 +1,146 @@
+"""The model page beyond "Try it": the prediction log and batch prediction, in headless Chromium.
+
+The model is trained here, cheaply (a linear probe on 12 tiny images, once per session), not
+through the UI as in test_flow.py; batches run on the real Celery worker.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.browser.conftest import PASSWORD, sign_in
+from tests.conftest import class_folders, image_bytes, make_zip
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+BATCH_MS = 120_000  # the worker loads the model, then predicts five images
+MS = r"\d+(\.\d)? ms"  # a latency as the log shows it
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory):
+    """A linear probe fitted on two classes of six tiny images: the FitResult and its bundle."""
+    from ml.fit import FitConfig, fit
+
+    folder = tmp_path_factory.mktemp("fitted")
+    archive = make_zip(folder / "small.zip", class_folders({"a": 6, "b": 6}))
+    return fit(archive, folder / "fit", FitConfig(strategy="linear", resolution="native"))
+
+
+@pytest.fixture
+def trained_model(fitted, make_user):
+    """ada's model (stored and saved as a finished job would leave it); she signs in as PASSWORD."""
+    from apps.serving.services import bundle_store, model_create
+    from apps.training.models import Job
+
+    user = make_user("ada", PASSWORD)
+    job = Job.objects.create(owner=user, status=Job.Status.SUCCEEDED)
+    return model_create(job=job, bundle=bundle_store(fitted.artifacts["bundle"]), result=fitted)
+
+
+def test_the_prediction_log_shows_a_prediction_made_in_try_it(page, shot, trained_model, tmp_path):
+    sign_in(page, "ada")
+    page.goto(f"/models/{trained_model.pk}/")
+    log = page.locator("section#predlog")
+    expect(log.get_by_label("Off")).to_be_checked()
+    expect(log.locator("#log-empty")).to_contain_text("off")
+    expect(log.locator("#log-body")).to_be_hidden()
+    shot(page, "model-log-off")
+
+    log.get_by_label("On: time, top label, score, latency").check()
+    expect(log.locator("#log-saved")).to_have_text("Recording predictions.")
+    expect(log.locator("#log-empty")).to_contain_text("Nothing recorded yet")
+    page.reload()  # the choice was saved, not only shown
+    expect(page.locator("section#predlog").get_by_label("On: time, top label, score, latency")).to_be_checked()
+
+    picture = tmp_path / "picture.png"
+    picture.write_bytes(image_bytes(seed=3))
+    page.locator("#try-input").set_input_files(picture)
+    top = page.locator("#predictions .prediction .label").first
+    expect(top).to_have_text(re.compile(r"^(a|b)$"), timeout=60_000)
+    predicted = top.text_content()
+
+    # The record appears without a reload: its label, its score and latency, drawn in both charts.
+    rows = log.locator("#log-table tbody tr")
+    expect(rows).to_have_count(1, timeout=15_000)
+    expect(rows.first.locator("th")).to_have_text(predicted)
+    expect(rows.first.locator("td").nth(2)).to_have_text(re.compile(rf"^{MS}$"))
+    expect(rows.first.locator("td").nth(1)).to_have_text(re.compile(r"^\d+\.\d%$"))
+    expect(log.locator("#log-latency")).to_have_text(re.compile(rf"p50 {MS} · p95 {MS} over the last 1 prediction\b"))
+    expect(log.locator("#log-empty")).to_be_hidden()
+    for canvas in ("#latency-chart", "#label-chart"):
+        expect(log.locator(canvas)).to_be_visible()
+        counts = page.evaluate(f"() => Chart.getChart(document.querySelector('{canvas}')).data.datasets[0].data")
+        assert sum(counts) == 1, (canvas, counts)
+        assert _painted(page, canvas), f"{canvas} is blank"
+    expect(log.locator("#label-chart")).to_have_attribute("aria-label", re.compile(rf"\b{predicted} 1\b"))
+    shot(page, "model-log-on")
+    assert not page.js_errors, page.js_errors
+
+
+def test_a_batch_of_a_zip_runs_live_and_its_csv_names_the_files(
+    page, shot, trained_model, celery_worker_process, tmp_path
+):
+    members = {f"photos/{c}{i}.png": image_bytes(seed=10 + 3 * i + (c == "b")) for c in "ab" for i in range(2)}
+    members["photos/broken.jpg"] = b"this is not an image"
+    archive = make_zip(tmp_path / "holiday.zip", members)
+    sign_in(page, "ada")
+    page.goto(f"/models/{trained_model.pk}/")
+    batches = page.locator("#batches")
+    expect(batches).to_contain_text("No batches yet")
+    shot(page, "model-batch-empty")
+
+    page.locator("#batch-input").set_input_files(archive)
+    item = batches.locator("li[data-batch]")
+    expect(item).to_have_count(1, timeout=60_000)
+    expect(item.get_by_role("link", name="holiday.zip")).to_be_visible()
+    expect(page.locator("#batch-upload-status")).to_contain_text("Uploaded holiday.zip")
+    url = page.url
+
+    # Live, without a reload: the badge reaches "succeeded", with 5 of 5 images and one unreadable.
+    expect(item.locator(".badge")).to_have_text("succeeded", timeout=BATCH_MS)
+    assert page.url == url
+    expect(item).to_contain_text("5 of 5 images · 1 could not be read")
+    expect(item.locator("progress")).to_have_attribute("value", "5")
+    expect(page.locator("#batch-announce")).to_contain_text("succeeded")
+    shot(page, "model-batch-done")
+
+    with page.expect_download() as download:
+        item.get_by_role("link", name="CSV").click()
+    assert download.value.suggested_filename.endswith(".csv")
+    rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+    assert sorted(r["file"] for r in rows) == sorted(members), rows
+    unreadable = [r for r in rows if r["error"]]
+    assert [r["file"] for r in unreadable] == ["photos/broken.jpg"], rows
+    assert all(r["label_1"] in ("a", "b") for r in rows if not r["error"]), rows
+
+    # The batch's own page: counts, downloads, and a delete that takes it off the model's list.
+    item.get_by_role("link", name="holiday.zip").click()
+    expect(page).to_have_url(re.compile(r"/batches/\d+/$"))
+    expect(page.locator("h1")).to_contain_text("holiday.zip")
+    expect(page.locator("#batch-status")).to_have_text("succeeded")
+    expect(page.locator("#batch-done")).to_have_text("5 of 5 (100%)")
+    expect(page.locator("#batch-failed")).to_have_text("1")
+    expect(page.locator("#batch-eta")).to_have_text(re.compile(r"^took \d+ s$"))
+    expect(page.get_by_role("link", name="Download CSV")).to_have_attribute("href", re.compile(r"predictions\.csv$"))
+    expect(page.get_by_role("link", name=trained_model.name)).to_have_attribute("href", f"/models/{trained_model.pk}/")
+    shot(page, "batch")
+    page.get_by_role("button", name="Delete").click()  # the fixture accepts the confirm()
+    expect(page).to_have_url(re.compile(rf"/models/{trained_model.pk}/$"))
+    expect(page.locator("#batches")).to_contain_text("No batches yet")
+    assert not page.js_errors, page.js_errors
+
+
+def _painted(page, selector: str) -> bool:
+    """Whether any pixel of the canvas was drawn on."""
+    return page.evaluate(
+        """s => { const c = document.querySelector(s);
+                  return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v !== 0); }""",
+        selector,
+    )
