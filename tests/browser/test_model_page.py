@@ -81,6 +81,18 @@ def test_the_prediction_log_shows_a_prediction_made_in_try_it(page, shot, traine
         assert _painted(page, canvas), f"{canvas} is blank"
     expect(log.locator("#label-chart")).to_have_attribute("aria-label", re.compile(rf"\b{predicted} 1\b"))
     shot(page, "model-log-on")
+
+    # Keeping the images: the next prediction's row shows its input as a thumbnail.
+    log.get_by_label("On, and keep the images").check()
+    expect(log.locator("#log-saved")).to_have_text("Recording predictions and keeping their images.")
+    page.locator("#try-input").set_input_files(picture)
+    expect(rows).to_have_count(2, timeout=15_000)
+    thumb = rows.first.locator("img")
+    expect(thumb).to_have_attribute("src", re.compile(rf"/api/v1/models/{trained_model.pk}/predictions/\d+/image/$"))
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumb.element_handle())
+    expect(rows.nth(1).locator("img")).to_have_count(0)  # recorded before images were kept
+    expect(log.locator("#log-latency")).to_contain_text("over the last 2 predictions")
+    shot(page, "model-log-images")
     assert not page.js_errors, page.js_errors
 
 

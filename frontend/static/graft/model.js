@@ -39,7 +39,10 @@ document.addEventListener("DOMContentLoaded", () => {
     }
   }
 
-  $("#try-input").addEventListener("change", (e) => { if (e.target.files[0]) predict(e.target.files[0]); });
+  $("#try-input").addEventListener("change", (e) => {
+    if (e.target.files[0]) predict(e.target.files[0]);
+    e.target.value = ""; // choosing the same image again must predict again
+  });
   if ($("#try-input").files[0]) predict($("#try-input").files[0]); // chosen before this script ran
   Graft.dropzone($("#try-drop"), $("#try-input"), (e) => { if (e.dataTransfer.files[0]) predict(e.dataTransfer.files[0]); });
 });

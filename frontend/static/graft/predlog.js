@@ -32,7 +32,7 @@ document.addEventListener("DOMContentLoaded", () => {
   function latencyBins(values) {
     const lo = Math.min(...values);
     const hi = Math.max(...values);
-    const span = Math.max(hi - lo, 1e-9);
+    const span = Math.max(hi - lo, hi / 10, 1); // one value, or all alike: a bin around them, not a sliver
     let width = 10 ** Math.floor(Math.log10(span / 12));
     for (const step of [1, 2, 5, 10]) {
       if (span / (width * step) <= 12) { width *= step; break; }
