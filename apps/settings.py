@@ -261,6 +261,8 @@ GRAFT_DECODE_PIXELS = env.int("GRAFT_DECODE_PIXELS", default=64_000_000)
 # memory a web process may spend on loaded models (least recently used ones are dropped past it).
 GRAFT_SERVE_RUNTIME = env.str("GRAFT_SERVE_RUNTIME", default="auto")
 GRAFT_SERVE_MODEL_MEMORY = env.int("GRAFT_SERVE_MODEL_MEMORY", default=1024**3)
+# The per-model prediction log (opt-in on the model page): the most recent records kept per model.
+GRAFT_PREDICTION_LOG_KEEP = env.int("GRAFT_PREDICTION_LOG_KEEP", default=1000)
 # Any other request body (forms, JSON, sign-in); uploads and predictions have the limits above.
 GRAFT_MAX_REQUEST_BYTES = env.int("GRAFT_MAX_REQUEST_BYTES", default=1024**2)
 # Per-user quotas (apps.accounts.quotas): bytes stored (datasets, models, uploads in progress),

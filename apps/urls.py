@@ -14,6 +14,8 @@ from apps.serving.api import (
     ModelDownloadApi,
     ModelListApi,
     ModelPredictApi,
+    ModelPredictionImageApi,
+    ModelPredictionsApi,
 )
 from apps.training.api import JobCancelApi, JobDetailApi, JobListCreateApi
 
@@ -30,6 +32,12 @@ api = [
     path("models/<int:model_id>/", ModelDetailApi.as_view(), name="model"),
     path("models/<int:model_id>/download/", ModelDownloadApi.as_view(), name="model-download"),
     path("models/<int:model_id>/predict/", ModelPredictApi.as_view(), name="model-predict"),
+    path("models/<int:model_id>/predictions/", ModelPredictionsApi.as_view(), name="model-predictions"),
+    path(
+        "models/<int:model_id>/predictions/<int:record_id>/image/",
+        ModelPredictionImageApi.as_view(),
+        name="model-prediction-image",
+    ),
     path("models/<int:model_id>/batch/", BatchListCreateApi.as_view(), name="model-batches"),
     path("batches/<int:batch_id>/", BatchDetailApi.as_view(), name="batch"),
     path("batches/<int:batch_id>/predictions.csv", BatchResultsApi.as_view(), {"fmt": "csv"}, name="batch-results-csv"),

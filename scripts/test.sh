@@ -23,8 +23,11 @@ if ! up 8333 && [[ -x .venv/bin/weed ]]; then
   echo "starting SeaweedFS (S3 on 127.0.0.1:8333)"
   weed_dir="${TMPDIR:-/tmp}/graft-seaweedfs"
   mkdir -p "$weed_dir"
+  # Volume slots from the free disk (-volume.max=0): each bucket takes several volumes at once, and
+  # with the default of 8 the filer's own 7 left a bucket one, which checkpoints filled (writes then
+  # failed with "no writable volumes").
   nohup .venv/bin/weed server -s3 -dir="$weed_dir" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-    -master.volumeSizeLimitMB=256 >"$weed_dir/weed.log" 2>&1 &
+    -master.volumeSizeLimitMB=64 -volume.max=0 >"$weed_dir/weed.log" 2>&1 &
 fi
 for _ in $(seq 60); do up 5432 && up 6379 && up 8333 && break; sleep 1; done
 if [[ "${CI:-}" == "true" ]] && ! { up 5432 && up 6379 && up 8333; }; then

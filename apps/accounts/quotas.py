@@ -18,7 +18,7 @@ from apps.common.limits import human_bytes
 
 @dataclass(frozen=True)
 class Usage:
-    bytes_stored: int  # dataset archives, model bundles, and uploads in progress at their full length
+    bytes_stored: int  # archives, bundles, uploads in progress at full length, batch files, kept images
     datasets: int
     open_uploads: int
     active_jobs: int  # training jobs and batch predictions, queued or running
@@ -34,7 +34,7 @@ class Usage:
 
 def usage(user: User) -> Usage:
     from apps.datasets.models import Dataset, Upload
-    from apps.serving.models import BatchPrediction, TrainedModel
+    from apps.serving.models import BatchPrediction, PredictionRecord, TrainedModel
     from apps.training.models import Job
 
     def total(qs, field: str) -> int:
@@ -49,7 +49,8 @@ def usage(user: User) -> Usage:
         + total(TrainedModel.objects.filter(owner=user), "bundle_bytes")
         + total(open_uploads, "length")
         + total(batches, "archive_bytes")
-        + total(batches, "results_bytes"),
+        + total(batches, "results_bytes")
+        + total(PredictionRecord.objects.filter(model__owner=user), "image_bytes"),
         datasets=datasets.count(),
         open_uploads=open_uploads.count(),
         active_jobs=Job.objects.filter(owner=user, status__in=active).count()

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import mimetypes
+import time
 from typing import cast
 
 from django.conf import settings
 from django.http import FileResponse, QueryDict
+from django.shortcuts import get_object_or_404
 from django.urls import reverse
-from drf_spectacular.utils import OpenApiTypes, extend_schema, extend_schema_serializer
+from drf_spectacular.utils import OpenApiTypes, extend_schema, extend_schema_serializer, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
@@ -17,9 +20,10 @@ from apps.common.requests import AuthenticatedRequest
 from apps.common.storage import open_stream
 from apps.common.uploads import limit_upload_size
 from apps.datasets.selectors import dataset_get
+from apps.serving import predlog
 from apps.serving.batches import batch_create, batch_delete
 from apps.serving.cache import get_predictor
-from apps.serving.models import BatchPrediction, TrainedModel
+from apps.serving.models import BatchPrediction, PredictionRecord, TrainedModel
 from apps.serving.selectors import batch_get, batch_list, model_get, model_list
 from apps.serving.services import model_predict
 
@@ -37,8 +41,10 @@ class ModelOutputSerializer(serializers.ModelSerializer):
             "strategy",
             "bundle_bytes",
             "bundle_sha256",
+            "prediction_log",
             "created_at",
         ]
+        read_only_fields = [f for f in fields if f != "prediction_log"]
 
 
 class ModelListSerializer(serializers.ModelSerializer):
@@ -65,9 +71,72 @@ class ModelListApi(APIView):
 
 
 class ModelDetailApi(APIView):
+    @extend_schema_serializer(component_name="ModelUpdate")
+    class UpdateSerializer(serializers.Serializer):
+        prediction_log = serializers.ChoiceField(choices=TrainedModel.Log.choices)
+
     @extend_schema(responses=ModelOutputSerializer)
     def get(self, request: AuthenticatedRequest, model_id: int) -> Response:
         return Response(ModelOutputSerializer(model_get(user=request.user, model_id=model_id)).data)
+
+    @extend_schema(request=UpdateSerializer, responses=ModelOutputSerializer)
+    def patch(self, request: AuthenticatedRequest, model_id: int) -> Response:
+        model = model_get(user=request.user, model_id=model_id)
+        data = self.UpdateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        return Response(
+            ModelOutputSerializer(predlog.set_mode(model=model, mode=data.validated_data["prediction_log"])).data
+        )
+
+
+class PredictionRecordSerializer(serializers.ModelSerializer):
+    image = serializers.SerializerMethodField()
+
+    class Meta:
+        model = PredictionRecord
+        fields = ["id", "created_at", "latency_ms", "label", "score", "image"]
+
+    def get_image(self, record: PredictionRecord) -> str | None:
+        if not record.image:
+            return None
+        return reverse("api:model-prediction-image", kwargs={"model_id": record.model_id, "record_id": record.pk})
+
+
+class ModelPredictionsApi(APIView):
+    @extend_schema(
+        operation_id="models_predictions_list",
+        responses=inline_serializer(
+            "PredictionLog",
+            {
+                "prediction_log": serializers.ChoiceField(choices=TrainedModel.Log.choices),
+                "keep": serializers.IntegerField(),
+                "records": PredictionRecordSerializer(many=True),
+            },
+        ),
+    )
+    def get(self, request: AuthenticatedRequest, model_id: int) -> Response:
+        """The model's prediction log, newest first (at most GRAFT_PREDICTION_LOG_KEEP records)."""
+        model = model_get(user=request.user, model_id=model_id)
+        records = model.predictions.all()[: settings.GRAFT_PREDICTION_LOG_KEEP]
+        return Response(
+            {
+                "prediction_log": model.prediction_log,
+                "keep": settings.GRAFT_PREDICTION_LOG_KEEP,
+                "records": PredictionRecordSerializer(records, many=True).data,
+            }
+        )
+
+
+class ModelPredictionImageApi(APIView):
+    @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
+    def get(self, request: AuthenticatedRequest, model_id: int, record_id: int) -> FileResponse:
+        model = model_get(user=request.user, model_id=model_id)
+        record = get_object_or_404(model.predictions.exclude(image=""), pk=record_id)
+        content_type = mimetypes.guess_type(record.image)[0] or "application/octet-stream"
+        response = FileResponse(open_stream(record.image), content_type=content_type)
+        response["Content-Security-Policy"] = "default-src 'none'; sandbox"  # a user's upload, never a page
+        response["X-Content-Type-Options"] = "nosniff"
+        return response
 
 
 class ModelDownloadApi(APIView):
@@ -100,6 +169,7 @@ class ModelPredictApi(APIView):
         responses=OpenApiTypes.OBJECT,
     )
     def post(self, request: AuthenticatedRequest, model_id: int) -> Response:
+        started = time.perf_counter()
         model = model_get(user=request.user, model_id=model_id)
         limit_upload_size(request, settings.GRAFT_MAX_PREDICT_BYTES)
         try:
@@ -108,7 +178,7 @@ class ModelPredictApi(APIView):
             raise UserError("'k' must be a whole number.") from None
         if k < 1:
             raise UserError("'k' must be at least 1.")
-        predictions = model_predict(model=model, images=request.FILES.getlist("image"), k=k)
+        predictions = model_predict(model=model, images=request.FILES.getlist("image"), k=k, started=started)
         return Response(
             {
                 "predictions": predictions,

@@ -24,6 +24,13 @@ class TrainedModel(models.Model):
     strategy = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
+    class Log(models.TextChoices):
+        OFF = "off"
+        ON = "on"  # time, latency, top label and score of each image predicted
+        WITH_IMAGES = "with_images"  # ... and the image itself
+
+    prediction_log = models.CharField(max_length=20, choices=Log.choices, default=Log.OFF)
+
     class Meta:
         ordering = ["-created_at"]
 
@@ -81,3 +88,23 @@ class BatchPrediction(models.Model):
     @property
     def progress(self) -> float:
         return self.done / self.total if self.total else 0.0
+
+
+class PredictionRecord(models.Model):
+    """One image predicted through the endpoint, kept while the model's prediction log is on
+    (the most recent GRAFT_PREDICTION_LOG_KEEP per model)."""
+
+    model = models.ForeignKey(TrainedModel, on_delete=models.CASCADE, related_name="predictions")
+    created_at = models.DateTimeField()  # when the request was answered
+    latency_ms = models.FloatField()  # the request's time in the server, shared by its images
+    label = models.CharField(max_length=200)
+    score = models.FloatField()
+    image = models.CharField(max_length=300, blank=True)  # storage name, with_images only
+    image_bytes = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["model", "-id"])]
+
+    def __str__(self) -> str:
+        return f"{self.label} {self.score:.2f} (model {self.model_id})"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from django.core.files.uploadedfile import UploadedFile
 
 from apps.common.decoding import decode_gate
 from apps.common.errors import UserError
+from apps.serving import predlog
 from apps.serving.cache import get_predictor
 from apps.serving.models import TrainedModel, model_storage_prefix
 from apps.training.models import Job
@@ -58,7 +60,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_predict(*, model: TrainedModel, images: list[UploadedFile], k: int = 5) -> list[list[dict]]:
+def model_predict(
+    *, model: TrainedModel, images: list[UploadedFile], k: int = 5, started: float | None = None
+) -> list[list[dict]]:
+    """Top-k for each image; logged when the model's prediction log is on, with the time since
+    `started` (time.perf_counter(); default: now) as the request's latency."""
+    started = time.perf_counter() if started is None else started
     if not images:
         raise UserError("Attach one or more images as multipart fields named 'image'.")
     if len(images) > settings.GRAFT_MAX_PREDICT_IMAGES:
@@ -83,4 +90,10 @@ def model_predict(*, model: TrainedModel, images: list[UploadedFile], k: int = 5
         except ImageDecodeError as exc:
             raise UserError(f"'{name}' cannot be read as an image: {exc}.", file=name) from None
     results = predictor.predict_tensors(inputs, k=k)
+    predlog.record(
+        model=model,
+        latency_ms=(time.perf_counter() - started) * 1000,
+        tops=[(row[0].label, row[0].score) for row in results],
+        images=encoded,
+    )
     return [[{"label": p.label, "score": p.score} for p in row] for row in results]

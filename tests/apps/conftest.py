@@ -132,6 +132,8 @@ def make_user(django_user_model):
 def api_for(live_server, make_user):
     """api_for('alice') -> an Api client authenticated with a token obtained over HTTP."""
 
+    made: list[Api] = []
+
     def make(username: str = "alice") -> Api:
         password = "correct horse battery"
         make_user(username, password)
@@ -139,6 +141,11 @@ def api_for(live_server, make_user):
             f"{live_server.url}/api/v1/auth/token/", json={"username": username, "password": password}, timeout=30
         )
         assert r.status_code == 200, r.text
-        return Api(live_server.url, r.json()["token"])
+        made.append(Api(live_server.url, r.json()["token"]))
+        return made[-1]
 
-    return make
+    yield make
+    # A kept-alive connection keeps its server thread, and that thread's database session, open:
+    # the test database could then not be dropped at the end of the run.
+    for api in made:
+        api.session.close()

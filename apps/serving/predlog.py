@@ -1,0 +1,154 @@
+"""The per-model prediction log, written off the request path.
+
+A prediction only puts its record on an in-process queue (microseconds). One thread per web
+process takes what has gathered, stores the kept images, inserts the rows in one statement, and
+trims each model's log to its most recent GRAFT_PREDICTION_LOG_KEEP records (their images too).
+Records still queued when a process is killed are lost: it is a log, not an audit trail.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import PurePosixPath
+
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.db import connections
+from django.utils import timezone
+
+from apps.common.errors import UserError
+from apps.common.storage import delete_quietly
+from apps.serving.models import PredictionRecord, TrainedModel
+
+log = logging.getLogger(__name__)
+
+GATHER_S = 0.5  # how long the writer lets records gather before one insert
+MAX_QUEUED = 10_000  # past this, records are dropped rather than held in memory
+
+
+@dataclass(frozen=True)
+class _Entry:
+    model_id: int
+    storage_prefix: str
+    at: datetime
+    latency_ms: float
+    label: str
+    score: float
+    image: bytes | None
+    suffix: str
+
+
+_queue: queue.Queue[_Entry] = queue.Queue(MAX_QUEUED)
+_thread: threading.Thread | None = None
+_start = threading.Lock()
+
+
+def record(
+    *, model: TrainedModel, latency_ms: float, tops: list[tuple[str, float]], images: list[tuple[str | None, bytes]]
+) -> None:
+    """Log one request's predictions (`tops`: each image's top label and score; `images`: each
+    image's file name and bytes), if the model's log is on. Never blocks, never raises."""
+    if model.prediction_log == TrainedModel.Log.OFF:
+        return
+    keep = model.prediction_log == TrainedModel.Log.WITH_IMAGES
+    now = timezone.now()
+    for (label, score), (name, data) in zip(tops, images, strict=True):
+        suffix = PurePosixPath(name or "").suffix.lower()
+        suffix = suffix if suffix[1:].isalnum() and len(suffix) <= 6 else ""  # for the image's content type
+        entry = _Entry(model.pk, model.storage_prefix, now, latency_ms, label, score, data if keep else None, suffix)
+        try:
+            _queue.put_nowait(entry)
+        except queue.Full:
+            log.warning("prediction log: queue full, a record of model %s dropped", model.pk)
+    _ensure_writer()
+
+
+def _ensure_writer() -> None:
+    global _thread
+    with _start:
+        if _thread is None or not _thread.is_alive():
+            _thread = threading.Thread(target=_run, name="graft-prediction-log", daemon=True)
+            _thread.start()
+
+
+def _run() -> None:
+    while True:
+        entries = [_queue.get()]
+        time.sleep(GATHER_S)
+        while True:
+            try:
+                entries.append(_queue.get_nowait())
+            except queue.Empty:
+                break
+        try:
+            write(entries)
+        except Exception:  # a database or storage blip costs these records, not the thread
+            log.exception("prediction log: %s records not written", len(entries))
+        finally:
+            connections.close_all()  # this thread's own; it may sleep long before the next write
+
+
+def write(entries: list[_Entry]) -> None:
+    """Store the images, insert the records, trim each model's log."""
+    live = set(TrainedModel.objects.filter(pk__in={e.model_id for e in entries}).values_list("pk", flat=True))
+    rows = []
+    for e in entries:
+        if e.model_id not in live:  # deleted meanwhile
+            continue
+        image = ""
+        if e.image is not None:
+            image = default_storage.save(f"{e.storage_prefix}inputs/{uuid.uuid4().hex}{e.suffix}", ContentFile(e.image))
+        rows.append(
+            PredictionRecord(
+                model_id=e.model_id,
+                created_at=e.at,
+                latency_ms=e.latency_ms,
+                label=e.label[:200],
+                score=e.score,
+                image=image,
+                image_bytes=len(e.image) if e.image is not None else 0,
+            )
+        )
+    PredictionRecord.objects.bulk_create(rows)
+    for model_id in {r.model_id for r in rows}:
+        trim(model_id)
+
+
+def trim(model_id: int, keep: int | None = None) -> None:
+    """Forget all but the most recent `keep` records of a model, and their images."""
+    keep = settings.GRAFT_PREDICTION_LOG_KEEP if keep is None else keep
+    records = PredictionRecord.objects.filter(model_id=model_id)
+    if keep:
+        cutoff = list(records.values_list("pk", flat=True)[keep : keep + 1])  # newest first
+        if not cutoff:
+            return
+        records = records.filter(pk__lte=cutoff[0])
+    forget(records)
+
+
+def forget(records) -> None:
+    """Delete these records and their kept images."""
+    for name in records.exclude(image="").values_list("image", flat=True):
+        delete_quietly(name)
+    records.delete()
+
+
+def set_mode(*, model: TrainedModel, mode: str) -> TrainedModel:
+    """Turn the log off or on, with or without images. Kept images go when image keeping stops."""
+    if mode not in TrainedModel.Log.values:
+        raise UserError(f"prediction_log must be one of {', '.join(TrainedModel.Log.values)}, not '{mode[:40]}'.")
+    if model.prediction_log == TrainedModel.Log.WITH_IMAGES and mode != TrainedModel.Log.WITH_IMAGES:
+        images = model.predictions.exclude(image="")
+        for name in images.values_list("image", flat=True):
+            delete_quietly(name)
+        images.update(image="", image_bytes=0)
+    model.prediction_log = mode
+    model.save(update_fields=["prediction_log"])
+    return model

@@ -1,0 +1,113 @@
+"""The per-model prediction log: opt-in, written off the request path, trimmed, images only when asked."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from django.core.files.storage import default_storage
+from torch import nn
+
+from apps.accounts.quotas import usage
+from apps.serving.models import PredictionRecord, TrainedModel
+from ml.backbones import Preprocessing
+from ml.bundle import write_bundle
+from tests.conftest import image_bytes
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def alice(api_for):
+    return api_for("alice")
+
+
+@pytest.fixture
+def model(alice, django_user_model, tmp_path):
+    from apps.serving.services import bundle_store
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    prep = Preprocessing(input_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.25,) * 3)
+    archive = write_bundle(tmp_path, model=net, classes=["cat", "dog"], preprocessing=prep, metrics={}, card={})
+    stored = bundle_store(str(archive))
+    return TrainedModel.objects.create(
+        owner=django_user_model.objects.get(username="alice"),
+        name="pets",
+        storage_prefix=stored.prefix,
+        bundle=stored.name,
+        bundle_bytes=stored.size,
+        bundle_sha256=stored.sha256,
+        classes=["cat", "dog"],
+    )
+
+
+def _predict(api, model, n: int, seed: int = 0) -> list[list[dict]]:
+    files = [("image", (f"p{i}.png", image_bytes(size=(40, 40), seed=seed + i))) for i in range(n)]
+    r = api.call("POST", f"/models/{model.pk}/predict/", files=files)
+    assert r.status_code == 200, r.text
+    return r.json()["predictions"]
+
+
+def _records(api, model, expect: int, timeout: float = 10) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = api.call("GET", f"/models/{model.pk}/predictions/").json()
+        if len(body["records"]) >= expect or time.monotonic() > deadline:
+            return body["records"]
+        time.sleep(0.2)
+
+
+def test_the_log_is_off_until_the_owner_turns_it_on(alice, api_for, model):
+    assert alice.call("GET", f"/models/{model.pk}/").json()["prediction_log"] == "off"
+    _predict(alice, model, 2)
+    time.sleep(1.5)  # the writer gathers for half a second
+    assert _records(alice, model, 1, timeout=0) == [] and not PredictionRecord.objects.exists()
+
+    r = alice.call("PATCH", f"/models/{model.pk}/", json={"prediction_log": "on"})
+    assert r.status_code == 200 and r.json()["prediction_log"] == "on", r.text
+    predictions = _predict(alice, model, 3)
+    records = _records(alice, model, 3)
+    assert [(r["label"], r["score"]) for r in reversed(records)] == [
+        (p[0]["label"], pytest.approx(p[0]["score"])) for p in predictions
+    ]
+    assert all(r["latency_ms"] > 0 and r["image"] is None for r in records)
+
+    r = alice.call("PATCH", f"/models/{model.pk}/", json={"prediction_log": "everything"})
+    assert r.status_code == 400 and "prediction_log" in r.text
+    bob = api_for("bob")
+    assert bob.call("GET", f"/models/{model.pk}/predictions/").status_code == 404
+    assert bob.call("PATCH", f"/models/{model.pk}/", json={"prediction_log": "off"}).status_code == 404
+
+
+def test_kept_images_count_against_the_quota_and_go_when_keeping_stops(alice, model, django_user_model):
+    user = django_user_model.objects.get(username="alice")
+    alice.call("PATCH", f"/models/{model.pk}/", json={"prediction_log": "with_images"})
+    before = usage(user).bytes_stored
+    _predict(alice, model, 2, seed=10)
+    records = _records(alice, model, 2)
+    sent = image_bytes(size=(40, 40), seed=10)
+    image = alice.call("GET", records[-1]["image"].removeprefix("/api/v1"))
+    assert image.status_code == 200 and image.content == sent and image.headers["Content-Type"] == "image/png"
+    assert usage(user).bytes_stored - before == sum(len(image_bytes(size=(40, 40), seed=s)) for s in (10, 11))
+    kept = list(PredictionRecord.objects.values_list("image", flat=True))
+    assert all(default_storage.exists(name) for name in kept)
+
+    alice.call("PATCH", f"/models/{model.pk}/", json={"prediction_log": "on"})
+    assert not any(default_storage.exists(name) for name in kept)
+    assert [r["image"] for r in _records(alice, model, 2)] == [None, None]
+    assert usage(user).bytes_stored == before
+
+
+def test_the_log_keeps_the_most_recent_records_only(alice, model, settings):
+    settings.GRAFT_PREDICTION_LOG_KEEP = 3
+    alice.call("PATCH", f"/models/{model.pk}/", json={"prediction_log": "with_images"})
+    for seed in range(5):
+        _predict(alice, model, 1, seed=seed)
+        _records(alice, model, min(seed + 1, 3))
+    time.sleep(1)
+    assert PredictionRecord.objects.count() == 3
+    kept = set(PredictionRecord.objects.values_list("image", flat=True))
+    _, files = default_storage.listdir(f"{model.storage_prefix}inputs/")
+    assert {f"{model.storage_prefix}inputs/{f}" for f in files} == kept  # the trimmed records' images went too
