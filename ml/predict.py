@@ -126,22 +126,30 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self._queue: queue.SimpleQueue[tuple[Array, Future[Array]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._start = threading.Lock()
+        self._start = threading.Lock()  # orders every put against close()
+        self._closed = False
         self.passes = 0  # forward passes run (for tests and figures)
 
     def __call__(self, inputs: Array) -> Array:
         """Logits for `inputs` (N, 3, S, S), computed in passes shared with other callers."""
         future: Future[Array] = Future()
-        self._queue.put((inputs, future))
         with self._start:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="graft-batcher", daemon=True)
-                self._thread.start()
+            closed = self._closed
+            if not closed:
+                self._queue.put((inputs, future))
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="graft-batcher", daemon=True)
+                    self._thread.start()
+        if closed:  # a caller that took the model just before it was unloaded: served on its own thread
+            self._serve([(inputs, future)])
         return future.result()
 
     def close(self) -> None:
-        """Stop the thread once the requests already waiting are served."""
-        self._queue.put(None)
+        """Stop the thread once the requests already waiting are served; later calls still get
+        their answer, each in a pass of its own."""
+        with self._start:
+            self._closed = True
+            self._queue.put(None)
 
     def _run(self) -> None:
         while (first := self._queue.get()) is not None:

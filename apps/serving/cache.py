@@ -28,26 +28,40 @@ class Loaded:
     bytes: int  # what loading it added to the process's resident memory
 
 
-_lock = threading.Lock()
+_lock = threading.Lock()  # guards _loaded; held for lookups only, never while a model loads
+_load = threading.Lock()  # one load at a time: what it adds is measured as the process's growth
 _loaded: OrderedDict[tuple[int, str], Loaded] = OrderedDict()
 
 
 def get_predictor(model: TrainedModel) -> Predictor:
+    """The model's loaded predictor, loading it on first use. Requests for models already loaded
+    are never held up by another model's load (seconds: fetch, unpack, time both runtimes)."""
     key = (model.pk, model.bundle_sha256)
-    with _lock:
-        if key in _loaded:
-            _loaded.move_to_end(key)
-            return _loaded[key].predictor
+    if (predictor := _cached(key)) is not None:
+        return predictor
+    with _load:
+        if (predictor := _cached(key)) is not None:  # loaded while this request waited
+            return predictor
         folder = settings.GRAFT_WORK_DIR / "serving" / f"{model.pk}-{model.bundle_sha256[:16]}"
         with local_copy(model.bundle) as archive:
             unpack_bundle(archive, folder)
         before = resident_bytes()
         predictor = Predictor(folder, runtime=settings.GRAFT_SERVE_RUNTIME)
-        _loaded[key] = Loaded(predictor, max(0, resident_bytes() - before))
+        added = max(0, resident_bytes() - before)
+    with _lock:
+        _loaded[key] = Loaded(predictor, added)
         while len(_loaded) > 1 and loaded_bytes() > settings.GRAFT_SERVE_MODEL_MEMORY:
             _, dropped = _loaded.popitem(last=False)
             dropped.predictor.close()
-        return predictor
+    return predictor
+
+
+def _cached(key: tuple[int, str]) -> Predictor | None:
+    with _lock:
+        if key not in _loaded:
+            return None
+        _loaded.move_to_end(key)
+        return _loaded[key].predictor
 
 
 def loaded_bytes() -> int:

@@ -149,3 +149,34 @@ def api_for(live_server, make_user):
     # the test database could then not be dropped at the end of the run.
     for api in made:
         api.session.close()
+
+
+@pytest.fixture
+def make_tiny_model(tmp_path):
+    """make_tiny_model(owner) -> a TrainedModel (cat/dog) whose bundle, a tiny network, is in storage."""
+    import torch
+    from torch import nn
+
+    from apps.serving.models import TrainedModel
+    from apps.serving.services import bundle_store
+    from ml.backbones import Preprocessing
+    from ml.bundle import write_bundle
+
+    def make(owner, name: str = "pets", seed: int = 0) -> TrainedModel:
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+        prep = Preprocessing(input_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.25,) * 3)
+        out = tmp_path / f"bundle-{name}-{seed}"
+        archive = write_bundle(out, model=net, classes=["cat", "dog"], preprocessing=prep, metrics={}, card={})
+        stored = bundle_store(str(archive))
+        return TrainedModel.objects.create(
+            owner=owner,
+            name=name,
+            storage_prefix=stored.prefix,
+            bundle=stored.name,
+            bundle_bytes=stored.size,
+            bundle_sha256=stored.sha256,
+            classes=["cat", "dog"],
+        )
+
+    return make

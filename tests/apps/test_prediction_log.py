@@ -5,14 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 from django.core.files.storage import default_storage
-from torch import nn
 
 from apps.accounts.quotas import usage
-from apps.serving.models import PredictionRecord, TrainedModel
-from ml.backbones import Preprocessing
-from ml.bundle import write_bundle
+from apps.serving.models import PredictionRecord
 from tests.conftest import image_bytes
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -24,23 +20,8 @@ def alice(api_for):
 
 
 @pytest.fixture
-def model(alice, django_user_model, tmp_path):
-    from apps.serving.services import bundle_store
-
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
-    prep = Preprocessing(input_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.25,) * 3)
-    archive = write_bundle(tmp_path, model=net, classes=["cat", "dog"], preprocessing=prep, metrics={}, card={})
-    stored = bundle_store(str(archive))
-    return TrainedModel.objects.create(
-        owner=django_user_model.objects.get(username="alice"),
-        name="pets",
-        storage_prefix=stored.prefix,
-        bundle=stored.name,
-        bundle_bytes=stored.size,
-        bundle_sha256=stored.sha256,
-        classes=["cat", "dog"],
-    )
+def model(alice, django_user_model, make_tiny_model):
+    return make_tiny_model(django_user_model.objects.get(username="alice"))
 
 
 def _predict(api, model, n: int, seed: int = 0) -> list[list[dict]]:

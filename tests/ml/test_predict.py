@@ -58,6 +58,19 @@ def test_a_failed_pass_fails_its_callers_and_the_next_one_still_runs():
     batcher.close()
 
 
+def test_a_caller_still_gets_its_answer_after_the_batcher_is_closed():
+    """A model is unloaded (closed) while a request that already holds it is still decoding."""
+    batcher = Batcher(lambda x: x[:, :, 0, 0])
+    assert batcher(np.ones((1, 3, 2, 2), dtype=np.float32)).shape == (1, 3)
+    batcher.close()
+    answers: list[np.ndarray] = []
+    late = threading.Thread(target=lambda: answers.append(batcher(np.full((2, 3, 2, 2), 7, dtype=np.float32))))
+    late.daemon = True  # with no batcher thread left to serve it, it used to wait forever
+    late.start()
+    late.join(10)
+    assert answers and np.array_equal(answers[0], np.full((2, 3), 7))
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     torch.manual_seed(0)
