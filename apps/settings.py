@@ -261,6 +261,12 @@ GRAFT_DECODE_PIXELS = env.int("GRAFT_DECODE_PIXELS", default=64_000_000)
 # memory a web process may spend on loaded models (least recently used ones are dropped past it).
 GRAFT_SERVE_RUNTIME = env.str("GRAFT_SERVE_RUNTIME", default="auto")
 GRAFT_SERVE_MODEL_MEMORY = env.int("GRAFT_SERVE_MODEL_MEMORY", default=1024**3)
+# Micro-batching (ml.predict.Batcher): images per shared forward pass, and how long a pass waits
+# for more requests once one is waiting. Defaults measured with bench_serve (README, "Serving").
+GRAFT_SERVE_MAX_BATCH = env.int("GRAFT_SERVE_MAX_BATCH", default=8)
+GRAFT_SERVE_BATCH_WAIT_MS = env.float("GRAFT_SERVE_BATCH_WAIT_MS", default=0.0)
+if GRAFT_SERVE_MAX_BATCH < 1 or not 0 <= GRAFT_SERVE_BATCH_WAIT_MS <= 1000:
+    raise ImproperlyConfigured("GRAFT_SERVE_MAX_BATCH must be at least 1, GRAFT_SERVE_BATCH_WAIT_MS 0-1000.")
 # The per-model prediction log (opt-in on the model page): the most recent records kept per model.
 GRAFT_PREDICTION_LOG_KEEP = env.int("GRAFT_PREDICTION_LOG_KEEP", default=1000)
 # Any other request body (forms, JSON, sign-in); uploads and predictions have the limits above.

@@ -197,7 +197,9 @@ class Batcher:
 class Predictor:
     """A loaded bundle. Thread-safe: concurrent `predict*` calls share forward passes."""
 
-    def __init__(self, folder: Path, runtime: str = "auto") -> None:
+    def __init__(
+        self, folder: Path, runtime: str = "auto", *, max_batch: int = MAX_BATCH, max_wait_s: float = MAX_WAIT_S
+    ) -> None:
         folder = Path(folder)
         self.labels: list[str] = json.loads((folder / "labels.json").read_text("utf-8"))
         fields: dict[str, Any] = {
@@ -220,7 +222,7 @@ class Predictor:
             # idle workers spin, and took the cores from ONNX Runtime's passes (measured on Lite1 at
             # 240 px, 2 cores: 15-23 ms a pass with torch's default threads, 9.8 ms with one).
             torch.set_num_threads(1)
-        self._batcher = Batcher(forward)
+        self._batcher = Batcher(forward, max_batch=max_batch, max_wait_s=max_wait_s)
         self._transform = eval_transform(self.preprocessing)
 
     def close(self) -> None:

@@ -46,7 +46,12 @@ def get_predictor(model: TrainedModel) -> Predictor:
         with local_copy(model.bundle) as archive:
             unpack_bundle(archive, folder)
         before = resident_bytes()
-        predictor = Predictor(folder, runtime=settings.GRAFT_SERVE_RUNTIME)
+        predictor = Predictor(
+            folder,
+            runtime=settings.GRAFT_SERVE_RUNTIME,
+            max_batch=settings.GRAFT_SERVE_MAX_BATCH,
+            max_wait_s=settings.GRAFT_SERVE_BATCH_WAIT_MS / 1000,
+        )
         added = max(0, resident_bytes() - before)
     with _lock:
         _loaded[key] = Loaded(predictor, added)

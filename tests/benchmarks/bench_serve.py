@@ -3,6 +3,7 @@
 Run from the repo root (prints one JSON line; not a pass/fail test):
 
     .venv/bin/python -m tests.benchmarks.bench_serve [--dataset ZIP] [--requests 200] [--clients 1 8 32]
+        [--max-batch N] [--wait-ms MS]   (the server's micro-batching; default: settings' defaults)
 
 It trains a linear probe on the dataset (default: hymenoptera.zip from the shared datasets, the
 ants/bees model; EfficientNet-Lite1, as the engine chooses), then:
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per client count, over all rounds")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--max-batch", type=int, help="the server's GRAFT_SERVE_MAX_BATCH (default: its own)")
+    parser.add_argument("--wait-ms", type=float, help="the server's GRAFT_SERVE_BATCH_WAIT_MS (default: its own)")
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="graft-bench-serve-"))
@@ -63,6 +66,10 @@ def main() -> None:
         "GRAFT_THROTTLE_USER": "1000000/min",
         "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),  # as deploy/Dockerfile sets it
     }
+    if args.max_batch is not None:
+        env["GRAFT_SERVE_MAX_BATCH"] = str(args.max_batch)
+    if args.wait_ms is not None:
+        env["GRAFT_SERVE_BATCH_WAIT_MS"] = str(args.wait_ms)
     os.environ.update(env)
     import django
 
@@ -86,7 +93,13 @@ def main() -> None:
          "-k", "gthread", "--threads", "8", "--timeout", "300"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    result: dict = {"dataset": args.dataset.name}
+    from django.conf import settings
+
+    result: dict = {
+        "dataset": args.dataset.name,
+        "max_batch": settings.GRAFT_SERVE_MAX_BATCH,
+        "wait_ms": settings.GRAFT_SERVE_BATCH_WAIT_MS,
+    }
     try:
         token = _start(base)
         url = f"{base}/api/v1/models/{model_ids[0]}/predict/"
