@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per client count, over all rounds")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
     parser.add_argument("--max-batch", type=int, help="the server's GRAFT_SERVE_MAX_BATCH (default: its own)")
     parser.add_argument("--wait-ms", type=float, help="the server's GRAFT_SERVE_BATCH_WAIT_MS (default: its own)")
     args = parser.parse_args()
@@ -89,7 +90,7 @@ def main() -> None:
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "apps.wsgi", "-b", f"127.0.0.1:{port}", "-w", "1",
+        [sys.executable, "-m", "gunicorn", "apps.wsgi", "-b", f"127.0.0.1:{port}", "-w", str(args.workers),
          "-k", "gthread", "--threads", "8", "--timeout", "300"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
@@ -97,6 +98,7 @@ def main() -> None:
 
     result: dict = {
         "dataset": args.dataset.name,
+        "workers": args.workers,
         "max_batch": settings.GRAFT_SERVE_MAX_BATCH,
         "wait_ms": settings.GRAFT_SERVE_BATCH_WAIT_MS,
     }
