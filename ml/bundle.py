@@ -16,9 +16,11 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import re
 import shutil
+import threading
 import warnings
 import zipfile
 from dataclasses import asdict
@@ -309,11 +311,16 @@ def _calibration_lines(metrics: dict[str, Any]) -> list[str]:
 
 
 def unpack_bundle(archive: Path, folder: Path) -> Path:
-    """Extract a bundle zip (only its known flat files) into `folder`."""
+    """Extract a bundle zip (only its known flat files) into `folder`.
+
+    Each file appears whole or not at all (written aside, then renamed), so another process
+    unpacking the same bundle into the same folder never lets a reader see half a file."""
     folder.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(archive) as zf:
         for name in zf.namelist():
             if "/" in name or "\\" in name or name.startswith("."):
                 continue  # bundles are flat; ignore anything else
-            (folder / name).write_bytes(zf.read(name))
+            part = folder / f".{name}.{os.getpid()}-{threading.get_ident()}.part"
+            part.write_bytes(zf.read(name))
+            os.replace(part, folder / name)
     return folder

@@ -151,7 +151,10 @@ class Batcher:
         if lead:
             try:
                 while not request.done:
-                    self._serve(self._next_pass())
+                    taken = self._next_pass()
+                    if not taken:  # only if the request left the queue unserved: never spin on nothing
+                        raise RuntimeError("a prediction request was lost between forward passes")
+                    self._serve(taken)
             finally:
                 with self._cond:
                     self._running = False

@@ -3,6 +3,7 @@
 A prediction only puts its record on an in-process queue (microseconds). One thread per web
 process takes what has gathered, stores the kept images, inserts the rows in one statement, and
 trims each model's log to its most recent GRAFT_PREDICTION_LOG_KEEP records (their images too).
+Kept images count against the owner's storage quota; at the quota, records are kept without them.
 Records still queued when a process is killed are lost: it is a log, not an audit trail.
 """
 
@@ -23,14 +24,17 @@ from django.core.files.storage import default_storage
 from django.db import connections
 from django.utils import timezone
 
+from apps.accounts.quotas import usage
 from apps.common.errors import UserError
 from apps.common.storage import delete_quietly
 from apps.serving.models import PredictionRecord, TrainedModel
+from ml.images import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 GATHER_S = 0.5  # how long the writer lets records gather before one insert
 MAX_QUEUED = 10_000  # past this, records are dropped rather than held in memory
+MAX_QUEUED_IMAGE_BYTES = 256 * 1024**2  # past this, records are queued without their images
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class _Entry:
 _queue: queue.Queue[_Entry] = queue.Queue(MAX_QUEUED)
 _thread: threading.Thread | None = None
 _start = threading.Lock()
+_image_bytes = 0  # of the images queued (guarded by _start)
 
 
 def record(
@@ -55,18 +60,25 @@ def record(
 ) -> None:
     """Log one request's predictions (`tops`: each image's top label and score; `images`: each
     image's file name and bytes), if the model's log is on. Never blocks, never raises."""
+    global _image_bytes
     if model.prediction_log == TrainedModel.Log.OFF:
         return
     keep = model.prediction_log == TrainedModel.Log.WITH_IMAGES
     now = timezone.now()
     for (label, score), (name, data) in zip(tops, images, strict=True):
         suffix = PurePosixPath(name or "").suffix.lower()
-        suffix = suffix if suffix[1:].isalnum() and len(suffix) <= 6 else ""  # for the image's content type
-        entry = _Entry(model.pk, model.storage_prefix, now, latency_ms, label, score, data if keep else None, suffix)
-        try:
-            _queue.put_nowait(entry)
-        except queue.Full:
-            log.warning("prediction log: queue full, a record of model %s dropped", model.pk)
+        suffix = suffix if suffix in IMAGE_SUFFIXES else ""  # gives the kept image its content type
+        image = data if keep else None
+        with _start:
+            if image is not None and _image_bytes + len(image) > MAX_QUEUED_IMAGE_BYTES:
+                log.warning("prediction log: storage is behind, an image of model %s not kept", model.pk)
+                image = None
+            try:
+                _queue.put_nowait(_Entry(model.pk, model.storage_prefix, now, latency_ms, label, score, image, suffix))
+            except queue.Full:
+                log.warning("prediction log: queue full, a record of model %s dropped", model.pk)
+                continue
+            _image_bytes += len(image or b"")
     _ensure_writer()
 
 
@@ -87,6 +99,7 @@ def _run() -> None:
                 entries.append(_queue.get_nowait())
             except queue.Empty:
                 break
+        _dequeued(entries)
         try:
             write(entries)
         except Exception:  # a database or storage blip costs these records, not the thread
@@ -95,28 +108,56 @@ def _run() -> None:
             connections.close_all()  # this thread's own; it may sleep long before the next write
 
 
+def _dequeued(entries: list[_Entry]) -> None:
+    global _image_bytes
+    with _start:
+        _image_bytes -= sum(len(e.image or b"") for e in entries)
+
+
 def write(entries: list[_Entry]) -> None:
-    """Store the images, insert the records, trim each model's log."""
-    live = set(TrainedModel.objects.filter(pk__in={e.model_id for e in entries}).values_list("pk", flat=True))
-    rows = []
-    for e in entries:
-        if e.model_id not in live:  # deleted meanwhile
-            continue
-        image = ""
-        if e.image is not None:
-            image = default_storage.save(f"{e.storage_prefix}inputs/{uuid.uuid4().hex}{e.suffix}", ContentFile(e.image))
-        rows.append(
-            PredictionRecord(
-                model_id=e.model_id,
-                created_at=e.at,
-                latency_ms=e.latency_ms,
-                label=e.label[:200],
-                score=e.score,
-                image=image,
-                image_bytes=len(e.image) if e.image is not None else 0,
+    """Store the images, insert the records, trim each model's log.
+
+    Whether an image is kept is decided here, not when it was queued: the model's log may have
+    been switched meanwhile, and an owner at the storage quota keeps records without images."""
+    models = {
+        m.pk: m for m in TrainedModel.objects.select_related("owner").filter(pk__in={e.model_id for e in entries})
+    }
+    owners = {m.owner_id: m.owner for m in models.values()}
+    room = {pk: settings.GRAFT_QUOTA_BYTES - usage(owner).bytes_stored for pk, owner in owners.items()}
+    rows, saved = [], []
+    try:
+        for e in entries:
+            model = models.get(e.model_id)
+            if model is None:  # deleted meanwhile
+                continue
+            image = ""
+            size = len(e.image) if e.image is not None else 0
+            if (
+                e.image is not None
+                and model.prediction_log == TrainedModel.Log.WITH_IMAGES
+                and room[model.owner_id] >= size
+            ):
+                image = default_storage.save(
+                    f"{e.storage_prefix}inputs/{uuid.uuid4().hex}{e.suffix}", ContentFile(e.image)
+                )
+                saved.append(image)
+                room[model.owner_id] -= size
+            rows.append(
+                PredictionRecord(
+                    model_id=e.model_id,
+                    created_at=e.at,
+                    latency_ms=e.latency_ms,
+                    label=e.label[:200],
+                    score=e.score,
+                    image=image,
+                    image_bytes=size if image else 0,
+                )
             )
-        )
-    PredictionRecord.objects.bulk_create(rows)
+        PredictionRecord.objects.bulk_create(rows)
+    except BaseException:
+        for name in saved:  # no record will name them
+            delete_quietly(name)
+        raise
     for model_id in {r.model_id for r in rows}:
         trim(model_id)
 
@@ -145,10 +186,10 @@ def set_mode(*, model: TrainedModel, mode: str) -> TrainedModel:
     if mode not in TrainedModel.Log.values:
         raise UserError(f"prediction_log must be one of {', '.join(TrainedModel.Log.values)}, not '{mode[:40]}'.")
     if model.prediction_log == TrainedModel.Log.WITH_IMAGES and mode != TrainedModel.Log.WITH_IMAGES:
-        images = model.predictions.exclude(image="")
-        for name in images.values_list("image", flat=True):
+        kept = list(model.predictions.exclude(image="").values_list("pk", "image"))
+        for _, name in kept:
             delete_quietly(name)
-        images.update(image="", image_bytes=0)
+        PredictionRecord.objects.filter(pk__in=[pk for pk, _ in kept]).update(image="", image_bytes=0)
     model.prediction_log = mode
     model.save(update_fields=["prediction_log"])
     return model

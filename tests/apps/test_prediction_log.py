@@ -87,8 +87,29 @@ def test_the_log_keeps_the_most_recent_records_only(alice, model, settings):
     for seed in range(5):
         _predict(alice, model, 1, seed=seed)
         _records(alice, model, min(seed + 1, 3))
-    time.sleep(1)
-    assert PredictionRecord.objects.count() == 3
-    kept = set(PredictionRecord.objects.values_list("image", flat=True))
+    newest = image_bytes(size=(40, 40), seed=4)
+    deadline = time.monotonic() + 15
+    while True:  # until the last request's record is in and the log trimmed
+        records = list(PredictionRecord.objects.all())
+        if records and records[0].image_bytes == len(newest) and len(records) == 3:
+            break
+        assert time.monotonic() < deadline, [(r.pk, r.image_bytes) for r in records]
+        time.sleep(0.2)
+    with default_storage.open(records[0].image) as f:
+        assert f.read() == newest
+    kept = {r.image for r in records}
     _, files = default_storage.listdir(f"{model.storage_prefix}inputs/")
     assert {f"{model.storage_prefix}inputs/{f}" for f in files} == kept  # the trimmed records' images went too
+
+
+def test_at_the_storage_quota_records_are_kept_without_their_images(alice, model, settings):
+    from apps.accounts.quotas import usage as usage_of
+
+    alice.call("PATCH", f"/models/{model.pk}/", json={"prediction_log": "with_images"})
+    settings.GRAFT_QUOTA_BYTES = usage_of(model.owner).bytes_stored + len(image_bytes(size=(40, 40), seed=0)) + 10
+    _predict(alice, model, 1, seed=0)
+    assert _records(alice, model, 1)[0]["image"] is not None  # it fitted
+    _predict(alice, model, 1, seed=1)
+    records = _records(alice, model, 2)
+    assert records[0]["image"] is None and records[0]["label"] in {"cat", "dog"}  # recorded, image not kept
+    assert usage_of(model.owner).bytes_stored <= settings.GRAFT_QUOTA_BYTES

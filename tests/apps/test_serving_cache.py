@@ -27,20 +27,30 @@ def empty_cache():
     cache._loaded.clear()
 
 
-def test_models_stay_loaded_within_the_memory_budget_and_the_oldest_go_first(owner, make_tiny_model, settings):
+def test_models_stay_loaded_within_the_memory_budget_and_the_least_recently_used_go_first(
+    owner, make_tiny_model, settings, monkeypatch
+):
     a, b, c = (make_tiny_model(owner, name) for name in "abc")
-    settings.GRAFT_SERVE_MODEL_MEMORY = 1024**3
+    resident = iter(range(0, 10_000, 50))  # each load adds 50 bytes to the process, as measured
+    monkeypatch.setattr(cache, "resident_bytes", lambda: next(resident))
+    settings.GRAFT_SERVE_MODEL_MEMORY = 100  # room for two
     first = cache.get_predictor(a)
     assert cache.get_predictor(a) is first  # loaded once, then reused
     cache.get_predictor(b)
-    assert [key[0] for key in cache._loaded] == [a.pk, b.pk]
+    cache.get_predictor(a)  # a is now the more recently used
+    cache.get_predictor(c)
+    assert [key[0] for key in cache._loaded] == [a.pk, c.pk]  # b went, not a
 
     settings.GRAFT_SERVE_MODEL_MEMORY = 1  # every model is over it: only the newest stays
-    cache.get_predictor(a)  # a is now the most recently used
-    cache.get_predictor(c)
-    assert [key[0] for key in cache._loaded] == [c.pk]
-    # b went first (least recently used), then a; a request still holding a is answered
-    assert first.predict_bytes([image_bytes(size=(40, 40))], k=1)[0][0].label in {"cat", "dog"}
+    cache.get_predictor(b)
+    assert [key[0] for key in cache._loaded] == [b.pk]
+    # a request still holding an unloaded model is answered (a thread, so that a hang fails)
+    answers: list = []
+    late = threading.Thread(target=lambda: answers.append(first.predict_bytes([image_bytes(size=(40, 40))], k=1)))
+    late.daemon = True
+    late.start()
+    late.join(30)
+    assert answers and answers[0][0][0].label in {"cat", "dog"}
 
 
 def test_a_model_loading_does_not_hold_up_a_loaded_one(owner, make_tiny_model, monkeypatch):
