@@ -176,6 +176,11 @@ def test_sanity_checks_fire_on_a_broken_setup():
     check_loss_decreases(report, [0.7, 0.9, 1.3])
     assert [c["ok"] for c in report.checks] == [True, False, False]
     assert not report.ok
+    # A lighter first epoch is left out of the comparison; the epochs after it still must go down.
+    for losses, ok in (([0.10, 0.12], True), ([0.10, 0.12, 0.11], True), ([0.10, 0.12, 0.13, 0.125], False)):
+        report = SanityReport()
+        check_loss_decreases(report, losses, same_from=2)
+        assert report.ok is ok, losses
 
     # A learning rate that blows up: the non-finite loss is caught, training stops, the probe survives.
     bb = tiny_backbone(lr=1e12)
