@@ -51,8 +51,8 @@ class _Entry:
 
 _queue: queue.Queue[_Entry] = queue.Queue(MAX_QUEUED)
 _thread: threading.Thread | None = None
-_start = threading.Lock()
-_image_bytes = 0  # of the images queued (guarded by _start)
+_lock = threading.Lock()  # guards _thread and _image_bytes
+_image_bytes = 0  # of the images queued
 
 
 def record(
@@ -69,7 +69,7 @@ def record(
         suffix = PurePosixPath(name or "").suffix.lower()
         suffix = suffix if suffix in IMAGE_SUFFIXES else ""  # gives the kept image its content type
         image = data if keep else None
-        with _start:
+        with _lock:
             if image is not None and _image_bytes + len(image) > MAX_QUEUED_IMAGE_BYTES:
                 log.warning("prediction log: storage is behind, an image of model %s not kept", model.pk)
                 image = None
@@ -84,7 +84,7 @@ def record(
 
 def _ensure_writer() -> None:
     global _thread
-    with _start:
+    with _lock:
         if _thread is None or not _thread.is_alive():
             _thread = threading.Thread(target=_run, name="graft-prediction-log", daemon=True)
             _thread.start()
@@ -110,7 +110,7 @@ def _run() -> None:
 
 def _dequeued(entries: list[_Entry]) -> None:
     global _image_bytes
-    with _start:
+    with _lock:
         _image_bytes -= sum(len(e.image or b"") for e in entries)
 
 
@@ -122,8 +122,7 @@ def write(entries: list[_Entry]) -> None:
     models = {
         m.pk: m for m in TrainedModel.objects.select_related("owner").filter(pk__in={e.model_id for e in entries})
     }
-    owners = {m.owner_id: m.owner for m in models.values()}
-    room = {pk: settings.GRAFT_QUOTA_BYTES - usage(owner).bytes_stored for pk, owner in owners.items()}
+    room: dict[int, int] = {}  # storage left per owner, measured only when an image may be kept
     rows, saved = [], []
     try:
         for e in entries:
@@ -132,11 +131,10 @@ def write(entries: list[_Entry]) -> None:
                 continue
             image = ""
             size = len(e.image) if e.image is not None else 0
-            if (
-                e.image is not None
-                and model.prediction_log == TrainedModel.Log.WITH_IMAGES
-                and room[model.owner_id] >= size
-            ):
+            keep = e.image is not None and model.prediction_log == TrainedModel.Log.WITH_IMAGES
+            if keep and model.owner_id not in room:
+                room[model.owner_id] = settings.GRAFT_QUOTA_BYTES - usage(model.owner).bytes_stored
+            if keep and e.image is not None and room[model.owner_id] >= size:
                 image = default_storage.save(
                     f"{e.storage_prefix}inputs/{uuid.uuid4().hex}{e.suffix}", ContentFile(e.image)
                 )
@@ -176,9 +174,16 @@ def trim(model_id: int, keep: int | None = None) -> None:
 
 def forget(records) -> None:
     """Delete these records and their kept images."""
-    for name in records.exclude(image="").values_list("image", flat=True):
-        delete_quietly(name)
+    _delete_images(records)
     records.delete()
+
+
+def _delete_images(records) -> list[int]:
+    """Delete the kept images of these records; returns the pks of the records that had one."""
+    kept = list(records.exclude(image="").values_list("pk", "image"))
+    for _, name in kept:
+        delete_quietly(name)
+    return [pk for pk, _ in kept]
 
 
 def set_mode(*, model: TrainedModel, mode: str) -> TrainedModel:
@@ -186,10 +191,7 @@ def set_mode(*, model: TrainedModel, mode: str) -> TrainedModel:
     if mode not in TrainedModel.Log.values:
         raise UserError(f"prediction_log must be one of {', '.join(TrainedModel.Log.values)}, not '{mode[:40]}'.")
     if model.prediction_log == TrainedModel.Log.WITH_IMAGES and mode != TrainedModel.Log.WITH_IMAGES:
-        kept = list(model.predictions.exclude(image="").values_list("pk", "image"))
-        for _, name in kept:
-            delete_quietly(name)
-        PredictionRecord.objects.filter(pk__in=[pk for pk, _ in kept]).update(image="", image_bytes=0)
+        PredictionRecord.objects.filter(pk__in=_delete_images(model.predictions.all())).update(image="", image_bytes=0)
     model.prediction_log = mode
     model.save(update_fields=["prediction_log"])
     return model
