@@ -30,12 +30,13 @@ def eval_transform(p: Preprocessing, *, uint8: bool = False) -> Callable[[Image.
     mean, std = list(p.mean), list(p.std)
 
     def transform(img: Image.Image) -> torch.Tensor:
-        x = F.pil_to_tensor(img)
+        x: torch.Tensor = F.pil_to_tensor(img)
         x = F.resize(x, [p.resize_size], interpolation=interpolation, antialias=True)
         x = F.center_crop(x, [p.input_size])
         if uint8:
             return x
-        return F.normalize(F.to_dtype(x, torch.float32, scale=True), mean, std)
+        out: torch.Tensor = F.normalize(F.to_dtype(x, torch.float32, scale=True), mean, std)
+        return out
 
     return transform
 
