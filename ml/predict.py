@@ -59,10 +59,13 @@ def _onnxruntime(folder: Path) -> Forward:
     options = ort.SessionOptions()
     options.intra_op_num_threads = runtime_threads()
     options.inter_op_num_threads = 1
-    # Idle pool threads sleep instead of spinning: under load the cores are wanted by the requests
-    # decoding images between passes (bench_serve, 8 clients: 64 images/s against 45 with spinning;
-    # one client's latency the same).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Pool threads spin between the operators of a pass and stop the moment it ends. Spinning keeps a
+    # lone request's pass at the runtime's own speed (Lite1 at 240 px, 2 cores: 7.9 ms at batch 1,
+    # against 9.7 ms for threads that sleep between operators; bench_serve's lone request 14.7 against
+    # 17.1 ms); stopping at once leaves the cores between passes to the requests decoding images
+    # (8 clients: 63-66 images/s either way, where threads that also spin between passes gave 45).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])

@@ -4,6 +4,7 @@ Run from the repo root (prints one JSON line; not a pass/fail test):
 
     .venv/bin/python -m tests.benchmarks.bench_serve [--dataset ZIP] [--requests 200] [--clients 1 8 32]
         [--max-batch N] [--wait-ms MS]   (the server's micro-batching; default: settings' defaults)
+        [--workers N] [--client stdlib|requests]
 
 It trains a linear probe on the dataset (default: hymenoptera.zip from the shared datasets, the
 ants/bees model; EfficientNet-Lite1, as the engine chooses), then:
@@ -12,10 +13,15 @@ ants/bees model; EfficientNet-Lite1, as the engine chooses), then:
             by the benchmark itself with one thread per core, while the server is idle;
   endpoint  gunicorn as deploy/ starts it (gthread, 8 threads; one worker, since this box has two
             cores) on embedded defaults in a temporary GRAFT_DATA_DIR, with a real token; a bounded
-            client of our own (threads, one keep-alive session each) posts one validation JPEG per
-            request. Per client count: requests, errors, images/s (the median round's), p50/p95/p99 ms
-            over all requests. Raw passes and each client count take turns, in --rounds rounds, so
-            that both see the same machine (it is shared, and its speed changes by the minute);
+            client of our own (threads, one keep-alive connection each: the standard library's
+            http.client with the multipart bodies built beforehand, since the client shares the
+            server's two cores; `--client requests` for the requests library) posts one validation
+            JPEG per request. Per client count: requests, errors, images/s (the median round's), p50/p95/p99 ms
+            over all requests; server_p50_ms, the median of gunicorn's own request time (its access
+            log), so that what the HTTP round trip and the client add shows; and cpu_busy, the share
+            of the machine's cores busy during the phase. Raw passes and each client count take turns,
+            in --rounds rounds, so that both see the same machine (it is shared, and its speed changes
+            by the minute);
   rss       the web process's RSS (MiB) with 1 model loaded, then with 4 (copies of the same bundle
             as 4 models: each is loaded separately).
 Ratios: p50 at 1 client over the raw batch-1 forward of the runtime the server chose, and throughput
@@ -38,6 +44,8 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +64,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
     parser.add_argument("--max-batch", type=int, help="the server's GRAFT_SERVE_MAX_BATCH (default: its own)")
     parser.add_argument("--wait-ms", type=float, help="the server's GRAFT_SERVE_BATCH_WAIT_MS (default: its own)")
+    parser.add_argument(
+        "--client", choices=["stdlib", "requests"], default="stdlib", help="the load client's HTTP library"
+    )
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="graft-bench-serve-"))
@@ -89,9 +100,11 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
+    access_log = data_dir / "access.log"
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "apps.wsgi", "-b", f"127.0.0.1:{port}", "-w", str(args.workers),
-         "-k", "gthread", "--threads", "8", "--timeout", "300"],
+         "-k", "gthread", "--threads", "8", "--timeout", "300",
+         "--access-logfile", str(access_log), "--access-logformat", "%(m)s %(U)s %(s)s %(D)s"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     from django.conf import settings
@@ -101,6 +114,7 @@ def main() -> None:
         "workers": args.workers,
         "max_batch": settings.GRAFT_SERVE_MAX_BATCH,
         "wait_ms": settings.GRAFT_SERVE_BATCH_WAIT_MS,
+        "client": args.client,
     }
     try:
         token = _start(base)
@@ -115,7 +129,13 @@ def main() -> None:
                 for batch, passes in ((1, 12), (8, 4)):
                     raw[name][batch] += _forward_times(forward, size, batch, passes)
             for clients in args.clients:
-                load[clients].append(_load(url, token, images, clients=clients, requests=args.requests // args.rounds))
+                seen, cpu = access_log.stat().st_size, _cpu_times()
+                phase = _load(
+                    url, token, images, clients=clients, requests=args.requests // args.rounds, client=args.client
+                )
+                phase["cpu_busy"] = _busy_since(cpu)
+                phase["server_s"] = _server_seconds(access_log, seen)
+                load[clients].append(phase)
         rss = {"1": _rss_mib(pid)}
         for model_id in model_ids[1:]:
             _load(f"{base}/api/v1/models/{model_id}/predict/", token, images, clients=1, requests=3)
@@ -246,38 +266,32 @@ def _model_runtime(base: str, token: str, model_id: int, image: bytes) -> str | 
     return r.json()["model"].get("runtime")  # None before the server said
 
 
-def _load(url: str, token: str, images: list[bytes], *, clients: int, requests: int) -> dict:
-    """`requests` posts of one image each, spread over `clients` threads with a session each."""
-    import requests as http
-
+def _load(url: str, token: str, images: list[bytes], *, clients: int, requests: int, client: str = "stdlib") -> dict:
+    """`requests` posts of one image each, spread over `clients` threads with a keep-alive connection
+    each: the standard library's http.client sending multipart bodies built beforehand (the client
+    shares the server's cores, so it should cost as little as it can), or `requests`."""
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
     counter = iter(range(requests))
     deadline = time.monotonic() + PHASE_SECONDS
+    post = _stdlib_poster if client == "stdlib" else _requests_poster
 
-    def client() -> None:
-        with http.Session() as session:
-            session.headers["Authorization"] = f"Token {token}"
+    def run() -> None:
+        with post(url, token, images) as send:
             while time.monotonic() < deadline:
                 with lock:
                     i = next(counter, None)
                 if i is None:
                     return
-                image = images[i % len(images)]
                 t = time.perf_counter()
-                try:
-                    r = session.post(url, files={"image": (f"{i}.jpg", io.BytesIO(image), "image/jpeg")}, timeout=60)
-                    ok = r.status_code == 200
-                    error = "" if ok else f"{r.status_code}: {r.text[:200]}"
-                except http.RequestException as exc:
-                    error = type(exc).__name__
+                error = send(i)
                 elapsed = time.perf_counter() - t
                 with lock:
                     (errors.append(error) if error else latencies.append(elapsed))
 
     t = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=run) for _ in range(clients)]
     for th in threads:
         th.start()
     for th in threads:
@@ -285,9 +299,68 @@ def _load(url: str, token: str, images: list[bytes], *, clients: int, requests: 
     return {"latencies": latencies, "errors": errors, "wall": time.perf_counter() - t}
 
 
+@contextmanager
+def _stdlib_poster(url: str, token: str, images: list[bytes]) -> Iterator[Callable[[int], str]]:
+    """send(i) posts image i % len(images) on one keep-alive connection; '' or what went wrong."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    boundary = "graft-bench-serve-boundary"
+    bodies = [
+        b"".join(
+            [
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{i}.jpg"\r\n'
+                "Content-Type: image/jpeg\r\n\r\n".encode(),
+                image,
+                f"\r\n--{boundary}--\r\n".encode(),
+            ]
+        )
+        for i, image in enumerate(images)
+    ]
+    headers = {"Authorization": f"Token {token}", "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+
+    def send(i: int) -> str:
+        nonlocal conn
+        try:
+            conn.request("POST", parts.path, body=bodies[i % len(bodies)], headers=headers)
+            r = conn.getresponse()
+            data = r.read()
+            return "" if r.status == 200 else f"{r.status}: {data[:200]!r}"
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+            return type(exc).__name__
+
+    try:
+        yield send
+    finally:
+        conn.close()
+
+
+@contextmanager
+def _requests_poster(url: str, token: str, images: list[bytes]) -> Iterator[Callable[[int], str]]:
+    import requests as http
+
+    with http.Session() as session:
+        session.headers["Authorization"] = f"Token {token}"
+
+        def send(i: int) -> str:
+            image = images[i % len(images)]
+            try:
+                r = session.post(url, files={"image": (f"{i}.jpg", io.BytesIO(image), "image/jpeg")}, timeout=60)
+            except http.RequestException as exc:
+                return type(exc).__name__
+            return "" if r.status_code == 200 else f"{r.status_code}: {r.text[:200]}"
+
+        yield send
+
+
 def _summary(rounds: list[dict]) -> dict:
     """Latency percentiles over every request of every round; throughput: the median round's."""
     latencies = [x for r in rounds for x in r["latencies"]]
+    server = [x for r in rounds for x in r["server_s"]]
     errors = [e for r in rounds for e in r["errors"]]
     q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
     return {
@@ -298,7 +371,30 @@ def _summary(rounds: list[dict]) -> dict:
         "p50_ms": _ms(statistics.median(latencies)) if latencies else None,
         "p95_ms": _ms(q[94]),
         "p99_ms": _ms(q[98]),
+        "server_p50_ms": _ms(statistics.median(server)) if server else None,
+        "cpu_busy": round(statistics.median(r["cpu_busy"] for r in rounds), 2),
     }
+
+
+def _server_seconds(access_log: Path, offset: int) -> list[float]:
+    """gunicorn's own time for each prediction logged after `offset` (its access log: method, path,
+    status, microseconds), from parsing the request to sending the response."""
+    with access_log.open() as fh:
+        fh.seek(offset)
+        rows = [line.split() for line in fh]
+    return [int(r[3]) / 1e6 for r in rows if len(r) == 4 and r[1].endswith("/predict/") and r[2] == "200"]
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies over all cores since boot (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _busy_since(start: tuple[int, int]) -> float:
+    busy, total = _cpu_times()
+    return (busy - start[0]) / max(1, total - start[1])
 
 
 def _worker_pid(master: int) -> int:
