@@ -266,6 +266,10 @@ GRAFT_SERVE_MODEL_MEMORY = env.int("GRAFT_SERVE_MODEL_MEMORY", default=1024**3)
 # for more requests once one is waiting. Defaults measured with bench_serve (README, "Serving").
 GRAFT_SERVE_MAX_BATCH = env.int("GRAFT_SERVE_MAX_BATCH", default=8)
 GRAFT_SERVE_BATCH_WAIT_MS = env.float("GRAFT_SERVE_BATCH_WAIT_MS", default=0.0)
+# ONNX Runtime's threads spin through a pass instead of sleeping between its operators: 2 ms off a
+# lone request, but where several web processes serve on the same cores (deploy/ runs three) their
+# passes overlap and spinning threads starve each other (README, "Serving"). On for one process.
+GRAFT_SERVE_SPIN = env.bool("GRAFT_SERVE_SPIN", default=False)
 if GRAFT_SERVE_MAX_BATCH < 1 or not 0 <= GRAFT_SERVE_BATCH_WAIT_MS <= 1000:
     raise ImproperlyConfigured("GRAFT_SERVE_MAX_BATCH must be at least 1, GRAFT_SERVE_BATCH_WAIT_MS 0-1000.")
 # The per-model prediction log (opt-in on the model page): the most recent records kept per model.

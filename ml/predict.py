@@ -53,18 +53,19 @@ def runtime_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def _onnxruntime(folder: Path) -> Forward:
+def _onnxruntime(folder: Path, spin: bool = True) -> Forward:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = runtime_threads()
     options.inter_op_num_threads = 1
-    # Pool threads spin between the operators of a pass and stop the moment it ends. Spinning keeps a
-    # lone request's pass at the runtime's own speed (Lite1 at 240 px, 2 cores: 7.9 ms at batch 1,
-    # against 9.7 ms for threads that sleep between operators; bench_serve's lone request 14.7 against
-    # 17.1 ms); stopping at once leaves the cores between passes to the requests decoding images
-    # (8 clients: 63-66 images/s either way, where threads that also spin between passes gave 45).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    # With `spin`, pool threads spin between the operators of a pass and stop the moment it ends: a
+    # lone pass then runs at the runtime's own speed (Lite1 at 240 px, 2 cores: 7.9 ms at batch 1,
+    # against 9.7 ms for threads that sleep between operators), and the cores are free between passes.
+    # Where several processes serve on the same cores their passes overlap, and spinning threads take
+    # the cores from each other (bench_serve, 3 gunicorn workers, 8 clients: 48.5 images/s spinning,
+    # 74.1 sleeping); the web tier sets it from GRAFT_SERVE_SPIN.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.add_session_config_entry("session.force_spinning_stop", "1")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -73,7 +74,7 @@ def _onnxruntime(folder: Path) -> Forward:
     return lambda x: session.run(None, {name: x})[0]
 
 
-def _torchscript(folder: Path) -> Forward:
+def _torchscript(folder: Path, spin: bool = True) -> Forward:  # noqa: ARG001 - torch's threads are its own
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
         model = torch.jit.load(str(folder / MODEL_FILE), map_location="cpu").eval()
@@ -86,7 +87,9 @@ def _torchscript(folder: Path) -> Forward:
     return forward
 
 
-def load_runtimes(folder: Path, names: tuple[str, ...] = RUNTIMES) -> Iterator[tuple[str, Forward, int]]:
+def load_runtimes(
+    folder: Path, names: tuple[str, ...] = RUNTIMES, *, spin: bool = True
+) -> Iterator[tuple[str, Forward, int]]:
     """(name, forward, input side) for each runtime the bundle in `folder` carries."""
     folder = Path(folder)
     size = json.loads((folder / "preprocessing.json").read_text("utf-8"))["input_size"]
@@ -94,7 +97,7 @@ def load_runtimes(folder: Path, names: tuple[str, ...] = RUNTIMES) -> Iterator[t
     for name in names:
         file, load = loaders[name]
         if (folder / file).is_file():
-            yield name, load(folder), size
+            yield name, load(folder, spin), size
 
 
 def time_forward(forward: Forward, size: int, *, batch: int = 1, runs: int = 5, warmup: int = 3) -> float:
@@ -212,7 +215,13 @@ class Predictor:
     """A loaded bundle. Thread-safe: concurrent `predict*` calls share forward passes."""
 
     def __init__(
-        self, folder: Path, runtime: str = "auto", *, max_batch: int = MAX_BATCH, max_wait_s: float = MAX_WAIT_S
+        self,
+        folder: Path,
+        runtime: str = "auto",
+        *,
+        max_batch: int = MAX_BATCH,
+        max_wait_s: float = MAX_WAIT_S,
+        spin: bool = True,
     ) -> None:
         folder = Path(folder)
         self.labels: list[str] = json.loads((folder / "labels.json").read_text("utf-8"))
@@ -224,7 +233,7 @@ class Predictor:
         self.card: dict[str, Any] = json.loads((folder / "graft.json").read_text("utf-8"))
         if runtime not in ("auto", *RUNTIMES):
             raise ValueError(f"runtime must be auto or one of {', '.join(RUNTIMES)}, not {runtime!r}")
-        loaded = list(load_runtimes(folder, RUNTIMES if runtime == "auto" else (runtime,)))
+        loaded = list(load_runtimes(folder, RUNTIMES if runtime == "auto" else (runtime,), spin=spin))
         if not loaded:
             raise FileNotFoundError(f"{folder} holds no model file for {runtime}")
         # The runtime measured fastest on this model's input, at batch 1 (a lone request's latency).

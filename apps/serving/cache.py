@@ -51,6 +51,7 @@ def get_predictor(model: TrainedModel) -> Predictor:
             runtime=settings.GRAFT_SERVE_RUNTIME,
             max_batch=settings.GRAFT_SERVE_MAX_BATCH,
             max_wait_s=settings.GRAFT_SERVE_BATCH_WAIT_MS / 1000,
+            spin=settings.GRAFT_SERVE_SPIN,
         )
         added = max(0, resident_bytes() - before)
     with _lock:

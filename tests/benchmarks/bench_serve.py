@@ -11,8 +11,8 @@ ants/bees model; EfficientNet-Lite1, as the engine chooses), then:
   raw       the bundle's model alone, in this process, on that model's input: ONNX Runtime and
             TorchScript at batch 1 and batch 8 (median ms per forward pass, and images/s), loaded here
             by the benchmark itself with one thread per core, while the server is idle;
-  endpoint  gunicorn as deploy/ starts it (gthread, 8 threads; one worker, since this box has two
-            cores) on embedded defaults in a temporary GRAFT_DATA_DIR, with a real token; a bounded
+  endpoint  gunicorn as deploy/ starts it (3 workers, gthread, 8 threads each; --workers to change)
+            on embedded defaults in a temporary GRAFT_DATA_DIR, with a real token; a bounded
             client of our own (threads, one keep-alive connection each: the standard library's
             http.client with the multipart bodies built beforehand, since the client shares the
             server's two cores; `--client requests` for the requests library) posts one validation
@@ -22,8 +22,9 @@ ants/bees model; EfficientNet-Lite1, as the engine chooses), then:
             of the machine's cores busy during the phase. Raw passes and each client count take turns,
             in --rounds rounds, so that both see the same machine (it is shared, and its speed changes
             by the minute);
-  rss       the web process's RSS (MiB) with 1 model loaded, then with 4 (copies of the same bundle
-            as 4 models: each is loaded separately).
+  rss       each web process's RSS (MiB) with 1 model loaded, then with 4 (copies of the same bundle
+            as 4 models: each is loaded separately); a model loads in whichever processes its
+            requests reach.
 Ratios: p50 at 1 client over the raw batch-1 forward of the runtime the server chose, and throughput
 at 8 clients over the best raw batched rate (batch 8, either runtime). Traffic stays on loopback;
 every phase is bounded in requests and seconds.
@@ -61,7 +62,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per client count, over all rounds")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
+    parser.add_argument("--workers", type=int, default=3, help="gunicorn worker processes (deploy/ runs 3)")
     parser.add_argument("--max-batch", type=int, help="the server's GRAFT_SERVE_MAX_BATCH (default: its own)")
     parser.add_argument("--wait-ms", type=float, help="the server's GRAFT_SERVE_BATCH_WAIT_MS (default: its own)")
     parser.add_argument(
@@ -114,13 +115,16 @@ def main() -> None:
         "workers": args.workers,
         "max_batch": settings.GRAFT_SERVE_MAX_BATCH,
         "wait_ms": settings.GRAFT_SERVE_BATCH_WAIT_MS,
+        "spin": settings.GRAFT_SERVE_SPIN,  # GRAFT_SERVE_SPIN from the environment
         "client": args.client,
     }
     try:
         token = _start(base)
         url = f"{base}/api/v1/models/{model_ids[0]}/predict/"
-        _load(url, token, images, clients=1, requests=5)  # load the model
-        pid = _worker_pid(server.pid)
+        # Load the model in every worker (each loads its own copy on its first request): concurrent
+        # connections spread over the workers, so that no load lands in a timed phase.
+        _load(url, token, images, clients=4 * args.workers, requests=16 * args.workers)
+        pids = _worker_pids(server.pid)
         result["server_runtime"] = _model_runtime(base, token, model_ids[0], images[0])
         # Rounds of raw passes and load, so that both see the same machine (it is shared and noisy).
         for round_ in range(args.rounds):
@@ -134,12 +138,12 @@ def main() -> None:
                     url, token, images, clients=clients, requests=args.requests // args.rounds, client=args.client
                 )
                 phase["cpu_busy"] = _busy_since(cpu)
-                phase["server_s"] = _server_seconds(access_log, seen)
+                phase["server_s"] = _server_seconds(access_log, seen, len(phase["latencies"]))
                 load[clients].append(phase)
-        rss = {"1": _rss_mib(pid)}
+        rss = {"1": [_rss_mib(pid) for pid in pids]}
         for model_id in model_ids[1:]:
             _load(f"{base}/api/v1/models/{model_id}/predict/", token, images, clients=1, requests=3)
-        rss["4"] = _rss_mib(pid)
+        rss["4"] = [_rss_mib(pid) for pid in pids]
         result["rss_mib"] = rss
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -193,7 +197,7 @@ def _prepare(dataset: Path, data_dir: Path) -> tuple[list[int], Path]:
 
 def _validation_jpegs(dataset: Path, n: int) -> list[bytes]:
     with zipfile.ZipFile(dataset) as zf:
-        names = sorted(m for m in zf.namelist() if "/val/" in m and m.lower().endswith((".jpg", ".jpeg")))
+        names = sorted(m for m in zf.namelist() if "val" in m.split("/")[:-1] and m.lower().endswith((".jpg", ".jpeg")))
         names = names or sorted(m for m in zf.namelist() if m.lower().endswith((".jpg", ".jpeg")))
         return [zf.read(m) for m in names[:n]]
 
@@ -275,10 +279,11 @@ def _load(url: str, token: str, images: list[bytes], *, clients: int, requests: 
     lock = threading.Lock()
     counter = iter(range(requests))
     deadline = time.monotonic() + PHASE_SECONDS
-    post = _stdlib_poster if client == "stdlib" else _requests_poster
+    bodies = _multipart_bodies(images) if client == "stdlib" else []  # before the clock; shared
 
     def run() -> None:
-        with post(url, token, images) as send:
+        poster = _stdlib_poster(url, token, bodies) if client == "stdlib" else _requests_poster(url, token, images)
+        with poster as send:
             while time.monotonic() < deadline:
                 with lock:
                     i = next(counter, None)
@@ -299,39 +304,51 @@ def _load(url: str, token: str, images: list[bytes], *, clients: int, requests: 
     return {"latencies": latencies, "errors": errors, "wall": time.perf_counter() - t}
 
 
-@contextmanager
-def _stdlib_poster(url: str, token: str, images: list[bytes]) -> Iterator[Callable[[int], str]]:
-    """send(i) posts image i % len(images) on one keep-alive connection; '' or what went wrong."""
-    import http.client
-    from urllib.parse import urlsplit
+BOUNDARY = "graft-bench-serve-boundary"
 
-    parts = urlsplit(url)
-    boundary = "graft-bench-serve-boundary"
-    bodies = [
+
+def _multipart_bodies(images: list[bytes]) -> list[bytes]:
+    """Each image as a multipart body with one field, 'image' (Content-Type: see _stdlib_poster)."""
+    return [
         b"".join(
             [
-                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{i}.jpg"\r\n'
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="{i}.jpg"\r\n'
                 "Content-Type: image/jpeg\r\n\r\n".encode(),
                 image,
-                f"\r\n--{boundary}--\r\n".encode(),
+                f"\r\n--{BOUNDARY}--\r\n".encode(),
             ]
         )
         for i, image in enumerate(images)
     ]
-    headers = {"Authorization": f"Token {token}", "Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+@contextmanager
+def _stdlib_poster(url: str, token: str, bodies: list[bytes]) -> Iterator[Callable[[int], str]]:
+    """send(i) posts body i % len(bodies) on one keep-alive connection; '' or what went wrong. A
+    connection the server has closed meanwhile is reopened and the request sent once more (as
+    urllib3 does for `--client requests`)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    headers = {"Authorization": f"Token {token}", "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
 
     def send(i: int) -> str:
         nonlocal conn
-        try:
-            conn.request("POST", parts.path, body=bodies[i % len(bodies)], headers=headers)
-            r = conn.getresponse()
-            data = r.read()
-            return "" if r.status == 200 else f"{r.status}: {data[:200]!r}"
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-            return type(exc).__name__
+        for attempt in (1, 2):
+            try:
+                conn.request("POST", parts.path, body=bodies[i % len(bodies)], headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                return "" if r.status == 200 else f"{r.status}: {data[:200]!r}"
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+                stale = isinstance(exc, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError))
+                if attempt == 2 or not stale:
+                    return type(exc).__name__
+        raise AssertionError("unreachable")
 
     try:
         yield send
@@ -376,20 +393,29 @@ def _summary(rounds: list[dict]) -> dict:
     }
 
 
-def _server_seconds(access_log: Path, offset: int) -> list[float]:
+def _server_seconds(access_log: Path, offset: int, expected: int) -> list[float]:
     """gunicorn's own time for each prediction logged after `offset` (its access log: method, path,
-    status, microseconds), from parsing the request to sending the response."""
-    with access_log.open() as fh:
-        fh.seek(offset)
-        rows = [line.split() for line in fh]
-    return [int(r[3]) / 1e6 for r in rows if len(r) == 4 and r[1].endswith("/predict/") and r[2] == "200"]
+    status, microseconds), from parsing the request to sending the response. gunicorn logs a request
+    after answering it, so this waits (at most 5 s) for the phase's `expected` lines."""
+    deadline = time.monotonic() + 5
+    while True:
+        with access_log.open() as fh:
+            fh.seek(offset)
+            rows = [line.split() for line in fh]
+        times = [int(r[3]) / 1e6 for r in rows if len(r) == 4 and r[1].endswith("/predict/") and r[2] == "200"]
+        if len(times) >= expected or time.monotonic() > deadline:
+            return times
+        time.sleep(0.05)
 
 
 def _cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies over all cores since boot (/proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
+    """(busy, total) jiffies over all cores since boot (/proc/stat): busy is user, nice, system, irq
+    and softirq; idle and iowait are the rest. Steal (the host's) and guest (inside user) are left out."""
+    user, nice, system, idle, iowait, irq, softirq = (
+        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]
+    )
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait
 
 
 def _busy_since(start: tuple[int, int]) -> float:
@@ -397,8 +423,8 @@ def _busy_since(start: tuple[int, int]) -> float:
     return (busy - start[0]) / max(1, total - start[1])
 
 
-def _worker_pid(master: int) -> int:
-    return int(Path(f"/proc/{master}/task/{master}/children").read_text().split()[0])
+def _worker_pids(master: int) -> list[int]:
+    return [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
 
 
 def _rss_mib(pid: int) -> float:
