@@ -105,7 +105,7 @@ def _database() -> dict:
         )
         db["TEST"] = {"NAME": str(DATA_DIR / "test-graft.sqlite3")}
     # Connections outlive a request (one per thread): opening one cost a prediction 1 ms on SQLite
-    # (bench_serve), and a TCP connect and sign-in on PostgreSQL; a reused one is checked first.
+    # (bench_serve), and a TCP connect and sign-in on PostgreSQL, where a reused one is checked first.
     db["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
     db["CONN_HEALTH_CHECKS"] = True
     return db

@@ -74,7 +74,7 @@ def _onnxruntime(folder: Path, spin: bool = True) -> Forward:
     return lambda x: session.run(None, {name: x})[0]
 
 
-def _torchscript(folder: Path, spin: bool = True) -> Forward:  # noqa: ARG001 - torch's threads are its own
+def _torchscript(folder: Path) -> Forward:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
         model = torch.jit.load(str(folder / MODEL_FILE), map_location="cpu").eval()
@@ -93,11 +93,14 @@ def load_runtimes(
     """(name, forward, input side) for each runtime the bundle in `folder` carries."""
     folder = Path(folder)
     size = json.loads((folder / "preprocessing.json").read_text("utf-8"))["input_size"]
-    loaders = {"onnxruntime": (ONNX_FILE, _onnxruntime), "torchscript": (MODEL_FILE, _torchscript)}
+    loaders: dict[str, tuple[str, Callable[[Path], Forward]]] = {
+        "onnxruntime": (ONNX_FILE, lambda f: _onnxruntime(f, spin)),
+        "torchscript": (MODEL_FILE, _torchscript),  # torch's threads are set process-wide, not here
+    }
     for name in names:
         file, load = loaders[name]
         if (folder / file).is_file():
-            yield name, load(folder, spin), size
+            yield name, load(folder), size
 
 
 def time_forward(forward: Forward, size: int, *, batch: int = 1, runs: int = 5, warmup: int = 3) -> float:
