@@ -22,11 +22,18 @@ ants/bees model; EfficientNet-Lite1, as the engine chooses), then:
             of the machine's cores busy during the phase. Raw passes and each client count take turns,
             in --rounds rounds, so that both see the same machine (it is shared, and its speed changes
             by the minute);
+  floor     the same load (1 and 8 clients) on a bare WSGI app under the same gunicorn: no Django,
+            no authentication, no limits, only read the body, decode, transform and predict with the
+            same Predictor and settings (tests/benchmarks/serve_floor.py), running beside the app
+            and taking turns with it in every round. What the floor takes over the raw forward is
+            what any server of this model pays on this machine (a JPEG to decode, HTTP); what the
+            endpoint takes over the floor is the app's own cost;
   rss       each web process's RSS (MiB) with 1 model loaded, then with 4 (copies of the same bundle
             as 4 models: each is loaded separately); a model loads in whichever processes its
             requests reach.
 Ratios: p50 at 1 client over the raw batch-1 forward of the runtime the server chose, and throughput
-at 8 clients over the best raw batched rate (batch 8, either runtime). Traffic stays on loopback;
+at 8 clients over the best raw batched rate (batch 8, either runtime); the same for the floor, and
+the endpoint's p50 at 1 client less the floor's (ms). Traffic stays on loopback;
 every phase is bounded in requests and seconds.
 """
 
@@ -52,6 +59,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "correct horse battery"
 PHASE_SECONDS = 120  # no load phase runs longer than this, whatever its request count
+RAW_PASSES = {1: 12, 8: 4}  # raw forward passes per round, by batch size
 
 
 def main() -> None:
@@ -97,19 +105,21 @@ def main() -> None:
     raw: dict[str, dict[int, list[float]]] = {name: {1: [], 8: []} for name, _, _ in runtimes}
     load: dict[int, list[dict]] = {clients: [] for clients in args.clients}
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    access_log = data_dir / "access.log"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "apps.wsgi", "-b", f"127.0.0.1:{port}", "-w", str(args.workers),
-         "-k", "gthread", "--threads", "8", "--timeout", "300",
-         "--access-logfile", str(access_log), "--access-logformat", "%(m)s %(U)s %(s)s %(D)s"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
     from django.conf import settings
 
+    base, access_log, server = _gunicorn("apps.wsgi", args.workers, env, data_dir / "access.log")
+    floor_env = {
+        **env,
+        "GRAFT_FLOOR_BUNDLE": str(bundle),
+        "GRAFT_SERVE_MAX_BATCH": str(settings.GRAFT_SERVE_MAX_BATCH),
+        "GRAFT_SERVE_BATCH_WAIT_MS": str(settings.GRAFT_SERVE_BATCH_WAIT_MS),
+        "GRAFT_SERVE_SPIN": str(settings.GRAFT_SERVE_SPIN),
+    }
+    floor_base, floor_log, floor_server = _gunicorn(
+        "tests.benchmarks.serve_floor", args.workers, floor_env, data_dir / "floor-access.log"
+    )
+    floor_clients = [c for c in args.clients if c <= 8]
+    floor: dict[int, list[dict]] = {clients: [] for clients in floor_clients}
     result: dict = {
         "dataset": args.dataset.name,
         "workers": args.workers,
@@ -124,36 +134,39 @@ def main() -> None:
         # Load the model in every worker (each loads its own copy on its first request): concurrent
         # connections spread over the workers, so that no load lands in a timed phase.
         _load(url, token, images, clients=4 * args.workers, requests=16 * args.workers)
+        _wait_up(f"{floor_base}/")
+        _load(f"{floor_base}/predict/", "", images, clients=4 * args.workers, requests=16 * args.workers)
         pids = _worker_pids(server.pid)
         result["server_runtime"] = _model_runtime(base, token, model_ids[0], images[0])
         # Rounds of raw passes and load, so that both see the same machine (it is shared and noisy).
         for round_ in range(args.rounds):
             _log(f"round {round_ + 1} of {args.rounds}")
             for name, forward, size in runtimes:
-                for batch, passes in ((1, 12), (8, 4)):
+                for batch, passes in RAW_PASSES.items():
                     raw[name][batch] += _forward_times(forward, size, batch, passes)
             for clients in args.clients:
-                seen, cpu = access_log.stat().st_size, _cpu_times()
-                phase = _load(
-                    url, token, images, clients=clients, requests=args.requests // args.rounds, client=args.client
-                )
-                phase["cpu_busy"] = _busy_since(cpu)
-                phase["server_s"] = _server_seconds(access_log, seen, len(phase["latencies"]))
-                load[clients].append(phase)
+                load[clients].append(_phase(url, token, images, clients, args, access_log))
+            for clients in floor_clients:
+                floor[clients].append(_phase(f"{floor_base}/predict/", "", images, clients, args, floor_log))
         rss = {"1": [_rss_mib(pid) for pid in pids]}
         for model_id in model_ids[1:]:
             _load(f"{base}/api/v1/models/{model_id}/predict/", token, images, clients=1, requests=3)
         rss["4"] = [_rss_mib(pid) for pid in pids]
         result["rss_mib"] = rss
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+        for process in (server, floor_server):
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(30)
 
     result["raw"] = {
         name: {
             "batch_1_ms": _ms(statistics.median(times[1])),
             "batch_8_ms": _ms(statistics.median(times[8])),
             "batch_8_images_per_s": round(8 / statistics.median(times[8]), 1),
+            # each round's median batch-1 pass: how much the machine's speed moved during the run
+            "batch_1_ms_rounds": [
+                _ms(statistics.median(times[1][i : i + RAW_PASSES[1]])) for i in range(0, len(times[1]), RAW_PASSES[1])
+            ],
         }
         for name, times in raw.items()
     }
@@ -165,6 +178,17 @@ def main() -> None:
     result["ratios"] = {
         "p50_1_client_over_raw_batch_1": round(one["p50_ms"] / raw_1, 2) if one else None,
         "throughput_8_clients_over_raw_batch_8": round(eight["images_per_s"] / best_batched, 2) if eight else None,
+    }
+    result["floor"] = {str(clients): _summary(rounds) for clients, rounds in floor.items()}
+    floor_one, floor_eight = result["floor"].get("1"), result["floor"].get("8")
+    result["floor_ratios"] = {
+        "p50_1_client_over_raw_batch_1": round(floor_one["p50_ms"] / raw_1, 2) if floor_one else None,
+        "throughput_8_clients_over_raw_batch_8": (
+            round(floor_eight["images_per_s"] / best_batched, 2) if floor_eight else None
+        ),
+        "endpoint_p50_1_client_over_floor_ms": round(one["p50_ms"] - floor_one["p50_ms"], 2)
+        if one and floor_one
+        else None,
     }
     print(json.dumps(result), flush=True)
 
@@ -240,18 +264,39 @@ def _runtimes(bundle: Path):
     yield "torchscript", torchscript, size
 
 
-def _start(base: str) -> str:
+def _gunicorn(app: str, workers: int, env: dict[str, str], access_log: Path) -> tuple[str, Path, subprocess.Popen]:
+    """gunicorn serving `app` as deploy/ starts it, on a free loopback port: (base URL, its access log
+    (method, path, status, microseconds), the master process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", app, "-b", f"127.0.0.1:{port}", "-w", str(workers),
+         "-k", "gthread", "--threads", "8", "--timeout", "300",
+         "--access-logfile", str(access_log), "--access-logformat", "%(m)s %(U)s %(s)s %(D)s"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    return f"http://127.0.0.1:{port}", access_log, server
+
+
+def _wait_up(url: str) -> None:
     import requests
 
     deadline = time.monotonic() + 120
     while True:
         try:  # the first request imports the app
-            if requests.get(f"{base}/health/live/", timeout=60).ok:
-                break
+            if requests.get(url, timeout=60).ok:
+                return
         except requests.RequestException:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def _start(base: str) -> str:
+    import requests
+
+    _wait_up(f"{base}/health/live/")
     r = requests.post(f"{base}/api/v1/auth/token/", json={"username": "bench", "password": PASSWORD}, timeout=60)
     r.raise_for_status()
     return r.json()["token"]
@@ -268,6 +313,15 @@ def _model_runtime(base: str, token: str, model_id: int, image: bytes) -> str | 
         timeout=60,
     )
     return r.json()["model"].get("runtime")  # None before the server said
+
+
+def _phase(url: str, token: str, images: list[bytes], clients: int, args: argparse.Namespace, access_log: Path) -> dict:
+    """One round's load at `clients` clients, with the CPU it kept busy and the server's own times."""
+    seen, cpu = access_log.stat().st_size, _cpu_times()
+    phase = _load(url, token, images, clients=clients, requests=args.requests // args.rounds, client=args.client)
+    phase["cpu_busy"] = _busy_since(cpu)
+    phase["server_s"] = _server_seconds(access_log, seen, len(phase["latencies"]))
+    return phase
 
 
 def _load(url: str, token: str, images: list[bytes], *, clients: int, requests: int, client: str = "stdlib") -> dict:

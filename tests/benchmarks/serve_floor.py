@@ -1,0 +1,45 @@
+"""The floor under the prediction endpoint: a bare WSGI app that does only what any server of this
+model must do for a request, for bench_serve to run under gunicorn beside the real app.
+
+It reads the body, cuts the one image out of the multipart form (no parser: it trusts the
+benchmark's own bodies), decodes, transforms and predicts through the same `ml.predict.Predictor`
+(same runtime, batching and spin settings as the app) and answers JSON. No Django, no
+authentication, no limits, no logging. What the endpoint takes beyond this floor is the app's own
+cost; what the floor takes beyond the raw forward is the cost of decoding a JPEG and of HTTP.
+
+    GRAFT_FLOOR_BUNDLE=<unpacked bundle> gunicorn tests.benchmarks.serve_floor ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from ml.predict import Predictor
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+
+
+predictor = Predictor(
+    Path(os.environ["GRAFT_FLOOR_BUNDLE"]),
+    max_batch=int(os.environ["GRAFT_SERVE_MAX_BATCH"]),
+    max_wait_s=float(os.environ["GRAFT_SERVE_BATCH_WAIT_MS"]) / 1000,
+    spin=_flag("GRAFT_SERVE_SPIN"),
+)
+
+
+def application(environ: dict, start_response: Callable) -> Iterable[bytes]:
+    if environ["REQUEST_METHOD"] != "POST":  # the benchmark's check that the server is up
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    start = body.index(b"\r\n\r\n") + 4  # the part's headers end; the image runs to the closing boundary
+    image = body[start : body.rindex(b"\r\n--")]
+    rows = predictor.predict_tensors([predictor.prepare(image)], k=5)
+    out = json.dumps({"predictions": [[{"label": p.label, "score": p.score} for p in row] for row in rows]}).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(out)))])
+    return [out]
