@@ -53,10 +53,32 @@ def runtime_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
+_ARENA = threading.Lock()  # guards _arena_shared
+_arena_shared = False
+
+
+def _share_arena(ort: Any) -> None:
+    """Register one CPU arena for the process's ONNX Runtime sessions to share (those that opt in).
+
+    Passes never overlap in a process (_FORWARD), so one arena holding the largest pass's
+    activations serves every model. Each session kept its own before: Lite1 at 240 px, 4 models in
+    one process took 733 MB of RSS with an arena each and 340 MB sharing one; batch 1 and batch 8
+    ran at the same speed (10.2-10.4 and 75-80 ms either way). Without an arena (malloc each pass)
+    memory was lower still, but batch 8 took 113 ms."""
+    global _arena_shared
+    with _ARENA:
+        if not _arena_shared:
+            memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, -1, -1, -1))  # its defaults
+            _arena_shared = True
+
+
 def _onnxruntime(folder: Path, spin: bool = True) -> Forward:
     import onnxruntime as ort
 
+    _share_arena(ort)
     options = ort.SessionOptions()
+    options.add_session_config_entry("session.use_env_allocators", "1")
     options.intra_op_num_threads = runtime_threads()
     options.inter_op_num_threads = 1
     # With `spin`, pool threads spin between the operators of a pass and stop the moment it ends: a

@@ -95,7 +95,7 @@ class Cluster:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         gunicorn = [sys.executable, "-m", "gunicorn", "apps.wsgi:application", "-b", f"127.0.0.1:{port}"]
-        host = self._start(name, [*gunicorn, "-w", "1", "--threads", "4", "--timeout", "300"])
+        host = self._start(name, [*gunicorn, "-w", "1", "--threads", "4", "--timeout", "300", "--preload"])
         host.url = f"http://127.0.0.1:{port}"
         self._wait(host, lambda: _ready(host.url))
         return host

@@ -4,14 +4,14 @@ Run from the repo root (prints one JSON line; not a pass/fail test):
 
     .venv/bin/python -m tests.benchmarks.bench_serve [--dataset ZIP] [--requests 200] [--clients 1 8 32]
         [--max-batch N] [--wait-ms MS]   (the server's micro-batching; default: settings' defaults)
-        [--workers N] [--client stdlib|requests]
+        [--workers N] [--client stdlib|requests] [--no-preload]
 
 It trains a linear probe on the dataset (default: hymenoptera.zip from the shared datasets, the
 ants/bees model; EfficientNet-Lite1, as the engine chooses), then:
   raw       the bundle's model alone, in this process, on that model's input: ONNX Runtime and
             TorchScript at batch 1 and batch 8 (median ms per forward pass, and images/s), loaded here
             by the benchmark itself with one thread per core, while the server is idle;
-  endpoint  gunicorn as deploy/ starts it (3 workers, gthread, 8 threads each; --workers to change)
+  endpoint  gunicorn as deploy/ starts it (3 workers, gthread, 8 threads each, --preload; --workers to change)
             on embedded defaults in a temporary GRAFT_DATA_DIR, with a real token; a bounded
             client of our own (threads, one keep-alive connection each: the standard library's
             http.client with the multipart bodies built beforehand, since the client shares the
@@ -28,9 +28,12 @@ ants/bees model; EfficientNet-Lite1, as the engine chooses), then:
             and taking turns with it in every round. What the floor takes over the raw forward is
             what any server of this model pays on this machine (a JPEG to decode, HTTP); what the
             endpoint takes over the floor is the app's own cost;
-  rss       each web process's RSS (MiB) with 1 model loaded, then with 4 (copies of the same bundle
-            as 4 models: each is loaded separately); a model loads in whichever processes its
-            requests reach.
+  memory    each web process's RSS and PSS (MiB) with 1 model loaded, then with 4 (copies of the
+            same bundle as 4 models: each is loaded separately, in every worker); PSS counts a page
+            shared by n processes as 1/n in each, so the workers' PSS and the master's add up to
+            what the web tier takes of the host (`total_4`). With --preload (deploy/'s, and the
+            default; --no-preload to compare) the master imports the app and the workers share
+            those pages.
 Ratios: p50 at 1 client over the raw batch-1 forward of the runtime the server chose, and throughput
 at 8 clients over the best raw batched rate (batch 8, either runtime); the same for the floor, and
 the endpoint's p50 at 1 client less the floor's (ms). Traffic stays on loopback;
@@ -71,6 +74,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=3, help="gunicorn worker processes (deploy/ runs 3)")
+    parser.add_argument(
+        "--preload", action=argparse.BooleanOptionalAction, default=True, help="gunicorn --preload, as deploy/ runs it"
+    )
     parser.add_argument("--max-batch", type=int, help="the server's GRAFT_SERVE_MAX_BATCH (default: its own)")
     parser.add_argument("--wait-ms", type=float, help="the server's GRAFT_SERVE_BATCH_WAIT_MS (default: its own)")
     parser.add_argument(
@@ -107,7 +113,7 @@ def main() -> None:
 
     from django.conf import settings
 
-    base, access_log, server = _gunicorn("apps.wsgi", args.workers, env, data_dir / "access.log")
+    base, access_log, server = _gunicorn("apps.wsgi", args.workers, env, data_dir / "access.log", args.preload)
     floor_env = {
         **env,
         "GRAFT_FLOOR_BUNDLE": str(bundle),
@@ -116,13 +122,14 @@ def main() -> None:
         "GRAFT_SERVE_SPIN": str(settings.GRAFT_SERVE_SPIN),
     }
     floor_base, floor_log, floor_server = _gunicorn(
-        "tests.benchmarks.serve_floor", args.workers, floor_env, data_dir / "floor-access.log"
+        "tests.benchmarks.serve_floor", args.workers, floor_env, data_dir / "floor-access.log", args.preload
     )
     floor_clients = [c for c in args.clients if c <= 8]
     floor: dict[int, list[dict]] = {clients: [] for clients in floor_clients}
     result: dict = {
         "dataset": args.dataset.name,
         "workers": args.workers,
+        "preload": args.preload,
         "max_batch": settings.GRAFT_SERVE_MAX_BATCH,
         "wait_ms": settings.GRAFT_SERVE_BATCH_WAIT_MS,
         "spin": settings.GRAFT_SERVE_SPIN,  # GRAFT_SERVE_SPIN from the environment
@@ -148,11 +155,21 @@ def main() -> None:
                 load[clients].append(_phase(url, token, images, clients, args, access_log))
             for clients in floor_clients:
                 floor[clients].append(_phase(f"{floor_base}/predict/", "", images, clients, args, floor_log))
-        rss = {"1": [_rss_mib(pid) for pid in pids]}
-        for model_id in model_ids[1:]:
-            _load(f"{base}/api/v1/models/{model_id}/predict/", token, images, clients=1, requests=3)
-        rss["4"] = [_rss_mib(pid) for pid in pids]
+        rss, pss = {"1": [_rss_mib(pid) for pid in pids]}, {"1": [_pss_mib(pid) for pid in pids]}
+        for model_id in model_ids[1:]:  # each model to every worker (4 clients a worker spread over them)
+            _load(
+                f"{base}/api/v1/models/{model_id}/predict/",
+                token,
+                images,
+                clients=4 * args.workers,
+                requests=8 * args.workers,
+            )
+        rss["4"], pss["4"] = [_rss_mib(pid) for pid in pids], [_pss_mib(pid) for pid in pids]
         result["rss_mib"] = rss
+        # PSS shares each page among the processes that map it: with the master's, the sum is what
+        # the web tier takes of the host's memory
+        result["pss_mib"] = {**pss, "master": _pss_mib(server.pid)}
+        result["pss_mib"]["total_4"] = round(sum(pss["4"]) + result["pss_mib"]["master"], 1)
     finally:
         for process in (server, floor_server):
             os.killpg(process.pid, signal.SIGTERM)
@@ -264,7 +281,9 @@ def _runtimes(bundle: Path):
     yield "torchscript", torchscript, size
 
 
-def _gunicorn(app: str, workers: int, env: dict[str, str], access_log: Path) -> tuple[str, Path, subprocess.Popen]:
+def _gunicorn(
+    app: str, workers: int, env: dict[str, str], access_log: Path, preload: bool
+) -> tuple[str, Path, subprocess.Popen]:
     """gunicorn serving `app` as deploy/ starts it, on a free loopback port: (base URL, its access log
     (method, path, status, microseconds), the master process)."""
     with socket.socket() as s:
@@ -272,7 +291,7 @@ def _gunicorn(app: str, workers: int, env: dict[str, str], access_log: Path) -> 
         port = s.getsockname()[1]
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", app, "-b", f"127.0.0.1:{port}", "-w", str(workers),
-         "-k", "gthread", "--threads", "8", "--timeout", "300",
+         "-k", "gthread", "--threads", "8", "--timeout", "300", *(["--preload"] if preload else []),
          "--access-logfile", str(access_log), "--access-logformat", "%(m)s %(U)s %(s)s %(D)s"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
@@ -479,6 +498,13 @@ def _busy_since(start: tuple[int, int]) -> float:
 
 def _worker_pids(master: int) -> list[int]:
     return [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+
+
+def _pss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no Pss for process {pid}")
 
 
 def _rss_mib(pid: int) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -24,12 +25,25 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
 
 
-predictor = Predictor(
-    Path(os.environ["GRAFT_FLOOR_BUNDLE"]),
-    max_batch=int(os.environ["GRAFT_SERVE_MAX_BATCH"]),
-    max_wait_s=float(os.environ["GRAFT_SERVE_BATCH_WAIT_MS"]) / 1000,
-    spin=_flag("GRAFT_SERVE_SPIN"),
-)
+_predictor: Predictor | None = None
+_load = threading.Lock()
+
+
+def predictor() -> Predictor:
+    """The worker's own Predictor, made on its first request: after gunicorn's fork (`--preload`
+    imports this module in the master), as the app's models load."""
+    global _predictor
+    if _predictor is not None:
+        return _predictor
+    with _load:
+        if _predictor is None:
+            _predictor = Predictor(
+                Path(os.environ["GRAFT_FLOOR_BUNDLE"]),
+                max_batch=int(os.environ["GRAFT_SERVE_MAX_BATCH"]),
+                max_wait_s=float(os.environ["GRAFT_SERVE_BATCH_WAIT_MS"]) / 1000,
+                spin=_flag("GRAFT_SERVE_SPIN"),
+            )
+        return _predictor
 
 
 def application(environ: dict, start_response: Callable) -> Iterable[bytes]:
@@ -39,7 +53,8 @@ def application(environ: dict, start_response: Callable) -> Iterable[bytes]:
     body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
     start = body.index(b"\r\n\r\n") + 4  # the part's headers end; the image runs to the closing boundary
     image = body[start : body.rindex(b"\r\n--")]
-    rows = predictor.predict_tensors([predictor.prepare(image)], k=5)
+    model = predictor()
+    rows = model.predict_tensors([model.prepare(image)], k=5)
     out = json.dumps({"predictions": [[{"label": p.label, "score": p.score} for p in row] for row in rows]}).encode()
     start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(out)))])
     return [out]

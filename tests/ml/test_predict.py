@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +16,7 @@ from torch import nn
 from ml.backbones import Preprocessing
 from ml.bundle import unpack_bundle, write_bundle
 from ml.predict import Batcher, Predictor
-from tests.conftest import image_bytes
+from tests.conftest import ROOT, image_bytes
 
 
 def test_concurrent_callers_share_passes_and_each_gets_its_own_rows():
@@ -114,3 +116,49 @@ def test_concurrent_predictions_of_distinct_images_match_one_at_a_time(bundle, r
         assert [p.label for p in got] == [p.label for p in want]
         assert [p.score for p in got] == pytest.approx([p.score for p in want], abs=1e-5)
     predictor.close()
+
+
+LOAD_FOUR = """
+import sys
+from pathlib import Path
+
+import torch
+
+from ml.predict import Predictor
+
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+
+inputs = [torch.rand(3, 224, 224) for _ in range(8)]
+added = []
+predictors = []
+for _ in range(4):
+    before = rss_mb()
+    predictor = Predictor(Path(sys.argv[1]), runtime="onnxruntime")
+    predictor.predict_tensors(inputs)  # a full batch: the largest activations a pass holds
+    predictors.append(predictor)
+    added.append(rss_mb() - before)
+print(*added)
+"""
+
+
+def test_models_in_one_process_share_one_activation_arena(tmp_path):
+    """Four models loaded in one process: the first brings the arena for a full batch's activations
+    (8 x 32 x 222 x 222 floats, 50 MB, here); the others add only their weights and plans."""
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 2))
+    prep = Preprocessing(input_size=224, resize_size=224, mean=(0.5,) * 3, std=(0.25,) * 3)
+    archive = write_bundle(
+        tmp_path, model=model.eval(), classes=["a", "b"], preprocessing=prep, metrics={}, card={"backbone": "tiny"}
+    )
+    folder = unpack_bundle(archive, tmp_path / "unpacked")
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_FOUR, str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    first, *others = (float(x) for x in out.stdout.split())
+    assert first > 50, f"the first model added {first:.0f} MB: no full batch's activations were held"
+    assert sum(others) < first / 2, f"the first model added {first:.0f} MB, the next three {others} MB"
