@@ -125,18 +125,29 @@ def load_runtimes(
             yield name, load(folder), size
 
 
-def time_forward(forward: Forward, size: int, *, batch: int = 1, runs: int = 5, warmup: int = 3) -> float:
-    """Median seconds of one forward pass on a random batch, after warm-up passes (TorchScript's
-    profiling executor optimises the graph over its first calls)."""
+def time_forwards(
+    forwards: dict[str, Forward], size: int, *, batch: int = 1, rounds: int = 7, warmup: int = 2
+) -> dict[str, float]:
+    """Median seconds of one forward pass of each of `forwards` on the same random batch.
+
+    The runtimes take turns, two passes each a round, and only the second of the two counts: each
+    sees the same machine, and not the previous runtime's threads still winding down. Measured one
+    after the other, a busy spell during one runtime's passes picked the slower one: in 2 of 19
+    bench_serve runs a gunicorn worker, timing its model while the others loaded theirs, served
+    TorchScript at 15 ms a pass where ONNX Runtime took 9. The `warmup` rounds are not counted
+    (TorchScript's profiling executor optimises the graph over its first calls)."""
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
-    times = []
-    for i in range(warmup + runs):
-        t = time.perf_counter()
-        with _FORWARD:
-            forward(x)
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in forwards}
+    for i in range(warmup + rounds):
+        for name, forward in forwards.items():
+            for _ in range(2):
+                t = time.perf_counter()
+                with _FORWARD:
+                    forward(x)
+                elapsed = time.perf_counter() - t
+            if i >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 @dataclass(eq=False)
@@ -262,7 +273,10 @@ class Predictor:
         if not loaded:
             raise FileNotFoundError(f"{folder} holds no model file for {runtime}")
         # The runtime measured fastest on this model's input, at batch 1 (a lone request's latency).
-        self.timings_ms = {name: time_forward(forward, size) * 1000 for name, forward, size in loaded}
+        size = loaded[0][2]
+        self.timings_ms = {
+            name: seconds * 1000 for name, seconds in time_forwards({n: f for n, f, _ in loaded}, size).items()
+        }
         self.runtime, forward, _ = min(loaded, key=lambda r: self.timings_ms[r[0]])
         del loaded
         if self.runtime == "onnxruntime":
