@@ -273,9 +273,10 @@ class Predictor:
         if not loaded:
             raise FileNotFoundError(f"{folder} holds no model file for {runtime}")
         # The runtime measured fastest on this model's input, at batch 1 (a lone request's latency).
-        size = loaded[0][2]
+        size, rounds = loaded[0][2], 7 if len(loaded) > 1 else 1  # one runtime: warm it up, nothing to choose
         self.timings_ms = {
-            name: seconds * 1000 for name, seconds in time_forwards({n: f for n, f, _ in loaded}, size).items()
+            name: seconds * 1000
+            for name, seconds in time_forwards({n: f for n, f, _ in loaded}, size, rounds=rounds).items()
         }
         self.runtime, forward, _ = min(loaded, key=lambda r: self.timings_ms[r[0]])
         del loaded

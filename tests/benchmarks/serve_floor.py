@@ -39,6 +39,7 @@ def predictor() -> Predictor:
         if _predictor is None:
             _predictor = Predictor(
                 Path(os.environ["GRAFT_FLOOR_BUNDLE"]),
+                runtime=os.environ["GRAFT_SERVE_RUNTIME"],
                 max_batch=int(os.environ["GRAFT_SERVE_MAX_BATCH"]),
                 max_wait_s=float(os.environ["GRAFT_SERVE_BATCH_WAIT_MS"]) / 1000,
                 spin=_flag("GRAFT_SERVE_SPIN"),
@@ -47,9 +48,10 @@ def predictor() -> Predictor:
 
 
 def application(environ: dict, start_response: Callable) -> Iterable[bytes]:
-    if environ["REQUEST_METHOD"] != "POST":  # the benchmark's check that the server is up
-        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
-        return [b"ok"]
+    if environ["REQUEST_METHOD"] != "POST":  # the benchmark's check that the server is up, and which runtime serves
+        runtime = (_predictor.runtime if _predictor is not None else "not loaded").encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(runtime)))])
+        return [runtime]
     body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
     start = body.index(b"\r\n\r\n") + 4  # the part's headers end; the image runs to the closing boundary
     image = body[start : body.rindex(b"\r\n--")]
