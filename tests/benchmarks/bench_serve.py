@@ -111,7 +111,7 @@ def main() -> None:
     model_ids, bundle = _prepare(args.dataset, data_dir)
     images = _validation_jpegs(args.dataset, 64)
     runtimes = list(_runtimes(bundle))
-    raw: dict[str, dict[int, list[float]]] = {name: {1: [], 8: []} for name, _, _ in runtimes}
+    raw: dict[str, dict[int, list[float]]] = {name: {batch: [] for batch in RAW_PASSES} for name, _, _ in runtimes}
     load: dict[int, list[dict]] = {clients: [] for clients in args.clients}
 
     from django.conf import settings
@@ -122,7 +122,7 @@ def main() -> None:
         "GRAFT_SERVE_RUNTIME": settings.GRAFT_SERVE_RUNTIME,
         "GRAFT_SERVE_MAX_BATCH": str(settings.GRAFT_SERVE_MAX_BATCH),
         "GRAFT_SERVE_BATCH_WAIT_MS": str(settings.GRAFT_SERVE_BATCH_WAIT_MS),
-        "GRAFT_SERVE_SPIN": str(settings.GRAFT_SERVE_SPIN),
+        "GRAFT_SERVE_SPIN": "1" if settings.GRAFT_SERVE_SPIN else "0",
     }
     floor_clients = [c for c in args.clients if c <= 8]
     floor: dict[int, list[dict]] = {clients: [] for clients in floor_clients}
@@ -144,16 +144,18 @@ def main() -> None:
         )
         servers.append(floor_server)
         token = _start(base)
-        url = f"{base}/api/v1/models/{model_ids[0]}/predict/"
+        url, floor_url = f"{base}/api/v1/models/{model_ids[0]}/predict/", f"{floor_base}/predict/"
         # Load the model in every worker (each loads its own copy on its first request): concurrent
         # connections spread over the workers, so that no load lands in a timed phase.
         _load(url, token, images, clients=4 * args.workers, requests=16 * args.workers)
         _wait_up(f"{floor_base}/")
-        _load(f"{floor_base}/predict/", "", images, clients=4 * args.workers, requests=16 * args.workers)
+        _load(floor_url, "", images, clients=4 * args.workers, requests=16 * args.workers)
         pids = _worker_pids(server.pid)
         # Each worker chose its runtime when it loaded the model: concurrent asks reach them all
-        result["server_runtimes"] = _runtimes_seen(lambda: _model_runtime(base, token, model_ids[0], images[0]), args)
-        result["floor_runtimes"] = _runtimes_seen(lambda: _floor_runtime(floor_base), args)
+        result["server_runtimes"] = _runtimes_seen(
+            lambda: _model_runtime(base, token, model_ids[0], images[0]), args.workers
+        )
+        result["floor_runtimes"] = _runtimes_seen(lambda: _floor_runtime(floor_base), args.workers)
         # Rounds of raw passes and load, so that both see the same machine (it is shared and noisy).
         for round_ in range(args.rounds):
             _log(f"round {round_ + 1} of {args.rounds}")
@@ -163,9 +165,9 @@ def main() -> None:
             for clients in args.clients:
                 load[clients].append(_phase(url, token, images, clients, args, access_log))
             for clients in floor_clients:
-                floor[clients].append(_phase(f"{floor_base}/predict/", "", images, clients, args, floor_log))
+                floor[clients].append(_phase(floor_url, "", images, clients, args, floor_log))
         _stop(floor_server)  # not to share the libraries' pages (and their PSS) with the app's processes
-        rss, pss = {"1": [_rss_mib(pid) for pid in pids]}, {"1": [_pss_mib(pid) for pid in pids]}
+        rss, pss = {"1": _mib(pids, "status", "VmRSS")}, {"1": _mib(pids, "smaps_rollup", "Pss")}
         for model_id in model_ids[1:]:  # each model to every worker (4 clients a worker spread over them)
             _load(
                 f"{base}/api/v1/models/{model_id}/predict/",
@@ -174,12 +176,12 @@ def main() -> None:
                 clients=4 * args.workers,
                 requests=8 * args.workers,
             )
-        rss["4"], pss["4"] = [_rss_mib(pid) for pid in pids], [_pss_mib(pid) for pid in pids]
+        rss["4"], pss["4"] = _mib(pids, "status", "VmRSS"), _mib(pids, "smaps_rollup", "Pss")
         result["rss_mib"] = rss
         # PSS shares each page among the processes that map it: with the master's, the sum is what
         # the web tier takes of the host's memory (this process maps torch's and ONNX Runtime's
         # libraries too, and takes its share of their pages)
-        result["pss_mib"] = {**pss, "master": _pss_mib(server.pid)}
+        result["pss_mib"] = {**pss, "master": _mib([server.pid], "smaps_rollup", "Pss")[0]}
         result["pss_mib"]["total_4"] = round(sum(pss["4"]) + result["pss_mib"]["master"], 1)
     finally:
         for process in servers:
@@ -244,10 +246,10 @@ def _stop(server: subprocess.Popen) -> None:
         server.wait()
 
 
-def _runtimes_seen(ask: Callable[[], str | None], args: argparse.Namespace) -> dict[str, int]:
+def _runtimes_seen(ask: Callable[[], str | None], workers: int) -> dict[str, int]:
     """How many of 4 asks a worker (made at once, to spread over the workers) each runtime answered."""
-    with ThreadPoolExecutor(4 * args.workers) as pool:
-        answers = list(pool.map(lambda _: ask() or "not said", range(4 * args.workers)))
+    with ThreadPoolExecutor(4 * workers) as pool:
+        answers = list(pool.map(lambda _: ask() or "not said", range(4 * workers)))
     return {runtime: answers.count(runtime) for runtime in sorted(set(answers))}
 
 
@@ -547,18 +549,17 @@ def _worker_pids(master: int) -> list[int]:
     return [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
 
 
-def _pss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no Pss for process {pid}")
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError("no VmRSS")
+def _mib(pids: list[int], file: str, field: str) -> list[float]:
+    """`field` (kB) of /proc/<pid>/`file` for each process, in MiB: VmRSS of status, Pss of smaps_rollup."""
+    values = []
+    for pid in pids:
+        kb = next(
+            line.split()[1]
+            for line in Path(f"/proc/{pid}/{file}").read_text().splitlines()
+            if line.startswith(f"{field}:")
+        )
+        values.append(round(int(kb) / 1024, 1))
+    return values
 
 
 if __name__ == "__main__":

@@ -20,11 +20,6 @@ from pathlib import Path
 
 from ml.predict import Predictor
 
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
-
-
 _predictor: Predictor | None = None
 _load = threading.Lock()
 
@@ -42,7 +37,7 @@ def predictor() -> Predictor:
                 runtime=os.environ["GRAFT_SERVE_RUNTIME"],
                 max_batch=int(os.environ["GRAFT_SERVE_MAX_BATCH"]),
                 max_wait_s=float(os.environ["GRAFT_SERVE_BATCH_WAIT_MS"]) / 1000,
-                spin=_flag("GRAFT_SERVE_SPIN"),
+                spin=os.environ["GRAFT_SERVE_SPIN"] == "1",
             )
         return _predictor
 
