@@ -61,6 +61,7 @@ INSTALLED_APPS = [
     "apps.training",
     "apps.serving",
     "apps.web",
+    "apps.ops",  # operators' commands: backup, restore
 ]
 
 MIDDLEWARE = [

@@ -1,0 +1,1 @@
+"""Operators' tools: backup and restore of a whole Graft deployment (database and storage)."""
