@@ -2,6 +2,10 @@
 
 Each is a setting; each refusal is a 4xx with a sentence that names the quota and what to do.
 The dashboard shows the same figures (`usage`).
+
+A check holds only together with the row it admits: callers check and create in one transaction
+after `owner_locked`, so parallel requests of one user queue on that lock and each sees the rows
+(and the bytes they reserve) of those before it.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def usage(user: User) -> Usage:
         return qs.aggregate(n=Sum(field))["n"] or 0
 
     open_uploads = Upload.objects.filter(owner=user, dataset__isnull=True, offset__lt=F("length"))
-    batches = BatchPrediction.objects.filter(owner=user)
+    batches = BatchPrediction.objects.filter(owner=user)  # results_bytes: reserved while running
     active = [Job.Status.QUEUED, Job.Status.RUNNING]  # the same words for batches
     datasets = Dataset.objects.filter(owner=user).exclude(status=Dataset.Status.FAILED)
     return Usage(
@@ -56,6 +60,16 @@ def usage(user: User) -> Usage:
         active_jobs=Job.objects.filter(owner=user, status__in=active).count()
         + batches.filter(status__in=active).count(),
     )
+
+
+def owner_locked(user: User) -> None:
+    """Hold `user`'s quota lock until the transaction ends (a row lock on PostgreSQL; SQLite's
+    immediate transactions already run one writer at a time)."""
+    from django.db import transaction
+
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("owner_locked() must be called inside transaction.atomic()")
+    User.objects.select_for_update().filter(pk=user.pk).values_list("pk", flat=True).first()
 
 
 def check_new_dataset(user: User, size: int, *, resumable: bool = False) -> None:

@@ -5,12 +5,16 @@ import uuid
 from django.conf import settings
 from django.db import models
 
+from apps.common.work import WorkFields
+
 
 def _storage_prefix() -> str:
     return f"datasets/{uuid.uuid4().hex}/"
 
 
-class Dataset(models.Model):
+class Dataset(WorkFields):
+    """An uploaded archive, and while `processing`, its ingestion (background work: apps.common.work)."""
+
     class Status(models.TextChoices):
         PROCESSING = "processing"
         READY = "ready"

@@ -13,9 +13,11 @@ from django.contrib.auth.models import User
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
-from django.db import transaction
+from django.db import DatabaseError, connection, transaction
+from django.utils import timezone
 
-from apps.accounts.quotas import check_new_dataset
+from apps.accounts.quotas import check_new_dataset, owner_locked
+from apps.common import work
 from apps.common.errors import UserError
 from apps.common.storage import delete_prefix, delete_quietly, local_copy
 from apps.datasets.models import Dataset
@@ -30,6 +32,33 @@ THUMBS_PER_CLASS = 12
 log = logging.getLogger(__name__)
 
 
+def _enqueue_ingest(dataset_id: int) -> None:
+    from apps.datasets.tasks import ingest_dataset
+
+    ingest_dataset.delay(dataset_id)
+
+
+def _drop_files(dataset: Dataset) -> None:
+    delete_prefix(dataset.storage_prefix)
+
+
+INGESTION = work.register(
+    work.Kind(
+        name="ingestion",
+        model=Dataset,
+        queued=Dataset.Status.PROCESSING,  # one word for waiting and running: the heartbeat tells them apart
+        running=Dataset.Status.PROCESSING,
+        failed=Dataset.Status.FAILED,
+        lost=(
+            "Processing this archive stopped its worker {attempts} times (killed, or out of memory), so it "
+            "was not tried again. Try a smaller archive, or ask the operators to check the workers."
+        ),
+        enqueue=_enqueue_ingest,
+        on_lost=_drop_files,
+    )
+)
+
+
 def dataset_create(*, owner: User, file: UploadedFile, name: str = "") -> Dataset:
     """Store an uploaded zip and queue its ingestion. Rejects non-zips at once."""
     size = file.size or 0  # an uploaded file always has its size; only a file made by hand has none
@@ -39,7 +68,7 @@ def dataset_create(*, owner: User, file: UploadedFile, name: str = "") -> Datase
         raise UserError("The upload is over the size limit.", status_code=413)
     if not zipfile.is_zipfile(file):
         raise UserError(f"'{file.name}' is not a zip archive. Upload a .zip with one folder of images per class.")
-    check_new_dataset(owner, size)
+    check_new_dataset(owner, size)  # early, before storing: the same check follows, locked
     file.seek(0)
     dataset = Dataset(owner=owner, archive_bytes=size)
     # Stored first, streamed from the upload's temporary file (never whole in memory), and
@@ -53,19 +82,19 @@ def dataset_create(*, owner: User, file: UploadedFile, name: str = "") -> Datase
         raise
 
 
-def dataset_create_stored(*, dataset: Dataset, archive: str, name: str, filename: str) -> Dataset:
-    """The row for an archive already in storage, with its ingestion queued once the transaction commits."""
+def dataset_create_stored(
+    *, dataset: Dataset, archive: str, name: str, filename: str, reserved: bool = False
+) -> Dataset:
+    """The row for an archive already in storage, with its ingestion queued once the transaction
+    commits. Call it in a transaction: the quotas are checked under the owner's lock (unless the
+    caller's row, `reserved`, already counts these bytes), so parallel uploads cannot pass them together."""
+    owner_locked(dataset.owner)
+    check_new_dataset(dataset.owner, 0 if reserved else dataset.archive_bytes)
     dataset.name = (name or _default_name(filename))[:200]
     dataset.archive = archive
     dataset.save()
     transaction.on_commit(lambda: _enqueue_ingest(dataset.pk))
     return dataset
-
-
-def _enqueue_ingest(dataset_id: int) -> None:
-    from apps.datasets.tasks import ingest_dataset
-
-    ingest_dataset.delay(dataset_id)
 
 
 def _default_name(filename: str) -> str:
@@ -85,22 +114,43 @@ def ingest_config() -> IngestConfig:
 
 
 def dataset_ingest(*, dataset: Dataset) -> None:
-    """Validate and index the stored archive; end `ready` or `failed`. Safe to run twice."""
-    if dataset.status != Dataset.Status.PROCESSING:
-        return
+    """Validate and index the claimed dataset's archive; end `ready` or `failed`.
+
+    Every write names this attempt (`work.attempt_rows`): a worker that went silent and was replaced
+    changes nothing, deletes nothing. A lost database connection hands the dataset straight back
+    (the next attempt starts at once); anything unforeseen fails it with a sentence.
+    """
+    mine = work.attempt_rows(INGESTION, dataset)
     try:
-        with local_copy(dataset.archive) as path:
+        with work.Heartbeat(mine, f"dataset-{dataset.pk}"), local_copy(dataset.archive) as path:
             index = index_dataset(path, ingest_config())
             assessment = _assess(path, index)
             thumbnails = _store_thumbnails(path, dataset, index)
+        manifest = default_storage.save(
+            f"{dataset.storage_prefix}manifest.json",
+            ContentFile(json.dumps(index.to_dict()).encode()),
+        )
+        _mark_ready(mine, dataset, index, manifest, assessment, thumbnails)
     except DatasetError as exc:
-        dataset_fail(dataset=dataset, message=exc.message)
-        return
-    manifest = default_storage.save(
-        f"{dataset.storage_prefix}manifest.json",
-        ContentFile(json.dumps(index.to_dict()).encode()),
-    )
-    _mark_ready(dataset, index, manifest, assessment, thumbnails)
+        _fail(mine, dataset, exc.message)
+    except DatabaseError:
+        log.exception("ingestion of dataset %s lost the database; handing it back", dataset.pk)
+        _hand_back(mine)
+    except Exception:
+        log.exception("ingestion of dataset %s failed", dataset.pk)
+        _fail(mine, dataset, "Processing the archive failed unexpectedly; the operators have the details.")
+
+
+def _hand_back(mine) -> None:
+    """Waiting again, for the next message (this attempt counts): or, if even that write fails,
+    beat finds the stale heartbeat and re-queues it."""
+    connection.close()
+    try:
+        for item in mine:
+            if mine.update(heartbeat_at=None):
+                _enqueue_ingest(item.pk)
+    except DatabaseError:
+        log.exception("could not hand the dataset back; beat will re-queue it")
 
 
 def thumbnail_members(index: DatasetIndex) -> dict[str, list[str]]:
@@ -154,9 +204,10 @@ def _assess(path, index: DatasetIndex) -> dict:
         return {"error": exc.message}
 
 
-def _mark_ready(dataset: Dataset, index: DatasetIndex, manifest: str, assessment: dict, thumbnails: dict) -> None:
+def _mark_ready(mine, dataset: Dataset, index: DatasetIndex, manifest: str, assessment: dict, thumbnails: dict) -> None:
     totals, train, val = index.counts(), index.counts("train"), index.counts("val")
-    updated = Dataset.objects.filter(pk=dataset.pk, status=Dataset.Status.PROCESSING).update(
+    updated = mine.update(
+        finished_at=timezone.now(),
         status=Dataset.Status.READY,
         manifest=manifest,
         layout=index.layout,
@@ -168,20 +219,42 @@ def _mark_ready(dataset: Dataset, index: DatasetIndex, manifest: str, assessment
         thumbnails=thumbnails,
         error="",
     )
-    if not updated:  # deleted or failed meanwhile
+    if not updated and not Dataset.objects.filter(pk=dataset.pk).exists():
+        delete_prefix(dataset.storage_prefix)  # deleted meanwhile (if taken over, the files are the winner's)
+
+
+def _fail(mine, dataset: Dataset, message: str) -> None:
+    """Mark failed and drop what was stored (a failed upload leaves no files behind), if this
+    attempt still holds the dataset."""
+    if mine.update(status=Dataset.Status.FAILED, error=message, finished_at=timezone.now()):
         delete_prefix(dataset.storage_prefix)
 
 
-def dataset_fail(*, dataset: Dataset, message: str) -> None:
-    """Mark failed and drop what was stored: a failed upload leaves no files behind."""
-    Dataset.objects.filter(pk=dataset.pk).update(status=Dataset.Status.FAILED, error=message)
-    delete_prefix(dataset.storage_prefix)
-
-
 def dataset_delete(*, dataset: Dataset) -> None:
+    """Delete a dataset and its files. Refused (409) while a training job or a batch prediction
+    waits for or reads it: its models, and batches that ended, stay."""
     from apps.datasets.models import Upload
+    from apps.serving.models import BatchPrediction
+    from apps.training.models import Job
 
-    prefix = dataset.storage_prefix
-    Upload.objects.filter(dataset=dataset).delete()  # its parts went into the archive already
-    dataset.delete()
+    active = [Job.Status.QUEUED, Job.Status.RUNNING]
+    with transaction.atomic():
+        owner_locked(dataset.owner)  # no job or batch can start on it between the check and the delete
+        jobs = Job.objects.filter(dataset=dataset, status__in=active).count()
+        batches = BatchPrediction.objects.filter(dataset=dataset, status__in=active).count()
+        if jobs or batches:
+            work_ = " and ".join(
+                f"{n} {what}{'s' if n > 1 else ''}"
+                for n, what in ((jobs, "training job"), (batches, "batch prediction"))
+                if n
+            )
+            raise UserError(
+                f"Dataset '{dataset.name}' is in use by {work_} waiting or running; cancel "
+                f"{'them' if jobs + batches > 1 else 'it'} or wait for {'them' if jobs + batches > 1 else 'it'} "
+                "to finish, then delete the dataset.",
+                status_code=409,
+            )
+        prefix = dataset.storage_prefix
+        Upload.objects.filter(dataset=dataset).delete()  # its parts went into the archive already
+        dataset.delete()
     delete_prefix(prefix)

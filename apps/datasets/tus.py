@@ -43,7 +43,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from apps.accounts.quotas import check_new_dataset
+from apps.accounts.quotas import check_new_dataset, owner_locked
 from apps.common.errors import UserError
 from apps.common.requests import AuthenticatedRequest
 from apps.common.schema import TUS_RESUMABLE, tus_header
@@ -72,8 +72,10 @@ def upload_create(*, owner: User, length: int, filename: str = "", name: str = "
         )
     if filename and not filename.lower().endswith(".zip"):
         raise UserError(f"'{filename}' is not a .zip file. Upload a zip with one folder of images per class.")
-    check_new_dataset(owner, length, resumable=True)
-    return Upload.objects.create(owner=owner, length=length, filename=filename[:255], name=name[:200])
+    with transaction.atomic():  # parallel creations queue on the owner's lock: none passes the cap
+        owner_locked(owner)
+        check_new_dataset(owner, length, resumable=True)
+        return Upload.objects.create(owner=owner, length=length, filename=filename[:255], name=name[:200])
 
 
 def _offset_conflict(upload: Upload, offset: int) -> UserError:

@@ -25,7 +25,7 @@ from apps.serving.batches import batch_create, batch_delete
 from apps.serving.cache import get_predictor
 from apps.serving.models import BatchPrediction, PredictionRecord, TrainedModel
 from apps.serving.selectors import batch_get, batch_list, model_get, model_list
-from apps.serving.services import model_predict
+from apps.serving.services import model_delete, model_predict
 
 
 class ModelOutputSerializer(serializers.ModelSerializer):
@@ -78,6 +78,11 @@ class ModelDetailApi(APIView):
     @extend_schema(responses=ModelOutputSerializer)
     def get(self, request: AuthenticatedRequest, model_id: int) -> Response:
         return Response(ModelOutputSerializer(model_get(user=request.user, model_id=model_id)).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: AuthenticatedRequest, model_id: int) -> Response:
+        model_delete(model=model_get(user=request.user, model_id=model_id))
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
     @extend_schema(request=UpdateSerializer, responses=ModelOutputSerializer)
     def patch(self, request: AuthenticatedRequest, model_id: int) -> Response:

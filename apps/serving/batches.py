@@ -1,8 +1,11 @@
 """Batch prediction: top-k labels for every image of a zip (or of a dataset), by a worker.
 
-The input is stored first and the row follows (a failure leaves neither); the worker claims the
-batch with a conditional UPDATE, predicts with the same `Predictor` and the same decoding as the
-prediction endpoint, writes CSV and JSON to storage, and forgets the uploaded input.
+The input is stored first and the row follows (a failure leaves neither); the row reserves the
+results' size against the owner's quota before a byte of them is written. The worker claims the
+batch as every background task is claimed (apps.common.work: attempts, heartbeat, stale requeue,
+fair share with training jobs on the `gpu` queue), predicts with the same `Predictor` and the same
+decoding as the prediction endpoint, and writes CSV and JSON under its attempt's own names: a
+replaced worker's late writes and cleanup touch nothing of the attempt that won.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import threading
 import time
 import uuid
 import zipfile
@@ -23,10 +27,10 @@ from django.core.files import File
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
-from django.db.models import F
 from django.utils import timezone
 
-from apps.accounts.quotas import check_new_batch
+from apps.accounts.quotas import check_new_batch, owner_locked
+from apps.common import work
 from apps.common.errors import UserError
 from apps.common.storage import delete_prefix, delete_quietly, local_copy
 from apps.datasets.models import Dataset
@@ -34,14 +38,41 @@ from apps.datasets.services import ingest_config
 from apps.serving.cache import get_predictor
 from apps.serving.models import BatchPrediction, TrainedModel
 from ml.archive import scan_images
-from ml.errors import DatasetError
+from ml.errors import Cancelled, DatasetError
 from ml.predict import FilePrediction, predict_archive
 
 log = logging.getLogger(__name__)
 
 MAX_K = 20
-MAX_ATTEMPTS = 3
 PROGRESS_EVERY_S = 1.0  # at most one progress write a second
+# Characters that make a spreadsheet read a CSV cell as a formula (OWASP, "CSV injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _enqueue(batch_id: int) -> None:
+    from apps.serving.tasks import predict_batch
+
+    predict_batch.delay(batch_id)
+
+
+def _drop_input(batch: BatchPrediction) -> None:
+    if batch.dataset_id is None and batch.archive:
+        delete_quietly(batch.archive)
+    BatchPrediction.objects.filter(pk=batch.pk).update(archive="", archive_bytes=0, results_bytes=0)
+
+
+BATCH = work.register(
+    work.Kind(
+        name="batch prediction",
+        model=BatchPrediction,
+        queued=BatchPrediction.Status.QUEUED,
+        running=BatchPrediction.Status.RUNNING,
+        failed=BatchPrediction.Status.FAILED,
+        lost="The worker running this batch stopped {attempts} times without finishing; it was not handed on again.",
+        enqueue=_enqueue,
+        on_lost=_drop_input,
+    )
+)
 
 
 def batch_create(
@@ -56,8 +87,8 @@ def batch_create(
     if dataset is not None:
         if dataset.status != Dataset.Status.READY:
             raise UserError(f"Dataset '{dataset.name}' is not ready; predict on a ready dataset.", status_code=409)
-        check_new_batch(owner, 0)
         batch.dataset, batch.name, batch.archive = dataset, dataset.name, dataset.archive
+        batch.results_bytes = results_estimate(dataset.num_images, k, model.classes)
         return _create(batch)
     assert file is not None
     size = file.size or 0
@@ -68,13 +99,15 @@ def batch_create(
     if not zipfile.is_zipfile(file):
         raise UserError(f"'{file.name}' is not a zip archive. Upload a .zip of images.")
     try:  # names and sizes from the zip's directory: an unusable archive is refused now, not by the worker
-        scan_images(file, ingest_config().limits)
+        names = scan_images(file, ingest_config().limits)
     except DatasetError as exc:
         raise UserError(exc.message) from None
-    check_new_batch(owner, size)
+    batch.archive_bytes = size
+    batch.results_bytes = results_estimate(len(names), k, model.classes, names)
+    check_new_batch(owner, size + batch.results_bytes)  # early, before storing: the same check follows, locked
     file.seek(0)
     stored = default_storage.save(f"{batch.storage_prefix}input.zip", file)  # first, outside any transaction
-    batch.name, batch.archive, batch.archive_bytes = (file.name or "images.zip")[:200], stored, size
+    batch.name, batch.archive = (file.name or "images.zip")[:200], stored
     try:
         return _create(batch)
     except BaseException:
@@ -82,52 +115,54 @@ def batch_create(
         raise
 
 
+def results_estimate(images: int, k: int, classes: list[str], names: list[str] | None = None) -> int:
+    """An upper bound on the bytes of a batch's CSV and JSON, reserved before they are written:
+    per image, its name and k labels with scores in each file, plus room for an error."""
+    name_bytes = sum(len(n.encode()) for n in names) if names is not None else 120 * images
+    label = max((len(c.encode()) for c in classes), default=16)
+    per_row = 2 * (k * (2 * label + 40) + 200)  # JSON escapes, quotes and keys; the error sentence
+    return 2 * name_bytes + images * per_row + 1024
+
+
 def _create(batch: BatchPrediction) -> BatchPrediction:
+    """Check the quotas and create the row in one transaction, under the owner's lock: parallel
+    requests see each other's reservations (input and estimated results), never the same headroom."""
     with transaction.atomic():
+        owner_locked(batch.owner)
+        if batch.dataset_id and not Dataset.objects.filter(pk=batch.dataset_id, status=Dataset.Status.READY).exists():
+            raise UserError(f"Dataset '{batch.name}' was deleted meanwhile.", status_code=409)
+        if not TrainedModel.objects.filter(pk=batch.model_id).exists():
+            raise UserError("This model was deleted meanwhile.", status_code=409)
+        check_new_batch(batch.owner, batch.archive_bytes + batch.results_bytes)
         batch.save()
         transaction.on_commit(lambda: _enqueue(batch.pk))
     return batch
 
 
-def _enqueue(batch_id: int) -> None:
-    from apps.serving.tasks import predict_batch
-
-    predict_batch.delay(batch_id)
-
-
-def batch_claim(*, batch_id: int, redelivered: bool = False) -> BatchPrediction | None:
-    """Take a queued batch for this worker (a duplicate delivery gets None). A message redelivered
-    because its worker died takes a running batch over, up to MAX_ATTEMPTS runs in all."""
-    statuses = [BatchPrediction.Status.QUEUED] + ([BatchPrediction.Status.RUNNING] if redelivered else [])
-    claimed = BatchPrediction.objects.filter(pk=batch_id, status__in=statuses, attempts__lt=MAX_ATTEMPTS).update(
-        status=BatchPrediction.Status.RUNNING, started_at=timezone.now(), attempts=F("attempts") + 1
-    )
-    if not claimed and redelivered:
-        _fail(
-            BatchPrediction.objects.filter(pk=batch_id, status=BatchPrediction.Status.RUNNING),
-            f"The worker running this batch stopped {MAX_ATTEMPTS} times; it was not handed on again.",
-        )
-    return BatchPrediction.objects.select_related("model").get(pk=batch_id) if claimed else None
-
-
 def batch_run(*, batch: BatchPrediction) -> None:
     """Predict every image of the claimed batch and store the results. Never raises for batch-level failures."""
-    mine = BatchPrediction.objects.filter(pk=batch.pk, status=BatchPrediction.Status.RUNNING)
+    mine = work.attempt_rows(BATCH, batch)
+    stored: list[str] = []
     try:
         predictor = get_predictor(batch.model)
-        with local_copy(batch.archive) as path, TemporaryDirectory(dir=_scratch()) as tmp:
+        with (
+            work.Heartbeat(mine, f"batch-{batch.pk}") as beat,
+            local_copy(batch.archive) as path,
+            TemporaryDirectory(dir=_scratch()) as tmp,
+        ):
             rows = predict_archive(
                 predictor,
                 path,
                 k=batch.k,
                 limits=ingest_config().limits,
                 max_pixels=settings.GRAFT_MAX_IMAGE_PIXELS,
-                progress=_Progress(mine),
+                progress=_Progress(mine, beat.lost),
             )
             csv_path, json_path, failed = _write_results(rows, Path(tmp), batch.k)
-            stored = [_store(batch, "predictions.csv", csv_path), _store(batch, "predictions.json", json_path)]
+            for path_ in (csv_path, json_path):
+                stored.append(_store(batch, path_))
             size = csv_path.stat().st_size + json_path.stat().st_size
-        if not mine.update(
+        if mine.update(
             status=BatchPrediction.Status.SUCCEEDED,
             finished_at=timezone.now(),
             results_csv=stored[0],
@@ -135,7 +170,9 @@ def batch_run(*, batch: BatchPrediction) -> None:
             results_bytes=size,
             failed=failed,
         ):
-            delete_prefix(batch.storage_prefix)  # deleted meanwhile
+            stored = []  # the row owns them now
+    except Cancelled:
+        log.info("batch %s: deleted, or taken over by another worker", batch.pk)
     except DatasetError as exc:
         _fail(mine, exc.message)
     except Exception:
@@ -143,14 +180,21 @@ def batch_run(*, batch: BatchPrediction) -> None:
         log.exception("batch %s failed (incident %s)", batch.pk, incident)
         _fail(mine, f"The batch failed unexpectedly (incident {incident}); the operators have the details.")
     finally:
-        if batch.dataset_id is None and batch.archive:  # the uploaded input is done with (a dataset keeps its own)
+        for name in stored:  # written by an attempt that did not end the batch: nobody's
+            delete_quietly(name)
+        # The uploaded input is done with once this attempt ended the batch (a dataset keeps its own);
+        # an attempt that was replaced leaves it to the one that replaced it.
+        ended = BatchPrediction.objects.filter(pk=batch.pk, attempts=batch.attempts).exclude(
+            status=BatchPrediction.Status.RUNNING
+        )
+        if batch.dataset_id is None and batch.archive and ended.update(archive="", archive_bytes=0):
             delete_quietly(batch.archive)
-            BatchPrediction.objects.filter(pk=batch.pk).update(archive="", archive_bytes=0)
 
 
-def _store(batch: BatchPrediction, name: str, path: Path) -> str:
+def _store(batch: BatchPrediction, path: Path) -> str:
+    """Stored under this attempt's own name: two attempts never write (or delete) the same file."""
     with path.open("rb") as fh:
-        return default_storage.save(f"{batch.storage_prefix}{name}", File(fh))
+        return default_storage.save(f"{batch.storage_prefix}attempt-{batch.attempts}/{path.name}", File(fh))
 
 
 def _scratch() -> Path:
@@ -159,20 +203,24 @@ def _scratch() -> Path:
 
 
 def _fail(mine, message: str) -> None:
-    mine.update(status=BatchPrediction.Status.FAILED, finished_at=timezone.now(), error=message)
+    mine.update(status=BatchPrediction.Status.FAILED, finished_at=timezone.now(), error=message, results_bytes=0)
 
 
 class _Progress:
-    """Writes images done (and found) to the row, at most once a second and at the end."""
+    """Writes images done (and found) to the row, at most once a second and at the end; stops the
+    batch once the row is no longer this attempt's (deleted, or taken over)."""
 
-    def __init__(self, rows) -> None:
-        self.rows, self.last = rows, 0.0
+    def __init__(self, rows, lost: threading.Event) -> None:
+        self.rows, self.lost, self.last = rows, lost, 0.0
 
     def __call__(self, done: int, total: int) -> None:
+        if self.lost.is_set():
+            raise Cancelled()
         now = time.monotonic()
         if done == total or now - self.last >= PROGRESS_EVERY_S:
             self.last = now
-            self.rows.update(done=done, total=total)
+            if not self.rows.update(done=done, total=total):
+                raise Cancelled()
 
 
 def _write_results(rows: Iterator[FilePrediction], folder: Path, k: int) -> tuple[Path, Path, int]:
@@ -186,7 +234,7 @@ def _write_results(rows: Iterator[FilePrediction], folder: Path, k: int) -> tupl
         for n, row in enumerate(rows):
             failed += bool(row.error)
             cells = [x for p in row.predictions for x in (p.label, f"{p.score:.6f}")]
-            out.writerow([row.file, *cells, *[""] * (2 * k - len(cells)), row.error])
+            out.writerow([_cell(row.file), *map(_cell, cells), *[""] * (2 * k - len(cells)), _cell(row.error)])
             record = {"file": row.file, "predictions": [{"label": p.label, "score": p.score} for p in row.predictions]}
             if row.error:
                 record["error"] = row.error
@@ -195,8 +243,13 @@ def _write_results(rows: Iterator[FilePrediction], folder: Path, k: int) -> tupl
     return csv_path, json_path, failed
 
 
+def _cell(text: str) -> str:
+    """A CSV cell a spreadsheet shows as text: one that would start a formula gets a leading quote."""
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
 def batch_delete(*, batch: BatchPrediction) -> None:
-    if batch.status in (BatchPrediction.Status.QUEUED, BatchPrediction.Status.RUNNING):
-        raise UserError("This batch is still running; wait for it to finish.", status_code=409)
+    """Delete a batch in any state: a running one stops at its next progress write (its row is
+    gone), and what its worker writes after this is removed by that worker, or by the sweeper."""
     batch.delete()
-    delete_prefix(batch.storage_prefix)
+    delete_prefix(batch.storage_prefix)  # its input (a dataset keeps its own) and its results

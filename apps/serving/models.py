@@ -5,6 +5,8 @@ import uuid
 from django.conf import settings
 from django.db import models
 
+from apps.common.work import WorkFields
+
 
 def model_storage_prefix() -> str:
     return f"models/{uuid.uuid4().hex}/"
@@ -45,7 +47,7 @@ def batch_storage_prefix() -> str:
     return f"batches/{uuid.uuid4().hex}/"
 
 
-class BatchPrediction(models.Model):
+class BatchPrediction(WorkFields):
     """Top-k labels for every image of an uploaded zip (or a dataset), computed by a worker.
 
     The input is stored under `storage_prefix` until the batch ends; the results stay there as
@@ -74,10 +76,7 @@ class BatchPrediction(models.Model):
     results_json = models.CharField(max_length=300, blank=True)
     results_bytes = models.BigIntegerField(default=0)
     error = models.TextField(blank=True)
-    attempts = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

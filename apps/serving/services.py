@@ -12,6 +12,7 @@ from django.core.files.uploadedfile import UploadedFile
 
 from apps.common.decoding import decode_gate
 from apps.common.errors import UserError
+from apps.common.storage import delete_prefix
 from apps.serving import predlog
 from apps.serving.cache import get_predictor
 from apps.serving.models import TrainedModel, model_storage_prefix
@@ -50,6 +51,15 @@ def model_create(*, job: Job, bundle: StoredBundle, result) -> TrainedModel:
         bundle_bytes=bundle.size,
         bundle_sha256=bundle.sha256,
     )
+
+
+def model_delete(*, model: TrainedModel) -> None:
+    """Delete a model, its bundle, its batch predictions (a running one stops) and its prediction
+    log. Its endpoint answers 404 from then on; the usage meter drops its bytes at once."""
+    prefixes = [model.storage_prefix, *model.batches.values_list("storage_prefix", flat=True)]
+    model.delete()  # batches and prediction records go with it (CASCADE)
+    for prefix in prefixes:
+        delete_prefix(prefix)
 
 
 def _sha256(path: Path) -> str:

@@ -1,14 +1,22 @@
 from __future__ import annotations
 
 from celery import shared_task
+from django.conf import settings
 
-from apps.serving.batches import batch_claim, batch_run
+from apps.serving.batches import BATCH
+from apps.training.services import RetryLater, gpu_ticket
 
 
-# On the GPU queue (CELERY_TASK_ROUTES). A message redelivered after its worker died takes the
-# batch over, a bounded number of times.
-@shared_task(name="serving.predict_batch", bind=True, acks_late=True, reject_on_worker_lost=True)
+# On the GPU queue (CELERY_TASK_ROUTES), a ticket like training's: it runs the fairest waiting job
+# or batch of any user (apps.common.work); a lost worker's batch is re-queued by beat.
+@shared_task(name="serving.predict_batch", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=30)
 def predict_batch(self, batch_id: int) -> None:
-    batch = batch_claim(batch_id=batch_id, redelivered=bool(self.request.delivery_info.get("redelivered")))
-    if batch is not None:
-        batch_run(batch=batch)
+    try:
+        gpu_ticket(
+            kind=BATCH,
+            item_id=batch_id,
+            redelivered=bool(self.request.delivery_info.get("redelivered")),
+            worker=self.request.hostname or "",
+        )
+    except RetryLater:
+        raise self.retry(countdown=settings.GRAFT_JOB_STALE_SECONDS) from None

@@ -10,7 +10,7 @@ from apps.common.requests import AuthenticatedRequest
 from apps.datasets.selectors import dataset_get
 from apps.training.models import Job
 from apps.training.selectors import job_get, job_list
-from apps.training.services import job_cancel, job_create
+from apps.training.services import job_cancel, job_create, job_delete
 from ml.backbones import REGISTRY
 from ml.fit import MAX_BUDGET, MAX_EPOCHS, MAX_SEED
 from ml.strategy import STRATEGIES
@@ -114,6 +114,11 @@ class JobDetailApi(APIView):
     @extend_schema(responses=JobOutputSerializer)
     def get(self, request: AuthenticatedRequest, job_id: int) -> Response:
         return Response(JobOutputSerializer(job_get(user=request.user, job_id=job_id)).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: AuthenticatedRequest, job_id: int) -> Response:
+        job_delete(job=job_get(user=request.user, job_id=job_id))
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class JobCancelApi(APIView):

@@ -6,8 +6,10 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from apps.common.work import WorkFields
 
-class Job(models.Model):
+
+class Job(WorkFields):
     class Status(models.TextChoices):
         QUEUED = "queued"
         RUNNING = "running"
@@ -29,12 +31,7 @@ class Job(models.Model):
     # The engine's account of the run: sanity checks, hyperparameters, LR range test, log lines.
     report = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
-    attempts = models.PositiveIntegerField(default=0)
-    worker = models.CharField(max_length=200, blank=True)  # the Celery worker (node name) of the last attempt
     created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
     # The fine-tune's last checkpoint in storage (under `storage_prefix`), while the job runs, and
     # the last history row it covers: a worker that takes the job over goes on from there.
     checkpoint = models.CharField(max_length=300, blank=True)

@@ -10,25 +10,23 @@ the job fails with a reason instead of being handed on forever.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import shutil
 import threading
 import time
 import uuid
-from datetime import timedelta
 from tempfile import NamedTemporaryFile
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.files.storage import default_storage
-from django.db import close_old_connections, connection, transaction
-from django.db.models import Count, F, OuterRef, Q, Subquery
-from django.db.models.functions import Coalesce
+from django.db import transaction
 from django.utils import timezone
 
-from apps.accounts.quotas import check_new_job
+from apps.accounts.quotas import check_new_job, owner_locked
+from apps.common import work
 from apps.common.errors import UserError
 from apps.common.storage import delete_prefix, delete_quietly, local_copy
 from apps.datasets.models import Dataset
@@ -74,8 +72,11 @@ def job_create(*, owner: User, dataset: Dataset, **options) -> Job:
         config.validate()
     except MLError as exc:
         raise UserError(exc.message) from None
-    check_new_job(owner)
-    with transaction.atomic():
+    with transaction.atomic():  # parallel requests queue on the owner's lock: none passes the cap
+        owner_locked(owner)
+        if not Dataset.objects.filter(pk=dataset.pk, status=Dataset.Status.READY).exists():
+            raise UserError(f"Dataset '{dataset.name}' was deleted meanwhile.", status_code=409)
+        check_new_job(owner)
         job = Job.objects.create(
             owner=owner,
             dataset=dataset,
@@ -102,12 +103,48 @@ def job_cancel(*, job: Job) -> Job:
     return job
 
 
-def _lost_too_often(attempts: int) -> str:
-    return (
-        f"The worker training this job stopped {attempts} times without finishing (killed, out of memory, "
-        "or the machine was lost), so it was not handed to another worker again. "
-        "Try a smaller budget or fewer epochs, or ask the operators to check the GPU workers."
+LOST_TOO_OFTEN = (
+    "The worker training this job stopped {attempts} times without finishing (killed, out of memory, "
+    "or the machine was lost), so it was not handed to another worker again. "
+    "Try a smaller budget or fewer epochs, or ask the operators to check the GPU workers."
+)
+
+
+def _drop_checkpoints(job: Job) -> None:
+    Job.objects.filter(pk=job.pk).update(checkpoint="", phase="failed")
+    delete_prefix(job.storage_prefix)
+
+
+TRAINING = work.register(
+    work.Kind(
+        name="training",
+        model=Job,
+        queued=Job.Status.QUEUED,
+        running=Job.Status.RUNNING,
+        failed=Job.Status.FAILED,
+        lost=LOST_TOO_OFTEN,
+        enqueue=lambda pk: _enqueue(pk),
+        on_lost=_drop_checkpoints,
+        requeued={"phase": "requeued after a lost worker"},
     )
+)
+
+
+def gpu_kinds() -> list[work.Kind]:
+    """The kinds of work on the `gpu` queue, which share its fair-share order."""
+    from apps.serving.batches import BATCH
+
+    return [TRAINING, BATCH]
+
+
+def job_delete(*, job: Job) -> None:
+    """Delete a finished job and its history; the model it made stays (it names the job no more)."""
+    if job.status in (Job.Status.QUEUED, Job.Status.RUNNING):
+        raise UserError(f"Job {job.pk} is still {job.status}; cancel it first, then delete it.", status_code=409)
+    prefix = job.storage_prefix
+    if not Job.objects.filter(pk=job.pk).exclude(status__in=[Job.Status.QUEUED, Job.Status.RUNNING]).delete()[0]:
+        raise UserError(f"Job {job.pk} started meanwhile; cancel it first, then delete it.", status_code=409)
+    delete_prefix(prefix)  # checkpoints, if a crash left any
 
 
 def job_claim(*, job_id: int, redelivered: bool = False, worker: str = "") -> Job | None:
@@ -115,36 +152,19 @@ def job_claim(*, job_id: int, redelivered: bool = False, worker: str = "") -> Jo
 
     A message on the training queue is a ticket, one per queued job, not an order to run that job:
     the worker takes the ticket's own job only when a lost worker left it running; otherwise it takes
-    the fairest queued job (`_fairest_queued`), so one user's backlog cannot starve everyone else.
-    Every queued job has a ticket of its own, so every queued job is taken by some ticket.
+    the fairest waiting job (`work.claim_fairest`), so one user's backlog cannot starve everyone else.
+    Every queued job has a ticket of its own, so every queued job is taken by some ticket. A ticket
+    that finds a batch prediction the fairest runs that (`gpu_ticket`); this returns jobs only.
 
     A job taken over from a worker that went silent keeps its history up to its last
     checkpoint (the fit goes on from there); one whose workers were lost too often fails.
     """
-    now = timezone.now()
-    claim = dict(
-        status=Job.Status.RUNNING,
-        started_at=now,
-        heartbeat_at=now,
-        attempts=F("attempts") + 1,
-        phase="starting",
-        progress=0.0,
-        error="",
-        worker=worker[:200],
-    )
-    under_cap = Q(attempts__lt=settings.GRAFT_JOB_MAX_ATTEMPTS)
-    stale_before = now - timedelta(seconds=settings.GRAFT_JOB_STALE_SECONDS)
-    stale = Q(status=Job.Status.RUNNING, heartbeat_at__lt=stale_before)
-    _fail_lost(Job.objects.filter(Q(status=Job.Status.QUEUED) | stale, pk=job_id))
-    claimed = job_id if Job.objects.filter(under_cap, stale, pk=job_id).update(**claim) else None
-    while claimed is None and (pick := _fairest_queued()) is not None:
-        # Another worker may take the same pick first: then pick again.
-        if Job.objects.filter(under_cap, pk=pick, status=Job.Status.QUEUED).update(**claim):
-            claimed = pick
-    if claimed is not None:
-        job = Job.objects.get(pk=claimed)
+    job = work.claim(TRAINING, job_id, worker=worker, waiting=False)
+    if job is None:
+        picked = work.claim_fairest([TRAINING], worker=worker)
+        job = picked[1] if picked else None
+    if job is not None:
         if job.attempts > 1:
-            log.warning("job %s: attempt %s, after a lost worker", claimed, job.attempts)
             _forget_after_checkpoint(job)
         return job
     if redelivered and Job.objects.filter(pk=job_id, status=Job.Status.RUNNING).exists():
@@ -152,21 +172,27 @@ def job_claim(*, job_id: int, redelivered: bool = False, worker: str = "") -> Jo
     return None
 
 
-def _fairest_queued() -> int | None:
-    """The queued job to run next: its owner has the fewest jobs running; among equals, the owner
-    who least recently had one started (round robin between users); then the oldest job."""
-    owners_jobs = Job.objects.filter(owner=OuterRef("owner"))
-    running = (
-        owners_jobs.filter(status=Job.Status.RUNNING).order_by().values("owner").annotate(n=Count("pk")).values("n")
-    )
-    last_start = owners_jobs.filter(started_at__isnull=False).order_by("-started_at").values("started_at")[:1]
-    return (
-        Job.objects.filter(status=Job.Status.QUEUED, attempts__lt=settings.GRAFT_JOB_MAX_ATTEMPTS)
-        .annotate(owner_running=Coalesce(Subquery(running), 0), owner_last_start=Subquery(last_start))
-        .order_by("owner_running", F("owner_last_start").asc(nulls_first=True), "created_at", "pk")
-        .values_list("pk", flat=True)
-        .first()
-    )
+def gpu_ticket(*, kind: work.Kind, item_id: int, redelivered: bool = False, worker: str = "") -> None:
+    """Run what one message on the `gpu` queue stands for: its own item when a lost worker left it
+    running, else the fairest waiting training job or batch prediction of any user."""
+    from apps.serving.batches import batch_run
+
+    picked: tuple[work.Kind, Any] | None = None
+    if (item := work.claim(kind, item_id, worker=worker, waiting=False)) is not None:
+        picked = (kind, item)
+    else:
+        picked = work.claim_fairest(gpu_kinds(), worker=worker)
+    if picked is None:
+        if redelivered and kind.rows().filter(pk=item_id, status=kind.running).exists():
+            raise RetryLater
+        return
+    kind, item = picked
+    if kind is TRAINING:
+        if item.attempts > 1:
+            _forget_after_checkpoint(item)
+        job_run(job=item)
+    else:
+        batch_run(batch=item)
 
 
 def _forget_after_checkpoint(job: Job) -> None:
@@ -177,36 +203,10 @@ def _forget_after_checkpoint(job: Job) -> None:
     rows.delete()
 
 
-def _fail_lost(jobs) -> int:
-    """Fail the jobs among `jobs` that used up their attempts; returns how many."""
-    failed = 0
-    for job in jobs.filter(attempts__gte=settings.GRAFT_JOB_MAX_ATTEMPTS):
-        if jobs.filter(pk=job.pk, attempts=job.attempts).update(
-            status=Job.Status.FAILED,
-            finished_at=timezone.now(),
-            phase="failed",
-            error=_lost_too_often(job.attempts),
-            checkpoint="",
-        ):
-            delete_prefix(job.storage_prefix)
-            failed += 1
-    return failed
-
-
 def job_recover_stale() -> list[int]:
     """Re-queue running jobs whose worker stopped heart-beating (or fail them when that happened
-    too often). Returns the ids re-queued."""
-    stale_before = timezone.now() - timedelta(seconds=settings.GRAFT_JOB_STALE_SECONDS)
-    stale = Job.objects.filter(status=Job.Status.RUNNING, heartbeat_at__lt=stale_before)
-    _fail_lost(stale)
-    recovered = []
-    for job in stale.filter(attempts__lt=settings.GRAFT_JOB_MAX_ATTEMPTS):
-        if Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, heartbeat_at=job.heartbeat_at).update(
-            status=Job.Status.QUEUED, phase="requeued after a lost worker"
-        ):
-            recovered.append(job.pk)
-            transaction.on_commit(functools.partial(_enqueue, job.pk))
-    return recovered
+    too often). Returns the ids re-queued. (Beat runs `work.work_recover_stale` for every kind.)"""
+    return work.work_recover_stale().get(TRAINING.name, [])
 
 
 def job_run(*, job: Job) -> None:
@@ -217,7 +217,7 @@ def job_run(*, job: Job) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     # Every write of this run names its attempt: once a worker that went silent has been replaced,
     # its writes (progress, checkpoints, the outcome, cleanup) match nothing and it stops.
-    mine = Job.objects.filter(pk=job.pk, attempts=job.attempts)
+    mine = Job.objects.filter(pk=job.pk, attempts=job.attempts)  # work.attempt_rows, any status
     recorder = _Recorder(job.pk, mine)
     config = FitConfig(**job.config, device=settings.GRAFT_DEVICE)
     try:
@@ -226,8 +226,10 @@ def job_run(*, job: Job) -> None:
             raise MLError("The dataset of this job was deleted or is not ready.")
         index = dataset_index(dataset=dataset)
         checkpoints = JobCheckpoints(job, recorder)
-        with _Heartbeat(job.pk, mine, recorder.cancelled), local_copy(dataset.archive) as archive:
-            result = fit(archive, workdir, config, index=index, progress=recorder, checkpoints=checkpoints)
+        with work.Heartbeat(work.attempt_rows(TRAINING, job), f"job-{job.pk}") as beat:
+            recorder.cancelled = beat.lost
+            with local_copy(dataset.archive) as archive:
+                result = fit(archive, workdir, config, index=index, progress=recorder, checkpoints=checkpoints)
         _succeed(job, result, mine)
     except Cancelled:
         log.info("job %s cancelled (or taken over by another worker)", job.pk)
@@ -302,10 +304,12 @@ class JobCheckpoints:
 
 def _succeed(job: Job, result, mine) -> None:
     from apps.serving.services import bundle_store, model_create
+    from apps.training.gallery import gallery_store
 
     # The bundle is copied to storage and hashed first, outside any transaction.
     bundle = bundle_store(result.artifacts["bundle"])
     try:
+        gallery_store(prefix=bundle.prefix, dataset=job.dataset, metrics=result.metrics)  # never raises
         with transaction.atomic():
             updated = _mark_succeeded(mine, result)
             if updated:  # not cancelled in the meantime
@@ -384,34 +388,3 @@ class _Recorder:
             step = event.row.get("step", event.row.get("epoch", 0))
             row = JobHistory.objects.create(job_id=self.job_id, step=step, phase=event.phase, data=json_safe(event.row))
             self.last_row_id = row.pk
-
-
-class _Heartbeat:
-    """Background thread proving the worker is alive while long steps run without progress."""
-
-    def __init__(self, job_id: int, mine, cancelled: threading.Event) -> None:
-        self.job_id, self.mine = job_id, mine
-        self.cancelled = cancelled
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.wait(settings.GRAFT_HEARTBEAT_SECONDS):
-                try:
-                    close_old_connections()
-                    if not self.mine.filter(status=Job.Status.RUNNING).update(heartbeat_at=timezone.now()):
-                        self.cancelled.set()  # cancelled, or another worker took it over
-                except Exception:  # noqa: BLE001 - one missed beat (a database blip); the next may land
-                    log.exception("heartbeat for job %s failed", self.job_id)
-                    connection.close()
-        finally:
-            connection.close()

@@ -1,6 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
+from apps.common.throttles import throttle_posts
 from apps.web import views
 
 app_name = "web"
@@ -8,7 +9,11 @@ app_name = "web"
 urlpatterns = [
     path("", views.home, name="home"),
     path("accounts/signup/", views.signup, name="signup"),
-    path("accounts/login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path(
+        "accounts/login/",
+        throttle_posts("sign_in")(auth_views.LoginView.as_view(redirect_authenticated_user=True)),
+        name="login",
+    ),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("tokens/", views.tokens, name="tokens"),
     path("upload/", views.upload, name="upload"),
@@ -17,6 +22,9 @@ urlpatterns = [
     path("datasets/<int:dataset_id>/train/", views.train, name="train"),
     path("datasets/<int:dataset_id>/thumb/", views.dataset_thumb, name="thumb"),
     path("jobs/<int:job_id>/", views.job_detail, name="job"),
+    path("jobs/<int:job_id>/delete/", views.job_remove, name="job-delete"),
     path("models/<int:model_id>/", views.model_detail, name="model"),
+    path("models/<int:model_id>/delete/", views.model_remove, name="model-delete"),
+    path("models/<int:model_id>/thumb/", views.model_thumb, name="model-thumb"),
     path("batches/<int:batch_id>/", views.batch_detail, name="batch"),
 ]

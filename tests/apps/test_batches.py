@@ -75,7 +75,10 @@ def test_a_queued_batch_has_no_results_yet_and_counts_as_a_waiting_job(alice, mo
     assert stored_files("batches/") == {f"{BatchPrediction.objects.get().storage_prefix}input.zip"}
     r = alice.call("GET", f"/batches/{batch['id']}/predictions.csv")
     assert r.status_code == 409 and "queued" in r.json()["error"]
-    r = alice.call("DELETE", f"/batches/{batch['id']}/")
-    assert r.status_code == 409 and "still running" in r.json()["error"]
     r = alice.call("POST", f"/models/{model.pk}/batch/", files={"file": ("p.zip", _zip({"x.png": image_bytes()}))})
     assert r.status_code == 429 and "batch predictions waiting or running" in r.json()["error"]
+    # A batch no longer wanted is deleted while it waits: its input goes and its slot frees up.
+    assert alice.call("DELETE", f"/batches/{batch['id']}/").status_code == 204
+    assert stored_files("batches/") == set() and not BatchPrediction.objects.exists()
+    r = alice.call("POST", f"/models/{model.pk}/batch/", files={"file": ("p.zip", _zip({"x.png": image_bytes()}))})
+    assert r.status_code == 202, r.text

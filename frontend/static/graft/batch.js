@@ -35,14 +35,14 @@ document.addEventListener("DOMContentLoaded", () => {
       $("#download-csv").href = b.results.csv;
       $("#download-json").href = b.results.json;
     }
-    $("#batch-delete").hidden = !FINAL.includes(b.status);
     return FINAL.includes(b.status);
   }
 
   Graft.poll(async () => render(await Graft.api(`/batches/${id}/`)), 1500, "#poll-error");
 
   $("#batch-delete").addEventListener("click", async () => {
-    if (!confirm("Delete this batch and its predictions?")) return;
+    const running = !FINAL.includes($("#batch-delete").dataset.status || "");
+    if (!confirm(running ? "Stop this batch and delete it?" : "Delete this batch and its predictions?")) return;
     try {
       await Graft.api(`/batches/${id}/`, { method: "DELETE" });
       window.location.assign(`/models/${root.dataset.model}/`);

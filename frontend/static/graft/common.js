@@ -152,3 +152,9 @@ window.Graft = (() => {
 
   return { api, upload, errorSentence, bytes, duration, pct, el, showError, csrfToken, poll, dropzone };
 })();
+
+// A form that destroys something (Delete dataset, model, job) asks first: its data-confirm sentence.
+document.addEventListener("submit", (e) => {
+  const form = e.target;
+  if (form instanceof HTMLFormElement && form.dataset.confirm && !confirm(form.dataset.confirm)) e.preventDefault();
+});

@@ -52,8 +52,4 @@ document.addEventListener("DOMContentLoaded", () => {
       },
     });
   }
-
-  document.querySelectorAll("form[data-confirm]").forEach((form) => {
-    form.addEventListener("submit", (e) => { if (!confirm(form.dataset.confirm)) e.preventDefault(); });
-  });
 });

@@ -4,7 +4,6 @@
 document.addEventListener("DOMContentLoaded", () => {
   const root = document.getElementById("job-root");
   const id = root.dataset.job;
-  const datasetId = root.dataset.dataset;
   const $ = (s) => document.querySelector(s);
   const FINAL = ["succeeded", "failed", "cancelled"];
   let curveChart = null;
@@ -219,7 +218,8 @@ document.addEventListener("DOMContentLoaded", () => {
     } else {
       gallery.replaceChildren(...wrong.slice(0, 60).map((w) => {
         const img = Graft.el("img", { alt: `${w.file}: true ${w.label}, predicted ${w.predicted}`, loading: "lazy", width: 120, height: 120 });
-        if (datasetId) img.src = `/datasets/${datasetId}/thumb/?m=${encodeURIComponent(w.file)}`;
+        // Stored with the model by the worker: they outlive the dataset (apps/training/gallery.py).
+        if (job.model) img.src = `/models/${job.model}/thumb/?m=${encodeURIComponent(w.file)}`;
         return Graft.el("figure", {}, img, Graft.el("figcaption", { text: `${w.label} → ${w.predicted} (${w.score.toFixed(2)})` }));
       }));
     }
@@ -231,6 +231,7 @@ document.addEventListener("DOMContentLoaded", () => {
     badge.className = `badge ${job.status}`;
     $("#job-progress").value = job.progress;
     $("#cancel").hidden = FINAL.includes(job.status);
+    $("#job-delete").hidden = !FINAL.includes(job.status);
     const phases = { decode: "Reading images", features: "Extracting features", fit: "Fitting", export: "Exporting the bundle" };
     $("#phase").textContent = job.status === "running" ? `${phases[job.phase] || job.phase || "Starting"} · ${Math.floor(job.progress * 100)}%` :
       job.status === "queued" ? "Waiting for a GPU worker…" : "";
