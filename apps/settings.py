@@ -183,25 +183,50 @@ REST_FRAMEWORK = {
     # Nth from the end of X-Forwarded-For names; the rest of that header is the client's to forge.
     "NUM_PROXIES": env.int("GRAFT_TRUSTED_PROXIES", default=0),
 }
-# Per client address (anon, sign_in) or per user; 429 with Retry-After past them.
+# Per client address (anon, sign_in, sign_up) or per user; 429 with Retry-After past them.
+# sign_in counts passwords tried on the login page and the token endpoint together; sign_up counts
+# posts of the sign-up form. Counts live in CACHES["default"] (below), shared by every web process.
 GRAFT_THROTTLE_RATES = {
     "anon": env.str("GRAFT_THROTTLE_ANON", default="60/min"),
     "user": env.str("GRAFT_THROTTLE_USER", default="1200/min"),
     "sign_in": env.str("GRAFT_THROTTLE_SIGN_IN", default="20/min"),
+    "sign_up": env.str("GRAFT_THROTTLE_SIGN_UP", default="5/hour"),
 }
 
-# Sign-in lockout (django-axes): this many failures for one username from one address lock
-# both the login page and the token endpoint for them, for the cool-off time. Attempts are
-# kept in the database, so every web host sees them.
+# Sign-in lockout (django-axes), for the cool-off time, on both the login page and the token
+# endpoint: GRAFT_LOGIN_FAILURE_LIMIT failures for one username from one address lock that
+# username there; GRAFT_LOGIN_ADDRESS_FAILURE_LIMIT failures from one address, whatever the
+# usernames, lock the address (apps.accounts.lockout). Attempts are kept in the database, so
+# every web host sees them.
 AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
 AXES_ENABLED = env.bool("GRAFT_LOGIN_LOCKOUT", default=True)
 AXES_FAILURE_LIMIT = env.int("GRAFT_LOGIN_FAILURE_LIMIT", default=10)
+GRAFT_LOGIN_ADDRESS_FAILURE_LIMIT = env.int("GRAFT_LOGIN_ADDRESS_FAILURE_LIMIT", default=30)
 AXES_COOLOFF_TIME = env.float("GRAFT_LOGIN_LOCKOUT_HOURS", default=0.25)
-AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
-AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"], "ip_address"]
+AXES_HANDLER = "apps.accounts.lockout.LockoutHandler"  # a limit for each of the two parameters
+AXES_RESET_ON_SUCCESS = True  # forgets that username's failures from that address only
 AXES_LOCKOUT_CALLABLE = "apps.accounts.lockout.locked_out"
 AXES_CLIENT_IP_CALLABLE = "apps.accounts.lockout.client_ip"  # the same address the throttles use
 AXES_VERBOSE = False
+
+if not 0 < AXES_FAILURE_LIMIT <= GRAFT_LOGIN_ADDRESS_FAILURE_LIMIT:
+    raise ImproperlyConfigured(
+        "GRAFT_LOGIN_FAILURE_LIMIT must be positive and GRAFT_LOGIN_ADDRESS_FAILURE_LIMIT at least as large."
+    )
+
+# Who may create an account (apps.accounts.signup): `open` (anyone who reaches the sign-up
+# page), `invite` (with a single-use link from `manage.py invite` or the admin, valid
+# GRAFT_INVITATION_DAYS) or `closed` (administrators create accounts). Default: `open` with
+# DEBUG, `invite` otherwise, so a server reachable by strangers never hands out accounts (each
+# brings its own storage quota and job slots). Under `invite`, the first account of a database
+# with no users needs no invitation: a fresh `make run` can be used at once.
+GRAFT_SIGNUP = env.str("GRAFT_SIGNUP", default="open" if DEBUG else "invite")
+if GRAFT_SIGNUP not in ("open", "invite", "closed"):
+    raise ImproperlyConfigured(f"GRAFT_SIGNUP must be open, invite or closed, not {GRAFT_SIGNUP!r}.")
+GRAFT_INVITATION_DAYS = env.float("GRAFT_INVITATION_DAYS", default=7)
+# Where people reach Graft, for links made outside a request (`manage.py invite`).
+GRAFT_PUBLIC_URL = env.str("GRAFT_PUBLIC_URL", default=(CSRF_TRUSTED_ORIGINS or ["http://127.0.0.1:8000"])[0])
 
 # API tokens: each lives this many days, and a user holds at most this many (the least
 # recently used go first when a new one would pass the cap).

@@ -9,6 +9,16 @@ from apps.accounts.models import ApiToken
 class ApiTokenAuthentication(authentication.TokenAuthentication):
     """`Authorization: Token <key>` against hashed `ApiToken` rows."""
 
+    def authenticate(self, request):
+        # OAuth habits send `Bearer`; DRF would ignore the header and answer "credentials were not
+        # provided", which sends people looking for a missing header rather than a wrong word.
+        scheme = authentication.get_authorization_header(request).split(b" ", 1)[0].lower()
+        if scheme == b"bearer":
+            raise exceptions.AuthenticationFailed(
+                "Graft API tokens are sent as `Authorization: Token <key>`, not `Bearer <key>`."
+            )
+        return super().authenticate(request)
+
     def authenticate_credentials(self, key: str):
         token = ApiToken.objects.select_related("user").filter(key_hash=ApiToken.hash_key(key)).first()
         if token is None or not token.user.is_active:

@@ -10,6 +10,7 @@ from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils import timezone
 
+from apps.accounts.lockout import lockout_reason
 from apps.accounts.lockout import message as lockout_message
 from apps.accounts.models import ApiToken
 from apps.common.errors import UserError
@@ -37,7 +38,7 @@ def token_create(*, user: User, name: str = "") -> tuple[ApiToken, str]:
 def token_obtain(*, request: HttpRequest, username: str, password: str, name: str = "") -> str:
     user = authenticate(request, username=username, password=password)
     if getattr(request, "axes_locked_out", False):
-        raise UserError(lockout_message(), status_code=429)
+        raise UserError(lockout_message(lockout_reason(request, {"username": username})), status_code=429)
     if user is None or not user.is_active:
         raise UserError("Invalid username or password.", status_code=401)
     _, key = token_create(user=user, name=name or "API")

@@ -21,9 +21,11 @@ from django.views.decorators.http import require_POST
 from apps.accounts.models import ApiToken
 from apps.accounts.quotas import usage
 from apps.accounts.services import token_create
+from apps.accounts.signup import Gate, signup_gate, user_signup
 from apps.common.decoding import decode_gate
 from apps.common.errors import UserError
 from apps.common.requests import AuthenticatedHttpRequest
+from apps.common.throttles import throttle_posts
 from apps.common.storage import open_stream
 from apps.datasets.models import Dataset
 from apps.datasets.selectors import dataset_get, dataset_index, dataset_list
@@ -58,13 +60,24 @@ def home(request: HttpRequest) -> HttpResponse:
     )
 
 
+@throttle_posts("sign_up")
 def signup(request: HttpRequest) -> HttpResponse:
+    """GRAFT_SIGNUP decides who may (apps.accounts.signup); an invitation's code comes in its link."""
+    code = request.POST.get("invite") or request.GET.get("invite", "")
     form: UserCreationForm[User] = UserCreationForm(request.POST or None)
-    if request.method == "POST" and form.is_valid():
-        user = form.save()
-        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-        return redirect("web:home")
-    return render(request, "registration/signup.html", {"form": form})
+    try:
+        gate = signup_gate(code=code)
+        if request.method == "POST" and form.is_valid():
+            user = user_signup(form=form, code=code)
+            login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+            return redirect("web:home")
+    except UserError as exc:
+        if exc.status_code != 403:  # the form's own kind of error (a username taken meanwhile)
+            form.add_error(None, exc.message)
+            return render(request, "registration/signup.html", {"form": form, "invite": code})
+        return render(request, "registration/signup_refused.html", {"message": exc.message}, status=exc.status_code)
+    context = {"form": form, "invite": code if gate is Gate.INVITED else "", "first_account": gate is Gate.FIRST_ACCOUNT}
+    return render(request, "registration/signup.html", context)
 
 
 @login_required

@@ -79,3 +79,10 @@ def test_tokens_made_before_expiry_existed_expire_a_token_lifetime_after_the_upg
     lifetime = timedelta(days=settings.GRAFT_TOKEN_DAYS)
     assert token.expires_at is not None, "an old token would never expire"
     assert upgraded_at + lifetime <= token.expires_at <= timezone.now() + lifetime
+
+
+def test_a_bearer_token_is_told_the_header_graft_expects(client):
+    r = client.get("/api/v1/datasets/", HTTP_AUTHORIZATION="Bearer 0123456789abcdef")
+    assert r.status_code == 401
+    assert r.json()["error"] == "Graft API tokens are sent as `Authorization: Token <key>`, not `Bearer <key>`."
+    assert r["WWW-Authenticate"] == "Token"

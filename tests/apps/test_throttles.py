@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import pytest
 import requests
+from django.test import Client
 from django.utils import timezone
 
 from apps.accounts.models import ApiToken
@@ -91,3 +92,84 @@ def test_the_client_address_is_the_one_the_trusted_proxy_saw_not_what_the_client
     settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "NUM_PROXIES": 1}
     assert client_ip(request) == "10.0.0.7"  # the address nginx appended, not the forged first hop
     assert settings.AXES_CLIENT_IP_CALLABLE == "apps.accounts.lockout.client_ip"
+
+
+def _sign_in_page(client, username: str, password: str):
+    return client.post("/accounts/login/", {"username": username, "password": password})
+
+
+def test_wrong_passwords_for_many_usernames_from_one_address_lock_the_address(client, settings, make_user):
+    """40 usernames tried from one address: the per-address lockout stops it before the 40th, for
+    every account from that address; other addresses are not affected."""
+    import apps.settings as production
+
+    settings.AXES_ENABLED = True
+    settings.AXES_FAILURE_LIMIT = production.AXES_FAILURE_LIMIT
+    settings.GRAFT_LOGIN_ADDRESS_FAILURE_LIMIT = production.GRAFT_LOGIN_ADDRESS_FAILURE_LIMIT
+    make_user("bob", PASSWORD)
+    responses = [_sign_in_page(client, f"user{i}", "guess") for i in range(40)]
+    codes = [r.status_code for r in responses]
+    assert 429 in codes[:39], codes
+    first = codes.index(429)
+    assert first == settings.GRAFT_LOGIN_ADDRESS_FAILURE_LIMIT - 1 and set(codes[first:]) == {429}, codes
+    text = responses[first].content.decode()
+    assert "Too many failed sign-ins from your address, for any account; try again in 15 minutes" in text
+    r = _sign_in_page(client, "bob", PASSWORD)  # a real account, the right password: the address waits
+    assert r.status_code == 429 and "for any account" in r.content.decode()
+    assert _sign_in_page(Client(REMOTE_ADDR="198.51.100.9"), "bob", PASSWORD).status_code == 302
+
+
+def test_an_account_lockout_still_comes_first_and_says_it_is_for_this_account(client, settings, make_user, lockout):
+    settings.GRAFT_LOGIN_ADDRESS_FAILURE_LIMIT = 50
+    make_user("alice", PASSWORD)
+    codes = [_sign_in_page(client, "alice", "wrong").status_code for _ in range(5)]
+    assert codes == [200] * 4 + [429], codes
+    r = _sign_in_page(client, "alice", PASSWORD)
+    assert r.status_code == 429 and "Too many failed sign-ins for this account from your address" in r.content.decode()
+    assert "for any account" not in r.content.decode()
+
+
+def test_signing_in_to_ones_own_account_does_not_reset_the_address_count(client, settings, make_user, lockout):
+    settings.GRAFT_LOGIN_ADDRESS_FAILURE_LIMIT = 8
+    make_user("mallory", PASSWORD)
+    make_user("victim", PASSWORD)
+    for i in range(7):
+        assert _sign_in_page(client, f"user{i}", "guess").status_code == 200
+    assert _sign_in_page(client, "mallory", PASSWORD).status_code == 302  # between guesses
+    client.post("/accounts/logout/")
+    r = _sign_in_page(client, "victim", "guess")
+    assert r.status_code == 429 and "for any account" in r.content.decode()
+
+
+def test_the_sign_in_page_and_the_token_endpoint_share_a_throttle_per_address(live_server, settings, make_user):
+    from django.core.cache import cache
+
+    import apps.settings as production
+
+    cache.clear()
+    settings.GRAFT_THROTTLE_RATES = {
+        **settings.GRAFT_THROTTLE_RATES,
+        "sign_in": production.GRAFT_THROTTLE_RATES["sign_in"],
+    }
+    assert settings.GRAFT_THROTTLE_RATES["sign_in"] == "20/min"
+    make_user("alice", PASSWORD)
+    page = requests.Session()
+    page.get(f"{live_server.url}/accounts/login/", timeout=30)
+
+    def sign_in_page(password: str) -> requests.Response:
+        return page.post(
+            f"{live_server.url}/accounts/login/",
+            data={"username": "alice", "password": password, "csrfmiddlewaretoken": page.cookies["csrftoken"]},
+            headers={"Referer": f"{live_server.url}/accounts/login/"},
+            allow_redirects=False,
+            timeout=30,
+        )
+
+    codes = [sign_in_page(f"wrong-{i}").status_code for i in range(12)]
+    codes += [_token(live_server.url, f"wrong-{i}").status_code for i in range(8)]
+    assert codes == [200] * 12 + [401] * 8, codes  # 20 passwords a minute from one address, in all
+    r = sign_in_page(PASSWORD)
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+    assert "Too many sign-in attempts from your address; try again in" in r.text
+    assert _token(live_server.url, PASSWORD).status_code == 429
+    cache.clear()
