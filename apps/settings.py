@@ -6,6 +6,7 @@ SECRET_KEY, DATABASE_URL, CELERY_BROKER_URL and ALLOWED_HOSTS.
 """
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -19,6 +20,46 @@ if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off (or set DEBUG=true for development).")
     SECRET_KEY = "insecure-development-key"
+
+# --- Secrets and operator-only doors ---------------------------------------------------
+# With DEBUG off, a copied example never runs as a real server: SECRET_KEY needs 32 characters
+# or more, and no secret may still hold a placeholder (deploy/'s examples say `change-me`), nor a
+# URL a password equal to its user name (`graft:graft`). `make run` generates its key.
+_PLACEHOLDERS = ("change-me", "changeme", "change_me", "secret", "password", "placeholder", "insecure")
+_URLS_WITH_PASSWORDS = ("DATABASE_URL", "CELERY_BROKER_URL", "CACHE_URL")
+
+
+def _placeholder_in(value: str) -> str | None:
+    return next((word for word in _PLACEHOLDERS if word in value.lower()), None)
+
+
+def _refuse_placeholder_secrets() -> None:
+    """ImproperlyConfigured naming the variable (never its value) for each kind of placeholder."""
+    how = "use a long random value, e.g. `openssl rand -hex 32`, or set DEBUG=true for development"
+    if len(SECRET_KEY) < 32:
+        raise ImproperlyConfigured(f"SECRET_KEY is shorter than 32 characters; {how}.")
+    if word := _placeholder_in(SECRET_KEY):
+        raise ImproperlyConfigured(f"SECRET_KEY holds the placeholder {word!r}; {how}.")
+    for name in _URLS_WITH_PASSWORDS:
+        url = urlsplit(env.str(name, default=""))
+        password = url.password or ""
+        if word := _placeholder_in(password):
+            raise ImproperlyConfigured(f"The password in {name} holds the placeholder {word!r}; {how}.")
+        if password and password == url.username:
+            raise ImproperlyConfigured(f"The password in {name} is its user name; {how}.")
+    for name in ("AWS_SECRET_ACCESS_KEY", "GRAFT_HEALTH_TOKEN"):
+        if word := _placeholder_in(env.str(name, default="")):
+            raise ImproperlyConfigured(f"{name} holds the placeholder {word!r}; {how}.")
+
+
+if not DEBUG:
+    _refuse_placeholder_secrets()
+# Django's admin at /admin/: mounted only when this is on, by default with DEBUG and not otherwise.
+GRAFT_ADMIN = env.bool("GRAFT_ADMIN", default=DEBUG)
+# /health/ready/ answers anyone with its status alone; the checks' names, timings and errors go
+# to staff users and to requests that carry this token (header X-Health-Token). Empty: staff only.
+GRAFT_HEALTH_TOKEN = env.str("GRAFT_HEALTH_TOKEN", default="")
+
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])  # e.g. https://graft.example.org
 

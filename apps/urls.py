@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
@@ -51,7 +52,7 @@ urlpatterns = [
     path("health/live/", health.live, name="health-live"),
     path("health/ready/", health.ready, name="health-ready"),
     path("", include("apps.web.urls")),
-    path("admin/", admin.site.urls),
+    *([path("admin/", admin.site.urls)] if settings.GRAFT_ADMIN else []),  # off in production unless asked for
     path("api/v1/", include((api, "api"))),
 ]
 

@@ -23,7 +23,7 @@ if "DATABASE_URL" not in os.environ and _reachable(5432):
     os.environ["DATABASE_URL"] = "postgres://postgres@127.0.0.1:5432/graft"
 if "CELERY_BROKER_URL" not in os.environ and _reachable(6379):
     os.environ["CELERY_BROKER_URL"] = "redis://127.0.0.1:6379/15"
-os.environ.setdefault("SECRET_KEY", "graft-tests-only")
+os.environ.setdefault("SECRET_KEY", "graft-tests-only-never-a-deployment-key-0123456789")
 os.environ.setdefault("GRAFT_DATA_DIR", tempfile.mkdtemp(prefix="graft-tests-"))
 os.environ.setdefault("GRAFT_JOB_STALE_SECONDS", "30")
 os.environ.setdefault("GRAFT_HEARTBEAT_SECONDS", "2")

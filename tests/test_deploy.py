@@ -4,6 +4,7 @@ and compose and Kubernetes wired to the same processes and environment."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -27,8 +28,16 @@ def _by_kind(kind: str, name: str) -> dict:
 
 
 def _env_names(generator: str) -> set[str]:
-    literals = next(g for g in _kustomization()[generator] if g["name"])["literals"]
-    return {item.split("=", 1)[0] for item in literals}
+    """The variables a generator sets: its literals, or the names in its env file's example."""
+    entry = next(g for g in _kustomization()[generator] if g["name"])
+    lines = entry.get("literals") or [
+        line for f in entry["envs"] for line in _env_file(K8S / f"{f}.example") if not line.startswith("#")
+    ]
+    return {item.split("=", 1)[0] for item in lines}
+
+
+def _env_file(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.mark.parametrize("obj", _objects(), ids=lambda o: f"{o['kind']}/{o['metadata']['name']}")
@@ -107,3 +116,308 @@ def test_the_readme_production_settings_pass_djangos_deploy_checks_without_a_war
         timeout=120,
     )
     assert out.returncode == 0 and "no issues" in out.stdout, out.stdout + out.stderr
+
+
+# --- What an operator can trust (issue 19): the build context, users, secrets, nginx, admin ------
+
+# Paths a developer's checkout holds that must never reach the image, and ones the image needs.
+LEFT_OUT = [
+    "var/secret_key",
+    "var/graft.sqlite3",
+    "var/graft.sqlite3-wal",
+    "var/media/datasets/1/archive.zip",
+    "var/broker/queue/msg",
+    "var/work/serving/1-abc/model.onnx",
+    ".venv/bin/python",
+    ".venv/lib/python3.11/site-packages/django/__init__.py",
+    ".git/HEAD",
+    ".git/objects/ab/cdef",
+    ".env",
+    "deploy/k8s/secrets.env",
+    "graft.sqlite3",
+    "media/datasets/1/archive.zip",
+    "apps/__pycache__/settings.cpython-311.pyc",
+    "ml/__pycache__/bundle.cpython-311.pyc",
+    "apps/serving/graft.sqlite3",
+    "apps/.env",
+    "frontend/var/secret_key",
+    "tests/apps/test_health.py",
+    ".schemathesis/default/x.json",
+    ".pytest_cache/v/cache/lastfailed",
+    ".mypy_cache/3.11/apps/settings.data.json",
+    ".ruff_cache/0.6/123",
+    "test-artifacts/trace.zip",
+    "Makefile",
+]
+
+
+def _dockerignore_rules(text: str) -> list[tuple[bool, re.Pattern]]:
+    """Docker's own reading of a .dockerignore (moby/patternmatcher): comments and blank lines
+    skipped, each pattern cleaned and anchored at the context root, `!` for exceptions."""
+    import posixpath
+
+    rules = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        keep = line.startswith("!")
+        pattern = posixpath.normpath(line[1:].strip() if keep else line).lstrip("/")
+        rules.append((keep, re.compile(_docker_regex(pattern))))
+    return rules
+
+
+def _docker_regex(pattern: str) -> str:
+    """`**` any number of folders (even none), `*` and `?` within one name, `[...]` as is."""
+    out, i = "^", 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            i += 2
+            if pattern.startswith("/", i):
+                i += 1
+            out += ".*" if i >= len(pattern) else "(.*/)?"
+            continue
+        if c == "*":
+            out += "[^/]*"
+        elif c == "?":
+            out += "[^/]"
+        elif c == "[":
+            end = pattern.index("]", i)
+            out += pattern[i : end + 1]
+            i = end
+        elif c == "\\" and i + 1 < len(pattern):
+            i += 1
+            out += re.escape(pattern[i])
+        else:
+            out += re.escape(c)
+        i += 1
+    return out + "$"
+
+
+def _left_out(rules: list[tuple[bool, re.Pattern]], path: str) -> bool:
+    """Docker's MatchesOrParentMatches: a rule applies to a path or to any folder above it; the
+    last rule that applies decides."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    left_out = False
+    for keep, regex in rules:
+        if any(regex.match(c) for c in candidates):
+            left_out = not keep
+    return left_out
+
+
+def test_the_dockerignore_reader_follows_dockers_documented_examples():
+    rules = _dockerignore_rules("# comment\n*/temp*\n*/*/temp*\ntemp?\n**/*.go\n*.md\n!README*.md\nREADME-secret.md\n")
+    assert _left_out(rules, "somedir/temporary.txt") and _left_out(rules, "somedir/subdir/temporary.txt")
+    assert _left_out(rules, "tempa") and not _left_out(rules, "temp") and not _left_out(rules, "temporary.txt")
+    assert _left_out(rules, "a/b/c/main.go") and _left_out(rules, "main.go")
+    assert _left_out(rules, "CHANGES.md") and not _left_out(rules, "README.md") and _left_out(rules, "README-secret.md")
+    # Anchored at the root, unlike .gitignore: "var" does not leave out apps/var.
+    assert _left_out(_dockerignore_rules("var\n"), "var/x") and not _left_out(
+        _dockerignore_rules("var\n"), "apps/var/x"
+    )
+
+
+def test_the_build_context_leaves_out_var_the_venv_git_and_secrets_and_keeps_the_code():
+    rules = _dockerignore_rules((ROOT / ".dockerignore").read_text())
+    kept = [path for path in LEFT_OUT if not _left_out(rules, path)]
+    assert not kept, f"these would be sent to the builder: {kept}"
+    needed = ["manage.py", "requirements.txt"] + [
+        str(f.relative_to(ROOT))
+        for folder in ("apps", "ml", "frontend")
+        for f in (ROOT / folder).rglob("*")
+        if f.is_file() and "__pycache__" not in f.parts
+    ]
+    missing = [path for path in needed if _left_out(rules, path)]
+    assert not missing, f"the image needs these: {missing}"
+
+
+def _image_user() -> int:
+    """The numeric UID the image's processes run as: the last USER of the last stage."""
+    lines = (ROOT / "deploy" / "Dockerfile").read_text().splitlines()
+    stage = lines[max(i for i, line in enumerate(lines) if line.upper().startswith("FROM ")) :]
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", "\n".join(stage), re.M))
+    users = [line.split(None, 1)[1] for line in stage if line.upper().startswith("USER ")]
+    assert users, "the image runs as root: no USER"
+    user = re.sub(r"\$\{?(\w+)\}?", lambda m: args[m.group(1)], users[-1]).split(":")[0]
+    assert user.isdigit(), f"USER {user}: name the UID, so that Kubernetes can check runAsNonRoot"
+    return int(user)
+
+
+def test_the_image_runs_as_a_fixed_unprivileged_user():
+    assert _image_user() >= 1000
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    # The code stays root's (the app cannot rewrite itself); the scratch folder is the user's.
+    assert "--chown" not in dockerfile and "-o graft -g graft" in dockerfile and "GRAFT_DATA_DIR=/scratch" in dockerfile
+
+
+def _pod_specs() -> list[tuple[str, dict]]:
+    return [
+        (f"{o['kind']}/{o['metadata']['name']}", o["spec"]["template"]["spec"])
+        for o in _objects()
+        if "template" in o.get("spec", {})
+    ]
+
+
+@pytest.mark.parametrize("name,pod", _pod_specs(), ids=[name for name, _ in _pod_specs()])
+def test_every_pod_runs_as_the_images_user_without_privileges_on_a_read_only_root(name, pod):
+    ctx = pod.get("securityContext", {})
+    assert ctx.get("runAsNonRoot") is True and ctx.get("runAsUser") == _image_user(), name
+    assert ctx.get("seccompProfile") == {"type": "RuntimeDefault"}, name
+    assert pod.get("automountServiceAccountToken") is False, name
+    volumes = {v["name"] for v in pod.get("volumes", [])}
+    for container in pod["containers"] + pod.get("initContainers", []):
+        sc = container.get("securityContext", {})
+        assert sc.get("allowPrivilegeEscalation") is False, (name, container["name"])
+        assert sc.get("capabilities", {}).get("drop") == ["ALL"] and not sc.get("capabilities", {}).get("add")
+        assert sc.get("readOnlyRootFilesystem") is True and not sc.get("privileged"), (name, container["name"])
+        assert sc.get("runAsUser", _image_user()) != 0
+        # A read-only root: the process writes to its scratch (GRAFT_DATA_DIR) and to /tmp only.
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        assert {"/scratch", "/tmp"} <= set(mounts) and set(mounts.values()) <= volumes, (name, mounts)
+
+
+SECRET_VARIABLES = {"SECRET_KEY", "POSTGRES_PASSWORD", "REDIS_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY"}
+
+
+def test_compose_requires_every_secret_and_has_no_working_placeholder():
+    text = (ROOT / "deploy" / "compose.yml").read_text()
+    for name, operator in re.findall(r"\$\{(\w+)(:?[-?+])?", text):
+        if name in SECRET_VARIABLES:
+            assert operator == ":?", f"${{{name}}} must be required (${{{name}:?message}}), not defaulted"
+    compose = yaml.safe_load(text)
+    values = yaml.safe_dump(compose)  # what compose reads, without the comments
+    assert not re.search(r"change-?me|graft-secret|PASSWORD: graft\b|graft:graft@", values, re.I)
+    env = compose["x-graft"]["environment"]
+    assert "${POSTGRES_PASSWORD:?" in env["DATABASE_URL"]
+    assert "${REDIS_PASSWORD:?" in env["CELERY_BROKER_URL"] and "${REDIS_PASSWORD:?" in env["CACHE_URL"]
+    redis = compose["services"]["redis"]
+    assert redis["command"][:2] == ["redis-server", "--requirepass"] and "REDIS_PASSWORD:?" in redis["command"][2]
+    # Containers of the app: the image's user, no capabilities, no privilege gained.
+    assert compose["x-graft"]["cap_drop"] == ["ALL"] and "no-new-privileges:true" in compose["x-graft"]["security_opt"]
+
+
+def test_compose_gives_seaweedfs_one_s3_identity_from_the_environment():
+    """With identities configured SeaweedFS refuses anonymous and wrongly signed requests (403):
+    the identity holds the same keys the app signs with."""
+    import json
+
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yml").read_text())
+    s3 = compose["services"]["s3"]
+    target = s3["configs"][0]["target"]
+    assert f"-s3.config={target}" in s3["command"] and s3["configs"][0]["source"] == "s3-identities"
+    content = compose["configs"]["s3-identities"]["content"]
+    rendered = json.loads(re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: f"<{m.group(1)}>", content))
+    (identity,) = rendered["identities"]
+    assert identity["credentials"] == [{"accessKey": "<S3_ACCESS_KEY>", "secretKey": "<S3_SECRET_KEY>"}]
+    env = compose["x-graft"]["environment"]
+    assert env["AWS_ACCESS_KEY_ID"].startswith("${S3_ACCESS_KEY:?")
+    assert env["AWS_SECRET_ACCESS_KEY"].startswith("${S3_SECRET_KEY:?")
+    assert "anonymous" not in content.lower()
+
+
+def test_the_kubernetes_secrets_come_from_a_file_that_is_never_committed():
+    entry = next(g for g in _kustomization()["secretGenerator"] if g["name"] == "graft-secrets")
+    assert "literals" not in entry and entry["envs"] == ["secrets.env"]
+    assert "secrets.env" in (K8S / ".gitignore").read_text().split()
+
+
+def _load_settings(tmp_path, **env: str):
+    """Load apps.settings in a fresh interpreter, as a production process would."""
+    import os
+    import subprocess
+    import sys
+
+    base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "GRAFT_DATA_DIR": str(tmp_path)}
+    code = "import django; from django.conf import settings; print(settings.SECRET_KEY and 'loaded')"
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**base, "DJANGO_SETTINGS_MODULE": "apps.settings", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+GOOD_KEY = "Xq3v9-LkZp0r7TtYw2NcB8sHd4JmGfUe6aR1oIiPyQxV5"
+
+
+@pytest.mark.parametrize(
+    "env,named",
+    [
+        ({"SECRET_KEY": "change-me"}, "SECRET_KEY"),
+        ({"SECRET_KEY": "a-random-but-short-key-123"}, "SECRET_KEY"),
+        ({"SECRET_KEY": "changeme-changeme-changeme-changeme-changeme"}, "SECRET_KEY"),
+        ({"SECRET_KEY": "django-insecure-" + GOOD_KEY}, "SECRET_KEY"),
+        ({"DATABASE_URL": "postgres://graft:change-me@postgres:5432/graft"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgres://graft:graft@db:5432/graft"}, "DATABASE_URL"),
+        ({"CELERY_BROKER_URL": "redis://:change-me@redis:6379/0"}, "CELERY_BROKER_URL"),
+        ({"CACHE_URL": "redis://:changeme@redis:6379/1"}, "CACHE_URL"),
+        ({"AWS_SECRET_ACCESS_KEY": "graft-secret"}, "AWS_SECRET_ACCESS_KEY"),
+        ({"AWS_SECRET_ACCESS_KEY": "change-me"}, "AWS_SECRET_ACCESS_KEY"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_production_settings_refuse_placeholder_secrets(tmp_path, env, named):
+    out = _load_settings(tmp_path, **{"SECRET_KEY": GOOD_KEY, **env})
+    assert out.returncode != 0 and "ImproperlyConfigured" in out.stderr, out.stdout + out.stderr
+    message = out.stderr.strip().splitlines()[-1]
+    assert named in message
+    secret = next(iter(env.values()))
+    assert secret not in message or re.fullmatch("change-?me", secret)  # named, never printed
+
+
+def test_the_kubernetes_example_secrets_are_refused_as_they_are(tmp_path):
+    example = dict(line.split("=", 1) for line in _env_file(K8S / "secrets.env.example") if not line.startswith("#"))
+    out = _load_settings(tmp_path, **example)
+    assert out.returncode != 0 and "ImproperlyConfigured" in out.stderr, out.stdout + out.stderr
+
+
+def test_real_secrets_load_and_development_keeps_its_placeholders(tmp_path):
+    good = _load_settings(
+        tmp_path,
+        SECRET_KEY=GOOD_KEY,
+        DATABASE_URL="postgres://graft:9f8e7d6c5b4a39281706f5e4d3c2b1a0@db:5432/graft",
+        CELERY_BROKER_URL="redis://:0a1b2c3d4e5f60718293a4b5c6d7e8f9@redis:6379/0",
+        AWS_SECRET_ACCESS_KEY="wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY",
+    )
+    assert good.returncode == 0 and "loaded" in good.stdout, good.stderr
+    dev = _load_settings(tmp_path, DEBUG="true", SECRET_KEY="change-me")
+    assert dev.returncode == 0 and "loaded" in dev.stdout, dev.stderr
+
+
+@pytest.mark.parametrize(
+    "env,mounted",
+    [({}, False), ({"GRAFT_ADMIN": "true"}, True), ({"DEBUG": "true"}, True)],
+    ids=["production", "asked-for", "debug"],
+)
+def test_the_admin_is_mounted_only_when_a_setting_says_so(tmp_path, env, mounted):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import django; django.setup()\n"
+        "from django.urls import Resolver404, resolve\n"
+        "try:\n    resolve('/admin/login/'); print('mounted')\n"
+        "except Resolver404:\n    print('absent')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={
+            "PATH": os.environ["PATH"],
+            "HOME": str(tmp_path),
+            "GRAFT_DATA_DIR": str(tmp_path),
+            "DJANGO_SETTINGS_MODULE": "apps.settings",
+            "SECRET_KEY": GOOD_KEY,
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == ("mounted" if mounted else "absent")
