@@ -188,3 +188,81 @@ def test_the_default_mode_is_invite_without_debug_and_a_typo_is_refused(env, exp
         cwd=production.BASE_DIR,
     )
     assert expected in (run.stdout + run.stderr), run.stderr
+
+
+# A real password hash (tests/settings.py uses MD5) keeps each sign-up's transaction open long
+# enough for the others to run into it: without the first-account lock, all eight get accounts.
+REAL_HASH = ["django.contrib.auth.hashers.PBKDF2PasswordHasher"]
+
+
+def _parallel_sign_ups(url: str, n: int, code: str = "") -> list[int]:
+    """n people post the sign-up form at the same moment (each with its own session and CSRF)."""
+    import threading
+
+    import requests
+
+    query = f"?invite={code}" if code else ""
+    sessions = [requests.Session() for _ in range(n)]
+    for s in sessions:
+        assert s.get(f"{url}{SIGNUP}{query}", timeout=30).status_code == 200
+    start = threading.Barrier(n)
+    codes: list[int] = [0] * n
+
+    def post(i: int) -> None:
+        data = {**_form(f"racer{i}", invite=code), "csrfmiddlewaretoken": sessions[i].cookies["csrftoken"]}
+        start.wait()
+        r = sessions[i].post(
+            f"{url}{SIGNUP}", data=data, headers={"Referer": f"{url}{SIGNUP}"}, allow_redirects=False, timeout=60
+        )
+        codes[i] = r.status_code
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return codes
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_invitation_used_by_eight_at_once_makes_one_account(live_server, settings, make_user):
+    settings.GRAFT_SIGNUP = "invite"
+    settings.PASSWORD_HASHERS = REAL_HASH
+    make_user("admin", PASSWORD)
+    code = _invite().split("invite=", 1)[1]
+    codes = _parallel_sign_ups(live_server.url, 8, code)
+    assert sorted(codes) == [302] + [403] * 7, codes
+    assert User.objects.filter(username__startswith="racer").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_eight_first_accounts_at_once_make_one(live_server, settings):
+    settings.GRAFT_SIGNUP = "invite"
+    settings.PASSWORD_HASHERS = REAL_HASH
+    codes = _parallel_sign_ups(live_server.url, 8)
+    assert sorted(codes) == [302] + [403] * 7, codes
+    assert User.objects.count() == 1
+
+
+def test_staff_make_an_invitation_in_the_admin_and_see_its_link_once(rf, settings, make_user):
+    from django.contrib import admin
+    from django.contrib.messages import get_messages
+    from django.contrib.messages.storage.fallback import FallbackStorage
+
+    settings.GRAFT_SIGNUP = "invite"
+    staff = make_user("staff", PASSWORD)
+    staff.is_staff = True
+    staff.save()
+    request = rf.post("/admin/accounts/invitation/add/")
+    request.user = staff
+    request.session = {}
+    request._messages = FallbackStorage(request)
+    model_admin = admin.site._registry[Invitation]
+    model_admin.save_model(request, Invitation(note="for Ada"), form=None, change=False)
+    invitation = Invitation.objects.get()
+    assert invitation.created_by == staff and invitation.note == "for Ada" and invitation.used_at is None
+    shown = " ".join(str(m) for m in get_messages(request))
+    link = shown.rsplit(" ", 1)[1]
+    assert "shown only now" in shown and urlsplit(link).path == SIGNUP
+    r = Client().post(f"{SIGNUP}?{urlsplit(link).query}", _form("ada", invite=link.split("invite=", 1)[1]))
+    assert r.status_code == 302 and User.objects.filter(username="ada").exists()
