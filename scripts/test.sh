@@ -4,10 +4,25 @@
 # requirements-dev.txt); this script starts them when they are installed here but down.
 # With CI=true they are required: the run fails instead of skipping them. The same goes for
 # Chromium (/usr/bin/chromium, Debian's package), which the browser tests drive; it is installed if missing.
+# The S3 server this script starts is stopped when it ends, however it ends; one that was already
+# running is left alone. (PostgreSQL and Redis are the machine's own services: they stay up.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+weed_pid=""
+stop_what_we_started() {
+  [[ -n "$weed_pid" ]] || return 0
+  echo "stopping the SeaweedFS this run started (pid $weed_pid)"
+  kill "$weed_pid" 2>/dev/null || return 0
+  # weed's graceful stop can hang on its own gRPC streams: a few seconds, then SIGKILL.
+  for _ in $(seq 25); do kill -0 "$weed_pid" 2>/dev/null || return 0; sleep 0.2; done
+  kill -KILL "$weed_pid" 2>/dev/null || true
+}
+trap stop_what_we_started EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 if ! up 5432 && command -v pg_ctlcluster >/dev/null; then
   echo "starting PostgreSQL"
@@ -28,6 +43,7 @@ if ! up 8333 && [[ -x .venv/bin/weed ]]; then
   # failed with "no writable volumes").
   nohup .venv/bin/weed server -s3 -dir="$weed_dir" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -master.volumeSizeLimitMB=64 -volume.max=0 >"$weed_dir/weed.log" 2>&1 &
+  weed_pid=$!
 fi
 for _ in $(seq 60); do up 5432 && up 6379 && up 8333 && break; sleep 1; done
 if [[ "${CI:-}" == "true" ]] && ! { up 5432 && up 6379 && up 8333; }; then
@@ -50,4 +66,5 @@ if [[ ! -x /usr/bin/chromium ]]; then
     echo "warning: could not install Chromium; the browser tests will be skipped." >&2
   fi
 fi
-exec .venv/bin/python -m pytest "$@"
+# Not `exec`: this shell stays, so that its EXIT trap stops what it started once pytest ends.
+.venv/bin/python -m pytest "$@"

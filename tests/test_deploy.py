@@ -421,3 +421,237 @@ def test_the_admin_is_mounted_only_when_a_setting_says_so(tmp_path, env, mounted
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == ("mounted" if mounted else "absent")
+
+
+# --- nginx: per-path limits equal to the app's, small bodies buffered, JSON 413 on /api/ ---------
+
+UPLOAD_PATHS = ["/api/v1/datasets/", "/api/v1/uploads/3f2c9a6e-1b7d-4c55-9a8e-0d5b7c1e2f40/", "/api/v1/models/7/batch/"]
+OTHER_PATHS = [
+    "/accounts/login/",
+    "/accounts/signup/",
+    "/api/v1/auth/token/",
+    "/api/v1/uploads/",
+    "/api/v1/jobs/",
+    "/api/v1/models/7/predict/",
+    "/datasets/3/train/",
+]
+
+
+def _nginx_server() -> tuple[dict[str, list[str]], list[tuple[str, str, dict[str, list[str]]]]]:
+    """deploy/nginx.conf's server block: its own directives, and (modifier, path, directives) per location."""
+    text = re.sub(r"#[^\n]*", "", (ROOT / "deploy" / "nginx.conf").read_text())
+    server = text[text.index("server {") :]
+    locations = []
+    for m in re.finditer(r"location\s+(=|~|\^~)?\s*(\S+)\s*\{([^}]*)\}", server):
+        locations.append((m.group(1) or "", m.group(2), _directives(m.group(3))))
+    own = re.sub(r"location\s+[^{]*\{[^}]*\}", "", server[server.index("{") + 1 :])
+    return _directives(own), locations
+
+
+def _directives(body: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for statement in body.split(";"):
+        words = statement.split()
+        if words:
+            out.setdefault(words[0], []).append(" ".join(words[1:]))
+    return out
+
+
+def _nginx_location(path: str, locations) -> dict[str, list[str]]:
+    """nginx's choice: an exact match; else the longest prefix, unless a regex (in order) matches."""
+    for modifier, where, directives in locations:
+        if modifier == "=" and where == path:
+            return directives
+    prefixes = [
+        (len(w), d) for m, w, d in locations if m in ("", "^~") and path.startswith(w) and not w.startswith("@")
+    ]
+    for modifier, where, directives in locations:
+        if modifier == "~" and re.search(where, path):
+            return directives
+    return max(prefixes, key=lambda p: p[0])[1]
+
+
+def _nginx_size(value: str) -> int:
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    return int(value[:-1]) * units[value[-1].lower()] if value[-1].lower() in units else int(value)
+
+
+@pytest.mark.parametrize("path", UPLOAD_PATHS + OTHER_PATHS)
+def test_nginx_limits_each_path_to_the_apps_own_limit_and_streams_only_uploads(path):
+    from apps.common.limits import body_limit
+
+    server, locations = _nginx_server()
+    directives = _nginx_location(path, locations)
+    limit = (directives.get("client_max_body_size") or server["client_max_body_size"])[-1]
+    assert _nginx_size(limit) == body_limit(path), f"{path}: nginx {limit}, the app {body_limit(path)}"
+    buffering = (directives.get("proxy_request_buffering") or server.get("proxy_request_buffering") or ["on"])[-1]
+    assert buffering == ("off" if path in UPLOAD_PATHS else "on"), path
+    if path.startswith("/api/"):
+        assert directives.get("error_page") == ["413 = @api_too_large"], path
+
+
+def test_nginx_drops_stalled_bodies_and_answers_json_413_with_the_apps_limits():
+    from apps.common.limits import body_limit, human_bytes
+
+    server, locations = _nginx_server()
+    assert _nginx_size(server["client_body_buffer_size"][0]) >= body_limit("/accounts/login/")
+    assert server["client_body_timeout"][0].endswith("s") and int(server["client_body_timeout"][0][:-1]) <= 60
+    named = next(d for _, where, d in locations if where == "@api_too_large")
+    assert named["default_type"] == ["application/json"] and named["return"][0].startswith("413 ")
+    text = (ROOT / "deploy" / "nginx.conf").read_text()
+    table = dict(re.findall(r"^\s*(default|~\S+)\s+(\d+);", text, re.M))
+    words = dict(re.findall(r'^\s*(default|\d+)\s+"([^"]+)";', text, re.M))
+    for path in UPLOAD_PATHS + OTHER_PATHS:
+        key = next((k for k in table if k != "default" and re.search(k[1:], path)), "default")
+        assert int(table[key]) == body_limit(path), path
+        assert words.get(table[key], words["default"]) == human_bytes(body_limit(path)), path
+
+
+@pytest.fixture
+def nginx_in_front(tmp_path):
+    """deploy/nginx.conf run by a real nginx (where one is installed) in front of a stub web host
+    that records which requests reach it. Yields (base URL, paths the stub saw)."""
+    import http.server
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import threading
+    import time
+
+    nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+    if nginx is None:
+        pytest.skip("nginx is not installed here (apt-get install nginx-light)")
+    seen: list[str] = []
+
+    class WebHost(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            seen.append(self.path)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_PATCH = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WebHost)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    site = (ROOT / "deploy" / "nginx.conf").read_text()
+    site = site.replace("server web-1:8000;", f"server 127.0.0.1:{upstream.server_port};").replace(
+        "server web-2:8000;", ""
+    )
+    (tmp_path / "site.conf").write_text(site.replace("listen 80;", f"listen 127.0.0.1:{port};"))
+    (tmp_path / "nginx.conf").write_text(
+        ("user root;\n" if os.geteuid() == 0 else "")
+        + f"daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log; worker_processes 1;\n"
+        + "events {}\n"
+        + f"http {{ access_log off; client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;"
+        + f" include {tmp_path}/site.conf; }}\n"
+    )
+    proc = subprocess.Popen(
+        [nginx, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path), "-e", str(tmp_path / "error.log")],
+        stderr=subprocess.PIPE,
+    )
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"nginx did not start: {proc.stderr.read().decode()}")
+            time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", seen
+    proc.terminate()
+    proc.wait(10)
+    upstream.shutdown()
+
+
+def test_a_real_nginx_answers_json_413s_with_the_apps_limits_and_holds_slow_small_bodies(nginx_in_front):
+    import socket
+    import time
+
+    import requests
+
+    from apps.common.limits import body_limit, human_bytes
+
+    base, seen = nginx_in_front
+    for path in [p for p in UPLOAD_PATHS + OTHER_PATHS if p.startswith("/api/")]:
+        limit = body_limit(path)
+        # Only the header: nginx refuses on Content-Length alone, before a byte of the body.
+        r = requests.post(base + path, headers={"Content-Length": str(limit + 1)}, data=b"", timeout=10)
+        assert r.status_code == 413 and r.headers["Content-Type"] == "application/json", (path, r.text[:200])
+        assert r.json() == {
+            "error": f"The request body is larger than the limit of {human_bytes(limit)} for this path.",
+            "limit_bytes": limit,
+        }
+    assert requests.post(base + "/accounts/login/", data=b"x" * (body_limit("/accounts/login/") + 1)).status_code == 413
+    assert not seen
+
+    host, port = base.removeprefix("http://").split(":")
+
+    def start_slow_body(path: str) -> socket.socket:
+        s = socket.create_connection((host, int(port)))
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n".encode() + b"a" * 10)
+        return s
+
+    slow = [start_slow_body("/api/v1/auth/token/"), start_slow_body("/api/v1/datasets/")]
+    time.sleep(1)
+    # The sign-in's body is still arriving: no web host thread waits for it. The upload streams.
+    assert seen == ["/api/v1/datasets/"]
+    for s in slow:
+        s.close()
+
+
+# --- make test: what scripts/test.sh starts, it stops -------------------------------------------
+
+STUB_SERVICES = """
+import socket, sys, time
+held = []
+for port in (5432, 6379):  # PostgreSQL and Redis "up", so that only the S3 server gets started
+    s = socket.socket()
+    s.bind(("127.0.0.1", port))
+    s.listen()
+    held.append(s)
+time.sleep(float(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow  # about 20 s: SeaweedFS starts, and is given 5 s to stop
+def test_make_test_stops_the_seaweedfs_it_started(tmp_path):
+    """scripts/test.sh in a network namespace of its own (nothing on 8333 there, so it starts a
+    weed server), running `pytest --version`: once it has ended, no weed server of its is left."""
+    import os
+    import shutil
+    import subprocess
+
+    weed = ROOT / ".venv" / "bin" / "weed"
+    if not weed.exists() or not shutil.which("unshare") or not shutil.which("ip"):
+        pytest.skip("needs .venv/bin/weed, unshare and ip")
+    if subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unprivileged network namespaces are not available here")
+    script = (
+        "ip link set lo up\n"
+        f"{shutil.which('python3') or 'python3'} -c '{STUB_SERVICES}' 120 & stub=$!\n"
+        "sleep 0.5\n"
+        'scripts/test.sh --version; echo "test.sh exited $?"\n'
+        "kill $stub\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path), "CI": ""}
+    out = subprocess.run(
+        ["unshare", "-rn", "bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
+    try:
+        assert "starting SeaweedFS" in out.stdout and "test.sh exited 0" in out.stdout, out.stdout + out.stderr
+        left = subprocess.run(["pgrep", "-f", f"weed server.*{tmp_path}"], capture_output=True, text=True).stdout
+        assert not left.split(), f"weed servers left running: {left}"
+    finally:
+        for pid in subprocess.run(
+            ["pgrep", "-f", f"weed server.*{tmp_path}"], capture_output=True, text=True
+        ).stdout.split():
+            os.kill(int(pid), 9)

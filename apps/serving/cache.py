@@ -4,10 +4,15 @@ How many stay loaded is set by memory, not by count: each model is charged what 
 to the process's resident memory (its weights, the runtime's buffers and a warm-up pass), and the
 least recently used are dropped while the total is over GRAFT_SERVE_MODEL_MEMORY. The newest one
 always stays.
+
+A bundle is loaded only if its SHA-256 is the one the database recorded when it was stored: a
+file changed in the bucket (or on the way) is refused with a logged error, never unpacked.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -16,10 +21,19 @@ from pathlib import Path
 
 from django.conf import settings
 
-from apps.common.storage import local_copy
+from apps.common.errors import UserError
+from apps.common.storage import PIECE, local_copy
 from apps.serving.models import TrainedModel
 from ml.bundle import unpack_bundle
 from ml.predict import Predictor
+
+log = logging.getLogger(__name__)
+
+
+class BundleIntegrityError(UserError):
+    """The stored bundle is not the file that was recorded; the caller gets a 503, not the model."""
+
+    status_code = 503
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,7 @@ def get_predictor(model: TrainedModel) -> Predictor:
             return predictor
         folder = settings.GRAFT_WORK_DIR / "serving" / f"{model.pk}-{model.bundle_sha256[:16]}"
         with local_copy(model.bundle) as archive:
+            verify_bundle(model, archive)
             unpack_bundle(archive, folder)
         before = resident_bytes()
         predictor = Predictor(
@@ -60,6 +75,26 @@ def get_predictor(model: TrainedModel) -> Predictor:
             _, dropped = _loaded.popitem(last=False)
             dropped.predictor.close()
     return predictor
+
+
+def verify_bundle(model: TrainedModel, archive: Path) -> None:
+    """Raise BundleIntegrityError unless `archive` has the SHA-256 recorded for the model."""
+    digest = hashlib.sha256()
+    with archive.open("rb") as fh:
+        while piece := fh.read(PIECE):
+            digest.update(piece)
+    if digest.hexdigest() != model.bundle_sha256:
+        log.error(
+            "model %s: bundle %s has SHA-256 %s, but %s was recorded when it was stored; not loading it",
+            model.pk,
+            model.bundle,
+            digest.hexdigest(),
+            model.bundle_sha256,
+        )
+        raise BundleIntegrityError(
+            "This model's stored file failed its integrity check, so it cannot serve predictions; "
+            "the operators have the details."
+        )
 
 
 def _cached(key: tuple[int, str]) -> Predictor | None:
