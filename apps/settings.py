@@ -191,6 +191,9 @@ if AWS_STORAGE_BUCKET_NAME:
             "file_overwrite": True,  # names are unique by design; a retried write replaces its own
             "default_acl": None,
             "querystring_auth": True,
+            # A file opened through the storage API (S3File) spills to disk past this size instead
+            # of being held whole in memory (django-storages' default, 0, never spills).
+            "max_memory_size": env.int("AWS_S3_MAX_MEMORY_SIZE", default=8 * 1024 * 1024),
         },
     }
 else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import zipfile
 
 from django.conf import settings
 from django.contrib import messages
@@ -12,7 +11,6 @@ from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.contrib.auth.models import User
-from django.core.files.storage import default_storage
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import cache_control
@@ -22,19 +20,17 @@ from apps.accounts.models import ApiToken
 from apps.accounts.quotas import usage
 from apps.accounts.services import token_create
 from apps.accounts.signup import Gate, signup_gate, user_signup
-from apps.common.decoding import decode_gate
 from apps.common.errors import UserError
 from apps.common.requests import AuthenticatedHttpRequest
 from apps.common.throttles import throttle_posts
-from apps.common.storage import open_stream
 from apps.datasets.models import Dataset
 from apps.datasets.selectors import dataset_get, dataset_index, dataset_list
-from apps.datasets.services import dataset_delete, thumbnail_members, thumbnail_name, thumbnail_store
+from apps.datasets.services import dataset_delete, thumbnail_members, thumbnail_name
 from apps.serving.selectors import batch_get, model_get, model_list
+from apps.training.gallery import GALLERY_PLACEHOLDER, gallery_members, gallery_open, open_if_stored
 from apps.training.selectors import job_get, job_list
 from apps.training.services import job_create
 from ml.backbones import DEFAULT_BACKBONE, available_backbones
-from ml.images import header_pixels
 from ml.strategy import PLANS, SIZE_BOUNDARY, STRATEGIES
 from ml.strategy import REGISTRY as PLAN_REGISTRY
 
@@ -164,32 +160,50 @@ def train(request: AuthenticatedHttpRequest, dataset_id: int) -> HttpResponse:
 @login_required
 @cache_control(private=True, max_age=3600)
 def dataset_thumb(request: AuthenticatedHttpRequest, dataset_id: int) -> FileResponse:
-    """A stored thumbnail of one image of the dataset; only members of its index can be asked for.
+    """A thumbnail the dataset's page shows, as stored at ingestion; nothing else.
 
-    The images its page shows were made at ingestion; any other (a misclassified validation
-    image on the model page) is made on first request and stored, never decoded twice.
+    A web host never opens the archive to make one (on S3 that reads the whole object into
+    memory); the misclassified gallery's thumbnails are stored with the model (`model_thumb`).
     """
     dataset = dataset_get(user=request.user, dataset_id=dataset_id)
     member = request.GET.get("m", "")
-    if not dataset.manifest or member not in _members(dataset.pk, dataset.manifest):
-        raise Http404("No such image in this dataset.")
-    name = thumbnail_name(dataset, member)
-    made_at_ingestion = any(member in shown for shown in dataset.thumbnails.values())
-    if not made_at_ingestion and not default_storage.exists(name):
-        with default_storage.open(dataset.archive) as f, zipfile.ZipFile(f) as zf:
-            data = zf.read(member)
-        with decode_gate().hold(header_pixels(data)):
-            if thumbnail_store(dataset, member, data) is None:
-                raise Http404("This image cannot be decoded.")
-    return FileResponse(open_stream(name), content_type="image/jpeg")
+    if member not in _members(dataset):
+        raise Http404("No such image on this dataset's page.")
+    stream = open_if_stored(thumbnail_name(dataset, member))
+    if stream is None:
+        raise Http404("This image has no stored thumbnail.")
+    return FileResponse(stream, content_type="image/jpeg")
+
+
+def _members(dataset: Dataset) -> frozenset[str]:
+    """The members whose thumbnails the dataset's page shows (`_dataset_context`)."""
+    if dataset.thumbnails:
+        return frozenset(m for shown in dataset.thumbnails.values() for m in shown)
+    if not dataset.manifest:
+        return frozenset()
+    return _members_in_index(dataset.pk, dataset.manifest)
 
 
 @functools.lru_cache(maxsize=32)
-def _members(dataset_id: int, manifest: str) -> frozenset[str]:
-    """The member names a dataset's thumbnails may show (its index; immutable once ready)."""
-    from apps.datasets.models import Dataset
+def _members_in_index(dataset_id: int, manifest: str) -> frozenset[str]:
+    """Those of a dataset ingested before its thumbnails were listed (its index is immutable once ready)."""
+    index = dataset_index(dataset=Dataset.objects.get(pk=dataset_id))
+    return frozenset(m for shown in thumbnail_members(index).values() for m in shown)
 
-    return frozenset(s.member for s in dataset_index(dataset=Dataset.objects.get(pk=dataset_id)).samples)
+
+@login_required
+@cache_control(private=True, max_age=3600)
+def model_thumb(request: AuthenticatedHttpRequest, model_id: int) -> HttpResponse | FileResponse:
+    """A thumbnail of one of the model's misclassified validation images, stored by the worker when
+    its job ended (apps.training.gallery); a placeholder for a model trained before that."""
+    model = model_get(user=request.user, model_id=model_id)
+    member = request.GET.get("m", "")
+    if member not in gallery_members(model.metrics):
+        raise Http404("No such image in this model's gallery.")
+    stream = gallery_open(prefix=model.storage_prefix, member=member)
+    if stream is None:
+        return HttpResponse(GALLERY_PLACEHOLDER, content_type="image/svg+xml")
+    return FileResponse(stream, content_type="image/jpeg")
 
 
 @login_required
