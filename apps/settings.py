@@ -354,12 +354,17 @@ GRAFT_QUOTA_OPEN_UPLOADS = env.int("GRAFT_QUOTA_OPEN_UPLOADS", default=5)
 GRAFT_QUOTA_ACTIVE_JOBS = env.int("GRAFT_QUOTA_ACTIVE_JOBS", default=4)
 # A resumable upload untouched this long is deleted (beat checks hourly).
 GRAFT_UPLOAD_EXPIRY_HOURS = env.int("GRAFT_UPLOAD_EXPIRY_HOURS", default=6)
-# A running job whose worker has not written a heartbeat for this long is stale.
+# Background work of every kind (ingestion, training, batch prediction, apps.common.work): a running
+# item whose worker has not written a heartbeat for this long is stale, and re-queued by beat.
 GRAFT_JOB_STALE_SECONDS = env.int("GRAFT_JOB_STALE_SECONDS", default=120)
 GRAFT_HEARTBEAT_SECONDS = env.int("GRAFT_HEARTBEAT_SECONDS", default=10)
-# A job whose worker died this many times (killed, out of memory, lost) fails instead of
-# being handed to yet another worker.
+# An item whose worker died this many times (killed, out of memory, lost) fails with a sentence
+# instead of being handed to yet another worker.
 GRAFT_JOB_MAX_ATTEMPTS = env.int("GRAFT_JOB_MAX_ATTEMPTS", default=3)
+# Stored objects no row owns (a crash between storing a file and creating its row) are removed by
+# the sweeper (`manage.py sweep`, beat hourly) once they are this old: younger ones may belong to a
+# request or a task still on its way to its row.
+GRAFT_SWEEP_GRACE_HOURS = env.float("GRAFT_SWEEP_GRACE_HOURS", default=24.0)
 
 for _name in (
     "GRAFT_MAX_UPLOAD_BYTES",
@@ -379,9 +384,11 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
 }
 
-# Re-queue jobs whose worker died (run beat: `celery -A apps beat`, or the worker's `-B`).
+# Re-queue background work (ingestion, training, batches) whose worker died, and sweep storage
+# (run beat: `celery -A apps beat`, or the worker's `-B`).
 CELERY_BEAT_SCHEDULE = {
     "recover-stale-jobs": {"task": "jobs.recover_stale", "schedule": float(GRAFT_JOB_STALE_SECONDS) / 2},
     "expire-uploads": {"task": "datasets.expire_uploads", "schedule": 3600.0},
+    "sweep-storage": {"task": "ops.sweep", "schedule": 3600.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")

@@ -6,6 +6,6 @@ the names and their types, never the key itself.
 
 import os
 
-os.environ.setdefault("SECRET_KEY", "graft-typecheck-only")
+os.environ.setdefault("SECRET_KEY", "graft-typecheck-only-never-a-deployment-key-0123456789")
 
 from apps.settings import *  # noqa: E402,F403

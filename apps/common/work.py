@@ -17,6 +17,7 @@ else here changes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -25,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections, connection, models, transaction
+from django.db import InterfaceError, OperationalError, close_old_connections, connection, models, transaction
 from django.db.models import Count, F, Max, Min, Q, QuerySet
 from django.utils import timezone
 
@@ -186,8 +187,38 @@ def work_recover_stale() -> dict[str, list[int]]:
                 .update(status=kind.queued, heartbeat_at=None, **kind.requeued)
             ):
                 recovered.setdefault(kind.name, []).append(item.pk)
-                transaction.on_commit(lambda kind=kind, pk=item.pk: kind.enqueue(pk))
+                transaction.on_commit(functools.partial(kind.enqueue, item.pk))
     return recovered
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OperationalError, InterfaceError]
+    try:  # object storage unreachable for a moment (boto3, under django-storages)
+        from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
+
+        errors += [EndpointConnectionError, ConnectionClosedError, ReadTimeoutError]
+    except ImportError:  # pragma: no cover - boto3 comes with django-storages[s3]
+        pass
+    return tuple(errors)
+
+
+# The database or object storage went away for a moment: the work is handed back, not failed.
+TRANSIENT = _transient_errors()
+
+
+def hand_back(kind: Kind, rows: QuerySet) -> bool:
+    """After a transient error: the attempt's item waits again and a new message is sent (the
+    attempt counts toward the cap). If even that write fails, beat re-queues it once its heartbeat
+    goes stale. Returns whether it was handed back."""
+    connection.close()  # a connection the database dropped is unusable; the next query opens one
+    try:
+        pks = list(rows.values_list("pk", flat=True))
+        if pks and rows.update(status=kind.queued, heartbeat_at=None):
+            kind.enqueue(pks[0])
+            return True
+    except Exception:  # noqa: BLE001 - still unreachable: beat finds the stale heartbeat
+        log.exception("could not hand %s back; beat will re-queue it", kind.name)
+    return False
 
 
 class Heartbeat:

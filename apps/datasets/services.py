@@ -13,11 +13,11 @@ from django.contrib.auth.models import User
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
-from django.db import DatabaseError, connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from apps.accounts.quotas import check_new_dataset, owner_locked
-from apps.common import work
+from apps.common import faults, work
 from apps.common.errors import UserError
 from apps.common.storage import delete_prefix, delete_quietly, local_copy
 from apps.datasets.models import Dataset
@@ -123,34 +123,25 @@ def dataset_ingest(*, dataset: Dataset) -> None:
     mine = work.attempt_rows(INGESTION, dataset)
     try:
         with work.Heartbeat(mine, f"dataset-{dataset.pk}"), local_copy(dataset.archive) as path:
+            faults.point("ingestion.claimed")
             index = index_dataset(path, ingest_config())
             assessment = _assess(path, index)
             thumbnails = _store_thumbnails(path, dataset, index)
-        manifest = default_storage.save(
-            f"{dataset.storage_prefix}manifest.json",
-            ContentFile(json.dumps(index.to_dict()).encode()),
-        )
+            faults.point("ingestion.thumbnails")
+            manifest = default_storage.save(
+                f"{dataset.storage_prefix}manifest.json",
+                ContentFile(json.dumps(index.to_dict()).encode()),
+            )
+            faults.point("ingestion.manifest")
         _mark_ready(mine, dataset, index, manifest, assessment, thumbnails)
     except DatasetError as exc:
         _fail(mine, dataset, exc.message)
-    except DatabaseError:
-        log.exception("ingestion of dataset %s lost the database; handing it back", dataset.pk)
-        _hand_back(mine)
+    except work.TRANSIENT:
+        log.exception("ingestion of dataset %s lost the database or storage; handing it back", dataset.pk)
+        work.hand_back(INGESTION, mine)
     except Exception:
         log.exception("ingestion of dataset %s failed", dataset.pk)
         _fail(mine, dataset, "Processing the archive failed unexpectedly; the operators have the details.")
-
-
-def _hand_back(mine) -> None:
-    """Waiting again, for the next message (this attempt counts): or, if even that write fails,
-    beat finds the stale heartbeat and re-queues it."""
-    connection.close()
-    try:
-        for item in mine:
-            if mine.update(heartbeat_at=None):
-                _enqueue_ingest(item.pk)
-    except DatabaseError:
-        log.exception("could not hand the dataset back; beat will re-queue it")
 
 
 def thumbnail_members(index: DatasetIndex) -> dict[str, list[str]]:

@@ -30,7 +30,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from apps.accounts.quotas import check_new_batch, owner_locked
-from apps.common import work
+from apps.common import faults, work
 from apps.common.errors import UserError
 from apps.common.storage import delete_prefix, delete_quietly, local_copy
 from apps.datasets.models import Dataset
@@ -150,6 +150,7 @@ def batch_run(*, batch: BatchPrediction) -> None:
             local_copy(batch.archive) as path,
             TemporaryDirectory(dir=_scratch()) as tmp,
         ):
+            faults.point("batch.claimed")
             rows = predict_archive(
                 predictor,
                 path,
@@ -162,6 +163,7 @@ def batch_run(*, batch: BatchPrediction) -> None:
             for path_ in (csv_path, json_path):
                 stored.append(_store(batch, path_))
             size = csv_path.stat().st_size + json_path.stat().st_size
+            faults.point("batch.stored")
         if mine.update(
             status=BatchPrediction.Status.SUCCEEDED,
             finished_at=timezone.now(),
@@ -175,6 +177,9 @@ def batch_run(*, batch: BatchPrediction) -> None:
         log.info("batch %s: deleted, or taken over by another worker", batch.pk)
     except DatasetError as exc:
         _fail(mine, exc.message)
+    except work.TRANSIENT:
+        log.exception("batch %s lost the database or storage; handing it back", batch.pk)
+        work.hand_back(BATCH, mine)
     except Exception:
         incident = uuid.uuid4().hex[:8]
         log.exception("batch %s failed (incident %s)", batch.pk, incident)
@@ -185,10 +190,13 @@ def batch_run(*, batch: BatchPrediction) -> None:
         # The uploaded input is done with once this attempt ended the batch (a dataset keeps its own);
         # an attempt that was replaced leaves it to the one that replaced it.
         ended = BatchPrediction.objects.filter(pk=batch.pk, attempts=batch.attempts).exclude(
-            status=BatchPrediction.Status.RUNNING
+            status__in=[BatchPrediction.Status.RUNNING, BatchPrediction.Status.QUEUED]
         )
-        if batch.dataset_id is None and batch.archive and ended.update(archive="", archive_bytes=0):
-            delete_quietly(batch.archive)
+        try:
+            if batch.dataset_id is None and batch.archive and ended.update(archive="", archive_bytes=0):
+                delete_quietly(batch.archive)
+        except work.TRANSIENT:  # the input stays; the sweeper takes it once the row lets it go
+            log.exception("batch %s: could not release its input", batch.pk)
 
 
 def _store(batch: BatchPrediction, path: Path) -> str:
@@ -221,6 +229,7 @@ class _Progress:
             self.last = now
             if not self.rows.update(done=done, total=total):
                 raise Cancelled()
+            faults.point("batch.progress")
 
 
 def _write_results(rows: Iterator[FilePrediction], folder: Path, k: int) -> tuple[Path, Path, int]:

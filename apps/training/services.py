@@ -26,7 +26,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from apps.accounts.quotas import check_new_job, owner_locked
-from apps.common import work
+from apps.common import faults, work
 from apps.common.errors import UserError
 from apps.common.storage import delete_prefix, delete_quietly, local_copy
 from apps.datasets.models import Dataset
@@ -229,8 +229,9 @@ def job_run(*, job: Job) -> None:
         with work.Heartbeat(work.attempt_rows(TRAINING, job), f"job-{job.pk}") as beat:
             recorder.cancelled = beat.lost
             with local_copy(dataset.archive) as archive:
+                faults.point("training.claimed")
                 result = fit(archive, workdir, config, index=index, progress=recorder, checkpoints=checkpoints)
-        _succeed(job, result, mine)
+            _succeed(job, result, mine)  # storing a large bundle takes a while: still beating
     except Cancelled:
         log.info("job %s cancelled (or taken over by another worker)", job.pk)
     except MLError as exc:
@@ -300,6 +301,7 @@ class JobCheckpoints:
             raise Cancelled()
         if previous and previous != name:
             delete_quietly(previous)
+        faults.point("training.checkpoint")
 
 
 def _succeed(job: Job, result, mine) -> None:
@@ -308,6 +310,7 @@ def _succeed(job: Job, result, mine) -> None:
 
     # The bundle is copied to storage and hashed first, outside any transaction.
     bundle = bundle_store(result.artifacts["bundle"])
+    faults.point("training.bundle")
     try:
         gallery_store(prefix=bundle.prefix, dataset=job.dataset, metrics=result.metrics)  # never raises
         with transaction.atomic():

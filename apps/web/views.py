@@ -27,9 +27,10 @@ from apps.datasets.models import Dataset
 from apps.datasets.selectors import dataset_get, dataset_index, dataset_list
 from apps.datasets.services import dataset_delete, thumbnail_members, thumbnail_name
 from apps.serving.selectors import batch_get, model_get, model_list
+from apps.serving.services import model_delete
 from apps.training.gallery import GALLERY_PLACEHOLDER, gallery_members, gallery_open, open_if_stored
 from apps.training.selectors import job_get, job_list
-from apps.training.services import job_create
+from apps.training.services import job_create, job_delete
 from ml.backbones import DEFAULT_BACKBONE, available_backbones
 from ml.strategy import PLANS, SIZE_BOUNDARY, STRATEGIES
 from ml.strategy import REGISTRY as PLAN_REGISTRY
@@ -72,7 +73,11 @@ def signup(request: HttpRequest) -> HttpResponse:
             form.add_error(None, exc.message)
             return render(request, "registration/signup.html", {"form": form, "invite": code})
         return render(request, "registration/signup_refused.html", {"message": exc.message}, status=exc.status_code)
-    context = {"form": form, "invite": code if gate is Gate.INVITED else "", "first_account": gate is Gate.FIRST_ACCOUNT}
+    context = {
+        "form": form,
+        "invite": code if gate is Gate.INVITED else "",
+        "first_account": gate is Gate.FIRST_ACCOUNT,
+    }
     return render(request, "registration/signup.html", context)
 
 
@@ -127,8 +132,35 @@ def _dataset_context(dataset, error: str = "") -> dict:
 def dataset_remove(request: AuthenticatedHttpRequest, dataset_id: int) -> HttpResponse:
     dataset = dataset_get(user=request.user, dataset_id=dataset_id)
     name = dataset.name
-    dataset_delete(dataset=dataset)
+    try:
+        dataset_delete(dataset=dataset)
+    except UserError as exc:  # in use by a job or a batch
+        messages.error(request, exc.message)
+        return redirect("web:dataset", dataset_id=dataset.pk)
     messages.success(request, f"Dataset '{name}' deleted.")
+    return redirect("web:home")
+
+
+@login_required
+@require_POST
+def model_remove(request: AuthenticatedHttpRequest, model_id: int) -> HttpResponse:
+    model = model_get(user=request.user, model_id=model_id)
+    name = model.name
+    model_delete(model=model)
+    messages.success(request, f"Model '{name}' deleted; its prediction endpoint answers 404 from now on.")
+    return redirect("web:home")
+
+
+@login_required
+@require_POST
+def job_remove(request: AuthenticatedHttpRequest, job_id: int) -> HttpResponse:
+    job = job_get(user=request.user, job_id=job_id)
+    try:
+        job_delete(job=job)
+    except UserError as exc:  # still queued or running
+        messages.error(request, exc.message)
+        return redirect("web:job", job_id=job.pk)
+    messages.success(request, f"Training job {job_id} deleted.")
     return redirect("web:home")
 
 

@@ -91,7 +91,7 @@ def main() -> None:
     env = {
         **os.environ,
         "GRAFT_DATA_DIR": str(data_dir),
-        "SECRET_KEY": "bench-serve-only",
+        "SECRET_KEY": os.urandom(32).hex(),
         "DJANGO_SETTINGS_MODULE": "apps.settings",
         "GRAFT_THROTTLE_USER": "1000000/min",
         "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),  # as deploy/Dockerfile sets it

@@ -1,0 +1,373 @@
+"""Fault injection: real worker processes SIGKILLed at named points of each kind of background work
+(ingestion, training, batch prediction), a worker's database connection cut, the object store
+stopped in the middle of a write. Selected with `pytest -k fault`.
+
+Each scenario runs in a deployment of real processes (tests/apps/cluster.py: gunicorn, Celery
+workers, PostgreSQL, Redis, SeaweedFS). A worker started with GRAFT_FAULT_PAUSE stops at that point
+(apps.common.faults) so the fault lands at the same place every run; a second worker with beat is
+the rest of the deployment. After each fault:
+- the item reaches its terminal state, re-claimed within stale + one beat (+ slack for a worker's
+  first poll);
+- no request to the API answers 500 meanwhile;
+- the usage meter equals the bytes stored for what it counts;
+- the sweeper (grace 0) removes only what the dead attempt left, and a second sweep finds nothing.
+Each prints a JSON line (fault, point, outcome, seconds to re-claim and to finish) for the record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+from django.conf import settings
+
+from apps.datasets.models import Dataset
+from apps.serving.models import BatchPrediction
+from apps.training.models import Job
+from tests.apps.cluster import STALE, Cluster, Host, keys, learnable_zip, running_cluster, s3, wait_for
+from tests.conftest import ROOT, image_bytes, make_zip
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+SEED = int(os.environ.get("GRAFT_FAULT_SEED", "19"))
+BEAT = STALE / 2  # the recover task's period (apps.settings: stale / 2)
+SLACK = 6.0  # a beat that has just run, and the new message's first poll
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, django_db_setup, django_db_blocker):
+    with running_cluster(tmp_path_factory.mktemp("faults"), django_db_blocker, ingest=False, web=1) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def alice(cluster, django_db_blocker):
+    from django.contrib.auth.models import User
+
+    with django_db_blocker.unblock():
+        User.objects.filter(username="fault-alice").delete()
+        User.objects.create_user("fault-alice", password="correct horse battery")
+    r = requests.post(
+        f"{cluster.web_a.url}/api/v1/auth/token/",
+        json={"username": "fault-alice", "password": "correct horse battery"},
+        timeout=30,
+    )
+    s = requests.Session()
+    s.headers["Authorization"] = f"Token {r.json()['token']}"
+    yield s
+    s.close()
+
+
+@dataclass
+class Watch:
+    """Polls the API while a scenario recovers: every answer's status, to find any 500."""
+
+    s: requests.Session
+    base: str
+    statuses: list[int] = field(default_factory=list)
+
+    def get(self, path: str) -> dict:
+        r = self.s.get(f"{self.base}/api/v1{path}", timeout=60)
+        self.statuses.append(r.status_code)
+        return r.json()
+
+    def until(self, path: str, done: tuple[str, ...], timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = self.get(path)
+            self.get("/" + path.strip("/").split("/")[0] + "/")  # and the list it is in
+            if body.get("status") in done:
+                return body
+            time.sleep(0.5)
+        raise AssertionError(f"{path} did not reach {done}: {body}")
+
+
+def paused_worker(cluster: Cluster, name: str, queue: str, point: str, tmp_path: Path) -> Host:
+    return cluster.worker(name, queue=queue, env={"GRAFT_FAULT_PAUSE": point, "GRAFT_FAULT_DIR": str(tmp_path)})
+
+
+def reached(tmp_path: Path, point: str, timeout: float = 300) -> None:
+    wait_for(lambda: (tmp_path / f"{point}.reached").exists(), timeout, f"the worker to reach {point}")
+
+
+def release(tmp_path: Path, point: str) -> None:
+    (tmp_path / f"{point}.release").write_text("go")
+
+
+def stop(host: Host) -> None:
+    if host.proc.poll() is None:
+        os.killpg(host.proc.pid, signal.SIGTERM)
+        try:
+            host.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(host.proc.pid, signal.SIGKILL)
+
+
+def manage(cluster: Cluster, *args: str) -> str:
+    env = cluster.env(cluster.root / "manage", "manage")
+    out = subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def sizes(bucket: str) -> dict[str, int]:
+    pages = s3().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
+
+def meter_matches_storage(cluster: Cluster, username: str) -> None:
+    """What the usage meter charges is there, at the size it charges."""
+    from django.contrib.auth.models import User
+
+    from apps.accounts.quotas import usage
+    from apps.serving.models import TrainedModel
+
+    user = User.objects.get(username=username)
+    stored = sizes(cluster.bucket)
+    charged = 0
+    for d in Dataset.objects.filter(owner=user).exclude(status=Dataset.Status.FAILED):
+        assert stored.get(d.archive) == d.archive_bytes, (d.archive, d.archive_bytes)
+        charged += d.archive_bytes
+    for m in TrainedModel.objects.filter(owner=user):
+        assert stored.get(m.bundle) == m.bundle_bytes, m.bundle
+        charged += m.bundle_bytes
+    for b in BatchPrediction.objects.filter(owner=user):
+        files = [n for n in (b.results_csv, b.results_json) if n]
+        assert sum(stored[n] for n in files) == b.results_bytes, (files, b.results_bytes)
+        if b.archive and b.dataset_id is None:
+            assert stored.get(b.archive) == b.archive_bytes
+        charged += b.results_bytes + (b.archive_bytes if b.dataset_id is None else 0)
+    assert usage(user).bytes_stored == charged
+
+
+def swept_clean(cluster: Cluster, allowed: Callable[[str], bool]) -> list[str]:
+    """Sweeps (grace 0): what it removes must be the dead attempt's leftovers, and a second sweep
+    finds nothing. Returns the names removed."""
+    first = json.loads(manage(cluster, "sweep", "--grace-hours", "0"))
+    removed = [r["name"] for r in first["removed"]]
+    assert all(allowed(n) for n in removed), removed
+    again = json.loads(manage(cluster, "sweep", "--grace-hours", "0"))
+    assert again["removed"] == [] and again["multipart_aborted"] == 0, again
+    return removed
+
+
+def record(fault: str, point: str, outcome: str, reclaim_s: float | None, done_s: float) -> None:
+    line = {"fault": fault, "point": point, "outcome": outcome, "reclaimed_s": reclaim_s, "terminal_s": done_s}
+    print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in line.items()}))
+
+
+def upload(s: requests.Session, base: str, data: bytes, name: str) -> int:
+    r = s.post(f"{base}/api/v1/datasets/", files={"file": (f"{name}.zip", data)}, data={"name": name}, timeout=60)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+@pytest.fixture(scope="module")
+def ready_dataset(cluster, alice, tmp_path_factory) -> int:
+    """A dataset to train and predict on, ingested by a worker that then goes."""
+    ingest = cluster.worker("ingest-setup", queue="celery")
+    try:
+        pk = upload(alice, cluster.web_a.url, learnable_zip(tmp_path_factory.mktemp("d")), "colours")
+        Watch(alice, cluster.web_a.url).until(f"/datasets/{pk}/", ("ready", "failed"))
+        return pk
+    finally:
+        stop(ingest)
+
+
+def sigkill_scenario(cluster, alice, tmp_path, *, fault_point: str, queue: str, submit, row, done, expect):
+    """submit() -> the item's API path; row() -> its database row."""
+    victim = paused_worker(cluster, f"victim-{fault_point}", queue, fault_point, tmp_path)
+    rescuer = None
+    try:
+        path = submit()
+        reached(tmp_path, fault_point)
+        rescuer = cluster.worker(f"rescuer-{fault_point}", queue=f"{queue},celery", beat=True)
+        item = row()
+        assert item.attempts == 1
+        last_beat = item.heartbeat_at
+        cluster.kill(victim)  # the machine is gone: no cleanup, no goodbye
+        killed = time.monotonic()
+        watch = Watch(alice, cluster.web_a.url)
+        try:
+            wait_for(lambda: row().attempts == 2, STALE + BEAT + SLACK + 30, "the item to be claimed again")
+        except AssertionError:
+            again = row()
+            raise AssertionError(
+                f"not claimed again: status {again.status}, attempts {again.attempts}, heartbeat "
+                f"{again.heartbeat_at} (last seen {last_beat}), error {again.error!r}"
+            ) from None
+        again = row()
+        reclaim = (again.started_at - last_beat).total_seconds()
+        body = watch.until(path, done, timeout=600)
+        finished = time.monotonic() - killed
+        assert 500 not in watch.statuses and all(code < 500 for code in watch.statuses), watch.statuses
+        assert body["status"] == expect, body
+        assert reclaim <= STALE + BEAT + SLACK, f"re-claimed {reclaim:.1f} s after its last heartbeat"
+        return body, reclaim, finished
+    finally:
+        for host in (victim, rescuer):
+            if host is not None:
+                stop(host)
+
+
+def test_fault_sigkill_ingestion(cluster, alice, tmp_path):
+    rng = random.Random(SEED)
+    for n, point in enumerate(["ingestion.claimed", "ingestion.thumbnails", "ingestion.manifest"]):
+        members = {f"c{c}/i{i}.png": image_bytes(seed=rng.randrange(10**9)) for c in range(2) for i in range(6)}
+        data = make_zip(tmp_path / f"{n}.zip", members).read_bytes()
+        ids: list[int] = []
+
+        def submit(data=data, n=n, ids=ids) -> str:
+            ids.append(upload(alice, cluster.web_a.url, data, f"fault-ingest-{n}"))
+            return f"/datasets/{ids[0]}/"
+
+        body, reclaim, finished = sigkill_scenario(
+            cluster,
+            alice,
+            tmp_path,
+            fault_point=point,
+            queue="celery",
+            submit=submit,
+            row=lambda ids=ids: Dataset.objects.get(pk=ids[0]),
+            done=("ready", "failed"),
+            expect="ready",
+        )
+        assert body["num_images"] == 12
+        record("SIGKILL", point, "ready", reclaim, finished)
+    meter_matches_storage(cluster, "fault-alice")
+    swept_clean(cluster, allowed=lambda name: False)  # a replaced ingestion rewrote the same files
+
+
+def test_fault_sigkill_batch(cluster, alice, trained_model, tmp_path):
+    model_id = trained_model
+    rng = random.Random(SEED + 1)
+    for n, point in enumerate(["batch.claimed", "batch.progress", "batch.stored"]):
+        members = {f"b{i}.png": image_bytes(seed=rng.randrange(10**9)) for i in range(40)}
+        data = make_zip(tmp_path / f"b{n}.zip", members).read_bytes()
+        ids: list[int] = []
+
+        def submit(data=data, ids=ids) -> str:
+            r = alice.post(
+                f"{cluster.web_a.url}/api/v1/models/{model_id}/batch/", files={"file": ("b.zip", data)}, timeout=60
+            )
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+            return f"/batches/{ids[0]}/"
+
+        body, reclaim, finished = sigkill_scenario(
+            cluster,
+            alice,
+            tmp_path,
+            fault_point=point,
+            queue="gpu",
+            submit=submit,
+            row=lambda ids=ids: BatchPrediction.objects.get(pk=ids[0]),
+            done=("succeeded", "failed"),
+            expect="succeeded",
+        )
+        r = alice.get(f"{cluster.web_a.url}/api/v1/batches/{ids[0]}/predictions.csv", timeout=60)
+        assert r.status_code == 200 and len(r.text.strip().splitlines()) == 41
+        record("SIGKILL", point, "succeeded", reclaim, finished)
+    meter_matches_storage(cluster, "fault-alice")
+    # The batch killed after storing its results left them under its attempt's own names.
+    swept_clean(cluster, allowed=lambda name: name.startswith("batches/") and "/attempt-1/" in name)
+
+
+@pytest.fixture(scope="module")
+def trained_model(cluster, alice, ready_dataset) -> int:
+    """A model trained on the ready dataset (a plain probe), by a worker that then goes."""
+    worker = cluster.worker("gpu-setup", queue="gpu")
+    try:
+        r = alice.post(
+            f"{cluster.web_a.url}/api/v1/jobs/", json={"dataset": ready_dataset, "strategy": "linear"}, timeout=30
+        )
+        assert r.status_code == 201, r.text
+        body = Watch(alice, cluster.web_a.url).until(f"/jobs/{r.json()['id']}/", ("succeeded", "failed"), 600)
+        assert body["status"] == "succeeded", body
+        return body["model"]
+    finally:
+        stop(worker)
+
+
+def test_fault_sigkill_training(cluster, alice, ready_dataset, tmp_path):
+    for point in ["training.claimed", "training.checkpoint", "training.bundle"]:
+        ids: list[int] = []
+
+        def submit(ids=ids) -> str:
+            r = alice.post(
+                f"{cluster.web_a.url}/api/v1/jobs/",
+                json={"dataset": ready_dataset, "strategy": "partial", "max_epochs": 3},
+                timeout=30,
+            )
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+            return f"/jobs/{ids[0]}/"
+
+        body, reclaim, finished = sigkill_scenario(
+            cluster,
+            alice,
+            tmp_path,
+            fault_point=point,
+            queue="gpu",
+            submit=submit,
+            row=lambda ids=ids: Job.objects.get(pk=ids[0]),
+            done=("succeeded", "failed", "cancelled"),
+            expect="succeeded",
+        )
+        assert body["model"] is not None and body["attempts"] == 2
+        if point == "training.checkpoint":
+            assert "resuming from a checkpoint" in "\n".join(body["report"]["log"])
+        record("SIGKILL", point, "succeeded", reclaim, finished)
+    meter_matches_storage(cluster, "fault-alice")
+    # The job killed after storing its bundle, before the model row: that bundle is nobody's.
+    assert not [k for k in keys(cluster.bucket) if k.startswith("jobs/")]
+    swept_clean(cluster, allowed=lambda name: name.startswith("models/") and name.endswith("/bundle.zip"))
+
+
+def test_fault_database_connection_terminated(cluster, alice, trained_model, tmp_path):
+    """pg_terminate_backend on a working batch's sessions: it is handed back, not failed."""
+    from django.db import connection
+
+    model_id = trained_model
+    point = "batch.progress"
+    victim = paused_worker(cluster, "victim-db", "gpu", point, tmp_path)
+    rescuer = cluster.worker("rescuer-db", queue="gpu,celery", beat=True)
+    try:
+        data = make_zip(tmp_path / "db.zip", {f"x{i}.png": image_bytes(seed=500 + i) for i in range(20)}).read_bytes()
+        r = alice.post(
+            f"{cluster.web_a.url}/api/v1/models/{model_id}/batch/", files={"file": ("x.zip", data)}, timeout=60
+        )
+        assert r.status_code == 202, r.text
+        pk = r.json()["id"]
+        reached(tmp_path, point)
+        with connection.cursor() as cur:
+            cur.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = %s AND application_name = %s",
+                [settings.DATABASES["default"]["NAME"], "victim-db"],
+            )
+            assert cur.fetchone()[0] >= 1
+        cut = time.monotonic()
+        release(tmp_path, point)
+        watch = Watch(alice, cluster.web_a.url)
+        body = watch.until(f"/batches/{pk}/", ("succeeded", "failed"), 300)
+        assert body["status"] == "succeeded", body
+        assert all(code < 500 for code in watch.statuses), watch.statuses
+        record("pg_terminate_backend", point, "succeeded", None, time.monotonic() - cut)
+    finally:
+        stop(victim)
+        stop(rescuer)
+    meter_matches_storage(cluster, "fault-alice")
+    swept_clean(cluster, allowed=lambda name: name.startswith("batches/") and "/attempt-" in name)
