@@ -1,4 +1,5 @@
-"""Loaded models stay in the web process, bounded by the memory they add; a load holds up no other model."""
+"""Loaded models stay in the web process, bounded by the memory they add; a load holds up no other model,
+and a model asked for by many requests at once loads once."""
 
 from __future__ import annotations
 
@@ -76,3 +77,60 @@ def test_a_model_loading_does_not_hold_up_a_loaded_one(owner, make_tiny_model, m
         release.set()
         loading.join(30)
     assert [key[0] for key in cache._loaded] == [loaded.pk, slow.pk]
+
+
+def _holding(target_pk: int, unpacking: threading.Event, release: threading.Event, calls: list[int]):
+    """An unpack_bundle that waits for `release` when it unpacks `target_pk`'s bundle (a large bundle,
+    or slow storage), and counts each model's unpacks in `calls`."""
+    unpack = cache.unpack_bundle
+
+    def slow_unpack(archive, folder, *args, **kwargs):
+        pk = int(folder.name.split("-")[0])
+        calls.append(pk)
+        if pk == target_pk:
+            unpacking.set()
+            release.wait(30)
+        return unpack(archive, folder, *args, **kwargs)
+
+    return slow_unpack
+
+
+def test_a_model_loading_does_not_hold_up_the_first_load_of_another(owner, make_tiny_model, monkeypatch):
+    slow, other = make_tiny_model(owner, "slow"), make_tiny_model(owner, "other")
+    release, unpacking, calls = threading.Event(), threading.Event(), []
+    monkeypatch.setattr(cache, "unpack_bundle", _holding(slow.pk, unpacking, release, calls))
+    loading = threading.Thread(target=cache.get_predictor, args=(slow,), daemon=True)
+    loading.start()
+    answers: list = []
+    try:
+        assert unpacking.wait(10)
+        # In a thread, so that a load held up behind the slow one fails here rather than hangs.
+        cold = threading.Thread(target=lambda: answers.append(cache.get_predictor(other)), daemon=True)
+        cold.start()
+        cold.join(20)
+        assert answers, "a cold model's first load waited for another model's load"
+        assert not release.is_set() and loading.is_alive()  # the slow load was still under way
+    finally:
+        release.set()
+        loading.join(30)
+    assert answers[0].predict_bytes([image_bytes(size=(40, 40))], k=1)[0][0].label in {"cat", "dog"}
+    assert [key[0] for key in cache._loaded] == [other.pk, slow.pk]
+    assert sorted(calls) == sorted([slow.pk, other.pk])
+
+
+def test_a_model_requested_by_two_threads_at_once_loads_once(owner, make_tiny_model, monkeypatch):
+    model = make_tiny_model(owner, "popular")
+    release, unpacking, calls = threading.Event(), threading.Event(), []
+    monkeypatch.setattr(cache, "unpack_bundle", _holding(model.pk, unpacking, release, calls))
+    got: list = []
+    threads = [threading.Thread(target=lambda: got.append(cache.get_predictor(model)), daemon=True) for _ in range(2)]
+    threads[0].start()
+    assert unpacking.wait(10)
+    threads[1].start()
+    time.sleep(0.3)  # the second request arrives while the first is loading
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert len(got) == 2 and got[0] is got[1]
+    assert calls == [model.pk]  # fetched and unpacked once
+    assert list(cache._loaded) == [(model.pk, model.bundle_sha256)]
