@@ -21,7 +21,7 @@ from pathlib import PurePosixPath
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
-from django.db import connections
+from django.db import connections, transaction
 from django.utils import timezone
 
 from apps.accounts.quotas import usage
@@ -118,7 +118,8 @@ def write(entries: list[_Entry]) -> None:
     """Store the images, insert the records, trim each model's log.
 
     Whether an image is kept is decided here, not when it was queued: the model's log may have
-    been switched meanwhile, and an owner at the storage quota keeps records without images."""
+    been switched meanwhile, and an owner at the storage quota keeps records without images. The
+    mode is read again once the records are in, in case keeping stopped during this write."""
     models = {
         m.pk: m for m in TrainedModel.objects.select_related("owner").filter(pk__in={e.model_id for e in entries})
     }
@@ -156,8 +157,19 @@ def write(entries: list[_Entry]) -> None:
         for name in saved:  # no record will name them
             delete_quietly(name)
         raise
+    if saved:
+        _recheck_keeping({r.model_id for r in rows if r.image})
     for model_id in {r.model_id for r in rows}:
         trim(model_id)
+
+
+def _recheck_keeping(model_ids: set[int]) -> None:
+    """Drop the images just kept for models whose owner has switched keeping off since the mode was
+    read. The records are committed before this read, and set_mode commits the mode before it
+    reads the records: either this read sees the new mode, or set_mode sees these records."""
+    stopped = TrainedModel.objects.filter(pk__in=model_ids).exclude(prediction_log=TrainedModel.Log.WITH_IMAGES)
+    for model_id in stopped.values_list("pk", flat=True):
+        _drop_kept_images(model_id)
 
 
 def trim(model_id: int, keep: int | None = None) -> None:
@@ -186,12 +198,22 @@ def _delete_images(records) -> list[int]:
     return [pk for pk, _ in kept]
 
 
+def _drop_kept_images(model_id: int) -> None:
+    """Delete a model's kept images; its records stay, without them."""
+    kept = _delete_images(PredictionRecord.objects.filter(model_id=model_id))
+    PredictionRecord.objects.filter(pk__in=kept).update(image="", image_bytes=0)
+
+
 def set_mode(*, model: TrainedModel, mode: str) -> TrainedModel:
     """Turn the log off or on, with or without images. Kept images go when image keeping stops."""
     if mode not in TrainedModel.Log.values:
         raise UserError(f"prediction_log must be one of {', '.join(TrainedModel.Log.values)}, not '{mode[:40]}'.")
-    if model.prediction_log == TrainedModel.Log.WITH_IMAGES and mode != TrainedModel.Log.WITH_IMAGES:
-        PredictionRecord.objects.filter(pk__in=_delete_images(model.predictions.all())).update(image="", image_bytes=0)
     model.prediction_log = mode
     model.save(update_fields=["prediction_log"])
+    if mode != TrainedModel.Log.WITH_IMAGES:
+        # The mode first, committed, then the images: a write that read the old mode has then
+        # either inserted its records before they are looked up here, or sees the new mode when it
+        # re-checks (write). Deleting first let such a write keep an image for good.
+        model_id = model.pk
+        transaction.on_commit(lambda: _drop_kept_images(model_id))
     return model

@@ -113,3 +113,78 @@ def test_at_the_storage_quota_records_are_kept_without_their_images(alice, model
     records = _records(alice, model, 2)
     assert records[0]["image"] is None and records[0]["label"] in {"cat", "dog"}  # recorded, image not kept
     assert usage_of(model.owner).bytes_stored <= settings.GRAFT_QUOTA_BYTES
+
+
+def _entry(model, seed: int):
+    from django.utils import timezone
+
+    from apps.serving import predlog
+
+    image = image_bytes(size=(40, 40), seed=seed)
+    return predlog._Entry(model.pk, model.storage_prefix, timezone.now(), 1.0, "cat", 0.9, image, ".png")
+
+
+def _kept_files(model) -> list[str]:
+    try:
+        _, files = default_storage.listdir(f"{model.storage_prefix}inputs/")
+    except FileNotFoundError:
+        return []
+    return files
+
+
+@pytest.fixture
+def keeping(make_user, make_tiny_model):
+    """A model whose log keeps images, with one record and its image already written."""
+    from apps.serving import predlog
+    from apps.serving.models import TrainedModel
+
+    model = make_tiny_model(make_user("carol"))
+    model.prediction_log = TrainedModel.Log.WITH_IMAGES
+    model.save(update_fields=["prediction_log"])
+    predlog.write([_entry(model, seed=0)])
+    assert len(_kept_files(model)) == 1
+    return model
+
+
+def test_a_write_landing_while_keeping_is_switched_off_keeps_no_image(keeping, monkeypatch):
+    from apps.serving import predlog
+    from apps.serving.models import TrainedModel
+
+    delete, raced = predlog.delete_quietly, []
+
+    def delete_then_write(name: str) -> None:  # the writer's next batch lands while the switch deletes
+        delete(name)
+        if not raced:
+            raced.append(name)
+            predlog.write([_entry(keeping, seed=1)])
+
+    monkeypatch.setattr(predlog, "delete_quietly", delete_then_write)
+    predlog.set_mode(model=TrainedModel.objects.get(pk=keeping.pk), mode=TrainedModel.Log.ON)
+    assert raced and PredictionRecord.objects.filter(model=keeping).count() == 2
+    assert not PredictionRecord.objects.exclude(image="").exists()
+    assert _kept_files(keeping) == []
+    assert usage(keeping.owner).bytes_stored == keeping.bundle_bytes
+
+
+def test_a_write_that_read_the_mode_before_keeping_was_switched_off_keeps_no_image(keeping, monkeypatch):
+    from apps.serving import predlog
+    from apps.serving.models import TrainedModel
+
+    switched: list[bool] = []
+
+    class SwitchedOffMidWrite:  # the owner switches keeping off after the writer read the mode
+        def __getattr__(self, name: str):
+            return getattr(default_storage, name)
+
+        def save(self, name, content):
+            if not switched:
+                switched.append(True)
+                predlog.set_mode(model=TrainedModel.objects.get(pk=keeping.pk), mode=TrainedModel.Log.OFF)
+            return default_storage.save(name, content)
+
+    monkeypatch.setattr(predlog, "default_storage", SwitchedOffMidWrite())
+    predlog.write([_entry(keeping, seed=1)])
+    assert switched and PredictionRecord.objects.filter(model=keeping).count() == 2
+    assert not PredictionRecord.objects.exclude(image="").exists()
+    assert _kept_files(keeping) == []
+    assert usage(keeping.owner).bytes_stored == keeping.bundle_bytes
