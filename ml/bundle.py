@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import platform
 import re
 import shutil
 import threading
+import uuid
 import warnings
 import zipfile
 from dataclasses import asdict
@@ -34,6 +36,8 @@ from torch import nn
 
 from ml.backbones import Preprocessing
 from ml.errors import MLError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.torchscript.pt"
@@ -57,8 +61,11 @@ def export_torchscript(model: nn.Module, prep: Preprocessing, path: Path) -> Non
         try:
             scripted = torch.jit.script(model)
         except Exception:  # noqa: BLE001 - some third-party layers only trace
-            with torch.no_grad():
-                scripted = torch.jit.trace(model, example)
+            try:
+                with torch.no_grad():
+                    scripted = torch.jit.trace(model, example)
+            except Exception as error:
+                raise _export_failed("TorchScript", error) from error
         torch.jit.save(scripted, str(path))
 
 
@@ -72,13 +79,11 @@ def export_onnx(model: nn.Module, prep: Preprocessing, path: Path) -> dict[str, 
     try:
         _export_traced(model, example, path)
         exporter = "torchscript"
-    except Exception as traced_error:  # noqa: BLE001 - the dynamo exporter may still cope
+    except Exception:  # noqa: BLE001 - the dynamo exporter may still cope
         try:
             _export_dynamo(model, example, path)
-        except Exception as error:
-            raise ExportError(
-                f"Could not export the model to ONNX: {error}", torchscript_exporter_error=str(traced_error)
-            ) from error
+        except Exception as error:  # its logged traceback includes the first exporter's
+            raise _export_failed("ONNX", error) from error
         exporter = "dynamo"
     max_abs_diff = check_onnx_parity(model, path, prep.input_size)
     return {
@@ -89,6 +94,18 @@ def export_onnx(model: nn.Module, prep: Preprocessing, path: Path) -> dict[str, 
         "output": "logits",
         "max_abs_diff": max_abs_diff,
     }
+
+
+def _export_failed(target: str, error: BaseException) -> ExportError:
+    """The error a user reads when an exporter fails. The exporter's own text names internals and
+    server paths: it goes to the log, under an incident id the message gives."""
+    incident = uuid.uuid4().hex[:8]
+    log.error("export to %s failed (incident %s)", target, incident, exc_info=error)
+    return ExportError(
+        f"The trained model could not be exported to {target}, so no bundle was made (incident {incident}); "
+        "the details are in the log.",
+        incident=incident,
+    )
 
 
 def _export_traced(model: nn.Module, example: torch.Tensor, path: Path) -> None:
