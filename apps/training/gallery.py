@@ -11,7 +11,6 @@ placeholder.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import threading
 import zipfile
@@ -24,7 +23,9 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 
-from apps.common.storage import local_path, open_stream
+from apps.common.storage import RangeReader as RangeReader  # re-exported: tests/apps/test_gallery.py
+from apps.common.storage import open_if_stored as open_if_stored  # re-exported: apps/web/views.py
+from apps.common.storage import open_seekable
 from apps.datasets.models import Dataset
 from apps.datasets.services import THUMB_SIDE, ingest_config
 from ml.archive import read_member
@@ -75,19 +76,6 @@ def gallery_open(*, prefix: str, member: str) -> IO[bytes] | None:
     return open_if_stored(gallery_thumb_name(prefix, member))
 
 
-def open_if_stored(name: str) -> IO[bytes] | None:
-    """A stream of stored file `name` (apps.common.storage.open_stream), or None when it is absent."""
-    try:
-        return open_stream(name)
-    except FileNotFoundError:
-        return None
-    except Exception as exc:
-        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-        if code in ("NoSuchKey", "404", "NotFound"):  # S3's answer (botocore's ClientError)
-            return None
-        raise
-
-
 def _store_thumbnails(prefix: str, archive: str, members: list[str]) -> int:
     max_bytes = ingest_config().limits.max_member_bytes
     local = threading.local()
@@ -111,51 +99,6 @@ def _store_thumbnails(prefix: str, archive: str, members: list[str]) -> int:
 
 @contextmanager
 def _open_archive(name: str) -> Iterator[zipfile.ZipFile]:
-    """The stored zip `name`, read where it lies: the file itself on a local disk, byte ranges on S3."""
-    path = local_path(name)
-    bucket = getattr(default_storage, "bucket", None)
-    if path is not None:
-        fh: IO[bytes] = path.open("rb")
-    elif bucket is not None:
-        key = default_storage._normalize_name(name)  # type: ignore[attr-defined]  # S3Storage's
-        fh = io.BufferedReader(RangeReader(bucket.Object(key)), buffer_size=RANGE_BUFFER)
-    else:  # another backend: its own file object
-        fh = default_storage.open(name, "rb")
-    with fh, zipfile.ZipFile(fh) as zf:
+    """The stored zip `name`, read where it lies (on S3, in byte ranges: its directory and the members read)."""
+    with open_seekable(name, buffer_size=RANGE_BUFFER) as fh, zipfile.ZipFile(fh) as zf:
         yield zf
-
-
-class RangeReader(io.RawIOBase):
-    """A seekable reader of one S3 object that fetches only the bytes read, each read one ranged GET.
-
-    zipfile reads the directory at the end, then each member it opens: a few requests per member
-    instead of the whole archive.
-    """
-
-    def __init__(self, obj: Any) -> None:
-        self._obj = obj
-        self._size = int(obj.content_length)  # one HEAD
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        end = min(self._pos + len(buffer), self._size)
-        if end <= self._pos:
-            return 0
-        data = self._obj.get(Range=f"bytes={self._pos}-{end - 1}")["Body"].read()
-        buffer[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
