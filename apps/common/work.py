@@ -56,7 +56,7 @@ class Kind:
     running: str
     failed: str
     lost: str  # why it failed after too many lost workers; {attempts} is filled in
-    enqueue: Callable[[int], None]  # sends the message that makes a worker take it
+    enqueue: Callable[..., None]  # (pk, countdown=0): sends the message that makes a worker take it
     on_lost: Callable[[Any], None] | None = None  # cleanup once it failed that way (its files)
     requeued: dict[str, Any] = field(default_factory=dict)  # extra fields set when re-queued
 
@@ -194,9 +194,11 @@ def work_recover_stale() -> dict[str, list[int]]:
 def _transient_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [OperationalError, InterfaceError]
     try:  # object storage unreachable for a moment (boto3, under django-storages)
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
 
-        errors += [EndpointConnectionError, ConnectionClosedError, ReadTimeoutError]
+        # S3UploadFailedError: an upload refused with a server error (SeaweedFS: no writable volume yet).
+        errors += [EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, S3UploadFailedError]
     except ImportError:  # pragma: no cover - boto3 comes with django-storages[s3]
         pass
     return tuple(errors)
@@ -207,14 +209,16 @@ TRANSIENT = _transient_errors()
 
 
 def hand_back(kind: Kind, rows: QuerySet) -> bool:
-    """After a transient error: the attempt's item waits again and a new message is sent (the
-    attempt counts toward the cap). If even that write fails, beat re-queues it once its heartbeat
-    goes stale. Returns whether it was handed back."""
+    """After a transient error: the attempt's item waits again, and a new message is sent to take
+    it in GRAFT_JOB_STALE_SECONDS (an outage gets that long to pass; each try counts toward the
+    attempt cap, so one that outlasts them all ends in a failure with a sentence). If even this
+    write fails, beat re-queues the item once its heartbeat goes stale. Returns whether it was
+    handed back."""
     connection.close()  # a connection the database dropped is unusable; the next query opens one
     try:
         pks = list(rows.values_list("pk", flat=True))
         if pks and rows.update(status=kind.queued, heartbeat_at=None):
-            kind.enqueue(pks[0])
+            kind.enqueue(pks[0], countdown=settings.GRAFT_JOB_STALE_SECONDS)
             return True
     except Exception:  # noqa: BLE001 - still unreachable: beat finds the stale heartbeat
         log.exception("could not hand %s back; beat will re-queue it", kind.name)

@@ -32,10 +32,10 @@ THUMBS_PER_CLASS = 12
 log = logging.getLogger(__name__)
 
 
-def _enqueue_ingest(dataset_id: int) -> None:
+def _enqueue_ingest(dataset_id: int, countdown: float = 0) -> None:
     from apps.datasets.tasks import ingest_dataset
 
-    ingest_dataset.delay(dataset_id)
+    ingest_dataset.apply_async((dataset_id,), countdown=countdown or None)
 
 
 def _drop_files(dataset: Dataset) -> None:

@@ -49,10 +49,10 @@ PROGRESS_EVERY_S = 1.0  # at most one progress write a second
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-def _enqueue(batch_id: int) -> None:
+def _enqueue(batch_id: int, countdown: float = 0) -> None:
     from apps.serving.tasks import predict_batch
 
-    predict_batch.delay(batch_id)
+    predict_batch.apply_async((batch_id,), countdown=countdown or None)
 
 
 def _drop_input(batch: BatchPrediction) -> None:

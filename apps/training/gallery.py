@@ -23,9 +23,7 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 
-from apps.common.storage import RangeReader as RangeReader  # re-exported: tests/apps/test_gallery.py
-from apps.common.storage import open_if_stored as open_if_stored  # re-exported: apps/web/views.py
-from apps.common.storage import open_seekable
+from apps.common.storage import open_if_stored, open_seekable
 from apps.datasets.models import Dataset
 from apps.datasets.services import THUMB_SIDE, ingest_config
 from ml.archive import read_member

@@ -86,10 +86,10 @@ def job_create(*, owner: User, dataset: Dataset, **options) -> Job:
     return job
 
 
-def _enqueue(job_id: int) -> None:
+def _enqueue(job_id: int, countdown: float = 0) -> None:
     from apps.training.tasks import train_job
 
-    train_job.delay(job_id)
+    train_job.apply_async((job_id,), countdown=countdown or None)
 
 
 def job_cancel(*, job: Job) -> Job:
@@ -123,7 +123,7 @@ TRAINING = work.register(
         running=Job.Status.RUNNING,
         failed=Job.Status.FAILED,
         lost=LOST_TOO_OFTEN,
-        enqueue=lambda pk: _enqueue(pk),
+        enqueue=lambda pk, countdown=0: _enqueue(pk, countdown),
         on_lost=_drop_checkpoints,
         requeued={"phase": "requeued after a lost worker"},
     )

@@ -22,13 +22,14 @@ from apps.accounts.services import token_create
 from apps.accounts.signup import Gate, signup_gate, user_signup
 from apps.common.errors import UserError
 from apps.common.requests import AuthenticatedHttpRequest
+from apps.common.storage import open_if_stored
 from apps.common.throttles import throttle_posts
 from apps.datasets.models import Dataset
 from apps.datasets.selectors import dataset_get, dataset_index, dataset_list
 from apps.datasets.services import dataset_delete, thumbnail_members, thumbnail_name
 from apps.serving.selectors import batch_get, model_get, model_list
 from apps.serving.services import model_delete
-from apps.training.gallery import GALLERY_PLACEHOLDER, gallery_members, gallery_open, open_if_stored
+from apps.training.gallery import GALLERY_PLACEHOLDER, gallery_members, gallery_open
 from apps.training.selectors import job_get, job_list
 from apps.training.services import job_create, job_delete
 from ml.backbones import DEFAULT_BACKBONE, available_backbones

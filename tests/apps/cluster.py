@@ -47,8 +47,9 @@ class Host:
 class Cluster:
     """Starts and stops the hosts of one deployment; each is a process group of its own."""
 
-    def __init__(self, root: Path, bucket: str) -> None:
+    def __init__(self, root: Path, bucket: str, endpoint: str | None = None) -> None:
         self.root, self.bucket = root, bucket
+        self.endpoint = endpoint or settings.S3_ENDPOINT
         self.hosts: list[Host] = []
 
     def env(self, data_dir: Path, name: str = "") -> dict[str, str]:
@@ -61,7 +62,7 @@ class Cluster:
             "CELERY_BROKER_URL": BROKER,
             "GRAFT_DATA_DIR": str(data_dir),
             "AWS_STORAGE_BUCKET_NAME": self.bucket,
-            "AWS_S3_ENDPOINT_URL": settings.S3_ENDPOINT,
+            "AWS_S3_ENDPOINT_URL": self.endpoint,
             "AWS_ACCESS_KEY_ID": "graft",
             "AWS_SECRET_ACCESS_KEY": "graft-test-s3-key-8c1f2e",
             "AWS_S3_REGION_NAME": "us-east-1",
@@ -97,7 +98,13 @@ class Cluster:
         self._wait(host, lambda: ready(host.url))
         return host
 
+    def _unique(self, name: str) -> str:
+        """`name`, or `name-2`, `name-3`... when a host of that name was started before."""
+        taken = {h.name for h in self.hosts}
+        return next(n for n in [name, *(f"{name}-{i}" for i in range(2, 1000))] if n not in taken)
+
     def worker(self, name: str, queue: str = "gpu", beat: bool = False, env: dict[str, str] | None = None) -> Host:
+        name = self._unique(name)
         argv = [sys.executable, "-m", "celery", "-A", "apps", "worker", "-Q", queue, "-c", "1", "-n", f"{name}@%h"]
         schedule = ["--schedule", str(self.root / f"{name}-beat")] if beat else []
         host = self._start(name, [*argv, "-l", "INFO", *(["-B", *schedule] if beat else [])], env)
@@ -134,26 +141,26 @@ def ready(url: str) -> bool:
         return False
 
 
-def s3():
+def s3(endpoint: str | None = None):
     import boto3
 
     return boto3.client(
         "s3",
-        endpoint_url=settings.S3_ENDPOINT,
+        endpoint_url=endpoint or settings.S3_ENDPOINT,
         aws_access_key_id="graft",
         aws_secret_access_key="graft-test-s3-key-8c1f2e",
         region_name="us-east-1",
     )
 
 
-def create_bucket(bucket: str, timeout: float = 60) -> None:
+def create_bucket(bucket: str, timeout: float = 60, endpoint: str | None = None) -> None:
     """A server just started opens its port before its volumes are ready: try until it takes it."""
     from botocore.exceptions import ClientError, EndpointConnectionError
 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            s3().create_bucket(Bucket=bucket)
+            s3(endpoint).create_bucket(Bucket=bucket)
             return
         except (ClientError, EndpointConnectionError):
             if time.monotonic() > deadline:
@@ -161,8 +168,8 @@ def create_bucket(bucket: str, timeout: float = 60) -> None:
             time.sleep(1)
 
 
-def keys(bucket: str) -> list[str]:
-    pages = s3().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+def keys(bucket: str, endpoint: str | None = None) -> list[str]:
+    pages = s3(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
@@ -173,16 +180,18 @@ def flush_broker() -> None:
 
 
 @contextmanager
-def running_cluster(root: Path, django_db_blocker, *, ingest: bool = True, web: int = 2) -> Iterator[Cluster]:
+def running_cluster(
+    root: Path, django_db_blocker, *, ingest: bool = True, web: int = 2, endpoint: str | None = None
+) -> Iterator[Cluster]:
     """A fresh bucket and broker, `web` web hosts and (with `ingest`) an ingestion worker with beat;
     everything stopped and emptied afterwards."""
     if not (settings.INTEGRATION and settings.S3_REACHABLE):
         why = f"these tests need PostgreSQL, Redis and S3 at {settings.S3_ENDPOINT}"
         pytest.fail(why) if IN_CI else pytest.skip(why)
     bucket = f"graft-test-{uuid.uuid4().hex[:12]}"
-    create_bucket(bucket)
+    create_bucket(bucket, endpoint=endpoint)
     flush_broker()
-    c = Cluster(root, bucket)
+    c = Cluster(root, bucket, endpoint)
     try:
         if ingest:
             c.ingest = c.worker("ingest", queue="celery", beat=True)  # ingestion, and beat re-queues lost work
@@ -192,9 +201,9 @@ def running_cluster(root: Path, django_db_blocker, *, ingest: bool = True, web: 
     finally:
         c.stop()
         flush_broker()
-        for key in keys(bucket):
-            s3().delete_object(Bucket=bucket, Key=key)
-        s3().delete_bucket(Bucket=bucket)
+        for key in keys(bucket, endpoint):
+            s3(endpoint).delete_object(Bucket=bucket, Key=key)
+        s3(endpoint).delete_bucket(Bucket=bucket)
         from tests.apps.conftest import _wait_for_other_sessions_to_close
 
         with django_db_blocker.unblock():

@@ -151,3 +151,52 @@ def test_the_sweeper_removes_what_no_row_owns_after_the_grace_period(
     assert [r["name"] for r in report["removed"]] == [young] and report["scratch_removed"] == []
     assert stored_files() == owned
     assert dataset.archive in owned
+
+
+def test_the_sweeper_aborts_multipart_uploads_a_crashed_host_left(settings, tmp_path):
+    """A host that dies in the middle of a large upload leaves its parts stored (and billed) in an
+    S3 multipart upload that no object shows: the sweeper aborts those older than the grace period."""
+    from datetime import timedelta
+
+    import boto3
+
+    from apps.ops.sweep import SweepReport, abort_stale_multipart
+    from tests.conftest import IN_CI
+    from tests.settings import S3_ENDPOINT, S3_REACHABLE
+
+    if not S3_REACHABLE:
+        why = f"needs an S3 server at {S3_ENDPOINT}"
+        pytest.fail(why) if IN_CI else pytest.skip(why)
+    keys = {"aws_access_key_id": "graft", "aws_secret_access_key": "graft-test-s3-key-8c1f2e"}
+    client = boto3.client("s3", endpoint_url=S3_ENDPOINT, region_name="us-east-1", **keys)
+    bucket = f"graft-sweep-{tmp_path.name[-8:].lower().replace('_', '-')}"
+    client.create_bucket(Bucket=bucket)
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": {
+            "BACKEND": "storages.backends.s3.S3Storage",
+            "OPTIONS": {
+                "bucket_name": bucket,
+                "endpoint_url": S3_ENDPOINT,
+                "region_name": "us-east-1",
+                "access_key": keys["aws_access_key_id"],
+                "secret_key": keys["aws_secret_access_key"],
+                "addressing_style": "path",
+            },
+        },
+    }
+    try:
+        crashed = client.create_multipart_upload(Bucket=bucket, Key="datasets/abc/archive.zip")["UploadId"]
+        client.upload_part(
+            Bucket=bucket, Key="datasets/abc/archive.zip", UploadId=crashed, PartNumber=1, Body=b"x" * 1024
+        )
+        report = SweepReport()
+        abort_stale_multipart(report, grace=timedelta(hours=1))  # begun just now: may still be running
+        assert report.multipart_aborted == 0
+        abort_stale_multipart(report, grace=timedelta(0))
+        assert report.multipart_aborted == 1
+        assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    finally:
+        for upload in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+            client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        client.delete_bucket(Bucket=bucket)

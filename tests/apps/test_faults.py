@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import requests
 from django.conf import settings
+from django.db import connection
 
 from apps.datasets.models import Dataset
 from apps.serving.models import BatchPrediction
@@ -44,19 +45,63 @@ BEAT = STALE / 2  # the recover task's period (apps.settings: stale / 2)
 SLACK = 6.0  # a beat that has just run, and the new message's first poll
 
 
+class ObjectStore:
+    """This module's own SeaweedFS (S3), on ports of its own, so that a test may stop it and
+    start it again on the same data without touching the suite's server on :8333."""
+
+    PORTS = {"master": 19833, "volume": 18580, "filer": 18798, "s3": 18833}
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.endpoint = f"http://127.0.0.1:{self.PORTS['s3']}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        weed = ROOT / ".venv" / "bin" / "weed"
+        if not weed.exists():
+            pytest.fail("SeaweedFS's weed binary is missing (requirements-dev.txt installs it)")
+        p = self.PORTS
+        argv = [
+            str(weed), "server", "-s3", f"-dir={self.root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
+            f"-s3.port={p['s3']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.volumeSizeLimitMB=64", "-volume.max=0",
+        ]  # fmt: skip
+        log = (self.root.parent / "weed.log").open("a")
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        from tests.apps.cluster import create_bucket
+
+        create_bucket("graft-faults-probe", timeout=90, endpoint=self.endpoint)  # its volumes take writes
+
+    def stop(self) -> None:
+        """Gone at once, as a crashed or partitioned server (its graceful stop can hang)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, django_db_setup, django_db_blocker):
-    with running_cluster(tmp_path_factory.mktemp("faults"), django_db_blocker, ingest=False, web=1) as c:
+def object_store(tmp_path_factory):
+    store = ObjectStore(tmp_path_factory.mktemp("weed") / "data")
+    store.root.mkdir()
+    store.start()
+    yield store
+    store.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, django_db_setup, django_db_blocker, object_store):
+    root = tmp_path_factory.mktemp("faults")
+    with running_cluster(root, django_db_blocker, ingest=False, web=1, endpoint=object_store.endpoint) as c:
         yield c
 
 
-@pytest.fixture(scope="module")
-def alice(cluster, django_db_blocker):
+@pytest.fixture
+def alice(cluster):
+    """A user with a token (each test's own: the database is emptied after every test)."""
     from django.contrib.auth.models import User
 
-    with django_db_blocker.unblock():
-        User.objects.filter(username="fault-alice").delete()
-        User.objects.create_user("fault-alice", password="correct horse battery")
+    User.objects.create_user("fault-alice", password="correct horse battery")
     r = requests.post(
         f"{cluster.web_a.url}/api/v1/auth/token/",
         json={"username": "fault-alice", "password": "correct horse battery"},
@@ -122,8 +167,8 @@ def manage(cluster: Cluster, *args: str) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def sizes(bucket: str) -> dict[str, int]:
-    pages = s3().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+def sizes(cluster: Cluster) -> dict[str, int]:
+    pages = s3(cluster.endpoint).get_paginator("list_objects_v2").paginate(Bucket=cluster.bucket)
     return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
 
 
@@ -135,7 +180,7 @@ def meter_matches_storage(cluster: Cluster, username: str) -> None:
     from apps.serving.models import TrainedModel
 
     user = User.objects.get(username=username)
-    stored = sizes(cluster.bucket)
+    stored = sizes(cluster)
     charged = 0
     for d in Dataset.objects.filter(owner=user).exclude(status=Dataset.Status.FAILED):
         assert stored.get(d.archive) == d.archive_bytes, (d.archive, d.archive_bytes)
@@ -174,7 +219,7 @@ def upload(s: requests.Session, base: str, data: bytes, name: str) -> int:
     return r.json()["id"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ready_dataset(cluster, alice, tmp_path_factory) -> int:
     """A dataset to train and predict on, ingested by a worker that then goes."""
     ingest = cluster.worker("ingest-setup", queue="celery")
@@ -250,7 +295,7 @@ def test_fault_sigkill_ingestion(cluster, alice, tmp_path):
     swept_clean(cluster, allowed=lambda name: False)  # a replaced ingestion rewrote the same files
 
 
-def test_fault_sigkill_batch(cluster, alice, trained_model, tmp_path):
+def test_fault_sigkill_batch_and_database_cut(cluster, alice, trained_model, tmp_path):
     model_id = trained_model
     rng = random.Random(SEED + 1)
     for n, point in enumerate(["batch.claimed", "batch.progress", "batch.stored"]):
@@ -284,8 +329,43 @@ def test_fault_sigkill_batch(cluster, alice, trained_model, tmp_path):
     # The batch killed after storing its results left them under its attempt's own names.
     swept_clean(cluster, allowed=lambda name: name.startswith("batches/") and "/attempt-1/" in name)
 
+    # pg_terminate_backend on a working batch's sessions: it is handed back, not failed.
+    point, where = "batch.progress", tmp_path / "db"
+    where.mkdir()
+    victim = paused_worker(cluster, "victim-db", "gpu", point, where)
+    rescuer = None
+    try:
+        data = make_zip(tmp_path / "db.zip", {f"x{i}.png": image_bytes(seed=500 + i) for i in range(20)}).read_bytes()
+        r = alice.post(
+            f"{cluster.web_a.url}/api/v1/models/{model_id}/batch/", files={"file": ("x.zip", data)}, timeout=60
+        )
+        assert r.status_code == 202, r.text
+        pk = r.json()["id"]
+        reached(where, point)
+        rescuer = cluster.worker("rescuer-db", queue="gpu,celery", beat=True)
+        with connection.cursor() as cur:
+            cur.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = %s AND application_name = %s",
+                [settings.DATABASES["default"]["NAME"], "victim-db"],
+            )
+            assert cur.fetchone()[0] >= 1
+        cut = time.monotonic()
+        release(where, point)
+        watch = Watch(alice, cluster.web_a.url)
+        body = watch.until(f"/batches/{pk}/", ("succeeded", "failed"), 300)
+        assert body["status"] == "succeeded", body
+        assert all(code < 500 for code in watch.statuses), watch.statuses
+        record("pg_terminate_backend", point, "succeeded", None, time.monotonic() - cut)
+    finally:
+        for host in (victim, rescuer):
+            if host is not None:
+                stop(host)
+    meter_matches_storage(cluster, "fault-alice")
+    swept_clean(cluster, allowed=lambda name: False)
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture
 def trained_model(cluster, alice, ready_dataset) -> int:
     """A model trained on the ready dataset (a plain probe), by a worker that then goes."""
     worker = cluster.worker("gpu-setup", queue="gpu")
@@ -332,42 +412,45 @@ def test_fault_sigkill_training(cluster, alice, ready_dataset, tmp_path):
         record("SIGKILL", point, "succeeded", reclaim, finished)
     meter_matches_storage(cluster, "fault-alice")
     # The job killed after storing its bundle, before the model row: that bundle is nobody's.
-    assert not [k for k in keys(cluster.bucket) if k.startswith("jobs/")]
+    assert not [k for k in keys(cluster.bucket, cluster.endpoint) if k.startswith("jobs/")]
     swept_clean(cluster, allowed=lambda name: name.startswith("models/") and name.endswith("/bundle.zip"))
 
 
-def test_fault_database_connection_terminated(cluster, alice, trained_model, tmp_path):
-    """pg_terminate_backend on a working batch's sessions: it is handed back, not failed."""
-    from django.db import connection
-
-    model_id = trained_model
-    point = "batch.progress"
-    victim = paused_worker(cluster, "victim-db", "gpu", point, tmp_path)
-    rescuer = cluster.worker("rescuer-db", queue="gpu,celery", beat=True)
+def test_fault_object_store_stopped_mid_write(cluster, alice, object_store, tmp_path):
+    """SeaweedFS gone while an ingestion writes its thumbnails, and back a little later: the
+    dataset is handed back (not failed) and ready once storage answers again."""
+    point = "ingestion.claimed"  # the archive is fetched; every thumbnail write is still to come
+    victim = cluster.worker(
+        "victim-s3",
+        queue="celery",
+        env={"GRAFT_FAULT_PAUSE": point, "GRAFT_FAULT_DIR": str(tmp_path), "GRAFT_JOB_MAX_ATTEMPTS": "3"},
+    )
+    rescuer = None
     try:
-        data = make_zip(tmp_path / "db.zip", {f"x{i}.png": image_bytes(seed=500 + i) for i in range(20)}).read_bytes()
-        r = alice.post(
-            f"{cluster.web_a.url}/api/v1/models/{model_id}/batch/", files={"file": ("x.zip", data)}, timeout=60
-        )
-        assert r.status_code == 202, r.text
-        pk = r.json()["id"]
+        members = {f"c{c}/i{i}.png": image_bytes(seed=900 + 10 * c + i) for c in range(2) for i in range(6)}
+        pk = upload(alice, cluster.web_a.url, make_zip(tmp_path / "s3.zip", members).read_bytes(), "fault-s3")
         reached(tmp_path, point)
-        with connection.cursor() as cur:
-            cur.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = %s AND application_name = %s",
-                [settings.DATABASES["default"]["NAME"], "victim-db"],
-            )
-            assert cur.fetchone()[0] >= 1
-        cut = time.monotonic()
+        rescuer = cluster.worker("rescuer-s3", queue="celery", beat=True, env={"GRAFT_JOB_MAX_ATTEMPTS": "3"})
+        object_store.stop()
+        stopped = time.monotonic()
         release(tmp_path, point)
         watch = Watch(alice, cluster.web_a.url)
-        body = watch.until(f"/batches/{pk}/", ("succeeded", "failed"), 300)
-        assert body["status"] == "succeeded", body
+
+        def handed_back() -> bool:
+            row = Dataset.objects.get(pk=pk)
+            watch.get(f"/datasets/{pk}/")
+            return row.status == Dataset.Status.PROCESSING and row.heartbeat_at is None and row.attempts == 1
+
+        wait_for(handed_back, 120, "the ingestion to hand the dataset back")
+        object_store.start()
+        body = watch.until(f"/datasets/{pk}/", ("ready", "failed"), 300)
+        assert body["status"] == "ready" and body["num_images"] == 12, body
         assert all(code < 500 for code in watch.statuses), watch.statuses
-        record("pg_terminate_backend", point, "succeeded", None, time.monotonic() - cut)
+        assert Dataset.objects.get(pk=pk).attempts >= 2
+        record("object store stopped", point, "ready", None, time.monotonic() - stopped)
     finally:
-        stop(victim)
-        stop(rescuer)
+        for host in (victim, rescuer):
+            if host is not None:
+                stop(host)
     meter_matches_storage(cluster, "fault-alice")
-    swept_clean(cluster, allowed=lambda name: name.startswith("batches/") and "/attempt-" in name)
+    swept_clean(cluster, allowed=lambda name: False)

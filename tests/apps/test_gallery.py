@@ -14,9 +14,10 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import SimpleUploadedFile
 
+from apps.common.storage import RangeReader
 from apps.datasets.models import Dataset
 from apps.serving.models import TrainedModel
-from apps.training.gallery import GALLERY_SIZE, RangeReader, gallery_members, gallery_store, gallery_thumb_name
+from apps.training.gallery import GALLERY_SIZE, gallery_members, gallery_store, gallery_thumb_name
 from apps.training.models import Job
 from tests.apps.conftest import stored_files
 from tests.conftest import IN_CI, image_bytes, make_zip
