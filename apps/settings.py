@@ -284,6 +284,8 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Upload labelled images, train a classifier, download and serve it.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The schema maps every operation: for signed-in users and programs with a token, not anyone.
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
     "ENUM_NAME_OVERRIDES": {
         "DatasetStatusEnum": "apps.datasets.models.Dataset.Status",
         "JobStatusEnum": "apps.training.models.Job.Status",

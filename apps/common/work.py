@@ -209,16 +209,17 @@ TRANSIENT = _transient_errors()
 
 
 def hand_back(kind: Kind, rows: QuerySet) -> bool:
-    """After a transient error: the attempt's item waits again, and a new message is sent to take
-    it in GRAFT_JOB_STALE_SECONDS (an outage gets that long to pass; each try counts toward the
-    attempt cap, so one that outlasts them all ends in a failure with a sentence). If even this
-    write fails, beat re-queues the item once its heartbeat goes stale. Returns whether it was
-    handed back."""
+    """After a transient error: the attempt's item waits again, and a new message takes it after
+    a back-off that doubles with each attempt (GRAFT_JOB_STALE_SECONDS, then twice that, ...: with
+    the defaults an outage of about 6 minutes is ridden out; every try counts toward the attempt
+    cap, so one that outlasts them all ends in a failure with a sentence). If even this write
+    fails, beat re-queues the item once its heartbeat goes stale. Returns whether it was handed back."""
     connection.close()  # a connection the database dropped is unusable; the next query opens one
     try:
-        pks = list(rows.values_list("pk", flat=True))
-        if pks and rows.update(status=kind.queued, heartbeat_at=None):
-            kind.enqueue(pks[0], countdown=settings.GRAFT_JOB_STALE_SECONDS)
+        found = list(rows.values_list("pk", "attempts"))
+        if found and rows.update(status=kind.queued, heartbeat_at=None):
+            pk, attempts = found[0]
+            kind.enqueue(pk, countdown=min(3600, settings.GRAFT_JOB_STALE_SECONDS * 2 ** max(0, attempts - 1)))
             return True
     except Exception:  # noqa: BLE001 - still unreachable: beat finds the stale heartbeat
         log.exception("could not hand %s back; beat will re-queue it", kind.name)

@@ -117,8 +117,8 @@ def dataset_ingest(*, dataset: Dataset) -> None:
     """Validate and index the claimed dataset's archive; end `ready` or `failed`.
 
     Every write names this attempt (`work.attempt_rows`): a worker that went silent and was replaced
-    changes nothing, deletes nothing. A lost database connection hands the dataset straight back
-    (the next attempt starts at once); anything unforeseen fails it with a sentence.
+    changes nothing, deletes nothing. A database or object store gone for a moment hands the dataset
+    back (`work.hand_back`: tried again a little later); anything unforeseen fails it with a sentence.
     """
     mine = work.attempt_rows(INGESTION, dataset)
     try:

@@ -48,8 +48,12 @@ def test_createsuperuser_noinput_from_environment(live_server, monkeypatch):
     assert r.status_code == 200 and r.json()["token"]
 
 
-def test_openapi_schema_is_served(live_server):
+def test_openapi_schema_is_served_to_those_who_sign_in(live_server, api_for):
+    """The issue: the schema, a map of every operation, was served to anyone."""
     r = requests.get(f"{live_server.url}/api/v1/schema/?format=json")
+    assert r.status_code == 401 and "error" in r.json()
+    api = api_for("alice")
+    r = api.session.get(f"{live_server.url}/api/v1/schema/?format=json")
     assert r.status_code == 200 and "/api/v1/models/{model_id}/predict/" in r.json()["paths"]
 
 

@@ -69,9 +69,26 @@ class ObjectStore:
         ]  # fmt: skip
         log = (self.root.parent / "weed.log").open("a")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        from tests.apps.cluster import create_bucket
+        self._wait_until_writable()
 
-        create_bucket("graft-faults-probe", timeout=90, endpoint=self.endpoint)  # its volumes take writes
+    def _wait_until_writable(self, timeout: float = 90) -> None:
+        """A server just started opens its port before its volumes take writes: until one lands."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client, deadline = s3(self.endpoint), time.monotonic() + timeout
+        while True:
+            try:
+                try:
+                    client.create_bucket(Bucket="graft-faults-probe")
+                except ClientError as exc:  # there from the last start (a restart keeps the data)
+                    if exc.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+                client.put_object(Bucket="graft-faults-probe", Key="probe", Body=b"x")
+                return
+            except (BotoCoreError, ClientError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
 
     def stop(self) -> None:
         """Gone at once, as a crashed or partitioned server (its graceful stop can hang)."""
@@ -417,20 +434,21 @@ def test_fault_sigkill_training(cluster, alice, ready_dataset, tmp_path):
 
 
 def test_fault_object_store_stopped_mid_write(cluster, alice, object_store, tmp_path):
-    """SeaweedFS gone while an ingestion writes its thumbnails, and back a little later: the
-    dataset is handed back (not failed) and ready once storage answers again."""
+    """SeaweedFS gone while an ingestion writes its thumbnails, and back a little later (a restart
+    takes it ~20 s to answer): the dataset is handed back, tried again after a back-off that doubles
+    (here 8, 16, 32 s), and ready once storage answers again."""
     point = "ingestion.claimed"  # the archive is fetched; every thumbnail write is still to come
     victim = cluster.worker(
         "victim-s3",
         queue="celery",
-        env={"GRAFT_FAULT_PAUSE": point, "GRAFT_FAULT_DIR": str(tmp_path), "GRAFT_JOB_MAX_ATTEMPTS": "3"},
+        env={"GRAFT_FAULT_PAUSE": point, "GRAFT_FAULT_DIR": str(tmp_path), "GRAFT_JOB_MAX_ATTEMPTS": "4"},
     )
     rescuer = None
     try:
         members = {f"c{c}/i{i}.png": image_bytes(seed=900 + 10 * c + i) for c in range(2) for i in range(6)}
         pk = upload(alice, cluster.web_a.url, make_zip(tmp_path / "s3.zip", members).read_bytes(), "fault-s3")
         reached(tmp_path, point)
-        rescuer = cluster.worker("rescuer-s3", queue="celery", beat=True, env={"GRAFT_JOB_MAX_ATTEMPTS": "3"})
+        rescuer = cluster.worker("rescuer-s3", queue="celery", beat=True, env={"GRAFT_JOB_MAX_ATTEMPTS": "4"})
         object_store.stop()
         stopped = time.monotonic()
         release(tmp_path, point)
