@@ -99,6 +99,13 @@ def no_database_sessions_left(django_db_setup, django_db_blocker) -> Iterator[No
         warnings.warn(f"database sessions still open at the end of the run: {left}", stacklevel=1)
 
 
+@pytest.fixture
+def own_storage(settings, tmp_path):
+    """The test's own local storage: the files it leaves do not reach the tests after it (a test's
+    rows are rolled back or flushed; its stored files would stay)."""
+    settings.MEDIA_ROOT = tmp_path / "media"
+
+
 def stored_files(prefix: str = "") -> set[str]:
     """Every stored file under `prefix`, through the storage API (local files or S3)."""
     from django.core.files.storage import default_storage

@@ -21,7 +21,7 @@ from apps.training.models import Job
 from tests.apps.conftest import stored_files
 from tests.conftest import image_bytes
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("own_storage")]
 
 
 @pytest.fixture
@@ -110,7 +110,6 @@ def test_the_sweeper_removes_what_no_row_owns_after_the_grace_period(
     db, make_user, make_tiny_model, capsys, settings, tmp_path
 ):
     """The issue: a crash between storing a file and creating its row left the file for ever."""
-    settings.MEDIA_ROOT = tmp_path / "media"  # this test's storage alone: other tests leave files behind
     settings.GRAFT_WORK_DIR = tmp_path / "work"
     owner = make_user()
     dataset = _ready_dataset(owner)

@@ -20,7 +20,7 @@ from apps.serving.models import BatchPrediction
 from apps.training.models import Job
 from tests.conftest import class_folders, image_bytes, make_zip
 
-pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("own_storage")]
 
 N = 20
 

@@ -25,7 +25,7 @@ from apps.training.services import TRAINING
 from tests.apps.conftest import stored_files
 from tests.conftest import image_bytes
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("own_storage")]
 
 
 def _stale(rows) -> None:
