@@ -47,8 +47,8 @@ class Host:
 class Cluster:
     """Starts and stops the hosts of one deployment; each is a process group of its own."""
 
-    def __init__(self, root: Path, bucket: str, endpoint: str | None = None) -> None:
-        self.root, self.bucket = root, bucket
+    def __init__(self, root: Path, bucket: str, endpoint: str | None = None, broker: str = BROKER) -> None:
+        self.root, self.bucket, self.broker = root, bucket, broker
         self.endpoint = endpoint or settings.S3_ENDPOINT
         self.hosts: list[Host] = []
 
@@ -59,7 +59,7 @@ class Cluster:
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "tests.settings",
             "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}?application_name={name}",
-            "CELERY_BROKER_URL": BROKER,
+            "CELERY_BROKER_URL": self.broker,
             "GRAFT_DATA_DIR": str(data_dir),
             "AWS_STORAGE_BUCKET_NAME": self.bucket,
             "AWS_S3_ENDPOINT_URL": self.endpoint,
@@ -173,15 +173,21 @@ def keys(bucket: str, endpoint: str | None = None) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def flush_broker() -> None:
+def flush_broker(broker: str = BROKER) -> None:
     import redis
 
-    redis.Redis.from_url(BROKER).flushdb()
+    redis.Redis.from_url(broker).flushdb()
 
 
 @contextmanager
 def running_cluster(
-    root: Path, django_db_blocker, *, ingest: bool = True, web: int = 2, endpoint: str | None = None
+    root: Path,
+    django_db_blocker,
+    *,
+    ingest: bool = True,
+    web: int = 2,
+    endpoint: str | None = None,
+    broker: str = BROKER,
 ) -> Iterator[Cluster]:
     """A fresh bucket and broker, `web` web hosts and (with `ingest`) an ingestion worker with beat;
     everything stopped and emptied afterwards."""
@@ -190,8 +196,8 @@ def running_cluster(
         pytest.fail(why) if IN_CI else pytest.skip(why)
     bucket = f"graft-test-{uuid.uuid4().hex[:12]}"
     create_bucket(bucket, endpoint=endpoint)
-    flush_broker()
-    c = Cluster(root, bucket, endpoint)
+    flush_broker(broker)
+    c = Cluster(root, bucket, endpoint, broker)
     try:
         if ingest:
             c.ingest = c.worker("ingest", queue="celery", beat=True)  # ingestion, and beat re-queues lost work
@@ -200,7 +206,7 @@ def running_cluster(
         yield c
     finally:
         c.stop()
-        flush_broker()
+        flush_broker(broker)
         for key in keys(bucket, endpoint):
             s3(endpoint).delete_object(Bucket=bucket, Key=key)
         s3(endpoint).delete_bucket(Bucket=bucket)

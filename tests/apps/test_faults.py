@@ -41,6 +41,7 @@ from tests.conftest import ROOT, image_bytes, make_zip
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 SEED = int(os.environ.get("GRAFT_FAULT_SEED", "19"))
+BROKER = "redis://127.0.0.1:6379/12"  # this module's hosts alone (the many-hosts tests use 14, the suite 15)
 BEAT = STALE / 2  # the recover task's period (apps.settings: stale / 2)
 SLACK = 6.0  # a beat that has just run, and the new message's first poll
 
@@ -109,8 +110,20 @@ def object_store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, django_db_setup, django_db_blocker, object_store):
     root = tmp_path_factory.mktemp("faults")
-    with running_cluster(root, django_db_blocker, ingest=False, web=1, endpoint=object_store.endpoint) as c:
+    with running_cluster(
+        root, django_db_blocker, ingest=False, web=1, endpoint=object_store.endpoint, broker=BROKER
+    ) as c:
         yield c
+
+
+@pytest.fixture(autouse=True)
+def empty_bucket(cluster):
+    """The database is emptied after every test; the bucket with it, or the next test's sweep
+    would find this one's files (rightly) owned by no row."""
+    yield
+    client = s3(cluster.endpoint)
+    for key in keys(cluster.bucket, cluster.endpoint):
+        client.delete_object(Bucket=cluster.bucket, Key=key)
 
 
 @pytest.fixture

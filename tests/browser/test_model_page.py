@@ -156,3 +156,30 @@ def _painted(page, selector: str) -> bool:
                   return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v !== 0); }""",
         selector,
     )
+
+
+def test_deleting_a_model_asks_first_and_then_its_endpoint_answers_404(page, shot, trained_model):
+    """The issue: a model could not be deleted, in the UI or the API."""
+    from apps.serving.models import TrainedModel
+    from tests.apps.conftest import stored_files
+
+    sign_in(page, "ada")
+    page.goto(f"/models/{trained_model.pk}/")
+    shot(page, "model-with-delete")
+    asked: list[str] = []
+
+    def answer(dialog) -> None:
+        asked.append(dialog.message)
+        dialog.dismiss() if len(asked) == 1 else dialog.accept()
+
+    page.on("dialog", answer)
+    page.get_by_role("button", name="Delete model").click()  # dismissed: nothing happens
+    expect(page).to_have_url(re.compile(rf"/models/{trained_model.pk}/$"))
+    assert TrainedModel.objects.filter(pk=trained_model.pk).exists()
+    page.get_by_role("button", name="Delete model").click()
+    expect(page.get_by_role("status")).to_contain_text("deleted; its prediction endpoint answers 404")
+    assert "Its endpoint will answer 404" in asked[0]
+    shot(page, "dashboard-after-model-delete")
+    assert not TrainedModel.objects.filter(pk=trained_model.pk).exists()
+    assert stored_files(trained_model.storage_prefix) == set()
+    assert page.goto(f"/models/{trained_model.pk}/").status == 404  # its page, like its endpoint
