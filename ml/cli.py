@@ -4,6 +4,7 @@ python -m ml fit DATASET.zip --out DIR [--strategy auto|linear|stages|partial|fu
                  [--budget SECONDS] [--max-epochs N] [--no-hflip] [--lr-find] [--resolution auto|native]
                  [--search N] [--checkpoint FILE] [--json]
 python -m ml predict DIR_OR_BUNDLE_ZIP IMAGE... [-k 5]
+python -m ml inspect DATASET.zip [--backbone NAME] [--json]
 python -m ml backbones
 """
 
@@ -76,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("images", type=Path, nargs="+")
     pr.add_argument("-k", type=int, default=3)
     pr.set_defaults(func=_predict)
+    i = sub.add_parser("inspect", help="likely label errors, near-duplicates and outliers in a dataset zip")
+    i.add_argument("dataset", type=Path)
+    i.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--json", action="store_true", help="print the findings as JSON (last line)")
+    i.set_defaults(func=_inspect)
     b = sub.add_parser("backbones", help="list backbones and whether their weights are here")
     b.set_defaults(func=_backbones)
     return p
@@ -162,6 +169,46 @@ def _predict(args: argparse.Namespace) -> int:
                 continue
             print(f"{image}: " + ", ".join(f"{p.label} {p.score:.3f}" for p in preds))
     return status
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ml.finders import FinderConfig, find_issues
+
+    if not args.dataset.is_file():
+        print(f"error: no such file: {args.dataset}", file=sys.stderr)
+        return 2
+    bars: dict[str, tqdm[Never]] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        bar = bars.get(phase)
+        if bar is None:
+            bar = bars[phase] = tqdm(total=total, desc=phase, unit="img")
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    findings = find_issues(args.dataset, FinderConfig(backbone=args.backbone, seed=args.seed), progress=progress)
+    for bar in bars.values():
+        bar.close()
+    if args.json:
+        print(json.dumps(findings.to_dict()))
+        return 0
+    probe = findings.probe
+    print(f"{findings.num_images} images; out-of-fold probe accuracy {probe['cv_accuracy']:.3f} (C={probe['C']:g})")
+    print(f"likely label errors: {len(findings.label_issues)}")
+    for issue in findings.label_issues[:20]:
+        print(f"  {issue.member}: filed as {issue.label!r}, looks like {issue.suggested!r} ({issue.score:.2f})")
+    print(f"near-duplicates: {len(findings.near_duplicates)}")
+    for dup in findings.near_duplicates[:20]:
+        print(f"  {dup.kind}: {dup.members[0]} ~ {dup.members[1]} ({dup.similarity:.3f})")
+    print(f"outliers: {len(findings.outliers)}")
+    for outlier in findings.outliers:
+        print(f"  {outlier.member} ({outlier.score:.2f})")
+    print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in findings.timings.items()))
+    return 0
 
 
 def _backbones(args: argparse.Namespace) -> int:

@@ -132,3 +132,50 @@ def fit_probe_at(X: np.ndarray, y: np.ndarray, num_classes: int, *, C: float, se
     scaler = StandardScaler().fit(X)
     clf = _logreg(C, seed).fit(scaler.transform(X).astype(np.float32), y)
     return _fold_into_linear(scaler, clf, num_classes)
+
+
+@dataclass(frozen=True)
+class OutOfFold:
+    """Out-of-fold predicted probabilities of the probe at the C that cross-validates best."""
+
+    proba: np.ndarray  # (N, K): each row from the probe fitted on the folds that left it out
+    C: float
+    history: list[dict[str, Any]]  # one row per C tried: C, cv_accuracy, cv_loss
+    by_C: dict[float, np.ndarray]  # every C's out-of-fold probabilities (for measuring the choice)
+
+
+def out_of_fold_proba(
+    X: np.ndarray,
+    y: np.ndarray,
+    num_classes: int,
+    *,
+    Cs: tuple[float, ...] = DEFAULT_CS,
+    folds: int = 5,
+    seed: int = 0,
+) -> OutOfFold:
+    """The probe's stratified k-fold out-of-fold probabilities, with C chosen by the pooled log loss
+    (as `fit_probe` chooses it): what confident learning ranks label errors from."""
+    Xs = StandardScaler().fit_transform(X).astype(np.float32)
+    Cs = tuple(sorted(Cs))
+    k = int(min(folds, np.bincount(y, minlength=num_classes).min()))
+    if k < 2:
+        raise ValueError("every class needs at least 2 images for out-of-fold probabilities")
+    by_C = {C: np.zeros((len(y), num_classes)) for C in Cs}
+    for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(Xs, y):
+        clf = _logreg(Cs[0], seed, warm_start=True, tol=1e-3)
+        for C in Cs:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf.set_params(C=C).fit(Xs[tr], y[tr])
+            by_C[C][te] = _full_proba(clf, Xs[te], num_classes)
+    labels = list(range(num_classes))
+    history = [
+        {
+            "C": C,
+            "cv_accuracy": float((p.argmax(1) == y).mean()),
+            "cv_loss": float(log_loss(y, p, labels=labels)),
+        }
+        for C, p in by_C.items()
+    ]
+    best = min(history, key=lambda r: (r["cv_loss"], -r["cv_accuracy"]))
+    return OutOfFold(by_C[best["C"]], best["C"], history, by_C)

@@ -59,7 +59,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ml.dataset import Sample, index_dataset, split_samples
-from ml.finders import FILTERS, Embedding, FinderConfig, embed, find_in_embedding, rank_label_issues
+from ml.finders import FILTERS, ISSUE_CS, Embedding, FinderConfig, embed, find_in_embedding, rank_label_issues
 
 FLIP_FRACTION = 0.10
 COPY_FRACTION = 0.05  # of the training images, per kind
@@ -152,7 +152,7 @@ def embed_timed(archive: Path, config: FinderConfig, cache: Path | None) -> tupl
     if cached and cached.exists():
         z = np.load(cached, allow_pickle=False)
         meta = json.loads(str(z["meta"]))
-        emb = Embedding(meta["classes"], meta["members"], z["labels"], meta["splits"], z["features"])
+        emb = Embedding(meta["classes"], meta["members"], z["labels"], meta["splits"], z["features"], z["coarse"])
         return emb, meta["seconds"]
     t0 = time.perf_counter()
     index = index_dataset(archive, config.ingest)
@@ -162,7 +162,7 @@ def embed_timed(archive: Path, config: FinderConfig, cache: Path | None) -> tupl
     if cached:
         cache.mkdir(parents=True, exist_ok=True)
         meta = {"classes": emb.classes, "members": emb.members, "splits": emb.splits, "seconds": seconds}
-        np.savez(cached, labels=emb.labels, features=emb.features, meta=json.dumps(meta))
+        np.savez(cached, labels=emb.labels, features=emb.features, coarse=emb.coarse, meta=json.dumps(meta))
     return emb, seconds
 
 
@@ -195,8 +195,12 @@ def label_noise(emb: Embedding, flipped: dict[str, tuple[str, str]], config: Fin
     clean = np.array(
         [class_id[flipped[m][0]] if m in flipped else y for m, y in zip(emb.members, emb.labels, strict=True)]
     )
-    clean_oof = out_of_fold_proba(emb.features, clean, len(emb.classes), folds=config.folds, seed=config.seed)
-    noisy_oof = out_of_fold_proba(emb.features, emb.labels, len(emb.classes), folds=config.folds, seed=config.seed)
+    clean_oof = out_of_fold_proba(
+        emb.features, clean, len(emb.classes), Cs=ISSUE_CS, folds=config.folds, seed=config.seed
+    )
+    noisy_oof = out_of_fold_proba(
+        emb.features, emb.labels, len(emb.classes), Cs=ISSUE_CS, folds=config.folds, seed=config.seed
+    )
     by_c = []
     for C, proba in noisy_oof.by_C.items():
         flagged_c = _flagged(emb, proba, config.filter_by)
@@ -226,20 +230,22 @@ def near_duplicates(emb: Embedding, planted: dict[tuple[str, str], str], config:
     for kind in ("cross-class", "cross-split", "same-class"):
         found = [frozenset(d.members) for d in findings.near_duplicates if d.kind == kind]
         true = sum(truth.get(p) == kind for p in found)
+        among = sum(not (p & copies) for p in found)
         planted_k = sum(k == kind for k in planted.values())
         out[kind] = {
             "planted": planted_k,
             "found": len(found),
             "true": true,
             "recall": round(true / planted_k, 4) if planted_k else None,
-            "precision": round(true / len(found), 4) if found else None,
-            "among_originals": sum(not (p & copies) for p in found),
+            "precision": round(true / (len(found) - among), 4) if len(found) > among else None,
+            "among_originals": among,
         }
     return {"near_duplicates": out, "copy_similarity": copy_similarity(emb, planted)}
 
 
 def copy_similarity(emb: Embedding, planted: dict[tuple[str, str], str]) -> dict[str, Any]:
-    unit = emb.features / np.linalg.norm(emb.features, axis=1, keepdims=True)
+    feats = emb.coarse if emb.coarse is not None else emb.features
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
     pos = {m: i for i, m in enumerate(emb.members)}
     pairs = np.array([float(unit[pos[a]] @ unit[pos[b]]) for a, b in planted])
     copies = {pos[c] for _, c in planted}
@@ -287,9 +293,7 @@ def run_dataset(archive: Path, args: argparse.Namespace, scratch: Path) -> dict[
         "fit_s": fit_s,
         "finders_over_fit": ratio,
         "targets": {
-            "label_issues": (
-                (ln["precision"] or 0) >= 0.8 and (ln["recall"] or 0) >= 0.8 if eligible else None
-            ),
+            "label_issues": ((ln["precision"] or 0) >= 0.8 and (ln["recall"] or 0) >= 0.8 if eligible else None),
             "near_duplicates": all(
                 (nd[k]["recall"] or 0) >= 0.9 and (nd[k]["precision"] or 0) >= 0.95
                 for k in ("cross-class", "cross-split")
