@@ -2,7 +2,7 @@
 
 Run from the repo root (prints figures; not a pass/fail test, pytest does not collect it):
 
-    .venv/bin/python -m tests.benchmarks.bench_curate [DATASET_ZIP ...] [--seed 0] [--cache DIR] [--calibrate]
+    .venv/bin/python -m tests.benchmarks.bench_curate [DATASET_ZIP ...] [--seed 0] [--cache DIR]
 
 With no zips it runs every *.zip in the shared datasets dir (as tests/conftest.py finds it). Per dataset,
 one after the other, two archives are written to a temporary folder (the shared zips are only read):
@@ -23,9 +23,11 @@ Per-dataset fields (one JSON line each, then a summary line):
                             true class, among flipped images flagged), flagged_val}
   label_noise_by_C         precision and recall at every C of the probe's path (chosen: the CV log-loss pick)
   label_noise_by_filter    precision and recall of each cleanlab filter_by at the chosen C
-  near_duplicates          per kind: {planted, found, true, recall, precision}; precision counts found pairs
-                           of that kind that are a planted pair; "among_originals" counts pairs the finder
-                           reports between two of the dataset's own images (already in the data)
+  near_duplicates          per kind: {planted, found, true, recall, precision, among_originals}; among_originals:
+                           pairs the finder reports between two of the dataset's own images (real
+                           near-duplicates, such as GTSRB's frames of one sign, or false alarms: the
+                           benchmark cannot tell); precision: planted pairs over the found pairs that
+                           involve a planted copy
   copy_similarity          planted pairs' cosine similarity: min, p01, p05, median; and "distinct": each
                            original image's highest similarity to another original: p99, p999, max
   seconds                  {decode, features, label_issues, neighbours, near_duplicates, outliers} of the
