@@ -180,12 +180,16 @@ def release(tmp_path: Path, point: str) -> None:
 
 
 def stop(host: Host) -> None:
+    """A worker's warm shutdown, as an operator's stop: SIGTERM to its main process, which lets the
+    task in hand finish (a SIGTERM to the whole group kills the pool's child mid-task: a job that
+    had just succeeded left its checkpoint for the sweeper). SIGKILL after a minute."""
     if host.proc.poll() is None:
-        os.killpg(host.proc.pid, signal.SIGTERM)
+        os.kill(host.proc.pid, signal.SIGTERM)
         try:
-            host.proc.wait(30)
+            host.proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(host.proc.pid, signal.SIGKILL)
+            host.proc.wait(10)
 
 
 def manage(cluster: Cluster, *args: str) -> str:
