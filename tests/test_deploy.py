@@ -633,9 +633,15 @@ def test_make_test_stops_the_seaweedfs_it_started(tmp_path):
     weed = ROOT / ".venv" / "bin" / "weed"
     if not weed.exists() or not shutil.which("unshare") or not shutil.which("ip"):
         pytest.skip("needs .venv/bin/weed, unshare and ip")
-    if subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode != 0:
-        pytest.skip("unprivileged network namespaces are not available here")
+    if subprocess.run(["unshare", "-rnm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unprivileged network and mount namespaces are not available here")
+    # A /tmp of its own as well: weed puts its gRPC sockets in /tmp whatever TMPDIR says, under names
+    # that depend only on the ports, and removes them when it stops: on the shared /tmp that removed
+    # the sockets of the suite's own SeaweedFS (same default ports), which then failed every request.
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
     script = (
+        f"mount --bind {private_tmp} /tmp\n"
         "ip link set lo up\n"
         f"{shutil.which('python3') or 'python3'} -c '{STUB_SERVICES}' 120 & stub=$!\n"
         "sleep 0.5\n"
@@ -644,7 +650,7 @@ def test_make_test_stops_the_seaweedfs_it_started(tmp_path):
     )
     env = {**os.environ, "TMPDIR": str(tmp_path), "CI": ""}
     out = subprocess.run(
-        ["unshare", "-rn", "bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+        ["unshare", "-rnm", "bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
     )
     try:
         assert "starting SeaweedFS" in out.stdout and "test.sh exited 0" in out.stdout, out.stdout + out.stderr
