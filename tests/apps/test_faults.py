@@ -179,11 +179,13 @@ def release(tmp_path: Path, point: str) -> None:
     (tmp_path / f"{point}.release").write_text("go")
 
 
-def stop(host: Host) -> None:
+def stop(*hosts: Host | None) -> None:
     """A worker's warm shutdown, as an operator's stop: SIGTERM to its main process, which lets the
     task in hand finish (a SIGTERM to the whole group kills the pool's child mid-task: a job that
     had just succeeded left its checkpoint for the sweeper). SIGKILL after a minute."""
-    if host.proc.poll() is None:
+    for host in hosts:
+        if host is None or host.proc.poll() is not None:
+            continue
         os.kill(host.proc.pid, signal.SIGTERM)
         try:
             host.proc.wait(60)
@@ -296,9 +298,7 @@ def sigkill_scenario(cluster, alice, tmp_path, *, fault_point: str, queue: str, 
         assert reclaim <= STALE + BEAT + SLACK, f"re-claimed {reclaim:.1f} s after its last heartbeat"
         return body, reclaim, finished
     finally:
-        for host in (victim, rescuer):
-            if host is not None:
-                stop(host)
+        stop(victim, rescuer)
 
 
 def test_fault_sigkill_ingestion(cluster, alice, tmp_path):
@@ -392,9 +392,7 @@ def test_fault_sigkill_batch_and_database_cut(cluster, alice, trained_model, tmp
         assert all(code < 500 for code in watch.statuses), watch.statuses
         record("pg_terminate_backend", point, "succeeded", None, time.monotonic() - cut)
     finally:
-        for host in (victim, rescuer):
-            if host is not None:
-                stop(host)
+        stop(victim, rescuer)
     meter_matches_storage(cluster, "fault-alice")
     swept_clean(cluster, allowed=lambda name: False)
 
@@ -484,8 +482,6 @@ def test_fault_object_store_stopped_mid_write(cluster, alice, object_store, tmp_
         assert Dataset.objects.get(pk=pk).attempts >= 2
         record("object store stopped", point, "ready", None, time.monotonic() - stopped)
     finally:
-        for host in (victim, rescuer):
-            if host is not None:
-                stop(host)
+        stop(victim, rescuer)
     meter_matches_storage(cluster, "fault-alice")
     swept_clean(cluster, allowed=lambda name: False)

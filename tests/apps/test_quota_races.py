@@ -89,14 +89,16 @@ def test_bytes_hold_their_quota(api_for, settings, tmp_path):
     assert sum(Dataset.objects.values_list("archive_bytes", flat=True)) <= settings.GRAFT_QUOTA_BYTES
 
 
-def test_active_jobs_and_batches_hold_their_cap_together(api_for, settings, make_tiny_model, django_user_model):
+def test_active_jobs_and_batches_hold_their_cap_together(
+    api_for, settings, make_tiny_model, django_user_model, tmp_path
+):
     settings.GRAFT_QUOTA_ACTIVE_JOBS = 4
     api = api_for("alice")
     s = client(api)
     alice = django_user_model.objects.get(username="alice")
     dataset = Dataset.objects.create(owner=alice, name="d", status=Dataset.Status.READY, num_images=10)
     model = make_tiny_model(alice)
-    picture = make_zip_bytes({"x.png": image_bytes()})
+    picture = make_zip(tmp_path / "p.zip", {"x.png": image_bytes()}).read_bytes()
 
     def send(i: int) -> requests.Response:
         if i % 2:  # jobs and batches share the cap
@@ -108,13 +110,13 @@ def test_active_jobs_and_batches_hold_their_cap_together(api_for, settings, make
     assert Job.objects.count() + BatchPrediction.objects.count() == 4
 
 
-def test_batches_alone_hold_their_cap(api_for, settings, make_tiny_model, django_user_model):
+def test_batches_alone_hold_their_cap(api_for, settings, make_tiny_model, django_user_model, tmp_path):
     """The issue's case: 12 posts at once with one batch already waiting (cap 4): 3 more, not 12."""
     settings.GRAFT_QUOTA_ACTIVE_JOBS = 4
     api = api_for("alice")
     s = client(api)
     model = make_tiny_model(django_user_model.objects.get(username="alice"))
-    picture = make_zip_bytes({"x.png": image_bytes()})
+    picture = make_zip(tmp_path / "p.zip", {"x.png": image_bytes()}).read_bytes()
     first = s.post(f"{api.base}/models/{model.pk}/batch/", files={"file": ("p.zip", picture)}, timeout=60)
     assert first.status_code == 202, first.text
     codes = burst(
@@ -122,14 +124,3 @@ def test_batches_alone_hold_their_cap(api_for, settings, make_tiny_model, django
     )
     assert codes == Counter({202: 3, 429: N - 3}), codes
     assert BatchPrediction.objects.count() == 4
-
-
-def make_zip_bytes(members: dict[str, bytes]) -> bytes:
-    import io
-    import zipfile
-
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
