@@ -5,7 +5,15 @@ from drf_spectacular.views import SpectacularAPIView
 
 from apps.accounts.api import TokenObtainApi
 from apps.common import health
-from apps.datasets.api import DatasetDetailApi, DatasetListCreateApi
+from apps.datasets.api import (
+    DatasetDetailApi,
+    DatasetListCreateApi,
+    VersionDetailApi,
+    VersionExportApi,
+    VersionFindingsApi,
+    VersionImagesApi,
+    VersionListCreateApi,
+)
 from apps.datasets.tus import TusUploadApi, TusUploadListApi
 from apps.serving.api import (
     BatchDetailApi,
@@ -26,6 +34,23 @@ api = [
     path("uploads/", TusUploadListApi.as_view(), name="uploads"),
     path("uploads/<uuid:upload_id>/", TusUploadApi.as_view(), name="upload"),
     path("datasets/<int:dataset_id>/", DatasetDetailApi.as_view(), name="dataset"),
+    path("datasets/<int:dataset_id>/versions/", VersionListCreateApi.as_view(), name="dataset-versions"),
+    path("datasets/<int:dataset_id>/versions/<int:number>/", VersionDetailApi.as_view(), name="dataset-version"),
+    path(
+        "datasets/<int:dataset_id>/versions/<int:number>/images/",
+        VersionImagesApi.as_view(),
+        name="dataset-version-images",
+    ),
+    path(
+        "datasets/<int:dataset_id>/versions/<int:number>/findings/",
+        VersionFindingsApi.as_view(),
+        name="dataset-version-findings",
+    ),
+    path(
+        "datasets/<int:dataset_id>/versions/<int:number>/export/",
+        VersionExportApi.as_view(),
+        name="dataset-version-export",
+    ),
     path("jobs/", JobListCreateApi.as_view(), name="jobs"),
     path("jobs/<int:job_id>/", JobDetailApi.as_view(), name="job"),
     path("jobs/<int:job_id>/cancel/", JobCancelApi.as_view(), name="job-cancel"),

@@ -241,6 +241,14 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
+def _data_lines(about: dict[str, Any]) -> list[str]:
+    """What the data was to the app that trained it: a dataset's name and version."""
+    if not about.get("dataset"):
+        return []
+    version = f", version {about['dataset_version']}" if about.get("dataset_version") else ""
+    return [f"- Trained on: dataset {_md(str(about['dataset']))}{version}"]
+
+
 def _card_markdown(card: dict[str, Any], metrics: dict[str, Any]) -> str:
     strategy = card.get("strategy", {})
     onnx = card["onnx"]
@@ -253,6 +261,7 @@ def _card_markdown(card: dict[str, Any], metrics: dict[str, Any]) -> str:
         f"- Validation accuracy: {metrics.get('val_accuracy', float('nan')):.4f} "
         f"on {metrics.get('num_val', '?')} images; macro-F1 {metrics.get('macro_f1', float('nan')):.4f}",
         *_calibration_lines(metrics),
+        *_data_lines(card.get("data") or {}),
         f"- Data hash: `{card.get('data_hash')}`; seed {card.get('seed')}",
         f"- Hyperparameters: `{json.dumps(card.get('hyperparameters', {}))}`",
         f"- ONNX: `{onnx['file']}` (opset {onnx['opset']}, {onnx['exporter']} exporter); its logits match "

@@ -14,7 +14,7 @@ import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ class Sample:
     sha256: str
     width: int
     height: int
+    # The stored archive holding it when that is not the one being read (a dataset version made of
+    # an upload and of images added later); ml reads one archive and leaves this to its caller.
+    source: str = ""
 
 
 MAX_WARNING_FILES = 100
@@ -101,6 +104,15 @@ def index_dataset(
     path: Path, config: IngestConfig = IngestConfig(), progress: ProgressFn | None = None
 ) -> DatasetIndex:
     """Scan, decode, dedupe and validate a dataset zip. Raises DatasetError if unusable."""
+    index = index_images(path, config, progress)
+    index.classes = validate_classes(index.samples, config.min_per_class, index.layout)
+    index.warnings.extend(_balance_warnings(index))
+    return index
+
+
+def index_images(path: Path, config: IngestConfig = IngestConfig(), progress: ProgressFn | None = None) -> DatasetIndex:
+    """Scan, decode and dedupe a zip of labelled images, without asking it to be a whole dataset
+    (images added to one may be of a single class, or a few). Raises DatasetError if unusable."""
     scan = scan_archive(path, config.limits)
     warnings = [
         DatasetWarning("skipped", f"{len(names)} file(s) ignored: {reason}.", sorted(names))
@@ -117,10 +129,11 @@ def index_dataset(
         )
     samples, dup_warnings = _dedupe(decoded)
     warnings.extend(dup_warnings)
-    classes = _validate(samples, config.min_per_class, scan.layout)
-    index = DatasetIndex(classes=classes, samples=samples, warnings=warnings, layout=scan.layout)
-    warnings.extend(_balance_warnings(index))
-    return index
+    if not samples:
+        raise DatasetError("The archive holds no readable images.")
+    return DatasetIndex(
+        classes=sorted({s.label for s in samples}), samples=samples, warnings=warnings, layout=scan.layout
+    )
 
 
 def _decode_all(
@@ -210,7 +223,8 @@ def _dedupe(samples: list[Sample]) -> tuple[list[Sample], list[DatasetWarning]]:
     return kept, warnings
 
 
-def _validate(samples: list[Sample], min_per_class: int, layout: str) -> list[str]:
+def validate_classes(samples: list[Sample], min_per_class: int, layout: str) -> list[str]:
+    """The classes, sorted, once the samples make a dataset a classifier can learn from; else DatasetError."""
     if not samples:
         raise DatasetError("The archive holds no readable images.")
     counts = Counter(s.label for s in samples)
@@ -226,7 +240,7 @@ def _validate(samples: list[Sample], min_per_class: int, layout: str) -> list[st
             f"Each class needs at least {min_per_class} images: {', '.join(small)}.",
             classes=[c for c in classes if counts[c] < min_per_class],
         )
-    if layout == "split":
+    if layout == "split" or any(s.split == "val" for s in samples):
         train = {s.label for s in samples if s.split == "train"}
         missing = sorted(set(classes) - train)
         if missing:
@@ -247,6 +261,19 @@ def _balance_warnings(index: DatasetIndex) -> Iterator[DatasetWarning]:
             f"Classes are imbalanced ({least} vs {most} images); training weights classes to compensate.",
             rare,
         )
+
+
+def with_splits(index: DatasetIndex, val_fraction: float = 0.2, seed: int = 0) -> DatasetIndex:
+    """The index with every image's split written down: the upload's own, or the stratified split a
+    fit would make (`split_samples`), so that a later relabel or addition leaves each image where it was."""
+    if any(s.split == "val" for s in index.samples):
+        return index
+    _, val = split_samples(index, val_fraction, seed)
+    held_out = {s.sha256 for s in val}
+    samples = [
+        s if s.split == "test" else replace(s, split="val" if s.sha256 in held_out else "train") for s in index.samples
+    ]
+    return DatasetIndex(classes=index.classes, samples=samples, warnings=index.warnings, layout=index.layout)
 
 
 def split_samples(index: DatasetIndex, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[Sample], list[Sample]]:

@@ -289,7 +289,9 @@ def rank_label_issues(labels: np.ndarray, proba: np.ndarray, filter_by: str = FI
     """Positions cleanlab flags, least likely label first."""
     from cleanlab.filter import find_label_issues
 
-    ranked = find_label_issues(labels, proba, filter_by=filter_by, return_indices_ranked_by="self_confidence")
+    ranked = find_label_issues(
+        labels, proba, filter_by=filter_by, return_indices_ranked_by="self_confidence", n_jobs=1
+    )  # n_jobs=1: no process pool (a Celery worker's child is a daemon, which may not fork one)
     return [int(i) for i in ranked]
 
 

@@ -183,9 +183,11 @@ def fit(
     index: DatasetIndex | None = None,
     progress: ProgressFn | None = None,
     checkpoints: Checkpoints | None = None,
+    about: dict[str, Any] | None = None,
 ) -> FitResult:
     """`checkpoints` (see ml.checkpoint): the fine-tune saves its state there after each epoch,
-    and a fit that finds a state of the same inputs there goes on from it."""
+    and a fit that finds a state of the same inputs there goes on from it. `about` says what the
+    data is to the caller (a dataset's name and version): the model card records it."""
     config = config or FitConfig()
     config.validate()
     tune_allocator()
@@ -208,7 +210,7 @@ def fit(
     for check in report["sanity"]:
         run.say(f"sanity {check['check']}: {'ok' if check['ok'] else 'FAILED'} ({check['detail']})")
     with run.phase("export"):
-        bundle_zip = _export(out_dir, model, prep, data, backbone, plan, metrics, report, run, config)
+        bundle_zip = _export(out_dir, model, prep, data, backbone, plan, metrics, report, run, config, about or {})
         run.report("export", 1, 1)
     run.timings["total"] = sum(run.timings.values())
     return FitResult(
@@ -867,6 +869,7 @@ def _export(
     report: dict[str, Any],
     run: Run,
     config: FitConfig,
+    about: dict[str, Any],
 ) -> Path:
     return write_bundle(
         out_dir,
@@ -885,6 +888,7 @@ def _export(
             "seed": config.seed,
             "num_train": len(data.train),
             "num_val": len(data.val),
+            **({"data": about} if about else {}),
         },
     )
 

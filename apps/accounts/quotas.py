@@ -22,7 +22,8 @@ from apps.common.limits import human_bytes
 
 @dataclass(frozen=True)
 class Usage:
-    bytes_stored: int  # archives, bundles, uploads in progress at full length, batch files, kept images
+    # Archives (uploads, added images), bundles, uploads in progress at full length, batch files, kept images.
+    bytes_stored: int
     datasets: int
     open_uploads: int
     active_jobs: int  # training jobs and batch predictions, queued or running
@@ -37,7 +38,7 @@ class Usage:
 
 
 def usage(user: User) -> Usage:
-    from apps.datasets.models import Dataset, Upload
+    from apps.datasets.models import Dataset, DatasetVersion, Upload
     from apps.serving.models import BatchPrediction, PredictionRecord, TrainedModel
     from apps.training.models import Job
 
@@ -49,7 +50,10 @@ def usage(user: User) -> Usage:
     active = [Job.Status.QUEUED, Job.Status.RUNNING]  # the same words for batches
     datasets = Dataset.objects.filter(owner=user).exclude(status=Dataset.Status.FAILED)
     return Usage(
+        # A dataset's versions share its images' bytes: each archive (the upload, each zip of
+        # added images) counts once, however many versions name what it holds.
         bytes_stored=total(datasets, "archive_bytes")
+        + total(DatasetVersion.objects.filter(dataset__in=datasets).exclude(status="failed"), "archive_bytes")
         + total(TrainedModel.objects.filter(owner=user), "bundle_bytes")
         + total(open_uploads, "length")
         + total(batches, "archive_bytes")

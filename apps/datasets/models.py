@@ -77,3 +77,61 @@ class Upload(models.Model):
     @property
     def storage_prefix(self) -> str:
         return f"uploads/{self.pk.hex}/"
+
+
+class DatasetVersion(WorkFields):
+    """One immutable state of a dataset: its parent plus a change set (relabel, remove, add).
+
+    A version is a manifest (an `ml.dataset.DatasetIndex` in storage), not a copy: each image is
+    named by its content (sha256) and its bytes stay in the archive they arrived in, the upload's
+    or the zip of images added later (`archive`, the one thing a version stores). So versions that
+    share images share their bytes, and the usage meter counts each archive once. While `processing`,
+    a version with added images is being ingested (background work: apps.common.work)."""
+
+    class Status(models.TextChoices):
+        PROCESSING = "processing"
+        READY = "ready"
+        FAILED = "failed"
+
+    class FindingsStatus(models.TextChoices):
+        NONE = "none"
+        QUEUED = "queued"
+        RUNNING = "running"
+        READY = "ready"
+        FAILED = "failed"
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    parent = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.READY, db_index=True)
+    note = models.CharField(max_length=300, blank=True)
+    manifest = models.CharField(max_length=300, blank=True, help_text="Storage name of the image index.")
+    archive = models.CharField(max_length=300, blank=True, help_text="Storage name of the added images' zip.")
+    archive_bytes = models.BigIntegerField(default=0)
+    num_images = models.PositiveIntegerField(default=0)
+    classes = models.JSONField(default=list, blank=True)  # [{name, count, train, val}]
+    content_hash = models.CharField(max_length=64, blank=True)
+    # What changed from the parent: {"relabelled": [{sha256, member, from, to}], "removed": [{sha256,
+    # member, label}], "added": [{sha256, member, label, split}]}; `summary` counts them.
+    changes = models.JSONField(default=dict, blank=True)
+    summary = models.JSONField(default=dict, blank=True)
+    warnings = models.JSONField(default=list, blank=True)  # of the added images' ingestion
+    error = models.TextField(blank=True)
+    # The finders' results (ml.finders.Findings.to_dict(), in storage) and their counts.
+    findings_status = models.CharField(max_length=20, choices=FindingsStatus.choices, default=FindingsStatus.NONE)
+    findings = models.CharField(max_length=300, blank=True)
+    findings_summary = models.JSONField(default=dict, blank=True)
+    findings_error = models.TextField(blank=True)
+    findings_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["dataset", "-number"]
+        constraints = [models.UniqueConstraint(fields=["dataset", "number"], name="one_number_per_version")]
+
+    def __str__(self) -> str:
+        return f"{self.dataset.name} v{self.number}"
+
+    @property
+    def label(self) -> str:
+        return f"v{self.number}"

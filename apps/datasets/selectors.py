@@ -7,7 +7,7 @@ from django.core.files.storage import default_storage
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
 
-from apps.datasets.models import Dataset
+from apps.datasets.models import Dataset, DatasetVersion
 from ml.dataset import DatasetIndex
 
 
@@ -23,3 +23,17 @@ def dataset_get(*, user: User, dataset_id: int) -> Dataset:
 def dataset_index(*, dataset: Dataset) -> DatasetIndex:
     with default_storage.open(dataset.manifest, "rb") as fh:
         return DatasetIndex.from_dict(json.load(fh))
+
+
+def version_list(*, dataset: Dataset) -> QuerySet[DatasetVersion]:
+    return dataset.versions.order_by("-number")
+
+
+def version_get(*, user: User, dataset_id: int, number: int) -> DatasetVersion:
+    """A version of the user's own dataset, or 404."""
+    return get_object_or_404(
+        DatasetVersion.objects.select_related("dataset", "dataset__owner"),
+        dataset__owner=user,
+        dataset_id=dataset_id,
+        number=number,
+    )

@@ -21,8 +21,9 @@ from apps.common import faults, work
 from apps.common.errors import UserError
 from apps.common.storage import delete_prefix, delete_quietly, local_copy
 from apps.datasets.models import Dataset
+from apps.datasets.versions import class_counts, store_image_thumbs, version_first
 from ml.archive import ArchiveLimits, read_member
-from ml.dataset import DatasetIndex, IngestConfig, index_dataset
+from ml.dataset import DatasetIndex, IngestConfig, index_dataset, with_splits
 from ml.errors import DatasetError
 from ml.images import ImageDecodeError, thumbnail_jpeg
 
@@ -124,9 +125,11 @@ def dataset_ingest(*, dataset: Dataset) -> None:
     try:
         with work.Heartbeat(mine, f"dataset-{dataset.pk}"), local_copy(dataset.archive) as path:
             faults.point("ingestion.claimed")
-            index = index_dataset(path, ingest_config())
+            # Every image's split is written down now, so later versions keep each where it was.
+            index = with_splits(index_dataset(path, ingest_config()))
             assessment = _assess(path, index)
             thumbnails = _store_thumbnails(path, dataset, index)
+            store_image_thumbs(dataset, path, index.samples)
             faults.point("ingestion.thumbnails")
             manifest = default_storage.save(
                 f"{dataset.storage_prefix}manifest.json",
@@ -196,20 +199,22 @@ def _assess(path, index: DatasetIndex) -> dict:
 
 
 def _mark_ready(mine, dataset: Dataset, index: DatasetIndex, manifest: str, assessment: dict, thumbnails: dict) -> None:
-    totals, train, val = index.counts(), index.counts("train"), index.counts("val")
-    updated = mine.update(
-        finished_at=timezone.now(),
-        status=Dataset.Status.READY,
-        manifest=manifest,
-        layout=index.layout,
-        num_images=len(index.samples),
-        classes=[{"name": c, "count": totals[c], "train": train[c], "val": val[c]} for c in index.classes],
-        warnings=[asdict(w) for w in index.warnings],
-        content_hash=index.content_hash,
-        assessment=assessment,
-        thumbnails=thumbnails,
-        error="",
-    )
+    with transaction.atomic():
+        updated = mine.update(
+            finished_at=timezone.now(),
+            status=Dataset.Status.READY,
+            manifest=manifest,
+            layout=index.layout,
+            num_images=len(index.samples),
+            classes=class_counts(index),
+            warnings=[asdict(w) for w in index.warnings],
+            content_hash=index.content_hash,
+            assessment=assessment,
+            thumbnails=thumbnails,
+            error="",
+        )
+        if updated:
+            version_first(dataset=dataset, index=index, manifest=manifest)
     if not updated and not Dataset.objects.filter(pk=dataset.pk).exists():
         delete_prefix(dataset.storage_prefix)  # deleted meanwhile (if taken over, the files are the winner's)
 

@@ -25,3 +25,21 @@ def expire_uploads() -> int:
     from apps.datasets.tus import upload_expire
 
     return upload_expire()
+
+
+@shared_task(name="datasets.ingest_addition", bind=True, acks_late=True, reject_on_worker_lost=True)
+def ingest_addition(self, version_id: int) -> None:
+    """Images added to a dataset, ingested as its next version (claimed like an upload's ingestion)."""
+    from apps.datasets.versions import ADDITION, version_ingest
+
+    version = work.claim(ADDITION, version_id, worker=self.request.hostname or "")
+    if version is not None:
+        version_ingest(version=version)
+
+
+@shared_task(name="datasets.find_issues", acks_late=True)
+def find_issues(version_id: int) -> None:
+    """The finders on one dataset version; a duplicate message finds the work taken and does nothing."""
+    from apps.datasets.versions import version_find
+
+    version_find(version_id=version_id)

@@ -18,6 +18,7 @@ from ml.strategy import STRATEGIES
 
 class JobOutputSerializer(serializers.ModelSerializer):
     model = serializers.SerializerMethodField()
+    version = serializers.IntegerField(source="version.number", allow_null=True, default=None, read_only=True)
     stale = serializers.BooleanField(source="is_stale")
     history = serializers.SerializerMethodField()
 
@@ -26,6 +27,7 @@ class JobOutputSerializer(serializers.ModelSerializer):
         fields = [
             "id",
             "dataset",
+            "version",
             "status",
             "config",
             "strategy",
@@ -80,6 +82,9 @@ class JobListCreateApi(APIView):
     @extend_schema_serializer(component_name="JobInput")
     class InputSerializer(serializers.Serializer):
         dataset = serializers.IntegerField()
+        version = serializers.IntegerField(
+            required=False, help_text="the dataset version to train on (its number); the newest ready one if left out"
+        )
         strategy = serializers.ChoiceField(choices=STRATEGIES, default="auto")
         backbone = serializers.ChoiceField(choices=sorted(REGISTRY), required=False)
         # Types only here: the bounds are checked once, by ml.fit.FitConfig.validate (via job_create).

@@ -21,6 +21,10 @@ class Job(WorkFields):
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
     dataset = models.ForeignKey("datasets.Dataset", on_delete=models.SET_NULL, null=True, related_name="jobs")
+    # The version it trains on (the dataset's newest when the job was made, unless it named one).
+    version = models.ForeignKey(
+        "datasets.DatasetVersion", on_delete=models.SET_NULL, null=True, blank=True, related_name="jobs"
+    )
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
     config = models.JSONField(default=dict, blank=True)  # what the user asked for (ml.FitConfig fields)
     strategy = models.JSONField(default=dict, blank=True)  # what was decided: name, cell, reason, ...

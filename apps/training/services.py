@@ -16,6 +16,9 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from tempfile import NamedTemporaryFile
 from typing import Any
 
@@ -29,10 +32,12 @@ from apps.accounts.quotas import check_new_job, owner_locked
 from apps.common import faults, work
 from apps.common.errors import UserError
 from apps.common.storage import delete_prefix, delete_quietly, local_copy
-from apps.datasets.models import Dataset
+from apps.datasets.models import Dataset, DatasetVersion
 from apps.datasets.selectors import dataset_index
+from apps.datasets.versions import version_archive
 from apps.training.models import Job, JobHistory
 from ml.checkpoint import read_record, write_record
+from ml.dataset import DatasetIndex
 from ml.errors import Cancelled, MLError
 
 log = logging.getLogger(__name__)
@@ -58,7 +63,8 @@ class RetryLater(Exception):
 USER_OPTIONS = ("strategy", "backbone", "seed", "budget", "max_epochs", "hflip", "lr_find")
 
 
-def job_create(*, owner: User, dataset: Dataset, **options) -> Job:
+def job_create(*, owner: User, dataset: Dataset, version: int | None = None, **options) -> Job:
+    """Queue training on a version of `dataset` (its newest ready one unless `version` names another)."""
     from ml.fit import FitConfig
 
     if dataset.status != Dataset.Status.READY:
@@ -77,13 +83,25 @@ def job_create(*, owner: User, dataset: Dataset, **options) -> Job:
         if not Dataset.objects.filter(pk=dataset.pk, status=Dataset.Status.READY).exists():
             raise UserError(f"Dataset '{dataset.name}' was deleted meanwhile.", status_code=409)
         check_new_job(owner)
+        trained_on = _version_for_job(dataset, version)
         job = Job.objects.create(
             owner=owner,
             dataset=dataset,
+            version=trained_on,
             config={k: getattr(config, k) for k in USER_OPTIONS},
         )
         transaction.on_commit(lambda: _enqueue(job.pk))
     return job
+
+
+def _version_for_job(dataset: Dataset, number: int | None) -> DatasetVersion | None:
+    versions = dataset.versions.filter(status=DatasetVersion.Status.READY)
+    if number is None:
+        return versions.order_by("-number").first()
+    chosen = versions.filter(number=number).first()
+    if chosen is None:
+        raise UserError(f"Dataset '{dataset.name}' has no ready version {number}.", status_code=400)
+    return chosen
 
 
 def _enqueue(job_id: int, countdown: float = 0) -> None:
@@ -224,13 +242,14 @@ def job_run(*, job: Job) -> None:
         dataset = job.dataset
         if dataset is None or dataset.status != Dataset.Status.READY:
             raise MLError("The dataset of this job was deleted or is not ready.")
-        index = dataset_index(dataset=dataset)
         checkpoints = JobCheckpoints(job, recorder)
         with work.Heartbeat(work.attempt_rows(TRAINING, job), f"job-{job.pk}") as beat:
             recorder.cancelled = beat.lost
-            with local_copy(dataset.archive) as archive:
+            with _training_data(job, dataset) as (archive, index, about):
                 faults.point("training.claimed")
-                result = fit(archive, workdir, config, index=index, progress=recorder, checkpoints=checkpoints)
+                result = fit(
+                    archive, workdir, config, index=index, progress=recorder, checkpoints=checkpoints, about=about
+                )
             _succeed(job, result, mine)  # storing a large bundle takes a while: still beating
     except Cancelled:
         log.info("job %s cancelled (or taken over by another worker)", job.pk)
@@ -248,6 +267,19 @@ def job_run(*, job: Job) -> None:
             delete_prefix(job.storage_prefix)
         shutil.rmtree(workdir, ignore_errors=True)
         _release_gpu_memory()
+
+
+@contextmanager
+def _training_data(job: Job, dataset: Dataset) -> Iterator[tuple[Path, DatasetIndex, dict[str, Any]]]:
+    """The archive and index of the version the job trains on, and what its model card says of them."""
+    version = job.version
+    if version is None:  # a job made before versions: the dataset as it was uploaded
+        with local_copy(dataset.archive) as archive:
+            yield archive, dataset_index(dataset=dataset), {"dataset": dataset.name}
+        return
+    about = {"dataset": dataset.name, "dataset_version": version.number, "dataset_version_hash": version.content_hash}
+    with version_archive(version) as (archive, index):
+        yield archive, index, about
 
 
 def _release_gpu_memory() -> None:

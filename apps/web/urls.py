@@ -21,6 +21,7 @@ urlpatterns = [
     path("datasets/<int:dataset_id>/delete/", views.dataset_remove, name="dataset-delete"),
     path("datasets/<int:dataset_id>/train/", views.train, name="train"),
     path("datasets/<int:dataset_id>/thumb/", views.dataset_thumb, name="thumb"),
+    path("datasets/<int:dataset_id>/images/<str:sha256>.jpg", views.dataset_image, name="dataset-image"),
     path("jobs/<int:job_id>/", views.job_detail, name="job"),
     path("jobs/<int:job_id>/delete/", views.job_remove, name="job-delete"),
     path("models/<int:model_id>/", views.model_detail, name="model"),

@@ -27,6 +27,7 @@ from apps.common.throttles import throttle_posts
 from apps.datasets.models import Dataset
 from apps.datasets.selectors import dataset_get, dataset_index, dataset_list
 from apps.datasets.services import dataset_delete, thumbnail_members, thumbnail_name
+from apps.datasets.versions import dataset_has_image, image_thumbnail
 from apps.serving.selectors import batch_get, model_get, model_list
 from apps.serving.services import model_delete
 from apps.training.gallery import GALLERY_PLACEHOLDER, gallery_members, gallery_open
@@ -205,6 +206,19 @@ def dataset_thumb(request: AuthenticatedHttpRequest, dataset_id: int) -> FileRes
     stream = open_if_stored(thumbnail_name(dataset, member))
     if stream is None:
         raise Http404("This image has no stored thumbnail.")
+    return FileResponse(stream, content_type="image/jpeg")
+
+
+@login_required
+@cache_control(private=True, max_age=86400, immutable=True)
+def dataset_image(request: AuthenticatedHttpRequest, dataset_id: int, sha256: str) -> FileResponse:
+    """The thumbnail of one of the dataset's images, named by content (the review gallery's)."""
+    dataset = dataset_get(user=request.user, dataset_id=dataset_id)
+    if not dataset_has_image(dataset, sha256):
+        raise Http404("This dataset has no such image.")
+    stream = image_thumbnail(dataset, sha256)
+    if stream is None:
+        raise Http404("This image has no thumbnail.")
     return FileResponse(stream, content_type="image/jpeg")
 
 
