@@ -8,6 +8,7 @@ from apps.common import health
 from apps.datasets.api import (
     DatasetDetailApi,
     DatasetListCreateApi,
+    DismissalsApi,
     VersionDetailApi,
     VersionExportApi,
     VersionFindingsApi,
@@ -34,6 +35,7 @@ api = [
     path("uploads/", TusUploadListApi.as_view(), name="uploads"),
     path("uploads/<uuid:upload_id>/", TusUploadApi.as_view(), name="upload"),
     path("datasets/<int:dataset_id>/", DatasetDetailApi.as_view(), name="dataset"),
+    path("datasets/<int:dataset_id>/dismissals/", DismissalsApi.as_view(), name="dataset-dismissals"),
     path("datasets/<int:dataset_id>/versions/", VersionListCreateApi.as_view(), name="dataset-versions"),
     path("datasets/<int:dataset_id>/versions/<int:number>/", VersionDetailApi.as_view(), name="dataset-version"),
     path(

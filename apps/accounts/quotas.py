@@ -76,8 +76,9 @@ def owner_locked(user: User) -> None:
     User.objects.select_for_update().filter(pk=user.pk).values_list("pk", flat=True).first()
 
 
-def check_new_dataset(user: User, size: int, *, resumable: bool = False) -> None:
-    """Before accepting an upload of `size` bytes (a tus upload counts at its declared length)."""
+def check_new_dataset(user: User, size: int, *, resumable: bool = False, new_dataset: bool = True) -> None:
+    """Before accepting an upload of `size` bytes (a tus upload counts at its declared length);
+    `new_dataset` False: images to add to a dataset, which take no dataset of the quota."""
     used = usage(user)
     if resumable and used.open_uploads >= settings.GRAFT_QUOTA_OPEN_UPLOADS:
         raise UserError(
@@ -86,7 +87,7 @@ def check_new_dataset(user: User, size: int, *, resumable: bool = False) -> None
             f"{settings.GRAFT_UPLOAD_EXPIRY_HOURS} hours without activity).",
             status_code=429,
         )
-    if used.datasets >= settings.GRAFT_QUOTA_DATASETS:
+    if new_dataset and used.datasets >= settings.GRAFT_QUOTA_DATASETS:
         raise UserError(
             f"You have {used.datasets} datasets, the most allowed; delete one to upload another.", status_code=403
         )

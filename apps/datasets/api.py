@@ -4,7 +4,7 @@ from django.conf import settings
 from django.http import StreamingHttpResponse
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_serializer
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_serializer, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
@@ -20,6 +20,7 @@ from apps.datasets.selectors import dataset_get, dataset_list, version_get, vers
 from apps.datasets.services import dataset_create, dataset_delete
 from apps.datasets.versions import (
     export_name,
+    findings_dismiss,
     findings_read,
     findings_request,
     version_add,
@@ -177,6 +178,7 @@ class ImageSerializer(serializers.Serializer):
     label_issue = LabelIssueSerializer(allow_null=True)
     near_duplicates = NearDuplicateSerializer(many=True)
     outlier = OutlierSerializer(allow_null=True)
+    dismissed = serializers.BooleanField(help_text="its findings were dismissed (the finder filters leave it out)")
 
 
 class ImagePageSerializer(serializers.Serializer):
@@ -248,6 +250,7 @@ class VersionImagesApi(APIView):
             OpenApiParameter("label", str),
             OpenApiParameter("split", str, enum=["train", "val", "test"]),
             OpenApiParameter("finder", str, enum=list(FINDER_FILTERS)),
+            OpenApiParameter("dismissed", bool, description="finder filters include dismissed images"),
             OpenApiParameter("page", int),
             OpenApiParameter("page_size", int, description=f"up to {MAX_PAGE_SIZE}"),
         ],
@@ -263,6 +266,7 @@ class VersionImagesApi(APIView):
             finder=q.get("finder", ""),
             page=_int_param(q, "page", 1),
             page_size=_int_param(q, "page_size", 60),
+            with_dismissed=q.get("dismissed", "") in ("1", "true"),
         )
         for row in page["results"]:
             row["thumbnail"] = reverse("web:dataset-image", args=[dataset_id, row["sha256"]])
@@ -305,3 +309,21 @@ class VersionExportApi(APIView):
         response = StreamingHttpResponse(version_export(version), content_type="application/zip")
         response["Content-Disposition"] = f'attachment; filename="{export_name(version)}"'
         return response
+
+
+class DismissalsApi(APIView):
+    """Dismiss what the finders say of some images (or restore it, `dismissed: false`), in every version."""
+
+    class InputSerializer(serializers.Serializer):
+        sha256s = serializers.ListField(child=serializers.CharField(max_length=64), max_length=10_000)
+        dismissed = serializers.BooleanField(default=True)
+
+    @extend_schema(
+        request=InputSerializer,
+        responses=inline_serializer("Dismissals", {"dismissed": serializers.IntegerField()}),
+    )
+    def post(self, request: AuthenticatedRequest, dataset_id: int) -> Response:
+        dataset = dataset_get(user=request.user, dataset_id=dataset_id)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        return Response({"dismissed": findings_dismiss(dataset=dataset, **data.validated_data)})

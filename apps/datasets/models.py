@@ -39,6 +39,9 @@ class Dataset(WorkFields):
     # The images its page shows, {class: [member, ...]}, their thumbnails stored at ingestion.
     thumbnails = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
+    # Images (sha256) whose findings the user dismissed: the review's finder filters leave them out,
+    # in every version.
+    dismissed = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -64,6 +67,10 @@ class Upload(models.Model):
     filename = models.CharField(max_length=255, blank=True)
     name = models.CharField(max_length=200, blank=True)
     dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # An upload of images to add to this dataset (a new version, `version`), not a dataset of its own.
+    add_to = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    version = models.ForeignKey("DatasetVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    note = models.CharField(max_length=300, blank=True)
     parts = models.JSONField(default=list, blank=True)  # storage names, in order
     # The request writing it now, and until when its lease holds (apps.datasets.tus._Lease).
     writer = models.UUIDField(null=True, blank=True)

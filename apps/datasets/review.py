@@ -78,8 +78,17 @@ def _matches(finder: str, f: Flags | None) -> bool:
 
 
 def version_images(
-    version: DatasetVersion, *, label: str = "", split: str = "", finder: str = "", page: int = 1, page_size: int = 60
+    version: DatasetVersion,
+    *,
+    label: str = "",
+    split: str = "",
+    finder: str = "",
+    page: int = 1,
+    page_size: int = 60,
+    with_dismissed: bool = False,
 ) -> dict:
+    """One page of the version's images; a finder filter leaves out dismissed images unless
+    `with_dismissed`."""
     if finder and finder not in FINDER_FILTERS:
         raise UserError(f"Unknown finder '{finder}'. Valid choices: {', '.join(FINDER_FILTERS)}.")
     if split and split not in ("train", "val", "test"):
@@ -92,8 +101,11 @@ def version_images(
     rows: list[Sample] = [
         s for s in index.samples if (not label or s.label == label) and (not split or s.split == split)
     ]
+    dismissed = set(version.dataset.dismissed)
     if finder:
-        rows = [s for s in rows if _matches(finder, flags.get(s.sha256))]
+        rows = [
+            s for s in rows if _matches(finder, flags.get(s.sha256)) and (with_dismissed or s.sha256 not in dismissed)
+        ]
         rows.sort(key=lambda s: -flags[s.sha256].rank())
     pages = max(1, math.ceil(len(rows) / page_size))
     start = (page - 1) * page_size
@@ -111,6 +123,7 @@ def version_images(
                 "label_issue": f.label_issue,
                 "near_duplicates": f.near_duplicates,
                 "outlier": f.outlier,
+                "dismissed": s.sha256 in dismissed,
             }
         )
     return {"count": len(rows), "page": page, "pages": pages, "results": results}

@@ -49,7 +49,9 @@ from apps.common.requests import AuthenticatedRequest
 from apps.common.schema import TUS_RESUMABLE, tus_header
 from apps.common.storage import PIECE, StreamReader, delete_prefix, delete_quietly, save_stream, stored_pieces
 from apps.datasets.models import Dataset, Upload
+from apps.datasets.selectors import dataset_get
 from apps.datasets.services import dataset_create_stored
+from apps.datasets.versions import version_add_stored
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,10 @@ ZIP_TAIL = 128 * 1024  # a zip's end-of-directory record (and its comment) sits 
 # --- services --------------------------------------------------------------------------------
 
 
-def upload_create(*, owner: User, length: int, filename: str = "", name: str = "") -> Upload:
+def upload_create(
+    *, owner: User, length: int, filename: str = "", name: str = "", add_to: Dataset | None = None, note: str = ""
+) -> Upload:
+    """A resumable upload: of a new dataset, or of images to add to `add_to` as its next version."""
     if length <= 0:
         raise UserError("The file is empty.")
     if length > settings.GRAFT_MAX_UPLOAD_BYTES:
@@ -72,10 +77,14 @@ def upload_create(*, owner: User, length: int, filename: str = "", name: str = "
         )
     if filename and not filename.lower().endswith(".zip"):
         raise UserError(f"'{filename}' is not a .zip file. Upload a zip with one folder of images per class.")
+    if add_to is not None and add_to.status != Dataset.Status.READY:
+        raise UserError(f"Dataset '{add_to.name}' is not ready; add images once it is.", status_code=409)
     with transaction.atomic():  # parallel creations queue on the owner's lock: none passes the cap
         owner_locked(owner)
-        check_new_dataset(owner, length, resumable=True)
-        return Upload.objects.create(owner=owner, length=length, filename=filename[:255], name=name[:200])
+        check_new_dataset(owner, length, resumable=True, new_dataset=add_to is None)
+        return Upload.objects.create(
+            owner=owner, length=length, filename=filename[:255], name=name[:200], add_to=add_to, note=note[:300]
+        )
 
 
 def _offset_conflict(upload: Upload, offset: int) -> UserError:
@@ -191,22 +200,28 @@ def upload_finish(*, upload: Upload) -> Dataset | None:
         if exc.status_code == 423:
             return None
         raise
-    dataset = Dataset(owner=upload.owner, archive_bytes=upload.length)
+    adding = upload.add_to
+    dataset = adding or Dataset(owner=upload.owner, archive_bytes=upload.length)
     archive = None
+    version = None
     try:
         reader = StreamReader(stored_pieces(upload.parts, on_piece=lease.renew), tail=ZIP_TAIL)
-        archive = save_stream(f"{dataset.storage_prefix}archive.zip", reader)
+        where = f"additions/{uuid.uuid4().hex}.zip" if adding else "archive.zip"
+        archive = save_stream(f"{dataset.storage_prefix}{where}", reader)
         if reader.count != upload.length:  # parts lost (or written by an older release, on a local disk)
             raise UserError("This upload's data is gone; upload the file again.", status_code=410)
         if not zipfile.is_zipfile(io.BytesIO(reader.tail)):
             name = upload.filename or "The upload"
             raise UserError(f"'{name}' is not a zip archive. Upload a .zip with one folder of images per class.")
         with transaction.atomic():
-            dataset = dataset_create_stored(
-                dataset=dataset, archive=archive, name=upload.name, filename=upload.filename or "upload.zip"
-            )
+            if adding:
+                version = version_add_stored(dataset=adding, archive=archive, size=upload.length, note=upload.note)
+            else:
+                dataset = dataset_create_stored(
+                    dataset=dataset, archive=archive, name=upload.name, filename=upload.filename or "upload.zip"
+                )
             if not Upload.objects.filter(pk=upload.pk, writer=lease.token, dataset__isnull=True).update(
-                dataset=dataset, writer=None, writer_until=None, updated_at=timezone.now()
+                dataset=dataset, version=version, writer=None, writer_until=None, updated_at=timezone.now()
             ):
                 raise _LeaseLost
         archive = None
@@ -282,8 +297,12 @@ def _metadata(header: str) -> dict[str, str]:
     return out
 
 
-def _dataset_headers(dataset: Dataset) -> dict[str, str]:
-    return {"Graft-Dataset": str(dataset.pk), "Graft-Dataset-Url": f"/datasets/{dataset.pk}/"}
+def _dataset_headers(dataset: Dataset, upload: Upload) -> dict[str, str]:
+    headers = {"Graft-Dataset": str(dataset.pk), "Graft-Dataset-Url": f"/datasets/{dataset.pk}/"}
+    version = Upload.objects.filter(pk=upload.pk).values_list("version__number", flat=True).first()
+    if version:  # images added to the dataset: the version they make
+        headers["Graft-Version"] = str(version)
+    return headers
 
 
 class TusUploadListApi(APIView):
@@ -308,7 +327,12 @@ class TusUploadListApi(APIView):
         parameters=[
             TUS_RESUMABLE,
             tus_header("Upload-Length", "the file's size in bytes", kind=int),
-            tus_header("Upload-Metadata", "'filename <base64>,name <base64>'", required=False),
+            tus_header(
+                "Upload-Metadata",
+                "'filename <base64>,name <base64>'; to add images to a dataset as its next version: "
+                "'dataset <base64 id>,note <base64>'",
+                required=False,
+            ),
         ],
     )
     def post(self, request: AuthenticatedRequest) -> Response:
@@ -316,8 +340,18 @@ class TusUploadListApi(APIView):
         if length is None:
             raise UserError("The Upload-Length header is required (deferred length is not supported).")
         meta = _metadata(request.headers.get("Upload-Metadata", ""))
+        add_to = None
+        if meta.get("dataset"):
+            if not meta["dataset"].isdigit():
+                raise UserError("The 'dataset' metadata must be a dataset id.")
+            add_to = dataset_get(user=request.user, dataset_id=int(meta["dataset"]))
         upload = upload_create(
-            owner=request.user, length=length, filename=meta.get("filename", ""), name=meta.get("name", "")
+            owner=request.user,
+            length=length,
+            filename=meta.get("filename", ""),
+            name=meta.get("name", ""),
+            add_to=add_to,
+            note=meta.get("note", ""),
         )
         location = request.build_absolute_uri(reverse("api:upload", args=[upload.pk]))
         return Response(status=201, headers=_tus_headers(Location=location, **{"Upload-Offset": "0"}))
@@ -337,7 +371,7 @@ class TusUploadApi(APIView):
         if upload.offset == upload.length:  # complete: finish it if the last PATCH could not
             dataset = upload_finish(upload=upload)
             if dataset is not None:  # else another request is finishing it: ask again
-                headers.update(_dataset_headers(dataset))
+                headers.update(_dataset_headers(dataset, upload))
         return Response(status=200, headers=headers)
 
     @extend_schema(
@@ -364,7 +398,7 @@ class TusUploadApi(APIView):
             dataset = upload_finish(upload=upload)
             if dataset is None:
                 raise UserError("Another request is finishing this upload; ask again shortly.", status_code=423)
-            headers.update(_dataset_headers(dataset))
+            headers.update(_dataset_headers(dataset, upload))
         return Response(status=204, headers=headers)
 
     @extend_schema(

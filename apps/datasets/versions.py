@@ -671,3 +671,17 @@ def dataset_has_image(dataset: Dataset, sha256: str) -> bool:
     from apps.datasets.review import version_members
 
     return any(sha256 in version_members(v) for v in dataset.versions.exclude(manifest=""))
+
+
+def findings_dismiss(*, dataset: Dataset, sha256s: list[str], dismissed: bool = True) -> int:
+    """Dismiss (or restore) what the finders say of these images, in every version; returns how
+    many images are dismissed now."""
+    unknown = [s for s in sha256s if not dataset_has_image(dataset, s)]
+    if unknown:
+        raise UserError(f"{len(unknown)} image(s) are not in this dataset, e.g. {unknown[0][:64]!r}.")
+    with transaction.atomic():
+        current = set(Dataset.objects.select_for_update().filter(pk=dataset.pk).values_list("dismissed", flat=True)[0])
+        current = current | set(sha256s) if dismissed else current - set(sha256s)
+        Dataset.objects.filter(pk=dataset.pk).update(dismissed=sorted(current))
+    dataset.dismissed = sorted(current)
+    return len(current)

@@ -215,3 +215,49 @@ def test_a_job_trains_on_the_version_it_names(celery_worker_process, api_for, tm
     text = card.read("model_card.md").decode()
     assert "Trained on: dataset pets, version 1" in text
     assert job["metrics"]["num_train"] + job["metrics"]["num_val"] == 12  # v1's images, not v2's 11
+
+
+def test_images_added_over_tus_resume_and_make_a_version(celery_worker_process, api_for, tmp_path):
+    from tests.apps.test_uploads import TUS, _meta, _patch
+
+    alice, bob = api_for("alice"), api_for("bob")
+    ds = _upload(alice, tmp_path, class_folders({"cats": 6, "dogs": 6}))["id"]
+    data = make_zip(
+        tmp_path / "more.zip", {f"dogs/more_{i}.png": image_bytes(seed=500 + i) for i in range(4)}
+    ).read_bytes()
+    meta = _meta(filename="more.zip", dataset=str(ds), note="four more dogs")
+    # Bob cannot add to Alice's dataset.
+    r = bob.call("POST", "/uploads/", headers={**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": meta})
+    assert r.status_code == 404
+    r = alice.call("POST", "/uploads/", headers={**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": meta})
+    assert r.status_code == 201, r.text
+    url = r.headers["Location"]
+    half = len(data) // 2
+    assert _patch(alice, url, 0, data[:half]).status_code == 204
+    assert alice.session.head(url, headers=TUS, timeout=30).headers["Upload-Offset"] == str(half)
+    r = _patch(alice, url, half, data[half:])
+    assert r.status_code == 204, r.text
+    assert (r.headers["Graft-Dataset"], r.headers["Graft-Version"]) == (str(ds), "2")
+    v2 = alice.wait(f"/datasets/{ds}/versions/2/", ("ready", "failed"), timeout=180)
+    assert (v2["status"], v2["note"], v2["summary"]["added"]) == ("ready", "four more dogs", 4)
+    assert alice.call("GET", f"/datasets/{ds}/").json()["num_images"] == 16
+
+
+def test_dismissed_findings_leave_the_finder_filters(celery_worker_process, api_for, tmp_path):
+    api = api_for("alice")
+    ds = _upload(api, tmp_path, class_folders({"cats": 6, "dogs": 6}))["id"]
+    api.wait(f"/datasets/{ds}/versions/1/findings/", ("ready", "failed"), timeout=300)
+    rows = _images(api, ds, 1)
+    flagged = _images(api, ds, 1, finder="flagged")
+    target = [row["sha256"] for row in (flagged or rows)[:2]]
+    r = api.call("POST", f"/datasets/{ds}/dismissals/", json={"sha256s": target})
+    assert r.status_code == 200 and r.json() == {"dismissed": 2}
+    after = {row["sha256"] for row in _images(api, ds, 1, finder="flagged")}
+    assert not after & set(target)
+    assert len(_images(api, ds, 1, finder="flagged", dismissed=1)) == len(flagged)
+    assert all(row["dismissed"] == (row["sha256"] in target) for row in _images(api, ds, 1))
+    r = api.call("POST", f"/datasets/{ds}/dismissals/", json={"sha256s": target[:1], "dismissed": False})
+    assert r.json() == {"dismissed": 1}
+    bad = api.call("POST", f"/datasets/{ds}/dismissals/", json={"sha256s": ["0" * 64]})
+    assert bad.status_code == 400 and "not in this dataset" in bad.json()["error"]
+    assert api_for("bob").call("POST", f"/datasets/{ds}/dismissals/", json={"sha256s": target}).status_code == 404
