@@ -289,6 +289,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "DatasetStatusEnum": "apps.datasets.models.Dataset.Status",
         "JobStatusEnum": "apps.training.models.Job.Status",
+        "FindingsStatusEnum": "apps.datasets.models.DatasetVersion.FindingsStatus",
     },
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",

@@ -231,8 +231,8 @@ class Heartbeat:
     attempt's own row). When the row no longer matches (cancelled, deleted, or taken over by
     another worker) it sets `lost`, which the work checks between steps."""
 
-    def __init__(self, rows: QuerySet, label: str) -> None:
-        self.rows, self.label = rows, label
+    def __init__(self, rows: QuerySet, label: str, field: str = "heartbeat_at") -> None:
+        self.rows, self.label, self.field = rows, label, field
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{label}", daemon=True)
@@ -250,7 +250,7 @@ class Heartbeat:
             while not self._stop.wait(settings.GRAFT_HEARTBEAT_SECONDS):
                 try:
                     close_old_connections()
-                    if not self.rows.update(heartbeat_at=timezone.now()):
+                    if not self.rows.update(**{self.field: timezone.now()}):
                         self.lost.set()
                 except Exception:  # noqa: BLE001 - one missed beat (a database blip); the next may land
                     log.exception("heartbeat for %s failed", self.label)

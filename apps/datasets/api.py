@@ -99,7 +99,10 @@ class DatasetDetailApi(APIView):
 
 
 class VersionOutputSerializer(serializers.ModelSerializer):
-    parent = serializers.IntegerField(source="parent.number", allow_null=True, default=None, read_only=True)
+    # (`parent` and `label` are the JSON's names; on a DRF Field they are also attributes, hence the ignores.)
+    parent = serializers.IntegerField(  # type: ignore[assignment]
+        source="parent.number", allow_null=True, default=None, read_only=True
+    )
 
     class Meta:
         model = DatasetVersion
@@ -135,7 +138,7 @@ class LabelIssueSerializer(serializers.Serializer):
 
     sha256 = serializers.CharField()
     member = serializers.CharField(help_text="its path in the archive it arrived in")
-    label = serializers.CharField()
+    label = serializers.CharField()  # type: ignore[assignment]
     suggested = serializers.CharField()
     score = serializers.FloatField(help_text="0..1, higher: more likely mislabelled")
 
@@ -170,7 +173,7 @@ class FindingsSerializer(serializers.Serializer):
 class ImageSerializer(serializers.Serializer):
     sha256 = serializers.CharField()
     member = serializers.CharField()
-    label = serializers.CharField()
+    label = serializers.CharField()  # type: ignore[assignment]
     split = serializers.CharField()
     width = serializers.IntegerField()
     height = serializers.IntegerField()
@@ -194,7 +197,7 @@ class VersionListCreateApi(APIView):
 
     @extend_schema_serializer(component_name="ChangeSet")
     class ChangeSerializer(serializers.Serializer):
-        parent = serializers.IntegerField(
+        parent = serializers.IntegerField(  # type: ignore[assignment]
             required=False, help_text="the version the changes were made on; 409 if a newer one exists"
         )
         relabel = serializers.DictField(child=serializers.CharField(), required=False, help_text="{sha256: class}")

@@ -371,6 +371,8 @@ def version_ingest(*, version: DatasetVersion) -> None:
             if not mine.update(warnings=[asdict(w) for w in warnings]):
                 return  # taken over meanwhile
             version.refresh_from_db()
+            if version.parent is None:  # its parent went meanwhile (versions are not deleted one by one)
+                raise DatasetError("The version these images were added to was deleted.")
             saved = _save_version(
                 dataset,
                 version.parent,
@@ -552,11 +554,26 @@ def findings_request(*, version: DatasetVersion) -> DatasetVersion:
     if version.status != DatasetVersion.Status.READY:
         raise UserError(f"Version {version.number} is not ready yet.", status_code=409)
     if version.findings_status in (DatasetVersion.FindingsStatus.QUEUED, DatasetVersion.FindingsStatus.RUNNING):
-        return version
+        return version  # already on their way (a silent run is failed by beat, then can be asked for again)
     DatasetVersion.objects.filter(pk=version.pk).update(findings_status=DatasetVersion.FindingsStatus.QUEUED)
     transaction.on_commit(lambda: enqueue_findings(version.pk))
     version.refresh_from_db()
     return version
+
+
+def findings_recover_stale() -> list[int]:
+    """Finders whose worker went silent (killed, or out of memory) fail with a sentence; the user
+    can run them again. Not re-queued by themselves: a version that kills its worker would loop."""
+    from datetime import timedelta
+
+    before = timezone.now() - timedelta(seconds=settings.GRAFT_JOB_STALE_SECONDS)
+    stale = DatasetVersion.objects.filter(findings_status=DatasetVersion.FindingsStatus.RUNNING, findings_at__lt=before)
+    ids = list(stale.values_list("pk", flat=True))
+    stale.filter(pk__in=ids).update(
+        findings_status=DatasetVersion.FindingsStatus.FAILED,
+        findings_error="The finders' worker stopped before they finished (killed, or out of memory); run them again.",
+    )
+    return ids
 
 
 def embeddings_name(dataset: Dataset) -> str:
@@ -571,14 +588,20 @@ def version_find(*, version_id: int) -> None:
     claimed = DatasetVersion.objects.filter(
         pk=version_id,
         status=DatasetVersion.Status.READY,
-        findings_status__in=[DatasetVersion.FindingsStatus.QUEUED, DatasetVersion.FindingsStatus.FAILED],
+        findings_status=DatasetVersion.FindingsStatus.QUEUED,
     ).update(findings_status=DatasetVersion.FindingsStatus.RUNNING, findings_at=timezone.now())
     if not claimed:
-        return
+        return  # a duplicate message, or the version went meanwhile
     mine = DatasetVersion.objects.filter(pk=version_id, findings_status=DatasetVersion.FindingsStatus.RUNNING)
     version = DatasetVersion.objects.select_related("dataset").get(pk=version_id)
     try:
-        with version_archive(version) as (path, index):
+        with (
+            work.Heartbeat(mine, f"findings-{version_id}", field="findings_at"),
+            version_archive(version) as (
+                path,
+                index,
+            ),
+        ):
             findings = find_issues(path, FinderConfig(device="cpu"), index=index)
             sha = {s.member: s.sha256 for s in index.samples}
             original = {s.sha256: s.member for s in version_index(version).samples}

@@ -36,9 +36,10 @@ def test_good_upload_becomes_ready_with_report(celery_worker_process, api_for, t
     body = _upload_and_wait(api, _zip_bytes(tmp_path, members))
     assert body["status"] == "ready", body
     assert body["num_images"] == 11
+    # Every image's split is written down at ingestion: the stratified split a fit makes (20 %).
     assert body["classes"] == [
-        {"name": "cats", "count": 6, "train": 0, "val": 0},
-        {"name": "dogs", "count": 5, "train": 0, "val": 0},
+        {"name": "cats", "count": 6, "train": 5, "val": 1},
+        {"name": "dogs", "count": 5, "train": 4, "val": 1},
     ]
     codes = {w["code"]: w for w in body["warnings"]}
     assert any("pets/dogs/broken.jpg" in f for f in codes["unreadable"]["files"])
@@ -46,8 +47,14 @@ def test_good_upload_becomes_ready_with_report(celery_worker_process, api_for, t
     prefix = Dataset.objects.get(pk=body["id"]).storage_prefix
     stored = stored_files(prefix)
     assert {f"{prefix}archive.zip", f"{prefix}manifest.json"} <= stored
-    # One stored thumbnail per image the page shows (11 readable, distinct images here).
-    assert len([f for f in stored if f.startswith(f"{prefix}thumbs/")]) == 11 == len(stored) - 2
+    # One stored thumbnail per image the page shows (11 readable, distinct images here), and one
+    # per image for the review gallery; the finders' results follow (a background task).
+    assert len([f for f in stored if f.startswith(f"{prefix}thumbs/")]) == 11
+    assert len([f for f in stored if f.startswith(f"{prefix}images/")]) == 11
+    assert all(
+        f.split("/")[2] in ("archive.zip", "manifest.json", "thumbs", "images", "findings", "embeddings.npz")
+        for f in stored
+    ), stored
 
 
 def _symlink_zip(tmp_path: Path) -> bytes:
