@@ -26,16 +26,20 @@ from apps.datasets.versions import (
     version_add,
     version_change,
     version_export,
+    version_head,
 )
 
 
 class DatasetOutputSerializer(serializers.ModelSerializer):
+    version = serializers.SerializerMethodField(help_text="its newest ready version's number (what training uses)")
+
     class Meta:
         model = Dataset
         fields = [
             "id",
             "name",
             "status",
+            "version",
             "num_images",
             "classes",
             "warnings",
@@ -45,6 +49,11 @@ class DatasetOutputSerializer(serializers.ModelSerializer):
             "archive_bytes",
             "created_at",
         ]
+
+
+    def get_version(self, dataset: Dataset) -> int | None:
+        head = version_head(dataset)
+        return head.number if head else None
 
 
 class DatasetListSerializer(serializers.ModelSerializer):

@@ -515,18 +515,23 @@ def export_name(version: DatasetVersion) -> str:
     return f"{safe}-v{version.number}.zip"
 
 
-def version_export(version: DatasetVersion):
+def version_export(version: DatasetVersion) -> Iterator[bytes]:
     """The version as a zip in Graft's own upload format (`train/<class>/…`, `val/<class>/…`), streamed
-    as it is written (zipstream-ng), its images read from storage where they lie (ranged reads on S3)."""
+    as it is written (zipstream-ng), its images read from storage where they lie (ranged reads on S3),
+    each source archive opened once."""
     from zipstream import ZIP_STORED, ZipStream
 
     index = version_index(version)
     upload = version.dataset.archive
     stream = ZipStream(compress_type=ZIP_STORED, sized=False)
     taken: set[str] = set()
+    sources = ExitStack()
+    opened: dict[str, zipfile.ZipFile] = {}
 
     def member_bytes(source: str, member: str) -> Iterator[bytes]:
-        with open_seekable(source) as fh, zipfile.ZipFile(fh) as zf, zf.open(member) as src:
+        if source not in opened:
+            opened[source] = sources.enter_context(zipfile.ZipFile(sources.enter_context(open_seekable(source))))
+        with opened[source].open(member) as src:
             while chunk := src.read(256 * 1024):
                 yield chunk
 
@@ -537,7 +542,12 @@ def version_export(version: DatasetVersion):
             name = f"{s.split or 'train'}/{s.label}/{s.sha256[:8]}-{base}"
         taken.add(name)
         stream.add(member_bytes(s.source or upload, s.member), name)
-    return stream
+
+    def body() -> Iterator[bytes]:
+        with sources:
+            yield from stream
+
+    return body()
 
 
 # --- finders ----------------------------------------------------------------------------------------
