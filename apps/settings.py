@@ -96,6 +96,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's assets, served by the app (no CDN)
     "axes",  # sign-in lockout after repeated failures (django-axes)
     "apps.accounts",
     "apps.datasets",
@@ -286,6 +287,10 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     # The schema maps every operation: for signed-in users and programs with a token, not anyone.
     "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    # The docs page (/api/v1/docs/) loads Swagger UI from the app's own static files.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     "ENUM_NAME_OVERRIDES": {
         "DatasetStatusEnum": "apps.datasets.models.Dataset.Status",
         "JobStatusEnum": "apps.training.models.Job.Status",

@@ -1,7 +1,7 @@
 from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from apps.accounts.api import TokenObtainApi
 from apps.common import health
@@ -73,6 +73,7 @@ api = [
         "batches/<int:batch_id>/predictions.json", BatchResultsApi.as_view(), {"fmt": "json"}, name="batch-results-json"
     ),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="docs"),
 ]
 
 urlpatterns = [
