@@ -18,6 +18,7 @@ urlpatterns = [
     path("tokens/", views.tokens, name="tokens"),
     path("upload/", views.upload, name="upload"),
     path("datasets/<int:dataset_id>/", views.dataset_detail, name="dataset"),
+    path("datasets/<int:dataset_id>/review/", views.dataset_review, name="review"),
     path("datasets/<int:dataset_id>/delete/", views.dataset_remove, name="dataset-delete"),
     path("datasets/<int:dataset_id>/train/", views.train, name="train"),
     path("datasets/<int:dataset_id>/thumb/", views.dataset_thumb, name="thumb"),

@@ -24,8 +24,9 @@ from apps.common.errors import UserError
 from apps.common.requests import AuthenticatedHttpRequest
 from apps.common.storage import open_if_stored
 from apps.common.throttles import throttle_posts
-from apps.datasets.models import Dataset
-from apps.datasets.selectors import dataset_get, dataset_index, dataset_list
+from apps.datasets.models import Dataset, DatasetVersion
+from apps.datasets.review import FINDER_FILTERS
+from apps.datasets.selectors import dataset_get, dataset_index, dataset_list, version_list
 from apps.datasets.services import dataset_delete, thumbnail_members, thumbnail_name
 from apps.datasets.versions import dataset_has_image, image_thumbnail
 from apps.serving.selectors import batch_get, model_get, model_list
@@ -126,7 +127,41 @@ def _dataset_context(dataset, error: str = "") -> dict:
         "default_backbone": DEFAULT_BACKBONE,
         "boundary": SIZE_BOUNDARY,
         "train_error": error,
+        # The train form's version choice: the ready ones, newest first (the default).
+        "ready_versions": list(
+            version_list(dataset=dataset).filter(status=DatasetVersion.Status.READY).only("number", "note")[:200]
+        ),
     }
+
+
+@login_required
+def dataset_review(request: AuthenticatedHttpRequest, dataset_id: int) -> HttpResponse:
+    """The review gallery of one version (`?v=N`; the newest ready one by default). The page is a
+    shell: images, findings and the change set go through the JSON API."""
+    dataset = dataset_get(user=request.user, dataset_id=dataset_id)
+    versions = list(version_list(dataset=dataset).defer("changes", "warnings"))
+    ready = [v for v in versions if v.status == DatasetVersion.Status.READY]
+    wanted = request.GET.get("v", "")
+    version = next((v for v in ready if str(v.number) == wanted), None) if wanted else None
+    if wanted and version is None:
+        messages.error(
+            request, f"Version {wanted[:12]} of '{dataset.name}' is not there or not ready; showing the newest."
+        )
+    version = version or (ready[0] if ready else None)
+    if version is None:
+        messages.error(request, f"'{dataset.name}' has no ready version to review yet.")
+        return redirect("web:dataset", dataset_id=dataset.pk)
+    return render(
+        request,
+        "web/review.html",
+        {
+            "dataset": dataset,
+            "version": version,
+            "versions": ready,
+            "newest": ready[0],
+            "finders": FINDER_FILTERS,
+        },
+    )
 
 
 @login_required
@@ -184,8 +219,11 @@ def train(request: AuthenticatedHttpRequest, dataset_id: int) -> HttpResponse:
     # A checkbox ticked by default: in the page's form (which carries `advanced`) absent means unticked.
     options["hflip"] = "hflip" in post if "advanced" in post else True
     options["lr_find"] = post.get("lr_find") == "on"
+    version = post.get("version", "")
+    if version and not version.isdigit():
+        return render(request, "web/dataset.html", _dataset_context(dataset, "Choose a version from the list."))
     try:
-        job = job_create(owner=request.user, dataset=dataset, **options)
+        job = job_create(owner=request.user, dataset=dataset, version=int(version) if version else None, **options)
     except UserError as exc:
         return render(request, "web/dataset.html", _dataset_context(dataset, exc.message), status=exc.status_code)
     return redirect("web:job", job_id=job.pk)
