@@ -26,8 +26,12 @@ from apps.serving.api import (
     ModelPredictApi,
     ModelPredictionImageApi,
     ModelPredictionsApi,
+    ProjectDetailApi,
+    ProjectListApi,
+    ProjectPredictApi,
+    ProjectPublishApi,
 )
-from apps.training.api import JobCancelApi, JobDetailApi, JobListCreateApi
+from apps.training.api import JobCancelApi, JobDetailApi, JobListCreateApi, JobRetrainApi
 
 api = [
     path("auth/token/", TokenObtainApi.as_view(), name="token"),
@@ -66,6 +70,11 @@ api = [
         ModelPredictionImageApi.as_view(),
         name="model-prediction-image",
     ),
+    path("projects/", ProjectListApi.as_view(), name="projects"),
+    path("projects/<int:project_id>/", ProjectDetailApi.as_view(), name="project"),
+    path("projects/<int:project_id>/publish/", ProjectPublishApi.as_view(), name="project-publish"),
+    path("projects/<int:project_id>/predict/", ProjectPredictApi.as_view(), name="project-predict"),
+    path("jobs/<int:job_id>/retrain/", JobRetrainApi.as_view(), name="job-retrain"),
     path("models/<int:model_id>/batch/", BatchListCreateApi.as_view(), name="model-batches"),
     path("batches/<int:batch_id>/", BatchDetailApi.as_view(), name="batch"),
     path("batches/<int:batch_id>/predictions.csv", BatchResultsApi.as_view(), {"fmt": "csv"}, name="batch-results-csv"),

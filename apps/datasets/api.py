@@ -326,6 +326,7 @@ class VersionExportApi(APIView):
 class DismissalsApi(APIView):
     """Dismiss what the finders say of some images (or restore it, `dismissed: false`), in every version."""
 
+    @extend_schema_serializer(component_name="DismissalsInput")
     class InputSerializer(serializers.Serializer):
         sha256s = serializers.ListField(child=serializers.CharField(max_length=64), max_length=10_000)
         dismissed = serializers.BooleanField(default=True)

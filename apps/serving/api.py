@@ -8,7 +8,13 @@ from django.conf import settings
 from django.http import FileResponse, QueryDict
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
-from drf_spectacular.utils import OpenApiTypes, extend_schema, extend_schema_serializer, inline_serializer
+from drf_spectacular.utils import (
+    OpenApiTypes,
+    extend_schema,
+    extend_schema_field,
+    extend_schema_serializer,
+    inline_serializer,
+)
 from rest_framework import serializers, status
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
@@ -19,21 +25,38 @@ from apps.common.pagination import paginated, paginated_response
 from apps.common.requests import AuthenticatedRequest
 from apps.common.storage import open_stream
 from apps.common.uploads import limit_upload_size
+from apps.datasets.models import Dataset
 from apps.datasets.selectors import dataset_get
 from apps.serving import predlog
 from apps.serving.batches import batch_create, batch_delete
 from apps.serving.cache import get_predictor
 from apps.serving.models import BatchPrediction, PredictionRecord, TrainedModel
+from apps.serving.projects import (
+    model_publish,
+    model_rename,
+    model_unpublish,
+    project_get,
+    project_list,
+    project_models,
+    project_published,
+    project_serving_model,
+)
 from apps.serving.selectors import batch_get, batch_list, model_get, model_list
 from apps.serving.services import model_delete, model_predict
 
 
 class ModelOutputSerializer(serializers.ModelSerializer):
+    project = serializers.IntegerField(source="dataset_id", allow_null=True, read_only=True)
+    version = serializers.IntegerField(source="version.number", allow_null=True, default=None, read_only=True)
+
     class Meta:
         model = TrainedModel
         fields = [
             "id",
             "name",
+            "project",
+            "version",
+            "published",
             "job",
             "backbone",
             "classes",
@@ -44,7 +67,7 @@ class ModelOutputSerializer(serializers.ModelSerializer):
             "prediction_log",
             "created_at",
         ]
-        read_only_fields = [f for f in fields if f != "prediction_log"]
+        read_only_fields = [f for f in fields if f not in ("prediction_log", "name")]
 
 
 class ModelListSerializer(serializers.ModelSerializer):
@@ -73,7 +96,8 @@ class ModelListApi(APIView):
 class ModelDetailApi(APIView):
     @extend_schema_serializer(component_name="ModelUpdate")
     class UpdateSerializer(serializers.Serializer):
-        prediction_log = serializers.ChoiceField(choices=TrainedModel.Log.choices)
+        name = serializers.CharField(required=False, max_length=200)
+        prediction_log = serializers.ChoiceField(choices=TrainedModel.Log.choices, required=False)
 
     @extend_schema(responses=ModelOutputSerializer)
     def get(self, request: AuthenticatedRequest, model_id: int) -> Response:
@@ -89,9 +113,13 @@ class ModelDetailApi(APIView):
         model = model_get(user=request.user, model_id=model_id)
         data = self.UpdateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        return Response(
-            ModelOutputSerializer(predlog.set_mode(model=model, mode=data.validated_data["prediction_log"])).data
-        )
+        if not data.validated_data:
+            raise UserError("Send 'name', 'prediction_log', or both.")
+        if "name" in data.validated_data:
+            model = model_rename(model=model, name=data.validated_data["name"])
+        if "prediction_log" in data.validated_data:
+            model = predlog.set_mode(model=model, mode=data.validated_data["prediction_log"])
+        return Response(ModelOutputSerializer(model).data)
 
 
 class PredictionRecordSerializer(serializers.ModelSerializer):
@@ -158,44 +186,147 @@ class ModelDownloadApi(APIView):
         return response
 
 
+PREDICT_REQUEST = {
+    "multipart/form-data": {
+        "type": "object",
+        "properties": {
+            "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+            "k": {"type": "integer"},
+        },
+    }
+}
+
+
 class ModelPredictApi(APIView):
     parser_classes = [MultiPartParser, FormParser]
 
-    @extend_schema(
-        request={
-            "multipart/form-data": {
-                "type": "object",
-                "properties": {
-                    "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                    "k": {"type": "integer"},
-                },
-            }
-        },
-        responses=OpenApiTypes.OBJECT,
-    )
+    @extend_schema(request=PREDICT_REQUEST, responses=OpenApiTypes.OBJECT)
     def post(self, request: AuthenticatedRequest, model_id: int) -> Response:
         started = time.perf_counter()
-        model = model_get(user=request.user, model_id=model_id)
-        limit_upload_size(request, settings.GRAFT_MAX_PREDICT_BYTES)
-        try:
-            k = int(cast(QueryDict, request.data).get("k", 5))  # the form parsers give a QueryDict
-        except (TypeError, ValueError):
-            raise UserError("'k' must be a whole number.") from None
-        if k < 1:
-            raise UserError("'k' must be at least 1.")
-        predictions = model_predict(model=model, images=request.FILES.getlist("image"), k=k, started=started)
-        return Response(
-            {
-                "predictions": predictions,
-                "model": {
-                    "id": model.pk,
-                    "name": model.name,
-                    "backbone": model.backbone,
-                    "classes": model.classes,
-                    "runtime": get_predictor(model).runtime,  # loaded by the prediction: a cache hit
-                },
-            }
-        )
+        return _predict_response(request, model_get(user=request.user, model_id=model_id), started)
+
+
+def _predict_response(request: AuthenticatedRequest, model: TrainedModel, started: float) -> Response:
+    limit_upload_size(request, settings.GRAFT_MAX_PREDICT_BYTES)
+    try:
+        k = int(cast(QueryDict, request.data).get("k", 5))  # the form parsers give a QueryDict
+    except (TypeError, ValueError):
+        raise UserError("'k' must be a whole number.") from None
+    if k < 1:
+        raise UserError("'k' must be at least 1.")
+    predictions = model_predict(model=model, images=request.FILES.getlist("image"), k=k, started=started)
+    return Response(
+        {
+            "predictions": predictions,
+            "model": {
+                "id": model.pk,
+                "name": model.name,
+                "backbone": model.backbone,
+                "classes": model.classes,
+                "runtime": get_predictor(model).runtime,  # loaded by the prediction: a cache hit
+            },
+        }
+    )
+
+
+# --- projects -------------------------------------------------------------------------------------
+
+
+class ProjectModelSerializer(serializers.ModelSerializer):
+    version = serializers.IntegerField(source="version.number", allow_null=True, default=None, read_only=True)
+    val_accuracy = serializers.SerializerMethodField()
+    strategy = serializers.SerializerMethodField()
+
+    class Meta:
+        model = TrainedModel
+        fields = ["id", "name", "version", "published", "published_at", "val_accuracy", "strategy", "job", "created_at"]
+
+    def get_val_accuracy(self, model: TrainedModel) -> float | None:
+        return model.metrics.get("val_accuracy")
+
+    def get_strategy(self, model: TrainedModel) -> str | None:
+        return model.strategy.get("name")
+
+
+class ProjectSerializer(serializers.ModelSerializer):
+    """A dataset's versions and the models trained on them (the project has the dataset's id)."""
+
+    versions = serializers.SerializerMethodField()
+    models = serializers.SerializerMethodField()
+    published = serializers.SerializerMethodField()
+    predict_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Dataset
+        fields = ["id", "name", "status", "versions", "models", "published", "predict_url", "created_at"]
+
+    @extend_schema_field(serializers.ListField(child=serializers.DictField()))
+    def get_versions(self, project: Dataset) -> list[dict]:
+        return [
+            {"number": v.number, "status": v.status, "num_images": v.num_images, "summary": v.summary,
+             "note": v.note, "created_at": v.created_at}
+            for v in project.versions.order_by("-number")
+        ]  # fmt: skip
+
+    @extend_schema_field(ProjectModelSerializer(many=True))
+    def get_models(self, project: Dataset) -> list[dict]:
+        return list(ProjectModelSerializer(project_models(project), many=True).data)
+
+    def get_published(self, project: Dataset) -> int | None:
+        model = project_published(project)
+        return model.pk if model else None
+
+    def get_predict_url(self, project: Dataset) -> str:
+        return reverse("api:project-predict", args=[project.pk])
+
+
+class ProjectListApi(APIView):
+    @extend_schema(operation_id="projects_list", responses=paginated(ProjectSerializer, "ProjectPage"))
+    def get(self, request: AuthenticatedRequest) -> Response:
+        return paginated_response(project_list(user=request.user), request, ProjectSerializer, self)
+
+
+class ProjectDetailApi(APIView):
+    @extend_schema(responses=ProjectSerializer)
+    def get(self, request: AuthenticatedRequest, project_id: int) -> Response:
+        return Response(ProjectSerializer(project_get(user=request.user, project_id=project_id)).data)
+
+
+class ProjectPublishApi(APIView):
+    """Publish one of the project's models behind its stable URL (`model`: null unpublishes)."""
+
+    @extend_schema_serializer(component_name="PublishInput")
+    class InputSerializer(serializers.Serializer):
+        model = serializers.IntegerField(allow_null=True)
+
+    @extend_schema(request=InputSerializer, responses=ProjectSerializer)
+    def post(self, request: AuthenticatedRequest, project_id: int) -> Response:
+        project = project_get(user=request.user, project_id=project_id)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        model_id = data.validated_data["model"]
+        if model_id is None:
+            current = project_published(project)
+            if current is not None:
+                model_unpublish(model=current)
+        else:
+            model = model_get(user=request.user, model_id=model_id)
+            if model.dataset_id != project.pk:
+                raise UserError(f"Model '{model.name}' belongs to another project.", status_code=409)
+            model_publish(model=model)
+        return Response(ProjectSerializer(project).data)
+
+
+class ProjectPredictApi(APIView):
+    """The project's published model answers: the URL stays when a better model is published."""
+
+    parser_classes = [MultiPartParser, FormParser]
+
+    @extend_schema(request=PREDICT_REQUEST, responses=OpenApiTypes.OBJECT)
+    def post(self, request: AuthenticatedRequest, project_id: int) -> Response:
+        started = time.perf_counter()
+        project = project_get(user=request.user, project_id=project_id)
+        return _predict_response(request, project_serving_model(project), started)
 
 
 class BatchOutputSerializer(serializers.ModelSerializer):

@@ -15,6 +15,16 @@ def model_storage_prefix() -> str:
 class TrainedModel(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="models")
     job = models.OneToOneField("training.Job", on_delete=models.SET_NULL, null=True, related_name="trained_model")
+    # Its project: the dataset, and the version of it, it was trained on (they may be deleted; it stays).
+    dataset = models.ForeignKey(
+        "datasets.Dataset", on_delete=models.SET_NULL, null=True, blank=True, related_name="trained_models"
+    )
+    version = models.ForeignKey(
+        "datasets.DatasetVersion", on_delete=models.SET_NULL, null=True, blank=True, related_name="trained_models"
+    )
+    # The one model of its project behind the project's stable prediction URL.
+    published = models.BooleanField(default=False)
+    published_at = models.DateTimeField(null=True, blank=True)
     name = models.CharField(max_length=200)
     storage_prefix = models.CharField(max_length=100, default=model_storage_prefix, unique=True, editable=False)
     bundle = models.CharField(max_length=300, help_text="Storage name of the bundle zip.")
@@ -35,6 +45,11 @@ class TrainedModel(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["dataset"], condition=models.Q(published=True), name="one_published_model_per_project"
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} (model {self.pk})"

@@ -41,7 +41,9 @@ def model_create(*, job: Job, bundle: StoredBundle, result) -> TrainedModel:
     return TrainedModel.objects.create(
         owner=job.owner,
         job=job,
-        name=job.dataset.name if job.dataset else f"job {job.pk}",
+        dataset=job.dataset,
+        version=job.version,
+        name=model_default_name(job, result.strategy),
         backbone=job.config.get("backbone", ""),
         classes=result.classes,
         metrics=result.metrics,
@@ -51,6 +53,17 @@ def model_create(*, job: Job, bundle: StoredBundle, result) -> TrainedModel:
         bundle_bytes=bundle.size,
         bundle_sha256=bundle.sha256,
     )
+
+
+def model_default_name(job: Job, strategy: dict) -> str:
+    """What tells a project's models apart at a glance: the version, the plan, and which of its kind
+    it is ("pets v2 · linear", then "pets v2 · linear #2"); renamed at will."""
+    if job.dataset is None:
+        return f"job {job.pk}"
+    version = f" v{job.version.number}" if job.version else ""
+    base = f"{job.dataset.name}{version} · {strategy.get('name', 'model')}"[:190]
+    same = TrainedModel.objects.filter(dataset=job.dataset, name__startswith=base).count()
+    return base if same == 0 else f"{base} #{same + 1}"
 
 
 def model_delete(*, model: TrainedModel) -> None:

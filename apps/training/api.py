@@ -10,7 +10,7 @@ from apps.common.requests import AuthenticatedRequest
 from apps.datasets.selectors import dataset_get
 from apps.training.models import Job
 from apps.training.selectors import job_get, job_list
-from apps.training.services import job_cancel, job_create, job_delete
+from apps.training.services import job_cancel, job_create, job_delete, job_retrain
 from ml.backbones import REGISTRY
 from ml.fit import MAX_BUDGET, MAX_EPOCHS, MAX_SEED
 from ml.strategy import STRATEGIES
@@ -131,3 +131,12 @@ class JobCancelApi(APIView):
     def post(self, request: AuthenticatedRequest, job_id: int) -> Response:
         job = job_cancel(job=job_get(user=request.user, job_id=job_id))
         return Response(JobOutputSerializer(job).data)
+
+
+class JobRetrainApi(APIView):
+    """A new job with this job's options, on its dataset's newest version."""
+
+    @extend_schema(request=None, responses={201: JobOutputSerializer})
+    def post(self, request: AuthenticatedRequest, job_id: int) -> Response:
+        job = job_retrain(job=job_get(user=request.user, job_id=job_id))
+        return Response(JobOutputSerializer(job).data, status=status.HTTP_201_CREATED)

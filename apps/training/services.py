@@ -94,6 +94,15 @@ def job_create(*, owner: User, dataset: Dataset, version: int | None = None, **o
     return job
 
 
+def job_retrain(*, job: Job) -> Job:
+    """Train again with `job`'s options, on its dataset's newest version (one click after relabelling,
+    adding images, a cancel or a failure)."""
+    if job.dataset is None:
+        raise UserError(f"The dataset of job {job.pk} was deleted; there is nothing to train on.", status_code=409)
+    options = {k: v for k, v in job.config.items() if k in USER_OPTIONS}
+    return job_create(owner=job.owner, dataset=job.dataset, **options)
+
+
 def _version_for_job(dataset: Dataset, number: int | None) -> DatasetVersion | None:
     versions = dataset.versions.filter(status=DatasetVersion.Status.READY)
     if number is None:

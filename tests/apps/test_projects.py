@@ -1,0 +1,111 @@
+"""Projects: a dataset's versions and its models as one timeline; one published model behind a URL
+that stays while better models are published; rename and retrain. A second user reaches none of it."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import User
+from django.db import IntegrityError, transaction
+
+from apps.datasets.models import Dataset
+from apps.serving.models import TrainedModel
+from tests.conftest import class_folders, image_bytes, make_zip
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+def _project(api, tmp_path) -> int:
+    data = make_zip(tmp_path / "pets.zip", class_folders({"cat": 6, "dog": 6})).read_bytes()
+    r = api.upload(data, "pets.zip", name="pets")
+    assert r.status_code == 201, r.text
+    assert api.wait(f"/datasets/{r.json()['id']}/", ("ready", "failed"), timeout=180)["status"] == "ready"
+    return r.json()["id"]
+
+
+def _predict(api, path: str) -> tuple[int, dict]:
+    r = api.call("POST", path, files={"image": ("x.png", image_bytes(seed=3))})
+    return r.status_code, r.json()
+
+
+def test_the_project_url_serves_the_published_model_and_never_a_deleted_one(
+    celery_worker_process, api_for, make_tiny_model, tmp_path
+):
+    api = api_for("alice")
+    pid = _project(api, tmp_path)
+    owner = User.objects.get(username="alice")
+    a, b = make_tiny_model(owner, "a", seed=1), make_tiny_model(owner, "b", seed=2)
+    TrainedModel.objects.filter(pk__in=[a.pk, b.pk]).update(dataset_id=pid)
+    url = f"/projects/{pid}/predict/"
+
+    status, body = _predict(api, url)
+    assert status == 404 and "has no published model yet" in body["error"]
+    r = api.call("POST", f"/projects/{pid}/publish/", json={"model": a.pk})
+    assert r.status_code == 200 and r.json()["published"] == a.pk
+    status, body = _predict(api, url)
+    assert status == 200 and body["model"]["id"] == a.pk and len(body["predictions"]) == 1
+    # A better model is published: the same URL, now B.
+    api.call("POST", f"/projects/{pid}/publish/", json={"model": b.pk})
+    assert _predict(api, url)[1]["model"]["id"] == b.pk
+    assert TrainedModel.objects.filter(dataset_id=pid, published=True).count() == 1
+    detail = api.call("GET", f"/projects/{pid}/").json()
+    assert detail["published"] == b.pk and {m["id"] for m in detail["models"]} == {a.pk, b.pk}
+    assert [v["number"] for v in detail["versions"]] == [1] and detail["predict_url"].endswith(url)
+    # The model's own URL still works; deleting the published one leaves the project URL empty, not served by A.
+    assert _predict(api, f"/models/{a.pk}/predict/")[0] == 200
+    assert api.call("DELETE", f"/models/{b.pk}/").status_code == 204
+    status, body = _predict(api, url)
+    assert status == 404 and "no published model" in body["error"]
+    # The database holds at most one published model per project, whatever a caller does.
+    TrainedModel.objects.filter(pk=a.pk).update(published=True)
+    other = make_tiny_model(owner, "c", seed=3)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        TrainedModel.objects.filter(pk=other.pk).update(dataset_id=pid, published=True)
+
+
+def test_publishing_names_the_right_project_and_owner(celery_worker_process, api_for, make_tiny_model, tmp_path):
+    alice, bob = api_for("alice"), api_for("bob")
+    pid = _project(alice, tmp_path)
+    owner = User.objects.get(username="alice")
+    stray = make_tiny_model(owner, "stray")  # no project: its dataset is gone
+    r = alice.call("POST", f"/projects/{pid}/publish/", json={"model": stray.pk})
+    assert r.status_code == 409 and "another project" in r.json()["error"]
+    mine = make_tiny_model(owner, "mine", seed=4)
+    TrainedModel.objects.filter(pk=mine.pk).update(dataset_id=pid)
+    for method, path, kw in [
+        ("GET", f"/projects/{pid}/", {}),
+        ("POST", f"/projects/{pid}/publish/", {"json": {"model": mine.pk}}),
+        ("POST", f"/projects/{pid}/predict/", {"files": {"image": ("x.png", image_bytes())}}),
+        ("PATCH", f"/models/{mine.pk}/", {"json": {"name": "bob's now"}}),
+    ]:
+        assert bob.call(method, path, **kw).status_code == 404, (method, path)
+    assert bob.call("GET", "/projects/").json()["results"] == []
+    assert [p["id"] for p in alice.call("GET", "/projects/").json()["results"]] == [pid]
+
+
+def test_models_are_renamed_and_retrained_with_their_options(celery_worker_process, api_for, make_tiny_model, tmp_path):
+    api = api_for("alice")
+    pid = _project(api, tmp_path)
+    owner = User.objects.get(username="alice")
+    model = make_tiny_model(owner, "pets")
+    r = api.call("PATCH", f"/models/{model.pk}/", json={"name": "  pets, fixed labels  "})
+    assert r.status_code == 200 and r.json()["name"] == "pets, fixed labels"
+    assert api.call("PATCH", f"/models/{model.pk}/", json={"name": "   "}).json()["error"]
+    assert api.call("PATCH", f"/models/{model.pk}/", json={}).status_code == 400
+
+    job = api.call("POST", "/jobs/", json={"dataset": pid, "strategy": "linear", "seed": 7, "hflip": False}).json()
+    api.call("POST", f"/jobs/{job['id']}/cancel/")
+    rows = api.call("GET", f"/datasets/{pid}/versions/1/images/").json()["results"]
+    api.call("POST", f"/datasets/{pid}/versions/", json={"remove": [rows[0]["sha256"]]})
+    again = api.call("POST", f"/jobs/{job['id']}/retrain/")
+    assert again.status_code == 201, again.text
+    body = again.json()
+    assert body["version"] == 2 and body["status"] == "queued"
+    assert {k: body["config"][k] for k in ("strategy", "seed", "hflip")} == {
+        "strategy": "linear",
+        "seed": 7,
+        "hflip": False,
+    }
+    api.call("POST", f"/jobs/{body['id']}/cancel/")
+    Dataset.objects.filter(pk=pid).delete()
+    gone = api.call("POST", f"/jobs/{job['id']}/retrain/")
+    assert gone.status_code == 409 and "was deleted" in gone.json()["error"]
