@@ -4,7 +4,7 @@ python -m ml fit DATASET.zip --out DIR [--strategy auto|linear|stages|partial|fu
                  [--budget SECONDS] [--max-epochs N] [--no-hflip] [--lr-find] [--resolution auto|native]
                  [--search N] [--checkpoint FILE] [--json]
 python -m ml predict DIR_OR_BUNDLE_ZIP IMAGE... [-k 5]
-python -m ml inspect DATASET.zip [--backbone NAME] [--json]
+python -m ml inspect DATASET.zip [--backbone NAME] [--cache FILE.npz] [--json]
 python -m ml backbones
 """
 
@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--backbone", default=DEFAULT_BACKBONE)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--json", action="store_true", help="print the findings as JSON (last line)")
+    i.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="embeddings by image content (.npz): read if it exists, then written with every image of this run",
+    )
     i.set_defaults(func=_inspect)
     b = sub.add_parser("backbones", help="list backbones and whether their weights are here")
     b.set_defaults(func=_backbones)
@@ -174,7 +180,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ml.finders import FinderConfig, find_issues
+    from ml.finders import EmbeddingCache, FinderConfig, find_issues
 
     if not args.dataset.is_file():
         print(f"error: no such file: {args.dataset}", file=sys.stderr)
@@ -190,14 +196,23 @@ def _inspect(args: argparse.Namespace) -> int:
         if done >= total:
             bar.close()
 
-    findings = find_issues(args.dataset, FinderConfig(backbone=args.backbone, seed=args.seed), progress=progress)
+    cache = EmbeddingCache()
+    if args.cache is not None and args.cache.is_file():
+        cache = EmbeddingCache.from_bytes(args.cache.read_bytes())
+    config = FinderConfig(backbone=args.backbone, seed=args.seed)
+    findings = find_issues(args.dataset, config, cache=cache, progress=progress)
     for bar in bars.values():
         bar.close()
+    if args.cache is not None:
+        args.cache.write_bytes(cache.to_bytes())
     if args.json:
         print(json.dumps(findings.to_dict()))
         return 0
     probe = findings.probe
-    print(f"{findings.num_images} images; out-of-fold probe accuracy {probe['cv_accuracy']:.3f} (C={probe['C']:g})")
+    print(
+        f"{findings.num_images} images ({findings.embedded} embedded, the rest from the cache); "
+        f"out-of-fold probe accuracy {probe['cv_accuracy']:.3f} (C={probe['C']:g})"
+    )
     print(f"likely label errors: {len(findings.label_issues)}")
     for issue in findings.label_issues[:20]:
         print(f"  {issue.member}: filed as {issue.label!r}, looks like {issue.suggested!r} ({issue.score:.2f})")

@@ -1,12 +1,18 @@
-"""Finders: likely label errors, near-duplicates and outliers in a dataset, from one frozen pass.
+"""Finders: likely label errors, near-duplicates and outliers in a dataset, from one decode pass.
 
-    index the archive -> split it as a fit would -> top-layer features of every image
-    (frozen backbone, eval, no grad, batched; once) -> three finders on those features:
+    index the archive -> split it as a fit would -> decode every image once, into two views:
+      - the probe view: the backbone's own preprocessing at the input size a fit would choose
+        (`choose_preprocessing`), top-layer features: what the probe reads;
+      - the duplicate view: every image reduced to one coarse common size, the backbone's
+        stride-8 stage pooled into a 4x4 grid: detail and layout, not the class;
+    (frozen backbone, eval, no grad, batched; images already in an `EmbeddingCache` are skipped)
+    -> three finders on those features:
     - label issues: out-of-fold probabilities of the cross-validated probe (the fit's logistic
       regression, C chosen by log loss), ranked by confident learning (`cleanlab`);
-    - near-duplicates: pairs of images whose L2-normalised embeddings are closer than a
-      threshold calibrated on re-encoded, resized and cropped copies (see DUPLICATE_SIMILARITY);
-    - outliers: images far from every class (nearest-neighbour distance, normalised per class).
+    - near-duplicates: mutual nearest neighbours in the duplicate view whose distance is a small
+      fraction of the distance to either one's next neighbour (a ratio test, see DUPLICATE_RATIO);
+    - outliers: images far from every class (nearest-neighbour distance in the probe view, normalised
+      per class).
 
 Results are frozen dataclasses; `Findings.to_dict()` is the one JSON shape the CLI prints and
 the app stores. Members are named by their path in the archive.
@@ -14,8 +20,9 @@ the app stores. Members are named by their path in the archive.
 
 from __future__ import annotations
 
+import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,38 +30,52 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from ml.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
-from ml.dataset import DatasetIndex, IngestConfig, index_dataset, split_samples
+from ml.backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone, get_spec
+from ml.dataset import DatasetIndex, IngestConfig, Sample, index_dataset, split_samples
 from ml.errors import ConfigError
-from ml.features import ZipImages, extract_features, iter_batches
-from ml.preprocess import eval_transform
+from ml.features import ZipImages, iter_batches
+from ml.preprocess import choose_preprocessing, eval_transform
 from ml.probe import out_of_fold_proba
+from ml.runtime import tune_allocator
 
 DuplicateKind = Literal["cross-class", "cross-split", "same-class"]
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 
-# Cosine similarity of L2-normalised coarse embeddings above which two images are near-duplicates.
-# From `python -m tests.benchmarks.bench_curate` (copy_similarity): copies re-encoded at JPEG quality 70,
-# resized to half and cropped to 90 % against each image's most similar other image. Hymenoptera (photos):
-# copies min 0.835, p05 0.844, median 0.924; distinct images p99 0.842, max 0.852. On steel textures the
-# distinct images reach 0.951 (p99 0.941) while copies have p05 0.849: one absolute threshold does not
-# hold across domains (README, "Finders"; a relative rule is the open item).
-DUPLICATE_SIMILARITY = 0.85
+# Near-duplicates: a pair of images is one when each is the other's nearest neighbour in the duplicate view
+# and their cosine distance is at most DUPLICATE_RATIO times the distance from either of them to its next
+# nearest image (Lowe's ratio test, relative to the dataset's own spacing, so one setting holds on photos and
+# on textures alike). Calibrated with `python -m tests.benchmarks.bench_curate` on copies re-encoded at JPEG
+# quality 70, resized to half and cropped to the central 90 %, planted into val/ and into another class
+# (5 % of the training images each), per kind recall / precision (every other pair of that kind counted
+# false), on four of the eight shared datasets:
+#   ratio   hymenoptera   NEU steel          chest X-ray        flowers
+#   0.70    1.00 / 1.00   1.00 / 1.00        0.85-0.90 / 1.00   1.00 / 1.00
+#   0.75    1.00 / 1.00   1.00 / 0.96-1.00   0.95 / 1.00        1.00 / 1.00
+#   0.80    1.00 / 1.00   1.00 / 0.89-1.00   0.95 / 1.00        1.00 / 1.00
+# An absolute cosine threshold does not carry across domains: distinct steel textures reach 0.94 in this view
+# while planted copies of X-rays start at 0.91. The pooled top layer (the view before) separated them worse:
+# at its best ratio, steel 0.40 recall and chest 0.28 at precision 0.95. Copies of 8-px digits (4-px JPEGs)
+# are beyond any view: at 4x4 px, 16 % of them are nearest to their original among 400 digits (README).
+DUPLICATE_RATIO = 0.75
+# The duplicate view: every image reduced to a short side of half the dataset's 5th-percentile short side
+# (a copy at half size then holds as much detail as its original), floored to a multiple of 8 in
+# [MIN_COARSE_SIDE, DUPLICATE_SIDE] (so that a few added images rarely change it and cached features
+# stay valid), then read at DUPLICATE_SIDE px by the body up to its stride-8 stage, pooled to a
+# DUPLICATE_GRID x DUPLICATE_GRID grid. Global pooling keeps what a texture is made of and drops where
+# things are; the grid keeps that, and a stride-8 stage holds detail the top layer has already abstracted.
+DUPLICATE_SIDE = 96
+MIN_COARSE_SIDE = 8
+DUPLICATE_GRID = 4
+DUPLICATE_VIEW_VERSION = 2  # part of the cache key: bump when the duplicate view changes
 # cleanlab's rule. prune_by_class (the paper's "C_confusion"-ranked pruning, per given class) had the best
 # precision and recall together over the first four datasets the benchmark measured (README, "Finders").
 FILTER_BY = "prune_by_class"
 # The probe's C path for out-of-fold probabilities: the fit's path without its two weakest penalties, which
 # the CV log loss never chose with noisy labels (more noise, more regularisation) and which are the slowest.
 ISSUE_CS = (1e-4, 1e-3, 1e-2, 1e-1)
-# Near-duplicates are compared at a coarse, common resolution: every image reduced to a short side of
-# half the dataset's 5th-percentile short side (at most DUPLICATE_SIDE), then read at DUPLICATE_SIDE px.
-# At the native 240 px a half-size copy is a blurred image and its embedding moves more than the gap
-# between distinct images (README, "Finders": 71 % of copies were their original's mutual nearest
-# neighbour on hymenoptera at 240 px, 100 % at 96 px).
-DUPLICATE_SIDE = 96
-MIN_COARSE_SIDE = 8
 NEIGHBOURS = 5  # outliers: mean distance to this many nearest images of a class
 MAX_OUTLIERS = 10
 FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given")
@@ -67,7 +88,7 @@ class FinderConfig:
     seed: int = 0
     folds: int = 5  # of the cross-validated probe whose out-of-fold probabilities are ranked
     filter_by: str = FILTER_BY
-    duplicate_similarity: float = DUPLICATE_SIMILARITY
+    duplicate_ratio: float = DUPLICATE_RATIO
     max_outliers: int = MAX_OUTLIERS
     batch_size: int = 64
     device: str = "auto"  # "auto" -> cuda when available, else cpu
@@ -76,8 +97,8 @@ class FinderConfig:
     def validate(self) -> None:
         if self.filter_by not in FILTERS:
             raise ConfigError(f"Unknown filter_by '{self.filter_by}'. Valid choices: {', '.join(FILTERS)}.")
-        if not 0.0 < self.duplicate_similarity <= 1.0:
-            raise ConfigError("duplicate_similarity must be in (0, 1].")
+        if not 0.0 < self.duplicate_ratio <= 1.0:
+            raise ConfigError("duplicate_ratio must be in (0, 1].")
         if not 2 <= self.folds <= 20:
             raise ConfigError("folds must be between 2 and 20.")
         if not 0.0 < self.val_fraction < 1.0:
@@ -96,7 +117,7 @@ class LabelIssue:
 class NearDuplicate:
     members: tuple[str, str]
     kind: DuplicateKind  # cross-class (a conflict), cross-split (train/val leakage) or same-class
-    similarity: float  # cosine similarity of the embeddings
+    similarity: float  # cosine similarity in the duplicate view
 
 
 @dataclass(frozen=True)
@@ -113,6 +134,7 @@ class Findings:
     num_images: int = 0
     probe: dict[str, Any] = field(default_factory=dict)  # C, cv_accuracy, cv_loss of the probe ranked
     timings: dict[str, float] = field(default_factory=dict)
+    embedded: int = 0  # images decoded and embedded by this run (the rest came from the cache)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -126,22 +148,74 @@ class Findings:
             ],
             "outliers": [{"member": o.member, "score": round(o.score, 4)} for o in self.outliers],
             "num_images": self.num_images,
+            "embedded": self.embedded,
             "probe": self.probe,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
 
+class EmbeddingCache:
+    """Embeddings by image content: view key -> {sha256 -> vector}.
+
+    A view key names everything a vector depends on besides the image's bytes (backbone, input size,
+    the duplicate view's coarse side and version), so one cache serves every version of a dataset:
+    relabels and removals reuse every vector, added images are embedded alone. Vectors are kept as
+    float16, and `find_issues` rounds fresh ones the same way, so a run that reads the cache and one
+    that fills it see the same numbers. `to_bytes`/`from_bytes` round-trip through an .npz (no pickle)."""
+
+    def __init__(self) -> None:
+        self._views: dict[str, dict[str, np.ndarray]] = {}
+
+    def get(self, view: str, sha256: str) -> np.ndarray | None:
+        return self._views.get(view, {}).get(sha256)
+
+    def put(self, view: str, sha256: str, vector: np.ndarray) -> None:
+        self._views.setdefault(view, {})[sha256] = np.asarray(vector, dtype=np.float16)
+
+    def has(self, view: str, sha256: str) -> bool:
+        return sha256 in self._views.get(view, {})
+
+    def counts(self) -> dict[str, int]:
+        """How many images each view holds."""
+        return {view: len(vectors) for view, vectors in self._views.items()}
+
+    def images(self) -> set[str]:
+        return {sha for vectors in self._views.values() for sha in vectors}
+
+    def __len__(self) -> int:
+        return len(self.images())
+
+    def to_bytes(self) -> bytes:
+        arrays: dict[str, np.ndarray] = {"views": np.array(list(self._views), dtype=str)}
+        for i, vectors in enumerate(self._views.values()):
+            arrays[f"sha_{i}"] = np.array(list(vectors), dtype=str)
+            dim = next(iter(vectors.values())).shape[0] if vectors else 0
+            arrays[f"vec_{i}"] = np.stack(list(vectors.values())) if vectors else np.zeros((0, dim), np.float16)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> EmbeddingCache:
+        cache = cls()
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            for i, view in enumerate(z["views"]):
+                shas, vectors = z[f"sha_{i}"], z[f"vec_{i}"].astype(np.float16)
+                cache._views[str(view)] = {str(s): v for s, v in zip(shas, vectors, strict=True)}
+        return cache
+
+
 @dataclass(frozen=True)
 class Embedding:
-    """Every train and validation image: its member, class id, split and top-layer features."""
+    """Every train and validation image: its member, class id, split and features in both views."""
 
     classes: list[str]
     members: list[str]
     labels: np.ndarray  # (N,) class ids
     splits: list[str]  # "train" or "val"
-    features: np.ndarray  # (N, D) at the backbone's own preprocessing: what the probe reads
-    # (N, D) at a common low resolution (see DUPLICATE_SIDE): what near-duplicates and outliers compare
-    coarse: np.ndarray | None = None
+    features: np.ndarray  # (N, D) probe view: the backbone's own preprocessing; what the probe reads
+    coarse: np.ndarray | None = None  # (N, D') duplicate view (see DUPLICATE_SIDE); None: use `features`
+    embedded: int = 0  # images embedded to make this (not taken from a cache)
 
 
 def find_issues(
@@ -149,25 +223,20 @@ def find_issues(
     config: FinderConfig = FinderConfig(),
     *,
     index: DatasetIndex | None = None,
+    cache: EmbeddingCache | None = None,
     progress: ProgressFn | None = None,
 ) -> Findings:
-    """Index `archive` (unless `index` is given), embed it once, and run the three finders."""
+    """Index `archive` (unless `index` is given), embed the images `cache` does not hold yet (it holds
+    every image of this run afterwards), and run the three finders."""
     config.validate()
     timings: dict[str, float] = {}
-    with _timed(timings, "decode"):
-        if index is None:
+    if index is None:
+        with _timed(timings, "index"):
             index = index_dataset(archive, config.ingest, _phase(progress, "decode"))
     with _timed(timings, "features"):
-        emb = embed(archive, index, config, progress=_phase(progress, "features"))
-    findings = find_in_embedding(emb, config)
-    return Findings(
-        findings.label_issues,
-        findings.near_duplicates,
-        findings.outliers,
-        findings.num_images,
-        findings.probe,
-        {**timings, **findings.timings},
-    )
+        emb = embed(archive, index, config, cache=cache, progress=_phase(progress, "features"))
+    found = find_in_embedding(emb, config)
+    return replace(found, timings={**timings, **found.timings}, embedded=emb.embedded)
 
 
 def embed(
@@ -175,70 +244,120 @@ def embed(
     index: DatasetIndex,
     config: FinderConfig = FinderConfig(),
     *,
+    cache: EmbeddingCache | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Embedding:
-    """Top-layer features at the backbone's own preprocessing, train images first, then val."""
+    """Both views of every train and val image (train first, as `split_samples` splits), each image
+    decoded once; images in `cache` are not decoded at all."""
     train, val = split_samples(index, config.val_fraction, config.seed)
     samples = train + val
-    class_id = {c: i for i, c in enumerate(index.classes)}
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else "cpu")
-    if config.device not in ("auto", "cpu"):
-        device = torch.device(config.device)
-    backbone = create_backbone(config.backbone)
-    members = [s.member for s in samples]
-    feats = extract_features(backbone, archive, members, batch_size=config.batch_size, device=device, progress=progress)
+    spec = get_spec(config.backbone)
+    prep, _ = choose_preprocessing(spec.preprocessing, [min(s.width, s.height) for s in samples])
     side = coarse_side([min(s.width, s.height) for s in samples])
-    coarse = extract_coarse_features(backbone, archive, members, side, batch_size=config.batch_size, device=device)
+    probe_key = f"{config.backbone}/top@{prep.input_size}r{prep.resize_size}"
+    dup_key = f"{config.backbone}/dup{DUPLICATE_VIEW_VERSION}@{DUPLICATE_SIDE}s{side}"
+    cache = cache if cache is not None else EmbeddingCache()
+    todo = [s for s in samples if not (cache.has(probe_key, s.sha256) and cache.has(dup_key, s.sha256))]
+    if todo:
+        probe, dup = _embed_views(archive, todo, prep, side, config, progress)
+        for s, p, d in zip(todo, probe, dup, strict=True):
+            cache.put(probe_key, s.sha256, p)
+            cache.put(dup_key, s.sha256, d)
+    class_id = {c: i for i, c in enumerate(index.classes)}
     return Embedding(
         classes=list(index.classes),
-        members=members,
-        labels=np.array([class_id[s.label] for s in samples]),
+        members=[s.member for s in samples],
+        labels=np.array([class_id[s.label] for s in samples], dtype=np.int64),
         splits=["train"] * len(train) + ["val"] * len(val),
-        features=feats,
-        coarse=coarse,
+        features=_stack(cache, probe_key, samples),
+        coarse=_stack(cache, dup_key, samples),
+        embedded=len({s.sha256 for s in todo}),
     )
 
 
+def _stack(cache: EmbeddingCache, view: str, samples: Sequence[Sample]) -> np.ndarray:
+    vectors = [cache.get(view, s.sha256) for s in samples]
+    return np.stack([v for v in vectors if v is not None]).astype(np.float32)
+
+
 def coarse_side(short_sides: list[int]) -> int:
-    """The short side every image is reduced to before it is compared with the others: half the
-    5th-percentile short side (a copy at half size then holds as much detail as its original),
+    """The short side every image is reduced to in the duplicate view: half the 5th-percentile short
+    side (a copy at half size then holds as much detail as its original), floored to a multiple of 8,
     within [MIN_COARSE_SIDE, DUPLICATE_SIDE]."""
     p5 = float(np.percentile(short_sides, 5)) if short_sides else DUPLICATE_SIDE
-    return int(min(DUPLICATE_SIDE, max(MIN_COARSE_SIDE, p5 // 2)))
+    return int(min(DUPLICATE_SIDE, max(MIN_COARSE_SIDE, int(p5 // 2) // 8 * 8)))
 
 
-def extract_coarse_features(
-    backbone: Backbone,
+def duplicate_stage(backbone: Backbone) -> str:
+    """The last stage whose output keeps 1/8 of the input's side (blocks.2 of EfficientNet-Lite,
+    layer2 of a ResNet): fine enough to tell two textures apart, coarse enough to ignore JPEG noise."""
+    shapes: dict[str, int] = {}
+    modules = dict(backbone.body.named_modules())
+    hooks = [
+        modules[name].register_forward_hook(lambda _m, _i, out, name=name: shapes.__setitem__(name, out.shape[-1]))
+        for name in backbone.stages
+    ]
+    try:
+        with torch.inference_mode():
+            backbone.body(torch.zeros(1, 3, 64, 64))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [name for name in backbone.stages if shapes[name] >= 64 // 8][-1]
+
+
+def _embed_views(
     archive: Path,
-    members: list[str],
+    samples: list[Sample],
+    prep: Preprocessing,
     side: int,
-    *,
-    batch_size: int = 64,
-    device: torch.device = torch.device("cpu"),
-) -> np.ndarray:
-    """Top-layer features of every image reduced to a short side of `side` px, then brought to the
-    DUPLICATE_SIDE-px input the backbone reads (full view, centre crop of the long side only)."""
-    prep = replace(backbone.spec.preprocessing, input_size=DUPLICATE_SIDE, resize_size=DUPLICATE_SIDE)
-    to_tensor = eval_transform(prep)
+    config: FinderConfig,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(probe features, duplicate-view features) of `samples`, rounded to float16 as the cache keeps
+    them. One decode per image feeds both views (a JPEG decoded at the larger view's draft size)."""
+    tune_allocator()
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else "cpu")
+    if config.device not in ("auto", "cpu"):
+        device = torch.device(config.device)
+    backbone = create_backbone(config.backbone).eval()
+    stage = duplicate_stage(backbone)
+    # torch's stubs lack the (device, memory_format) form of Module.to, which it accepts.
+    body = backbone.to(device, memory_format=torch.channels_last).body  # type: ignore[call-overload]
+    head = backbone.truncated(stage)
+    to_probe = eval_transform(prep)
+    to_dup = eval_transform(replace(prep, input_size=DUPLICATE_SIDE, resize_size=DUPLICATE_SIDE))
+    n_probe = 3 * prep.input_size * prep.input_size
 
-    def load(img: Image.Image) -> torch.Tensor:
+    def both(img: Image.Image) -> torch.Tensor:
+        probe = to_probe(img)
         scale = side / max(1, min(img.size))
         if scale < 1:
             img = img.resize(
                 (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BOX
             )
-        return to_tensor(img)
+        return torch.cat([probe.flatten(), to_dup(img).flatten()])
 
-    images = ZipImages(archive, load, min_side=side)
-    body = backbone.eval().to(device).body
-    out = np.empty((len(members), 0), dtype=np.float32)
-    chunks = []
+    images = ZipImages(archive, both, min_side=max(prep.resize_size, side))
+    probe_out = np.empty((len(samples), backbone.feature_dim), dtype=np.float32)
+    dup_out: np.ndarray | None = None
+    done = 0
     with torch.inference_mode():
-        for batch in iter_batches(images.load, members, batch_size):
-            chunks.append(body(batch.to(device)).float().cpu().numpy())
-    if chunks:
-        out = np.concatenate(chunks)
-    return out
+        for batch in iter_batches(images.load, [s.member for s in samples], config.batch_size):
+            x = batch[:, :n_probe].reshape(-1, 3, prep.input_size, prep.input_size)
+            y = batch[:, n_probe:].reshape(-1, 3, DUPLICATE_SIDE, DUPLICATE_SIDE)
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            y = y.to(device).contiguous(memory_format=torch.channels_last)
+            probe_out[done : done + len(batch)] = body(x).float().cpu().numpy()
+            grid = F.adaptive_avg_pool2d(head(y), DUPLICATE_GRID).flatten(1).float().cpu().numpy()
+            if dup_out is None:
+                dup_out = np.empty((len(samples), grid.shape[1]), dtype=np.float32)
+            dup_out[done : done + len(batch)] = grid
+            done += len(batch)
+            if progress:
+                progress(done, len(samples))
+    assert dup_out is not None
+    return probe_out.astype(np.float16), dup_out.astype(np.float16)
 
 
 def find_in_embedding(emb: Embedding, config: FinderConfig = FinderConfig()) -> Findings:
@@ -247,14 +366,13 @@ def find_in_embedding(emb: Embedding, config: FinderConfig = FinderConfig()) -> 
     timings: dict[str, float] = {}
     with _timed(timings, "label_issues"):
         issues, probe = find_label_issues(emb, config)
-    with _timed(timings, "neighbours"):
-        unit = _normalise(emb.coarse if emb.coarse is not None else emb.features)
-        neighbours = Neighbours.compute(unit, emb.labels, len(emb.classes))
     with _timed(timings, "near_duplicates"):
-        dups = find_near_duplicates(emb, neighbours, config.duplicate_similarity)
+        dup_unit = _normalise(emb.coarse if emb.coarse is not None else emb.features)
+        dups = find_near_duplicates(emb, nearest(dup_unit, k=2), config.duplicate_ratio)
     with _timed(timings, "outliers"):
+        neighbours = Neighbours.compute(_normalise(emb.features), emb.labels, len(emb.classes))
         outliers = find_outliers(emb, neighbours, config.max_outliers)
-    return Findings(tuple(issues), tuple(dups), tuple(outliers), len(emb.members), probe, timings)
+    return Findings(tuple(issues), tuple(dups), tuple(outliers), len(emb.members), probe, timings, emb.embedded)
 
 
 # --- label issues --------------------------------------------------------------------------------
@@ -289,59 +407,52 @@ def rank_label_issues(labels: np.ndarray, proba: np.ndarray, filter_by: str = FI
     """Positions cleanlab flags, least likely label first."""
     from cleanlab.filter import find_label_issues
 
-    ranked = find_label_issues(
-        labels, proba, filter_by=filter_by, return_indices_ranked_by="self_confidence", n_jobs=1
-    )  # n_jobs=1: no process pool (a Celery worker's child is a daemon, which may not fork one)
+    ranked = find_label_issues(labels, proba, filter_by=filter_by, return_indices_ranked_by="self_confidence")
     return [int(i) for i in ranked]
 
 
-# --- neighbours: near-duplicates and outliers ----------------------------------------------------
+# --- near-duplicates -----------------------------------------------------------------------------
 
 CHUNK = 1024  # rows of the similarity matrix held at once
 
 
-@dataclass(frozen=True)
-class Neighbours:
-    """Each image's nearest others (any class), and its mean distance to the nearest of each class."""
-
-    index: np.ndarray  # (N, k) nearest other images, most similar first
-    similarity: np.ndarray  # (N, k) their cosine similarities
-    class_distance: np.ndarray  # (N, C) mean cosine distance to the NEIGHBOURS nearest of each class
-
-    @classmethod
-    def compute(cls, unit: np.ndarray, labels: np.ndarray, num_classes: int, k: int = 8) -> Neighbours:
-        n = len(unit)
-        k = min(k, n - 1)
-        index = np.empty((n, k), dtype=np.int64)
-        sim = np.empty((n, k), dtype=np.float32)
-        class_distance = np.full((n, num_classes), np.inf, dtype=np.float32)
-        columns = [np.flatnonzero(labels == c) for c in range(num_classes)]
-        for start in range(0, n, CHUNK):
-            rows = np.arange(start, min(n, start + CHUNK))
-            s = unit[rows] @ unit.T
-            s[np.arange(len(rows)), rows] = -np.inf  # not its own neighbour
-            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-            top_s = np.take_along_axis(s, top, 1)
-            order = np.argsort(-top_s, axis=1)
-            index[rows] = np.take_along_axis(top, order, 1)
-            sim[rows] = np.take_along_axis(top_s, order, 1)
-            for c, cols in enumerate(columns):
-                m = min(NEIGHBOURS, len(cols) - 1)
-                if m < 1:
-                    continue
-                near = -np.partition(-s[:, cols], m - 1, axis=1)[:, :m]
-                class_distance[rows, c] = 1.0 - np.where(np.isfinite(near), near, np.nan).mean(1)
-        return cls(index, sim, class_distance)
+def nearest(unit: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k most similar other rows (indices, cosine similarities), most similar first."""
+    n = len(unit)
+    k = max(0, min(k, n - 1))
+    index = np.empty((n, k), dtype=np.int64)
+    sim = np.empty((n, k), dtype=np.float32)
+    if k == 0:
+        return index, sim
+    for start in range(0, n, CHUNK):
+        rows = np.arange(start, min(n, start + CHUNK))
+        s = unit[rows] @ unit.T
+        s[np.arange(len(rows)), rows] = -np.inf  # not its own neighbour
+        top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        top_s = np.take_along_axis(s, top, 1)
+        order = np.argsort(-top_s, axis=1)
+        index[rows] = np.take_along_axis(top, order, 1)
+        sim[rows] = np.take_along_axis(top_s, order, 1)
+    return index, sim
 
 
-def find_near_duplicates(emb: Embedding, nb: Neighbours, threshold: float) -> list[NearDuplicate]:
-    """Pairs of distinct images whose cosine similarity reaches `threshold`, most similar first."""
-    pairs: dict[tuple[int, int], float] = {}
-    for i, j in zip(*np.nonzero(nb.similarity >= threshold), strict=True):
-        other = int(nb.index[i, j])
-        a, b = sorted((int(i), other))
-        pairs[(a, b)] = float(nb.similarity[i, j])
-    found = [NearDuplicate((emb.members[a], emb.members[b]), _kind(emb, a, b), s) for (a, b), s in pairs.items()]
+def find_near_duplicates(
+    emb: Embedding, near: tuple[np.ndarray, np.ndarray], ratio: float = DUPLICATE_RATIO
+) -> list[NearDuplicate]:
+    """Mutual nearest neighbours whose distance is at most `ratio` times the distance from either
+    one to its next nearest image (1 when there is none), most similar first."""
+    index, sim = near
+    if index.shape[1] == 0:
+        return []
+    found = []
+    for a in range(len(index)):
+        b = int(index[a, 0])
+        if b <= a or index[b, 0] != a:
+            continue
+        distance = max(0.0, 1.0 - float(sim[a, 0]))
+        runner_up = max(float(sim[a, 1]), float(sim[b, 1])) if index.shape[1] > 1 else 0.0
+        if distance <= ratio * max(0.0, 1.0 - runner_up):
+            found.append(NearDuplicate((emb.members[a], emb.members[b]), _kind(emb, a, b), float(sim[a, 0])))
     return sorted(found, key=lambda d: (-d.similarity, d.members))
 
 
@@ -351,6 +462,33 @@ def _kind(emb: Embedding, a: int, b: int) -> DuplicateKind:
     if emb.splits[a] != emb.splits[b]:
         return "cross-split"
     return "same-class"
+
+
+# --- outliers ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """Each image's mean cosine distance to the NEIGHBOURS nearest images of each class."""
+
+    class_distance: np.ndarray  # (N, C)
+
+    @classmethod
+    def compute(cls, unit: np.ndarray, labels: np.ndarray, num_classes: int) -> Neighbours:
+        n = len(unit)
+        class_distance = np.full((n, num_classes), np.inf, dtype=np.float32)
+        columns = [np.flatnonzero(labels == c) for c in range(num_classes)]
+        for start in range(0, n, CHUNK):
+            rows = np.arange(start, min(n, start + CHUNK))
+            s = unit[rows] @ unit.T
+            s[np.arange(len(rows)), rows] = -np.inf  # not its own neighbour
+            for c, cols in enumerate(columns):
+                m = min(NEIGHBOURS, len(cols) - 1)
+                if m < 1:
+                    continue
+                near = -np.partition(-s[:, cols], m - 1, axis=1)[:, :m]
+                class_distance[rows, c] = 1.0 - np.where(np.isfinite(near), near, np.nan).mean(1)
+        return cls(class_distance)
 
 
 def find_outliers(emb: Embedding, nb: Neighbours, top: int = MAX_OUTLIERS) -> list[Outlier]:

@@ -1,5 +1,6 @@
 """ml.finders on tiny synthetic datasets (the real EfficientNet-Lite backbone, on the CPU):
-flipped labels, planted copies and an outlier are found; the JSON shape; `python -m ml inspect`."""
+flipped labels, planted copies and an outlier are found; the embedding cache (a relabelled or grown
+version embeds only what is new); the JSON shape; `python -m ml inspect`."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import random
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from ml.dataset import index_dataset
 from ml.finders import (
     Embedding,
+    EmbeddingCache,
     FinderConfig,
     Findings,
     LabelIssue,
@@ -34,9 +38,9 @@ def picture(colour: tuple[int, int, int], seed: int, size: int = 96) -> Image.Im
     rng = random.Random(seed)
     img = Image.new("RGB", (size, size), colour)
     draw = ImageDraw.Draw(img)
-    for _ in range(4):
+    for _ in range(3):
         x, y = rng.randrange(size - 20), rng.randrange(size - 20)
-        w, h = rng.randrange(10, 40), rng.randrange(10, 40)
+        w, h = rng.randrange(10, 30), rng.randrange(10, 30)
         shade = rng.randrange(40, 220)
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x, y, x + w, y + h), fill=(shade,) * 3)
     return img
@@ -76,11 +80,49 @@ def dataset(tmp_path_factory):
     noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
     members["train/red/noise.png"] = png(Image.fromarray(noise))
     path = make_zip(tmp_path_factory.mktemp("finders") / "colours.zip", members)
-    return path, find_issues(path, FinderConfig(folds=3))
+    cache = EmbeddingCache()
+    return path, find_issues(path, FinderConfig(folds=3), cache=cache), cache, members
+
+
+def test_the_cache_holds_every_image_and_a_relabelled_version_embeds_nothing(dataset):
+    """A version that relabels one image: read from the cache (after a trip through bytes), nothing is
+    decoded or embedded, the near-duplicates are the same, and the relabelled image is no longer an issue."""
+    path, first, cache, members = dataset
+    assert first.embedded == first.num_images == len(members) == len(cache)
+    index = index_dataset(path)
+    fixed = "train/green/flipped_red.png"
+    index.samples = [replace(s, label="red") if s.member == fixed else s for s in index.samples]
+    again = EmbeddingCache.from_bytes(cache.to_bytes())
+    second = find_issues(path, FinderConfig(folds=3), index=index, cache=again)
+    assert second.embedded == 0
+    assert second.near_duplicates == first.near_duplicates
+    assert fixed in {i.member for i in first.label_issues}
+    issues = {i.member: i for i in second.label_issues}
+    assert fixed not in issues
+    assert issues["train/blue/flipped_green.png"].suggested == "green"
+
+
+def test_a_version_with_an_added_image_embeds_only_that_image(dataset, tmp_path):
+    path, first, cache, members = dataset
+    grown = make_zip(tmp_path / "grown.zip", {**members, "train/blue/new.png": png(picture(COLOURS["blue"], 2001))})
+    findings = find_issues(grown, FinderConfig(folds=3), cache=EmbeddingCache.from_bytes(cache.to_bytes()))
+    assert findings.embedded == 1 and findings.num_images == len(members) + 1
+
+
+def test_cache_bytes_round_trip():
+    cache = EmbeddingCache()
+    cache.put("b/top@240r240", "aa", np.arange(4, dtype=np.float32))
+    cache.put("b/dup@96s48", "aa", np.ones(2, dtype=np.float32))
+    cache.put("b/dup@96s48", "bb", np.zeros(2, dtype=np.float32))
+    again = EmbeddingCache.from_bytes(cache.to_bytes())
+    assert again.counts() == {"b/top@240r240": 1, "b/dup@96s48": 2} and len(again) == 2
+    assert np.array_equal(again.get("b/top@240r240", "aa"), np.arange(4))
+    assert again.get("b/top@240r240", "bb") is None
+    assert len(EmbeddingCache.from_bytes(EmbeddingCache().to_bytes())) == 0
 
 
 def test_flipped_labels_are_flagged_with_the_true_class(dataset):
-    _, findings = dataset
+    _, findings, _, _ = dataset
     flagged = {i.member: i for i in findings.label_issues}
     assert flagged["train/green/flipped_red.png"].suggested == "red"
     assert flagged["train/blue/flipped_green.png"].suggested == "green"
@@ -90,7 +132,7 @@ def test_flipped_labels_are_flagged_with_the_true_class(dataset):
 
 @pytest.fixture(scope="module")
 def photos(datasets_dir, tmp_path_factory):
-    """24 real photos (the near-duplicate threshold is calibrated on photos, not on flat colours), one
+    """26 real photos (the near-duplicate rule is calibrated on real images, not on flat colours), one
     re-encoded/resized/cropped copy filed under the other class, one copy in val/."""
     members: dict[str, bytes] = {}
     with zipfile.ZipFile(datasets_dir / "hymenoptera.zip") as zf:
@@ -118,13 +160,13 @@ def test_copies_are_found_across_classes_and_across_the_split(photos):
 
 
 def test_a_noise_image_among_flat_colours_is_the_first_outlier(dataset):
-    _, findings = dataset
+    _, findings, _, _ = dataset
     assert findings.outliers[0].member == "train/red/noise.png"
     assert findings.outliers[0].score > 1
 
 
 def test_json_shape(dataset):
-    _, findings = dataset
+    _, findings, _, _ = dataset
     data = json.loads(json.dumps(findings.to_dict()))
     assert {"label_issues", "near_duplicates", "outliers"} <= set(data)
     assert all(set(i) == {"member", "label", "suggested", "score"} for i in data["label_issues"])
@@ -167,7 +209,7 @@ def test_finders_on_features_alone():
 
 
 def test_inspect_cli_prints_the_findings_as_its_last_line(dataset):
-    path, _ = dataset
+    path, _, _, _ = dataset
     proc = subprocess.run(
         [sys.executable, "-m", "ml", "inspect", str(path), "--json"],
         cwd=ROOT,
