@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 THUMB_SIDE = 160
 VAL_FRACTION = 0.2  # as the fit splits an upload without val/ (ml.fit.FitConfig.val_fraction)
+MAX_DISMISSALS = 10_000  # in one request
 MAX_LISTED_CHANGES = 10_000  # per kind, in a version's `changes` (the summary counts them all)
 
 
@@ -709,6 +710,8 @@ def dataset_has_image(dataset: Dataset, sha256: str) -> bool:
 def findings_dismiss(*, dataset: Dataset, sha256s: list[str], dismissed: bool = True) -> int:
     """Dismiss (or restore) what the finders say of these images, in every version; returns how
     many images are dismissed now."""
+    if len(sha256s) > MAX_DISMISSALS:
+        raise UserError(f"Dismiss at most {MAX_DISMISSALS:,} images at once.")
     unknown = [s for s in sha256s if not dataset_has_image(dataset, s)]
     if unknown:
         raise UserError(f"{len(unknown)} image(s) are not in this dataset, e.g. {unknown[0][:64]!r}.")
