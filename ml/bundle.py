@@ -9,6 +9,9 @@ Layout:
     metrics.json           validation metrics
     graft.json             machine-readable model card
     model_card.md          the same for people
+    predict.py             runs the ONNX model with onnxruntime, numpy and Pillow alone, preprocessing
+                           as the server does (ml/standalone_predict.py, copied)
+    README.md              how to run it
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ ONNX_OPSET = 18
 # The parity check feeds ONNX Runtime random images in batches of these (distinct) sizes,
 # so it also exercises the dynamic batch axis; PyTorch sees them as one batch.
 PARITY_BATCHES = (1, 2)
+# The bundle's own predictor: a module of this package that imports nothing from it.
+STANDALONE_PREDICT = Path(__file__).with_name("standalone_predict.py")
 
 
 class ExportError(MLError):
@@ -211,6 +216,8 @@ def write_bundle(
     _dump(folder / "metrics.json", metrics)
     _dump(folder / "graft.json", card)
     (folder / "model_card.md").write_text(_card_markdown(card, metrics), encoding="utf-8")
+    shutil.copyfile(STANDALONE_PREDICT, folder / "predict.py")
+    (folder / "README.md").write_text(_readme(classes), encoding="utf-8")
     with zipfile.ZipFile(archive, "w") as zf:
         for f in sorted(folder.iterdir()):
             # Float weights barely deflate (~7%) and deflating them took ~1 s; text files shrink well.
@@ -239,6 +246,44 @@ def _dist_version(name: str) -> str | None:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _readme(classes: list[str]) -> str:
+    return "\n".join(
+        [
+            f"# Graft model bundle: {', '.join(_md(c) for c in classes)}",
+            "",
+            "Run the model on any machine with Python 3; nothing from Graft is needed:",
+            "",
+            "```sh",
+            "pip install onnxruntime numpy pillow",
+            "python predict.py photo.jpg",
+            "```",
+            "",
+            "Each image prints one JSON line, its labels best first with their probabilities:",
+            "",
+            "```",
+            json.dumps(
+                {
+                    "file": "photo.jpg",
+                    "predictions": [{"label": c, "score": s} for c, s in zip(classes, (0.93, 0.05), strict=False)],
+                },
+                ensure_ascii=False,
+            ),
+            "```",
+            "",
+            "`--k 3` keeps three labels (default 5); several images may follow. An image that cannot be read "
+            'prints `{"file": ..., "error": ...}`, the rest go on, and the exit status is 1.',
+            "",
+            "`predict.py` reads `model.onnx`, `labels.json` and `preprocessing.json` from its own folder and "
+            "prepares each image as the Graft server does (EXIF orientation, conversion to RGB, resize, centre "
+            "crop, normalisation), so its scores are the server's.",
+            "",
+            "Also here: `model.torchscript.pt` (the same model for PyTorch), `metrics.json` (validation "
+            "metrics), `graft.json` and `model_card.md` (how the model was made).",
+            "",
+        ]
+    )
 
 
 def _data_lines(about: dict[str, Any]) -> list[str]:

@@ -1,0 +1,268 @@
+"""Predict with a Graft model bundle, anywhere: it needs only onnxruntime, numpy and Pillow.
+
+    pip install onnxruntime numpy pillow
+    python predict.py photo.jpg [more.png ...] [--k 5]
+
+Each image gives one JSON line, `{"file", "predictions": [{"label", "score"}, ...]}` best first,
+or `{"file", "error"}` when it cannot be read (the others go on; the exit status is then 1).
+The model (model.onnx), its labels (labels.json) and its preprocessing (preprocessing.json) are
+read from the folder this file is in: the unzipped bundle.
+
+The preprocessing is the server's, number for number: Graft decodes with Pillow (EXIF orientation,
+grayscale/RGBA/CMYK/16-bit to RGB, JPEG decoded at a reduced size where the input allows) and
+resizes with torchvision, whose uint8 kernel is not Pillow's `resize` (it quantises its weights
+to 16 bits at a precision of its own; Pillow's output differs by up to 2 levels), so that kernel
+is written out here in numpy.
+
+In the Graft repository this file is ml/standalone_predict.py; every bundle carries it as
+predict.py. It imports nothing from Graft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+try:
+    import numpy as np
+    import onnxruntime as ort
+    from PIL import Image, ImageOps, UnidentifiedImageError
+except ImportError as exc:  # pragma: no cover - the message is for a machine without them
+    sys.exit(f"predict.py needs onnxruntime, numpy and Pillow ({exc}): pip install onnxruntime numpy pillow")
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_K = 5  # what the server's prediction endpoint returns
+MAX_PIXELS = 64_000_000  # the server's cap on decoded pixels
+
+U8 = np.ndarray[Any, np.dtype[np.uint8]]
+F32 = np.ndarray[Any, np.dtype[np.float32]]
+I64 = np.ndarray[Any, np.dtype[np.int64]]
+
+
+# --- Decoding: the server's ml.images.decode_rgb, with min_side = resize_size -------------------
+
+
+class TooLarge(ValueError):
+    """More pixels than the server decodes."""
+
+
+def decode_rgb(data: bytes, min_side: int, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An upright RGB image, decoded (and reduced) exactly as the server decodes it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img: Image.Image = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width * height > max_pixels:
+            raise TooLarge(f"image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels")
+        if img.format == "JPEG":  # the decoder scales down by a power of two, keeping min_side
+            img.draft("RGB", _draft_target(width, height, min_side))
+        img.seek(0)  # first frame of animations
+        img.load()
+        img = _reduce(img, min_side)
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+
+
+def _draft_target(width: int, height: int, min_side: int) -> tuple[int, int]:
+    short = min(width, height)
+    if short <= min_side:
+        return width, height
+    scale = min_side / short
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _reduce(img: Image.Image, min_side: int) -> Image.Image:
+    """A non-JPEG image over 4x the input is box-reduced to about twice it before anything else."""
+    factor = min(img.size) // (2 * min_side)
+    if factor < 2:
+        return img
+    try:
+        if img.mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        elif img.mode.startswith("I;16"):
+            img = img.convert("I")
+        elif img.mode == "1":
+            img = img.convert("L")
+        if "A" in img.mode:
+            return Image.merge(img.mode, [img.getchannel(b).reduce(factor) for b in img.getbands()])
+        return img.reduce(factor)
+    except ValueError:
+        return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: rescaled, not clipped
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() or 1.0
+        img = Image.fromarray((arr * (255.0 / hi)).astype("uint8"), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")  # transparent pixels go on white
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+# --- Resizing: torchvision's antialiased uint8 resize (ATen's separable kernel) -----------------
+
+
+def _triangle(x: float) -> float:
+    x = abs(x)
+    return 1.0 - x if x < 1.0 else 0.0
+
+
+def _keys_cubic(x: float) -> float:
+    a = -0.5  # Keys' cubic, as Pillow and torchvision use with antialiasing
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2.0:
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
+
+
+FILTERS: dict[str, tuple[Callable[[float], float], int]] = {"bilinear": (_triangle, 2), "bicubic": (_keys_cubic, 4)}
+
+
+def _weights(in_size: int, out_size: int, interpolation: str) -> tuple[I64, I64, int]:
+    """Per output pixel: the source indices and their int16 weights, and the weights' precision (bits)."""
+    filter_fn, interp_size = FILTERS[interpolation]
+    scale = in_size / out_size
+    support = interp_size * 0.5 * scale if scale >= 1.0 else interp_size * 0.5
+    taps = math.ceil(support) * 2 + 1
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    index = np.zeros((out_size, taps), np.int64)
+    weight = np.zeros((out_size, taps), np.float64)
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        xmin = max(int(center - support + 0.5), 0)
+        xsize = min(max(min(int(center + support + 0.5), in_size) - xmin, 0), taps)
+        w = [filter_fn((j + xmin - center + 0.5) * invscale) for j in range(xsize)]
+        total = 0.0
+        for v in w:  # summed in order, as the kernel does
+            total += v
+        weight[i, :xsize] = [v / total for v in w] if total != 0.0 else w
+        index[i, :xsize] = range(xmin, xmin + xsize)
+    precision = 0
+    while precision < 22 and int(0.5 + weight.max() * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    scaled = weight * (1 << precision)
+    fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int64)
+    return index, fixed, precision
+
+
+def _resize_axis(x: U8, out_size: int, axis: int, interpolation: str) -> U8:
+    """Resample `x` (H, W, C) along `axis` in fixed point, rounding to uint8 as the kernel does."""
+    index, fixed, p = _weights(x.shape[axis], out_size, interpolation)
+    acc = np.full(x.shape[:axis] + (out_size,) + x.shape[axis + 1 :], 1 << (p - 1), np.int64)
+    shape = [1, 1, 1]
+    shape[axis] = out_size
+    for k in range(index.shape[1]):
+        acc += np.take(x, index[:, k], axis=axis).astype(np.int64) * fixed[:, k].reshape(shape)
+    out: U8 = np.clip(acc >> p, 0, 255).astype(np.uint8)
+    return out
+
+
+def resize_shorter(x: U8, size: int, interpolation: str) -> U8:
+    """torchvision's `resize(x, [size], antialias=True)` on a uint8 (H, W, C) image."""
+    h, w = x.shape[:2]
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if new_w != w:  # horizontal pass first, then vertical; an unchanged side is not resampled
+        x = _resize_axis(x, new_w, 1, interpolation)
+    if new_h != h:
+        x = _resize_axis(x, new_h, 0, interpolation)
+    return x
+
+
+def center_crop(x: U8, size: int) -> U8:
+    h, w = x.shape[:2]
+    if size > h or size > w:
+        raise ValueError(f"a {w}x{h} image is smaller than the {size}-px crop")
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return x[top : top + size, left : left + size]
+
+
+def preprocess(img: Image.Image, prep: dict[str, Any]) -> F32:
+    """An RGB image to the model's (3, S, S) float32 input: resize, centre crop, scale, normalise."""
+    if prep["interpolation"] not in FILTERS:
+        raise ValueError(f"interpolation must be one of {', '.join(FILTERS)}, not {prep['interpolation']!r}")
+    x = center_crop(
+        resize_shorter(np.asarray(img, np.uint8), prep["resize_size"], prep["interpolation"]), prep["input_size"]
+    )
+    scaled = x.transpose(2, 0, 1).astype(np.float32) * np.float32(1.0 / 255)
+    mean = np.asarray(prep["mean"], np.float32).reshape(3, 1, 1)
+    std = np.asarray(prep["std"], np.float32).reshape(3, 1, 1)
+    out: F32 = (scaled - mean) / std
+    return out
+
+
+# --- The model ------------------------------------------------------------------------------------
+
+
+class Model:
+    """The bundle in `folder`: its ONNX model, labels and preprocessing."""
+
+    def __init__(self, folder: Path = HERE) -> None:
+        self.labels: list[str] = json.loads((folder / "labels.json").read_text("utf-8"))
+        self.prep: dict[str, Any] = json.loads((folder / "preprocessing.json").read_text("utf-8"))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def predict(self, data: bytes, k: int = DEFAULT_K) -> list[dict[str, Any]]:
+        """Top-k {label, score} for one encoded image, best first (softmax probabilities)."""
+        x = preprocess(decode_rgb(data, self.prep["resize_size"]), self.prep)
+        logits = self.session.run(None, {self.input: x[None]})[0][0].astype(np.float32)
+        e = np.exp(logits - logits.max())
+        scores = e / e.sum()
+        best = np.argsort(-scores, kind="stable")[: max(1, min(k, len(self.labels)))]
+        return [{"label": self.labels[i], "score": float(scores[i])} for i in best]
+
+
+def _reason(exc: Exception) -> str:
+    """The server's words for an image it cannot decode."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image Pillow can read"
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"decompression-bomb guard: {exc}"
+    if isinstance(exc, TooLarge):
+        return str(exc)
+    return f"corrupt or truncated image ({exc.__class__.__name__}: {exc})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Top-k labels for images, one JSON line per image.")
+    parser.add_argument("images", nargs="+", type=Path)
+    parser.add_argument("--k", "-k", type=int, default=DEFAULT_K, help=f"labels per image (default {DEFAULT_K})")
+    args = parser.parse_args(argv)
+    model = Model()
+    failed = 0
+    for path in args.images:
+        line: dict[str, Any] = {"file": str(path)}
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            line["error"] = f"cannot be read: {exc.strerror or exc}"
+        else:
+            try:
+                line["predictions"] = model.predict(data, args.k)
+            except Exception as exc:  # noqa: BLE001 - hostile bytes make decoders raise anything
+                line["error"] = f"cannot be read as an image: {_reason(exc)}"
+        failed += "error" in line
+        print(json.dumps(line, ensure_ascii=False), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
