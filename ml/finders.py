@@ -407,7 +407,11 @@ def rank_label_issues(labels: np.ndarray, proba: np.ndarray, filter_by: str = FI
     """Positions cleanlab flags, least likely label first."""
     from cleanlab.filter import find_label_issues
 
-    ranked = find_label_issues(labels, proba, filter_by=filter_by, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: no process pool. The app runs the finders in a Celery worker's child, a daemon process,
+    # which may not start one (cleanlab's default is a pool over the physical cores).
+    ranked = find_label_issues(
+        labels, proba, filter_by=filter_by, return_indices_ranked_by="self_confidence", n_jobs=1
+    )
     return [int(i) for i in ranked]
 
 

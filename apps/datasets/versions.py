@@ -613,7 +613,9 @@ def version_find(*, version_id: int) -> None:
                 index,
             ),
         ):
-            findings = find_issues(path, FinderConfig(device="cpu"), index=index)
+            cache = _load_embeddings(version.dataset)
+            findings = find_issues(path, FinderConfig(device="cpu"), index=index, cache=cache)
+            _store_embeddings(version.dataset, cache)
             sha = {s.member: s.sha256 for s in index.samples}
             original = {s.sha256: s.member for s in version_index(version).samples}
         data = _with_shas(findings.to_dict(), sha, original)
@@ -639,6 +641,32 @@ def version_find(*, version_id: int) -> None:
         message = getattr(exc, "message", "") or "The finders failed unexpectedly; the operators have the details."
         log.exception("finders on version %s failed", version_id)
         mine.update(findings_status=DatasetVersion.FindingsStatus.FAILED, findings_error=message)
+
+
+def _load_embeddings(dataset: Dataset):
+    """The dataset's embeddings so far (by image content), or an empty cache."""
+    from ml.finders import EmbeddingCache
+
+    stream = None
+    try:
+        from apps.common.storage import open_if_stored
+
+        stream = open_if_stored(embeddings_name(dataset))
+        if stream is None:
+            return EmbeddingCache()
+        with stream:
+            return EmbeddingCache.from_bytes(stream.read())
+    except Exception:  # noqa: BLE001 - a damaged cache only costs the embeddings it held
+        log.exception("embeddings of dataset %s unreadable; starting over", dataset.pk)
+        return EmbeddingCache()
+
+
+def _store_embeddings(dataset: Dataset, cache) -> None:
+    """Replace the dataset's embeddings with `cache` (which holds every image the finders just read)."""
+    name = embeddings_name(dataset)
+    data = ContentFile(cache.to_bytes())
+    delete_quietly(name)
+    default_storage.save(name, data)
 
 
 def _with_shas(data: dict, sha: dict[str, str], original: dict[str, str]) -> dict:

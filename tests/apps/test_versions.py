@@ -12,6 +12,7 @@ import pytest
 
 from apps.accounts.quotas import usage
 from apps.datasets.models import Dataset
+from tests.apps.conftest import stored_files
 from tests.conftest import class_folders, image_bytes, make_zip
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -176,6 +177,16 @@ def test_finders_results_reach_the_images_list(celery_worker_process, api_for, t
     )
     bad = api.call("GET", f"/datasets/{ds}/versions/1/images/", params={"finder": "nonsense"})
     assert bad.status_code == 400 and "Unknown finder" in bad.json()["error"]
+    # The embeddings are kept by content for the next version, whose finders run by themselves.
+    prefix = Dataset.objects.get(pk=ds).storage_prefix
+    assert f"{prefix}embeddings.npz" in stored_files(prefix)
+    rows = _images(api, ds, 1)
+    api.call(
+        "POST",
+        f"/datasets/{ds}/versions/",
+        json={"relabel": {rows[0]["sha256"]: "dogs" if rows[0]["label"] == "cats" else "cats"}},
+    )
+    assert api.wait(f"/datasets/{ds}/versions/2/findings/", ("ready", "failed"), timeout=300)["status"] == "ready"
 
 
 def test_a_second_user_reaches_none_of_it(celery_worker_process, api_for, tmp_path):
