@@ -480,11 +480,26 @@ def _place(parent: DatasetIndex, new: list[Sample], *, own_split: bool) -> list[
 # --- reading a version's images --------------------------------------------------------------------
 
 
+def training_names(version: DatasetVersion) -> dict[str, tuple[str, str]]:
+    """How `version_archive` names each image for ml: {name: (stored archive, member in it)}. An image
+    keeps its member name unless another archive of the version has the same one (then `k/member`)."""
+    index = version_index(version)
+    upload = version.dataset.archive
+    sources = sorted({s.source or upload for s in index.samples})
+    seen = Counter(s.member for s in index.samples)
+    names = {}
+    for s in index.samples:
+        source = s.source or upload
+        name = s.member if seen[s.member] == 1 else f"{sources.index(source)}/{s.member}"
+        names[name] = (source, s.member)
+    return names
+
+
 @contextmanager
 def version_archive(version: DatasetVersion) -> Iterator[tuple[Path, DatasetIndex]]:
     """A local zip holding the version's images and the index that reads it, for ml (which reads one
     archive). A version whose images all sit in the upload uses the upload itself; otherwise the
-    images are gathered, stored uncompressed, into a scratch zip (its members renamed `k/member`)."""
+    images are gathered, stored uncompressed, into a scratch zip, named as `training_names` says."""
     index = version_index(version)
     upload = version.dataset.archive
     sources = sorted({s.source or upload for s in index.samples})
@@ -492,6 +507,7 @@ def version_archive(version: DatasetVersion) -> Iterator[tuple[Path, DatasetInde
         with local_copy(upload) as path:
             yield path, index
         return
+    names = {origin: name for name, origin in training_names(version).items()}
     settings.GRAFT_WORK_DIR.mkdir(parents=True, exist_ok=True)
     scratch = settings.GRAFT_WORK_DIR / f"version-{version.pk}-{uuid.uuid4().hex[:8]}.zip"
     try:
@@ -501,9 +517,9 @@ def version_archive(version: DatasetVersion) -> Iterator[tuple[Path, DatasetInde
                 name: stack.enter_context(zipfile.ZipFile(stack.enter_context(local_copy(name)))) for name in sources
             }
             for s in index.samples:
-                k = sources.index(s.source or upload)
-                member = f"{k}/{s.member}"
-                with readers[s.source or upload].open(s.member) as src, out.open(member, "w", force_zip64=True) as dst:
+                source = s.source or upload
+                member = names[(source, s.member)]
+                with readers[source].open(s.member) as src, out.open(member, "w", force_zip64=True) as dst:
                     shutil.copyfileobj(src, dst, 1024 * 1024)
                 renamed.append(replace(s, member=member, source=""))
         yield scratch, replace(index, samples=renamed)

@@ -54,19 +54,33 @@ def gallery_thumb_name(prefix: str, member: str) -> str:
     return f"{prefix}thumbs/{hashlib.sha256(member.encode()).hexdigest()[:24]}.jpg"
 
 
-def gallery_store(*, prefix: str, dataset: Dataset | None, metrics: dict[str, Any]) -> int:
+def gallery_store(
+    *,
+    prefix: str,
+    dataset: Dataset | None,
+    metrics: dict[str, Any],
+    origins: dict[str, tuple[str, str]] | None = None,
+) -> int:
     """Store the thumbnails of the misclassified images under the model's `prefix`; returns how many.
+    `origins` says where each image the fit named lies ({name: (stored archive, member)}: a dataset
+    version's images may sit in several archives); else they are members of the dataset's upload.
 
     Never raises: a model is worth keeping without its gallery (its page shows placeholders).
     """
     members = gallery_members(metrics)
     if not members or dataset is None or not dataset.archive:
         return 0
-    try:
-        return _store_thumbnails(prefix, dataset.archive, members)
-    except Exception:  # noqa: BLE001 - the archive gone (dataset deleted), storage down, a damaged zip
-        log.exception("gallery thumbnails of %s not made from %s", prefix, dataset.archive)
-        return 0
+    by_archive: dict[str, list[tuple[str, str]]] = {}
+    for name in members:
+        archive, member = (origins or {}).get(name, (dataset.archive, name))
+        by_archive.setdefault(archive, []).append((name, member))
+    stored = 0
+    for archive, pairs in by_archive.items():
+        try:
+            stored += _store_thumbnails(prefix, archive, pairs)
+        except Exception:  # noqa: BLE001 - the archive gone (dataset deleted), storage down, a damaged zip
+            log.exception("gallery thumbnails of %s not made from %s", prefix, archive)
+    return stored
 
 
 def gallery_open(*, prefix: str, member: str) -> IO[bytes] | None:
@@ -74,13 +88,15 @@ def gallery_open(*, prefix: str, member: str) -> IO[bytes] | None:
     return open_if_stored(gallery_thumb_name(prefix, member))
 
 
-def _store_thumbnails(prefix: str, archive: str, members: list[str]) -> int:
+def _store_thumbnails(prefix: str, archive: str, members: list[tuple[str, str]]) -> int:
+    """Thumbnails of `members` ((name the gallery uses, member in `archive`)) of one stored zip."""
     max_bytes = ingest_config().limits.max_member_bytes
     local = threading.local()
 
     with ExitStack() as opened, ThreadPoolExecutor(max_workers=4) as pool:  # S3: round trips, not bandwidth
 
-        def make(member: str) -> bool:
+        def make(pair: tuple[str, str]) -> bool:
+            name, member = pair
             if not hasattr(local, "zf"):  # a zip file object per thread: each seeks on its own
                 local.zf = opened.enter_context(_open_archive(archive))
             try:
@@ -89,7 +105,7 @@ def _store_thumbnails(prefix: str, archive: str, members: list[str]) -> int:
             except (KeyError, MLError, ImageDecodeError) as exc:  # not in the archive, damaged, undecodable
                 log.warning("gallery: no thumbnail of %r (%s)", member, exc)
                 return False
-            default_storage.save(gallery_thumb_name(prefix, member), ContentFile(jpeg))
+            default_storage.save(gallery_thumb_name(prefix, name), ContentFile(jpeg))
             return True
 
         return sum(pool.map(make, members))

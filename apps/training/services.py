@@ -34,7 +34,7 @@ from apps.common.errors import UserError
 from apps.common.storage import delete_prefix, delete_quietly, local_copy
 from apps.datasets.models import Dataset, DatasetVersion
 from apps.datasets.selectors import dataset_index
-from apps.datasets.versions import version_archive
+from apps.datasets.versions import training_names, version_archive
 from apps.training.models import Job, JobHistory
 from ml.checkpoint import read_record, write_record
 from ml.dataset import DatasetIndex
@@ -259,7 +259,8 @@ def job_run(*, job: Job) -> None:
                 result = fit(
                     archive, workdir, config, index=index, progress=recorder, checkpoints=checkpoints, about=about
                 )
-            _succeed(job, result, mine)  # storing a large bundle takes a while: still beating
+            origins = training_names(job.version) if job.version is not None else None
+            _succeed(job, result, mine, origins)  # storing a large bundle takes a while: still beating
     except Cancelled:
         log.info("job %s cancelled (or taken over by another worker)", job.pk)
     except MLError as exc:
@@ -345,7 +346,7 @@ class JobCheckpoints:
         faults.point("training.checkpoint")
 
 
-def _succeed(job: Job, result, mine) -> None:
+def _succeed(job: Job, result, mine, origins: dict[str, tuple[str, str]] | None = None) -> None:
     from apps.serving.services import bundle_store, model_create
     from apps.training.gallery import gallery_store
 
@@ -353,7 +354,9 @@ def _succeed(job: Job, result, mine) -> None:
     bundle = bundle_store(result.artifacts["bundle"])
     faults.point("training.bundle")
     try:
-        gallery_store(prefix=bundle.prefix, dataset=job.dataset, metrics=result.metrics)  # never raises
+        gallery_store(
+            prefix=bundle.prefix, dataset=job.dataset, metrics=result.metrics, origins=origins
+        )  # never raises
         with transaction.atomic():
             updated = _mark_succeeded(mine, result)
             if updated:  # not cancelled in the meantime

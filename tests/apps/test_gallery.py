@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import zipfile
+from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -131,6 +133,16 @@ def test_the_worker_stores_what_it_can_and_never_fails_the_job(ingested):
     assert stored_files(f"{prefix}thumbs/") == {gallery_thumb_name(prefix, w["file"]) for w in wrong}
     many = [{**wrong[0], "file": f"val/red/{i}.png"} for i in range(3 * GALLERY_SIZE)]
     assert gallery_members({"misclassified": many}) == [w["file"] for w in many[:GALLERY_SIZE]]  # what the page shows
+
+    # A version's images may sit in two archives (the upload, images added later), under one name each.
+    added = default_storage.save(
+        f"{dataset.storage_prefix}additions/more.zip",
+        ContentFile(make_zip(Path(settings.DATA_DIR) / "more.zip", {"owls/o.png": image_bytes(seed=77)}).read_bytes()),
+    )
+    origins = {"1/owls/o.png": (added, "owls/o.png"), "val/red/00.png": (dataset.archive, "val/red/00.png")}
+    both = {"misclassified": [{**wrong[0], "file": "1/owls/o.png"}, wrong[0]]}
+    assert gallery_store(prefix="models/gallery-test-4/", dataset=dataset, metrics=both, origins=origins) == 2
+    assert gallery_thumb_name("models/gallery-test-4/", "1/owls/o.png") in stored_files("models/gallery-test-4/")
 
     default_storage.delete(dataset.archive)  # the dataset deleted while the job ran
     assert gallery_store(prefix="models/gallery-test-2/", dataset=dataset, metrics=metrics) == 0
