@@ -1,4 +1,5 @@
-// Model page: the "try it" box posts an image to the prediction endpoint and draws top-k bars.
+// Model page: the "try it" box posts an image to the prediction endpoint and draws top-k bars;
+// "use it" shows one example program at a time (all of them without JavaScript).
 "use strict";
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -45,4 +46,23 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   if ($("#try-input").files[0]) predict($("#try-input").files[0]); // chosen before this script ran
   Graft.dropzone($("#try-drop"), $("#try-input"), (e) => { if (e.dataTransfer.files[0]) predict(e.dataTransfer.files[0]); });
+
+  const picker = $("#snippet-picker");
+  const choices = [...picker.querySelectorAll("[aria-controls]")];
+  function show(chosen) {
+    for (const b of choices) {
+      b.setAttribute("aria-pressed", String(b === chosen));
+      document.getElementById(b.getAttribute("aria-controls")).hidden = b !== chosen;
+    }
+  }
+  picker.addEventListener("click", (e) => {
+    const chosen = e.target.closest("[aria-controls]");
+    if (!chosen) return;
+    show(chosen);
+    try { localStorage.setItem("graft.snippet", chosen.textContent); } catch (_) { /* private mode */ }
+  });
+  let remembered = null;
+  try { remembered = localStorage.getItem("graft.snippet"); } catch (_) { /* private mode */ }
+  show(choices.find((b) => b.textContent === remembered) || choices[0]);
+  picker.hidden = false;
 });
