@@ -9,6 +9,7 @@ from django.http import FileResponse, QueryDict
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from drf_spectacular.utils import (
+    OpenApiParameter,
     OpenApiTypes,
     extend_schema,
     extend_schema_field,
@@ -30,6 +31,7 @@ from apps.datasets.selectors import dataset_get
 from apps.serving import predlog
 from apps.serving.batches import batch_create, batch_delete
 from apps.serving.cache import get_predictor
+from apps.serving.compare import models_compare
 from apps.serving.models import BatchPrediction, PredictionRecord, TrainedModel
 from apps.serving.projects import (
     model_publish,
@@ -421,3 +423,22 @@ class BatchResultsApi(APIView):
             filename=f"{stem}.{fmt}",
             content_type="text/csv" if fmt == "csv" else "application/json",
         )
+
+
+class ModelCompareApi(APIView):
+    """Two of your models side by side (`?a=ID&b=ID`): metrics and their difference (b - a), per-class
+    scores, confusion matrices, and the validation images both judged whose prediction changed."""
+
+    @extend_schema(
+        parameters=[OpenApiParameter("a", int, required=True), OpenApiParameter("b", int, required=True)],
+        responses=OpenApiTypes.OBJECT,
+    )
+    def get(self, request: AuthenticatedRequest) -> Response:
+        ids = []
+        for key in ("a", "b"):
+            raw = request.query_params.get(key, "")
+            if not raw.isdigit():
+                raise UserError(f"Give the two models to compare as ?a=ID&b=ID ('{key}' is missing or not an id).")
+            ids.append(int(raw))
+        a, b = (model_get(user=request.user, model_id=i) for i in ids)
+        return Response(models_compare(a, b))

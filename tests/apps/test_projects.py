@@ -109,3 +109,46 @@ def test_models_are_renamed_and_retrained_with_their_options(celery_worker_proce
     Dataset.objects.filter(pk=pid).delete()
     gone = api.call("POST", f"/jobs/{job['id']}/retrain/")
     assert gone.status_code == 409 and "was deleted" in gone.json()["error"]
+
+
+def test_compare_lists_the_validation_images_a_retrain_fixed_and_broke(
+    celery_worker_process, api_for, make_tiny_model, tmp_path
+):
+    api = api_for("alice")
+    pid = _project(api, tmp_path)
+    owner = User.objects.get(username="alice")
+    rows = api.call("GET", f"/datasets/{pid}/versions/1/images/", params={"split": "val"}).json()["results"]
+    val = [r["member"] for r in rows]
+    assert len(val) >= 2
+    train_row = api.call("GET", f"/datasets/{pid}/versions/1/images/", params={"split": "train"}).json()["results"][0]
+
+    def wrong(member: str) -> dict:
+        return {"file": member, "label": "cat", "predicted": "dog", "score": 0.9}
+
+    def model(name: str, accuracy: float, mistakes: list[str]) -> TrainedModel:
+        m = make_tiny_model(owner, name, seed=len(name))
+        metrics = {
+            "val_accuracy": accuracy,
+            "macro_f1": accuracy,
+            "num_val": len(val),
+            "per_class": [{"label": "cat", "precision": 1, "recall": accuracy, "f1": accuracy, "support": 1}],
+            "confusion_matrix": [[1, 0], [0, 1]],
+            "misclassified": [wrong(f) for f in mistakes],
+        }
+        version = Dataset.objects.get(pk=pid).versions.get(number=1)
+        TrainedModel.objects.filter(pk=m.pk).update(dataset_id=pid, version=version, metrics=metrics)
+        return m
+
+    old = model("old", 0.5, [val[0], train_row["member"]])  # a training image is never "compared"
+    new = model("newer", 0.75, [val[1]])
+    r = api.call("GET", "/models/compare/", params={"a": old.pk, "b": new.pk})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["deltas"]["val_accuracy"] == pytest.approx(0.25)
+    assert [f["file"] for f in body["fixed"]] == [val[0]]
+    assert [f["file"] for f in body["broken"]] == [val[1]]
+    assert body["per_class"][0]["delta_f1"] == pytest.approx(0.25)
+    assert body["confusion"]["a"]["matrix"] == [[1, 0], [0, 1]]
+    assert api.call("GET", "/models/compare/", params={"a": old.pk}).status_code == 400
+    assert api.call("GET", "/models/compare/", params={"a": old.pk, "b": old.pk}).status_code == 400
+    assert api_for("bob").call("GET", "/models/compare/", params={"a": old.pk, "b": new.pk}).status_code == 404
