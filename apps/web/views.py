@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from urllib.parse import quote
 
 from django.conf import settings
 from django.contrib import messages
@@ -13,6 +14,7 @@ from django.contrib.auth.forms import UserCreationForm
 from django.contrib.auth.models import User
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.cache import cache_control
 from django.views.decorators.http import require_POST
 
@@ -28,7 +30,7 @@ from apps.datasets.models import Dataset, DatasetVersion
 from apps.datasets.review import FINDER_FILTERS
 from apps.datasets.selectors import dataset_get, dataset_index, dataset_list, version_list
 from apps.datasets.services import dataset_delete, thumbnail_members, thumbnail_name
-from apps.datasets.versions import dataset_has_image, image_thumbnail
+from apps.datasets.versions import dataset_has_image, image_thumbnail, version_head, version_index
 from apps.serving.selectors import batch_get, model_get, model_list
 from apps.serving.services import model_delete
 from apps.training.gallery import GALLERY_PLACEHOLDER, gallery_members, gallery_open
@@ -110,14 +112,33 @@ def dataset_detail(request: AuthenticatedHttpRequest, dataset_id: int) -> HttpRe
     return render(request, "web/dataset.html", _dataset_context(dataset))
 
 
-def _dataset_context(dataset, error: str = "") -> dict:
-    backbones = available_backbones()
+PAGE_THUMBS = 12  # per class, on the dataset's page (the review page shows every image)
+
+
+def _page_thumbs(dataset: Dataset) -> list[tuple[str, list[tuple[str, str]]]]:
+    """[(class, [(thumbnail URL, member)])]: the first images of each class of the newest version,
+    by content, so a relabelled image shows under its new class; a dataset made before versions
+    shows the thumbnails stored at its ingestion."""
+    head = version_head(dataset) if dataset.status == Dataset.Status.READY else None
+    if head is not None and head.manifest:
+        shown: dict[str, list[tuple[str, str]]] = {}
+        for s in version_index(head).samples:
+            row = shown.setdefault(s.label, [])
+            if len(row) < PAGE_THUMBS:
+                row.append((reverse("web:dataset-image", args=[dataset.pk, s.sha256]), s.member))
+        return sorted(shown.items())
     thumbs = dataset.thumbnails
     if not thumbs and dataset.manifest:  # ingested before thumbnails were stored
         thumbs = thumbnail_members(dataset_index(dataset=dataset))
+    url = reverse("web:thumb", args=[dataset.pk])
+    return [(label, [(f"{url}?m={quote(m)}", m) for m in members]) for label, members in sorted(thumbs.items())]
+
+
+def _dataset_context(dataset, error: str = "") -> dict:
+    backbones = available_backbones()
     assessment = dataset.assessment or {}
     return {
-        "thumbs": sorted(thumbs.items()),
+        "thumbs": _page_thumbs(dataset),
         "assessment": assessment,
         # The 2x2 matrix in reading order: cell and what runs there (ml.strategy.PLANS).
         "matrix": [(cell, PLAN_REGISTRY[plan].label) for cell, plan in PLANS.items()],

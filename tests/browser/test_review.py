@@ -74,12 +74,18 @@ def _class_table(page) -> dict[str, tuple[int, ...]]:
     """The dataset page's table: class -> (train, val, images)."""
     out = {}
     for row in page.locator("#class-counts tbody tr").all():
-        out[row.locator("th").inner_text().strip()] = tuple(int(c) for c in row.locator("td").all_inner_texts())
+        out[row.locator("th").text_content().strip()] = tuple(int(c) for c in row.locator("td").all_text_contents())
     return out
 
 
 def _tile(page, member: str):
     return page.locator(f'#gallery .tile[data-member="{member}"]')
+
+
+def _filter(page, chip: str) -> None:
+    """Click a filter chip and wait for its page of images."""
+    page.locator(chip).click()
+    expect(page.locator("#gallery")).to_have_attribute("aria-busy", "false")
 
 
 def _chip_count(page, filter_: str, value: str) -> int:
@@ -108,7 +114,7 @@ def test_review_fix_save_export_and_upload_again(
     expect(page).to_have_url(re.compile(rf"/datasets/{dataset}/review/\?v=1$"))
     expect(page.locator("#gallery .tile").first).to_be_visible()
     assert _chip_count(page, "finder", "") == 47
-    page.locator('.chip[data-value="label_issues"]').click()
+    _filter(page, '.chip[data-value="label_issues"]')
     expect(page).to_have_url(re.compile(r"finder=label_issues"))
     issues = _chip_count(page, "finder", "label_issues")
     expect(page.locator("#gallery .tile")).to_have_count(issues)
@@ -142,7 +148,7 @@ def test_review_fix_save_export_and_upload_again(
 
     # Remove two: the near-duplicate copy (its partner shown beside it), and a daisy by the toolbar.
     page.keyboard.press("Escape")  # clears the selection
-    page.locator('.chip[data-value="cross-class"]').click()
+    _filter(page, '.chip[data-value="cross-class"]')
     copy = _tile(page, COPY)
     expect(copy.locator(".partner figcaption")).to_contain_text(COPY_OF)
     _expect_thumbnail(copy.locator(".partner img"))
@@ -150,8 +156,8 @@ def test_review_fix_save_export_and_upload_again(
     copy.locator(".tile-member").click()
     page.keyboard.press("r")
     expect(copy).to_have_class(re.compile(r"\bpending-remove\b"))
-    page.locator('.chip[data-filter="finder"][data-value=""]').click()
-    page.locator('.chip[data-filter="label"][data-value="daisies"]').click()
+    _filter(page, '.chip[data-filter="finder"][data-value=""]')
+    _filter(page, '.chip[data-filter="label"][data-value="daisies"]')
     expect(page.locator("#gallery .tile")).to_have_count(14)
     daisies = page.locator("#gallery .tile")
     daisy = daisies.nth(3).get_attribute("data-member")
@@ -169,8 +175,8 @@ def test_review_fix_save_export_and_upload_again(
     expect(page.locator("#pending-count")).to_have_text("6 changes not saved: 4 relabelled, 2 removed.")
 
     # Dismiss an outlier: it leaves the outliers filter (the image itself stays).
-    page.locator('.chip[data-filter="label"][data-value=""]').click()
-    page.locator('.chip[data-value="outliers"]').click()
+    _filter(page, '.chip[data-filter="label"][data-value=""]')
+    _filter(page, '.chip[data-value="outliers"]')
     outliers = _chip_count(page, "finder", "outliers")
     if outliers:
         first = page.locator("#gallery .tile").first
@@ -189,7 +195,7 @@ def test_review_fix_save_export_and_upload_again(
     # A reload loses nothing.
     page.reload()
     expect(page.locator("#pending-count")).to_have_text("6 changes not saved: 4 relabelled, 2 removed.")
-    page.locator('.chip[data-value="label_issues"]').click()
+    _filter(page, '.chip[data-value="label_issues"]')
     expect(_tile(page, _filed("cats/cat.10.jpg")).locator(".pending-tag")).to_have_text("→ cats")
     shot(page, "review-pending")
 
@@ -292,6 +298,20 @@ def test_adding_images_makes_a_version(page, shot, live_server, celery_worker_pr
     # A zip of nothing new fails its version, and says why.
     page.locator("#add-file").set_input_files(more)
     expect(page.locator("#add-error")).to_contain_text("Version 3 was not made", timeout=INGEST_MS)
+    expect(page.locator("#version-3")).to_contain_text("failed")
+
+    # The train form trains on the version chosen (the newest by default).
+    from apps.training.models import Job
+
+    page.locator("#train-version").select_option("1")
+    page.locator("#train-form").get_by_role("button", name="Train", exact=True).click()
+    expect(page).to_have_url(re.compile(r"/jobs/\d+/$"))
+    job = Job.objects.select_related("version").get(pk=int(re.search(r"/jobs/(\d+)/$", page.url).group(1)))
+    assert job.version is not None and job.version.number == 1
+    cancel = page.get_by_role("button", name="Cancel", exact=True)
+    if cancel.is_visible():
+        cancel.click()
+    expect(page.locator("#job-status")).to_have_text(re.compile(r"cancelled|succeeded|failed"), timeout=120_000)
     assert not page.js_errors, page.js_errors
 
 

@@ -57,6 +57,17 @@ document.addEventListener("DOMContentLoaded", () => {
   }
 
   // --- filters -------------------------------------------------------------------------------------
+  // Short words on the finder chips; the server's full sentence stays as their description.
+  const SHORT = {
+    flagged: "Flagged", label_issues: "Likely label errors", near_duplicates: "Near-duplicates",
+    "cross-class": "Duplicates across classes", "cross-split": "Duplicates across train/val", outliers: "Outliers",
+  };
+  for (const chip of document.querySelectorAll(".chip.finder")) {
+    const words = SHORT[chip.dataset.value];
+    if (!words) continue;
+    chip.title = chip.firstChild.textContent.trim();
+    chip.firstChild.textContent = `${words} `;
+  }
   const classChips = $("#class-chips");
   CLASSES.forEach((c, i) => {
     classChips.append(el("button", { type: "button", class: "chip", "data-filter": "label", "data-value": c.name, "aria-pressed": "false", title: i < 9 ? `Relabel shortcut: ${i + 1}` : null },
@@ -78,7 +89,9 @@ document.addEventListener("DOMContentLoaded", () => {
 
   function setCount(filter, value, n) {
     const chip = document.querySelector(`.chip[data-filter="${filter}"][data-value="${CSS.escape(value)}"] .count`);
-    if (chip) chip.textContent = n == null ? "" : `(${n})`;
+    if (!chip) return;
+    chip.textContent = n == null ? "" : `(${n})`;
+    chip.parentElement.classList.toggle("zero", n === 0);
   }
 
   // Class and split counts are the version's; finder counts follow the class and split chosen.
@@ -230,7 +243,7 @@ document.addEventListener("DOMContentLoaded", () => {
   function tile(row, i) {
     const findings = findingItems(row);
     const dup = (row.near_duplicates || [])[0];
-    const li = el("li", { class: `tile${findings.length ? " flagged" : ""}${row.label_issue || dup ? " wide" : ""}`, "data-index": i, "data-sha": row.sha256, "data-member": row.member, tabindex: "-1" });
+    const li = el("li", { class: `tile${findings.length ? " flagged" : ""}${dup ? " wide" : ""}`, "data-index": i, "data-sha": row.sha256, "data-member": row.member, tabindex: "-1" });
     const pick = el("label", { class: "tile-pick" },
       el("input", { type: "checkbox", tabindex: "-1", "aria-label": `Select ${row.member}` }),
       el("img", { src: thumbUrl(row.sha256), alt: `${row.member}, labelled ${row.label}`, loading: "lazy", decoding: "async", width: "160", height: "160" }));
