@@ -32,6 +32,7 @@ from apps.serving import predlog
 from apps.serving.batches import batch_create, batch_delete
 from apps.serving.cache import get_predictor
 from apps.serving.compare import models_compare
+from apps.serving.labelling import label_queue, label_records
 from apps.serving.models import BatchPrediction, PredictionRecord, TrainedModel
 from apps.serving.projects import (
     model_publish,
@@ -442,3 +443,72 @@ class ModelCompareApi(APIView):
             ids.append(int(raw))
         a, b = (model_get(user=request.user, model_id=i) for i in ids)
         return Response(models_compare(a, b))
+
+
+class LabelQueueApi(APIView):
+    """The project's kept prediction images waiting for a label, least certain first (`?page=`);
+    POST labels some ({labels: {prediction id: class}, note}) into a new version of its dataset."""
+
+    @extend_schema_serializer(component_name="LabelsInput")
+    class InputSerializer(serializers.Serializer):
+        labels = serializers.DictField(child=serializers.CharField(max_length=200), help_text="{prediction id: class}")
+        note = serializers.CharField(required=False, allow_blank=True, max_length=300)
+
+    @extend_schema(
+        parameters=[OpenApiParameter("page", int), OpenApiParameter("page_size", int, description="up to 200")],
+        responses=OpenApiTypes.OBJECT,
+    )
+    def get(self, request: AuthenticatedRequest, project_id: int) -> Response:
+        project = project_get(user=request.user, project_id=project_id)
+        queue = label_queue(project)
+        page, size = _page_params(request)
+        count = queue.count()
+        rows = queue[(page - 1) * size : page * size]
+        return Response(
+            {
+                "count": count,
+                "page": page,
+                "pages": max(1, -(-count // size)),
+                "classes": [c["name"] for c in project.classes],
+                "results": [
+                    {
+                        "id": r.pk,
+                        "model": r.model_id,
+                        "model_name": r.model.name,
+                        "label": r.label,
+                        "score": r.score,
+                        "margin": r.margin,
+                        "created_at": r.created_at,
+                        "image": reverse("api:model-prediction-image", args=[r.model_id, r.pk]),
+                    }
+                    for r in rows
+                ],
+            }
+        )
+
+    @extend_schema(request=InputSerializer, responses={202: OpenApiTypes.OBJECT})
+    def post(self, request: AuthenticatedRequest, project_id: int) -> Response:
+        project = project_get(user=request.user, project_id=project_id)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        labels = {}
+        for key, label in data.validated_data["labels"].items():
+            if not str(key).isdigit():
+                raise UserError(f"'{key}' is not a prediction id.")
+            labels[int(key)] = label
+        version = label_records(project=project, labels=labels, note=data.validated_data.get("note", ""))
+        return Response(
+            {"dataset": project.pk, "version": version.number, "status": version.status},
+            status=status.HTTP_202_ACCEPTED,
+        )
+
+
+def _page_params(request: AuthenticatedRequest) -> tuple[int, int]:
+    values = []
+    for name, default, top in (("page", 1, None), ("page_size", 50, 200)):
+        raw = request.query_params.get(name, "")
+        if raw and (not raw.isdigit() or int(raw) < 1):
+            raise UserError(f"'{name}' must be a whole number from 1.")
+        value = int(raw) if raw else default
+        values.append(min(value, top) if top else value)
+    return values[0], values[1]

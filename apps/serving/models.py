@@ -115,6 +115,13 @@ class PredictionRecord(models.Model):
     score = models.FloatField()
     image = models.CharField(max_length=300, blank=True)  # storage name, with_images only
     image_bytes = models.BigIntegerField(default=0)
+    # How sure the model was: its top score minus the next one (the labelling queue asks least sure first).
+    margin = models.FloatField(null=True, blank=True)
+    # Labelled by its owner into a dataset version (apps.serving.labelling); its image moved there.
+    labelled = models.CharField(max_length=200, blank=True)
+    labelled_version = models.ForeignKey(
+        "datasets.DatasetVersion", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
 
     class Meta:
         ordering = ["-id"]

@@ -45,6 +45,7 @@ class _Entry:
     latency_ms: float
     label: str
     score: float
+    margin: float | None
     image: bytes | None
     suffix: str
 
@@ -56,16 +57,21 @@ _image_bytes = 0  # of the images queued
 
 
 def record(
-    *, model: TrainedModel, latency_ms: float, tops: list[tuple[str, float]], images: list[tuple[str | None, bytes]]
+    *,
+    model: TrainedModel,
+    latency_ms: float,
+    tops: list[tuple[str, float, float | None]],
+    images: list[tuple[str | None, bytes]],
 ) -> None:
-    """Log one request's predictions (`tops`: each image's top label and score; `images`: each
-    image's file name and bytes), if the model's log is on. Never blocks, never raises."""
+    """Log one request's predictions (`tops`: each image's top label, its score, and its margin over
+    the next label; `images`: each image's file name and bytes), if the model's log is on. Never
+    blocks, never raises."""
     global _image_bytes
     if model.prediction_log == TrainedModel.Log.OFF:
         return
     keep = model.prediction_log == TrainedModel.Log.WITH_IMAGES
     now = timezone.now()
-    for (label, score), (name, data) in zip(tops, images, strict=True):
+    for (label, score, margin), (name, data) in zip(tops, images, strict=True):
         suffix = PurePosixPath(name or "").suffix.lower()
         suffix = suffix if suffix in IMAGE_SUFFIXES else ""  # gives the kept image its content type
         image = data if keep else None
@@ -74,7 +80,9 @@ def record(
                 log.warning("prediction log: storage is behind, an image of model %s not kept", model.pk)
                 image = None
             try:
-                _queue.put_nowait(_Entry(model.pk, model.storage_prefix, now, latency_ms, label, score, image, suffix))
+                _queue.put_nowait(
+                    _Entry(model.pk, model.storage_prefix, now, latency_ms, label, score, margin, image, suffix)
+                )
             except queue.Full:
                 log.warning("prediction log: queue full, a record of model %s dropped", model.pk)
                 continue
@@ -148,6 +156,7 @@ def write(entries: list[_Entry]) -> None:
                     latency_ms=e.latency_ms,
                     label=e.label[:200],
                     score=e.score,
+                    margin=e.margin,
                     image=image,
                     image_bytes=size if image else 0,
                 )

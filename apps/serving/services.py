@@ -112,11 +112,11 @@ def model_predict(
                 inputs.append(predictor.prepare(data, max_pixels=settings.GRAFT_MAX_IMAGE_PIXELS))
         except ImageDecodeError as exc:
             raise UserError(f"'{name}' cannot be read as an image: {exc}.", file=name) from None
-    results = predictor.predict_tensors(inputs, k=k)
+    results = predictor.predict_tensors(inputs, k=max(k, 2))  # the second label gives the log its margin
     predlog.record(
         model=model,
         latency_ms=(time.perf_counter() - started) * 1000,
-        tops=[(row[0].label, row[0].score) for row in results],
+        tops=[(row[0].label, row[0].score, row[0].score - row[1].score if len(row) > 1 else None) for row in results],
         images=encoded,
     )
-    return [[{"label": p.label, "score": p.score} for p in row] for row in results]
+    return [[{"label": p.label, "score": p.score} for p in row[:k]] for row in results]

@@ -121,7 +121,7 @@ def _entry(model, seed: int):
     from apps.serving import predlog
 
     image = image_bytes(size=(40, 40), seed=seed)
-    return predlog._Entry(model.pk, model.storage_prefix, timezone.now(), 1.0, "cat", 0.9, image, ".png")
+    return predlog._Entry(model.pk, model.storage_prefix, timezone.now(), 1.0, "cat", 0.9, 0.8, image, ".png")
 
 
 def _kept_files(model) -> list[str]:

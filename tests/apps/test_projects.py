@@ -152,3 +152,43 @@ def test_compare_lists_the_validation_images_a_retrain_fixed_and_broke(
     assert api.call("GET", "/models/compare/", params={"a": old.pk}).status_code == 400
     assert api.call("GET", "/models/compare/", params={"a": old.pk, "b": old.pk}).status_code == 400
     assert api_for("bob").call("GET", "/models/compare/", params={"a": old.pk, "b": new.pk}).status_code == 404
+
+
+def test_kept_predictions_come_back_as_labels_in_a_new_version(
+    celery_worker_process, api_for, make_tiny_model, tmp_path
+):
+    import time
+
+    from apps.accounts.quotas import usage
+    from apps.serving.models import PredictionRecord
+
+    api = api_for("alice")
+    pid = _project(api, tmp_path)
+    owner = User.objects.get(username="alice")
+    model = make_tiny_model(owner, "pets")
+    TrainedModel.objects.filter(pk=model.pk).update(dataset_id=pid, prediction_log="with_images")
+    for i in range(10):
+        r = api.call("POST", f"/models/{model.pk}/predict/", files={"image": (f"p{i}.png", image_bytes(seed=300 + i))})
+        assert r.status_code == 200
+    deadline = time.monotonic() + 30
+    while PredictionRecord.objects.exclude(image="").count() < 10 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    queue = api.call("GET", f"/projects/{pid}/label-queue/").json()
+    assert queue["count"] == 10 and queue["classes"] == ["cat", "dog"]
+    margins = [row["margin"] for row in queue["results"]]
+    assert margins == sorted(margins) and all(m is not None for m in margins)  # least certain first
+    assert api.session.get(api.base.removesuffix("/api/v1") + queue["results"][0]["image"]).status_code == 200
+
+    before = usage(owner).bytes_stored
+    pick = {str(row["id"]): ("cat" if i % 2 else "dog") for i, row in enumerate(queue["results"][:5])}
+    bad = api.call("POST", f"/projects/{pid}/label-queue/", json={"labels": {"1": "horse"}})
+    assert bad.status_code == 400 and "not a class" in bad.json()["error"]
+    r = api.call("POST", f"/projects/{pid}/label-queue/", json={"labels": pick})
+    assert r.status_code == 202, r.text
+    v2 = api.wait(f"/datasets/{pid}/versions/{r.json()['version']}/", ("ready", "failed"), timeout=180)
+    assert v2["status"] == "ready" and v2["summary"]["added"] == 5, v2
+    assert api.call("GET", f"/projects/{pid}/label-queue/").json()["count"] == 5
+    again = api.call("POST", f"/projects/{pid}/label-queue/", json={"labels": dict(list(pick.items())[:1])})
+    assert again.status_code == 409  # labelled already
+    # The images moved from the log to the dataset: charged once (the zip's few bytes of headers aside).
+    assert abs(usage(owner).bytes_stored - before) < 5 * 200
