@@ -199,6 +199,24 @@ def _assess(path, index: DatasetIndex) -> dict:
 
 
 def _mark_ready(mine, dataset: Dataset, index: DatasetIndex, manifest: str, assessment: dict, thumbnails: dict) -> None:
+    warnings = [asdict(w) for w in index.warnings]
+    twin = (
+        Dataset.objects.filter(owner=dataset.owner, status=Dataset.Status.READY, content_hash=index.content_hash)
+        .exclude(pk=dataset.pk)
+        .order_by("created_at")
+        .first()
+    )
+    if twin is not None:  # the same images, labels and splits uploaded again
+        warnings.insert(
+            0,
+            {
+                "code": "same_as_dataset",
+                "message": f"These are the same images and labels as your dataset '{twin.name}', uploaded "
+                f"{twin.created_at:%Y-%m-%d %H:%M}. Open that one, or delete this copy.",
+                "files": [],
+                "dataset": twin.pk,
+            },
+        )
     with transaction.atomic():
         updated = mine.update(
             finished_at=timezone.now(),
@@ -207,7 +225,7 @@ def _mark_ready(mine, dataset: Dataset, index: DatasetIndex, manifest: str, asse
             layout=index.layout,
             num_images=len(index.samples),
             classes=class_counts(index),
-            warnings=[asdict(w) for w in index.warnings],
+            warnings=warnings,
             content_hash=index.content_hash,
             assessment=assessment,
             thumbnails=thumbnails,

@@ -124,3 +124,17 @@ def test_over_size_upload_is_413(live_server, api_for, settings, tmp_path):
     r = api.upload(b"PK" + b"\0" * 300_000, "big.zip")
     assert r.status_code == 413 and "limit" in r.json()["error"]
     assert Dataset.objects.count() == 0 and stored_files() == before
+
+
+def test_the_same_content_uploaded_twice_points_to_the_first(celery_worker_process, api_for, tmp_path):
+    api = api_for("alice")
+    members = class_folders({"cats": 5, "dogs": 5})
+    first = _upload_and_wait(api, _zip_bytes(tmp_path, members))
+    # The same images and labels, packed differently (another wrapping folder, another order).
+    again = _upload_and_wait(api, _zip_bytes(tmp_path, {f"copy/{k}": v for k, v in reversed(members.items())}))
+    same = [w for w in again["warnings"] if w["code"] == "same_as_dataset"]
+    assert same and same[0]["dataset"] == first["id"] and "same images and labels" in same[0]["message"]
+    assert not [w for w in first["warnings"] if w["code"] == "same_as_dataset"]
+    # Another user's identical upload is not pointed at Alice's.
+    bob = _upload_and_wait(api_for("bob"), _zip_bytes(tmp_path, members))
+    assert not [w for w in bob["warnings"] if w["code"] == "same_as_dataset"]
