@@ -483,7 +483,8 @@ def train(
 
     setup = _finetune_setup(run, backbone, chosen, data, depth, config, device, report)
     result = _finetune_with_measured_lr(run, backbone, setup, config, device, report)
-    if not _keep_finetune(run, chosen, setup, result, depth):  # the chosen probe, fitted on all of train
+    explicit = config.strategy != "auto"  # the user's choice is what is trained and served
+    if not _keep_finetune(run, chosen, setup, result, depth, explicit):  # the chosen probe, fitted on all of train
         del report["hyperparameters"]["augmentation"]
         return probe_net, chosen.rep.prep, probe_logits, report
     model = tta_decision(run, result.model, setup.hold, device) if setup.flip else result.model
@@ -726,14 +727,27 @@ def _saved_ladder(run: Run, setup: _FinetuneSetup, report: dict[str, Any]) -> di
     return {**saved["ladder"], "state": saved["state"]}
 
 
-def _keep_finetune(run: Run, chosen: ChosenProbe, setup: _FinetuneSetup, result: FinetuneResult, depth: str) -> bool:
+def _keep_finetune(
+    run: Run, chosen: ChosenProbe, setup: _FinetuneSetup, result: FinetuneResult, depth: str, explicit: bool = False
+) -> bool:
     """Whether the fine-tune beats the chosen probe on the held-out slice by more than twice the
     standard error of the probe's score there: its best epoch is the best of many tries on the
-    same few images, and a smaller lead is what luck alone gives it."""
+    same few images, and a smaller lead is what luck alone gives it. A fine-tune the user asked for
+    (`explicit`) is kept whatever the scores: they are reported beside it as advice."""
     tuned = result.best_epoch > 0
     tuned_acc = result.history[result.best_epoch]["val_accuracy"] if tuned else None
     margin = significance_margin(setup.probe_hold, len(setup.hold_idx))
-    keep = tuned_acc is not None and keep_if_better(setup.probe_hold, tuned_acc, margin=margin)
+    better = tuned_acc is not None and keep_if_better(setup.probe_hold, tuned_acc, margin=margin)
+    keep = better or explicit
+    if explicit:
+        best = result.history[result.best_epoch] if result.history and result.best_epoch >= 0 else {}
+        tuned_score = f"{best['val_accuracy']:.1%}" if best.get("val_accuracy") is not None else "not measured"
+        advice = (
+            f"; you chose the {depth} fine-tune, so it is what is trained and served: on these images the probe "
+            f"scored {setup.probe_hold:.1%} and this fine-tune {tuned_score}"
+            + ("" if better else " (on one click, auto would have kept the probe)")
+        )
+        run.say(f"advice: {advice[2:]}")
     run.decide(
         Decision(
             "finetune",
@@ -749,7 +763,9 @@ def _keep_finetune(run: Run, chosen: ChosenProbe, setup: _FinetuneSetup, result:
             ),  # fmt: skip
             result.stopped
             + (
-                ""
+                advice
+                if explicit
+                else ""
                 if keep or not tuned
                 else f"; its best epoch did not beat the chosen probe by more than {margin:.1%} "
                 "(twice the standard error on these images), so the probe is kept"
