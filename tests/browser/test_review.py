@@ -136,6 +136,9 @@ def test_review_fix_save_export_and_upload_again(
     page.locator("#bulk-relabel").select_option("dogs")
     # Accept one suggestion (the tile's button says what it accepts).
     _tile(page, _filed("dogs/dog.11.jpg")).get_by_role("button", name="Accept “dogs”").click()
+    expect(_tile(page, _filed("dogs/dog.11.jpg")).locator("[data-act=accept]")).to_have_attribute(
+        "aria-pressed", "true"
+    )
     for member, to in (
         ("cats/cat.10.jpg", "cats"),
         ("cats/cat.11.jpg", "cats"),

@@ -288,6 +288,13 @@ document.addEventListener("DOMContentLoaded", () => {
     node.querySelector(".label-now").classList.toggle("struck", !!(removed || to));
     node.querySelector("select[data-act=relabel]").value = to || row.label;
     node.querySelector("[data-act=remove]").textContent = removed ? "Keep" : "Remove";
+    const acceptButton = node.querySelector("[data-act=accept]");
+    if (acceptButton) {
+      const done = to === row.label_issue.suggested;
+      acceptButton.textContent = done ? `Accepted “${to}” ✓` : `Accept “${row.label_issue.suggested}”`;
+      acceptButton.setAttribute("aria-pressed", String(done));
+      acceptButton.classList.toggle("secondary", done);
+    }
     const dismiss = node.querySelector("[data-act=dismiss]");
     if (dismiss) dismiss.textContent = row.dismissed ? "Undismiss" : "Dismiss";
     const flags = [];
@@ -421,6 +428,11 @@ document.addEventListener("DOMContentLoaded", () => {
     const withSuggestion = indices.filter((i) => rows[i].label_issue);
     if (!withSuggestion.length) {
       say(indices.length > 1 ? "None of these images has a suggested label." : "This image has no suggested label.");
+      return;
+    }
+    const accepted = (i) => (changes[rows[i].sha256] || {}).to === rows[i].label_issue.suggested;
+    if (withSuggestion.every(accepted)) { // again: take it back
+      applyChange(withSuggestion, () => null, (n) => `Took back the suggestion for ${plural(n, "image")}`);
       return;
     }
     applyChange(withSuggestion, (row) => ({ op: "relabel", from: row.label, to: row.label_issue.suggested, member: row.member }),
