@@ -25,6 +25,7 @@ from apps.datasets.versions import (
     findings_request,
     version_add,
     version_change,
+    version_delete,
     version_export,
     version_head,
 )
@@ -49,7 +50,6 @@ class DatasetOutputSerializer(serializers.ModelSerializer):
             "archive_bytes",
             "created_at",
         ]
-
 
     def get_version(self, dataset: Dataset) -> int | None:
         head = version_head(dataset)
@@ -250,6 +250,11 @@ class VersionDetailApi(APIView):
     def get(self, request: AuthenticatedRequest, dataset_id: int, number: int) -> Response:
         version = version_get(user=request.user, dataset_id=dataset_id, number=number)
         return Response(VersionOutputSerializer(version).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: AuthenticatedRequest, dataset_id: int, number: int) -> Response:
+        version_delete(version=version_get(user=request.user, dataset_id=dataset_id, number=number))
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class VersionImagesApi(APIView):

@@ -765,3 +765,60 @@ def findings_dismiss(*, dataset: Dataset, sha256s: list[str], dismissed: bool = 
         Dataset.objects.filter(pk=dataset.pk).update(dismissed=sorted(current))
     dataset.dismissed = sorted(current)
     return len(current)
+
+
+def version_delete(*, version: DatasetVersion) -> None:
+    """Delete a version (not the upload's, v1: delete the dataset for that). Its images stay in the
+    versions that also hold them; the zip of images it added is deleted, and leaves the meter, once
+    no other version names them. Refused (409) while it is being made or a job waits for it or reads it."""
+    from apps.training.models import Job
+
+    dataset = version.dataset
+    with transaction.atomic():
+        owner_locked(dataset.owner)
+        version = DatasetVersion.objects.select_for_update().get(pk=version.pk)
+        if version.number == 1:
+            raise UserError(
+                "Version 1 is the upload every other version starts from; delete the dataset to delete it.",
+                status_code=409,
+            )
+        if version.status == DatasetVersion.Status.PROCESSING:
+            raise UserError(
+                f"Version {version.number} is still being made; wait for it, then delete it.", status_code=409
+            )
+        if Job.objects.filter(version=version, status__in=[Job.Status.QUEUED, Job.Status.RUNNING]).exists():
+            raise UserError(
+                f"A training job waits for or reads version {version.number}; cancel it or wait, then delete "
+                "the version.",
+                status_code=409,
+            )
+        if version.archive:
+            heirs = [
+                v.number
+                for v in dataset.versions.exclude(pk=version.pk).exclude(manifest="")
+                if any(s.source == version.archive for s in version_index(v).samples)
+            ]
+            if heirs:
+                raise UserError(
+                    f"Version{'s' if len(heirs) > 1 else ''} {', '.join(map(str, sorted(heirs)))} also "
+                    f"hold{'' if len(heirs) > 1 else 's'} the images version {version.number} added; delete "
+                    f"{'them' if len(heirs) > 1 else 'it'} first.",
+                    status_code=409,
+                )
+        drop = [name for name in (version.archive, version.manifest, version.findings) if name]
+        version.delete()
+        head = version_head(dataset)
+        if head is not None:
+            Dataset.objects.filter(pk=dataset.pk).update(
+                manifest=head.manifest,
+                num_images=head.num_images,
+                classes=head.classes,
+                content_hash=head.content_hash,
+                updated_at=timezone.now(),
+            )
+        transaction.on_commit(lambda: _delete_all(drop))
+
+
+def _delete_all(names: list[str]) -> None:
+    for name in names:
+        delete_quietly(name)

@@ -272,3 +272,31 @@ def test_dismissed_findings_leave_the_finder_filters(celery_worker_process, api_
     bad = api.call("POST", f"/datasets/{ds}/dismissals/", json={"sha256s": ["0" * 64]})
     assert bad.status_code == 400 and "not in this dataset" in bad.json()["error"]
     assert api_for("bob").call("POST", f"/datasets/{ds}/dismissals/", json={"sha256s": target}).status_code == 404
+
+
+def test_deleting_a_version_frees_what_only_it_held(celery_worker_process, api_for, tmp_path):
+    api = api_for("alice")
+    ds = _upload(api, tmp_path, class_folders({"cats": 6, "dogs": 6}))["id"]
+    owner = Dataset.objects.get(pk=ds).owner
+    start = usage(owner).bytes_stored
+    more = make_zip(tmp_path / "more.zip", {f"dogs/m_{i}.png": image_bytes(seed=700 + i) for i in range(3)})
+    r = api.call("POST", f"/datasets/{ds}/versions/", files={"file": ("more.zip", more.read_bytes())})
+    assert api.wait(f"/datasets/{ds}/versions/2/", ("ready", "failed"), timeout=180)["status"] == "ready"
+    assert usage(owner).bytes_stored == start + more.stat().st_size
+    rows = _images(api, ds, 2)
+    r = api.call("POST", f"/datasets/{ds}/versions/", json={"remove": [rows[0]["sha256"]]})  # v3 holds v2's images
+    assert r.status_code == 201
+
+    refused = api.call("DELETE", f"/datasets/{ds}/versions/2/")
+    assert refused.status_code == 409 and "Version 3 also holds the images version 2 added" in refused.json()["error"]
+    assert api.call("DELETE", f"/datasets/{ds}/versions/1/").status_code == 409
+    assert api_for("bob").call("DELETE", f"/datasets/{ds}/versions/3/").status_code == 404
+
+    assert api.call("DELETE", f"/datasets/{ds}/versions/3/").status_code == 204
+    assert api.call("GET", f"/datasets/{ds}/").json()["num_images"] == 15  # v2 is the newest again
+    assert api.call("DELETE", f"/datasets/{ds}/versions/2/").status_code == 204
+    assert usage(owner).bytes_stored == start  # the added zip is gone, and its bytes from the meter
+    prefix = Dataset.objects.get(pk=ds).storage_prefix
+    assert not [f for f in stored_files(prefix) if "/additions/" in f]
+    assert [v["number"] for v in api.call("GET", f"/datasets/{ds}/versions/").json()] == [1]
+    assert api.call("GET", f"/datasets/{ds}/").json()["num_images"] == 12
