@@ -133,7 +133,10 @@ FILTERS: dict[str, tuple[Callable[[float], float], int]] = {"bilinear": (_triang
 
 
 def _weights(in_size: int, out_size: int, interpolation: str) -> tuple[I64, I64, int]:
-    """Per output pixel: the source indices and their int16 weights, and the weights' precision (bits)."""
+    """Per output pixel: the source indices and their int16 weights, and the weights' precision (bits).
+
+    ATen's `_compute_indices_min_size_weights_aa` (in double, term by term, so the rounding to int16
+    lands where it does there) and `_compute_index_ranges_int16_weights` (UpSampleKernel.cpp)."""
     filter_fn, interp_size = FILTERS[interpolation]
     scale = in_size / out_size
     support = interp_size * 0.5 * scale if scale >= 1.0 else interp_size * 0.5
@@ -186,7 +189,7 @@ def resize_shorter(x: U8, size: int, interpolation: str) -> U8:
 
 def center_crop(x: U8, size: int) -> U8:
     h, w = x.shape[:2]
-    if size > h or size > w:
+    if size > h or size > w:  # never from Graft: its resize side is at least its crop
         raise ValueError(f"a {w}x{h} image is smaller than the {size}-px crop")
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
     return x[top : top + size, left : left + size]
@@ -241,10 +244,16 @@ def _reason(exc: Exception) -> str:
     return f"corrupt or truncated image ({exc.__class__.__name__}: {exc})"
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Top-k labels for images, one JSON line per image.")
     parser.add_argument("images", nargs="+", type=Path)
-    parser.add_argument("--k", "-k", type=int, default=DEFAULT_K, help=f"labels per image (default {DEFAULT_K})")
+    parser.add_argument("--k", "-k", type=_positive, default=DEFAULT_K, help=f"labels per image (default {DEFAULT_K})")
     args = parser.parse_args(argv)
     model = Model()
     failed = 0
