@@ -76,6 +76,11 @@ FILTER_BY = "prune_by_class"
 # The probe's C path for out-of-fold probabilities: the fit's path without its two weakest penalties, which
 # the CV log loss never chose with noisy labels (more noise, more regularisation) and which are the slowest.
 ISSUE_CS = (1e-4, 1e-3, 1e-2, 1e-1)
+# Repeated k-fold: the chosen C's out-of-fold probabilities averaged over this many fold assignments.
+# One assignment leaves an image's estimate to the luck of its fold; on hymenoptera with 10 % flipped, three
+# single runs gave precision/recall 0.83/0.79, 0.78/0.75, 0.75/0.88 and their average 0.87/0.83 (NEU steel:
+# 0.94/0.94, 0.90/0.98, 0.94/0.94 and 0.96/0.96). The extra runs fit one C, not the path: +50 % probe time.
+REPEATS = 3
 NEIGHBOURS = 5  # outliers: mean distance to this many nearest images of a class
 MAX_OUTLIERS = 10
 FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given")
@@ -87,6 +92,7 @@ class FinderConfig:
     val_fraction: float = 0.2  # as the fit splits an upload that has no val/ folder
     seed: int = 0
     folds: int = 5  # of the cross-validated probe whose out-of-fold probabilities are ranked
+    repeats: int = REPEATS  # k-fold runs (other fold assignments) whose probabilities are averaged
     filter_by: str = FILTER_BY
     duplicate_ratio: float = DUPLICATE_RATIO
     max_outliers: int = MAX_OUTLIERS
@@ -101,6 +107,8 @@ class FinderConfig:
             raise ConfigError("duplicate_ratio must be in (0, 1].")
         if not 2 <= self.folds <= 20:
             raise ConfigError("folds must be between 2 and 20.")
+        if not 1 <= self.repeats <= 10:
+            raise ConfigError("repeats must be between 1 and 10.")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("val_fraction must be between 0 and 1.")
 
@@ -383,7 +391,13 @@ def find_label_issues(emb: Embedding, config: FinderConfig = FinderConfig()) -> 
     from cleanlab.rank import get_label_quality_scores
 
     oof = out_of_fold_proba(
-        emb.features, emb.labels, len(emb.classes), Cs=ISSUE_CS, folds=config.folds, seed=config.seed
+        emb.features,
+        emb.labels,
+        len(emb.classes),
+        Cs=ISSUE_CS,
+        folds=config.folds,
+        seed=config.seed,
+        repeats=config.repeats,
     )
     best = next(r for r in oof.history if r["C"] == oof.C)
     probe = {"C": oof.C, "cv_accuracy": round(best["cv_accuracy"], 4), "cv_loss": round(best["cv_loss"], 4)}
@@ -409,9 +423,7 @@ def rank_label_issues(labels: np.ndarray, proba: np.ndarray, filter_by: str = FI
 
     # n_jobs=1: no process pool. The app runs the finders in a Celery worker's child, a daemon process,
     # which may not start one (cleanlab's default is a pool over the physical cores).
-    ranked = find_label_issues(
-        labels, proba, filter_by=filter_by, return_indices_ranked_by="self_confidence", n_jobs=1
-    )
+    ranked = find_label_issues(labels, proba, filter_by=filter_by, return_indices_ranked_by="self_confidence", n_jobs=1)
     return [int(i) for i in ranked]
 
 

@@ -152,22 +152,21 @@ def out_of_fold_proba(
     Cs: tuple[float, ...] = DEFAULT_CS,
     folds: int = 5,
     seed: int = 0,
+    repeats: int = 1,
 ) -> OutOfFold:
     """The probe's stratified k-fold out-of-fold probabilities, with C chosen by the pooled log loss
-    (as `fit_probe` chooses it): what confident learning ranks label errors from."""
+    (as `fit_probe` chooses it): what confident learning ranks label errors from.
+
+    With `repeats` > 1, the k-fold is run again at the chosen C with other fold assignments (seeds
+    seed+1, ...) and the probabilities are averaged: an image's out-of-fold estimate then depends
+    less on which images happened to share its fold."""
     Xs = StandardScaler().fit_transform(X).astype(np.float32)
     Cs = tuple(sorted(Cs))
     k = int(min(folds, np.bincount(y, minlength=num_classes).min()))
     if k < 2:
         raise ValueError("every class needs at least 2 images for out-of-fold probabilities")
     by_C = {C: np.zeros((len(y), num_classes)) for C in Cs}
-    for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(Xs, y):
-        clf = _logreg(Cs[0], seed, warm_start=True, tol=1e-3)
-        for C in Cs:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                clf.set_params(C=C).fit(Xs[tr], y[tr])
-            by_C[C][te] = _full_proba(clf, Xs[te], num_classes)
+    _k_fold(Xs, y, Cs, k, seed, num_classes, by_C)
     labels = list(range(num_classes))
     history = [
         {
@@ -178,4 +177,50 @@ def out_of_fold_proba(
         for C, p in by_C.items()
     ]
     best = min(history, key=lambda r: (r["cv_loss"], -r["cv_accuracy"]))
-    return OutOfFold(by_C[best["C"]], best["C"], history, by_C)
+    proba = by_C[best["C"]]
+    if repeats > 1:
+        proba = np.mean([proba, *_repeats(Xs, y, Cs, best["C"], k, seed, repeats - 1, num_classes)], axis=0)
+    return OutOfFold(proba, best["C"], history, by_C)
+
+
+def _repeats(
+    Xs: np.ndarray, y: np.ndarray, Cs: tuple[float, ...], C: float, k: int, seed: int, n: int, num_classes: int
+) -> list[np.ndarray]:
+    """`n` more k-fold runs at C (fold seeds seed+1, ...), each fold warm-started from the probe fitted
+    on all images (its C path walked up to C): close to each fold's optimum, so a few iterations each."""
+    ref = _logreg(Cs[0], seed, warm_start=True, tol=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for c in (c for c in Cs if c <= C):
+            ref.set_params(C=c).fit(Xs, y)
+    runs = []
+    for r in range(1, n + 1):
+        proba = np.zeros((len(y), num_classes))
+        for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed + r).split(Xs, y):
+            clf = _logreg(C, seed, warm_start=True, tol=1e-3)
+            clf.coef_, clf.intercept_ = ref.coef_.copy(), ref.intercept_.copy()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf.fit(Xs[tr], y[tr])
+            proba[te] = _full_proba(clf, Xs[te], num_classes)
+        runs.append(proba)
+    return runs
+
+
+def _k_fold(
+    Xs: np.ndarray,
+    y: np.ndarray,
+    Cs: tuple[float, ...],
+    k: int,
+    seed: int,
+    num_classes: int,
+    out: dict[float, np.ndarray],
+) -> None:
+    """Fill out[C] with each C's out-of-fold probabilities (the C path walked upwards, warm-started)."""
+    for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(Xs, y):
+        clf = _logreg(Cs[0], seed, warm_start=True, tol=1e-3)
+        for C in Cs:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf.set_params(C=C).fit(Xs[tr], y[tr])
+            out[C][te] = _full_proba(clf, Xs[te], num_classes)

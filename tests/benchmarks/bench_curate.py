@@ -4,10 +4,12 @@ and what accepting the finder's suggestions gives back to `ml fit`.
 Run from the repo root (prints figures; not a pass/fail test, pytest does not collect it):
 
     .venv/bin/python -m tests.benchmarks.bench_curate [ZIP ...] [--datasets a,b] [--fit-budget 60]
-        [--no-fit] [--repeat 3] [--diagnose] [--seed 0]
+        [--no-fit | --fit-datasets a,b] [--repeat 3] [--diagnose] [--seed 0]
 
 With no zips it runs every *.zip in the shared datasets dir (as tests/conftest.py finds it); `--datasets`
-keeps those whose file name starts with one of the given names (`--datasets hymenoptera,neu`). Per dataset,
+keeps those whose file name starts with one of the given names (`--datasets hymenoptera,neu`), in that
+order; `--fit-datasets` fits only those (three fits per dataset are most of a run's time), the rest get
+the finders' figures alone. Per dataset,
 one after the other, four archives are written to a temporary folder (the shared zips are only read), all
 in split layout: train/ and val/ as the seeded split a fit makes (ml.dataset.split_samples), so every fit
 below is scored on the same validation images with their true labels:
@@ -324,7 +326,7 @@ def run_dataset(archive: Path, args: argparse.Namespace, scratch: Path) -> dict[
     write_split(archive, zips["corrected"], train, val, {**flips, **accepted})
     noise["label_noise"]["relabelled"] = len(accepted)
     fits: dict[str, Any] = {}
-    if not args.no_fit:
+    if not args.no_fit and (not args.fit_datasets or any(archive.name.startswith(d) for d in args.fit_datasets)):
         write_split(archive, zips["clean"], train, val, {})
         for k in ("clean", "noisy", "corrected"):
             log(f"{archive.name}: fit on {k}")
@@ -369,13 +371,15 @@ def main() -> None:
     p.add_argument("--backbone", default=FinderConfig().backbone)
     p.add_argument("--fit-budget", type=float, default=60.0, help="each fit's --budget (seconds of fine-tuning)")
     p.add_argument("--no-fit", action="store_true", help="finders only: no fits, no accuracy, no time ratio")
+    p.add_argument("--fit-datasets", default="", help="fit only these (name prefixes); the rest: finders only")
     p.add_argument("--repeat", type=int, default=3, help="finder runs timed (median; one when a run takes > 60 s)")
     p.add_argument("--diagnose", action="store_true", help="label-issue precision/recall per C and per filter")
     args = p.parse_args()
     zips = args.zips or sorted(datasets_dir().glob("*.zip"))
-    if args.datasets:
+    args.fit_datasets = [d.strip() for d in args.fit_datasets.split(",") if d.strip()]
+    if args.datasets:  # in the order given
         prefixes = [d.strip() for d in args.datasets.split(",") if d.strip()]
-        zips = [z for z in zips if any(z.name.startswith(d) for d in prefixes)]
+        zips = [z for d in prefixes for z in zips if z.name.startswith(d)]
     rows = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-curate-") as tmp:
