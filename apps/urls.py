@@ -18,8 +18,10 @@ from apps.datasets.api import (
 from apps.datasets.tus import TusUploadApi, TusUploadListApi
 from apps.serving.api import (
     BatchDetailApi,
+    BatchItemsApi,
     BatchListCreateApi,
     BatchResultsApi,
+    BatchThumbApi,
     LabelQueueApi,
     ModelCompareApi,
     ModelDetailApi,
@@ -81,6 +83,8 @@ api = [
     path("jobs/<int:job_id>/retrain/", JobRetrainApi.as_view(), name="job-retrain"),
     path("models/<int:model_id>/batch/", BatchListCreateApi.as_view(), name="model-batches"),
     path("batches/<int:batch_id>/", BatchDetailApi.as_view(), name="batch"),
+    path("batches/<int:batch_id>/items/", BatchItemsApi.as_view(), name="batch-items"),
+    path("batches/<int:batch_id>/thumb/", BatchThumbApi.as_view(), name="batch-thumb"),
     path("batches/<int:batch_id>/predictions.csv", BatchResultsApi.as_view(), {"fmt": "csv"}, name="batch-results-csv"),
     path(
         "batches/<int:batch_id>/predictions.json", BatchResultsApi.as_view(), {"fmt": "json"}, name="batch-results-json"

@@ -3,9 +3,10 @@ from __future__ import annotations
 import mimetypes
 import time
 from typing import cast
+from urllib.parse import urlencode
 
 from django.conf import settings
-from django.http import FileResponse, QueryDict
+from django.http import FileResponse, Http404, QueryDict
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from drf_spectacular.utils import (
@@ -24,12 +25,12 @@ from rest_framework.views import APIView
 from apps.common.errors import UserError
 from apps.common.pagination import paginated, paginated_response
 from apps.common.requests import AuthenticatedRequest
-from apps.common.storage import open_stream
+from apps.common.storage import open_if_stored, open_stream
 from apps.common.uploads import limit_upload_size
 from apps.datasets.models import Dataset
 from apps.datasets.selectors import dataset_get
 from apps.serving import predlog
-from apps.serving.batches import batch_create, batch_delete
+from apps.serving.batches import batch_create, batch_delete, batch_items, batch_thumb_name
 from apps.serving.cache import get_predictor
 from apps.serving.compare import models_compare
 from apps.serving.labelling import label_queue, label_records
@@ -512,3 +513,44 @@ def _page_params(request: AuthenticatedRequest) -> tuple[int, int]:
         value = int(raw) if raw else default
         values.append(min(value, top) if top else value)
     return values[0], values[1]
+
+
+class BatchItemsApi(APIView):
+    """A finished batch's predictions a page at a time, least confident first, filterable by top
+    label (`?label=`), with each label's count; `thumbnail` is a URL where the worker stored one."""
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("label", str),
+            OpenApiParameter("page", int),
+            OpenApiParameter("page_size", int, description="up to 200"),
+        ],
+        responses=OpenApiTypes.OBJECT,
+    )
+    def get(self, request: AuthenticatedRequest, batch_id: int) -> Response:
+        batch = batch_get(user=request.user, batch_id=batch_id)
+        page, size = _page_params(request)
+        body = batch_items(batch, label=request.query_params.get("label", ""), page=page, page_size=size)
+        for row in body["results"]:
+            row["thumbnail"] = (
+                f"{reverse('api:batch-thumb', args=[batch.pk])}?{urlencode({'f': row['file']})}"
+                if row.pop("has_thumbnail")
+                else None
+            )
+        return Response(body)
+
+
+class BatchThumbApi(APIView):
+    @extend_schema(
+        parameters=[OpenApiParameter("f", str, required=True)],
+        responses={(200, "image/jpeg"): OpenApiTypes.BINARY},
+    )
+    def get(self, request: AuthenticatedRequest, batch_id: int) -> FileResponse:
+        batch = batch_get(user=request.user, batch_id=batch_id)
+        file = request.query_params.get("f", "")
+        stream = open_if_stored(batch_thumb_name(batch, file)) if file in set(batch.thumbnails) else None
+        if stream is None:
+            raise Http404("This batch has no thumbnail of that file.")
+        response = FileResponse(stream, content_type="image/jpeg")
+        response["Cache-Control"] = "private, max-age=86400"
+        return response

@@ -11,6 +11,8 @@ replaced worker's late writes and cleanup touch nothing of the attempt that won.
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import json
 import logging
 import threading
@@ -24,6 +26,7 @@ from tempfile import TemporaryDirectory
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.files import File
+from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
@@ -32,16 +35,21 @@ from django.utils import timezone
 from apps.accounts.quotas import check_new_batch, owner_locked
 from apps.common import faults, work
 from apps.common.errors import UserError
-from apps.common.storage import delete_prefix, delete_quietly, local_copy
+from apps.common.storage import delete_prefix, delete_quietly, local_copy, open_stream
 from apps.datasets.models import Dataset
 from apps.datasets.services import ingest_config
 from apps.serving.cache import get_predictor
 from apps.serving.models import BatchPrediction, TrainedModel
-from ml.archive import scan_images
+from ml.archive import read_member, scan_images
 from ml.errors import Cancelled, DatasetError
+from ml.images import ImageDecodeError, thumbnail_jpeg
 from ml.predict import FilePrediction, predict_archive
 
 log = logging.getLogger(__name__)
+
+BATCH_THUMBNAILS = 200  # the least confident images of a batch get a thumbnail on its page
+THUMB_SIDE = 160
+THUMB_BYTES = 16 * 1024  # what a 160-px JPEG thumbnail takes at most, for the reservation
 
 MAX_K = 20
 PROGRESS_EVERY_S = 1.0  # at most one progress write a second
@@ -121,7 +129,8 @@ def results_estimate(images: int, k: int, classes: list[str], names: list[str] |
     name_bytes = sum(len(n.encode()) for n in names) if names is not None else 120 * images
     label = max((len(c.encode()) for c in classes), default=16)
     per_row = 2 * (k * (2 * label + 40) + 200)  # JSON escapes, quotes and keys; the error sentence
-    return 2 * name_bytes + images * per_row + 1024
+    thumbs = min(images, BATCH_THUMBNAILS) * THUMB_BYTES  # the least confident images' thumbnails
+    return 2 * name_bytes + images * per_row + thumbs + 1024
 
 
 def _create(batch: BatchPrediction) -> BatchPrediction:
@@ -162,7 +171,8 @@ def batch_run(*, batch: BatchPrediction) -> None:
             csv_path, json_path, failed = _write_results(rows, Path(tmp), batch.k)
             for path_ in (csv_path, json_path):
                 stored.append(_store(batch, path_))
-            size = csv_path.stat().st_size + json_path.stat().st_size
+            thumbs, thumb_bytes = _store_thumbnails(batch, path, json_path)
+            size = csv_path.stat().st_size + json_path.stat().st_size + thumb_bytes
             faults.point("batch.stored")
         if mine.update(
             status=BatchPrediction.Status.SUCCEEDED,
@@ -171,6 +181,7 @@ def batch_run(*, batch: BatchPrediction) -> None:
             results_json=stored[1],
             results_bytes=size,
             failed=failed,
+            thumbnails=thumbs,
         ):
             stored = []  # the row owns them now
     except Cancelled:
@@ -197,6 +208,74 @@ def batch_run(*, batch: BatchPrediction) -> None:
                 delete_quietly(batch.archive)
         except work.TRANSIENT:  # the input stays; the sweeper takes it once the row lets it go
             log.exception("batch %s: could not release its input", batch.pk)
+
+
+def batch_thumb_name(batch: BatchPrediction, file: str) -> str:
+    digest = hashlib.sha256(file.encode()).hexdigest()[:24]
+    return f"{batch.storage_prefix}attempt-{batch.attempts}/thumbs/{digest}.jpg"
+
+
+def _store_thumbnails(batch: BatchPrediction, archive: Path, results: Path) -> tuple[list[str], int]:
+    """Thumbnails of the least confident images (where a person looks first), made while the input
+    is at hand: it is deleted once the batch ends. Returns the files that got one, and their bytes."""
+    with results.open(encoding="utf-8") as fh:
+        rows = [r for r in json.load(fh) if not r.get("error") and r["predictions"]]
+    rows.sort(key=lambda r: r["predictions"][0]["score"])
+    picked = [r["file"] for r in rows[:BATCH_THUMBNAILS]]
+    made: list[str] = []
+    total = 0
+    with zipfile.ZipFile(archive) as zf:
+        for file in picked:
+            try:
+                data = read_member(zf, file, ingest_config().limits.max_member_bytes)
+                jpeg = thumbnail_jpeg(data, THUMB_SIDE, max_pixels=settings.GRAFT_MAX_IMAGE_PIXELS)
+            except (KeyError, DatasetError, ImageDecodeError):
+                continue
+            default_storage.save(batch_thumb_name(batch, file), ContentFile(jpeg))
+            made.append(file)
+            total += len(jpeg)
+    return made, total
+
+
+def batch_items(batch: BatchPrediction, *, label: str = "", page: int = 1, page_size: int = 60) -> dict:
+    """The batch's predictions a page at a time, least confident first (unreadable files last),
+    filtered by top label; with the label counts and, where stored, a thumbnail."""
+    rows = _read_results(batch.results_json) if batch.results_json else []
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r["predictions"]:
+            top = r["predictions"][0]["label"]
+            counts[top] = counts.get(top, 0) + 1
+    if label:
+        rows = [r for r in rows if r["predictions"] and r["predictions"][0]["label"] == label]
+    rows = sorted(rows, key=lambda r: (bool(r.get("error")), r["predictions"][0]["score"] if r["predictions"] else 1))
+    shown = set(batch.thumbnails)
+    start = (page - 1) * page_size
+    results = [
+        {
+            "file": r["file"],
+            "label": r["predictions"][0]["label"] if r["predictions"] else None,
+            "score": r["predictions"][0]["score"] if r["predictions"] else None,
+            "predictions": r["predictions"],
+            "error": r.get("error", ""),
+            "has_thumbnail": r["file"] in shown,
+        }
+        for r in rows[start : start + page_size]
+    ]
+    return {
+        "count": len(rows),
+        "page": page,
+        "pages": max(1, -(-len(rows) // page_size)),
+        "labels": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+        "results": results,
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _read_results(name: str) -> list[dict]:
+    """A finished batch's predictions.json (immutable once the batch ended)."""
+    with open_stream(name) as fh:
+        return json.load(fh)
 
 
 def _store(batch: BatchPrediction, path: Path) -> str:

@@ -90,6 +90,8 @@ class BatchPrediction(WorkFields):
     results_csv = models.CharField(max_length=300, blank=True)
     results_json = models.CharField(max_length=300, blank=True)
     results_bytes = models.BigIntegerField(default=0)
+    # The files whose thumbnails the worker stored (the least confident first; apps.serving.batches).
+    thumbnails = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 

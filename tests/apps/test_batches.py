@@ -27,7 +27,8 @@ def _zip(members: dict[str, bytes]) -> bytes:
 
 
 @pytest.fixture
-def alice(api_for):
+def alice(api_for, own_storage):
+    """(With storage of its own: these tests count what is stored, and other tests' batches stay.)"""
     return api_for("alice")
 
 

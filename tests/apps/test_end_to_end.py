@@ -95,6 +95,17 @@ def test_hymenoptera_from_upload_to_predictions(celery_worker_process, api_for, 
     as_json = alice.call("GET", batch["results"]["json"].removeprefix("/api/v1")).json()
     assert [r["file"] for r in as_json] == [row["file"] for row in rows] and "error" in as_json[-1]
     assert [b["id"] for b in alice.call("GET", f"/models/{model_id}/batch/").json()["results"]] == [batch["id"]]
+    # The batch page's list: least confident first (the unreadable file last), by label, with thumbnails.
+    items = alice.call("GET", f"/batches/{batch['id']}/items/").json()
+    scores = [row["score"] for row in items["results"] if not row["error"]]
+    assert items["count"] == 7 and scores == sorted(scores) and items["results"][-1]["error"]
+    assert sum(items["labels"].values()) == 6
+    first = items["results"][0]
+    thumb = alice.call("GET", first["thumbnail"].removeprefix("/api/v1"))
+    assert thumb.status_code == 200 and thumb.headers["Content-Type"] == "image/jpeg"
+    label = next(iter(items["labels"]))
+    only = alice.call("GET", f"/batches/{batch['id']}/items/", params={"label": label}).json()
+    assert only["count"] == items["labels"][label] and {r["label"] for r in only["results"]} == {label}
 
     # Another user cannot see or touch any of it.
     bob = api_for("bob")
@@ -108,6 +119,7 @@ def test_hymenoptera_from_upload_to_predictions(celery_worker_process, api_for, 
         ("POST", f"/models/{model_id}/predict/"),
         ("GET", f"/models/{model_id}/batch/"),
         ("GET", f"/batches/{batch['id']}/"),
+        ("GET", f"/batches/{batch['id']}/items/"),
         ("GET", batch["results"]["csv"].removeprefix("/api/v1")),
         ("DELETE", f"/batches/{batch['id']}/"),
     ]:
