@@ -128,11 +128,29 @@ def abort_stale_multipart(report: SweepReport, *, grace: timedelta) -> None:
                 upload.abort()
 
 
+SCRATCH_GRACE_S = 24 * 3600  # a gathered version lives as long as one job or finders run
+
+
+def _sweep_gathered_versions(report: SweepReport) -> None:
+    """Zips a worker gathered a dataset version into (apps.datasets.versions.version_archive) and
+    could not remove: it was killed. A day old, no job or finders run still reads them."""
+    import time
+
+    for entry in sorted(Path(settings.GRAFT_WORK_DIR).glob("version-*.zip")):
+        if time.time() - entry.stat().st_mtime < SCRATCH_GRACE_S:
+            continue
+        report.scratch_removed.append(entry.name)
+        if not report.dry_run:
+            entry.unlink(missing_ok=True)
+
+
 def sweep_scratch(report: SweepReport) -> None:
     """This host's unpacked bundles (GRAFT_WORK_DIR/serving/<model id>-<sha>) of models deleted
-    since (a live model's stays: a process may be loading it now)."""
+    since (a live model's stays: a process may be loading it now), and dataset versions gathered
+    into one zip by a worker that was killed before it removed it."""
     from apps.serving.models import TrainedModel
 
+    _sweep_gathered_versions(report)
     folder = Path(settings.GRAFT_WORK_DIR) / "serving"
     if not folder.is_dir():
         return

@@ -137,11 +137,20 @@ def test_the_sweeper_removes_what_no_row_owns_after_the_grace_period(
     scratch = Path(settings.GRAFT_WORK_DIR) / "serving"
     (scratch / "999999-0123456789abcdef").mkdir(parents=True, exist_ok=True)
     (scratch / f"{model.pk}-{model.bundle_sha256[:16]}").mkdir(parents=True, exist_ok=True)
+    # A dataset version a killed worker gathered into one zip, a day ago; and one gathered now.
+    gathered_old = Path(settings.GRAFT_WORK_DIR) / "version-7-deadbeef.zip"
+    gathered_now = Path(settings.GRAFT_WORK_DIR) / "version-8-cafef00d.zip"
+    for path in (gathered_old, gathered_now):
+        path.write_bytes(b"PK")
+    os.utime(gathered_old, (time.time() - 25 * 3600,) * 2)
 
     call_command("sweep")
     report = json.loads(capsys.readouterr().out)
     assert {r["name"] for r in report["removed"]} == orphans
-    assert report["kept_young"] == 1 and report["scratch_removed"] == ["999999-0123456789abcdef"]
+    assert report["kept_young"] == 1
+    assert report["scratch_removed"] == ["version-7-deadbeef.zip", "999999-0123456789abcdef"]
+    assert not gathered_old.exists() and gathered_now.exists()
+    gathered_now.unlink()
     assert stored_files() == owned | {young}
     assert (scratch / f"{model.pk}-{model.bundle_sha256[:16]}").is_dir()
 
