@@ -197,6 +197,9 @@ class ImagePageSerializer(serializers.Serializer):
     count = serializers.IntegerField()
     page = serializers.IntegerField()
     pages = serializers.IntegerField()
+    facets = serializers.DictField(
+        child=serializers.IntegerField(), help_text="images each finder filter shows under this class and split"
+    )
     results = ImageSerializer(many=True)
 
 

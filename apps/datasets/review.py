@@ -102,6 +102,13 @@ def version_images(
         s for s in index.samples if (not label or s.label == label) and (not split or s.split == split)
     ]
     dismissed = set(version.dataset.dismissed)
+    # How many images each finder filter would show under this class and split: the filter chips' counts.
+    facets = {
+        key: sum(
+            1 for s in rows if _matches(key, flags.get(s.sha256)) and (with_dismissed or s.sha256 not in dismissed)
+        )
+        for key in FINDER_FILTERS
+    }
     if finder:
         rows = [
             s for s in rows if _matches(finder, flags.get(s.sha256)) and (with_dismissed or s.sha256 not in dismissed)
@@ -126,7 +133,7 @@ def version_images(
                 "dismissed": s.sha256 in dismissed,
             }
         )
-    return {"count": len(rows), "page": page, "pages": pages, "results": results}
+    return {"count": len(rows), "page": page, "pages": pages, "facets": facets, "results": results}
 
 
 def version_members(version: DatasetVersion) -> frozenset[str]:

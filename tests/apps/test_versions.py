@@ -171,6 +171,8 @@ def test_finders_results_reach_the_images_list(celery_worker_process, api_for, t
     v = api.call("GET", f"/datasets/{ds}/versions/1/").json()
     assert v["findings_summary"]["label_issues"] == len(found["label_issues"])
     flagged = _images(api, ds, 1, finder="flagged")
+    facets = api.call("GET", f"/datasets/{ds}/versions/1/images/").json()["facets"]
+    assert facets["flagged"] == len(flagged) and facets["label_issues"] == len(found["label_issues"])
     assert len(flagged) == len(
         {r["sha256"] for r in found["label_issues"] + found["outliers"]}
         | {s for d in found["near_duplicates"] for s in d["sha256s"]}

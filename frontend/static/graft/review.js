@@ -106,12 +106,10 @@ document.addEventListener("DOMContentLoaded", () => {
     setCount("finder", "", chosen.reduce((t, c) => t + inSplit(c), 0));
     const finders = [...document.querySelectorAll(".chip.finder")].map((c) => c.dataset.value);
     if (findingsStatus !== "ready") { finders.forEach((f) => setCount("finder", f, null)); return; }
-    await Promise.all(finders.map(async (finder) => {
-      try {
-        const page = await Graft.api(`${base}/images/?${query({ finder, page: 1, pageSize: 1 })}`);
-        setCount("finder", finder, page.count);
-      } catch (_) { setCount("finder", finder, null); }
-    }));
+    try {  // one request: the images list counts what each finder filter would show (its facets)
+      const page = await Graft.api(`${base}/images/?${query({ finder: "", page: 1, pageSize: 1 })}`);
+      finders.forEach((f) => setCount("finder", f, page.facets ? page.facets[f] : null));
+    } catch (_) { finders.forEach((f) => setCount("finder", f, null)); }
   }
 
   function query(overrides = {}) {
