@@ -14,15 +14,13 @@ from apps.common.errors import UserError
 from apps.common.pagination import paginated, paginated_response
 from apps.common.requests import AuthenticatedRequest
 from apps.common.uploads import limit_upload_size
+from apps.datasets.findings import findings_dismiss, findings_read, findings_request
 from apps.datasets.models import Dataset, DatasetVersion
 from apps.datasets.review import FINDER_FILTERS, MAX_PAGE_SIZE, version_images
 from apps.datasets.selectors import dataset_get, dataset_list, version_get, version_list
 from apps.datasets.services import dataset_create, dataset_delete
 from apps.datasets.versions import (
     export_name,
-    findings_dismiss,
-    findings_read,
-    findings_request,
     version_add,
     version_change,
     version_delete,

@@ -9,8 +9,9 @@ import math
 from dataclasses import dataclass, field
 
 from apps.common.errors import UserError
+from apps.datasets.findings import findings_read
 from apps.datasets.models import DatasetVersion
-from apps.datasets.versions import findings_read, version_index
+from apps.datasets.versions import version_index
 from ml.dataset import Sample
 
 MAX_PAGE_SIZE = 200

@@ -40,6 +40,6 @@ def ingest_addition(self, version_id: int) -> None:
 @shared_task(name="datasets.find_issues", acks_late=True)
 def find_issues(version_id: int) -> None:
     """The finders on one dataset version; a duplicate message finds the work taken and does nothing."""
-    from apps.datasets.versions import version_find
+    from apps.datasets.findings import version_find
 
     version_find(version_id=version_id)

@@ -27,7 +27,7 @@ def recover_stale_jobs() -> dict[str, list[int]]:
     """Every kind of background work, not only jobs (the name is kept for beat schedules in use)."""
     from apps.common.work import work_recover_stale
     from apps.datasets import services as _datasets  # noqa: F401 - registers the ingestion kind
-    from apps.datasets.versions import findings_recover_stale
+    from apps.datasets.findings import findings_recover_stale
     from apps.serving import batches as _batches  # noqa: F401 - registers the batch kind
 
     return {**work_recover_stale(), "findings": findings_recover_stale()}
