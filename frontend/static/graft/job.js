@@ -1,4 +1,6 @@
-// Job page: live status, progress with ETA, why this plan, learning curves, LR, early stopping, sanity, log, results.
+// Job page: the result first (accuracy, per class, confusion, misclassified images), then live progress
+// (the engine's step in words, its ETA and why the plan grew), sanity checks in plain words, why this plan,
+// curves named for what they plot, LR, and a log that follows its newest line.
 "use strict";
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -26,6 +28,8 @@ document.addEventListener("DOMContentLoaded", () => {
     const probe = history.filter((r) => r.phase === "probe");
     const canvas = $("#curve-chart");
     if (epochs.length) {
+      $("#curves-section").hidden = false;
+      $("#h-curves").textContent = "Fine-tuning: loss and accuracy per epoch";
       const labels = epochs.map((r) => r.epoch);
       curveChart = chart(curveChart, canvas, {
         type: "line",
@@ -49,40 +53,35 @@ document.addEventListener("DOMContentLoaded", () => {
       });
       $("#curve-note").textContent = "Per epoch. Epoch 0 is the linear probe the fine-tune starts from. " +
         "Held-out: a slice of the training split set aside; it chooses the epoch to keep. " +
-        "The reported validation accuracy is in the results.";
+        "The reported validation accuracy is in the result.";
     } else if (probe.length) {
-      const stages = [...new Set(probe.map((r) => r.stage))];
-      const palette = ["#3d6fd9", "#d9573d", "#2f9e6e", "#9a5fd0", "#c9a227", "#555"];
+      // The chosen probe's sweep (its rows come last); the other candidates are compared in "Why this plan".
+      const stage = probe[probe.length - 1].stage;
+      const rows = probe.filter((r) => r.stage === stage);
+      const seen = new Set();
+      const sweep = rows.filter((r) => !seen.has(r.C) && seen.add(r.C));
+      $("#curves-section").hidden = false;
+      $("#h-curves").textContent = "Linear probe: accuracy for each regularisation strength";
       curveChart = chart(curveChart, canvas, {
         type: "line",
         data: {
-          datasets: stages.flatMap((stage, i) => [
-            {
-              label: `${stage}: CV accuracy`,
-              data: probe.filter((r) => r.stage === stage).map((r) => ({ x: r.C, y: r.cv_accuracy })),
-              borderColor: palette[i % palette.length],
-              yAxisID: "acc",
-            },
-            {
-              label: `${stage}: CV log loss`,
-              data: probe.filter((r) => r.stage === stage).map((r) => ({ x: r.C, y: r.cv_loss })),
-              borderColor: palette[i % palette.length],
-              borderDash: [5, 4],
-              yAxisID: "loss",
-            },
-          ]),
+          datasets: [
+            { label: "cross-validated accuracy", data: sweep.map((r) => ({ x: r.C, y: r.cv_accuracy })), borderColor: "#2f9e6e", yAxisID: "acc" },
+            { label: "cross-validated log loss", data: sweep.map((r) => ({ x: r.C, y: r.cv_loss })), borderColor: "#9a5fd0", borderDash: [5, 4], yAxisID: "loss" },
+          ],
         },
         options: {
           maintainAspectRatio: false, animation: false,
           scales: {
-            x: { type: "logarithmic", title: { display: true, text: "C (inverse regularisation strength)" } },
-            acc: { position: "left", title: { display: true, text: "cross-validated accuracy" }, suggestedMax: 1 },
+            x: { type: "logarithmic", title: { display: true, text: "C (less regularisation →)" } },
+            acc: { position: "left", title: { display: true, text: "accuracy" }, suggestedMax: 1 },
             loss: { position: "right", title: { display: true, text: "log loss" }, beginAtZero: true, grid: { drawOnChartArea: false } },
           },
         },
       });
-      $("#curve-note").textContent = "For each candidate (stage @ input size) a linear probe is fitted for several regularisation strengths; " +
-        "the one with the lowest cross-validated log loss on the training split is kept.";
+      $("#curve-note").textContent = `The probe on ${stage}, fitted at several regularisation strengths C; ` +
+        "the C with the lowest cross-validated log loss on the training split is kept. " +
+        "This is not a learning curve: no epochs are involved.";
     }
   }
 
@@ -179,11 +178,39 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
 
-  function drawSanity(report) {
+  // What a failed check means for the model this job made, in plain words.
+  const MEANING = {
+    loss_decreases: "the training loss went up in later epochs (often a learning rate too high for this data). " +
+      "The epoch kept is the one that scored best on held-out images, so the accuracy above stands, but a retrain " +
+      "with the linear strategy or a smaller budget may do as well.",
+    overfits_one_batch: "a fresh copy of the network could not memorise a handful of images in a few steps. " +
+      "It looks for broken set-ups (frozen layers, a dead learning rate); the accuracy above was measured on " +
+      "validation images and stands, but treat a fine-tune that barely beat the probe with care.",
+    initial_loss: "the first loss was far from chance level, which can mean mislabelled or very uneven classes. " +
+      "Check the per-class table for a class the model rarely gets right.",
+    finite_loss: "training hit an infinite or undefined loss; the epochs after it were thrown away, and the model " +
+      "kept is the last good one.",
+  };
+
+  function drawSanity(job) {
+    const report = job.report;
     if (!report || !report.sanity) return;
-    const list = $("#sanity");
-    list.replaceChildren(...report.sanity.map((c) =>
+    $("#sanity").replaceChildren(...report.sanity.map((c) =>
       Graft.el("li", { class: c.ok ? "ok" : "failed" }, Graft.el("strong", { text: `${c.ok ? "✓" : "✗"} ${c.check.replace(/_/g, " ")}` }), ` — ${c.detail}`)));
+    const failed = report.sanity.filter((c) => !c.ok);
+    const summary = $("#sanity-summary");
+    summary.hidden = !failed.length;
+    if (!failed.length) return;
+    const meanings = failed.map((c) => {
+      const key = c.check.replace(/^probe_/, "");
+      const what = MEANING[key] || "a check of the training set-up did not pass.";
+      return Graft.el("li", {}, Graft.el("strong", { text: `${c.check.replace(/_/g, " ")}: ` }), what);
+    });
+    const lead = job.status === "succeeded" ?
+      `${failed.length === 1 ? "One check" : `${failed.length} checks`} did not pass. What it means for this model:` :
+      "What the failed checks mean:";
+    summary.replaceChildren(lead, Graft.el("ul", {}, ...meanings));
+    summary.className = "notice job-sanity-summary";
   }
 
   function drawResults(job) {
@@ -213,15 +240,107 @@ document.addEventListener("DOMContentLoaded", () => {
     $("#confusion").replaceChildren(Graft.el("thead", {}, head), Graft.el("tbody", {}, ...rows));
     const wrong = m.misclassified || [];
     const gallery = $("#misclassified");
+    $("#wrong-hint").hidden = !wrong.length || !job.model;
     if (!wrong.length) {
       gallery.replaceChildren(Graft.el("p", { class: "ok", text: "No validation image was misclassified." }));
+      return;
+    }
+    gallery.replaceChildren(...wrong.slice(0, 60).map((w) => {
+      const name = w.file.split("/").pop();
+      const caption = `${w.file}: true ${w.label}, predicted ${w.predicted} (${Graft.pct(w.score, 0)})`;
+      // Stored with the model by the worker: they outlive the dataset (apps/training/gallery.py).
+      const src = job.model ? `/models/${job.model}/thumb/?m=${encodeURIComponent(w.file)}` : "";
+      const img = Graft.el("img", { alt: caption, loading: "lazy", width: 120, height: 120 });
+      if (src) img.src = src;
+      const open = Graft.el("button", { type: "button", class: "job-thumb", title: `Enlarge ${w.file}`, "aria-label": `Enlarge ${caption}` }, img);
+      open.disabled = !src;
+      open.addEventListener("click", () => enlarge(src, w, caption));
+      return Graft.el("figure", {}, open,
+        Graft.el("figcaption", {},
+          Graft.el("span", { class: "job-file", text: name, title: w.file }),
+          Graft.el("span", { text: `true ${w.label}` }),
+          Graft.el("span", { text: `predicted ${w.predicted} (${Graft.pct(w.score, 0)})` })));
+    }));
+  }
+
+  function enlarge(src, w, caption) {
+    const dialog = $("#job-image-dialog");
+    $("#job-image-big").src = src;
+    $("#job-image-big").alt = caption;
+    $("#job-image-caption").replaceChildren(
+      Graft.el("strong", { class: "job-file", text: w.file }), Graft.el("br"),
+      `true ${w.label} · predicted ${w.predicted} (${Graft.pct(w.score, 0)})`);
+    dialog.showModal();
+  }
+
+  const STEPS = { decode: "Reading images", load: "Loading the pretrained network", probe: "Fitting linear probes",
+    checks: "Preparing the fine-tune", lr_test: "Finding the learning rate", finetune: "Fine-tuning",
+    evaluate: "Scoring the validation images", export: "Exporting the model", features: "Extracting features", fit: "Fitting" };
+
+  function stepName(job) {
+    const p = (job.report && job.report.progress) || {};
+    if (p.label) return p.label;
+    const key = (job.phase || "").split("@")[0];
+    return STEPS[key] || "Starting";
+  }
+
+  // A GPU is known when the server says its workers train on one, or this job ran on one before.
+  function gpuKnown(job) {
+    const device = (root.dataset.device || "") + " " + ((job.report && job.report.device) || "");
+    return /cuda|gpu/i.test(device);
+  }
+
+  function drawProgress(job) {
+    const live = !FINAL.includes(job.status);
+    $("#progress-section").hidden = !live;
+    if (!live) return;
+    $("#job-progress").value = job.progress;
+    const p = (job.report && job.report.progress) || {};
+    if (job.status === "queued") {
+      $("#phase").textContent = gpuKnown(job) ? "Waiting for a GPU worker…" : "Waiting for a worker…";
+      $("#eta").textContent = "";
     } else {
-      gallery.replaceChildren(...wrong.slice(0, 60).map((w) => {
-        const img = Graft.el("img", { alt: `${w.file}: true ${w.label}, predicted ${w.predicted}`, loading: "lazy", width: 120, height: 120 });
-        // Stored with the model by the worker: they outlive the dataset (apps/training/gallery.py).
-        if (job.model) img.src = `/models/${job.model}/thumb/?m=${encodeURIComponent(w.file)}`;
-        return Graft.el("figure", {}, img, Graft.el("figcaption", { text: `${w.label} → ${w.predicted} (${w.score.toFixed(2)})` }));
-      }));
+      $("#phase").textContent = `${stepName(job)} · ${Math.floor(job.progress * 100)}%`;
+      // The engine's estimate: the planned work left at the speeds it measured on this machine.
+      $("#eta").textContent = p.eta_s != null && job.progress > 0.02 ? `about ${Graft.duration(Math.max(1, p.eta_s)) || "1 s"} left` : "";
+    }
+    const notes = p.notes || [];
+    const last = notes[notes.length - 1];
+    $("#plan-note").hidden = !last;
+    if (last) $("#plan-note").textContent = `Why the estimate changed: ${last.text}`;
+  }
+
+  // The log follows its newest line unless the reader scrolled up; a button brings it back.
+  const logBox = $("#log");
+  let follow = true;
+  logBox.addEventListener("scroll", () => {
+    follow = logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 8;
+    $("#log-follow").hidden = follow;
+  });
+  $("#log-follow").addEventListener("click", () => {
+    follow = true;
+    logBox.scrollTop = logBox.scrollHeight;
+    $("#log-follow").hidden = true;
+  });
+
+  function drawLog(job) {
+    const log = (job.report && job.report.log) || [];
+    const text = log.length ? log.join("\n") : job.history.length ? `${job.history.length} progress rows so far…` : "Nothing yet.";
+    if (logBox.textContent === text) return;
+    logBox.textContent = text;
+    if (follow) logBox.scrollTop = logBox.scrollHeight;
+  }
+
+  function drawOutcome(job) {
+    const canRetrain = Boolean(root.dataset.dataset);
+    $("#train-again").hidden = !canRetrain || !["failed", "cancelled"].includes(job.status);
+    $("#retrain").hidden = !canRetrain || job.status !== "succeeded";
+    Graft.showError("#job-error", job.status === "failed" ? `Training failed: ${job.error}` : "");
+    const notice = $("#job-notice");
+    notice.hidden = job.status !== "cancelled";
+    if (job.status === "cancelled") {
+      notice.textContent = "This job was cancelled before it finished; nothing was kept. " +
+        (canRetrain ? "Train again starts a new job with the same options on the dataset's newest version." : "");
     }
   }
 
@@ -229,35 +348,41 @@ document.addEventListener("DOMContentLoaded", () => {
     const badge = $("#job-status");
     badge.textContent = job.status;
     badge.className = `badge ${job.status}`;
-    $("#job-progress").value = job.progress;
     $("#cancel").hidden = FINAL.includes(job.status);
     $("#job-delete").hidden = !FINAL.includes(job.status);
-    const phases = { decode: "Reading images", features: "Extracting features", fit: "Fitting", export: "Exporting the bundle" };
-    $("#phase").textContent = job.status === "running" ? `${phases[job.phase] || job.phase || "Starting"} · ${Math.floor(job.progress * 100)}%` :
-      job.status === "queued" ? "Waiting for a GPU worker…" : "";
-    if (job.status === "running" && job.started_at && job.progress > 0.02) {
-      const elapsed = (Date.now() - Date.parse(job.started_at)) / 1000;
-      $("#eta").textContent = `about ${Graft.duration((elapsed * (1 - job.progress)) / job.progress)} left`;
-    } else {
-      $("#eta").textContent = "";
-    }
+    drawOutcome(job);
+    drawProgress(job);
     if (job.strategy && job.strategy.name) {
-      $("#strategy-line").textContent = `${job.strategy.cell} → ${job.strategy.name}. ${job.strategy.reason || ""}`;
+      const line = `${job.strategy.cell} → ${job.strategy.name}. ${job.strategy.reason || ""}`;
+      $("#strategy-line").textContent = line;
+      $("#progress-strategy").textContent = line;
     }
-    drawDecisions(job.report);
-    drawCurves(job.history || []);
-    drawLr(job);
-    drawSanity(job.report);
-    const log = (job.report && job.report.log) || [];
-    if (log.length) $("#log").textContent = log.join("\n");
-    else $("#log").textContent = job.history.length ? `${job.history.length} progress rows so far…` : "Nothing yet.";
-    Graft.showError("#job-error", job.status === "failed" ? `Training failed: ${job.error}` : job.status === "cancelled" ? "This job was cancelled." : "");
     if (job.status === "succeeded" && !shownResults) {
       shownResults = true;
       drawResults(job);
     }
+    drawSanity(job);
+    drawDecisions(job.report);
+    drawCurves(job.history || []);
+    drawLr(job);
+    drawLog(job);
     return FINAL.includes(job.status);
   }
+
+  async function retrain(button) {
+    button.disabled = true;
+    try {
+      const fresh = await Graft.api(`/jobs/${id}/retrain/`, { method: "POST" });
+      window.location.assign(`/jobs/${fresh.id}/`);
+    } catch (err) {
+      button.disabled = false;
+      Graft.showError("#job-error", err.message);
+    }
+  }
+  $("#train-again").addEventListener("click", (e) => retrain(e.currentTarget));
+  $("#retrain").addEventListener("click", (e) => retrain(e.currentTarget));
+  // A click on the backdrop lands on the dialog itself: it closes, as Escape does.
+  $("#job-image-dialog").addEventListener("click", (e) => { if (e.target === e.currentTarget) e.currentTarget.close(); });
 
   Graft.poll(async () => render(await Graft.api(`/jobs/${id}/`)), 1500, "#poll-error");
 
