@@ -1,13 +1,14 @@
 from django.contrib.auth import views as auth_views
-from django.urls import path
+from django.urls import include, path
 
 from apps.common.throttles import throttle_posts
-from apps.web import views
+from apps.web import projects, views
 
 app_name = "web"
 
 urlpatterns = [
-    path("", views.home, name="home"),
+    path("", projects.dashboard, name="home"),
+    path("", include(projects.urlpatterns)),
     path("accounts/signup/", views.signup, name="signup"),
     path(
         "accounts/login/",

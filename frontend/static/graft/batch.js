@@ -1,4 +1,6 @@
-// Batch page: live progress (images done of total, an ETA once it has a rate), failures, downloads, delete.
+// Batch page: live progress (images done of total, an ETA once it has a rate), failures, downloads, delete;
+// once it has succeeded, its predictions (GET /batches/{id}/items/): least confident first, with
+// thumbnails, filtered by top label (chips with counts), a page at a time.
 "use strict";
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -35,8 +37,67 @@ document.addEventListener("DOMContentLoaded", () => {
       $("#download-csv").href = b.results.csv;
       $("#download-json").href = b.results.json;
     }
+    if (b.status === "succeeded" && !items.shown) { items.shown = true; loadItems(); }
     return FINAL.includes(b.status);
   }
+
+  // --- the predictions ---------------------------------------------------------------------------
+  const items = { shown: false, label: "", page: 1, pages: 1 };
+  const PAGE_SIZE = 48;
+
+  async function loadItems() {
+    const query = new URLSearchParams({ page: items.page, page_size: PAGE_SIZE });
+    if (items.label) query.set("label", items.label);
+    try {
+      const body = await Graft.api(`/batches/${id}/items/?${query}`);
+      items.pages = body.pages || 1;
+      $("#batch-items").hidden = false;
+      drawChips(body.labels);
+      $("#item-grid").replaceChildren(...body.results.map(item));
+      const what = items.label ? `whose top label is ${items.label}` : "in this batch";
+      $("#items-status").textContent = body.count ?
+        `${body.count} image${body.count === 1 ? "" : "s"} ${what}, least confident first.` : "No images here.";
+      $("#items-pager").hidden = items.pages <= 1;
+      $("#items-page").textContent = `Page ${items.page} of ${items.pages}`;
+      $("#items-prev").disabled = items.page <= 1;
+      $("#items-next").disabled = items.page >= items.pages;
+      Graft.showError("#items-error", "");
+    } catch (err) {
+      Graft.showError("#items-error", err.message);
+    }
+  }
+
+  function drawChips(labels) {
+    const total = Object.values(labels).reduce((a, b) => a + b, 0);
+    const chip = (label, count, text) => {
+      const b = Graft.el("button", { type: "button", class: "chip", "aria-pressed": String(items.label === label), "data-label": label },
+        Graft.el("span", { text }), " ", Graft.el("span", { class: "count", text: String(count) }));
+      b.addEventListener("click", () => { items.label = label; items.page = 1; loadItems(); });
+      return b;
+    };
+    $("#item-labels").replaceChildren(chip("", total, "All"), ...Object.entries(labels).map(([l, n]) => chip(l, n, l)));
+  }
+
+  function item(r) {
+    const pct = r.score == null ? "" : Graft.pct(r.score, 1);
+    const caption = r.error ? `${r.file}: ${r.error}` : `${r.file}: ${r.label} ${pct}`;
+    const picture = r.thumbnail ?
+      Graft.el("button", { type: "button", class: "enlarge", "data-enlarge": r.thumbnail, "data-caption": caption },
+        Graft.el("img", { src: r.thumbnail, alt: caption, loading: "lazy", width: 160, height: 160 })) :
+      Graft.el("div", { class: "no-thumb", text: r.error ? "unreadable" : "no thumbnail",
+        title: r.error ? "" : "Thumbnails are kept for the batch's least confident images" });
+    const others = (r.predictions || []).slice(1, 3).map((p) => `${p.label} ${Graft.pct(p.score, 0)}`).join(" · ");
+    return Graft.el("li", { class: `batch-item${r.error ? " unreadable" : ""}` },
+      Graft.el("figure", {}, picture,
+        Graft.el("figcaption", {},
+          Graft.el("span", { class: "file-name", text: r.file }),
+          r.error ? Graft.el("span", { class: "error-text", text: r.error }) :
+            Graft.el("span", { class: "verdict" }, Graft.el("strong", { text: r.label }), ` ${pct}`),
+          others ? Graft.el("span", { class: "meta", text: others }) : "")));
+  }
+
+  $("#items-prev").addEventListener("click", () => { items.page -= 1; loadItems(); });
+  $("#items-next").addEventListener("click", () => { items.page += 1; loadItems(); });
 
   Graft.poll(async () => render(await Graft.api(`/batches/${id}/`)), 1500, "#poll-error");
 
