@@ -96,6 +96,12 @@ def test_retrain_compare_publish_rename_and_delete(page, shot, live_server, cele
     old_row.get_by_role("button", name="Retrain on v2").click()
     expect(page).to_have_url(re.compile(r"/jobs/\d+/$"))
     job_id = int(re.search(r"/jobs/(\d+)/$", page.url).group(1))
+    page.goto(f"/projects/{pid}/")
+    if page.locator("#timeline .tl-job").count():  # still training: shown under v2, live state named
+        expect(versions.first.locator(".tl-job")).to_contain_text(f"Job {job_id}")
+        shot(page, "projects-project-training")
+        # The page follows the job and shows its model once it ends, without a reload by hand.
+        expect(versions.first.locator(".tl-model")).to_have_count(1, timeout=TRAIN_MS)
     second = api.wait(f"/jobs/{job_id}/", ("succeeded", "failed", "cancelled"), timeout=TRAIN_MS / 1000)
     assert second["status"] == "succeeded" and second["version"] == 2, second
     assert second["config"]["strategy"] == "linear"
@@ -128,6 +134,7 @@ def test_retrain_compare_publish_rename_and_delete(page, shot, live_server, cele
     fixed.locator("button.enlarge").click()
     expect(page.locator("#lightbox")).to_be_visible()
     expect(page.locator("#lightbox-caption")).to_contain_text(MISLABELLED)
+    shot(page, "projects-compare-enlarged")
     page.keyboard.press("Escape")
     expect(page.locator("#lightbox")).to_be_hidden()
 

@@ -1,5 +1,5 @@
-// Project page: rename a model in place (PATCH /models/{id}/), and pick two models to compare
-// (the older one is A, the newer B, so the deltas read "what the newer model changed").
+// Project page: rename a model in place (PATCH /models/{id}/), pick two models to compare (the older
+// one is A, the newer B, so the deltas read "what the newer model changed"), and follow jobs training now.
 "use strict";
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -77,6 +77,22 @@ document.addEventListener("DOMContentLoaded", () => {
   }
 
   function nameOf(box) { return `“${$(".model-name", box.closest(".tl-model")).textContent.trim()}”`; }
+
+  // --- jobs training now: their state live; the page reloads with the model once one ends ------------
+  for (const li of document.querySelectorAll(".tl-job[data-job]")) {
+    Graft.poll(async () => {
+      const job = await Graft.api(`/jobs/${li.dataset.job}/`);
+      const badge = $(".badge", li);
+      badge.textContent = job.status;
+      badge.className = `badge ${job.status}`;
+      $(".job-state", li).textContent = job.status === "running" ?
+        `${(job.phase || "training").replace(/_/g, " ")}, ${Math.round(100 * (job.progress || 0))}%` :
+        job.status === "queued" ? "waiting for a worker" : "";
+      if (["queued", "running"].includes(job.status)) return false;
+      window.location.reload();
+      return true;
+    }, 3000);
+  }
 
   for (const b of boxes()) b.addEventListener("change", () => update(b));
   go.addEventListener("click", (e) => { if (go.getAttribute("aria-disabled")) e.preventDefault(); });
