@@ -135,6 +135,13 @@ def test_the_same_content_uploaded_twice_points_to_the_first(celery_worker_proce
     same = [w for w in again["warnings"] if w["code"] == "same_as_dataset"]
     assert same and same[0]["dataset"] == first["id"] and "same images and labels" in same[0]["message"]
     assert not [w for w in first["warnings"] if w["code"] == "same_as_dataset"]
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    page = Client()
+    page.force_login(User.objects.get(username="alice"))
+    html = page.get(f"/datasets/{again['id']}/").content.decode()
+    assert f'href="/datasets/{first["id"]}/"' in html and "Delete this copy" in html
     # Another user's identical upload is not pointed at Alice's.
     bob = _upload_and_wait(api_for("bob"), _zip_bytes(tmp_path, members))
     assert not [w for w in bob["warnings"] if w["code"] == "same_as_dataset"]
