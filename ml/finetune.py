@@ -273,8 +273,10 @@ def check_overfits_a_batch(
     y: torch.Tensor,
     num_classes: int,
     steps: int,
+    on_step: RangeStepFn | None = None,
 ) -> None:
-    """Karpathy's "overfit one batch", on a copy of the model actually fine-tuned.
+    """Karpathy's "overfit one batch", on a copy of the model actually fine-tuned (`on_step(done, steps)`
+    after each step: the progress shown, or a cancel raised from it).
 
     The head is re-initialised small, so the first loss must be near ln(C) (mangled or
     unnormalised inputs show here), and the same trainable layers, loss and optimizer
@@ -300,12 +302,14 @@ def check_overfits_a_batch(
     model.train()
     freeze_batchnorm(model)
     losses = []
-    for _ in range(steps):
+    for i in range(steps):
         loss = nn.functional.cross_entropy(model(x).float(), y)
         losses.append(loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if on_step:
+            on_step(i + 1, steps)
     with torch.no_grad():
         final = nn.functional.cross_entropy(model.eval()(x).float(), y).item()
     check_initial_loss(report, losses[0], num_classes, 0.25)
@@ -377,6 +381,7 @@ def finetune(
     on_step: StepFn | None = None,
     checkpoint: CheckpointFn | None = None,
     resume: dict[str, Any] | None = None,
+    on_check: RangeStepFn | None = None,
 ) -> FinetuneResult:
     """Fine-tune the probe's network (body up to `stage` + `head`, the fitted probe); returns the best model.
 
@@ -447,6 +452,7 @@ def finetune(
             y0,
             num_classes,
             config.overfit_steps,
+            on_check,
         )
 
     stopper = EarlyStopping(config.patience)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -49,8 +50,8 @@ from ml.finetune import (
     probe_model,
 )
 from ml.preprocess import choose_preprocessing, eval_transform
-from ml.probe import ProbeFit, fit_probe, fit_probe_at
-from ml.run import Progress, ProgressFn, Run, timer
+from ml.probe import DEFAULT_CS, ProbeFit, fit_probe, fit_probe_at
+from ml.run import FEATURES, Progress, ProgressFn, Run, about, timer
 from ml.runtime import tune_allocator
 from ml.search import search
 from ml.selection import Candidate, Decision, best_of, keep_if_better, significance_margin
@@ -196,10 +197,12 @@ def fit(
     out_dir.mkdir(parents=True, exist_ok=True)
     with run.phase("decode"):
         data = _load(run, archive, index, config)
+    _plan_fit(run, len(data.train), len(data.val), config)
     run.resume_from(checkpoints, _fit_key(config, data))
     with run.phase("features"):
         device = _device(config.device)
         backbone = create_backbone(config.backbone)
+        run.advance("load", 1)
         reps, plan = measure(run, backbone, data, config, device)
     with run.phase("fit"):
         chosen = choose_probe(run, reps, data, plan, config)
@@ -211,7 +214,7 @@ def fit(
         run.say(f"sanity {check['check']}: {'ok' if check['ok'] else 'FAILED'} ({check['detail']})")
     with run.phase("export"):
         bundle_zip = _export(out_dir, model, prep, data, backbone, plan, metrics, report, run, config, about or {})
-        run.report("export", 1, 1)
+        run.advance("export", 1)
     run.timings["total"] = sum(run.timings.values())
     return FitResult(
         classes=data.classes,
@@ -236,8 +239,16 @@ def fit(
 
 def _load(run: Run, archive: Path, index: DatasetIndex | None, config: FitConfig) -> Data:
     if index is None:
-        index = index_dataset(archive, IngestConfig(), lambda d, n: run.report("decode", d, n))
-    run.report("decode", 1, 1)
+
+        def decoded(done: int, total: int) -> None:
+            if "decode" not in run.work.steps:  # the fit's plan, from the upload's size (refined once split)
+                run.plan("decode", "Reading images", total, passes=DECODE_PASSES)
+                n_val = round(total * config.val_fraction)
+                _plan_fit(run, total - n_val, n_val, config)
+            run.advance("decode", done, label=f"Reading images · {done} of {total}")
+
+        index = index_dataset(archive, IngestConfig(), decoded)
+        run.finish("decode")
     train, val = _split(index, config.val_fraction, config.seed)
     class_id = {c: i for i, c in enumerate(index.classes)}
     run.say(f"{len(train)} training and {len(val)} validation images in {len(index.classes)} classes")
@@ -285,11 +296,17 @@ def measure(
     taps = _stage_taps(backbone)
     reps: list[Representation] = []
     similarity = None
-    for i, prep in enumerate(sizes):
-        base, span = i / len(sizes), 1 / len(sizes)
+    if len(sizes) > 1:
+        run.plan(
+            _features_key(sizes[0]), _features_label(sizes[0]), len(members), passes=_passes(sizes[0], native),
+            kind=FEATURES,
+            note=f"features are extracted at a second input size too, {sizes[0].input_size} px: {why}",
+        )  # fmt: skip
+    for prep in sizes:
+        key = _features_key(prep)
 
-        def tick(done: int, total: int, base: float = base, span: float = span) -> None:
-            run.report("features", (base + span * done / total) * total, total)
+        def tick(done: int, total: int, key: str = key, prep: Preprocessing = prep) -> None:
+            run.advance(key, done, label=f"{_features_label(prep)} · {done} of {total} images")
 
         if prep == native:
             feats, similarity = _native_pass(
@@ -306,6 +323,7 @@ def measure(
         len(data.train) / len(data.classes), similarity, override=config.strategy, boundary=config.size_boundary
     )
     run.say(plan.reason)
+    _plan_after_measuring(run, reps, data, plan, config, native)
     return reps, plan
 
 
@@ -378,6 +396,7 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
     options = {_name(stage, rep): (rep, stage) for rep in reps for stage in stages}
     incumbent = _name(TOP, reps[-1])  # the native size is always last
     history: list[dict[str, Any]] = []
+    probes = _ProbeProgress(run, data, options)
     if len(options) > 1:
         idx = _subsample(data.y_train, PILOT_IMAGES, config.seed)
         pilot = len(idx) < n
@@ -385,10 +404,11 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
         for i, (name, (rep, stage)) in enumerate(options.items()):
             with timer() as t:
                 fitted = fit_probe(
-                    rep.feats[stage][idx], data.y_train[idx], k, folds=3 if pilot else 5, seed=config.seed
-                )
+                    rep.feats[stage][idx], data.y_train[idx], k, folds=3 if pilot else 5, seed=config.seed,
+                    on_fit=probes.candidate(i, name, len(idx)),
+                )  # fmt: skip
             candidates.append(Candidate(name, _cv_best(fitted), t.seconds, {"C": fitted.C}))
-            history += _report_rows(run, fitted, name, i + 1, len(options) + 1)
+            history += _report_rows(run, fitted, name)
         margin = _margin(candidates, incumbent, len(idx))
         chosen_name = best_of(candidates, incumbent=incumbent, margin=margin)
         run.decide(
@@ -405,18 +425,20 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
         chosen_name = incumbent
         candidates = [Candidate(incumbent, None)]
     rep, stage = options[chosen_name]
-    probe = fit_probe(rep.feats[stage][:n], data.y_train, k, seed=config.seed)
-    history += _report_rows(run, probe, chosen_name, len(options) + 1, len(options) + 1)
+    probe = fit_probe(rep.feats[stage][:n], data.y_train, k, seed=config.seed, on_fit=probes.final(chosen_name, n))
+    run.advance("probe", math.inf)  # the refit at the chosen C: the search's last work
+    history += _report_rows(run, probe, chosen_name)
+    run.finish("probe")
     run.say(f"probe: {chosen_name}, C={probe.C:g}")
     ranking = {c.name: (*options[c.name], c) for c in candidates}
     return ChosenProbe(rep, stage, replace(probe, history=history), n, ranking)
 
 
-def _report_rows(run: Run, probe: ProbeFit, name: str, done: int, total: int) -> list[dict[str, Any]]:
+def _report_rows(run: Run, probe: ProbeFit, name: str) -> list[dict[str, Any]]:
     """A probe's C path as history rows, each sent with the progress (the job page plots them live)."""
     rows = [{"phase": "probe", "stage": name, **r} for r in probe.history]
     for row in rows:
-        run.report("fit", done, total, row)
+        run.advance("probe", run.work.steps["probe"].done, row=row)
     return rows
 
 
@@ -486,10 +508,15 @@ def train(
     explicit = config.strategy != "auto"  # the user's choice is what is trained and served
     if not _keep_finetune(run, chosen, setup, result, depth, explicit):  # the chosen probe, fitted on all of train
         del report["hyperparameters"]["augmentation"]
+        run.finish("evaluate")  # the probe's validation scores come from its cached features
         return probe_net, chosen.rep.prep, probe_logits, report
     model = tta_decision(run, result.model, setup.hold, device) if setup.flip else result.model
+    _scoring(
+        run, len(setup.hold_idx) * (3 if setup.flip else 0), len(data.val) * (2 if model is not result.model else 1)
+    )
     val = Batches(lambda i: setup.clean(setup.source.image(len(data.train) + i)), data.y_val, 64, setup.norm)
     val_logits, _ = predict_logits(model, val, device)
+    run.advance("evaluate", math.inf)
     return model, setup.rep.prep, val_logits, report
 
 
@@ -527,11 +554,13 @@ def _finetune_setup(
     """
     k = len(data.classes)
     fit_idx, hold_idx = _holdout(data.y_train, config.seed)
+    checks = _Checks(run, min(INVARIANCE_SAMPLE, len(hold_idx)))
     y_fit, y_hold = data.y_train[fit_idx], data.y_train[hold_idx]
     probe_hold = _holdout_accuracy(chosen.X_train, data.y_train, fit_idx, hold_idx, k, chosen.probe.C, config.seed)
     rep, stage, C = _finetune_start(chosen)
     head = fit_probe_at(rep.feats[stage][fit_idx], y_fit, k, C=C, seed=config.seed)
     run.say(f"fine-tune candidate starts from the probe on {_name(stage, rep)}")
+    checks.done("refit")
     source = ImageSource(data.archive, data.train + data.val, rep.prep)
     norm = (rep.prep.mean, rep.prep.std)  # the batches stay uint8 until they reach the device
     clean = eval_transform(rep.prep, uint8=True)
@@ -547,7 +576,9 @@ def _finetune_setup(
     flip = config.hflip and flip_decision(run, start, held_out, data.y_train[sample], eval_transform(rep.prep), device)
     if not config.hflip:
         run.say("horizontal flips: off (asked for)")
+    checks.done("flip")
     level = augmentation_decision(run, start, held_out, data.y_train[sample], rep.prep, flip, device, config.seed)
+    checks.done("augmentation")
     augments = {lv: train_transform(rep.prep, lv, hflip=flip, uint8=True) for lv in {"light", level}}
     report["hyperparameters"]["augmentation"] = {"first_epoch": augments["light"][1], "after": augments[level][1]}
     ft_config = FinetuneConfig(
@@ -585,11 +616,13 @@ def _finetune_with_measured_lr(
         cfg, searched = search(run, config.search, setup.config, trial, len(setup.hold_idx), config.budget, config.seed)
         if config.budget is not None:  # the full run gets what the trials left of the budget
             cfg = replace(cfg, budget=max(1.0, config.budget - searched))
+        _plan_full_run(run, setup, cfg)
         result = _run_finetune(run, backbone, setup, cfg, device, config, report)
         seconds = searched + result.hyperparameters["train_seconds"]
     else:
         saved = _saved_ladder(run, setup, report)
         start, rt = (saved["start"], saved["rt"]) if saved else _lr_cap(run, backbone, setup, config, device)
+        run.finish("lr_test")
         report["lr_range"] = rt
         result, seconds = _lr_ladder(run, backbone, setup, start, rt, config, device, report, saved)
         seconds += rt["seconds"]
@@ -618,10 +651,15 @@ def _lr_cap(
     and a fine-tune at the rule collapsed to chance in its second epoch; traffic signs at 64 px:
     3.8x, so a 0.38x start)."""
     wide = config.lr_find  # asked for: the whole curve, from 1/1000 of the rule
+    batch = setup.config.batch_size
+
+    def tested(done: int, steps: int) -> None:
+        run.advance("lr_test", done * batch * TRAIN_PASSES, label=f"Finding the learning rate · step {done} of {steps}")
+
     rt = lr_range_test(
         backbone, setup.head, setup.batches_for(2), len(setup.head.weight), setup.config, device,
         factor_min=1e-3 if wide else LR_TEST_FROM, steps=40 if wide else LR_TEST_STEPS, seed=config.seed,
-        stage=setup.stage,
+        stage=setup.stage, on_step=tested,
     )  # fmt: skip
     blown = rt["diverged_lr"]
     multiplier = 1.0 if blown is None else min(1.0, blown / 10 / rt["recipe_lr"])
@@ -659,8 +697,13 @@ def _lr_ladder(
             report["history"] += saved["done"][i]["rows"]
             continue
         resume = saved["state"] if saved is not None and i == saved["try"] else None
+        retry = None
         if done and resume is None:
             run.say(f"retrying the fine-tune at {multiplier:.2g}x the recipe's learning rate")
+            retry = (
+                f"the fine-tune at {done[-1]['multiplier']:.2g}x the recipe's learning rate did not beat the probe "
+                f"in its pilot, so it is tried again at {multiplier:.2g}x"
+            )
         ladder = {"start": start, "rt": rt, "try": i, "done": list(done)}
 
         def save(state: dict[str, Any], ladder: dict[str, Any] = ladder) -> None:
@@ -669,7 +712,7 @@ def _lr_ladder(
         rows_before = len(report["history"])
         result = _run_finetune(
             run, backbone, setup, replace(setup.config, lr_multiplier=multiplier), device, config, report,
-            checkpoint=save, resume=resume,
+            checkpoint=save, resume=resume, why=retry,
         )  # fmt: skip
         results.append((multiplier, result))
         done.append(
@@ -787,33 +830,32 @@ def _run_finetune(
     trial: int | None = None,
     checkpoint: CheckpointFn | None = None,
     resume: dict[str, Any] | None = None,
+    why: str | None = None,
 ) -> FinetuneResult:
     """One fine-tune from the probe, on copies (the chosen probe shares the pretrained body and the
     head may be tried again), with its epochs in the history and the log (a search `trial`'s tagged);
-    `checkpoint` and `resume` as in ml.finetune.finetune."""
-    n = len(setup.batches_for(1).labels)
-    units = cfg.max_epochs * n
+    `checkpoint` and `resume` as in ml.finetune.finetune. `why` says why this try was not in the plan."""
     tag = {"lr_multiplier": cfg.lr_multiplier} | ({"trial": trial, "weight_decay": cfg.weight_decay} if trial else {})
     if resume is not None:  # the epochs the earlier attempt trained, in this fit's history too
         report["history"] += [{"phase": "finetune", **tag, **row} for row in resume["history"]]
         run.say(f"fine-tune at {cfg.lr_multiplier:.2g}x resumed after epoch {resume['epoch']}")
+    tracker = _TryProgress(run, setup, cfg, trial, config.search, resume, why)
 
     def on_epoch(row: dict[str, Any]) -> None:
         report["history"].append({"phase": "search" if trial else "finetune", **tag, **row})
-        run.report("fit", row["epoch"] * n, units, report["history"][-1])
+        tracker.epoch(row, report["history"][-1])
         run.say(
             f"epoch {row['epoch']}: held-out accuracy {row['val_accuracy']:.4f}, loss {row['val_loss']:.4f}"
             + (f", train loss {row['train_loss']:.4f}" if row["train_loss"] is not None else " (the probe)")
         )
 
-    def on_step(epoch: int, seen: int, total: int) -> None:
-        run.report("fit", (epoch - 1) * total + seen, units)
-
-    return finetune(
+    result = finetune(
         copy.deepcopy(backbone), copy.deepcopy(setup.head), setup.batches_for, setup.hold, len(setup.head.weight),
-        cfg, stage=setup.stage, device=device, seed=config.seed, on_epoch=on_epoch, on_step=on_step,
-        checkpoint=checkpoint, resume=resume,
+        cfg, stage=setup.stage, device=device, seed=config.seed, on_epoch=on_epoch, on_step=tracker.step,
+        checkpoint=checkpoint, resume=resume, on_check=tracker.check,
     )  # fmt: skip
+    tracker.end()
+    return result
 
 
 def _best_score(result: FinetuneResult) -> tuple[float, float]:
@@ -907,6 +949,229 @@ def _export(
             **({"data": about} if about else {}),
         },
     )
+
+
+# --- the plan of work, for progress (ml.run) ----------------------------------------------------
+# Costs in forward passes of the frozen backbone at its native input; the fit measures its own rates.
+DECODE_PASSES = 0.3  # reading, checking and hashing one image of an upload
+PROBE_PASSES = 0.03  # one image in one (fold, C) fit of the logistic regression
+FINAL_FITS = 3  # the probe refitted on all its images at the chosen C, in (fold, C) fits
+TRAIN_PASSES = 3  # a training image: forward, backward, update
+LOAD_SECONDS = 2.0  # loading the pretrained weights
+EXPORT_SECONDS = 6.0  # TorchScript and ONNX export, and their parity check
+
+
+def _passes(prep: Preprocessing, native: Preprocessing) -> float:
+    """Forward-pass cost of one image at `prep`'s input (decoding bounds it from below)."""
+    return max(0.2, (prep.input_size / native.input_size) ** 2)
+
+
+def _features_key(prep: Preprocessing) -> str:
+    return f"features@{prep.input_size}"
+
+
+def _features_label(prep: Preprocessing) -> str:
+    return f"Extracting features at {prep.input_size} px"
+
+
+def _probe_work(n: int, options: int) -> int:
+    """Image-fits (one image in one (fold, C) fit) of the probe search over `options` candidates."""
+    pilot = min(n, PILOT_IMAGES) if options > 1 else 0
+    folds = 3 if pilot < n else 5
+    return options * folds * len(DEFAULT_CS) * pilot + (5 * len(DEFAULT_CS) + FINAL_FITS) * n
+
+
+def _pre_passes(n_hold: int, cfg: FinetuneConfig) -> int:
+    """Passes before a fine-tune's first epoch: the overfit-a-batch check and the probe's held-out score."""
+    return cfg.overfit_steps * min(8, n_hold) * TRAIN_PASSES + n_hold
+
+
+def _epoch_passes(n_fit: int, n_hold: int, cfg: FinetuneConfig) -> int:
+    """Passes of one epoch: its training images, then the held-out slice scored (twice with EMA)."""
+    return TRAIN_PASSES * n_fit + (2 if cfg.ema else 1) * n_hold
+
+
+def _plan_fit(run: Run, n_train: int, n_val: int, config: FitConfig) -> None:
+    """The work as it can be told before measuring anything: features at the native input, one probe,
+    the fine-tune when the user asked for one, export."""
+    native = get_spec(config.backbone).preprocessing
+    run.plan("load", "Loading the pretrained network", 1, passes=0.0, fixed=LOAD_SECONDS)
+    run.plan(_features_key(native), _features_label(native), n_train + n_val, kind=FEATURES)
+    run.plan("probe", "Fitting linear probes", _probe_work(n_train, 1), passes=PROBE_PASSES)
+    if config.strategy in ("partial", "full"):
+        _plan_finetune(run, n_train, n_val, config, native, native)
+    run.plan("export", "Exporting the model", 1, passes=0.0, fixed=EXPORT_SECONDS)
+
+
+def _plan_after_measuring(
+    run: Run, reps: list[Representation], data: Data, plan: Plan, config: FitConfig, native: Preprocessing
+) -> None:
+    """The plan once the matrix has spoken: how many probes compete, and whether a fine-tune follows."""
+    before = run.work.left()
+    options = len(reps) * (len(reps[-1].feats) if PLAN_REGISTRY[plan.name].stage_probes else 1)
+    run.plan("probe", "Fitting linear probes", _probe_work(len(data.train), options), passes=PROBE_PASSES)
+    why = []
+    if options > 1:
+        why.append(f"{options} linear probes are compared (input sizes x stages)")
+    depth = finetune_depth(plan, config.strategy)
+    if depth is not None:
+        chosen_now = "finetune" not in run.work.steps
+        smallest = min((rep.prep for rep in reps), key=lambda p: p.input_size)
+        epochs = _plan_finetune(run, len(data.train), len(data.val), config, smallest, native)
+        if chosen_now:
+            why.append(f"a {depth} fine-tune was chosen ({plan.cell}), about {epochs} epochs")
+    after = run.work.left()
+    if why and after > 1.2 * before:
+        run.note(f"The plan grew: {'; '.join(why)}, {about(after - before)} more.")
+
+
+def _plan_finetune(run: Run, n: int, n_val: int, config: FitConfig, prep: Preprocessing, native: Preprocessing) -> int:
+    """Plan the fine-tune's steps; returns the epochs it plans for (the time budget's share, when known)."""
+    n_hold = min(max(round(n * HOLDOUT_FRACTION), MIN_HOLDOUT), n // 4)  # as _holdout draws it
+    n_fit, passes = n - n_hold, _passes(prep, native)
+    device = _device(config.device)
+    cfg = FinetuneConfig(max_epochs=config.max_epochs, batch_size=TRAIN_BATCH.get(device.type, TRAIN_BATCH["cpu"]))
+    if config.budget is not None and run.work.calibrated:  # the budget bounds the epochs once rates are known
+        per_epoch = _epoch_passes(n_fit, n_hold, cfg) * passes * run.work.rate("train")
+        cfg = replace(cfg, max_epochs=min(cfg.max_epochs, max(1, int(config.budget // max(per_epoch, 1e-9)))))
+    run.plan("checks", "Preparing the fine-tune", 8 * min(INVARIANCE_SAMPLE, n_hold), passes=passes)
+    if config.search:
+        trial = replace(cfg, max_epochs=cfg.pilot_epochs, overfit_steps=0)
+        work = config.search * (_pre_passes(n_hold, trial) + trial.max_epochs * _epoch_passes(n_fit, n_hold, trial))
+    else:
+        steps = 40 if config.lr_find else LR_TEST_STEPS
+        run.plan(
+            "lr_test", "Finding the learning rate", steps * cfg.batch_size * TRAIN_PASSES, passes=passes, kind="train"
+        )
+        work = 0
+    work += _pre_passes(n_hold, cfg) + cfg.max_epochs * _epoch_passes(n_fit, n_hold, cfg)
+    run.plan("finetune", "Fine-tuning", work, passes=passes, kind="train")
+    run.plan("evaluate", "Scoring the validation images", 3 * n_hold + 2 * n_val, passes=passes)
+    return cfg.max_epochs
+
+
+def _plan_full_run(run: Run, setup: _FinetuneSetup, cfg: FinetuneConfig) -> None:
+    """After a search: the full run is what is left of the fine-tune (trials a budget cut are dropped)."""
+    step = run.work.steps["finetune"]
+    n_fit, n_hold = len(setup.batches_for(1).labels), len(setup.hold_idx)
+    work = _pre_passes(n_hold, cfg) + cfg.max_epochs * _epoch_passes(n_fit, n_hold, cfg)
+    run.plan("finetune", "Fine-tuning", step.done + work, passes=step.passes, kind="train")
+
+
+def _scoring(run: Run, tta: int, val: int) -> None:
+    """The kept fine-tune's TTA test is done (`tta` passes); `val` passes of scoring follow."""
+    step = run.work.steps.get("evaluate")
+    if step is None:
+        return
+    run.advance("evaluate", tta)
+    run.plan("evaluate", "Scoring the validation images", step.done + val, passes=step.passes)
+
+
+class _Checks:
+    """The fine-tune's set-up (the held-out refits, then the flip and augmentation tests), in held-out
+    images read: it is planned as 8 per held-out sample image."""
+
+    SHARE = {"refit": 1, "flip": 3, "augmentation": 8}
+    NEXT = {"refit": "Testing flips and augmentation on held-out images", "flip": "Testing augmentation strength"}
+
+    def __init__(self, run: Run, sample: int) -> None:
+        self.run, self.sample = run, sample
+
+    def done(self, part: str) -> None:
+        if "checks" not in self.run.work.steps:
+            return
+        self.run.advance("checks", self.SHARE[part] * self.sample, label=self.NEXT.get(part))
+        if part == "augmentation":
+            self.run.finish("checks")
+
+
+class _ProbeProgress:
+    """The probe search in image-fits: each (fold, C) fit of a candidate on n images counts n."""
+
+    def __init__(self, run: Run, data: Data, options: dict[str, Any]) -> None:
+        self.run, self.options = run, len(options)
+        if "probe" not in run.work.steps:
+            run.plan("probe", "Fitting linear probes", _probe_work(len(data.train), self.options), passes=PROBE_PASSES)
+
+    def candidate(self, i: int, name: str, n: int) -> Callable[[int, int], None]:
+        return self._tick(f"Comparing linear probes · {i + 1} of {self.options} ({name})", n)
+
+    def final(self, name: str, n: int) -> Callable[[int, int], None]:
+        return self._tick(f"Fitting the chosen probe ({name}) on all training images", n)
+
+    def _tick(self, label: str, n: int) -> Callable[[int, int], None]:
+        base = self.run.work.steps["probe"].done
+        return lambda done, _total: self.run.advance("probe", base + done * n, label=label)
+
+
+class _TryProgress:
+    """One fine-tune try's epochs, as training passes of the "finetune" step: the plan is corrected when
+    the time budget sets the epochs, and what early stopping leaves undone is dropped at its end."""
+
+    def __init__(
+        self,
+        run: Run,
+        setup: _FinetuneSetup,
+        cfg: FinetuneConfig,
+        trial: int | None,
+        trials: int,
+        resume: dict[str, Any] | None,
+        why: str | None,
+    ) -> None:
+        self.run = run
+        n_fit, n_hold = len(setup.batches_for(1).labels), len(setup.hold_idx)
+        self.per_epoch = _epoch_passes(n_fit, n_hold, cfg)
+        self.n_hold = n_hold
+        self.pre = 0 if resume is not None else _pre_passes(n_hold, cfg)
+        self.first = resume["epoch"] if resume is not None else 0
+        self.epochs = resume["epochs"] if resume is not None else cfg.max_epochs
+        self.budget = cfg.budget if resume is None else None
+        self.name = f"Search trial {trial} of {trials}" if trial else "Fine-tuning"
+        if not trial and cfg.lr_multiplier != 1:
+            self.name += f" at {cfg.lr_multiplier:.2g}x the learning rate"
+        step = run.work.steps.get("finetune")
+        self.passes = step.passes if step is not None else 1.0
+        self.base = step.done if step is not None else 0.0
+        self.planned: float = self.pre + (self.epochs - self.first) * self.per_epoch
+        items = self.base + self.planned
+        if step is not None:  # planned already (a search's trials, the first try), or a try the plan lacked
+            items = step.items + self.planned if why else max(items, step.items)
+        note = None
+        if why is not None:
+            note = f"{why[0].upper()}{why[1:]}: {about(self.planned * self.passes * run.work.rate('train'))} more."
+        run.plan("finetune", self.label(self.first + 1), items, passes=self.passes, kind="train", note=note)
+
+    def label(self, epoch: int) -> str:
+        return f"{self.name} · epoch {min(epoch, self.epochs)} of {self.epochs}"
+
+    def check(self, done: int, steps: int) -> None:
+        """The overfit-one-batch sanity check, before the first epoch."""
+        batch = self.pre - self.n_hold  # its passes: steps x images x TRAIN_PASSES
+        self.run.advance("finetune", self.base + batch * done / steps, label=f"{self.name} · checking it can learn")
+
+    def step(self, epoch: int, seen: int, _total: int) -> None:
+        done = self.base + self.pre + (epoch - 1 - self.first) * self.per_epoch + TRAIN_PASSES * seen
+        self.run.advance("finetune", done, label=self.label(epoch))
+
+    def epoch(self, row: dict[str, Any], history_row: dict[str, Any]) -> None:
+        e = row["epoch"]
+        if self.budget is not None and e == 1 and row["seconds"] > 0:  # as ml.finetune resizes its schedule
+            fit_in = max(1, int(self.budget // row["seconds"]))
+            if fit_in < self.epochs:
+                self._drop((self.epochs - fit_in) * self.per_epoch)
+                self.epochs = fit_in
+        done = self.base + self.pre + max(0, e - self.first) * self.per_epoch
+        self.run.advance("finetune", done, label=self.label(e + 1), row=history_row)
+
+    def end(self) -> None:
+        """Early stopping or a failed pilot: the epochs not trained are dropped from the plan."""
+        self._drop(self.planned - (self.run.work.steps["finetune"].done - self.base))
+
+    def _drop(self, passes: float) -> None:
+        step = self.run.work.steps["finetune"]
+        if passes > 0:
+            self.planned -= passes
+            self.run.plan("finetune", step.label, step.items - passes, passes=step.passes, kind="train")
 
 
 # --- small helpers ------------------------------------------------------------------------------

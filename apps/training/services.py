@@ -402,9 +402,13 @@ def _fail(job_id: int, message: str, mine=None) -> None:
 
 
 class _Recorder:
-    """The fit's progress callback: stores history rows and progress; stops on cancel."""
+    """The fit's progress callback: stores history rows, progress and the log; stops on cancel.
 
-    min_interval = 0.5  # seconds between progress writes (history rows always written)
+    The job's `report` carries, while it runs, the log and `progress`: the step in words, its items,
+    the engine's ETA (seconds of planned work left at the measured rates) and the notes that say
+    why the plan grew (the job page shows them beside the ETA)."""
+
+    min_interval = 0.5  # seconds between progress writes (history rows, notes and log lines always written)
 
     def __init__(self, job_id: int, mine=None) -> None:
         self.job_id = job_id
@@ -412,21 +416,41 @@ class _Recorder:
         self.cancelled = threading.Event()
         self._last = 0.0
         self.lines: list[str] = []
+        self.notes: list[dict[str, Any]] = []
+        self.progress: dict[str, Any] = {}
         self.last_row_id: int | None = None  # the newest history row written
+
+    def _report(self) -> dict[str, Any]:
+        return {"log": self.lines, "progress": {**self.progress, "notes": self.notes}}
 
     def __call__(self, event) -> None:
         if self.cancelled.is_set():
             raise Cancelled()
-        if event.message is not None:  # the log, live: the job page shows it while training runs
-            self.lines.append(event.message)
-            self.mine.filter(status=Job.Status.RUNNING).update(report={"log": self.lines})
+        label = getattr(event, "label", "") or ""
+        self.progress = {
+            "step": event.phase,
+            "label": label,
+            "done": event.done,
+            "total": event.total,
+            "eta_s": getattr(event, "eta_s", None),
+        }
+        note = getattr(event, "note", None)
+        if note:
+            self.notes.append({"phase": event.phase, "text": note, "fraction": event.fraction})
+        if event.message is not None or note:  # the log, live: the job page shows it while training runs
+            if event.message is not None:
+                self.lines.append(event.message)
+            self.mine.filter(status=Job.Status.RUNNING).update(report=json_safe(self._report()))
             return
         now = time.monotonic()
         if event.row is None and now - self._last < self.min_interval and event.done < event.total:
             return
         self._last = now
         alive = self.mine.filter(status=Job.Status.RUNNING).update(
-            phase=event.phase, progress=event.fraction, heartbeat_at=timezone.now()
+            phase=event.phase[:30],
+            progress=event.fraction,
+            heartbeat_at=timezone.now(),
+            report=json_safe(self._report()),
         )
         if not alive:  # cancelled, or another worker took it over: it writes no more rows
             self.cancelled.set()
