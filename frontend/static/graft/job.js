@@ -194,6 +194,8 @@ document.addEventListener("DOMContentLoaded", () => {
 
   function drawSanity(job) {
     const report = job.report;
+    // A job that ended without them (cancelled, failed) has none to report: no placeholder either.
+    $("#sanity-section").hidden = FINAL.includes(job.status) && !(report && report.sanity);
     if (!report || !report.sanity) return;
     $("#sanity").replaceChildren(...report.sanity.map((c) =>
       Graft.el("li", { class: c.ok ? "ok" : "failed" }, Graft.el("strong", { text: `${c.ok ? "✓" : "✗"} ${c.check.replace(/_/g, " ")}` }), ` — ${c.detail}`)));
