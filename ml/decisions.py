@@ -41,6 +41,7 @@ def flip_decision(
     labels: np.ndarray,
     transform: Callable[[Image.Image], torch.Tensor],
     device: torch.device,
+    on_step: Callable[[float], None] | None = None,
 ) -> bool:
     """Whether horizontal flips are an invariance: the probe reads mirrored held-out images as well.
 
@@ -48,9 +49,12 @@ def flip_decision(
     difference when that is larger: a few images' noise must not switch flips off (a mirrored
     digit or sign costs tens of points). `images(i)` gives the i-th held-out PIL image, `labels`
     their classes, `transform` the eval transform."""
+    step = on_step or (lambda _share: None)  # the share of this test done, for the progress bar
     with timer() as t:
         plain = _correct(model, Batches(lambda i: transform(images(i)), labels, 64), device)
+        step(0.5)
         mirror = _correct(model, Batches(lambda i: mirrored(transform)(images(i)), labels, 64), device)
+        step(1.0)
     tolerance = paired_margin(plain, mirror, floor=FLIP_TOLERANCE)
     holds = invariance_holds(float(plain.mean()), float(mirror.mean()), tolerance=tolerance)
     run.decide(
@@ -80,6 +84,7 @@ def augmentation_decision(
     flip: bool,
     device: torch.device,
     seed: int = 0,
+    on_step: Callable[[float], None] | None = None,
 ) -> str:
     """The strongest augmentation level whose views the probe still reads (within a tolerance).
 
@@ -87,12 +92,15 @@ def augmentation_decision(
     order under `seed`, so the same data gives the same decision on every run (a resumed fit
     measures it again and must find what the first attempt found).
     """
+    step = on_step or (lambda _share: None)  # the share of this test done, for the progress bar
     with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
         decoded = list(pool.map(images, range(len(labels))))
+    step(0.2)
     clean = eval_transform(prep)
     _, acc = evaluate(model, Batches(lambda i: clean(decoded[i]), labels, 64), device)
+    step(0.4)
     levels = []
-    for level in LEVELS:
+    for n, level in enumerate(LEVELS, 1):
         augment, _ = train_transform(prep, level, hflip=flip, uint8=True)
         with timer() as t:
             torch.manual_seed(seed)
@@ -100,6 +108,7 @@ def augmentation_decision(
             norm = (prep.mean, prep.std)
             _, score = evaluate(model, Batches(views.__getitem__, labels, 64, norm), device)
         levels.append(Candidate(level, score, t.seconds))
+        step(0.4 + 0.6 * n / len(LEVELS))
     chosen = strongest_within(levels, acc, tolerance=AUGMENT_TOLERANCE)
     run.decide(
         Decision(

@@ -573,11 +573,15 @@ def _finetune_setup(
     def held_out(i: int) -> Image.Image:
         return source.image(sample[i])
 
-    flip = config.hflip and flip_decision(run, start, held_out, data.y_train[sample], eval_transform(rep.prep), device)
+    flip = config.hflip and flip_decision(
+        run, start, held_out, data.y_train[sample], eval_transform(rep.prep), device, checks.within("flip")
+    )
     if not config.hflip:
         run.say("horizontal flips: off (asked for)")
     checks.done("flip")
-    level = augmentation_decision(run, start, held_out, data.y_train[sample], rep.prep, flip, device, config.seed)
+    level = augmentation_decision(
+        run, start, held_out, data.y_train[sample], rep.prep, flip, device, config.seed, checks.within("augmentation")
+    )
     checks.done("augmentation")
     augments = {lv: train_transform(rep.prep, lv, hflip=flip, uint8=True) for lv in {"light", level}}
     report["hyperparameters"]["augmentation"] = {"first_epoch": augments["light"][1], "after": augments[level][1]}
@@ -1076,6 +1080,17 @@ class _Checks:
 
     def __init__(self, run: Run, sample: int) -> None:
         self.run, self.sample = run, sample
+
+    def within(self, part: str) -> Callable[[float], None]:
+        """Progress inside a test: `share` (0..1) of `part` done moves the bar part of the way."""
+        parts = list(self.SHARE)
+        before = self.SHARE[parts[parts.index(part) - 1]] if parts.index(part) else 0
+
+        def step(share: float) -> None:
+            if "checks" in self.run.work.steps:
+                self.run.advance("checks", (before + share * (self.SHARE[part] - before)) * self.sample)
+
+        return step
 
     def done(self, part: str) -> None:
         if "checks" not in self.run.work.steps:

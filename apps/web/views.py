@@ -315,7 +315,8 @@ def model_thumb(request: AuthenticatedHttpRequest, model_id: int) -> HttpRespons
 @login_required
 def job_detail(request: AuthenticatedHttpRequest, job_id: int) -> HttpResponse:
     job = job_get(user=request.user, job_id=job_id)
-    return render(request, "web/job.html", {"job": job})
+    # What the workers train on, for the waiting words ("a worker", "a GPU worker").
+    return render(request, "web/job.html", {"job": job, "graft_device": settings.GRAFT_DEVICE})
 
 
 @login_required

@@ -124,7 +124,7 @@ def test_the_whole_story(page, shot, live_server, celery_worker_process, dataset
     if accuracy < 100.0:
         expect(figures.first).to_be_attached()
     for i in range(min(figures.count(), 3)):
-        expect(figures.nth(i).locator("figcaption")).to_have_text(re.compile(r"\S.* → .*\S.*\(.+\)"))
+        expect(figures.nth(i).locator("figcaption")).to_have_text(re.compile(r"\S+.*true \S+.*predicted \S+ \(\d+%\)"))
         _expect_image_loaded(figures.nth(i).locator("img"))
     shot(page, "results")
 
