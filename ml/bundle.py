@@ -28,6 +28,7 @@ import threading
 import uuid
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -189,6 +190,7 @@ def write_bundle(
     preprocessing: Preprocessing,
     metrics: dict[str, Any],
     card: dict[str, Any],
+    on_step: Callable[[float, str], None] | None = None,
 ) -> Path:
     """Write the bundle folder and its zip; return the zip's path."""
     folder, archive = out_dir / "bundle", out_dir / "bundle.zip"
@@ -197,8 +199,12 @@ def write_bundle(
     archive.unlink(missing_ok=True)
     folder.mkdir(parents=True)
     try:
+        step = on_step or (lambda _share, _what: None)  # the share of the export done, for a progress bar
+        step(0.0, "TorchScript")
         export_torchscript(model, preprocessing, folder / MODEL_FILE)
+        step(0.3, "ONNX, checked against TorchScript")
         onnx_info = export_onnx(model, preprocessing, folder / ONNX_FILE)
+        step(0.9, "the bundle's files")
     except Exception:
         shutil.rmtree(folder)  # never leave a half-written or disagreeing bundle behind
         raise

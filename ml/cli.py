@@ -99,32 +99,27 @@ def _fit(args: argparse.Namespace) -> int:
 
     from ml.checkpoint import FileCheckpoints
     from ml.fit import FitConfig, fit
-    from ml.run import Progress
+    from ml.run import Progress, about
 
     if not args.dataset.is_file():
         print(f"error: no such file: {args.dataset}", file=sys.stderr)
         return 2
-    bars: dict[tuple[str, int], tqdm[Never]] = {}  # no iterable: moved by hand
-    units = {"decode": "img", "features": "img", "export": "step"}
+    # One bar for the whole fit: its share of the planned work (ml.run), the step in words, the ETA.
+    bar = tqdm(total=100, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}", file=sys.stderr)
 
     def progress(ev: Progress) -> None:
-        if ev.message is not None:  # log lines as they are written, above the bars
+        if ev.message is not None:  # log lines as they are written, above the bar
             tqdm.write(ev.message, file=sys.stderr)
             return
-        # One bar per phase and total: the fit phase runs the probe's C search, then epochs of images.
-        key = (ev.phase, ev.total)
-        bar = bars.get(key)
-        if bar is None:
-            desc = ev.phase if ev.phase != "fit" or ev.total <= 64 else "fine-tune"
-            bar = bars[key] = tqdm(
-                total=ev.total, desc=desc, unit=units.get(ev.phase, "img" if ev.total > 64 else "step")
-            )
-        bar.n = ev.done
+        if ev.note:  # why the plan grew, or why the ETA rose
+            tqdm.write(f"note: {ev.note}", file=sys.stderr)
+        bar.set_description_str(ev.label or ev.phase, refresh=False)
+        bar.n = round(100 * ev.fraction, 1)
+        post = about(ev.eta_s) + " left" if ev.eta_s is not None and ev.fraction < 1 else ""
         if ev.row and "val_accuracy" in ev.row and ev.row.get("epoch") is not None:
-            bar.set_postfix(epoch=ev.row["epoch"], val_acc=f"{ev.row['val_accuracy']:.3f}", best=ev.row["best_epoch"])
+            post += f" · epoch {ev.row['epoch']} held-out acc {ev.row['val_accuracy']:.3f}"
+        bar.set_postfix_str(post, refresh=False)
         bar.refresh()
-        if ev.done >= ev.total:
-            bar.close()
 
     config = FitConfig(
         strategy=args.strategy,
@@ -138,7 +133,10 @@ def _fit(args: argparse.Namespace) -> int:
         search=args.search,
     )
     checkpoints = FileCheckpoints(args.checkpoint) if args.checkpoint else None
-    result = fit(args.dataset, args.out, config, progress=progress, checkpoints=checkpoints)
+    try:
+        result = fit(args.dataset, args.out, config, progress=progress, checkpoints=checkpoints)
+    finally:
+        bar.close()
     summary = result.to_dict()
     summary["metrics"] = {k: v for k, v in summary["metrics"].items() if k not in ("misclassified", "reliability")}
     if args.json:

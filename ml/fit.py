@@ -952,6 +952,7 @@ def _export(
             "num_val": len(data.val),
             **({"data": about} if about else {}),
         },
+        on_step=lambda share, what: run.advance("export", share, label=f"Exporting the model · {what}"),
     )
 
 
