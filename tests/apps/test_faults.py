@@ -32,7 +32,7 @@ import requests
 from django.conf import settings
 from django.db import connection
 
-from apps.datasets.models import Dataset
+from apps.datasets.models import Dataset, DatasetVersion
 from apps.serving.models import BatchPrediction
 from apps.training.models import Job
 from tests.apps.cluster import STALE, Cluster, Host, keys, learnable_zip, running_cluster, s3, wait_for
@@ -225,11 +225,17 @@ def meter_matches_storage(cluster: Cluster, username: str) -> None:
         assert stored.get(m.bundle) == m.bundle_bytes, m.bundle
         charged += m.bundle_bytes
     for b in BatchPrediction.objects.filter(owner=user):
+        from apps.serving.batches import batch_thumb_name
+
         files = [n for n in (b.results_csv, b.results_json) if n]
+        files += [batch_thumb_name(b, f) for f in b.thumbnails]  # the least confident images' thumbnails
         assert sum(stored[n] for n in files) == b.results_bytes, (files, b.results_bytes)
         if b.archive and b.dataset_id is None:
             assert stored.get(b.archive) == b.archive_bytes
         charged += b.results_bytes + (b.archive_bytes if b.dataset_id is None else 0)
+    for v in DatasetVersion.objects.filter(dataset__owner=user, archive_bytes__gt=0).exclude(status="failed"):
+        assert stored.get(v.archive) == v.archive_bytes, (v.archive, v.archive_bytes)  # images added later
+        charged += v.archive_bytes
     assert usage(user).bytes_stored == charged
 
 
