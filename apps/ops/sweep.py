@@ -69,6 +69,7 @@ def stored_objects() -> Iterator[Stored]:
 def _owned() -> tuple[tuple[str, ...], tuple[str, ...], set[str]]:
     """What rows own: (whole folders, folders inside those that are owned file by file, files)."""
     from apps.datasets.models import Dataset, Upload
+    from apps.serving.batches import batch_thumb_name
     from apps.serving.models import BatchPrediction, PredictionRecord, TrainedModel
     from apps.training.models import Job
 
@@ -77,8 +78,11 @@ def _owned() -> tuple[tuple[str, ...], tuple[str, ...], set[str]]:
     whole.update(model_prefixes)
     by_file = {f"{prefix}inputs/" for prefix in model_prefixes}  # kept prediction images: their records
     files = set(PredictionRecord.objects.exclude(image="").values_list("image", flat=True))
-    for archive, csv_name, json_name in BatchPrediction.objects.values_list("archive", "results_csv", "results_json"):
-        files.update(n for n in (archive, csv_name, json_name) if n)
+    for batch in BatchPrediction.objects.only(
+        "storage_prefix", "attempts", "archive", "results_csv", "results_json", "thumbnails"
+    ):
+        files.update(n for n in (batch.archive, batch.results_csv, batch.results_json) if n)
+        files.update(batch_thumb_name(batch, f) for f in batch.thumbnails)  # those of the attempt that ended it
     for pk, parts in Upload.objects.values_list("pk", "parts"):
         whole.add(f"uploads/{pk.hex}/")  # a part being written is not listed yet
         files.update(parts)

@@ -16,6 +16,7 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from apps.datasets.models import Dataset
+from apps.serving.batches import batch_thumb_name
 from apps.serving.models import BatchPrediction, PredictionRecord, TrainedModel
 from apps.training.models import Job
 from tests.apps.conftest import stored_files
@@ -115,7 +116,10 @@ def test_the_sweeper_removes_what_no_row_owns_after_the_grace_period(
     dataset = _ready_dataset(owner)
     model = make_tiny_model(owner)
     batch = BatchPrediction.objects.create(owner=owner, model=model, name="b", status=BatchPrediction.Status.SUCCEEDED)
+    batch.attempts = 2
     batch.results_csv = default_storage.save(f"{batch.storage_prefix}attempt-2/predictions.csv", ContentFile(b"a"))
+    batch.thumbnails = ["photos/doubtful.jpg"]  # its least confident image's thumbnail is the batch's too
+    default_storage.save(batch_thumb_name(batch, "photos/doubtful.jpg"), ContentFile(b"t"))
     batch.save()
     kept_image = default_storage.save(f"{model.storage_prefix}inputs/kept.jpg", ContentFile(b"i"))
     PredictionRecord.objects.create(
