@@ -77,8 +77,8 @@ from ml.finders import (
     FinderConfig,
     Findings,
     embed,
-    find_in_embedding,
     find_issues,
+    find_near_duplicates,
     nearest,
     rank_label_issues,
 )
@@ -227,12 +227,15 @@ def _flagged(emb: Embedding, proba: np.ndarray, filter_by: str) -> set[str]:
 
 
 def near_duplicates(emb: Embedding, planted: dict[tuple[str, str], str], config: FinderConfig) -> dict[str, Any]:
-    findings = find_in_embedding(emb, config)
+    """The near-duplicate finder alone (as find_in_embedding runs it) on the copies archive."""
+    feats = emb.coarse if emb.coarse is not None else emb.features
+    unit = (feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    found_pairs = find_near_duplicates(emb, nearest(unit, k=2), config.duplicate_ratio)
     truth = {frozenset(p): k for p, k in planted.items()}
     copies = {c for _, c in planted}
     out: dict[str, Any] = {}
     for kind in (*KINDS, "same-class"):
-        found = [frozenset(d.members) for d in findings.near_duplicates if d.kind == kind]
+        found = [frozenset(d.members) for d in found_pairs if d.kind == kind]
         true = sum(truth.get(p) == kind for p in found)
         originals = [sorted(p) for p in found if not (p & copies)]
         planted_k = sum(k == kind for k in planted.values())
