@@ -38,7 +38,7 @@ from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 from django.utils import timezone
 
-from apps.accounts.quotas import owner_locked
+from apps.accounts.quotas import check_new_dataset, owner_locked
 from apps.common import work
 from apps.common.errors import UserError
 from apps.common.storage import delete_quietly, local_copy, open_seekable, open_stream
@@ -334,7 +334,7 @@ def version_add_stored(
     """The processing version for a zip of images already in storage (call in a transaction)."""
     owner_locked(dataset.owner)
     head = _parent_for_change(dataset, None)
-    _check_bytes(dataset, 0 if reserved else size)
+    check_new_dataset(dataset.owner, 0 if reserved else size, new_dataset=False)  # the storage quota
     version = DatasetVersion.objects.create(
         dataset=dataset,
         number=_next_number(dataset),
@@ -346,19 +346,6 @@ def version_add_stored(
     )
     transaction.on_commit(lambda: _enqueue_addition(version.pk))
     return version
-
-
-def _check_bytes(dataset: Dataset, size: int) -> None:
-    from apps.accounts.quotas import usage
-    from apps.common.limits import human_bytes
-
-    used = usage(dataset.owner)
-    if used.bytes_stored + size > used.bytes_quota:
-        raise UserError(
-            f"These images ({human_bytes(size)}) would take your storage to {human_bytes(used.bytes_stored + size)}, "
-            f"over your quota of {human_bytes(used.bytes_quota)}. Delete datasets or models you no longer need.",
-            status_code=413,
-        )
 
 
 def version_ingest(*, version: DatasetVersion) -> None:
