@@ -2,7 +2,7 @@
 
 python -m ml fit DATASET.zip --out DIR [--strategy auto|linear|stages|partial|full] [--backbone NAME]
                  [--budget SECONDS] [--max-epochs N] [--no-hflip] [--lr-find] [--resolution auto|native]
-                 [--search N] [--checkpoint FILE] [--json]
+                 [--search N] [--checkpoint FILE] [--cache FILE.npz] [--json]
 python -m ml predict DIR_OR_BUNDLE_ZIP IMAGE... [-k 5]
 python -m ml inspect DATASET.zip [--backbone NAME] [--cache FILE.npz] [--json]
 python -m ml backbones
@@ -70,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="N short fine-tunes of a coarse-to-fine random search over learning rate and weight decay",
     )
+    f.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        metavar="FILE.npz",
+        help="frozen features by image content, as `inspect --cache` writes them: read where they are held, "
+        "otherwise extracted and written there",
+    )
     f.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
     f.set_defaults(func=_fit)
     pr = sub.add_parser("predict", help="top-k labels for images with a trained bundle")
@@ -98,6 +106,7 @@ def _fit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ml.checkpoint import FileCheckpoints
+    from ml.features import EmbeddingCache
     from ml.fit import FitConfig, fit
     from ml.run import Progress, about
 
@@ -133,10 +142,15 @@ def _fit(args: argparse.Namespace) -> int:
         search=args.search,
     )
     checkpoints = FileCheckpoints(args.checkpoint) if args.checkpoint else None
+    store = None
+    if args.cache is not None:
+        store = EmbeddingCache.from_bytes(args.cache.read_bytes()) if args.cache.is_file() else EmbeddingCache()
     try:
-        result = fit(args.dataset, args.out, config, progress=progress, checkpoints=checkpoints)
+        result = fit(args.dataset, args.out, config, progress=progress, checkpoints=checkpoints, store=store)
     finally:
         bar.close()
+    if args.cache is not None and store is not None:
+        args.cache.write_bytes(store.to_bytes())
     summary = result.to_dict()
     summary["metrics"] = {k: v for k, v in summary["metrics"].items() if k not in ("misclassified", "reliability")}
     if args.json:
@@ -178,7 +192,8 @@ def _predict(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ml.finders import EmbeddingCache, FinderConfig, find_issues
+    from ml.features import EmbeddingCache
+    from ml.finders import FinderConfig, find_issues
 
     if not args.dataset.is_file():
         print(f"error: no such file: {args.dataset}", file=sys.stderr)
@@ -194,14 +209,15 @@ def _inspect(args: argparse.Namespace) -> int:
         if done >= total:
             bar.close()
 
-    cache = EmbeddingCache()
-    if args.cache is not None and args.cache.is_file():
-        cache = EmbeddingCache.from_bytes(args.cache.read_bytes())
+    # Without --cache nothing would keep the views only a fit reads: the finders then measure their own alone.
+    cache = None
+    if args.cache is not None:
+        cache = EmbeddingCache.from_bytes(args.cache.read_bytes()) if args.cache.is_file() else EmbeddingCache()
     config = FinderConfig(backbone=args.backbone, seed=args.seed)
     findings = find_issues(args.dataset, config, cache=cache, progress=progress)
     for bar in bars.values():
         bar.close()
-    if args.cache is not None:
+    if args.cache is not None and cache is not None:
         args.cache.write_bytes(cache.to_bytes())
     if args.json:
         print(json.dumps(findings.to_dict()))

@@ -8,6 +8,7 @@ daemonised Celery workers.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import zipfile
@@ -173,6 +174,75 @@ def extract_stage_features(
         for h in hooks:
             h.remove()
     return out
+
+
+class EmbeddingCache:
+    """Embeddings by image content: view key -> {sha256 -> vector}.
+
+    A view key names everything a vector depends on besides the image's bytes (backbone, input size,
+    the duplicate view's coarse side and version), so one cache serves every version of a dataset:
+    relabels and removals reuse every vector, added images are embedded alone. A vector is kept in the
+    dtype it is given: the finders' own views as float16 (`find_issues` rounds fresh ones the same way,
+    so a run that reads the cache and one that fills it see the same numbers), the fit's features
+    (`ml.measure`) as float32, exactly as a fit extracts them. `to_bytes`/`from_bytes` round-trip
+    through an .npz (no pickle)."""
+
+    def __init__(self) -> None:
+        self._views: dict[str, dict[str, np.ndarray]] = {}
+        self._values: dict[str, np.ndarray] = {}  # measurements of a set of images (not one image's)
+
+    def value(self, name: str) -> np.ndarray | None:
+        return self._values.get(name)
+
+    def put_value(self, name: str, vector: np.ndarray) -> None:
+        """Keep a measurement of a set of images (the similarity of a version's first training images),
+        under a name that says which set (see `ml.measure`)."""
+        self._values[name] = np.asarray(vector)
+
+    def get(self, view: str, sha256: str) -> np.ndarray | None:
+        return self._views.get(view, {}).get(sha256)
+
+    def put(self, view: str, sha256: str, vector: np.ndarray) -> None:
+        self._views.setdefault(view, {})[sha256] = np.asarray(vector)
+
+    def has(self, view: str, sha256: str) -> bool:
+        return sha256 in self._views.get(view, {})
+
+    def counts(self) -> dict[str, int]:
+        """How many images each view holds."""
+        return {view: len(vectors) for view, vectors in self._views.items()}
+
+    def images(self) -> set[str]:
+        return {sha for vectors in self._views.values() for sha in vectors}
+
+    def __len__(self) -> int:
+        return len(self.images())
+
+    def to_bytes(self) -> bytes:
+        arrays: dict[str, np.ndarray] = {
+            "views": np.array(list(self._views), dtype=str),
+            "values": np.array(list(self._values), dtype=str),
+        }
+        for i, vector in enumerate(self._values.values()):
+            arrays[f"value_{i}"] = vector
+        for i, vectors in enumerate(self._views.values()):
+            arrays[f"sha_{i}"] = np.array(list(vectors), dtype=str)
+            dim = next(iter(vectors.values())).shape[0] if vectors else 0
+            arrays[f"vec_{i}"] = np.stack(list(vectors.values())) if vectors else np.zeros((0, dim), np.float16)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> EmbeddingCache:
+        cache = cls()
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            for i, view in enumerate(z["views"]):
+                shas, vectors = z[f"sha_{i}"], z[f"vec_{i}"]
+                cache._views[str(view)] = {str(s): v for s, v in zip(shas, vectors, strict=True)}
+            for i, name in enumerate(z["values"] if "values" in z else ()):
+                cache._values[str(name)] = z[f"value_{i}"]
+        return cache
 
 
 MAX_CACHED_BYTES = 2 * 1024**3  # decoded images kept in memory for fine-tuning; beyond, decode per epoch

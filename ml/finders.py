@@ -1,8 +1,9 @@
-"""Finders: likely label errors, near-duplicates and outliers in a dataset, from one decode pass.
+"""Finders: likely label errors, near-duplicates and outliers in a dataset.
 
-    index the archive -> split it as a fit would -> decode every image once, into two views:
-      - the probe view: the backbone's own preprocessing at the input size a fit would choose
-        (`choose_preprocessing`), top-layer features: what the probe reads;
+    index the archive -> split it as a fit would (`ml.measure.split_for_fit`) -> two views of every image:
+      - the probe view: the fit's own frozen measurement (`ml.measure.frozen_views`), top-layer features
+        at the smaller of its candidate input sizes: what the probe reads. Given a cache, every view a
+        fit of this version reads is measured and kept there, and the fit that follows reads it;
       - the duplicate view: every image reduced to one coarse common size, the backbone's
         stride-8 stage pooled into a 4x4 grid: detail and layout, not the class;
     (frozen backbone, eval, no grad, batched; images already in an `EmbeddingCache` are skipped)
@@ -20,7 +21,6 @@ the app stores. Members are named by their path in the archive.
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ml.backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone, get_spec
-from ml.dataset import DatasetIndex, IngestConfig, Sample, index_dataset, split_samples
+from ml.backbones import DEFAULT_BACKBONE, Backbone, create_backbone, get_spec
+from ml.dataset import DatasetIndex, IngestConfig, Sample, index_dataset
 from ml.errors import ConfigError
-from ml.features import ZipImages, iter_batches
-from ml.preprocess import choose_preprocessing, eval_transform
+from ml.features import TOP, EmbeddingCache, ZipImages, iter_batches
+from ml.measure import candidate_sizes, frozen_views, resolve_device, split_for_fit, stage_taps
+from ml.preprocess import eval_transform
 from ml.probe import out_of_fold_proba
 from ml.runtime import tune_allocator
 
@@ -168,57 +169,6 @@ class Findings:
         }
 
 
-class EmbeddingCache:
-    """Embeddings by image content: view key -> {sha256 -> vector}.
-
-    A view key names everything a vector depends on besides the image's bytes (backbone, input size,
-    the duplicate view's coarse side and version), so one cache serves every version of a dataset:
-    relabels and removals reuse every vector, added images are embedded alone. Vectors are kept as
-    float16, and `find_issues` rounds fresh ones the same way, so a run that reads the cache and one
-    that fills it see the same numbers. `to_bytes`/`from_bytes` round-trip through an .npz (no pickle)."""
-
-    def __init__(self) -> None:
-        self._views: dict[str, dict[str, np.ndarray]] = {}
-
-    def get(self, view: str, sha256: str) -> np.ndarray | None:
-        return self._views.get(view, {}).get(sha256)
-
-    def put(self, view: str, sha256: str, vector: np.ndarray) -> None:
-        self._views.setdefault(view, {})[sha256] = np.asarray(vector, dtype=np.float16)
-
-    def has(self, view: str, sha256: str) -> bool:
-        return sha256 in self._views.get(view, {})
-
-    def counts(self) -> dict[str, int]:
-        """How many images each view holds."""
-        return {view: len(vectors) for view, vectors in self._views.items()}
-
-    def images(self) -> set[str]:
-        return {sha for vectors in self._views.values() for sha in vectors}
-
-    def __len__(self) -> int:
-        return len(self.images())
-
-    def to_bytes(self) -> bytes:
-        arrays: dict[str, np.ndarray] = {"views": np.array(list(self._views), dtype=str)}
-        for i, vectors in enumerate(self._views.values()):
-            arrays[f"sha_{i}"] = np.array(list(vectors), dtype=str)
-            dim = next(iter(vectors.values())).shape[0] if vectors else 0
-            arrays[f"vec_{i}"] = np.stack(list(vectors.values())) if vectors else np.zeros((0, dim), np.float16)
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
-        return buf.getvalue()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> EmbeddingCache:
-        cache = cls()
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            for i, view in enumerate(z["views"]):
-                shas, vectors = z[f"sha_{i}"], z[f"vec_{i}"].astype(np.float16)
-                cache._views[str(view)] = {str(s): v for s, v in zip(shas, vectors, strict=True)}
-        return cache
-
-
 @dataclass(frozen=True)
 class Embedding:
     """Every train and validation image: its member, class id, split and features in both views."""
@@ -248,7 +198,7 @@ def find_issues(
         with _timed(timings, "index"):
             index = index_dataset(archive, config.ingest, _phase(progress, "decode"))
     with _timed(timings, "features"):
-        emb = embed(archive, index, config, cache=cache, progress=_phase(progress, "features"))
+        emb = embed(archive, index, config, cache=cache, progress=progress)
     found = find_in_embedding(emb, config)
     return replace(found, timings={**timings, **found.timings}, embedded=emb.embedded)
 
@@ -259,33 +209,50 @@ def embed(
     config: FinderConfig = FinderConfig(),
     *,
     cache: EmbeddingCache | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> Embedding:
-    """Both views of every train and val image (train first, as `split_samples` splits), each image
-    decoded once; images in `cache` are not decoded at all."""
-    train, val = split_samples(index, config.val_fraction, config.seed)
+    """Both views of every train and val image, in the order a fit reads them (`split_for_fit`).
+
+    The probe view is a fit's own measurement (`ml.measure.frozen_views`) at the smaller of its
+    candidate input sizes. Given a cache, everything a fit of this version measures is measured and
+    kept there (every candidate size, every stage tap, the similarity): the fit that follows reads it
+    instead of extracting it (`fit(..., store=cache)`). Images the cache holds are not decoded at all."""
+    train, val = split_for_fit(index, config.val_fraction, config.seed)
     samples = train + val
     spec = get_spec(config.backbone)
-    prep, _ = choose_preprocessing(spec.preprocessing, [min(s.width, s.height) for s in samples])
+    sizes, _ = candidate_sizes(spec.preprocessing, train)
     side = coarse_side([min(s.width, s.height) for s in samples])
-    probe_key = f"{config.backbone}/top@{prep.input_size}r{prep.resize_size}"
     dup_key = f"{config.backbone}/dup{DUPLICATE_VIEW_VERSION}@{DUPLICATE_SIDE}s{side}"
+    # Without a cache to keep them in, the views only a fit reads would be thrown away: the probe view alone.
+    keep = cache is not None
     cache = cache if cache is not None else EmbeddingCache()
-    todo = [s for s in samples if not (cache.has(probe_key, s.sha256) and cache.has(dup_key, s.sha256))]
+    before = cache.images()
+    tune_allocator()
+    backbone = create_backbone(config.backbone)
+    taps = stage_taps(backbone) if keep else []
+    probe: np.ndarray | None = None
+    for prep in sizes if keep else sizes[:1]:
+        feats, _ = frozen_views(
+            backbone, archive, train, val, prep, taps=taps, device=resolve_device(config.device),
+            batch_size=config.batch_size, store=cache, progress=_phase(progress, f"features@{prep.input_size}"),
+        )  # fmt: skip
+        if probe is None:
+            probe = feats[TOP]
+    todo = [s for s in samples if not cache.has(dup_key, s.sha256)]
     if todo:
-        probe, dup = _embed_views(archive, todo, prep, side, config, progress)
-        for s, p, d in zip(todo, probe, dup, strict=True):
-            cache.put(probe_key, s.sha256, p)
+        dup = _duplicate_view(backbone, archive, todo, side, config, _phase(progress, "duplicates"))
+        for s, d in zip(todo, dup, strict=True):
             cache.put(dup_key, s.sha256, d)
     class_id = {c: i for i, c in enumerate(index.classes)}
+    assert probe is not None
     return Embedding(
         classes=list(index.classes),
         members=[s.member for s in samples],
         labels=np.array([class_id[s.label] for s in samples], dtype=np.int64),
         splits=["train"] * len(train) + ["val"] * len(val),
-        features=_stack(cache, probe_key, samples),
+        features=probe.astype(np.float32),
         coarse=_stack(cache, dup_key, samples),
-        embedded=len({s.sha256 for s in todo}),
+        embedded=len({s.sha256 for s in samples} - before),
     )
 
 
@@ -320,58 +287,48 @@ def duplicate_stage(backbone: Backbone) -> str:
     return [name for name in backbone.stages if shapes[name] >= 64 // 8][-1]
 
 
-def _embed_views(
+def _duplicate_view(
+    backbone: Backbone,
     archive: Path,
     samples: list[Sample],
-    prep: Preprocessing,
     side: int,
     config: FinderConfig,
     progress: Callable[[int, int], None] | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(probe features, duplicate-view features) of `samples`, rounded to float16 as the cache keeps
-    them. One decode per image feeds both views (a JPEG decoded at the larger view's draft size)."""
-    tune_allocator()
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else "cpu")
-    if config.device not in ("auto", "cpu"):
-        device = torch.device(config.device)
-    backbone = create_backbone(config.backbone).eval()
+) -> np.ndarray:
+    """The duplicate view of `samples`, rounded to float16 as the cache keeps it: each image reduced
+    to a short side of `side` (box filter), read at DUPLICATE_SIDE px up to the stride-8 stage, pooled
+    to a DUPLICATE_GRID x DUPLICATE_GRID grid. JPEGs are decoded at the draft size that covers `side`."""
+    device = resolve_device(config.device)
     stage = duplicate_stage(backbone)
     # torch's stubs lack the (device, memory_format) form of Module.to, which it accepts.
-    body = backbone.to(device, memory_format=torch.channels_last).body  # type: ignore[call-overload]
+    backbone.eval().to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     head = backbone.truncated(stage)
-    to_probe = eval_transform(prep)
-    to_dup = eval_transform(replace(prep, input_size=DUPLICATE_SIDE, resize_size=DUPLICATE_SIDE))
-    n_probe = 3 * prep.input_size * prep.input_size
+    spec = backbone.spec.preprocessing
+    to_dup = eval_transform(replace(spec, input_size=DUPLICATE_SIDE, resize_size=DUPLICATE_SIDE))
 
-    def both(img: Image.Image) -> torch.Tensor:
-        probe = to_probe(img)
+    def reduce(img: Image.Image) -> torch.Tensor:
         scale = side / max(1, min(img.size))
         if scale < 1:
             img = img.resize(
                 (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BOX
             )
-        return torch.cat([probe.flatten(), to_dup(img).flatten()])
+        return to_dup(img)
 
-    images = ZipImages(archive, both, min_side=max(prep.resize_size, side))
-    probe_out = np.empty((len(samples), backbone.feature_dim), dtype=np.float32)
-    dup_out: np.ndarray | None = None
+    images = ZipImages(archive, reduce, min_side=side)
+    out: np.ndarray | None = None
     done = 0
     with torch.inference_mode():
         for batch in iter_batches(images.load, [s.member for s in samples], config.batch_size):
-            x = batch[:, :n_probe].reshape(-1, 3, prep.input_size, prep.input_size)
-            y = batch[:, n_probe:].reshape(-1, 3, DUPLICATE_SIDE, DUPLICATE_SIDE)
-            x = x.to(device).contiguous(memory_format=torch.channels_last)
-            y = y.to(device).contiguous(memory_format=torch.channels_last)
-            probe_out[done : done + len(batch)] = body(x).float().cpu().numpy()
+            y = batch.to(device).contiguous(memory_format=torch.channels_last)
             grid = F.adaptive_avg_pool2d(head(y), DUPLICATE_GRID).flatten(1).float().cpu().numpy()
-            if dup_out is None:
-                dup_out = np.empty((len(samples), grid.shape[1]), dtype=np.float32)
-            dup_out[done : done + len(batch)] = grid
+            if out is None:
+                out = np.empty((len(samples), grid.shape[1]), dtype=np.float32)
+            out[done : done + len(batch)] = grid
             done += len(batch)
             if progress:
                 progress(done, len(samples))
-    assert dup_out is not None
-    return probe_out.astype(np.float16), dup_out.astype(np.float16)
+    assert out is not None
+    return out.astype(np.float16)
 
 
 def find_in_embedding(emb: Embedding, config: FinderConfig = FinderConfig()) -> Findings:

@@ -32,11 +32,11 @@ from ml.augment import train_transform
 from ml.backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone, get_spec
 from ml.bundle import write_bundle
 from ml.checkpoint import Checkpoints
-from ml.dataset import DatasetIndex, IngestConfig, Sample, index_dataset, split_samples
+from ml.dataset import DatasetIndex, IngestConfig, Sample, index_dataset
 from ml.decisions import augmentation_decision, flip_decision, tta_decision
 from ml.errors import ConfigError
 from ml.evaluate import classification_metrics
-from ml.features import TOP, ImageSource, extract_stage_features
+from ml.features import TOP, EmbeddingCache, ImageSource
 from ml.finetune import (
     Batches,
     CheckpointFn,
@@ -49,17 +49,23 @@ from ml.finetune import (
     predict_logits,
     probe_model,
 )
-from ml.preprocess import choose_preprocessing, eval_transform
+from ml.measure import (
+    Representation,
+    candidate_sizes,
+    frozen_views,
+    held,
+    split_for_fit,
+    stage_taps,
+)
+from ml.preprocess import eval_transform
 from ml.probe import DEFAULT_CS, ProbeFit, fit_probe, fit_probe_at
-from ml.run import FEATURES, Progress, ProgressFn, Run, about, timer
+from ml.run import FEATURES, STORED, Progress, ProgressFn, Run, about, timer
 from ml.runtime import tune_allocator
 from ml.search import search
 from ml.selection import Candidate, Decision, best_of, keep_if_better, significance_margin
-from ml.similarity import BatchNormStats, Similarity, head_entropy, similarity_score
 from ml.strategy import REGISTRY as PLAN_REGISTRY
 from ml.strategy import SIZE_BOUNDARY, STRATEGIES, Plan, decide, finetune_depth
 
-SIMILARITY_SAMPLE = 256  # images whose BN statistics measure similarity (train split first)
 # Another input size or stage must beat the plain top-layer probe at the native input by more than
 # twice the standard error of the CV accuracy (and at least this much) to replace it.
 PROBE_MARGIN = 0.005
@@ -151,14 +157,6 @@ class Data:
 
 
 @dataclass(frozen=True)
-class Representation:
-    """Frozen features at one input size: TOP and the stage taps, train rows then val rows."""
-
-    prep: Preprocessing
-    feats: dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
 class ChosenProbe:
     rep: Representation
     stage: str
@@ -185,10 +183,13 @@ def fit(
     progress: ProgressFn | None = None,
     checkpoints: Checkpoints | None = None,
     about: dict[str, Any] | None = None,
+    store: EmbeddingCache | None = None,
 ) -> FitResult:
     """`checkpoints` (see ml.checkpoint): the fine-tune saves its state there after each epoch,
     and a fit that finds a state of the same inputs there goes on from it. `about` says what the
-    data is to the caller (a dataset's name and version): the model card records it."""
+    data is to the caller (a dataset's name and version): the model card records it. `store` holds
+    frozen features by image content (see ml.measure): those it holds are read, not extracted again,
+    and those extracted are kept there."""
     config = config or FitConfig()
     config.validate()
     tune_allocator()
@@ -203,7 +204,7 @@ def fit(
         device = _device(config.device)
         backbone = create_backbone(config.backbone)
         run.advance("load", 1)
-        reps, plan = measure(run, backbone, data, config, device)
+        reps, plan = measure(run, backbone, data, config, device, store)
     with run.phase("fit"):
         chosen = choose_probe(run, reps, data, plan, config)
         model, prep, val_logits, report = train(run, backbone, chosen, data, plan, config, device)
@@ -249,7 +250,7 @@ def _load(run: Run, archive: Path, index: DatasetIndex | None, config: FitConfig
 
         index = index_dataset(archive, IngestConfig(), decoded)
         run.finish("decode")
-    train, val = _split(index, config.val_fraction, config.seed)
+    train, val = split_for_fit(index, config.val_fraction, config.seed)
     class_id = {c: i for i, c in enumerate(index.classes)}
     run.say(f"{len(train)} training and {len(val)} validation images in {len(index.classes)} classes")
     return Data(
@@ -263,60 +264,61 @@ def _load(run: Run, archive: Path, index: DatasetIndex | None, config: FitConfig
     )
 
 
-def _split(index: DatasetIndex, val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """The stratified split, with the training images in a seeded random order.
-
-    The order matters: BatchNorm statistics are taken from the first
-    `SIMILARITY_SAMPLE` training images, which must not all be one class.
-    """
-    train, val = split_samples(index, val_fraction, seed)
-    return random.Random(seed).sample(train, len(train)), val
-
-
 # --- measure ----------------------------------------------------------------------------------
 
 
 def measure(
-    run: Run, backbone: Backbone, data: Data, config: FitConfig, device: torch.device
+    run: Run,
+    backbone: Backbone,
+    data: Data,
+    config: FitConfig,
+    device: torch.device,
+    store: EmbeddingCache | None = None,
 ) -> tuple[list[Representation], Plan]:
     """Frozen features at each candidate input size, the similarity, and the matrix's plan.
 
     The native input is always a candidate (and where similarity is measured, as calibrated);
     images smaller than it add a candidate size that follows them (at most 2x upscaled).
     Stage taps come along in the same passes: they cost little, and the probe choice reads them.
+    Features `store` holds (the finders measured them when the version was made) are read, not extracted.
     """
     native = backbone.spec.preprocessing
-    sizes = [native]
-    if config.resolution == "auto":
-        small, why = choose_preprocessing(native, [min(s.width, s.height) for s in data.train])
-        if small != native:
-            sizes.insert(0, small)
-            run.say(f"input size candidates: {small.input_size} px ({why}) and the native {native.input_size} px")
-    members = [s.member for s in data.train] + [s.member for s in data.val]
-    taps = _stage_taps(backbone)
+    sizes, why = candidate_sizes(native, data.train, config.resolution)
+    if len(sizes) > 1:
+        run.say(f"input size candidates: {sizes[0].input_size} px ({why}) and the native {native.input_size} px")
+    n = len(data.train) + len(data.val)
+    taps = stage_taps(backbone)
+    stored = {
+        prep: held(store, backbone.spec.name, prep, taps, data.train, data.val, native=prep == native) for prep in sizes
+    }
+    for prep in sizes:  # all planned before the first pass, so the ETA counts them all
+        if stored[prep]:
+            run.plan(
+                _features_key(prep), f"Reading the stored features at {prep.input_size} px", n, passes=0.0, kind=STORED
+            )
+        elif prep != native:
+            run.plan(
+                _features_key(prep), _features_label(prep), n, passes=_passes(prep, native), kind=FEATURES,
+                note=f"features are extracted at a second input size too, {prep.input_size} px: {why}",
+            )  # fmt: skip
     reps: list[Representation] = []
     similarity = None
-    if len(sizes) > 1:
-        run.plan(
-            _features_key(sizes[0]), _features_label(sizes[0]), len(members), passes=_passes(sizes[0], native),
-            kind=FEATURES,
-            note=f"features are extracted at a second input size too, {sizes[0].input_size} px: {why}",
-        )  # fmt: skip
     for prep in sizes:
         key = _features_key(prep)
 
         def tick(done: int, total: int, key: str = key, prep: Preprocessing = prep) -> None:
-            run.advance(key, done, label=f"{_features_label(prep)} · {done} of {total} images")
+            label = "Reading the stored features" if stored[prep] else _features_label(prep)
+            run.advance(key, done, label=f"{label} · {done} of {total} images")
 
-        if prep == native:
-            feats, similarity = _native_pass(
-                backbone, data.archive, members, len(data.train), taps, device, config, tick
+        feats, measured = frozen_views(
+            backbone, data.archive, data.train, data.val, prep, taps=taps, device=device,
+            batch_size=config.batch_size, store=store, progress=tick,
+        )  # fmt: skip
+        if stored[prep]:
+            run.say(
+                f"features at {prep.input_size} px: read from the store (measured when the dataset version was made)"
             )
-        else:
-            feats = extract_stage_features(
-                backbone, data.archive, members, taps=taps, batch_size=config.batch_size,
-                device=device, preprocessing=prep, progress=tick,
-            )  # fmt: skip
+        similarity = measured or similarity
         reps.append(Representation(prep, feats))
     assert similarity is not None  # the native input is always among the sizes
     plan = decide(
@@ -325,60 +327,6 @@ def measure(
     run.say(plan.reason)
     _plan_after_measuring(run, reps, data, plan, config, native)
     return reps, plan
-
-
-def _native_pass(
-    backbone: Backbone,
-    archive: Path,
-    members: list[str],
-    n_train: int,
-    taps: list[str],
-    device: torch.device,
-    config: FitConfig,
-    tick: Callable[[int, int], None] | None = None,
-) -> tuple[dict[str, np.ndarray], Similarity]:
-    """Features at the native input, and the similarity measured on the first training images
-    (`members` starts with the `n_train` training images; the validation images never count)."""
-    n = min(SIMILARITY_SAMPLE, n_train)
-    with BatchNormStats(backbone.body, max_images=n) as stats:
-        feats = extract_stage_features(
-            backbone, archive, members, taps=taps, batch_size=config.batch_size, device=device, progress=tick
-        )
-    with torch.no_grad():
-        logits = backbone.imagenet_head.cpu()(torch.from_numpy(feats[TOP][:n]))
-    return feats, similarity_score(stats.divergence(), head_entropy(logits))
-
-
-def assess(
-    archive: Path,
-    index: DatasetIndex,
-    *,
-    backbone: str = DEFAULT_BACKBONE,
-    size_boundary: int = SIZE_BOUNDARY,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    device: str = "auto",
-) -> Plan:
-    """Where a dataset sits in the transfer matrix, before any training.
-
-    The same measurement `fit` makes (same images, same order), so the cell shown
-    before training is the one the fit will find.
-    """
-    tune_allocator()
-    train, _ = _split(index, val_fraction, seed)
-    bb = create_backbone(backbone)
-    members = [s.member for s in train[:SIMILARITY_SAMPLE]]
-    _, similarity = _native_pass(bb, archive, members, len(members), [], _device(device), FitConfig())
-    return decide(len(train) / len(index.classes), similarity, boundary=size_boundary)
-
-
-def _stage_taps(backbone: Backbone) -> list[str]:
-    """Intermediate stages worth a probe: from a third of the way up to just below the top."""
-    stages = backbone.stages
-    return stages[len(stages) // 3 : -1]
-
-
-# --- choose the probe ---------------------------------------------------------------------------
 
 
 def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, config: FitConfig) -> ChosenProbe:
@@ -1211,4 +1159,4 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-__all__ = ["FitConfig", "FitResult", "Progress", "assess", "choose_probe", "fit", "measure", "train"]
+__all__ = ["FitConfig", "FitResult", "Progress", "choose_probe", "fit", "measure", "train"]

@@ -31,6 +31,8 @@ PRIOR_SECONDS_PER_PASS = 0.02
 # The kind of work that measures the backbone's speed (frozen forward passes): kinds not measured yet
 # are estimated from it.
 FEATURES = "features"
+# Features read from a store instead of extracted (ml.measure): no forward passes, nothing to measure.
+STORED = "stored"
 # A kind of work's own rate is used once this share of the step running it is done (its first
 # items carry set-up time: thread pools filling, the first batch's allocations).
 CALIBRATE_AFTER = 0.1
@@ -95,8 +97,11 @@ class WorkPlan:
         return sum(s.seconds(self.rate(s.kind), max(0.0, s.items - s.done)) for s in self.steps.values())
 
     def eta(self) -> float | None:
-        """Seconds left, once the backbone's speed is measured (before, the estimate is a guess)."""
-        return round(self.left(), 1) if FEATURES in self.calibrated else None
+        """Seconds left, once the backbone's speed is measured (before, the estimate is a guess); where
+        no step extracts features (they were stored), once any kind of work is measured."""
+        extracts = any(s.kind == FEATURES and s.items > 0 for s in self.steps.values())
+        measured = FEATURES in self.calibrated or (not extracts and bool(self.calibrated))
+        return round(self.left(), 1) if measured else None
 
     def set(self, key: str, label: str, items: float, passes: float, fixed: float, kind: str) -> None:
         step = self.steps.get(key)

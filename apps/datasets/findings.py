@@ -85,7 +85,7 @@ def version_find(*, version_id: int) -> None:
                 index,
             ),
         ):
-            cache = _load_embeddings(version.dataset)
+            cache = load_embeddings(version.dataset)
             findings = find_issues(path, FinderConfig(device="cpu"), index=index, cache=cache)
             _store_embeddings(version.dataset, cache)
             sha = {s.member: s.sha256 for s in index.samples}
@@ -115,9 +115,10 @@ def version_find(*, version_id: int) -> None:
         mine.update(findings_status=DatasetVersion.FindingsStatus.FAILED, findings_error=message)
 
 
-def _load_embeddings(dataset: Dataset):
-    """The dataset's embeddings so far (by image content), or an empty cache."""
-    from ml.finders import EmbeddingCache
+def load_embeddings(dataset: Dataset):
+    """The dataset's embeddings so far (by image content), or an empty cache. They hold what the
+    finders measured, among it every frozen feature a fit of the version reads (`ml.measure`)."""
+    from ml.features import EmbeddingCache
 
     try:
         stream = open_if_stored(embeddings_name(dataset))

@@ -189,7 +189,7 @@ def _assess(path, index: DatasetIndex) -> dict:
     """The transfer-matrix cell with the default backbone, for the train page. Never fails ingestion."""
     from ml.backbones import DEFAULT_BACKBONE
     from ml.errors import MLError
-    from ml.fit import assess
+    from ml.measure import assess
 
     try:
         # On the CPU always: a worker of the ingestion queue must not take a trainer's GPU.

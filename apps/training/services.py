@@ -32,6 +32,7 @@ from apps.accounts.quotas import check_new_job, owner_locked
 from apps.common import faults, work
 from apps.common.errors import UserError
 from apps.common.storage import delete_prefix, delete_quietly, local_copy
+from apps.datasets.findings import load_embeddings
 from apps.datasets.models import Dataset, DatasetVersion
 from apps.datasets.selectors import dataset_index
 from apps.datasets.versions import training_names, version_archive
@@ -256,9 +257,12 @@ def job_run(*, job: Job) -> None:
             recorder.cancelled = beat.lost
             with _training_data(job, dataset) as (archive, index, about):
                 faults.point("training.claimed")
+                # The frozen features the finders measured when the version was made: read, not extracted.
+                store = load_embeddings(dataset)
                 result = fit(
-                    archive, workdir, config, index=index, progress=recorder, checkpoints=checkpoints, about=about
-                )
+                    archive, workdir, config, index=index, progress=recorder, checkpoints=checkpoints, about=about,
+                    store=store,
+                )  # fmt: skip
             origins = training_names(job.version) if job.version is not None else None
             _succeed(job, result, mine, origins)  # storing a large bundle takes a while: still beating
     except Cancelled:

@@ -182,6 +182,11 @@ def test_finders_results_reach_the_images_list(celery_worker_process, api_for, t
     # The embeddings are kept by content for the next version, whose finders run by themselves.
     prefix = Dataset.objects.get(pk=ds).storage_prefix
     assert f"{prefix}embeddings.npz" in stored_files(prefix)
+    # They hold what a fit of the version measures: a job trained on it reads them instead of extracting.
+    r = api.call("POST", "/jobs/", json={"dataset": ds, "version": 1, "strategy": "linear"})
+    job = api.wait(f"/jobs/{r.json()['id']}/", ("succeeded", "failed"), timeout=600)
+    assert job["status"] == "succeeded", job["error"]
+    assert any("read from the store" in line for line in job["report"]["log"]), job["report"]["log"]
     rows = _images(api, ds, 1)
     api.call(
         "POST",

@@ -43,7 +43,13 @@ Per-dataset fields (one JSON line each, then a summary line):
   seconds                  find_issues on the noisy archive as the app runs it (its index given, no cache):
                            features (one decode, both views), label_issues, near_duplicates, outliers;
                            finders_s their sum (median of --repeat runs); index_s the ingestion's index
-  finders_over_fit         finders_s / the fit's seconds (the median of the three fits)
+  fit.noisy_after_finders  val accuracy and seconds (`_s`) of the fit on the noisy archive that reads the store
+                           the finders filled (as a fit that follows them in the app does: their features
+                           are the fit's own, so it extracts none)
+  finders_added_s          what the finders add to the pipeline: finders_s less the seconds that fit saved
+                           (noisy_s - noisy_after_finders_s)
+  finders_over_fit         finders_added_s / the fit's seconds (the median of the three fits)
+  finders_alone_over_fit   finders_s / the fit's seconds (as if nothing they measure were used again)
   cached_s                 find_issues again with the cache the first run filled (nothing embedded)
   targets                  {label_issues (precision and recall >= 0.8 where clean_probe_cv_accuracy >= 0.9,
                            else null), recovered (>= 0.8, where label_issues applies), near_duplicates
@@ -291,14 +297,16 @@ def copy_ratio(emb: Embedding, planted: dict[tuple[str, str], str]) -> dict[str,
     }
 
 
-def fit_accuracy(archive: Path, out: Path, budget: float | None, seed: int) -> tuple[float, float]:
+def fit_accuracy(
+    archive: Path, out: Path, budget: float | None, seed: int, store: EmbeddingCache | None = None
+) -> tuple[float, float]:
     """`ml fit` (strategy auto) on `archive`: (val accuracy, seconds). Its index is made first, untimed,
-    as the app's ingestion makes it before a fit."""
+    as the app's ingestion makes it before a fit. With `store`, the fit reads the features held there."""
     from ml.fit import FitConfig, fit
 
     index = index_dataset(archive)
     start = time.perf_counter()
-    result = fit(archive, out, FitConfig(seed=seed, budget=budget), index=index)
+    result = fit(archive, out, FitConfig(seed=seed, budget=budget), index=index, store=store)
     return float(result.metrics["val_accuracy"]), time.perf_counter() - start
 
 
@@ -340,10 +348,17 @@ def run_dataset(archive: Path, args: argparse.Namespace, scratch: Path) -> dict[
         # The three fits do the same work on as many images: their median is the fit's time (the first one
         # in a process also pays for imports and first-call set-up).
         fits["median_s"] = round(statistics.median(fits[f"{k}_s"] for k in ("clean", "noisy", "corrected")), 1)
+        # The fit that follows the finders in the app: the noisy archive again, reading what they stored.
+        log(f"{archive.name}: fit on noisy, reading the finders' store")
+        with tempfile.TemporaryDirectory(prefix="fit-", dir=scratch) as out:
+            acc, secs = fit_accuracy(zips["noisy"], Path(out), args.fit_budget, args.seed, store=cache)
+        fits["noisy_after_finders"], fits["noisy_after_finders_s"] = round(acc, 4), round(secs, 1)
         lost = fits["clean"] - fits["noisy"]
         fits["recovered"] = round((fits["corrected"] - fits["noisy"]) / lost, 3) if lost >= 0.01 else None
     fit_s = fits.get("median_s")
-    ratio = round(seconds["finders_s"] / fit_s, 3) if fit_s else None
+    # What the finders cost: their time, less what the fit that follows no longer does (its features).
+    added = seconds["finders_s"] - (fits["noisy_s"] - fits["noisy_after_finders_s"]) if fit_s else None
+    ratio = round(added / fit_s, 3) if added is not None and fit_s else None
     nd = dups["near_duplicates"]
     ln = noise["label_noise"]
     eligible = noise["clean_probe_cv_accuracy"] >= 0.9
@@ -356,7 +371,9 @@ def run_dataset(archive: Path, args: argparse.Namespace, scratch: Path) -> dict[
         **dups,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "index_s": round(index_s, 2),
+        "finders_added_s": None if added is None else round(added, 1),
         "finders_over_fit": ratio,
+        "finders_alone_over_fit": round(seconds["finders_s"] / fit_s, 3) if fit_s else None,
         "targets": {
             "label_issues": ((ln["precision"] or 0) >= 0.8 and (ln["recall"] or 0) >= 0.8 if eligible else None),
             "recovered": ((fits.get("recovered") is None or fits["recovered"] >= 0.8) if eligible and fits else None),
