@@ -205,7 +205,7 @@ def test_finders_on_features_alone():
     findings = find_in_embedding(emb, FinderConfig(folds=3))
     assert "m5" in {i.member for i in findings.label_issues}
     assert any(set(d.members) == {"m40", "m59"} and d.kind == "cross-split" for d in findings.near_duplicates)
-    assert findings.outliers[0].member == "m7"
+    assert [o.member for o in findings.outliers] == ["m7"]  # the rest lie within the dataset's own spread
 
 
 def test_inspect_cli_prints_the_findings_as_its_last_line(dataset):
