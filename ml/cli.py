@@ -15,9 +15,12 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Never
+from typing import TYPE_CHECKING, Never
 
 from ml.errors import MLError
+
+if TYPE_CHECKING:
+    from ml.features import EmbeddingCache
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +109,6 @@ def _fit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ml.checkpoint import FileCheckpoints
-    from ml.features import EmbeddingCache
     from ml.fit import FitConfig, fit
     from ml.run import Progress, about
 
@@ -142,15 +144,12 @@ def _fit(args: argparse.Namespace) -> int:
         search=args.search,
     )
     checkpoints = FileCheckpoints(args.checkpoint) if args.checkpoint else None
-    store = None
-    if args.cache is not None:
-        store = EmbeddingCache.from_bytes(args.cache.read_bytes()) if args.cache.is_file() else EmbeddingCache()
+    store = _read_store(args.cache)
     try:
         result = fit(args.dataset, args.out, config, progress=progress, checkpoints=checkpoints, store=store)
     finally:
         bar.close()
-    if args.cache is not None and store is not None:
-        args.cache.write_bytes(store.to_bytes())
+    _write_store(args.cache, store)
     summary = result.to_dict()
     summary["metrics"] = {k: v for k, v in summary["metrics"].items() if k not in ("misclassified", "reliability")}
     if args.json:
@@ -192,7 +191,6 @@ def _predict(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ml.features import EmbeddingCache
     from ml.finders import FinderConfig, find_issues
 
     if not args.dataset.is_file():
@@ -210,15 +208,12 @@ def _inspect(args: argparse.Namespace) -> int:
             bar.close()
 
     # Without --cache nothing would keep the views only a fit reads: the finders then measure their own alone.
-    cache = None
-    if args.cache is not None:
-        cache = EmbeddingCache.from_bytes(args.cache.read_bytes()) if args.cache.is_file() else EmbeddingCache()
+    cache = _read_store(args.cache)
     config = FinderConfig(backbone=args.backbone, seed=args.seed)
     findings = find_issues(args.dataset, config, cache=cache, progress=progress)
     for bar in bars.values():
         bar.close()
-    if args.cache is not None and cache is not None:
-        args.cache.write_bytes(cache.to_bytes())
+    _write_store(args.cache, cache)
     if args.json:
         print(json.dumps(findings.to_dict()))
         return 0
@@ -238,6 +233,20 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"  {outlier.member} ({outlier.score:.2f})")
     print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in findings.timings.items()))
     return 0
+
+
+def _read_store(path: Path | None) -> EmbeddingCache | None:
+    """`--cache FILE.npz`: what it holds (an empty store when it does not exist yet); None without it."""
+    from ml.features import EmbeddingCache
+
+    if path is None:
+        return None
+    return EmbeddingCache.from_bytes(path.read_bytes()) if path.is_file() else EmbeddingCache()
+
+
+def _write_store(path: Path | None, store: EmbeddingCache | None) -> None:
+    if path is not None and store is not None:
+        path.write_bytes(store.to_bytes())
 
 
 def _backbones(args: argparse.Namespace) -> int:

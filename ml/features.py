@@ -208,6 +208,11 @@ class EmbeddingCache:
     def has(self, view: str, sha256: str) -> bool:
         return sha256 in self._views.get(view, {})
 
+    def stack(self, view: str, sha256s: Sequence[str]) -> np.ndarray:
+        """The vectors of these images, in order, as one float32 matrix (every one must be held)."""
+        vectors = self._views[view]
+        return np.stack([vectors[s] for s in sha256s]).astype(np.float32)
+
     def counts(self) -> dict[str, int]:
         """How many images each view holds."""
         return {view: len(vectors) for view, vectors in self._views.items()}

@@ -22,7 +22,7 @@ the app stores. Members are named by their path in the archive.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -255,14 +255,9 @@ def embed(
         labels=np.array([class_id[s.label] for s in samples], dtype=np.int64),
         splits=["train"] * len(train) + ["val"] * len(val),
         features=probe.astype(np.float32),
-        coarse=_stack(cache, dup_key, samples),
+        coarse=cache.stack(dup_key, [s.sha256 for s in samples]),
         embedded=len({s.sha256 for s in samples} - before),
     )
-
-
-def _stack(cache: EmbeddingCache, view: str, samples: Sequence[Sample]) -> np.ndarray:
-    vectors = [cache.get(view, s.sha256) for s in samples]
-    return np.stack([v for v in vectors if v is not None]).astype(np.float32)
 
 
 def coarse_side(short_sides: list[int]) -> int:

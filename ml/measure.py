@@ -157,7 +157,7 @@ def frozen_views(
         similarity = _similarity_from(stored) if stored is not None else None
     if todo is samples:
         return feats, similarity
-    return {tap: _stack(store, key, samples) for tap, key in keys.items()}, similarity
+    return {tap: store.stack(key, [s.sha256 for s in samples]) for tap, key in keys.items()}, similarity
 
 
 def native_pass(
@@ -209,11 +209,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _stack(store: EmbeddingCache, view: str, samples: Sequence[Sample]) -> np.ndarray:
-    rows = [store.get(view, s.sha256) for s in samples]
-    return np.stack([r for r in rows if r is not None]).astype(np.float32)
 
 
 def _similarity_vector(s: Similarity) -> np.ndarray:
