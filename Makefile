@@ -24,6 +24,6 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-# mypy over apps/ and ml/, strict on ml/ (mypy.ini); `make test` runs it too (tests/test_types.py).
+# mypy over apps/ and ml/, strict on both (mypy.ini); `make test` runs it too (tests/test_types.py).
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

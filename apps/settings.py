@@ -6,16 +6,22 @@ SECRET_KEY, DATABASE_URL, CELERY_BROKER_URL and ALLOWED_HOSTS.
 """
 
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
+import django_stubs_ext
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
-BASE_DIR = Path(__file__).resolve().parent.parent
-env = environ.Env()
+# Django's generic classes (ModelAdmin, forms, UploadedFile, ...) take type arguments at run time
+# too, as the type checker asks of them (`admin.ModelAdmin[Job]`): the django-stubs way.
+django_stubs_ext.monkeypatch()
 
-DEBUG = env.bool("DEBUG", default=False)
-SECRET_KEY = env.str("SECRET_KEY", default="")
+BASE_DIR = Path(__file__).resolve().parent.parent
+env = environ.Env()  # untyped: each setting read from it states its type, which `settings.X` then has
+
+DEBUG: bool = env.bool("DEBUG", default=False)
+SECRET_KEY: str = env.str("SECRET_KEY", default="")
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off (or set DEBUG=true for development).")
@@ -55,27 +61,27 @@ def _refuse_placeholder_secrets() -> None:
 if not DEBUG:
     _refuse_placeholder_secrets()
 # Django's admin at /admin/: mounted only when this is on, by default with DEBUG and not otherwise.
-GRAFT_ADMIN = env.bool("GRAFT_ADMIN", default=DEBUG)
+GRAFT_ADMIN: bool = env.bool("GRAFT_ADMIN", default=DEBUG)
 # /health/ready/ answers anyone with its status alone; the checks' names, timings and errors go
 # to staff users and to requests that carry this token (header X-Health-Token). Empty: staff only.
-GRAFT_HEALTH_TOKEN = env.str("GRAFT_HEALTH_TOKEN", default="")
+GRAFT_HEALTH_TOKEN: str = env.str("GRAFT_HEALTH_TOKEN", default="")
 
-ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
-CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])  # e.g. https://graft.example.org
+ALLOWED_HOSTS: list[str] = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS: list[str] = env.list("CSRF_TRUSTED_ORIGINS", default=[])  # e.g. https://graft.example.org
 
 # HTTPS, terminated by a proxy in front (nginx, an ingress, a load balancer) that sets
 # X-Forwarded-Proto: GRAFT_HTTPS=true turns on what that needs; each can be overridden.
-GRAFT_HTTPS = env.bool("GRAFT_HTTPS", default=False)
+GRAFT_HTTPS: bool = env.bool("GRAFT_HTTPS", default=False)
 if env.bool("GRAFT_BEHIND_TLS_PROXY", default=GRAFT_HTTPS):
     # request.is_secure() (and so tus Location headers and redirects) follows the proxy's scheme.
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
-SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=GRAFT_HTTPS)
+SECURE_SSL_REDIRECT: bool = env.bool("SECURE_SSL_REDIRECT", default=GRAFT_HTTPS)
 SECURE_REDIRECT_EXEMPT = [r"^health/"]  # probes speak plain HTTP inside the cluster
-SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=GRAFT_HTTPS)
-CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=GRAFT_HTTPS)
-SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=365 * 24 * 3600 if GRAFT_HTTPS else 0)
-SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=GRAFT_HTTPS)
-SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=GRAFT_HTTPS)
+SESSION_COOKIE_SECURE: bool = env.bool("SESSION_COOKIE_SECURE", default=GRAFT_HTTPS)
+CSRF_COOKIE_SECURE: bool = env.bool("CSRF_COOKIE_SECURE", default=GRAFT_HTTPS)
+SECURE_HSTS_SECONDS: int = env.int("SECURE_HSTS_SECONDS", default=365 * 24 * 3600 if GRAFT_HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS: bool = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=GRAFT_HTTPS)
+SECURE_HSTS_PRELOAD: bool = env.bool("SECURE_HSTS_PRELOAD", default=GRAFT_HTTPS)
 
 DATA_DIR = Path(env.str("GRAFT_DATA_DIR", default=str(BASE_DIR / "var")))
 MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(DATA_DIR / "media")))
@@ -85,7 +91,7 @@ MEDIA_URL = "/media/"
 GRAFT_WORK_DIR = Path(env.str("GRAFT_WORK_DIR", default=str(DATA_DIR / "work")))
 # Where training and ingestion run: auto (CUDA when visible), cpu, cuda, cuda:1, ...
 # Ingestion's similarity measurement always runs on the CPU (it must not take a trainer's GPU).
-GRAFT_DEVICE = env.str("GRAFT_DEVICE", default="auto")
+GRAFT_DEVICE: str = env.str("GRAFT_DEVICE", default="auto")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -138,9 +144,9 @@ TEMPLATES = [
 ]
 
 
-def _database() -> dict:
+def _database() -> dict[str, Any]:
     default = f"sqlite:///{DATA_DIR / 'graft.sqlite3'}"
-    db = env.db_url("DATABASE_URL", default=default)
+    db: dict[str, Any] = env.db_url("DATABASE_URL", default=default)
     if db["ENGINE"] == "django.db.backends.sqlite3":
         # Web and worker are separate processes: WAL + immediate transactions avoid lock errors.
         db.setdefault("OPTIONS", {}).update(
@@ -177,7 +183,7 @@ STATICFILES_DIRS = [BASE_DIR / "frontend" / "static"]
 # Datasets, thumbnails, upload parts, checkpoints and bundles: local files under MEDIA_ROOT by
 # default; S3-compatible object storage (django-storages + boto3) when AWS_STORAGE_BUCKET_NAME is
 # set, which is what lets web hosts and GPU workers share nothing but it, PostgreSQL and the broker.
-AWS_STORAGE_BUCKET_NAME = env.str("AWS_STORAGE_BUCKET_NAME", default="")
+AWS_STORAGE_BUCKET_NAME: str = env.str("AWS_STORAGE_BUCKET_NAME", default="")
 if AWS_STORAGE_BUCKET_NAME:
     _default_storage = {
         "BACKEND": "storages.backends.s3.S3Storage",
@@ -210,7 +216,7 @@ WHITENOISE_USE_FINDERS = True  # static files work even before collectstatic
 
 # Uploads stream to a temporary file past this size, never held whole in memory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024**2
-FILE_UPLOAD_TEMP_DIR = env.str("FILE_UPLOAD_TEMP_DIR", default=None)
+FILE_UPLOAD_TEMP_DIR: str | None = env.str("FILE_UPLOAD_TEMP_DIR", default=None)
 DATA_UPLOAD_MAX_NUMBER_FILES = 64
 
 REST_FRAMEWORK = {
@@ -244,10 +250,10 @@ GRAFT_THROTTLE_RATES = {
 # usernames, lock the address (apps.accounts.lockout). Attempts are kept in the database, so
 # every web host sees them.
 AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
-AXES_ENABLED = env.bool("GRAFT_LOGIN_LOCKOUT", default=True)
-AXES_FAILURE_LIMIT = env.int("GRAFT_LOGIN_FAILURE_LIMIT", default=10)
-GRAFT_LOGIN_ADDRESS_FAILURE_LIMIT = env.int("GRAFT_LOGIN_ADDRESS_FAILURE_LIMIT", default=30)
-AXES_COOLOFF_TIME = env.float("GRAFT_LOGIN_LOCKOUT_HOURS", default=0.25)
+AXES_ENABLED: bool = env.bool("GRAFT_LOGIN_LOCKOUT", default=True)
+AXES_FAILURE_LIMIT: int = env.int("GRAFT_LOGIN_FAILURE_LIMIT", default=10)
+GRAFT_LOGIN_ADDRESS_FAILURE_LIMIT: int = env.int("GRAFT_LOGIN_ADDRESS_FAILURE_LIMIT", default=30)
+AXES_COOLOFF_TIME: float = env.float("GRAFT_LOGIN_LOCKOUT_HOURS", default=0.25)
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"], "ip_address"]
 AXES_HANDLER = "apps.accounts.lockout.LockoutHandler"  # a limit for each of the two parameters
 AXES_RESET_ON_SUCCESS = True  # forgets that username's failures from that address only
@@ -266,17 +272,17 @@ if not 0 < AXES_FAILURE_LIMIT <= GRAFT_LOGIN_ADDRESS_FAILURE_LIMIT:
 # DEBUG, `invite` otherwise, so a server reachable by strangers never hands out accounts (each
 # brings its own storage quota and job slots). Under `invite`, the first account of a database
 # with no users needs no invitation: a fresh `make run` can be used at once.
-GRAFT_SIGNUP = env.str("GRAFT_SIGNUP", default="open" if DEBUG else "invite")
+GRAFT_SIGNUP: str = env.str("GRAFT_SIGNUP", default="open" if DEBUG else "invite")
 if GRAFT_SIGNUP not in ("open", "invite", "closed"):
     raise ImproperlyConfigured(f"GRAFT_SIGNUP must be open, invite or closed, not {GRAFT_SIGNUP!r}.")
-GRAFT_INVITATION_DAYS = env.float("GRAFT_INVITATION_DAYS", default=7)
+GRAFT_INVITATION_DAYS: float = env.float("GRAFT_INVITATION_DAYS", default=7)
 # Where people reach Graft, for links made outside a request (`manage.py invite`).
-GRAFT_PUBLIC_URL = env.str("GRAFT_PUBLIC_URL", default=(CSRF_TRUSTED_ORIGINS or ["http://127.0.0.1:8000"])[0])
+GRAFT_PUBLIC_URL: str = env.str("GRAFT_PUBLIC_URL", default=(CSRF_TRUSTED_ORIGINS or ["http://127.0.0.1:8000"])[0])
 
 # API tokens: each lives this many days, and a user holds at most this many (the least
 # recently used go first when a new one would pass the cap).
-GRAFT_TOKEN_DAYS = env.int("GRAFT_TOKEN_DAYS", default=90)
-GRAFT_MAX_TOKENS_PER_USER = env.int("GRAFT_MAX_TOKENS_PER_USER", default=20)
+GRAFT_TOKEN_DAYS: int = env.int("GRAFT_TOKEN_DAYS", default=90)
+GRAFT_MAX_TOKENS_PER_USER: int = env.int("GRAFT_MAX_TOKENS_PER_USER", default=20)
 
 # Throttle counts live here; with several web processes, point it at Redis (redis://host:6379/1).
 CACHES = {"default": env.cache_url("CACHE_URL", default="locmemcache://")}
@@ -303,7 +309,7 @@ SPECTACULAR_SETTINGS = {
 }
 
 # --- Celery ---------------------------------------------------------------------------
-CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
+CELERY_BROKER_URL: str = env.str("CELERY_BROKER_URL", default="filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
     _broker_dir = DATA_DIR / "broker"
     for _sub in ("queue", "processed", "control"):
@@ -325,54 +331,54 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 # --- Graft ----------------------------------------------------------------------------
-GRAFT_MAX_UPLOAD_BYTES = env.int("GRAFT_MAX_UPLOAD_BYTES", default=4 * 1024**3)
-GRAFT_MAX_UNCOMPRESSED_BYTES = env.int("GRAFT_MAX_UNCOMPRESSED_BYTES", default=20 * 1024**3)
-GRAFT_MAX_ARCHIVE_ENTRIES = env.int("GRAFT_MAX_ARCHIVE_ENTRIES", default=200_000)
-GRAFT_MAX_IMAGE_PIXELS = env.int("GRAFT_MAX_IMAGE_PIXELS", default=64_000_000)
-GRAFT_MIN_IMAGES_PER_CLASS = env.int("GRAFT_MIN_IMAGES_PER_CLASS", default=5)
-GRAFT_MAX_PREDICT_IMAGES = env.int("GRAFT_MAX_PREDICT_IMAGES", default=32)
-GRAFT_MAX_PREDICT_BYTES = env.int("GRAFT_MAX_PREDICT_BYTES", default=32 * 1024**2)
+GRAFT_MAX_UPLOAD_BYTES: int = env.int("GRAFT_MAX_UPLOAD_BYTES", default=4 * 1024**3)
+GRAFT_MAX_UNCOMPRESSED_BYTES: int = env.int("GRAFT_MAX_UNCOMPRESSED_BYTES", default=20 * 1024**3)
+GRAFT_MAX_ARCHIVE_ENTRIES: int = env.int("GRAFT_MAX_ARCHIVE_ENTRIES", default=200_000)
+GRAFT_MAX_IMAGE_PIXELS: int = env.int("GRAFT_MAX_IMAGE_PIXELS", default=64_000_000)
+GRAFT_MIN_IMAGES_PER_CLASS: int = env.int("GRAFT_MIN_IMAGES_PER_CLASS", default=5)
+GRAFT_MAX_PREDICT_IMAGES: int = env.int("GRAFT_MAX_PREDICT_IMAGES", default=32)
+GRAFT_MAX_PREDICT_BYTES: int = env.int("GRAFT_MAX_PREDICT_BYTES", default=32 * 1024**2)
 # Megapixels one prediction request may decode in all (a cap on its CPU time and memory).
-GRAFT_MAX_PREDICT_PIXELS = env.int("GRAFT_MAX_PREDICT_PIXELS", default=256_000_000)
+GRAFT_MAX_PREDICT_PIXELS: int = env.int("GRAFT_MAX_PREDICT_PIXELS", default=256_000_000)
 # Pixels a web process decodes at once, over all its requests (about 4 bytes of memory each).
-GRAFT_DECODE_PIXELS = env.int("GRAFT_DECODE_PIXELS", default=64_000_000)
+GRAFT_DECODE_PIXELS: int = env.int("GRAFT_DECODE_PIXELS", default=64_000_000)
 # Serving: the runtime (auto: the faster of ONNX Runtime and TorchScript, measured at load), and the
 # memory a web process may spend on loaded models (least recently used ones are dropped past it).
-GRAFT_SERVE_RUNTIME = env.str("GRAFT_SERVE_RUNTIME", default="auto")
-GRAFT_SERVE_MODEL_MEMORY = env.int("GRAFT_SERVE_MODEL_MEMORY", default=1024**3)
+GRAFT_SERVE_RUNTIME: str = env.str("GRAFT_SERVE_RUNTIME", default="auto")
+GRAFT_SERVE_MODEL_MEMORY: int = env.int("GRAFT_SERVE_MODEL_MEMORY", default=1024**3)
 # Micro-batching (ml.predict.Batcher): images per shared forward pass, and how long a pass waits
 # for more requests once one is waiting. Defaults measured with bench_serve (README, "Serving").
-GRAFT_SERVE_MAX_BATCH = env.int("GRAFT_SERVE_MAX_BATCH", default=8)
-GRAFT_SERVE_BATCH_WAIT_MS = env.float("GRAFT_SERVE_BATCH_WAIT_MS", default=0.0)
+GRAFT_SERVE_MAX_BATCH: int = env.int("GRAFT_SERVE_MAX_BATCH", default=8)
+GRAFT_SERVE_BATCH_WAIT_MS: float = env.float("GRAFT_SERVE_BATCH_WAIT_MS", default=0.0)
 # ONNX Runtime's threads spin through a pass instead of sleeping between its operators: 2 ms off a
 # lone request, but where several web processes serve on the same cores (deploy/ runs three) their
 # passes overlap and spinning threads starve each other (README, "Serving"). On for one process.
-GRAFT_SERVE_SPIN = env.bool("GRAFT_SERVE_SPIN", default=False)
+GRAFT_SERVE_SPIN: bool = env.bool("GRAFT_SERVE_SPIN", default=False)
 if GRAFT_SERVE_MAX_BATCH < 1 or not 0 <= GRAFT_SERVE_BATCH_WAIT_MS <= 1000:
     raise ImproperlyConfigured("GRAFT_SERVE_MAX_BATCH must be at least 1, GRAFT_SERVE_BATCH_WAIT_MS 0-1000.")
 # The per-model prediction log (opt-in on the model page): the most recent records kept per model.
-GRAFT_PREDICTION_LOG_KEEP = env.int("GRAFT_PREDICTION_LOG_KEEP", default=1000)
+GRAFT_PREDICTION_LOG_KEEP: int = env.int("GRAFT_PREDICTION_LOG_KEEP", default=1000)
 # Any other request body (forms, JSON, sign-in); uploads and predictions have the limits above.
-GRAFT_MAX_REQUEST_BYTES = env.int("GRAFT_MAX_REQUEST_BYTES", default=1024**2)
+GRAFT_MAX_REQUEST_BYTES: int = env.int("GRAFT_MAX_REQUEST_BYTES", default=1024**2)
 # Per-user quotas (apps.accounts.quotas): bytes stored (datasets, models, uploads in progress),
 # datasets, resumable uploads in progress, training jobs and batch predictions waiting or running.
-GRAFT_QUOTA_BYTES = env.int("GRAFT_QUOTA_BYTES", default=50 * 1024**3)
-GRAFT_QUOTA_DATASETS = env.int("GRAFT_QUOTA_DATASETS", default=200)
-GRAFT_QUOTA_OPEN_UPLOADS = env.int("GRAFT_QUOTA_OPEN_UPLOADS", default=5)
-GRAFT_QUOTA_ACTIVE_JOBS = env.int("GRAFT_QUOTA_ACTIVE_JOBS", default=4)
+GRAFT_QUOTA_BYTES: int = env.int("GRAFT_QUOTA_BYTES", default=50 * 1024**3)
+GRAFT_QUOTA_DATASETS: int = env.int("GRAFT_QUOTA_DATASETS", default=200)
+GRAFT_QUOTA_OPEN_UPLOADS: int = env.int("GRAFT_QUOTA_OPEN_UPLOADS", default=5)
+GRAFT_QUOTA_ACTIVE_JOBS: int = env.int("GRAFT_QUOTA_ACTIVE_JOBS", default=4)
 # A resumable upload untouched this long is deleted (beat checks hourly).
-GRAFT_UPLOAD_EXPIRY_HOURS = env.int("GRAFT_UPLOAD_EXPIRY_HOURS", default=6)
+GRAFT_UPLOAD_EXPIRY_HOURS: int = env.int("GRAFT_UPLOAD_EXPIRY_HOURS", default=6)
 # Background work of every kind (ingestion, training, batch prediction, apps.common.work): a running
 # item whose worker has not written a heartbeat for this long is stale, and re-queued by beat.
-GRAFT_JOB_STALE_SECONDS = env.int("GRAFT_JOB_STALE_SECONDS", default=120)
-GRAFT_HEARTBEAT_SECONDS = env.int("GRAFT_HEARTBEAT_SECONDS", default=10)
+GRAFT_JOB_STALE_SECONDS: int = env.int("GRAFT_JOB_STALE_SECONDS", default=120)
+GRAFT_HEARTBEAT_SECONDS: int = env.int("GRAFT_HEARTBEAT_SECONDS", default=10)
 # An item whose worker died this many times (killed, out of memory, lost) fails with a sentence
 # instead of being handed to yet another worker.
-GRAFT_JOB_MAX_ATTEMPTS = env.int("GRAFT_JOB_MAX_ATTEMPTS", default=3)
+GRAFT_JOB_MAX_ATTEMPTS: int = env.int("GRAFT_JOB_MAX_ATTEMPTS", default=3)
 # Stored objects no row owns (a crash between storing a file and creating its row) are removed by
 # the sweeper (`manage.py sweep`, beat hourly) once they are this old: younger ones may belong to a
 # request or a task still on its way to its row.
-GRAFT_SWEEP_GRACE_HOURS = env.float("GRAFT_SWEEP_GRACE_HOURS", default=24.0)
+GRAFT_SWEEP_GRACE_HOURS: float = env.float("GRAFT_SWEEP_GRACE_HOURS", default=24.0)
 
 for _name in (
     "GRAFT_MAX_UPLOAD_BYTES",

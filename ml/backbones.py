@@ -21,21 +21,11 @@ import torch
 from torch import nn
 
 from ml.errors import ConfigError, WeightsMissingError
+from ml.preprocessing import Preprocessing as Preprocessing  # its home is torch-free; many import it from here
 
 # Lite1 over Lite0: higher ImageNet top-1 (76.7% vs 75.1%) for ~1.5x the compute; on hymenoptera
 # its frozen features reach 0.980 cross-validated accuracy on train vs 0.967 (see README).
 DEFAULT_BACKBONE = "efficientnet_lite1"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How to turn a decoded RGB image into the backbone's input tensor."""
-
-    input_size: int
-    resize_size: int  # shorter side before the centre crop
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,6 @@
-"""The model bundle: a self-describing folder (and zip) that serves on its own.
-
-Layout:
-    model.torchscript.pt   normalised (N,3,H,W) float batch -> logits
-    model.onnx             the same model as ONNX: input `image` (dynamic N), output `logits`;
-                           checked against PyTorch before the bundle is written
-    labels.json            class names, index-aligned with the logits
-    preprocessing.json     how to build the input batch from an RGB image
-    metrics.json           validation metrics
-    graft.json             machine-readable model card
-    model_card.md          the same for people
-    predict.py             runs the ONNX model with onnxruntime, numpy and Pillow alone, preprocessing
-                           as the server does (ml/standalone_predict.py, copied)
-    README.md              how to run it
+"""Writing the model bundle: export the model (TorchScript, and ONNX checked against it) and write
+the folder and its zip. The layout, its names and reading a bundle are in ml.bundle_format, which
+serving imports without torch.
 """
 
 from __future__ import annotations
@@ -20,11 +9,9 @@ import importlib.metadata
 import json
 import logging
 import math
-import os
 import platform
 import re
 import shutil
-import threading
 import uuid
 import warnings
 import zipfile
@@ -38,14 +25,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from ml.backbones import Preprocessing
+from ml.bundle_format import (
+    CARD_FILE,
+    CARD_MARKDOWN_FILE,
+    LABELS_FILE,
+    METRICS_FILE,
+    PREDICT_FILE,
+    PREPROCESSING_FILE,
+    README_FILE,
+)
+from ml.bundle_format import FORMAT_VERSION as FORMAT_VERSION
+from ml.bundle_format import MODEL_FILE as MODEL_FILE
+from ml.bundle_format import ONNX_FILE as ONNX_FILE
+from ml.bundle_format import unpack_bundle as unpack_bundle
 from ml.errors import MLError
+from ml.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MODEL_FILE = "model.torchscript.pt"
-ONNX_FILE = "model.onnx"
 ONNX_OPSET = 18
 # The parity check feeds ONNX Runtime random images in batches of these (distinct) sizes,
 # so it also exercises the dynamic batch axis; PyTorch sees them as one batch.
@@ -217,13 +214,13 @@ def write_bundle(
         "versions": _versions(),
         **card,
     }
-    _dump(folder / "labels.json", classes)
-    _dump(folder / "preprocessing.json", asdict(preprocessing))
-    _dump(folder / "metrics.json", metrics)
-    _dump(folder / "graft.json", card)
-    (folder / "model_card.md").write_text(_card_markdown(card, metrics), encoding="utf-8")
-    shutil.copyfile(STANDALONE_PREDICT, folder / "predict.py")
-    (folder / "README.md").write_text(_readme(classes), encoding="utf-8")
+    _dump(folder / LABELS_FILE, classes)
+    _dump(folder / PREPROCESSING_FILE, asdict(preprocessing))
+    _dump(folder / METRICS_FILE, metrics)
+    _dump(folder / CARD_FILE, card)
+    (folder / CARD_MARKDOWN_FILE).write_text(_card_markdown(card, metrics), encoding="utf-8")
+    shutil.copyfile(STANDALONE_PREDICT, folder / PREDICT_FILE)
+    (folder / README_FILE).write_text(_readme(classes), encoding="utf-8")
     with zipfile.ZipFile(archive, "w") as zf:
         for f in sorted(folder.iterdir()):
             # Float weights barely deflate (~7%) and deflating them took ~1 s; text files shrink well.
@@ -385,19 +382,3 @@ def _calibration_lines(metrics: dict[str, Any]) -> list[str]:
     if "ece" in metrics:
         lines.append(f"- Expected calibration error: {metrics['ece']:.4f}")
     return lines
-
-
-def unpack_bundle(archive: Path, folder: Path) -> Path:
-    """Extract a bundle zip (only its known flat files) into `folder`.
-
-    Each file appears whole or not at all (written aside, then renamed), so another process
-    unpacking the same bundle into the same folder never lets a reader see half a file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(archive) as zf:
-        for name in zf.namelist():
-            if "/" in name or "\\" in name or name.startswith("."):
-                continue  # bundles are flat; ignore anything else
-            part = folder / f".{name}.{os.getpid()}-{threading.get_ident()}.part"
-            part.write_bytes(zf.read(name))
-            os.replace(part, folder / name)
-    return folder

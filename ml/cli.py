@@ -1,8 +1,9 @@
 """`python -m ml`: the pipeline without the web app.
 
 python -m ml fit DATASET.zip --out DIR [--strategy auto|linear|stages|partial|full] [--backbone NAME]
-                 [--budget SECONDS] [--max-epochs N] [--no-hflip] [--lr-find] [--resolution auto|native]
-                 [--search N] [--checkpoint FILE] [--cache FILE.npz] [--json]
+                 [--budget SECONDS] [--max-epochs N] [--seed N] [--resolution auto|native] [--search N]
+                 [--no-hflip] [--lr-find] [--checkpoint FILE] [--cache FILE.npz] [--json]
+                 (the fit options, their bounds and defaults: ml/config.py)
 python -m ml predict DIR_OR_BUNDLE_ZIP IMAGE... [-k 5]
 python -m ml inspect DATASET.zip [--backbone NAME] [--cache FILE.npz] [--json]
 python -m ml backbones
@@ -15,8 +16,9 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Never
+from typing import TYPE_CHECKING, Any, Never
 
+from ml.config import FitConfig, Option, options_for
 from ml.errors import MLError
 
 if TYPE_CHECKING:
@@ -35,43 +37,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from ml.backbones import DEFAULT_BACKBONE
-    from ml.strategy import STRATEGIES
 
     p = argparse.ArgumentParser(prog="python -m ml", description="Graft transfer-learning engine")
     sub = p.add_subparsers(required=True)
     f = sub.add_parser("fit", help="train a classifier from a dataset zip")
     f.add_argument("dataset", type=Path)
     f.add_argument("--out", type=Path, required=True)
-    f.add_argument("--strategy", default="auto", choices=STRATEGIES)
-    f.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--budget", type=float, default=None, help="seconds allowed for fine-tuning")
-    f.add_argument(
-        "--max-epochs", type=int, default=15, help="fine-tuning epochs at most (early stopping may end sooner)"
-    )
-    f.add_argument(
-        "--no-hflip", dest="hflip", action="store_false", help="horizontal flips change the class here (text, digits)"
-    )
-    f.add_argument("--lr-find", action="store_true", help="run a learning-rate range test before fine-tuning")
-    f.add_argument(
-        "--resolution",
-        default="auto",
-        choices=("auto", "native"),
-        help="input size: follow the data, or the backbone's own",
-    )
+    for option in options_for("user", "cli"):
+        _add_option(f, option)
     f.add_argument(
         "--checkpoint",
         type=Path,
         default=None,
         metavar="FILE",
         help="keep the fine-tune's state here after each epoch; a fit cut short and run again goes on from it",
-    )
-    f.add_argument(
-        "--search",
-        type=int,
-        default=0,
-        metavar="N",
-        help="N short fine-tunes of a coarse-to-fine random search over learning rate and weight decay",
     )
     f.add_argument(
         "--cache",
@@ -105,16 +84,54 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_option(parser: argparse.ArgumentParser, option: Option[Any]) -> None:
+    """A fit option as ml.config declares it: `--max-epochs N`; a switch on by default as `--no-hflip`."""
+    flag = "--" + option.name.replace("_", "-")
+    default = option.default_value()
+    if option.kind is bool:
+        negated = bool(default)
+        parser.add_argument(
+            "--no-" + flag[2:] if negated else flag,
+            dest=option.name,
+            action="store_false" if negated else "store_true",
+            help=_escaped(("turn off: " if negated else "") + option.help),
+        )
+        return
+    choices = option.choices() if option.choices else None
+    many = choices is not None and len(", ".join(choices)) > 40  # listed in the help, not in the usage line
+    about = option.describe() + (f" (one of: {', '.join(choices)})" if many and choices else "")
+    parser.add_argument(
+        flag,
+        dest=option.name,
+        type=option.kind,
+        default=default,
+        choices=choices,
+        metavar=option.name.upper() if many else None,
+        help=_escaped(about + (f"; default {default}" if default is not None else "")),
+    )
+
+
+def _escaped(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _fit_config(args: argparse.Namespace) -> FitConfig:
+    """The FitConfig of `fit`'s options (the rest of them keep the engine's defaults)."""
+    return FitConfig(**{o.name: getattr(args, o.name) for o in options_for("user", "cli")})
+
+
 def _fit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ml.checkpoint import FileCheckpoints
-    from ml.fit import FitConfig, fit
+    from ml.fit import Known, fit
     from ml.run import Progress, about
 
     if not args.dataset.is_file():
         print(f"error: no such file: {args.dataset}", file=sys.stderr)
         return 2
+    config = _fit_config(args)
+    config.validate()  # before the bar: a bad option is one line of error, nothing else
     # One bar for the whole fit: its share of the planned work (ml.run), the step in words, the ETA.
     bar = tqdm(total=100, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}", file=sys.stderr)
 
@@ -132,21 +149,12 @@ def _fit(args: argparse.Namespace) -> int:
         bar.set_postfix_str(post, refresh=False)
         bar.refresh()
 
-    config = FitConfig(
-        strategy=args.strategy,
-        backbone=args.backbone,
-        seed=args.seed,
-        budget=args.budget,
-        max_epochs=args.max_epochs,
-        hflip=args.hflip,
-        lr_find=args.lr_find,
-        resolution=args.resolution,
-        search=args.search,
-    )
     checkpoints = FileCheckpoints(args.checkpoint) if args.checkpoint else None
     store = _read_store(args.cache)
     try:
-        result = fit(args.dataset, args.out, config, progress=progress, checkpoints=checkpoints, store=store)
+        result = fit(
+            args.dataset, args.out, config, known=Known(store=store), progress=progress, checkpoints=checkpoints
+        )
     finally:
         bar.close()
     _write_store(args.cache, store)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,22 +35,29 @@ FLIP_TOLERANCE = 0.02  # accuracy a mirror may cost the probe and still count as
 AUGMENT_TOLERANCE = 0.05  # accuracy an augmentation level's views may cost the probe
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out training images a decision reads: `image(i)` decodes the i-th, `labels` are their classes."""
+
+    image: Callable[[int], Image.Image]
+    labels: np.ndarray
+
+
 def flip_decision(
     run: Run,
     model: nn.Sequential,
-    images: Callable[[int], Image.Image],
-    labels: np.ndarray,
+    held: HeldOut,
     transform: Callable[[Image.Image], torch.Tensor],
-    device: torch.device,
     on_step: Callable[[float], None] | None = None,
 ) -> bool:
     """Whether horizontal flips are an invariance: the probe reads mirrored held-out images as well.
 
     The mirrors may cost the probe `FLIP_TOLERANCE`, or twice the standard error of the paired
     difference when that is larger: a few images' noise must not switch flips off (a mirrored
-    digit or sign costs tens of points). `images(i)` gives the i-th held-out PIL image, `labels`
+    digit or sign costs tens of points). `held.image(i)` gives the i-th held-out PIL image, `labels`
     their classes, `transform` the eval transform."""
     step = on_step or (lambda _share: None)  # the share of this test done, for the progress bar
+    images, labels, device = held.image, held.labels, _device(model)
     with timer() as t:
         plain = _correct(model, Batches(lambda i: transform(images(i)), labels, 64), device)
         step(0.5)
@@ -78,11 +86,10 @@ def flip_decision(
 def augmentation_decision(
     run: Run,
     model: nn.Sequential,
-    images: Callable[[int], Image.Image],
-    labels: np.ndarray,
+    held: HeldOut,
     prep: Preprocessing,
     flip: bool,
-    device: torch.device,
+    *,
     seed: int = 0,
     on_step: Callable[[float], None] | None = None,
 ) -> str:
@@ -93,6 +100,7 @@ def augmentation_decision(
     measures it again and must find what the first attempt found).
     """
     step = on_step or (lambda _share: None)  # the share of this test done, for the progress bar
+    images, labels, device = held.image, held.labels, _device(model)
     with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
         decoded = list(pool.map(images, range(len(labels))))
     step(0.2)
@@ -150,3 +158,8 @@ def _correct(model: nn.Sequential, batches: Batches, device: torch.device) -> np
     """Per image: whether the model's top answer is its label."""
     logits, labels = predict_logits(model, batches, device)
     return (logits.argmax(1) == labels).numpy()
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where `model` runs: the decisions score it there."""
+    return next(model.parameters()).device

@@ -15,6 +15,7 @@ import zipfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -103,26 +104,25 @@ def iter_batches(
                 batch = []
 
 
+@dataclass(frozen=True)
+class Pass:
+    """How a frozen pass runs: on which device, in batches of how many images, telling whom (done, total)."""
+
+    device: torch.device = torch.device("cpu")
+    batch_size: int = 64
+    progress: ProgressFn | None = None
+
+
 def extract_features(
     backbone: Backbone,
     archive: Path,
     members: Sequence[str],
     *,
-    batch_size: int = 64,
-    device: torch.device = torch.device("cpu"),
     preprocessing: Preprocessing | None = None,
-    progress: ProgressFn | None = None,
+    how: Pass = Pass(),
 ) -> np.ndarray:
     """Pooled top-layer features (N, D) for `members`, in order."""
-    return extract_stage_features(
-        backbone,
-        archive,
-        members,
-        batch_size=batch_size,
-        device=device,
-        preprocessing=preprocessing,
-        progress=progress,
-    )[TOP]
+    return extract_stage_features(backbone, archive, members, preprocessing=preprocessing, how=how)[TOP]
 
 
 def extract_stage_features(
@@ -131,10 +131,8 @@ def extract_stage_features(
     members: Sequence[str],
     *,
     taps: Sequence[str] = (),
-    batch_size: int = 64,
-    device: torch.device = torch.device("cpu"),
     preprocessing: Preprocessing | None = None,
-    progress: ProgressFn | None = None,
+    how: Pass = Pass(),
 ) -> dict[str, np.ndarray]:
     """Features for `members`, in order: `TOP` (the pooled output) and each stage in `taps`.
 
@@ -147,6 +145,7 @@ def extract_stage_features(
     # Outside inference mode: converted parameters made inside it would be inference
     # tensors, unusable for export or fine-tuning afterwards.
     # torch's stubs lack the (device, memory_format) form of Module.to, which it accepts.
+    device, batch_size, progress = how.device, how.batch_size, how.progress
     body = backbone.eval().to(device, memory_format=torch.channels_last).body  # type: ignore[call-overload]
     modules = dict(body.named_modules())
     captured: dict[str, torch.Tensor] = {}

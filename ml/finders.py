@@ -36,7 +36,7 @@ from PIL import Image
 from ml.backbones import DEFAULT_BACKBONE, Backbone, create_backbone, get_spec
 from ml.dataset import DatasetIndex, IngestConfig, Sample, index_dataset
 from ml.errors import ConfigError
-from ml.features import TOP, EmbeddingCache, ZipImages, iter_batches
+from ml.features import TOP, EmbeddingCache, Pass, ZipImages, iter_batches
 from ml.measure import candidate_sizes, frozen_views, resolve_device, split_for_fit, stage_taps
 from ml.preprocess import eval_transform
 from ml.probe import out_of_fold_proba
@@ -220,7 +220,7 @@ def embed(
     The probe view is a fit's own measurement (`ml.measure.frozen_views`) at the smaller of its
     candidate input sizes. Given a cache, everything a fit of this version measures is measured and
     kept there (every candidate size, every stage tap, the similarity): the fit that follows reads it
-    instead of extracting it (`fit(..., store=cache)`). Images the cache holds are not decoded at all."""
+    instead of extracting it (`fit(..., known=Known(store=cache))`). Images the cache holds are not decoded at all."""
     train, val = split_for_fit(index, config.val_fraction, config.seed)
     samples = train + val
     spec = get_spec(config.backbone)
@@ -236,10 +236,8 @@ def embed(
     taps = stage_taps(backbone) if keep else []
     probe: np.ndarray | None = None
     for prep in sizes if keep else sizes[:1]:
-        feats, _ = frozen_views(
-            backbone, archive, train, val, prep, taps=taps, device=resolve_device(config.device),
-            batch_size=config.batch_size, store=cache, progress=_phase(progress, f"features@{prep.input_size}"),
-        )  # fmt: skip
+        how = Pass(resolve_device(config.device), config.batch_size, _phase(progress, f"features@{prep.input_size}"))
+        feats, _ = frozen_views(backbone, archive, (train, val), prep, taps=taps, how=how, store=cache)
         if probe is None:
             probe = feats[TOP]
     todo = [s for s in samples if not cache.has(dup_key, s.sha256)]

@@ -40,6 +40,7 @@ from torch import nn
 from ml.backbones import Backbone, BackboneSpec
 from ml.features import TOP, GridPool, iter_batches
 from ml.preprocess import normalize
+from ml.selection import Candidate, Decision
 
 if TYPE_CHECKING:
     from timm.scheduler import CosineLRScheduler
@@ -68,6 +69,7 @@ class FinetuneConfig:
     ema: bool = True  # also score an exponential moving average of the weights (over about one epoch)
     budget: float | None = None  # seconds of fine-tuning; None = only max_epochs bounds it
     overfit_steps: int = 25  # sanity check: steps on one small batch (0: skip)
+    seed: int = 0  # the training order, and torch's generator (a fresh head in the sanity check)
 
 
 def backbone_lr(spec: BackboneSpec, batch_size: int) -> float:
@@ -267,22 +269,22 @@ def check_overfits_a_batch(
     report: SanityReport,
     model: nn.Sequential,
     params: list[nn.Parameter],
-    kind: str,
-    lr: float,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    num_classes: int,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    optimizer: tuple[str, float],
     steps: int,
     on_step: RangeStepFn | None = None,
 ) -> None:
-    """Karpathy's "overfit one batch", on a copy of the model actually fine-tuned (`on_step(done, steps)`
-    after each step: the progress shown, or a cancel raised from it).
+    """Karpathy's "overfit one batch" (`batch`: x, y), on a copy of the model actually fine-tuned, with
+    `optimizer` (its family and learning rate) (`on_step(done, steps)` after each step: the progress
+    shown, or a cancel raised from it).
 
     The head is re-initialised small, so the first loss must be near ln(C) (mangled or
     unnormalised inputs show here), and the same trainable layers, loss and optimizer
     family, at a raised learning rate, must then drive the loss on this one batch to near
     zero (frozen or detached layers, a dead LR or a broken loss show here).
     """
+    (x, y), (kind, lr) = batch, optimizer
+    num_classes = cast(nn.Linear, model[-1]).out_features
     ids = {id(p) for p in params}
     names = {n for n, p in model.named_parameters() if id(p) in ids}
     model = copy.deepcopy(model)
@@ -317,6 +319,29 @@ def check_overfits_a_batch(
     report.add("overfits_one_batch", ok, f"{len(y)} images, {steps} steps: loss {losses[0]:.3f} -> {final:.4f}")
 
 
+@dataclass(frozen=True)
+class Start:
+    """What a fine-tune starts from: the probe's own network, the body up to `stage` and its fitted head."""
+
+    backbone: Backbone
+    head: nn.Linear
+    stage: str = TOP
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What a fine-tune tells its caller as it goes (each may raise to cancel it)."""
+
+    on_epoch: EpochFn | None = None  # each history row, epoch 0 (the probe) included
+    on_step: StepFn | None = None  # after each training batch
+    on_check: RangeStepFn | None = None  # after each step of the overfit-one-batch check
+    checkpoint: CheckpointFn | None = None  # `TrainState.state_dict()` after each epoch training goes on from
+
+
 @dataclass
 class FinetuneResult:
     model: nn.Sequential
@@ -325,6 +350,7 @@ class FinetuneResult:
     stopped: str  # why training ended
     sanity: list[dict[str, Any]]
     hyperparameters: dict[str, Any]
+    decisions: tuple[Decision, ...] = ()  # the choices made inside the loop: its epochs, its weights
 
 
 class Batches:
@@ -366,238 +392,351 @@ class Batches:
             yield x, y
 
 
+@dataclass
+class TrainState:
+    """A fine-tune in progress: the model, how it is trained, and where the loop stands.
+
+    `state_dict()` is the checkpoint: everything the next epoch depends on (weights, optimizer,
+    schedule, EMA, early stopping, random states, history). `load_state_dict()` puts a fresh
+    state, built from the same start, data and config, where the saved one stood."""
+
+    model: nn.Sequential
+    trainable: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    loss_fn: nn.CrossEntropyLoss
+    ema: ModelEmaV3 | None
+    device: torch.device
+    steps_per_epoch: int
+    epochs: int  # planned; a time budget may lower it after the first epoch
+    hyper: dict[str, Any]
+    rng: np.random.Generator
+    amp: torch.dtype | None = None
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cuda", enabled=False))
+    stopper: EarlyStopping = field(default_factory=lambda: EarlyStopping(1))
+    epoch: int = 0
+    step: int = 0
+    stopped: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)
+    sanity: SanityReport = field(default_factory=SanityReport)
+    best_by_weights: dict[str, tuple[float, float]] = field(default_factory=dict)  # "model" / "ema": best score
+    epoch_seconds: float = 0.0  # the last epoch's, training and scoring
+    started: float = field(default_factory=time.perf_counter)
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda = self.device.type == "cuda"
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "epochs": self.epochs,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "stopper": self.stopper.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
+            "history": self.history,
+            "train_losses": self.train_losses,
+            "sanity": self.sanity.checks,
+            "stopped": self.stopped,
+            "hyper": {k: self.hyper[k] for k in ("schedule", "budget_epochs") if k in self.hyper},
+            "best_by_weights": self.best_by_weights,
+            "train_seconds": time.perf_counter() - self.started,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.stopper.load_state_dict(state["stopper"])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.history, self.train_losses, self.sanity.checks = state["history"], state["train_losses"], state["sanity"]
+        self.epoch, self.step, self.epochs, self.stopped = (
+            state["epoch"],
+            state["step"],
+            state["epochs"],
+            state["stopped"],
+        )
+        self.hyper.update(state["hyper"])
+        self.best_by_weights = {k: tuple(v) for k, v in state.get("best_by_weights", {}).items()}
+        self.started = time.perf_counter() - state["train_seconds"]
+
+    def schedule(self, epochs: int) -> None:
+        """Plan `epochs` epochs: linear warmup over the first, cosine decay to zero at the last step."""
+        self.epochs = epochs
+        warmup, total = self.scheduler.warmup_t, self.steps_per_epoch * epochs
+        self.scheduler.t_initial = max(1, total - warmup)
+        self.hyper["schedule"] = f"linear warmup {warmup} steps, cosine decay over {total}"
+
+
 def finetune(
-    backbone: Backbone,
-    head: nn.Linear,
+    start: Start,
     train: Batches | Callable[[int], Batches],
     holdout: Batches,
-    num_classes: int,
     config: FinetuneConfig,
     *,
-    stage: str = TOP,
     device: torch.device,
-    seed: int = 0,
-    on_epoch: EpochFn | None = None,
-    on_step: StepFn | None = None,
-    checkpoint: CheckpointFn | None = None,
+    hooks: Hooks = Hooks(),
     resume: dict[str, Any] | None = None,
-    on_check: RangeStepFn | None = None,
 ) -> FinetuneResult:
-    """Fine-tune the probe's network (body up to `stage` + `head`, the fitted probe); returns the best model.
+    """Fine-tune the probe's network (`start`); returns the best model, epoch 0 (the probe) included.
 
     `train` is the training batches, or a function of the epoch (1, 2, ...) giving them, so
-    augmentation can start gently; `holdout` is the held-out slice of the training split
-    that early stopping, the pilot and EMA selection read.
-
-    `checkpoint` receives, after each epoch that training goes on from, everything needed to
-    go on from there: weights, optimizer, schedule, EMA, early-stopping state, RNG states,
-    history. Given that state as `resume` (same data and config), training continues after
-    its epoch, and the epochs before it are not run again.
+    augmentation can start gently; `holdout` is the held-out slice of the training split that
+    early stopping, the pilot and EMA selection read. Given a checkpoint as `resume` (a
+    `TrainState.state_dict()` of the same start, data and config), training goes on after its
+    epoch, and the epochs before it are not run again.
     """
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    torch.manual_seed(config.seed)
     train_for = train if callable(train) and not isinstance(train, Batches) else (lambda _epoch: train)
-    amp = _amp_dtype(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one input size per job: autotuned kernels pay off
-    model, first, trainable, optimizer = _prepare(backbone, head, config, device, stage)
-    lr, head_lr = (g["lr"] for g in (optimizer.param_groups[0], optimizer.param_groups[-1]))
-    n_train = len(train_for(1).labels)
-    steps_per_epoch = max(1, math.ceil(n_train / config.batch_size))
+    s = _begin(start, train_for(1).labels, config, device)
+    if config.overfit_steps and resume is None:
+        x0, y0 = next(iter(holdout(list(range(min(len(holdout.labels), 8))), device)))
+        opt = (start.backbone.spec.train_optimizer, 10 * s.hyper["backbone_lr"])
+        check_overfits_a_batch(s.sanity, s.model, s.trainable, (x0, y0), opt, config.overfit_steps, hooks.on_check)
+    if resume is None:
+        _record(s, _score(s, holdout), None, hooks.on_epoch)
+    else:
+        s.load_state_dict(resume)
+    while s.epoch < s.epochs:
+        s.epoch += 1
+        trained = _train_epoch(s, train_for(s.epoch), hooks.on_step)
+        if not math.isfinite(trained.loss):
+            s.sanity.add("finite_loss", False, f"loss became {trained.loss} in epoch {s.epoch}")
+            s.stopped = "non-finite loss"
+            break
+        s.train_losses.append(trained.loss)
+        stop = _record(s, _score(s, holdout), trained, hooks.on_epoch)
+        if stop is not None:
+            s.stopped = stop
+            break
+        if config.budget is not None and s.epoch == 1:
+            _fit_budget(s, config.budget, s.epoch_seconds)
+        if hooks.checkpoint is not None and s.epoch < s.epochs:
+            hooks.checkpoint(s.state_dict())
+    return _end(s, config, lighter_first=train_for is not train)
+
+
+def _begin(start: Start, labels: np.ndarray, config: FinetuneConfig, device: torch.device) -> TrainState:
+    """The model for `config.depth`, its optimizer, schedule, loss and EMA, before the first epoch."""
+    model, first, trainable, optimizer = _prepare(start, config, device)
+    lrs = (optimizer.param_groups[0]["lr"], optimizer.param_groups[-1]["lr"])  # before warmup sets them to 0
+    steps_per_epoch = max(1, math.ceil(len(labels) / config.batch_size))
     warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
-    epochs = config.max_epochs
-    scheduler = make_scheduler(optimizer, warmup, steps_per_epoch * epochs)
-    class_weight = _class_weights(train_for(1).labels, num_classes, device)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weight)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    scheduler = make_scheduler(optimizer, warmup, steps_per_epoch * config.max_epochs)
+    loss_fn = nn.CrossEntropyLoss(weight=_class_weights(labels, start.num_classes, device))
+    amp = _amp_dtype(device)
     ema_decay = min(0.999, max(0.9, 1 - 1 / steps_per_epoch))  # averages over about one epoch
     ema = _ema(model, ema_decay) if config.ema else None
-    sanity = SanityReport()
-    hyper = {
+    s = TrainState(
+        model, trainable, optimizer, scheduler, loss_fn, ema, device, steps_per_epoch, config.max_epochs,
+        hyper={}, rng=np.random.default_rng(config.seed), amp=amp,
+        scaler=torch.amp.GradScaler("cuda", enabled=amp == torch.float16), stopper=EarlyStopping(config.patience),
+        stopped=f"reached max_epochs ({config.max_epochs})",
+    )  # fmt: skip
+    s.hyper = _hyperparameters(start, config, s, first, ema_decay, lrs)
+    return s
+
+
+def _hyperparameters(
+    start: Start, config: FinetuneConfig, s: TrainState, first: str, ema_decay: float, lrs: tuple[float, float]
+) -> dict[str, Any]:
+    spec = start.backbone.spec
+    weight = s.loss_fn.weight
+    assert weight is not None
+    return {
         "depth": config.depth,
-        "model_stage": stage,
+        "model_stage": start.stage,
         "trainable_from": first,
-        "trainable_params": sum(p.numel() for p in trainable),
-        "optimizer": backbone.spec.train_optimizer,
-        "backbone_lr": lr,
-        "head_lr": head_lr,
+        "trainable_params": sum(p.numel() for p in s.trainable),
+        "optimizer": spec.train_optimizer,
+        "backbone_lr": lrs[0],
+        "head_lr": lrs[1],
         "lr_rule": (
-            f"{backbone.spec.train_lr} (original) / 10 x {config.batch_size} / {backbone.spec.train_batch_size} "
+            f"{spec.train_lr} (original) / 10 x {config.batch_size} / {spec.train_batch_size} "
             f"(batch-scaled)" + (f" x {config.lr_multiplier:g} (measured)" if config.lr_multiplier != 1 else "")
         ),
         "batch_size": config.batch_size,
-        "schedule": f"linear warmup {warmup} steps, cosine decay over {steps_per_epoch * epochs}",
+        "schedule": f"linear warmup {s.scheduler.warmup_t} steps, cosine decay over {s.steps_per_epoch * s.epochs}",
         "weight_decay": config.weight_decay,
         "weight_decay_on": "weights only (no norms, no biases)",
         "batchnorm": "eval mode (frozen ImageNet statistics)",
-        "class_weights": [round(float(w), 4) for w in class_weight.cpu()],
+        "class_weights": [round(float(w), 4) for w in weight.cpu()],
         "max_epochs": config.max_epochs,
         "patience": config.patience,
         "pilot_epochs": config.pilot_epochs,
-        "ema_decay": ema_decay if ema is not None else None,
+        "ema_decay": ema_decay if s.ema is not None else None,
         "budget_s": config.budget,
-        "amp": str(amp).replace("torch.", "") if amp else None,
+        "amp": str(s.amp).replace("torch.", "") if s.amp else None,
         "channels_last": True,
         "selection": "held-out slice of the training split",
     }
-    if config.overfit_steps and resume is None:
-        x0, y0 = next(iter(holdout(list(range(min(len(holdout.labels), 8))), device)))
-        check_overfits_a_batch(
-            sanity,
-            model,
-            trainable,
-            backbone.spec.train_optimizer,
-            10 * lr,
-            x0,
-            y0,
-            num_classes,
-            config.overfit_steps,
-            on_check,
-        )
 
-    stopper = EarlyStopping(config.patience)
+
+@dataclass(frozen=True)
+class _Trained:
+    """One epoch's training pass, as measured."""
+
+    loss: float
+    accuracy: float
+    update_ratio: float | None  # ||update|| / ||weights|| of the mid-epoch step
+    images: int
+    seconds: float  # the training loop alone, data pipeline included
+    started: float
+
+
+def _train_epoch(s: TrainState, batches: Batches, on_step: StepFn | None) -> _Trained:
+    """One pass over the training images, in a fresh order: forward, backward, update, schedule, EMA."""
     started = time.perf_counter()
-    stopped = f"reached max_epochs ({config.max_epochs})"
-    if resume is None:
-        val_loss, val_acc = evaluate(model, holdout, device)
-        stopper.update(0, (val_acc, -val_loss), model)
-        history = [_row(0, None, None, val_loss, val_acc, 0.0, 0.0, 0.0, stopper)]
-        if on_epoch:
-            on_epoch(history[-1])
-        train_losses: list[float] = []
-        step = epoch = 0
-    else:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        if ema is not None and resume["ema"] is not None:
-            ema.module.load_state_dict(resume["ema"])
-        stopper.load_state_dict(resume["stopper"])
-        rng.bit_generator.state = resume["rng"]
-        torch.set_rng_state(resume["torch_rng"])
-        if device.type == "cuda" and resume["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(resume["cuda_rng"], device)
-        history, train_losses, sanity.checks = resume["history"], resume["train_losses"], resume["sanity"]
-        step, epoch, epochs, stopped = resume["step"], resume["epoch"], resume["epochs"], resume["stopped"]
-        hyper.update(resume["hyper"])
-        started -= resume["train_seconds"]
+    s.model.train()
+    freeze_batchnorm(s.model)
+    # Accumulated on the device; read once per epoch (one host sync, not three per step).
+    loss_sum = torch.zeros((), device=s.device)
+    correct = torch.zeros((), device=s.device, dtype=torch.long)
+    n, seen, ratio = len(batches.labels), 0, None
+    for x, y in batches(s.rng.permutation(n), s.device):
+        logits = _forward(s.model, x, s.amp)
+        loss = s.loss_fn(logits, y)
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scaler.scale(loss).backward()
+        mid_epoch = s.step % s.steps_per_epoch == s.steps_per_epoch // 2  # (the first step has LR 0 under warmup)
+        before = [p.detach().clone() for p in s.trainable] if mid_epoch else None
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        if s.step == 0:  # the warmup's first step, at LR 0
+            seed_second_moment(s.optimizer)
+        if before is not None:
+            ratio = _update_ratio(before, s.trainable)
+        s.step += 1
+        s.scheduler.step_update(s.step)
+        if s.ema is not None:
+            s.ema.update(s.model, s.step)
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        if on_step:
+            on_step(s.epoch, seen, n)
+    loss_value = float(loss_sum) / max(1, seen)  # the epoch's one host sync
+    return _Trained(loss_value, int(correct) / max(1, seen), ratio, seen, time.perf_counter() - started, started)
 
-    def state() -> dict[str, Any]:
-        """Everything the next epoch depends on (the `checkpoint` contract)."""
-        return {
-            "epoch": epoch,
-            "step": step,
-            "epochs": epochs,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "ema": ema.module.state_dict() if ema is not None else None,
-            "stopper": stopper.state_dict(),
-            "rng": rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "history": history,
-            "train_losses": train_losses,
-            "sanity": sanity.checks,
-            "stopped": stopped,
-            "hyper": {k: hyper[k] for k in ("schedule", "budget_epochs") if k in hyper},
-            "train_seconds": time.perf_counter() - started,
-        }
 
-    while epoch < epochs:
-        epoch += 1
-        t_epoch = time.perf_counter()
-        model.train()
-        freeze_batchnorm(model)
-        # Accumulated on the device; read once per epoch (one host sync, not three per step).
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen, ratio = 0, None
-        for x, y in train_for(epoch)(rng.permutation(n_train), device):
-            logits = _forward(model, x, amp)
-            loss = loss_fn(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            # One step's update, mid-epoch (the run's first step has LR 0 under warmup).
-            before = [p.detach().clone() for p in trainable] if step % steps_per_epoch == steps_per_epoch // 2 else None
-            scaler.step(optimizer)
-            scaler.update()
-            if step == 0:  # the warmup's first step, at LR 0
-                seed_second_moment(optimizer)
-            if before is not None:
-                ratio = _update_ratio(before, trainable)
-            step += 1
-            scheduler.step_update(step)
-            if ema is not None:
-                ema.update(model, step)
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-            if on_step:
-                on_step(epoch, seen, n_train)
-        epoch_loss = float(loss_sum) / max(1, seen)  # the epoch's one host sync
-        train_seconds = time.perf_counter() - t_epoch  # the training loop alone, data pipeline included
-        if not math.isfinite(epoch_loss):
-            sanity.add("finite_loss", False, f"loss became {epoch_loss} in epoch {epoch}")
-            stopped = "non-finite loss"
-            break
-        train_losses.append(epoch_loss)
-        val_loss, val_acc = evaluate(model, holdout, device)
-        scored, source = model, "model"
-        if ema is not None:
-            ema_loss, ema_acc = evaluate(ema.module, holdout, device)
-            if (ema_acc, -ema_loss) > (val_acc, -val_loss):
-                scored, source, val_loss, val_acc = ema.module, "ema", ema_loss, ema_acc
-        stop = stopper.update(epoch, (val_acc, -val_loss), scored, source)
-        seconds = time.perf_counter() - t_epoch
-        row = _row(
-            epoch,
-            epoch_loss,
-            int(correct) / max(1, seen),
-            val_loss,
-            val_acc,
-            optimizer.param_groups[0]["lr"],
-            optimizer.param_groups[-1]["lr"],
-            seconds,
-            stopper,
+def _score(s: TrainState, holdout: Batches) -> tuple[float, float, str]:
+    """(loss, accuracy, which weights) on the held-out slice: the trained weights, or their moving
+    average where it scores better."""
+    loss, acc = evaluate(s.model, holdout, s.device)
+    if s.epoch == 0:  # the probe, before any training
+        return loss, acc, "model"
+    s.best_by_weights["model"] = max(s.best_by_weights.get("model", (-math.inf, -math.inf)), (acc, -loss))
+    if s.ema is None:
+        return loss, acc, "model"
+    ema_loss, ema_acc = evaluate(s.ema.module, holdout, s.device)
+    s.best_by_weights["ema"] = max(s.best_by_weights.get("ema", (-math.inf, -math.inf)), (ema_acc, -ema_loss))
+    if (ema_acc, -ema_loss) > (acc, -loss):
+        return ema_loss, ema_acc, "ema"
+    return loss, acc, "model"
+
+
+def _record(
+    s: TrainState, scored: tuple[float, float, str], trained: _Trained | None, on_epoch: EpochFn | None
+) -> str | None:
+    """The epoch into early stopping and the history; why training stops now, or None."""
+    loss, acc, source = scored
+    model = s.ema.module if source == "ema" and s.ema is not None else s.model
+    stop = s.stopper.update(s.epoch, (acc, -loss), model, source)
+    s.epoch_seconds = time.perf_counter() - trained.started if trained else 0.0
+    row: dict[str, Any] = {
+        "epoch": s.epoch,
+        "train_loss": trained.loss if trained else None,
+        "train_accuracy": trained.accuracy if trained else None,
+        "val_loss": loss,
+        "val_accuracy": acc,
+        "lr": s.optimizer.param_groups[0]["lr"] if trained else 0.0,
+        "head_lr": s.optimizer.param_groups[-1]["lr"] if trained else 0.0,
+        "seconds": round(s.epoch_seconds, 2),
+        "best_epoch": s.stopper.best_epoch,
+        "patience_used": s.stopper.bad_epochs,
+    }
+    if trained is not None:
+        row |= {"weights": source, "update_ratio": trained.update_ratio}
+        row["images_per_s"] = round(trained.images / trained.seconds, 1)
+    s.history.append(row)
+    if on_epoch:
+        on_epoch(row)
+    if trained is not None and s.epoch >= s.hyper["pilot_epochs"] and s.stopper.best_epoch == 0:
+        return (
+            f"pilot: {s.epoch} epoch(s) did not beat the probe on the held-out slice "
+            f"({acc:.4f} vs {s.history[0]['val_accuracy']:.4f}), so fine-tuning would not pay here"
         )
-        history.append(
-            {**row, "weights": source, "update_ratio": ratio, "images_per_s": round(seen / train_seconds, 1)}
-        )
-        if on_epoch:
-            on_epoch(history[-1])
-        if epoch >= config.pilot_epochs and stopper.best_epoch == 0:
-            stopped = (
-                f"pilot: {epoch} epoch(s) did not beat the probe on the held-out slice "
-                f"({val_acc:.4f} vs {history[0]['val_accuracy']:.4f}), so fine-tuning would not pay here"
-            )
-            break
-        if stop:
-            stopped = f"early stopping: no better held-out accuracy for {config.patience} epochs"
-            break
-        if config.budget is not None and epoch == 1:
-            fit_in = max(1, int(config.budget // seconds))
-            if fit_in < epochs:  # resize the schedule to the epochs the budget allows
-                epochs = fit_in
-                scheduler.t_initial = max(1, steps_per_epoch * epochs - warmup)
-                hyper["schedule"] = f"linear warmup {warmup} steps, cosine decay over {steps_per_epoch * epochs}"
-                hyper["budget_epochs"] = epochs
-                stopped = f"time budget of {config.budget:.0f} s: {epochs} epoch(s) at {seconds:.0f} s each"
-        if checkpoint is not None and epoch < epochs:
-            checkpoint(state())
-    if not any(c["check"] == "finite_loss" for c in sanity.checks):
-        sanity.add("finite_loss", True, "every training loss was finite")
+    if stop:
+        return f"early stopping: no better held-out accuracy for {s.hyper['patience']} epochs"
+    return None
+
+
+def _fit_budget(s: TrainState, budget: float, seconds: float) -> None:
+    """After the first epoch: the epochs a time budget allows at its pace, and the schedule resized to them
+    (a budget stop does not leave the learning rate mid-schedule)."""
+    fit_in = max(1, int(budget // seconds))
+    if fit_in < s.epochs:
+        s.schedule(fit_in)
+        s.hyper["budget_epochs"] = fit_in
+        s.stopped = f"time budget of {budget:.0f} s: {fit_in} epoch(s) at {seconds:.0f} s each"
+
+
+def _end(s: TrainState, config: FinetuneConfig, *, lighter_first: bool) -> FinetuneResult:
+    """The last sanity checks, the best epoch's weights restored, and the choices the loop made."""
+    if not any(c["check"] == "finite_loss" for c in s.sanity.checks):
+        s.sanity.add("finite_loss", True, "every training loss was finite")
     # `train` as a function of the epoch may run a lighter first epoch (ml.fit does): compare from the second.
-    check_loss_decreases(sanity, train_losses, same_from=2 if train_for is not train else 1)
-    stopper.restore(model)
-    model.eval()
-    for p in model.parameters():
+    check_loss_decreases(s.sanity, s.train_losses, same_from=2 if lighter_first else 1)
+    s.stopper.restore(s.model)
+    s.model.eval()
+    for p in s.model.parameters():
         p.requires_grad_(False)
-    hyper["best_weights"] = stopper.best_source
-    hyper["train_seconds"] = round(time.perf_counter() - started, 2)
-    return FinetuneResult(model, history, stopper.best_epoch, stopped, sanity.checks, hyper)
+    s.hyper["best_weights"] = s.stopper.best_source
+    s.hyper["train_seconds"] = round(time.perf_counter() - s.started, 2)
+    result = FinetuneResult(s.model, s.history, s.stopper.best_epoch, s.stopped, s.sanity.checks, s.hyper)
+    result.decisions = _loop_decisions(s, config)
+    return result
+
+
+def _loop_decisions(s: TrainState, config: FinetuneConfig) -> tuple[Decision, ...]:
+    """How long it trained (the pilot, early stopping or the budget) and which weights it kept."""
+    n = len(s.history) - 1
+    trained = [r for r in s.history[1:] if r["val_accuracy"] is not None]
+    epochs = Decision(
+        "epochs",
+        f"{n} of {config.max_epochs}",
+        (
+            Candidate("the probe (epoch 0)", s.history[0]["val_accuracy"] if s.history else None),
+            *(Candidate(f"epoch {r['epoch']}", r["val_accuracy"], r["seconds"]) for r in trained),
+        ),
+        s.stopped,
+        metric="held-out accuracy",
+    )
+    if s.ema is None or "ema" not in s.best_by_weights:
+        return (epochs,)
+    names = {"model": "trained weights", "ema": "moving average"}
+    weights = Decision(
+        "weights",
+        names[s.stopper.best_source] if s.stopper.best_epoch > 0 else "the probe's",
+        tuple(Candidate(names[k], v[0]) for k, v in s.best_by_weights.items()),
+        f"each epoch scores the trained weights and their moving average (decay {s.hyper['ema_decay']:.3g}, "
+        "about one epoch), and keeps the better; the best epoch's are restored",
+        metric="best held-out accuracy",
+    )
+    return (epochs, weights)
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype | None:
@@ -653,12 +792,13 @@ def predict_logits(model: nn.Sequential, batches: Batches, device: torch.device)
 
 
 def _prepare(
-    backbone: Backbone, head: nn.Linear, config: FinetuneConfig, device: torch.device, stage: str = TOP
+    start: Start, config: FinetuneConfig, device: torch.device
 ) -> tuple[nn.Sequential, str, list[nn.Parameter], torch.optim.Optimizer]:
     """(model, first trainable stage, trainable parameters incl. the head's, optimizer) for `config.depth`."""
     # torch's stubs lack the (device, memory_format) form of Module.to, which it accepts.
-    model = probe_model(backbone, head, stage).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
-    first = trainable_stage(backbone, config.depth, stage)
+    backbone, head = start.backbone, start.head
+    model = probe_model(backbone, head, start.stage).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+    first = trainable_stage(backbone, config.depth, start.stage)
     in_model = {id(p) for p in model[0].parameters()}
     body_params = (
         list(model[0].parameters())
@@ -685,43 +825,71 @@ def _class_weights(labels: np.ndarray, num_classes: int, device: torch.device) -
     return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
+@dataclass(frozen=True)
+class RangeSpan:
+    """A range test's learning rates: factors of the recipe's, growing exponentially over `steps`."""
+
+    factor_min: float = 1e-3
+    factor_max: float = 1e2
+    steps: int = 40
+
+
 def lr_range_test(
-    backbone: Backbone,
-    head: nn.Linear,
+    start: Start,
     train: Batches,
-    num_classes: int,
     config: FinetuneConfig,
     device: torch.device,
-    *,
-    factor_min: float = 1e-3,
-    factor_max: float = 1e2,
-    steps: int = 40,
-    seed: int = 0,
-    stage: str = TOP,
+    span: RangeSpan = RangeSpan(),
     on_step: RangeStepFn | None = None,
 ) -> dict[str, Any]:
     """Leslie Smith's range test with the fine-tune's own setup, on copies of the weights.
 
     The same trainable layers, optimizer family, parameter groups and class weights
     as `finetune`; every group's LR is scaled by a factor growing exponentially from
-    `factor_min` to `factor_max`. The curve reports the backbone LR, so the
+    `span.factor_min` to `span.factor_max`. The curve reports the backbone LR, so the
     suggestion (steepest smoothed descent) compares directly with the recipe's rule.
     """
     started = time.perf_counter()
-    backbone, head = copy.deepcopy(backbone), copy.deepcopy(head)
-    model, _, _, optimizer = _prepare(backbone, head, config, device, stage)
+    copied = Start(copy.deepcopy(start.backbone), copy.deepcopy(start.head), start.stage)
+    model, _, _, optimizer = _prepare(copied, config, device)
+    base = [g["lr"] for g in optimizer.param_groups]
+    loss_fn = nn.CrossEntropyLoss(weight=_class_weights(train.labels, start.num_classes, device))
+    curve, diverged = _range_steps(model, optimizer, loss_fn, train, span, config.seed, on_step)
+    slopes = [(curve[i + 1]["smoothed"] - curve[i]["smoothed"], i) for i in range(len(curve) - 1)]
+    suggestion = curve[min(slopes)[1]]["lr"] if slopes else base[0]
+    return {
+        "curve": curve,
+        "suggested_lr": suggestion,
+        "recipe_lr": base[0],
+        # where the loss blew up (loss_blew_up, or not finite); None: it never did
+        "diverged_lr": (curve[-1]["lr"] if curve else base[0] * span.factor_min) if diverged else None,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _range_steps(
+    model: nn.Sequential,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.CrossEntropyLoss,
+    train: Batches,
+    span: RangeSpan,
+    seed: int,
+    on_step: RangeStepFn | None,
+) -> tuple[list[dict[str, float]], bool]:
+    """(the curve, whether the loss blew up): one step per batch, every group's LR scaled by the growing factor."""
+    device = next(model.parameters()).device
     amp = _amp_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     base = [g["lr"] for g in optimizer.param_groups]
-    loss_fn = nn.CrossEntropyLoss(weight=_class_weights(train.labels, num_classes, device))
-    gamma = (factor_max / factor_min) ** (1 / max(1, steps - 1))
+    gamma = (span.factor_max / span.factor_min) ** (1 / max(1, span.steps - 1))
     rng = np.random.default_rng(seed)
+    num_classes = cast(nn.Linear, model[-1]).out_features
     curve: list[dict[str, float]] = []
-    smooth, best, factor = None, math.inf, factor_min
+    smooth, best, factor = None, math.inf, span.factor_min
     model.train()
     freeze_batchnorm(model)
     diverged = False
-    while len(curve) < steps and not diverged:
+    while len(curve) < span.steps and not diverged:
         for x, y in train(rng.permutation(len(train.labels)), device):
             for g, lr in zip(optimizer.param_groups, base, strict=True):
                 g["lr"] = lr * factor
@@ -741,21 +909,12 @@ def lr_range_test(
             best = min(best, smooth)
             factor *= gamma
             if on_step:
-                on_step(len(curve), steps)
+                on_step(len(curve), span.steps)
             blown = loss_blew_up(smooth, best, num_classes)
-            if len(curve) >= steps or blown:
+            if len(curve) >= span.steps or blown:
                 diverged = blown
                 break
-    slopes = [(curve[i + 1]["smoothed"] - curve[i]["smoothed"], i) for i in range(len(curve) - 1)]
-    suggestion = curve[min(slopes)[1]]["lr"] if slopes else base[0]
-    return {
-        "curve": curve,
-        "suggested_lr": suggestion,
-        "recipe_lr": base[0],
-        # where the loss blew up (loss_blew_up, or not finite); None: it never did
-        "diverged_lr": (curve[-1]["lr"] if curve else base[0] * factor_min) if diverged else None,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    return curve, diverged
 
 
 def loss_blew_up(smoothed: float, best: float, num_classes: int) -> bool:
@@ -765,33 +924,12 @@ def loss_blew_up(smoothed: float, best: float, num_classes: int) -> bool:
     return smoothed > max(4 * best, best + 0.25 * math.log(num_classes))
 
 
-def _row(
-    epoch: int,
-    train_loss: float | None,
-    train_acc: float | None,
-    val_loss: float,
-    val_acc: float,
-    lr: float,
-    head_lr: float,
-    seconds: float,
-    stopper: EarlyStopping,
-) -> dict[str, Any]:
-    return {
-        "epoch": epoch,
-        "train_loss": train_loss,
-        "train_accuracy": train_acc,
-        "val_loss": val_loss,
-        "val_accuracy": val_acc,
-        "lr": lr,
-        "head_lr": head_lr,
-        "seconds": round(seconds, 2),
-        "best_epoch": stopper.best_epoch,
-        "patience_used": stopper.bad_epochs,
-    }
-
-
 __all__ = [
     "Batches",
+    "Hooks",
+    "RangeSpan",
+    "Start",
+    "TrainState",
     "EarlyStopping",
     "check_overfits_a_batch",
     "make_scheduler",

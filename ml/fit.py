@@ -29,20 +29,27 @@ from PIL import Image
 from torch import nn
 
 from ml.augment import train_transform
-from ml.backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone, get_spec
+from ml.backbones import Backbone, Preprocessing, create_backbone, get_spec
 from ml.bundle import write_bundle
 from ml.checkpoint import Checkpoints
+from ml.config import MAX_BUDGET as MAX_BUDGET
+from ml.config import MAX_EPOCHS as MAX_EPOCHS
+from ml.config import MAX_SEARCH as MAX_SEARCH
+from ml.config import MAX_SEED as MAX_SEED
+from ml.config import FitConfig as FitConfig
 from ml.dataset import DatasetIndex, IngestConfig, Sample, index_dataset
-from ml.decisions import augmentation_decision, flip_decision, tta_decision
-from ml.errors import ConfigError
+from ml.decisions import HeldOut, augmentation_decision, flip_decision, tta_decision
 from ml.evaluate import classification_metrics
-from ml.features import TOP, EmbeddingCache, ImageSource
+from ml.features import TOP, EmbeddingCache, ImageSource, Pass
 from ml.finetune import (
     Batches,
     CheckpointFn,
     FinetuneConfig,
     FinetuneResult,
+    Hooks,
+    RangeSpan,
     SanityReport,
+    Start,
     check_initial_loss,
     finetune,
     lr_range_test,
@@ -64,7 +71,7 @@ from ml.runtime import tune_allocator
 from ml.search import search
 from ml.selection import Candidate, Decision, best_of, keep_if_better, significance_margin
 from ml.strategy import REGISTRY as PLAN_REGISTRY
-from ml.strategy import SIZE_BOUNDARY, STRATEGIES, Plan, decide, finetune_depth
+from ml.strategy import Plan, decide, finetune_depth
 
 # Another input size or stage must beat the plain top-layer probe at the native input by more than
 # twice the standard error of the CV accuracy (and at least this much) to replace it.
@@ -77,51 +84,7 @@ LR_TEST_FROM, LR_TEST_STEPS = 0.1, 20  # the automatic range test: from 0.1x the
 # Fine-tuning batch per device: small on the CPU (steps are slow, more of them converge sooner),
 # large enough to keep a GPU busy; the learning rate follows the batch (ml.finetune.backbone_lr).
 TRAIN_BATCH = {"cpu": 32, "cuda": 128}
-MAX_SEARCH = 64  # --search trials at most
-MAX_EPOCHS = 200
-MAX_BUDGET = 7 * 24 * 3600.0  # seconds of fine-tuning at most
-MAX_SEED = 2**32 - 1  # numpy's seeds
 INVARIANCE_SAMPLE = 256  # held-out images the flip and augmentation tests read
-
-
-@dataclass
-class FitConfig:
-    strategy: str = "auto"  # auto picks from the data; see ml.strategy.STRATEGIES
-    backbone: str = DEFAULT_BACKBONE
-    size_boundary: int = SIZE_BOUNDARY  # training images per class where "small" becomes "large"
-    val_fraction: float = 0.2  # used only when the upload has no val/ folder
-    seed: int = 0
-    batch_size: int = 64  # feature-extraction batch
-    device: str = "auto"  # "auto" -> cuda when available, else cpu
-    budget: float | None = None  # seconds allowed for fine-tuning (None: epochs and early stopping bound it)
-    max_epochs: int = 15
-    patience: int = 3
-    hflip: bool = True  # flips may be used (when measured to hold); False: never (text, digits)
-    lr_find: bool = False  # the fine-tune's range test over its whole width (from 1/1000 of the rule, 40 steps)
-    resolution: str = "auto"  # auto: measured (native vs a size that follows small images); native: native only
-    search: int = 0  # fine-tune trials of a random search over learning rate and weight decay (0: the LR ladder)
-
-    def validate(self) -> None:
-        """The one check of fit options: the API, the web form and the CLI all end here."""
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"Unknown strategy '{self.strategy}'. Valid choices: {', '.join(STRATEGIES)}.")
-        if self.size_boundary < 1:
-            raise ConfigError("size_boundary must be at least 1 image per class.")
-        get_spec(self.backbone)
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError("val_fraction must be between 0 and 1.")
-        if self.budget is not None and not (1 <= self.budget <= MAX_BUDGET):  # also refuses NaN
-            raise ConfigError(f"budget must be between 1 and {MAX_BUDGET:.0f} seconds.")
-        if not 1 <= self.max_epochs <= MAX_EPOCHS:
-            raise ConfigError(f"max_epochs must be between 1 and {MAX_EPOCHS}.")
-        if not 1 <= self.patience <= MAX_EPOCHS:
-            raise ConfigError(f"patience must be between 1 and {MAX_EPOCHS}.")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ConfigError(f"seed must be between 0 and {MAX_SEED}.")
-        if self.resolution not in ("auto", "native"):
-            raise ConfigError("resolution must be 'auto' or 'native'.")
-        if not 0 <= self.search <= MAX_SEARCH:
-            raise ConfigError(f"search must be between 0 and {MAX_SEARCH} trials.")
 
 
 @dataclass
@@ -174,22 +137,33 @@ class ChosenProbe:
         return self.rep.feats[self.stage][self.n_train :]
 
 
+@dataclass(frozen=True)
+class Known:
+    """What the caller already holds about a dataset, each optional: what it is to the caller (`about`:
+    a dataset's name and version, which the model card records), its `index` (as ml.dataset.index_dataset
+    makes it: the fit does not read the archive again to make its own), and a `store` of frozen features
+    by image content (ml.measure: those it holds are read, not extracted again; those extracted are kept
+    there)."""
+
+    about: dict[str, Any] = field(default_factory=dict)
+    index: DatasetIndex | None = None
+    store: EmbeddingCache | None = None
+
+
 def fit(
-    archive: Path,
-    out_dir: Path,
+    archive: Path | str,
+    out_dir: Path | str,
     config: FitConfig | None = None,
     *,
-    index: DatasetIndex | None = None,
+    known: Known = Known(),
     progress: ProgressFn | None = None,
     checkpoints: Checkpoints | None = None,
-    about: dict[str, Any] | None = None,
-    store: EmbeddingCache | None = None,
 ) -> FitResult:
-    """`checkpoints` (see ml.checkpoint): the fine-tune saves its state there after each epoch,
-    and a fit that finds a state of the same inputs there goes on from it. `about` says what the
-    data is to the caller (a dataset's name and version): the model card records it. `store` holds
-    frozen features by image content (see ml.measure): those it holds are read, not extracted again,
-    and those extracted are kept there."""
+    """Train a classifier on `archive` into `out_dir` (the bundle, and bundle.zip). `progress` receives
+    `Progress` events; raising ml.errors.Cancelled from it stops the fit. `checkpoints` (ml.checkpoint):
+    the fine-tune saves its state there after each epoch, and a fit that finds a state of the same
+    inputs there goes on from it."""
+    archive, out_dir = Path(archive), Path(out_dir)
     config = config or FitConfig()
     config.validate()
     tune_allocator()
@@ -197,14 +171,14 @@ def fit(
     run = Run(progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     with run.phase("decode"):
-        data = _load(run, archive, index, config)
+        data = _load(run, archive, known.index, config)
     _plan_fit(run, len(data.train), len(data.val), config)
     run.resume_from(checkpoints, _fit_key(config, data))
     with run.phase("features"):
         device = _device(config.device)
         backbone = create_backbone(config.backbone)
         run.advance("load", 1)
-        reps, plan = measure(run, backbone, data, config, device, store)
+        reps, plan = measure(run, backbone, data, config, device, known.store)
     with run.phase("fit"):
         chosen = choose_probe(run, reps, data, plan, config)
         model, prep, val_logits, report = train(run, backbone, chosen, data, plan, config, device)
@@ -214,7 +188,8 @@ def fit(
     for check in report["sanity"]:
         run.say(f"sanity {check['check']}: {'ok' if check['ok'] else 'FAILED'} ({check['detail']})")
     with run.phase("export"):
-        bundle_zip = _export(out_dir, model, prep, data, backbone, plan, metrics, report, run, config, about or {})
+        card = _card(backbone, plan, report, data, run.decisions, config, known.about)
+        bundle_zip = _export(out_dir, model, prep, data.classes, metrics, card, run)
         run.advance("export", 1)
     run.timings["total"] = sum(run.timings.values())
     return FitResult(
@@ -310,10 +285,10 @@ def measure(
             label = "Reading the stored features" if stored[prep] else _features_label(prep)
             run.advance(key, done, label=f"{label} · {done} of {total} images")
 
+        how = Pass(device, config.batch_size, tick)
         feats, measured = frozen_views(
-            backbone, data.archive, data.train, data.val, prep, taps=taps, device=device,
-            batch_size=config.batch_size, store=store, progress=tick,
-        )  # fmt: skip
+            backbone, data.archive, (data.train, data.val), prep, taps=taps, how=how, store=store
+        )
         if stored[prep]:
             run.say(
                 f"features at {prep.input_size} px: read from the store (measured when the dataset version was made)"
@@ -451,8 +426,9 @@ def train(
             run.say(f"no LR range test or search: the '{plan.name}' plan fits a probe, with no learning rate to choose")
         return probe_net, chosen.rep.prep, probe_logits, report
 
-    setup = _finetune_setup(run, backbone, chosen, data, depth, config, device, report)
-    result = _finetune_with_measured_lr(run, backbone, setup, config, device, report)
+    setup = _finetune_setup(run, backbone, chosen, data, depth, config, device)
+    report["hyperparameters"]["augmentation"] = setup.augmentation
+    result = _Tries(run, backbone, setup, config, device, report).best()
     explicit = config.strategy != "auto"  # the user's choice is what is trained and served
     if not _keep_finetune(run, chosen, setup, result, depth, explicit):  # the chosen probe, fitted on all of train
         del report["hyperparameters"]["augmentation"]
@@ -473,26 +449,33 @@ class _FinetuneSetup:
     rep: Representation  # the fine-tune's input size and starting features
     stage: str
     head: nn.Linear  # the probe it starts from, fitted without the held-out slice
-    hold_idx: np.ndarray
+    fit_idx: np.ndarray  # the training images it trains on (positions in train)
+    y_fit: np.ndarray
+    hold_idx: np.ndarray  # and the held-out slice it is scored on
     probe_hold: float  # the chosen probe's accuracy on the held-out slice (refitted without it)
     source: ImageSource
     clean: Callable[[Image.Image], torch.Tensor]  # the eval transform, to uint8
     norm: tuple[Sequence[float], Sequence[float]]  # (mean, std) applied on the device
     hold: Batches
     flip: bool
-    batches_for: Callable[[int], Batches]
+    augments: dict[
+        str, tuple[Callable[[Image.Image], torch.Tensor], dict[str, Any]]
+    ]  # "first", "after": (transform, about)
     config: FinetuneConfig
+
+    @property
+    def augmentation(self) -> dict[str, dict[str, Any]]:
+        return {"first_epoch": self.augments["first"][1], "after": self.augments["after"][1]}
+
+    def batches_for(self, epoch: int) -> Batches:
+        """Epoch `epoch`'s training batches: light augmentation on the first pass (no shock), then the measured."""
+        augment = self.augments["first" if epoch == 1 else "after"][0]
+        fit_idx, source = self.fit_idx, self.source
+        return Batches(lambda i: augment(source.image(fit_idx[i])), self.y_fit, self.config.batch_size, self.norm)
 
 
 def _finetune_setup(
-    run: Run,
-    backbone: Backbone,
-    chosen: ChosenProbe,
-    data: Data,
-    depth: str,
-    config: FitConfig,
-    device: torch.device,
-    report: dict[str, Any],
+    run: Run, backbone: Backbone, chosen: ChosenProbe, data: Data, depth: str, config: FitConfig, device: torch.device
 ) -> _FinetuneSetup:
     """The fine-tune candidate: its held-out slice, starting probe, invariances and training batches.
 
@@ -518,208 +501,239 @@ def _finetune_setup(
     start = probe_model(backbone, head, stage).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     sample = hold_idx[:INVARIANCE_SAMPLE]
 
-    def held_out(i: int) -> Image.Image:
-        return source.image(sample[i])
-
-    flip = config.hflip and flip_decision(
-        run, start, held_out, data.y_train[sample], eval_transform(rep.prep), device, checks.within("flip")
-    )
+    held = HeldOut(lambda i: source.image(sample[i]), data.y_train[sample])
+    flip = config.hflip and flip_decision(run, start, held, eval_transform(rep.prep), checks.within("flip"))
     if not config.hflip:
         run.say("horizontal flips: off (asked for)")
     checks.done("flip")
     level = augmentation_decision(
-        run, start, held_out, data.y_train[sample], rep.prep, flip, device, config.seed, checks.within("augmentation")
+        run, start, held, rep.prep, flip, seed=config.seed, on_step=checks.within("augmentation")
     )
     checks.done("augmentation")
     augments = {lv: train_transform(rep.prep, lv, hflip=flip, uint8=True) for lv in {"light", level}}
-    report["hyperparameters"]["augmentation"] = {"first_epoch": augments["light"][1], "after": augments[level][1]}
     ft_config = FinetuneConfig(
-        depth=depth,
-        max_epochs=config.max_epochs,
-        patience=config.patience,
-        budget=config.budget,
-        batch_size=TRAIN_BATCH.get(device.type, TRAIN_BATCH["cpu"]),
-    )
-
-    def batches_for(epoch: int) -> Batches:
-        augment = augments["light" if epoch == 1 else level][0]  # no augmentation shock on the first pass
-        return Batches(lambda i: augment(source.image(fit_idx[i])), y_fit, ft_config.batch_size, norm)
-
+        depth=depth, max_epochs=config.max_epochs, patience=config.patience, budget=config.budget,
+        batch_size=TRAIN_BATCH.get(device.type, TRAIN_BATCH["cpu"]), seed=config.seed,
+    )  # fmt: skip
     return _FinetuneSetup(
-        rep, stage, head, hold_idx, probe_hold, source, clean, norm, hold, flip, batches_for, ft_config
-    )
+        rep, stage, head, fit_idx, y_fit, hold_idx, probe_hold, source, clean, norm, hold, flip,
+        {"first": augments["light"], "after": augments[level]}, ft_config,
+    )  # fmt: skip
 
 
-def _finetune_with_measured_lr(
-    run: Run, backbone: Backbone, setup: _FinetuneSetup, config: FitConfig, device: torch.device, report: dict[str, Any]
-) -> FinetuneResult:
-    """The recipe's learning rate, capped by a range test; when its pilot cannot beat the probe, a
-    quarter of it (dissimilar data often wants a gentler start), each from the same probe. The best
-    is returned. With `config.search`, a random search over learning rate and weight decay instead."""
-    if config.search:
+class _Tries:
+    """The fine-tune's tries from one setup, and the one kept: the recipe's learning rate capped by a
+    range test, then a quarter of it while the pilot cannot beat the probe (dissimilar data often
+    wants a gentler start); or, with `config.search`, a random search over learning rate and weight
+    decay. Each try's epochs go into the report, the log and the progress; each epoch of the ladder
+    is checkpointed, and a resumed fit goes on from the try it was in."""
+
+    def __init__(
+        self,
+        run: Run,
+        backbone: Backbone,
+        setup: _FinetuneSetup,
+        config: FitConfig,
+        device: torch.device,
+        report: dict[str, Any],
+    ) -> None:
+        self.run, self.backbone, self.setup, self.config, self.device, self.report = (
+            run, backbone, setup, config, device, report,
+        )  # fmt: skip
+
+    def best(self) -> FinetuneResult:
+        if self.config.search:
+            result, seconds = self._search()
+        else:
+            saved = self._saved()
+            start, rt = (saved["start"], saved["rt"]) if saved else self._lr_cap()
+            self.run.finish("lr_test")
+            self.report["lr_range"] = rt
+            result, seconds = self._ladder(start, rt, saved)
+            seconds += rt["seconds"]
+        self.report["sanity"] += result.sanity
+        self.report["hyperparameters"]["finetune"] = {
+            **result.hyperparameters,
+            "start": _name(self.setup.stage, self.setup.rep),
+            "input_size": self.setup.rep.prep.input_size,
+            "best_epoch": result.best_epoch,
+            "stopped": result.stopped,
+            "seconds_all_tries": round(seconds, 2),
+        }
+        for decision in result.decisions:
+            self.run.decide(decision)
+        self.run.say(f"fine-tuning stopped: {result.stopped}; best epoch {result.best_epoch} restored")
+        return result
+
+    def one(
+        self,
+        cfg: FinetuneConfig,
+        *,
+        trial: int | None = None,
+        checkpoint: CheckpointFn | None = None,
+        resume: dict[str, Any] | None = None,
+        why: str | None = None,
+    ) -> FinetuneResult:
+        """One fine-tune from the probe, on copies (the chosen probe shares the pretrained body and the
+        head may be tried again), with its epochs in the history and the log (a search `trial`'s tagged);
+        `checkpoint` and `resume` as in ml.finetune.finetune. `why` says why this try was not in the plan."""
+        run, setup, history = self.run, self.setup, self.report["history"]
+        tag = {"lr_multiplier": cfg.lr_multiplier} | (
+            {"trial": trial, "weight_decay": cfg.weight_decay} if trial else {}
+        )
+        if resume is not None:  # the epochs the earlier attempt trained, in this fit's history too
+            history += [{"phase": "finetune", **tag, **row} for row in resume["history"]]
+            run.say(f"fine-tune at {cfg.lr_multiplier:.2g}x resumed after epoch {resume['epoch']}")
+        tracker = _TryProgress(run, setup, cfg, trial, self.config.search, resume, why)
+
+        def on_epoch(row: dict[str, Any]) -> None:
+            history.append({"phase": "search" if trial else "finetune", **tag, **row})
+            tracker.epoch(row, history[-1])
+            run.say(
+                f"epoch {row['epoch']}: held-out accuracy {row['val_accuracy']:.4f}, loss {row['val_loss']:.4f}"
+                + (f", train loss {row['train_loss']:.4f}" if row["train_loss"] is not None else " (the probe)")
+            )
+
+        start = Start(copy.deepcopy(self.backbone), copy.deepcopy(setup.head), setup.stage)
+        hooks = Hooks(on_epoch, tracker.step, tracker.check, checkpoint)
+        result = finetune(start, setup.batches_for, setup.hold, cfg, device=self.device, hooks=hooks, resume=resume)
+        tracker.end()
+        return result
+
+    def _search(self) -> tuple[FinetuneResult, float]:
+        run, config = self.run, self.config
         if run.replaying:
             run.say("search trials are not checkpointed: the search starts over")
             run.end_replay()
             run.discard_checkpoint(everything=False)
 
         def trial(cfg: FinetuneConfig, number: int) -> FinetuneResult:
-            return _run_finetune(run, backbone, setup, cfg, device, config, report, trial=number)
+            return self.one(cfg, trial=number)
 
-        cfg, searched = search(run, config.search, setup.config, trial, len(setup.hold_idx), config.budget, config.seed)
+        n_hold = len(self.setup.hold_idx)
+        cfg, searched = search(run, config.search, self.setup.config, trial, n_hold, config.budget, config.seed)
         if config.budget is not None:  # the full run gets what the trials left of the budget
             cfg = replace(cfg, budget=max(1.0, config.budget - searched))
-        _plan_full_run(run, setup, cfg)
-        result = _run_finetune(run, backbone, setup, cfg, device, config, report)
-        seconds = searched + result.hyperparameters["train_seconds"]
-    else:
-        saved = _saved_ladder(run, setup, report)
-        start, rt = (saved["start"], saved["rt"]) if saved else _lr_cap(run, backbone, setup, config, device)
-        run.finish("lr_test")
-        report["lr_range"] = rt
-        result, seconds = _lr_ladder(run, backbone, setup, start, rt, config, device, report, saved)
-        seconds += rt["seconds"]
-    report["sanity"] += result.sanity
-    report["hyperparameters"]["finetune"] = {
-        **result.hyperparameters,
-        "start": _name(setup.stage, setup.rep),
-        "input_size": setup.rep.prep.input_size,
-        "best_epoch": result.best_epoch,
-        "stopped": result.stopped,
-        "seconds_all_tries": round(seconds, 2),
-    }
-    run.say(f"fine-tuning stopped: {result.stopped}; best epoch {result.best_epoch} restored")
-    return result
+        _plan_full_run(run, self.setup, cfg)
+        result = self.one(cfg)
+        return result, searched + result.hyperparameters["train_seconds"]
 
+    def _lr_cap(self) -> tuple[float, dict[str, Any]]:
+        """(start, the range test): the learning rate the fine-tune starts at, as a multiple of the recipe's
+        rule: the rule, unless a range test (the fine-tune's own setup, on copies, the LR growing each
+        step) sees the loss blow up within 10x of it; then a tenth of where it blew up. With frozen
+        BatchNorm nothing renormalises an update that is too large, and how large is too large depends
+        on the data and the input size (brain MRI, the whole network at 240 px: the loss blew up at
+        0.6x the rule within a few steps, and a fine-tune at the rule collapsed to chance in its second
+        epoch; traffic signs at 64 px: 3.8x, so a 0.38x start)."""
+        run, setup = self.run, self.setup
+        wide = self.config.lr_find  # asked for: the whole curve, from 1/1000 of the rule
+        span = RangeSpan(factor_min=1e-3, steps=40) if wide else RangeSpan(factor_min=LR_TEST_FROM, steps=LR_TEST_STEPS)
+        batch = setup.config.batch_size
 
-def _lr_cap(
-    run: Run, backbone: Backbone, setup: _FinetuneSetup, config: FitConfig, device: torch.device
-) -> tuple[float, dict[str, Any]]:
-    """(start, the range test): the learning rate the fine-tune starts at, as a multiple of the recipe's
-    rule: the rule, unless a
-    range test (the fine-tune's own setup, on copies, the LR growing each step) sees the loss blow up
-    within 10x of it; then a tenth of where it blew up. With frozen BatchNorm nothing renormalises
-    an update that is too large, and how large is too large depends on the data and the input size
-    (brain MRI, the whole network at 240 px: the loss blew up at 0.6x the rule within a few steps,
-    and a fine-tune at the rule collapsed to chance in its second epoch; traffic signs at 64 px:
-    3.8x, so a 0.38x start)."""
-    wide = config.lr_find  # asked for: the whole curve, from 1/1000 of the rule
-    batch = setup.config.batch_size
-
-    def tested(done: int, steps: int) -> None:
-        run.advance("lr_test", done * batch * TRAIN_PASSES, label=f"Finding the learning rate · step {done} of {steps}")
-
-    rt = lr_range_test(
-        backbone, setup.head, setup.batches_for(2), len(setup.head.weight), setup.config, device,
-        factor_min=1e-3 if wide else LR_TEST_FROM, steps=40 if wide else LR_TEST_STEPS, seed=config.seed,
-        stage=setup.stage, on_step=tested,
-    )  # fmt: skip
-    blown = rt["diverged_lr"]
-    multiplier = 1.0 if blown is None else min(1.0, blown / 10 / rt["recipe_lr"])
-    run.say(
-        f"LR range test ({len(rt['curve'])} steps, {rt['seconds']:.0f} s): "
-        + (f"the loss blew up at {blown:.2e}" if blown else "the loss never blew up")
-        + f"; the recipe's rule gives {rt['recipe_lr']:.2e}, so the fine-tune starts at {multiplier:.2g}x it"
-    )
-    return multiplier, rt
-
-
-def _lr_ladder(
-    run: Run,
-    backbone: Backbone,
-    setup: _FinetuneSetup,
-    start: float,
-    rt: dict[str, Any],
-    config: FitConfig,
-    device: torch.device,
-    report: dict[str, Any],
-    saved: dict[str, Any] | None = None,
-) -> tuple[FinetuneResult, float]:
-    """(best fine-tune, seconds of all of them): from `start` x the recipe's rate, then lower while the pilot fails.
-
-    Each epoch checkpoints the ladder (its start, range test and finished tries) with the
-    fine-tune's state; from `saved`, the finished tries are not run again and the one it
-    was in goes on.
-    """
-    done: list[dict[str, Any]] = []  # finished tries: multiplier, score, seconds, history rows
-    results: list[tuple[float, FinetuneResult]] = []
-    for i, step in enumerate(LR_MULTIPLIERS):
-        multiplier = start * step
-        if saved is not None and i < saved["try"]:  # finished before the checkpoint: a pilot that failed
-            done.append(saved["done"][i])
-            report["history"] += saved["done"][i]["rows"]
-            continue
-        resume = saved["state"] if saved is not None and i == saved["try"] else None
-        retry = None
-        if done and resume is None:
-            run.say(f"retrying the fine-tune at {multiplier:.2g}x the recipe's learning rate")
-            retry = (
-                f"the fine-tune at {done[-1]['multiplier']:.2g}x the recipe's learning rate did not beat the probe "
-                f"in its pilot, so it is tried again at {multiplier:.2g}x"
+        def tested(done: int, steps: int) -> None:
+            run.advance(
+                "lr_test", done * batch * TRAIN_PASSES, label=f"Finding the learning rate · step {done} of {steps}"
             )
-        ladder = {"start": start, "rt": rt, "try": i, "done": list(done)}
 
-        def save(state: dict[str, Any], ladder: dict[str, Any] = ladder) -> None:
-            run.checkpoint({"setup": _fingerprint(setup, report), "ladder": ladder, "state": state})
-
-        rows_before = len(report["history"])
-        result = _run_finetune(
-            run, backbone, setup, replace(setup.config, lr_multiplier=multiplier), device, config, report,
-            checkpoint=save, resume=resume, why=retry,
-        )  # fmt: skip
-        results.append((multiplier, result))
-        done.append(
-            {
-                "multiplier": multiplier,
-                "score": _best_score(result)[0],
-                "seconds": result.hyperparameters["train_seconds"],
-                "rows": report["history"][rows_before:],
-            }
+        start = Start(self.backbone, setup.head, setup.stage)
+        rt = lr_range_test(start, setup.batches_for(2), setup.config, self.device, span, on_step=tested)
+        blown = rt["diverged_lr"]
+        multiplier = 1.0 if blown is None else min(1.0, blown / 10 / rt["recipe_lr"])
+        run.say(
+            f"LR range test ({len(rt['curve'])} steps, {rt['seconds']:.0f} s): "
+            + (f"the loss blew up at {blown:.2e}" if blown else "the loss never blew up")
+            + f"; the recipe's rule gives {rt['recipe_lr']:.2e}, so the fine-tune starts at {multiplier:.2g}x it"
         )
-        if result.best_epoch > 0:
-            break
-    multiplier, result = max(results, key=lambda t: _best_score(t[1]))
+        return multiplier, rt
+
+    def _ladder(self, start: float, rt: dict[str, Any], saved: dict[str, Any] | None) -> tuple[FinetuneResult, float]:
+        """(best fine-tune, seconds of all of them): from `start` x the recipe's rate, then lower while the
+        pilot fails. Each epoch checkpoints the ladder (its start, range test and finished tries) with the
+        fine-tune's state; from `saved`, the finished tries are not run again and the one it was in goes on.
+        """
+        done: list[dict[str, Any]] = []  # finished tries: multiplier, score, seconds, history rows
+        results: list[tuple[float, FinetuneResult]] = []
+        history = self.report["history"]
+        for i, step in enumerate(LR_MULTIPLIERS):
+            multiplier = start * step
+            if saved is not None and i < saved["try"]:  # finished before the checkpoint: a pilot that failed
+                done.append(saved["done"][i])
+                history += saved["done"][i]["rows"]
+                continue
+            resume = saved["state"] if saved is not None and i == saved["try"] else None
+            retry = None
+            if done and resume is None:
+                self.run.say(f"retrying the fine-tune at {multiplier:.2g}x the recipe's learning rate")
+                retry = (
+                    f"the fine-tune at {done[-1]['multiplier']:.2g}x the recipe's learning rate did not beat the "
+                    f"probe in its pilot, so it is tried again at {multiplier:.2g}x"
+                )
+            ladder = {"start": start, "rt": rt, "try": i, "done": list(done)}
+            rows_before = len(history)
+            cfg = replace(self.setup.config, lr_multiplier=multiplier)
+            result = self.one(cfg, checkpoint=self._saver(ladder), resume=resume, why=retry)
+            results.append((multiplier, result))
+            seconds = result.hyperparameters["train_seconds"]
+            done.append(
+                {"multiplier": multiplier, "score": _best_score(result)[0], "seconds": seconds,
+                 "rows": history[rows_before:]}
+            )  # fmt: skip
+            if result.best_epoch > 0:
+                break
+        multiplier, result = max(results, key=lambda t: _best_score(t[1]))
+        self.run.decide(_lr_decision(multiplier, rt, done, len(self.setup.hold_idx)))
+        return result, sum(d["seconds"] for d in done)
+
+    # --- the checkpoint: the ladder's state with the fine-tune's, for this very fine-tune ---------------
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint's fine-tune was measured to be; a resumed fit must measure the same."""
+        setup = self.setup
+        return {
+            "start": _name(setup.stage, setup.rep),
+            "depth": setup.config.depth,
+            "batch_size": setup.config.batch_size,
+            "flip": setup.flip,
+            "augmentation": setup.augmentation,
+            "held_out": len(setup.hold_idx),
+        }
+
+    def _saver(self, ladder: dict[str, Any]) -> CheckpointFn:
+        def save(state: dict[str, Any]) -> None:
+            self.run.checkpoint({"setup": self._fingerprint(), "ladder": ladder, "state": state})
+
+        return save
+
+    def _saved(self) -> dict[str, Any] | None:
+        """The resumed checkpoint's ladder and fine-tune state, when it is of this very fine-tune."""
+        run = self.run
+        saved = run.resumed
+        run.end_replay()
+        if saved is None:
+            return None
+        if saved["setup"] != self._fingerprint():
+            run.say("the checkpoint's fine-tune differs from the one measured now: fine-tuning starts over")
+            run.discard_checkpoint(everything=False)
+            return None
+        run.say(f"LR range test and {saved['ladder']['try']} finished tries taken from the checkpoint")
+        return {**saved["ladder"], "state": saved["state"]}
+
+
+def _lr_decision(multiplier: float, rt: dict[str, Any], done: list[dict[str, Any]], n_hold: int) -> Decision:
     blown = rt["diverged_lr"]
-    run.decide(
-        Decision(
-            "learning_rate",
-            f"{multiplier:.2g}x",
-            (
-                Candidate("range test", None, rt["seconds"], {"blew_up_at": blown}),
-                *(Candidate(f"{d['multiplier']:.2g}x", d["score"], d["seconds"]) for d in done),
-            ),
-            "the recipe's rule (1/10 of the original, batch-scaled), capped at a tenth of where a range test's "
-            f"loss blew up ({'at ' + format(blown, '.2e') if blown else 'it never did'}); a quarter of that "
-            "when the pilot cannot beat the probe",
-            metric=f"best accuracy on {len(setup.hold_idx)} held-out training images",
-        )
+    return Decision(
+        "learning_rate",
+        f"{multiplier:.2g}x",
+        (
+            Candidate("range test", None, rt["seconds"], {"blew_up_at": blown}),
+            *(Candidate(f"{d['multiplier']:.2g}x", d["score"], d["seconds"]) for d in done),
+        ),
+        "the recipe's rule (1/10 of the original, batch-scaled), capped at a tenth of where a range test's "
+        f"loss blew up ({'at ' + format(blown, '.2e') if blown else 'it never did'}); a quarter of that "
+        "when the pilot cannot beat the probe",
+        metric=f"best accuracy on {n_hold} held-out training images",
     )
-    return result, sum(d["seconds"] for d in done)
-
-
-def _fingerprint(setup: _FinetuneSetup, report: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint's fine-tune was measured to be; a resumed fit must measure the same."""
-    return {
-        "start": _name(setup.stage, setup.rep),
-        "depth": setup.config.depth,
-        "batch_size": setup.config.batch_size,
-        "flip": setup.flip,
-        "augmentation": report["hyperparameters"]["augmentation"],
-        "held_out": len(setup.hold_idx),
-    }
-
-
-def _saved_ladder(run: Run, setup: _FinetuneSetup, report: dict[str, Any]) -> dict[str, Any] | None:
-    """The resumed checkpoint's ladder and fine-tune state, when it is of this very fine-tune."""
-    saved = run.resumed
-    run.end_replay()
-    if saved is None:
-        return None
-    if saved["setup"] != _fingerprint(setup, report):
-        run.say("the checkpoint's fine-tune differs from the one measured now: fine-tuning starts over")
-        run.discard_checkpoint(everything=False)
-        return None
-    run.say(f"LR range test and {saved['ladder']['try']} finished tries taken from the checkpoint")
-    return {**saved["ladder"], "state": saved["state"]}
 
 
 def _keep_finetune(
@@ -769,45 +783,6 @@ def _keep_finetune(
         )
     )
     return keep
-
-
-def _run_finetune(
-    run: Run,
-    backbone: Backbone,
-    setup: _FinetuneSetup,
-    cfg: FinetuneConfig,
-    device: torch.device,
-    config: FitConfig,
-    report: dict[str, Any],
-    trial: int | None = None,
-    checkpoint: CheckpointFn | None = None,
-    resume: dict[str, Any] | None = None,
-    why: str | None = None,
-) -> FinetuneResult:
-    """One fine-tune from the probe, on copies (the chosen probe shares the pretrained body and the
-    head may be tried again), with its epochs in the history and the log (a search `trial`'s tagged);
-    `checkpoint` and `resume` as in ml.finetune.finetune. `why` says why this try was not in the plan."""
-    tag = {"lr_multiplier": cfg.lr_multiplier} | ({"trial": trial, "weight_decay": cfg.weight_decay} if trial else {})
-    if resume is not None:  # the epochs the earlier attempt trained, in this fit's history too
-        report["history"] += [{"phase": "finetune", **tag, **row} for row in resume["history"]]
-        run.say(f"fine-tune at {cfg.lr_multiplier:.2g}x resumed after epoch {resume['epoch']}")
-    tracker = _TryProgress(run, setup, cfg, trial, config.search, resume, why)
-
-    def on_epoch(row: dict[str, Any]) -> None:
-        report["history"].append({"phase": "search" if trial else "finetune", **tag, **row})
-        tracker.epoch(row, report["history"][-1])
-        run.say(
-            f"epoch {row['epoch']}: held-out accuracy {row['val_accuracy']:.4f}, loss {row['val_loss']:.4f}"
-            + (f", train loss {row['train_loss']:.4f}" if row["train_loss"] is not None else " (the probe)")
-        )
-
-    result = finetune(
-        copy.deepcopy(backbone), copy.deepcopy(setup.head), setup.batches_for, setup.hold, len(setup.head.weight),
-        cfg, stage=setup.stage, device=device, seed=config.seed, on_epoch=on_epoch, on_step=tracker.step,
-        checkpoint=checkpoint, resume=resume, on_check=tracker.check,
-    )  # fmt: skip
-    tracker.end()
-    return result
 
 
 def _best_score(result: FinetuneResult) -> tuple[float, float]:
@@ -868,38 +843,47 @@ def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: in
 # --- export -------------------------------------------------------------------------------------
 
 
+def _card(
+    backbone: Backbone,
+    plan: Plan,
+    report: dict[str, Any],
+    data: Data,
+    decisions: list[Decision],
+    config: FitConfig,
+    about: dict[str, Any],
+) -> dict[str, Any]:
+    """The model card's facts: what was trained, how, on what, and every decision with its candidates."""
+    return {
+        "backbone": backbone.spec.name,
+        "weights_tag": backbone.spec.weights_tag,
+        "strategy": plan.to_dict(),
+        "decisions": [d.to_dict() for d in decisions],
+        "hyperparameters": report["hyperparameters"],
+        "sanity": report["sanity"],
+        "data_hash": data.content_hash,
+        "seed": config.seed,
+        "num_train": len(data.train),
+        "num_val": len(data.val),
+        **({"data": about} if about else {}),
+    }
+
+
 def _export(
     out_dir: Path,
     model: nn.Module,
     prep: Preprocessing,
-    data: Data,
-    backbone: Backbone,
-    plan: Plan,
+    classes: list[str],
     metrics: dict[str, Any],
-    report: dict[str, Any],
+    card: dict[str, Any],
     run: Run,
-    config: FitConfig,
-    about: dict[str, Any],
 ) -> Path:
     return write_bundle(
         out_dir,
         model=model.eval().cpu(),
-        classes=data.classes,
+        classes=classes,
         preprocessing=prep,
         metrics=metrics,
-        card={
-            "backbone": backbone.spec.name,
-            "weights_tag": backbone.spec.weights_tag,
-            "strategy": plan.to_dict(),
-            "decisions": [d.to_dict() for d in run.decisions],
-            "hyperparameters": report["hyperparameters"],
-            "sanity": report["sanity"],
-            "data_hash": data.content_hash,
-            "seed": config.seed,
-            "num_train": len(data.train),
-            "num_val": len(data.val),
-            **({"data": about} if about else {}),
-        },
+        card=card,
         on_step=lambda share, what: run.advance("export", share, label=f"Exporting the model · {what}"),
     )
 
@@ -1159,4 +1143,4 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-__all__ = ["FitConfig", "FitResult", "Progress", "choose_probe", "fit", "measure", "train"]
+__all__ = ["FitConfig", "FitResult", "Known", "Progress", "choose_probe", "fit", "measure", "train"]

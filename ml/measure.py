@@ -23,7 +23,7 @@ import torch
 
 from ml.backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone
 from ml.dataset import DatasetIndex, Sample, split_samples
-from ml.features import TOP, EmbeddingCache, extract_stage_features
+from ml.features import TOP, EmbeddingCache, Pass, extract_stage_features
 from ml.preprocess import choose_preprocessing
 from ml.runtime import tune_allocator
 from ml.similarity import BatchNormStats, Similarity, head_entropy, similarity_score
@@ -102,23 +102,21 @@ def held(
 def frozen_views(
     backbone: Backbone,
     archive: Path,
-    train: Sequence[Sample],
-    val: Sequence[Sample],
+    split: tuple[Sequence[Sample], Sequence[Sample]],
     prep: Preprocessing,
     *,
     taps: Sequence[str],
-    device: torch.device,
-    batch_size: int = FEATURE_BATCH,
+    how: Pass,
     store: EmbeddingCache | None = None,
-    progress: Tick | None = None,
 ) -> tuple[dict[str, np.ndarray], Similarity | None]:
-    """Features of every image (train rows, then val) at `prep`, TOP and each tap, and at the
-    backbone's native input the similarity measured on the first training images.
+    """Features of every image of `split` (train rows, then val) at `prep`, TOP and each tap, and at
+    the backbone's native input the similarity measured on the first training images.
 
     Without a store, or with one that holds none of them, every image is extracted in this order, as
     a fit always has. A store keeps what is extracted; images it already holds are read instead (a
     version that adds images extracts those alone, plus, for a similarity not measured yet, the first
     training images again: their BatchNorm statistics are what it measures)."""
+    train, val = split
     name = backbone.spec.name
     native = prep == backbone.spec.preprocessing
     samples = [*train, *val]
@@ -137,14 +135,11 @@ def frozen_views(
     if todo:
         members = [s.member for s in todo]
         if need_similarity:
-            feats, similarity = native_pass(backbone, archive, members, n_first, taps, device, batch_size, progress)
+            feats, similarity = native_pass(backbone, archive, members, n_first, taps, how)
         else:
-            feats = extract_stage_features(
-                backbone, archive, members, taps=taps, batch_size=batch_size, device=device,
-                preprocessing=prep, progress=progress,
-            )  # fmt: skip
-    elif progress:
-        progress(len(samples), len(samples))
+            feats = extract_stage_features(backbone, archive, members, taps=taps, preprocessing=prep, how=how)
+    elif how.progress:
+        how.progress(len(samples), len(samples))
     if store is None:
         return feats, similarity
     for tap, matrix in feats.items():
@@ -166,17 +161,13 @@ def native_pass(
     members: list[str],
     n_train: int,
     taps: Sequence[str],
-    device: torch.device,
-    batch_size: int = FEATURE_BATCH,
-    progress: Tick | None = None,
+    how: Pass,
 ) -> tuple[dict[str, np.ndarray], Similarity]:
     """Features at the native input, and the similarity measured on the first training images
     (`members` starts with the `n_train` training images; the validation images never count)."""
     n = min(SIMILARITY_SAMPLE, n_train)
     with BatchNormStats(backbone.body, max_images=n) as stats:
-        feats = extract_stage_features(
-            backbone, archive, members, taps=taps, batch_size=batch_size, device=device, progress=progress
-        )
+        feats = extract_stage_features(backbone, archive, members, taps=taps, how=how)
     with torch.no_grad():
         logits = backbone.imagenet_head.cpu()(torch.from_numpy(feats[TOP][:n]))
     return feats, similarity_score(stats.divergence(), head_entropy(logits))
@@ -201,7 +192,7 @@ def assess(
     train, _ = split_for_fit(index, val_fraction, seed)
     bb = create_backbone(backbone)
     members = [s.member for s in train[:SIMILARITY_SAMPLE]]
-    _, similarity = native_pass(bb, archive, members, len(members), [], resolve_device(device))
+    _, similarity = native_pass(bb, archive, members, len(members), [], Pass(resolve_device(device), FEATURE_BATCH))
     return decide(len(train) / len(index.classes), similarity, boundary=size_boundary)
 
 

@@ -5,33 +5,35 @@ The bundle carries the same network twice, as TorchScript and as parity-checked 
 (`runtime="auto"`; ONNX Runtime usually wins on CPU). Concurrent callers share forward passes: a
 `Batcher` per model runs what is waiting, up to `MAX_BATCH` images, as one pass, while the other
 callers decode and transform their images on their own threads.
+
+Torch is imported only to load the TorchScript model: a predictor for ONNX Runtime alone
+(`runtime="onnxruntime"`) reads the bundle with ml.bundle_format and prepares images with
+ml.preprocessing's numpy transform, so a web process serving it never imports torch or timm.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import threading
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+import numpy.typing as npt
 from PIL import Image
 
 from ml.archive import ArchiveLimits, DamagedMember, InflateBudget, read_member, scan_images
-from ml.backbones import Preprocessing
-from ml.bundle import MODEL_FILE, ONNX_FILE
+from ml.bundle_format import MODEL_FILE, ONNX_FILE, read_bundle, read_preprocessing
 from ml.errors import DatasetError
 from ml.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
-from ml.preprocess import eval_transform
+from ml.preprocessing import Preprocessing, numpy_eval_transform
 
 MAX_BATCH = 8  # images per forward pass (bounds activation memory; see Batcher for the measurement)
 MAX_WAIT_S = 0.0  # how long a pass waits for more callers once one is waiting (see Batcher)
@@ -40,6 +42,28 @@ _FORWARD = threading.Lock()  # one forward pass at a time per process: each alre
 
 Array = np.ndarray[Any, np.dtype[np.float32]]
 Forward = Callable[[Array], Array]  # float32 (N, 3, S, S) -> logits (N, classes)
+
+
+def _torch_transform(p: Preprocessing, runtime: str) -> Callable[[Image.Image], Array]:
+    """ml.preprocess.eval_transform, for a predictor that loaded torch anyway (for TorchScript): the
+    same numbers as numpy_eval_transform, faster (hymenoptera's photos, one thread, a shared 2-core
+    host: median 1.0-1.7 ms against 1.6-3.6 ms, bilinear 256/224 and bicubic 272/240)."""
+    import torch
+
+    from ml.preprocess import eval_transform
+
+    if runtime == "onnxruntime":
+        # Torch is left to preprocess one image at a time, where its thread pool only costs: its
+        # idle workers spin, and took the cores from ONNX Runtime's passes (measured on Lite1 at
+        # 240 px, 2 cores: 15-23 ms a pass with torch's default threads, 9.8 ms with one).
+        torch.set_num_threads(1)
+    transform = eval_transform(p)
+
+    def prepare(img: Image.Image) -> Array:
+        out: Array = transform(img).numpy()
+        return out
+
+    return prepare
 
 
 @dataclass(frozen=True)
@@ -97,6 +121,8 @@ def _onnxruntime(folder: Path, spin: bool = True) -> Forward:
 
 
 def _torchscript(folder: Path) -> Forward:
+    import torch  # here alone: a predictor without TorchScript runs without torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
         model = torch.jit.load(str(folder / MODEL_FILE), map_location="cpu").eval()
@@ -114,7 +140,7 @@ def load_runtimes(
 ) -> Iterator[tuple[str, Forward, int]]:
     """(name, forward, input side) for each runtime the bundle in `folder` carries."""
     folder = Path(folder)
-    size = json.loads((folder / "preprocessing.json").read_text("utf-8"))["input_size"]
+    size = read_preprocessing(folder).input_size
     loaders: dict[str, tuple[str, Callable[[Path], Forward]]] = {
         "onnxruntime": (ONNX_FILE, lambda f: _onnxruntime(f, spin)),
         "torchscript": (MODEL_FILE, _torchscript),  # torch's threads are set process-wide, not here
@@ -252,7 +278,7 @@ class Predictor:
 
     def __init__(
         self,
-        folder: Path,
+        folder: Path | str,
         runtime: str = "auto",
         *,
         max_batch: int = MAX_BATCH,
@@ -260,13 +286,10 @@ class Predictor:
         spin: bool = True,
     ) -> None:
         folder = Path(folder)
-        self.labels: list[str] = json.loads((folder / "labels.json").read_text("utf-8"))
-        fields: dict[str, Any] = {
-            k: tuple(v) if isinstance(v, list) else v
-            for k, v in json.loads((folder / "preprocessing.json").read_text("utf-8")).items()
-        }
-        self.preprocessing = Preprocessing(**fields)
-        self.card: dict[str, Any] = json.loads((folder / "graft.json").read_text("utf-8"))
+        bundle = read_bundle(folder)
+        self.labels: list[str] = bundle.classes
+        self.preprocessing: Preprocessing = bundle.preprocessing
+        self.card: dict[str, Any] = bundle.card
         if runtime not in ("auto", *RUNTIMES):
             raise ValueError(f"runtime must be auto or one of {', '.join(RUNTIMES)}, not {runtime!r}")
         loaded = list(load_runtimes(folder, RUNTIMES if runtime == "auto" else (runtime,), spin=spin))
@@ -279,14 +302,14 @@ class Predictor:
             for name, seconds in time_forwards({n: f for n, f, _ in loaded}, size, rounds=rounds).items()
         }
         self.runtime, forward, _ = min(loaded, key=lambda r: self.timings_ms[r[0]])
+        torch_loaded = any(name == "torchscript" for name, _, _ in loaded)
         del loaded
-        if self.runtime == "onnxruntime":
-            # Torch is left to preprocess one image at a time, where its thread pool only costs: its
-            # idle workers spin, and took the cores from ONNX Runtime's passes (measured on Lite1 at
-            # 240 px, 2 cores: 15-23 ms a pass with torch's default threads, 9.8 ms with one).
-            torch.set_num_threads(1)
         self._batcher = Batcher(forward, max_batch=max_batch, max_wait_s=max_wait_s)
-        self._transform = eval_transform(self.preprocessing)
+        self._transform: Callable[[Image.Image], Array]
+        if torch_loaded:  # the same numbers either way: torch's kernel is faster, where torch is loaded anyway
+            self._transform = _torch_transform(self.preprocessing, self.runtime)
+        else:
+            self._transform = numpy_eval_transform(self.preprocessing)
 
     def close(self) -> None:
         self._batcher.close()
@@ -295,8 +318,8 @@ class Predictor:
         """Decode one encoded image (raises ml.images.ImageDecodeError)."""
         return decode_rgb(data, max_pixels=max_pixels, min_side=self.preprocessing.resize_size)
 
-    def prepare(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-        """One encoded image to the model's input tensor; the decoded image is dropped at once."""
+    def prepare(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Array:
+        """One encoded image to the model's (3, S, S) input; the decoded image is dropped at once."""
         return self._transform(self.decode(data, max_pixels=max_pixels))
 
     def predict_bytes(self, images: list[bytes], k: int = 5) -> list[list[Prediction]]:
@@ -306,15 +329,15 @@ class Predictor:
         """Top-k (label, probability) for each RGB image."""
         return self.predict_tensors([self._transform(img) for img in images], k=k)
 
-    def predict_tensors(self, inputs: list[torch.Tensor], k: int = 5) -> list[list[Prediction]]:
-        """Top-k (label, probability) for each prepared input (forward passes shared with other callers)."""
-        logits = torch.from_numpy(self._batcher(torch.stack(inputs).numpy()))
+    def predict_tensors(self, inputs: Sequence[npt.ArrayLike], k: int = 5) -> list[list[Prediction]]:
+        """Top-k (label, probability) for each prepared input, `prepare`'s arrays (CPU tensors do too);
+        the forward passes are shared with other callers."""
+        logits = self._batcher(np.stack([np.asarray(x, np.float32) for x in inputs])).astype(np.float32, copy=False)
         k = max(1, min(k, len(self.labels)))
-        scores, idx = logits.softmax(dim=1).topk(k, dim=1)
-        return [
-            [Prediction(self.labels[i], float(s)) for s, i in zip(row_s, row_i, strict=True)]
-            for row_s, row_i in zip(scores.tolist(), idx.tolist(), strict=True)
-        ]
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))  # softmax, as the bundle's predict.py takes it
+        scores = e / e.sum(axis=1, keepdims=True)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # ties: the lower index first
+        return [[Prediction(self.labels[i], float(row[i])) for i in top] for row, top in zip(scores, best, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -344,7 +367,7 @@ def predict_archive(
     names = scan_images(path, limits)
     budget = InflateBudget(path, limits)
 
-    def prepare(zf: zipfile.ZipFile, name: str) -> torch.Tensor | str:
+    def prepare(zf: zipfile.ZipFile, name: str) -> Array | str:
         try:
             return predictor.prepare(read_member(zf, name, limits.max_member_bytes, budget), max_pixels=max_pixels)
         except ImageDecodeError as exc:
@@ -361,12 +384,10 @@ def predict_archive(
         for i, chunk in enumerate(chunks):
             prepared = [f.result() for f in pending]
             pending = [pool.submit(prepare, zf, name) for name in chunks[i + 1]] if i + 1 < len(chunks) else []
-            tensors = [x for x in prepared if isinstance(x, torch.Tensor)]
-            rows = iter(predictor.predict_tensors(tensors, k=k) if tensors else [])
+            inputs = [x for x in prepared if isinstance(x, np.ndarray)]
+            rows = iter(predictor.predict_tensors(inputs, k=k) if inputs else [])
             for name, x in zip(chunk, prepared, strict=True):
-                yield (
-                    FilePrediction(name, next(rows), "") if isinstance(x, torch.Tensor) else FilePrediction(name, [], x)
-                )
+                yield FilePrediction(name, next(rows), "") if isinstance(x, np.ndarray) else FilePrediction(name, [], x)
             done += len(chunk)
             if progress is not None:
                 progress(done, len(names))

@@ -1,4 +1,6 @@
-"""The eval-time transform, shared by feature extraction, export and prediction."""
+"""The eval-time transform in torch, shared by feature extraction, training, and prediction where torch is loaded.
+
+ml.preprocessing holds the same transform in numpy and Pillow, for serving without torch."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 
-from ml.backbones import Preprocessing
+from ml.preprocessing import Preprocessing
 
 INTERPOLATION = {
     "bilinear": T.InterpolationMode.BILINEAR,

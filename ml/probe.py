@@ -23,8 +23,6 @@ from torch import nn
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 1, 6))
 
-StepFn = Callable[[dict[str, Any]], None]
-
 
 @dataclass
 class ProbeFit:
@@ -41,22 +39,19 @@ def fit_probe(
     Cs: tuple[float, ...] = DEFAULT_CS,
     folds: int = 5,
     seed: int = 0,
-    on_step: StepFn | None = None,
     on_fit: Callable[[int, int], None] | None = None,
 ) -> ProbeFit:
-    """Fit the probe. `on_step(row)` gets each C's CV row; `on_fit(done, total)` ticks after every
+    """Fit the probe (each C's CV row in its history). `on_fit(done, total)` ticks after every
     (fold, C) fit, so a caller can show progress, or cancel by raising, during long searches."""
     scaler = StandardScaler().fit(X)
     Xs = scaler.transform(X).astype(np.float32)
     Cs = tuple(sorted(Cs))  # ascending, so each fit warm-starts from the more regularised one
     k = int(min(folds, np.bincount(y, minlength=num_classes).min()))
     scores = _cv_scores(Xs, y, Cs, k, seed, num_classes, on_fit)
-    history: list[dict[str, Any]] = []
-    for step, (C, (acc, loss)) in enumerate(zip(Cs, scores, strict=True), start=1):
-        row = {"step": step, "C": C, "cv_accuracy": acc, "cv_loss": loss}
-        history.append(row)
-        if on_step:
-            on_step(row)
+    history: list[dict[str, Any]] = [
+        {"step": step, "C": C, "cv_accuracy": acc, "cv_loss": loss}
+        for step, (C, (acc, loss)) in enumerate(zip(Cs, scores, strict=True), start=1)
+    ]
     # Log loss, not accuracy, picks C: a proper scoring rule, smooth where accuracy on a few hundred
     # images ties, and it keeps the probabilities calibrated (ECE is reported).
     best = min(history, key=lambda r: (r["cv_loss"], -r["cv_accuracy"]))
@@ -179,19 +174,19 @@ def out_of_fold_proba(
     best = min(history, key=lambda r: (r["cv_loss"], -r["cv_accuracy"]))
     proba = by_C[best["C"]]
     if repeats > 1:
-        proba = np.mean([proba, *_repeats(Xs, y, Cs, best["C"], k, seed, repeats - 1, num_classes)], axis=0)
+        proba = np.mean([proba, *_repeats(Xs, y, tuple(c for c in Cs if c <= best["C"]), k, seed, repeats - 1)], axis=0)
     return OutOfFold(proba, best["C"], history, by_C)
 
 
-def _repeats(
-    Xs: np.ndarray, y: np.ndarray, Cs: tuple[float, ...], C: float, k: int, seed: int, n: int, num_classes: int
-) -> list[np.ndarray]:
-    """`n` more k-fold runs at C (fold seeds seed+1, ...), each fold warm-started from the probe fitted
-    on all images (its C path walked up to C): close to each fold's optimum, so a few iterations each."""
-    ref = _logreg(Cs[0], seed, warm_start=True, tol=1e-3)
+def _repeats(Xs: np.ndarray, y: np.ndarray, path: tuple[float, ...], k: int, seed: int, n: int) -> list[np.ndarray]:
+    """`n` more k-fold runs at C, the last of `path` (fold seeds seed+1, ...), each fold warm-started from
+    the probe fitted on all images (its C `path` walked up to C): close to each fold's optimum, so a few
+    iterations each."""
+    C, num_classes = path[-1], int(y.max()) + 1  # every class has k >= 2 images here
+    ref = _logreg(path[0], seed, warm_start=True, tol=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        for c in (c for c in Cs if c <= C):
+        for c in path:
             ref.set_params(C=c).fit(Xs, y)
     runs = []
     for r in range(1, n + 1):

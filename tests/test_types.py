@@ -1,4 +1,4 @@
-"""The type check: mypy over apps/ and ml/ (strict on ml/), as mypy.ini configures it."""
+"""The type check: mypy over apps/ and ml/ (strict on both), as mypy.ini configures it."""
 
 from __future__ import annotations
 

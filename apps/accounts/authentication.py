@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+from django.contrib.auth.models import User
 from django.utils import timezone
 from rest_framework import authentication, exceptions
+from rest_framework.request import Request
 
 from apps.accounts.models import ApiToken
 
@@ -9,7 +11,7 @@ from apps.accounts.models import ApiToken
 class ApiTokenAuthentication(authentication.TokenAuthentication):
     """`Authorization: Token <key>` against hashed `ApiToken` rows."""
 
-    def authenticate(self, request):
+    def authenticate(self, request: Request) -> tuple[User, ApiToken] | None:
         # OAuth habits send `Bearer`; DRF would ignore the header and answer "credentials were not
         # provided", which sends people looking for a missing header rather than a wrong word.
         scheme = authentication.get_authorization_header(request).split(b" ", 1)[0].lower()
@@ -19,7 +21,7 @@ class ApiTokenAuthentication(authentication.TokenAuthentication):
             )
         return super().authenticate(request)
 
-    def authenticate_credentials(self, key: str):
+    def authenticate_credentials(self, key: str) -> tuple[User, ApiToken]:
         token = ApiToken.objects.select_related("user").filter(key_hash=ApiToken.hash_key(key)).first()
         if token is None or not token.user.is_active:
             raise exceptions.AuthenticationFailed("Invalid or revoked API token.")

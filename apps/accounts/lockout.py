@@ -4,7 +4,7 @@ a sentence saying which of the two applies, with a 429."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from axes.handlers.database import AxesDatabaseHandler
 from axes.handlers.proxy import AxesProxyHandler
@@ -15,6 +15,7 @@ from django.db.models import Sum
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 Reason = Literal["account", "address"]
+Credentials = dict[str, Any]  # the keyword arguments of Django's `authenticate`, as axes passes them on
 
 
 def message(reason: Reason = "account") -> str:
@@ -35,19 +36,20 @@ def client_ip(request: HttpRequest) -> str:
     from rest_framework.settings import api_settings
 
     proxies = api_settings.NUM_PROXIES or 0
-    forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
+    forwarded: str = request.META.get("HTTP_X_FORWARDED_FOR", "")
     if proxies and forwarded:
         hops = [h.strip() for h in forwarded.split(",")]
         return hops[-min(proxies, len(hops))]
-    return request.META.get("REMOTE_ADDR", "")
+    address: str = request.META.get("REMOTE_ADDR", "")
+    return address
 
 
-class LockoutHandler(AxesDatabaseHandler):
+class LockoutHandler(AxesDatabaseHandler):  # type: ignore[misc]  # axes ships no types: its base class is Any
     """Axes' database handler with a limit per lockout parameter: a username+address pair locks at
     AXES_FAILURE_LIMIT, an address alone at GRAFT_LOGIN_ADDRESS_FAILURE_LIMIT. (Axes itself has one
     limit for all of them, so an address would lock as soon as one of its users does.)"""
 
-    def reason(self, request: HttpRequest, credentials: dict | None = None) -> Reason | None:
+    def reason(self, request: HttpRequest, credentials: Credentials | None = None) -> Reason | None:
         """Which lockout applies to this request, if any."""
         parameters = get_lockout_parameters(request, credentials)
         attempts = self.get_user_attempts(request, credentials)
@@ -60,31 +62,32 @@ class LockoutHandler(AxesDatabaseHandler):
                 return "account"
         return None
 
-    def get_failures(self, request: HttpRequest, credentials: dict | None = None) -> int:
+    def get_failures(self, request: HttpRequest, credentials: Credentials | None = None) -> int:
         # Axes compares this with AXES_FAILURE_LIMIT, both before a sign-in and after a failure.
         if self.reason(request, credentials) is not None:
-            return get_failure_limit(request, credentials)
+            limit: int = get_failure_limit(request, credentials)
+            return limit
         return 0
 
-    def reset_user_attempts(self, request: HttpRequest, credentials: dict | None = None) -> int:
+    def reset_user_attempts(self, request: HttpRequest, credentials: Credentials | None = None) -> int:
         # On a successful sign-in, forget that username's failures from that address, not the
         # address's failures for other usernames: signing in to one's own account between guesses
         # must not reset the per-address count.
         username = get_client_username(request, credentials)
         address = getattr(request, "axes_ip_address", None) or client_ip(request)  # set by axes' middleware
         rows = AccessAttempt.objects.filter(username=username, ip_address=address)
-        count, _ = rows.delete()
+        count: int = rows.delete()[0]
         return count
 
 
-def lockout_reason(request: HttpRequest, credentials: dict | None = None) -> Reason:
+def lockout_reason(request: HttpRequest, credentials: Credentials | None = None) -> Reason:
     handler = AxesProxyHandler.get_implementation()
     reason = handler.reason(request, credentials) if isinstance(handler, LockoutHandler) else None
     return reason or "account"
 
 
 def locked_out(
-    request: HttpRequest, original_response: HttpResponse | None = None, credentials: dict | None = None
+    request: HttpRequest, original_response: HttpResponse | None = None, credentials: Credentials | None = None
 ) -> HttpResponse:
     text = message(lockout_reason(request, credentials))
     if request.path.startswith("/api/"):

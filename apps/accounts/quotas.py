@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.db.models import F, Sum
+from django.db.models import F, Model, QuerySet, Sum
 
 from apps.common.errors import UserError
 from apps.common.limits import human_bytes
@@ -42,8 +42,9 @@ def usage(user: User) -> Usage:
     from apps.serving.models import BatchPrediction, PredictionRecord, TrainedModel
     from apps.training.models import Job
 
-    def total(qs, field: str) -> int:
-        return qs.aggregate(n=Sum(field))["n"] or 0
+    def total(qs: QuerySet[Model], field: str) -> int:
+        n: int | None = qs.aggregate(n=Sum(field))["n"]
+        return n or 0
 
     open_uploads = Upload.objects.filter(owner=user, dataset__isnull=True, offset__lt=F("length"))
     batches = BatchPrediction.objects.filter(owner=user)  # results_bytes: reserved while running

@@ -81,7 +81,7 @@ def signup_gate(*, code: str = "") -> Gate:
     return Gate.INVITED
 
 
-def user_signup(*, form: UserCreationForm, code: str = "") -> User:
+def user_signup(*, form: UserCreationForm[User], code: str = "") -> User:
     """Create the account of a valid sign-up form, spending the invitation when one is needed.
     Two sign-ups with one invitation, or two first accounts at once, make one account."""
     with transaction.atomic():

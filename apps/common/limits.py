@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import BinaryIO
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -18,7 +19,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 FRAMING = 64 * 1024  # multipart boundaries and headers around the files
 
 
-def _limits() -> list[tuple[re.Pattern, int]]:
+def _limits() -> list[tuple[re.Pattern[str], int]]:
     return [
         (re.compile(r"^/api/v1/datasets/$"), settings.GRAFT_MAX_UPLOAD_BYTES + FRAMING),
         (re.compile(r"^/api/v1/uploads/[^/]+/$"), settings.GRAFT_MAX_UPLOAD_BYTES),
@@ -56,7 +57,7 @@ class BodyTooLarge(OSError):
 
 
 class _CappedStream:
-    def __init__(self, stream, limit: int) -> None:
+    def __init__(self, stream: BinaryIO, limit: int) -> None:
         self._stream, self._limit, self._read = stream, limit, 0
 
     def _count(self, data: bytes) -> bytes:

@@ -29,7 +29,7 @@ def paginated_response(
     return paginator.get_paginated_response(serializer_class(page, many=True).data)
 
 
-def paginated(serializer_class, name: str):
+def paginated(serializer_class: type[serializers.BaseSerializer[Any]], name: str) -> serializers.Serializer[Any]:
     """The schema of one page of `serializer_class` items."""
     return inline_serializer(
         name,

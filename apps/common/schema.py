@@ -3,7 +3,14 @@ with the statuses each kind of operation can give (drf-spectacular postprocessin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 from drf_spectacular.utils import OpenApiParameter
+
+if TYPE_CHECKING:
+    from drf_spectacular.generators import SchemaGenerator
+    from rest_framework.request import Request
 
 ERROR = {
     "type": "object",
@@ -36,14 +43,22 @@ BY_PATH = {
 }
 
 
-def tus_header(name: str, description: str, required: bool = True, kind: type = str, **extra) -> OpenApiParameter:
-    return OpenApiParameter(name, kind, OpenApiParameter.HEADER, required=required, description=description, **extra)
+def tus_header(
+    name: str,
+    description: str,
+    required: bool = True,
+    kind: type[str] | type[int] = str,
+    enum: Sequence[str] | None = None,
+) -> OpenApiParameter:
+    return OpenApiParameter(name, kind, OpenApiParameter.HEADER, required=required, description=description, enum=enum)
 
 
 TUS_RESUMABLE = tus_header("Tus-Resumable", "the protocol version", enum=["1.0.0"])
 
 
-def add_error_responses(result: dict, generator, request, public) -> dict:
+def add_error_responses(
+    result: dict[str, Any], generator: SchemaGenerator, request: Request | None, public: bool
+) -> dict[str, Any]:
     result.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR
     ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     for path, operations in result.get("paths", {}).items():

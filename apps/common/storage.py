@@ -228,7 +228,8 @@ def _s3_error_code(exc: Exception) -> str:
 
 
 def _s3_status(exc: Exception) -> int | None:
-    return getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    status: int | None = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status
 
 
 class RangeReader(io.RawIOBase):
@@ -298,7 +299,7 @@ class StreamReader(io.RawIOBase):
             self.tail = (self.tail + out)[-self._tail_size :]
         return out
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Any) -> int:  # a writable buffer (memoryview), as RangeReader's
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)

@@ -7,12 +7,16 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import render
 from rest_framework import throttling
+
+if TYPE_CHECKING:  # rest_framework.views reads the throttles from settings: no import of it here
+    from rest_framework.request import Request
+    from rest_framework.views import APIView
 
 View = Callable[..., HttpResponseBase]
 
@@ -47,7 +51,7 @@ class AddressThrottle(_SettingsRate, throttling.SimpleRateThrottle):
         self.scope = scope
         super().__init__()
 
-    def get_cache_key(self, request, view) -> str:
+    def get_cache_key(self, request: Request, view: APIView) -> str:
         return self.cache_format % {"scope": self.scope, "ident": self.get_ident(request)}
 
     def allow(self, request: HttpRequest) -> bool:

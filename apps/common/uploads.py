@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.core.files.uploadhandler import FileUploadHandler
+from django.http import HttpRequest
 from rest_framework.request import Request
 
 from apps.common.errors import UserError
@@ -20,7 +21,7 @@ def _too_large(limit: int) -> UserError:
 class MaxSizeUploadHandler(FileUploadHandler):
     """Aborts a multipart upload as soon as it passes `limit` bytes (covers chunked bodies)."""
 
-    def __init__(self, request=None, *, limit: int) -> None:
+    def __init__(self, request: HttpRequest | None = None, *, limit: int) -> None:
         super().__init__(request)
         self.limit = limit
         self.seen = 0

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections, connection, models, transaction
@@ -46,22 +46,25 @@ class WorkFields(models.Model):
         abstract = True
 
 
+_Item = TypeVar("_Item", bound=WorkFields)
+
+
 @dataclass(frozen=True)
-class Kind:
+class Kind(Generic[_Item]):
     """A kind of background work and the words its model uses for each state."""
 
     name: str  # "ingestion", "training", "batch prediction"
-    model: type[models.Model]
+    model: type[_Item]
     queued: str  # waiting for a worker (the same as `running` where the model has one word for both)
     running: str
     failed: str
     lost: str  # why it failed after too many lost workers; {attempts} is filled in
     enqueue: Callable[..., None]  # (pk, countdown=0): sends the message that makes a worker take it
-    on_lost: Callable[[Any], None] | None = None  # cleanup once it failed that way (its files)
+    on_lost: Callable[[_Item], None] | None = None  # cleanup once it failed that way (its files)
     requeued: dict[str, Any] = field(default_factory=dict)  # extra fields set when re-queued
 
-    def rows(self) -> QuerySet:
-        return self.model.objects.all()  # type: ignore[attr-defined]
+    def rows(self) -> QuerySet[_Item]:
+        return self.model._default_manager.all()  # `objects`: no model here declares a manager of its own
 
     def waiting(self) -> Q:
         return Q(status=self.queued, heartbeat_at__isnull=True)
@@ -74,20 +77,20 @@ class Kind:
         return Q(status__in={self.queued, self.running})
 
 
-KINDS: dict[str, Kind] = {}
+KINDS: dict[str, Kind[Any]] = {}  # every kind, whatever its model
 
 
-def register(kind: Kind) -> Kind:
+def register(kind: Kind[_Item]) -> Kind[_Item]:
     KINDS[kind.name] = kind
     return kind
 
 
-def attempt_rows(kind: Kind, item: Any) -> QuerySet:
+def attempt_rows(kind: Kind[_Item], item: _Item) -> QuerySet[_Item]:
     """This attempt's row while it runs: what every write of the attempt goes through."""
     return kind.rows().filter(pk=item.pk, attempts=item.attempts, status=kind.running)
 
 
-def claim(kind: Kind, pk: int, *, worker: str = "", waiting: bool = True) -> Any | None:
+def claim(kind: Kind[_Item], pk: int, *, worker: str = "", waiting: bool = True) -> _Item | None:
     """Take item `pk` for this worker: waiting (when `waiting`) or left by a lost worker.
     Returns the claimed row, or None (a duplicate delivery, a live attempt elsewhere, or gone)."""
     now = timezone.now()
@@ -115,7 +118,7 @@ def claim(kind: Kind, pk: int, *, worker: str = "", waiting: bool = True) -> Any
     return item
 
 
-def claim_fairest(kinds: Iterable[Kind], *, worker: str = "") -> tuple[Kind, Any] | None:
+def claim_fairest(kinds: Iterable[Kind[Any]], *, worker: str = "") -> tuple[Kind[Any], Any] | None:
     """Claim the fairest waiting item of `kinds`: its owner has the fewest items of these kinds
     running; among equals, the owner who least recently had one started (round robin between
     users); then the oldest item. Another worker may take the same pick first: then pick again."""
@@ -127,9 +130,9 @@ def claim_fairest(kinds: Iterable[Kind], *, worker: str = "") -> tuple[Kind, Any
     return None
 
 
-def _fairest(kinds: list[Kind]) -> tuple[Kind, int] | None:
+def _fairest(kinds: list[Kind[Any]]) -> tuple[Kind[Any], int] | None:
     cap = Q(attempts__lt=settings.GRAFT_JOB_MAX_ATTEMPTS)
-    oldest: dict[int, tuple[datetime, int, Kind]] = {}  # owner -> their oldest waiting item
+    oldest: dict[int, tuple[datetime, int, Kind[Any]]] = {}  # owner -> their oldest waiting item
     for kind in kinds:
         waiting = kind.rows().filter(kind.waiting(), cap).order_by()
         for owner, created in waiting.values_list("owner").annotate(first=Min("created_at")):
@@ -148,14 +151,14 @@ def _fairest(kinds: list[Kind]) -> tuple[Kind, int] | None:
             last_start[owner] = max(at, last_start.get(owner, at))
     never = datetime.min.replace(tzinfo=timezone.get_current_timezone())
 
-    def order(owner: int) -> tuple:
+    def order(owner: int) -> tuple[int, datetime, datetime, int]:
         return (running.get(owner, 0), last_start.get(owner, never), oldest[owner][0], oldest[owner][1])
 
     owner = min(oldest, key=order)
     return oldest[owner][2], oldest[owner][1]
 
 
-def _fail_exhausted(kind: Kind, items: QuerySet) -> list[int]:
+def _fail_exhausted(kind: Kind[_Item], items: QuerySet[_Item]) -> list[int]:
     """Fail the stale or re-queued items among `items` that used up their attempts."""
     failed = []
     now = timezone.now()
@@ -208,7 +211,7 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 TRANSIENT = _transient_errors()
 
 
-def hand_back(kind: Kind, rows: QuerySet) -> bool:
+def hand_back(kind: Kind[_Item], rows: QuerySet[_Item]) -> bool:
     """After a transient error: the attempt's item waits again, and a new message takes it after
     a back-off that doubles with each attempt (GRAFT_JOB_STALE_SECONDS, then twice that, ...: with
     the defaults an outage of about 6 minutes is ridden out; every try counts toward the attempt
@@ -231,8 +234,10 @@ class Heartbeat:
     attempt's own row). When the row no longer matches (cancelled, deleted, or taken over by
     another worker) it sets `lost`, which the work checks between steps."""
 
-    def __init__(self, rows: QuerySet, label: str, field: str = "heartbeat_at") -> None:
-        self.rows, self.label, self.field = rows, label, field
+    def __init__(self, rows: QuerySet[_Item], label: str, field: str = "heartbeat_at") -> None:
+        # Generic in the rows' model, so that `Heartbeat(attempt_rows(KIND, item), ...)` infers it from KIND.
+        self.rows: QuerySet[WorkFields] = rows
+        self.label, self.field = label, field
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{label}", daemon=True)

@@ -4,7 +4,7 @@ from apps.datasets.models import Dataset
 
 
 @admin.register(Dataset)
-class DatasetAdmin(admin.ModelAdmin):
+class DatasetAdmin(admin.ModelAdmin[Dataset]):
     list_display = ("id", "name", "owner", "status", "num_images", "error", "created_at")
     list_filter = ("status",)
     search_fields = ("name", "owner__username")

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
-from django.http import StreamingHttpResponse
+from django.http import QueryDict, StreamingHttpResponse
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_serializer, inline_serializer
@@ -29,7 +31,7 @@ from apps.datasets.versions import (
 )
 
 
-class DatasetOutputSerializer(serializers.ModelSerializer):
+class DatasetOutputSerializer(serializers.ModelSerializer[Dataset]):
     version = serializers.SerializerMethodField(help_text="its newest ready version's number (what training uses)")
 
     class Meta:
@@ -54,7 +56,7 @@ class DatasetOutputSerializer(serializers.ModelSerializer):
         return head.number if head else None
 
 
-class DatasetListSerializer(serializers.ModelSerializer):
+class DatasetListSerializer(serializers.ModelSerializer[Dataset]):
     """A dataset in a list: what a table row shows (the detail has classes, warnings, assessment)."""
 
     num_classes = serializers.SerializerMethodField()
@@ -69,7 +71,7 @@ class DatasetListSerializer(serializers.ModelSerializer):
 
 class DatasetListCreateApi(APIView):
     @extend_schema_serializer(component_name="DatasetInput")
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(serializers.Serializer[dict[str, Any]]):
         file = serializers.FileField(allow_empty_file=True)
         name = serializers.CharField(required=False, allow_blank=True, max_length=200)
 
@@ -105,7 +107,7 @@ class DatasetDetailApi(APIView):
 # --- versions -----------------------------------------------------------------------------------
 
 
-class VersionOutputSerializer(serializers.ModelSerializer):
+class VersionOutputSerializer(serializers.ModelSerializer[DatasetVersion]):
     # (`parent` and `label` are the JSON's names; on a DRF Field they are also attributes, hence the ignores.)
     parent = serializers.IntegerField(  # type: ignore[assignment]
         source="parent.number", allow_null=True, default=None, read_only=True
@@ -140,7 +142,7 @@ class VersionListSerializer(VersionOutputSerializer):
         fields = [f for f in VersionOutputSerializer.Meta.fields if f not in ("changes", "classes")]
 
 
-class LabelIssueSerializer(serializers.Serializer):
+class LabelIssueSerializer(serializers.Serializer[dict[str, Any]]):
     """ml.finders.LabelIssue, named by content in the app."""
 
     sha256 = serializers.CharField()
@@ -150,7 +152,7 @@ class LabelIssueSerializer(serializers.Serializer):
     score = serializers.FloatField(help_text="0..1, higher: more likely mislabelled")
 
 
-class NearDuplicateSerializer(serializers.Serializer):
+class NearDuplicateSerializer(serializers.Serializer[dict[str, Any]]):
     """ml.finders.NearDuplicate."""
 
     sha256s = serializers.ListField(child=serializers.CharField(), min_length=2, max_length=2)
@@ -159,7 +161,7 @@ class NearDuplicateSerializer(serializers.Serializer):
     similarity = serializers.FloatField()
 
 
-class OutlierSerializer(serializers.Serializer):
+class OutlierSerializer(serializers.Serializer[dict[str, Any]]):
     """ml.finders.Outlier."""
 
     sha256 = serializers.CharField()
@@ -167,7 +169,7 @@ class OutlierSerializer(serializers.Serializer):
     score = serializers.FloatField(help_text="distance to the nearest class over its typical distance (>1: farther)")
 
 
-class FindingsSerializer(serializers.Serializer):
+class FindingsSerializer(serializers.Serializer[dict[str, Any]]):
     """ml.finders.Findings.to_dict(), with each image's sha256."""
 
     status = serializers.ChoiceField(choices=DatasetVersion.FindingsStatus.choices)
@@ -177,7 +179,7 @@ class FindingsSerializer(serializers.Serializer):
     outliers = OutlierSerializer(many=True)
 
 
-class ImageSerializer(serializers.Serializer):
+class ImageSerializer(serializers.Serializer[dict[str, Any]]):
     sha256 = serializers.CharField()
     member = serializers.CharField()
     label = serializers.CharField()  # type: ignore[assignment]
@@ -191,7 +193,7 @@ class ImageSerializer(serializers.Serializer):
     dismissed = serializers.BooleanField(help_text="its findings were dismissed (the finder filters leave it out)")
 
 
-class ImagePageSerializer(serializers.Serializer):
+class ImagePageSerializer(serializers.Serializer[dict[str, Any]]):
     count = serializers.IntegerField()
     page = serializers.IntegerField()
     pages = serializers.IntegerField()
@@ -206,7 +208,7 @@ class VersionListCreateApi(APIView):
     a zip of images to add (multipart `file`)."""
 
     @extend_schema_serializer(component_name="ChangeSet")
-    class ChangeSerializer(serializers.Serializer):
+    class ChangeSerializer(serializers.Serializer[dict[str, Any]]):
         parent = serializers.IntegerField(  # type: ignore[assignment]
             required=False, help_text="the version the changes were made on; 409 if a newer one exists"
         )
@@ -215,7 +217,7 @@ class VersionListCreateApi(APIView):
         note = serializers.CharField(required=False, allow_blank=True, max_length=300)
 
     @extend_schema_serializer(component_name="AddImages")
-    class AddSerializer(serializers.Serializer):
+    class AddSerializer(serializers.Serializer[dict[str, Any]]):
         file = serializers.FileField(allow_empty_file=True, help_text="a zip: one folder of images per class")
         note = serializers.CharField(required=False, allow_blank=True, max_length=300)
 
@@ -291,7 +293,7 @@ class VersionImagesApi(APIView):
         return Response(page)
 
 
-def _int_param(q, name: str, default: int) -> int:
+def _int_param(q: QueryDict, name: str, default: int) -> int:
     raw = q.get(name, "")
     if raw == "":
         return default
@@ -333,7 +335,7 @@ class DismissalsApi(APIView):
     """Dismiss what the finders say of some images (or restore it, `dismissed: false`), in every version."""
 
     @extend_schema_serializer(component_name="DismissalsInput")
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(serializers.Serializer[dict[str, Any]]):
         # (No maxItems in the schema: a request that long is over the body-size limit first, a 413.)
         sha256s = serializers.ListField(child=serializers.CharField(max_length=64))
         dismissed = serializers.BooleanField(default=True)

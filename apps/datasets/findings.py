@@ -10,6 +10,7 @@ import logging
 import uuid
 from collections import Counter
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core.files.base import ContentFile
@@ -22,6 +23,9 @@ from apps.common.errors import UserError
 from apps.common.storage import delete_quietly, open_if_stored, open_stream
 from apps.datasets.models import Dataset, DatasetVersion
 from apps.datasets.versions import dataset_has_image, version_archive, version_index
+
+if TYPE_CHECKING:  # imported when used: ml.features brings in torch
+    from ml.features import EmbeddingCache
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +119,7 @@ def version_find(*, version_id: int) -> None:
         mine.update(findings_status=DatasetVersion.FindingsStatus.FAILED, findings_error=message)
 
 
-def load_embeddings(dataset: Dataset):
+def load_embeddings(dataset: Dataset) -> EmbeddingCache:
     """The dataset's embeddings so far (by image content), or an empty cache. They hold what the
     finders measured, among it every frozen feature a fit of the version reads (`ml.measure`)."""
     from ml.features import EmbeddingCache
@@ -131,7 +135,7 @@ def load_embeddings(dataset: Dataset):
         return EmbeddingCache()
 
 
-def _store_embeddings(dataset: Dataset, cache) -> None:
+def _store_embeddings(dataset: Dataset, cache: EmbeddingCache) -> None:
     """Replace the dataset's embeddings with `cache` (which holds every image the finders just read)."""
     name = embeddings_name(dataset)
     data = ContentFile(cache.to_bytes())
@@ -139,7 +143,7 @@ def _store_embeddings(dataset: Dataset, cache) -> None:
     default_storage.save(name, data)
 
 
-def _with_shas(data: dict, sha: dict[str, str], original: dict[str, str]) -> dict:
+def _with_shas(data: dict[str, Any], sha: dict[str, str], original: dict[str, str]) -> dict[str, Any]:
     """Findings name images by their member in the archive the finders read; the app names them by
     content (sha256), and by their path in the archive they arrived in."""
 
@@ -156,16 +160,17 @@ def _with_shas(data: dict, sha: dict[str, str], original: dict[str, str]) -> dic
     return data
 
 
-def findings_read(version: DatasetVersion) -> dict:
+def findings_read(version: DatasetVersion) -> dict[str, Any]:
     if version.findings_status != DatasetVersion.FindingsStatus.READY or not version.findings:
         return {"label_issues": [], "near_duplicates": [], "outliers": []}
     return _read_findings(version.findings)
 
 
 @functools.lru_cache(maxsize=16)
-def _read_findings(name: str) -> dict:
+def _read_findings(name: str) -> dict[str, Any]:
     with open_stream(name) as fh:
-        return json.load(fh)
+        findings: dict[str, Any] = json.load(fh)  # what `version_find` wrote
+        return findings
 
 
 def findings_dismiss(*, dataset: Dataset, sha256s: list[str], dismissed: bool = True) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from apps.common.errors import UserError
 from apps.datasets.findings import findings_read
@@ -27,9 +28,9 @@ FINDER_FILTERS = {
 
 @dataclass
 class Flags:
-    label_issue: dict | None = None
-    near_duplicates: list[dict] = field(default_factory=list)
-    outlier: dict | None = None
+    label_issue: dict[str, Any] | None = None  # the finders' rows, as `findings_read` gives them
+    near_duplicates: list[dict[str, Any]] = field(default_factory=list)
+    outlier: dict[str, Any] | None = None
 
     def rank(self) -> float:
         """How much an image asks for a look: its strongest finding."""
@@ -87,7 +88,7 @@ def version_images(
     page: int = 1,
     page_size: int = 60,
     with_dismissed: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """One page of the version's images; a finder filter leaves out dismissed images unless
     `with_dismissed`."""
     if finder and finder not in FINDER_FILTERS:

@@ -7,6 +7,8 @@ import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -14,6 +16,7 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from apps.accounts.quotas import check_new_dataset, owner_locked
@@ -60,7 +63,7 @@ INGESTION = work.register(
 )
 
 
-def dataset_create(*, owner: User, file: UploadedFile, name: str = "") -> Dataset:
+def dataset_create(*, owner: User, file: UploadedFile[bytes], name: str = "") -> Dataset:
     """Store an uploaded zip and queue its ingestion. Rejects non-zips at once."""
     size = file.size or 0  # an uploaded file always has its size; only a file made by hand has none
     if size == 0:
@@ -170,7 +173,7 @@ def thumbnail_store(dataset: Dataset, member: str, data: bytes) -> str | None:
     return default_storage.save(thumbnail_name(dataset, member), ContentFile(jpeg))
 
 
-def _store_thumbnails(path, dataset: Dataset, index: DatasetIndex) -> dict[str, list[str]]:
+def _store_thumbnails(path: Path, dataset: Dataset, index: DatasetIndex) -> dict[str, list[str]]:
     """Thumbnails made once, at ingestion, and stored: pages never decode a full image."""
     members = [m for group in thumbnail_members(index).values() for m in group]
     local = threading.local()
@@ -185,7 +188,7 @@ def _store_thumbnails(path, dataset: Dataset, index: DatasetIndex) -> dict[str, 
     return thumbnail_members(index)
 
 
-def _assess(path, index: DatasetIndex) -> dict:
+def _assess(path: Path, index: DatasetIndex) -> dict[str, Any]:
     """The transfer-matrix cell with the default backbone, for the train page. Never fails ingestion."""
     from ml.backbones import DEFAULT_BACKBONE
     from ml.errors import MLError
@@ -198,7 +201,14 @@ def _assess(path, index: DatasetIndex) -> dict:
         return {"error": exc.message}
 
 
-def _mark_ready(mine, dataset: Dataset, index: DatasetIndex, manifest: str, assessment: dict, thumbnails: dict) -> None:
+def _mark_ready(
+    mine: QuerySet[Dataset],
+    dataset: Dataset,
+    index: DatasetIndex,
+    manifest: str,
+    assessment: dict[str, Any],
+    thumbnails: dict[str, list[str]],
+) -> None:
     warnings = [asdict(w) for w in index.warnings]
     twin = (
         Dataset.objects.filter(owner=dataset.owner, status=Dataset.Status.READY, content_hash=index.content_hash)
@@ -237,7 +247,7 @@ def _mark_ready(mine, dataset: Dataset, index: DatasetIndex, manifest: str, asse
         delete_prefix(dataset.storage_prefix)  # deleted meanwhile (if taken over, the files are the winner's)
 
 
-def _fail(mine, dataset: Dataset, message: str) -> None:
+def _fail(mine: QuerySet[Dataset], dataset: Dataset, message: str) -> None:
     """Mark failed and drop what was stored (a failed upload leaves no files behind), if this
     attempt still holds the dataset."""
     if mine.update(status=Dataset.Status.FAILED, error=message, finished_at=timezone.now()):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import logging
 
-from celery import shared_task
+from celery import Task, shared_task
 
 from apps.common import work
 from apps.datasets.services import INGESTION, dataset_ingest
@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 # an ingestion alive elsewhere does nothing; one whose worker died is re-queued by beat, and one
 # that killed its workers GRAFT_JOB_MAX_ATTEMPTS times fails with a sentence instead of looping.
 @shared_task(name="datasets.ingest_dataset", bind=True, acks_late=True, reject_on_worker_lost=True)
-def ingest_dataset(self, dataset_id: int) -> None:
+def ingest_dataset(self: Task, dataset_id: int) -> None:
     dataset = work.claim(INGESTION, dataset_id, worker=self.request.hostname or "")
     if dataset is not None:
         dataset_ingest(dataset=dataset)
@@ -28,7 +28,7 @@ def expire_uploads() -> int:
 
 
 @shared_task(name="datasets.ingest_addition", bind=True, acks_late=True, reject_on_worker_lost=True)
-def ingest_addition(self, version_id: int) -> None:
+def ingest_addition(self: Task, version_id: int) -> None:
     """Images added to a dataset, ingested as its next version (claimed like an upload's ingestion)."""
     from apps.datasets.versions import ADDITION, version_ingest
 

@@ -29,7 +29,9 @@ import logging
 import time
 import uuid
 import zipfile
+from collections.abc import Iterator
 from datetime import timedelta
+from typing import IO, Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -127,7 +129,7 @@ class _LeaseLost(Exception):
     """This writer stalled past its lease and another may have taken the upload."""
 
 
-def _body(stream, limit: int, lease: _Lease):
+def _body(stream: IO[bytes] | None, limit: int, lease: _Lease) -> Iterator[bytes]:
     """The request body in pieces, at most `limit` bytes; a client that goes away ends it early."""
     left = limit
     while stream is not None and left > 0:
@@ -143,7 +145,7 @@ def _body(stream, limit: int, lease: _Lease):
         yield piece
 
 
-def upload_append(*, upload: Upload, offset: int, stream, declared: int | None) -> Upload:
+def upload_append(*, upload: Upload, offset: int, stream: IO[bytes] | None, declared: int | None) -> Upload:
     """Append the request body at `offset` as a new stored part; keeps what arrived if the client drops."""
     if offset != upload.offset:
         raise _offset_conflict(upload, offset)
@@ -177,7 +179,7 @@ def upload_append(*, upload: Upload, offset: int, stream, declared: int | None) 
     return upload
 
 
-def _chain(first: bytes, rest: StreamReader):
+def _chain(first: bytes, rest: StreamReader) -> Iterator[bytes]:
     yield first
     while piece := rest.read(PIECE):
         yield piece
@@ -308,7 +310,7 @@ def _dataset_headers(dataset: Dataset, upload: Upload) -> dict[str, str]:
 class TusUploadListApi(APIView):
     @extend_schema(exclude=True)
     # DRF hands its views a Request, where django-stubs' View.options expects an HttpRequest.
-    def options(self, request: Request, *args, **kwargs) -> Response:  # type: ignore[override]
+    def options(self, request: Request, *args: Any, **kwargs: Any) -> Response:  # type: ignore[override]
         return Response(
             status=204,
             headers=_tus_headers(
@@ -358,14 +360,14 @@ class TusUploadListApi(APIView):
 
 
 class TusUploadApi(APIView):
-    def _get(self, request: AuthenticatedRequest, upload_id) -> Upload:
+    def _get(self, request: AuthenticatedRequest, upload_id: uuid.UUID) -> Upload:
         try:
             return Upload.objects.get(pk=upload_id, owner=request.user)
         except Upload.DoesNotExist:
             raise Http404 from None
 
     @extend_schema(exclude=True)
-    def head(self, request: AuthenticatedRequest, upload_id) -> Response:
+    def head(self, request: AuthenticatedRequest, upload_id: uuid.UUID) -> Response:
         upload = self._get(request, upload_id)
         headers = _tus_headers(**{"Upload-Offset": str(upload.offset), "Upload-Length": str(upload.length)})
         if upload.offset == upload.length:  # complete: finish it if the last PATCH could not
@@ -383,7 +385,7 @@ class TusUploadApi(APIView):
             tus_header("Upload-Offset", "where these bytes go: the offset HEAD reports", kind=int),
         ],
     )
-    def patch(self, request: AuthenticatedRequest, upload_id) -> Response:
+    def patch(self, request: AuthenticatedRequest, upload_id: uuid.UUID) -> Response:
         if request.content_type != "application/offset+octet-stream":
             raise UserError("A tus PATCH must have Content-Type application/offset+octet-stream.", status_code=415)
         offset = _int_header(request, "Upload-Offset")
@@ -407,6 +409,6 @@ class TusUploadApi(APIView):
         description="tus termination: abandon the upload",
         parameters=[TUS_RESUMABLE],
     )
-    def delete(self, request: AuthenticatedRequest, upload_id) -> Response:
+    def delete(self, request: AuthenticatedRequest, upload_id: uuid.UUID) -> Response:
         upload_delete(upload=self._get(request, upload_id), unless_writing=True)
         return Response(status=204, headers=_tus_headers())

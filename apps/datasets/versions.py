@@ -30,12 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path, PurePosixPath
+from typing import IO, TypedDict
 
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from apps.accounts.quotas import check_new_dataset, owner_locked
@@ -44,7 +46,7 @@ from apps.common.errors import UserError
 from apps.common.storage import delete_quietly, local_copy, open_seekable, open_stream
 from apps.datasets.models import Dataset, DatasetVersion
 from ml.archive import read_member
-from ml.dataset import DatasetIndex, DatasetWarning, Sample, index_images, validate_classes
+from ml.dataset import DatasetIndex, DatasetWarning, IngestConfig, Sample, index_images, validate_classes
 from ml.errors import DatasetError
 from ml.images import ImageDecodeError, thumbnail_jpeg
 
@@ -76,7 +78,16 @@ def version_head(dataset: Dataset) -> DatasetVersion | None:
     return dataset.versions.filter(status=DatasetVersion.Status.READY).order_by("-number").first()
 
 
-def class_counts(index: DatasetIndex) -> list[dict]:
+class ClassCount(TypedDict):
+    """A class of a version, as `Dataset.classes` and `DatasetVersion.classes` list them."""
+
+    name: str
+    count: int
+    train: int
+    val: int
+
+
+def class_counts(index: DatasetIndex) -> list[ClassCount]:
     totals, train, val = index.counts(), index.counts("train"), index.counts("val")
     return [{"name": c, "count": totals[c], "train": train[c], "val": val[c]} for c in index.classes]
 
@@ -133,7 +144,7 @@ def store_image_thumbs(dataset: Dataset, archive: Path, samples: list[Sample]) -
         list(pool.map(make, samples))
 
 
-def _ingest_config():
+def _ingest_config() -> IngestConfig:
     from apps.datasets.services import ingest_config
 
     return ingest_config()
@@ -233,7 +244,7 @@ def _save_version(
     parent: DatasetVersion,
     index: DatasetIndex,
     *,
-    changes: dict,
+    changes: dict[str, list[dict[str, str]]],  # kind ("relabelled", "removed", "added") -> one row an image
     note: str,
     number: int | None = None,
     version: DatasetVersion | None = None,
@@ -309,7 +320,7 @@ ADDITION = work.register(
 )
 
 
-def version_add(*, dataset: Dataset, file: UploadedFile, note: str = "") -> DatasetVersion:
+def version_add(*, dataset: Dataset, file: UploadedFile[bytes], note: str = "") -> DatasetVersion:
     """Store a zip of images to add and queue its ingestion as the next version."""
     size = file.size or 0
     if size == 0:
@@ -404,14 +415,14 @@ def version_ingest(*, version: DatasetVersion) -> None:
         )
 
 
-def _fail_addition(mine, version: DatasetVersion, message: str) -> None:
+def _fail_addition(mine: QuerySet[DatasetVersion], version: DatasetVersion, message: str) -> None:
     if mine.update(status=DatasetVersion.Status.FAILED, error=message, finished_at=timezone.now()):
         _drop_addition(version)
 
 
 def _merge(
     parent: DatasetIndex, added: DatasetIndex, source: str
-) -> tuple[DatasetIndex, list[dict], list[DatasetWarning]]:
+) -> tuple[DatasetIndex, list[dict[str, str]], list[DatasetWarning]]:
     """The parent with the added images: those already in it left out, each new one given a split."""
     known = {s.sha256: s for s in parent.samples}
     new, same, clash = [], [], []
@@ -559,7 +570,7 @@ def version_export(version: DatasetVersion) -> Iterator[bytes]:
     return body()
 
 
-def image_thumbnail(dataset: Dataset, sha256: str):
+def image_thumbnail(dataset: Dataset, sha256: str) -> IO[bytes] | None:
     """A stream of the thumbnail of the dataset's image `sha256` (any version's), or None when the
     dataset has no such image. Made once and stored: by the worker at ingestion, or here for images
     of a dataset ingested before every image had one (read from the archive by ranges, not whole)."""

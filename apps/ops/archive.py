@@ -16,11 +16,11 @@ import hashlib
 import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any, TypedDict
 
 from django.apps import apps
 from django.core.files.storage import default_storage
-from django.db import connection
+from django.db import connection, models
 from django.db.migrations.recorder import MigrationRecorder
 
 FORMAT = "graft-backup"
@@ -37,6 +37,14 @@ NOT_DUMPED = ("contenttypes", "auth.permission")
 class Stored:
     name: str
     size: int
+
+
+class StoredEntry(TypedDict):
+    """A stored object as the manifest lists it (`storage.objects`)."""
+
+    name: str
+    size: int
+    sha256: str
 
 
 def stored_objects() -> list[Stored]:
@@ -80,7 +88,7 @@ def delete_stored(objects: list[Stored]) -> None:
         bucket.delete_objects(Delete={"Objects": keys[start : start + 1000], "Quiet": True})
 
 
-def dumped_models() -> list:
+def dumped_models() -> list[type[models.Model]]:
     """The models whose rows the dump holds (what `dumpdata --all` writes, less NOT_DUMPED)."""
     return [
         m
@@ -123,7 +131,7 @@ class HashingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Any) -> int:  # a writable buffer (memoryview), as storage.RangeReader's
         data = self._raw.read(len(buffer))
         n = len(data)
         buffer[:n] = data

@@ -13,9 +13,10 @@ import os
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import django
 from django.core.files.storage import default_storage
@@ -34,6 +35,7 @@ from apps.ops.archive import (
     VERSION,
     HashingReader,
     Stored,
+    StoredEntry,
     migration_state,
     row_counts,
     stored_objects,
@@ -44,7 +46,7 @@ class BackupError(Exception):
     """A backup or a restore that cannot go on; the message says why and what to do."""
 
 
-def backup_create(*, out: Path, progress: bool = True) -> dict:
+def backup_create(*, out: Path, progress: bool = True) -> dict[str, Any]:
     """Write the backup file `out` (a tar, see apps.ops.archive); returns the summary.
 
     `out` appears only when it is complete (written as `out.partial`, then renamed).
@@ -73,7 +75,7 @@ def backup_create(*, out: Path, progress: bool = True) -> dict:
     }
 
 
-def _write(partial: Path, created_at: datetime, progress: bool) -> dict:
+def _write(partial: Path, created_at: datetime, progress: bool) -> dict[str, Any]:
     """Write the backup into `partial`; returns its manifest."""
     with tempfile.TemporaryDirectory(dir=partial.parent, prefix=".graft-backup-") as scratch:
         dump = Path(scratch) / DATABASE
@@ -90,7 +92,7 @@ def _write(partial: Path, created_at: datetime, progress: bool) -> dict:
             with dump.open("rb") as src:
                 database.update(_add(tar, DATABASE, src, dump.stat().st_size, bar.update))
             copied, vanished = _add_objects(tar, objects, bar.update)
-            manifest = {
+            manifest: dict[str, Any] = {
                 "format": FORMAT,
                 "version": VERSION,
                 "created_at": created_at.isoformat(),
@@ -109,7 +111,7 @@ def _write(partial: Path, created_at: datetime, progress: bool) -> dict:
     return manifest
 
 
-def _dump_database(path: Path) -> dict:
+def _dump_database(path: Path) -> dict[str, Any]:
     """Every row into `path` (`dumpdata`, JSON Lines, gzip), with the row counts and migration state
     read in the same transaction. On PostgreSQL that transaction is a REPEATABLE READ snapshot, so
     the dump is consistent while the app keeps running; on SQLite writers wait until it ends."""
@@ -134,7 +136,9 @@ def _dump_database(path: Path) -> dict:
     return {"vendor": connection.vendor, "file": DATABASE, "rows": rows, "migrations": migrations}
 
 
-def _add(tar: tarfile.TarFile, name: str, reader: IO[bytes], size: int, on_bytes=None) -> dict:
+def _add(
+    tar: tarfile.TarFile, name: str, reader: IO[bytes], size: int, on_bytes: Callable[[int], object] | None = None
+) -> dict[str, Any]:
     """Stream `size` bytes of `reader` into `tar` as `name`; returns {size, sha256}."""
     info = tarfile.TarInfo(name)
     info.size = size
@@ -145,9 +149,12 @@ def _add(tar: tarfile.TarFile, name: str, reader: IO[bytes], size: int, on_bytes
     return {"bytes": size, "sha256": hashing.sha256}
 
 
-def _add_objects(tar: tarfile.TarFile, objects: list[Stored], on_bytes) -> tuple[list[dict], list[str]]:
+def _add_objects(
+    tar: tarfile.TarFile, objects: list[Stored], on_bytes: Callable[[int], object]
+) -> tuple[list[StoredEntry], list[str]]:
     """Copy each stored object into `tar`; returns the manifest entries and the names that vanished."""
-    copied, vanished = [], []
+    copied: list[StoredEntry] = []
+    vanished: list[str] = []
     for obj in objects:
         try:
             reader, size = _open_sized(obj.name)

@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
 from django.core.management import call_command
 from django.db import transaction
@@ -36,6 +36,7 @@ from apps.ops.archive import (
     STORAGE,
     VERSION,
     HashingReader,
+    StoredEntry,
     delete_stored,
     migration_state,
     row_counts,
@@ -45,13 +46,18 @@ from apps.ops.archive import (
 )
 from apps.ops.backup import BackupError
 
+if TYPE_CHECKING:
+    from apps.datasets.models import Dataset
+    from apps.serving.models import BatchPrediction
+    from apps.training.models import Job
+
 IN_FLIGHT = (
     "{what} was {state} when the backup this server was restored from was made, and work in "
     "progress is not part of a backup. {again}"
 )
 
 
-def backup_restore(*, path: Path, force: bool = False, progress: bool = True) -> dict:
+def backup_restore(*, path: Path, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Replace this deployment's database and storage with the backup at `path`; returns the summary."""
     started = time.monotonic()
     try:
@@ -71,10 +77,10 @@ def backup_restore(*, path: Path, force: bool = False, progress: bool = True) ->
             if in_use:
                 call_command("flush", interactive=False, verbosity=0)
             _load_database(tar, manifest)
-            settled = _settle_in_flight()
+            settled, checkpoints = _settle_in_flight()
         delete_stored(stored)
         objects = _restore_objects(tar, manifest["storage"]["objects"], progress)
-    for prefix in settled.pop("checkpoints"):
+    for prefix in checkpoints:
         delete_prefix(prefix)  # the checkpoints of jobs that will not resume
     return {
         "restored_from": str(path),
@@ -86,7 +92,7 @@ def backup_restore(*, path: Path, force: bool = False, progress: bool = True) ->
     }
 
 
-def _read_manifest(tar: tarfile.TarFile, path: Path) -> dict:
+def _read_manifest(tar: tarfile.TarFile, path: Path) -> dict[str, Any]:
     try:
         member = tar.extractfile(MANIFEST)
         manifest = json.load(member) if member else None
@@ -126,7 +132,7 @@ def _check_migrations(backup: dict[str, list[str]]) -> None:
     )
 
 
-def _load_database(tar: tarfile.TarFile, manifest: dict) -> None:
+def _load_database(tar: tarfile.TarFile, manifest: dict[str, Any]) -> None:
     expected = manifest["database"]
     with tempfile.TemporaryDirectory(prefix="graft-restore-") as scratch:
         dump = Path(scratch) / DATABASE  # loaddata reads the format and the compression off the name
@@ -143,8 +149,9 @@ def _load_database(tar: tarfile.TarFile, manifest: dict) -> None:
         raise BackupError(f"The database did not load whole ({detail}); nothing was changed.")
 
 
-def _settle_in_flight() -> dict:
-    """Fail what was queued or running at backup time, with a sentence its owner reads (see the module)."""
+def _settle_in_flight() -> tuple[dict[str, list[int]], list[str]]:
+    """Fail what was queued or running at backup time, with a sentence its owner reads (see the module).
+    Returns the ids failed, by kind, and the checkpoint prefixes of the jobs failed (to delete)."""
     from apps.datasets.models import Dataset
     from apps.serving.models import BatchPrediction
     from apps.training.models import Job
@@ -157,10 +164,12 @@ def _settle_in_flight() -> dict:
     dataset_ids = _fail(datasets, "This dataset", "Upload it again.")
     batches = BatchPrediction.objects.filter(status__in=[BatchPrediction.Status.QUEUED, BatchPrediction.Status.RUNNING])
     batch_ids = _fail(batches, "This batch prediction", "Submit it again.", finished_at=now)
-    return {"jobs": job_ids, "datasets": dataset_ids, "batches": batch_ids, "checkpoints": checkpoints}
+    return {"jobs": job_ids, "datasets": dataset_ids, "batches": batch_ids}, checkpoints
 
 
-def _fail(rows: QuerySet, what: str, again: str, **fields) -> list[int]:
+def _fail(
+    rows: QuerySet[Job] | QuerySet[Dataset] | QuerySet[BatchPrediction], what: str, again: str, **fields: object
+) -> list[int]:
     """Mark `rows` (each model's own "failed" status) failed, saying why; returns their ids."""
     ids = []
     for pk, state in rows.order_by("pk").values_list("pk", "status"):
@@ -170,7 +179,7 @@ def _fail(rows: QuerySet, what: str, again: str, **fields) -> list[int]:
     return ids
 
 
-def _restore_objects(tar: tarfile.TarFile, objects: list[dict], progress: bool) -> dict:
+def _restore_objects(tar: tarfile.TarFile, objects: list[StoredEntry], progress: bool) -> dict[str, int]:
     """Write every object back to storage, then read it back: each must match its SHA-256."""
     damaged: list[str] = []
     total = sum(o["size"] for o in objects)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any, TypedDict
 
 from django.conf import settings
 from django.core.files.storage import default_storage
@@ -31,16 +32,22 @@ class Stored:
     modified: datetime
 
 
+class Removed(TypedDict):
+    name: str
+    bytes: int
+    why: str
+
+
 @dataclass
 class SweepReport:
-    removed: list[dict] = field(default_factory=list)  # {name, bytes, why}
+    removed: list[Removed] = field(default_factory=list)
     removed_bytes: int = 0
     kept_young: int = 0  # unowned, but inside the grace period
     multipart_aborted: int = 0
     scratch_removed: list[str] = field(default_factory=list)
     dry_run: bool = False
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

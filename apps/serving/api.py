@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import mimetypes
 import time
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlencode
 
 from django.conf import settings
@@ -49,7 +49,7 @@ from apps.serving.selectors import batch_get, batch_list, model_get, model_list
 from apps.serving.services import model_delete, model_predict
 
 
-class ModelOutputSerializer(serializers.ModelSerializer):
+class ModelOutputSerializer(serializers.ModelSerializer[TrainedModel]):
     project = serializers.IntegerField(source="dataset_id", allow_null=True, read_only=True)
     version = serializers.IntegerField(source="version.number", allow_null=True, default=None, read_only=True)
 
@@ -74,7 +74,7 @@ class ModelOutputSerializer(serializers.ModelSerializer):
         read_only_fields = [f for f in fields if f not in ("prediction_log", "name")]
 
 
-class ModelListSerializer(serializers.ModelSerializer):
+class ModelListSerializer(serializers.ModelSerializer[TrainedModel]):
     """A model in a list: name, backbone, accuracy (the detail has per-class metrics and the plan)."""
 
     num_classes = serializers.SerializerMethodField()
@@ -88,7 +88,8 @@ class ModelListSerializer(serializers.ModelSerializer):
         return len(model.classes)
 
     def get_val_accuracy(self, model: TrainedModel) -> float | None:
-        return model.metrics.get("val_accuracy")
+        accuracy: float | None = model.metrics.get("val_accuracy")
+        return accuracy
 
 
 class ModelListApi(APIView):
@@ -99,7 +100,7 @@ class ModelListApi(APIView):
 
 class ModelDetailApi(APIView):
     @extend_schema_serializer(component_name="ModelUpdate")
-    class UpdateSerializer(serializers.Serializer):
+    class UpdateSerializer(serializers.Serializer[dict[str, Any]]):
         name = serializers.CharField(required=False, max_length=200)
         prediction_log = serializers.ChoiceField(choices=TrainedModel.Log.choices, required=False)
 
@@ -126,7 +127,7 @@ class ModelDetailApi(APIView):
         return Response(ModelOutputSerializer(model).data)
 
 
-class PredictionRecordSerializer(serializers.ModelSerializer):
+class PredictionRecordSerializer(serializers.ModelSerializer[PredictionRecord]):
     image = serializers.SerializerMethodField()
 
     class Meta:
@@ -236,7 +237,7 @@ def _predict_response(request: AuthenticatedRequest, model: TrainedModel, starte
 # --- projects -------------------------------------------------------------------------------------
 
 
-class ProjectModelSerializer(serializers.ModelSerializer):
+class ProjectModelSerializer(serializers.ModelSerializer[TrainedModel]):
     version = serializers.IntegerField(source="version.number", allow_null=True, default=None, read_only=True)
     val_accuracy = serializers.SerializerMethodField()
     strategy = serializers.SerializerMethodField()
@@ -246,13 +247,15 @@ class ProjectModelSerializer(serializers.ModelSerializer):
         fields = ["id", "name", "version", "published", "published_at", "val_accuracy", "strategy", "job", "created_at"]
 
     def get_val_accuracy(self, model: TrainedModel) -> float | None:
-        return model.metrics.get("val_accuracy")
+        accuracy: float | None = model.metrics.get("val_accuracy")
+        return accuracy
 
     def get_strategy(self, model: TrainedModel) -> str | None:
-        return model.strategy.get("name")
+        name: str | None = model.strategy.get("name")
+        return name
 
 
-class ProjectSerializer(serializers.ModelSerializer):
+class ProjectSerializer(serializers.ModelSerializer[Dataset]):
     """A dataset's versions and the models trained on them (the project has the dataset's id)."""
 
     versions = serializers.SerializerMethodField()
@@ -265,7 +268,7 @@ class ProjectSerializer(serializers.ModelSerializer):
         fields = ["id", "name", "status", "versions", "models", "published", "predict_url", "created_at"]
 
     @extend_schema_field(serializers.ListField(child=serializers.DictField()))
-    def get_versions(self, project: Dataset) -> list[dict]:
+    def get_versions(self, project: Dataset) -> list[dict[str, Any]]:
         return [
             {"number": v.number, "status": v.status, "num_images": v.num_images, "summary": v.summary,
              "note": v.note, "created_at": v.created_at}
@@ -273,7 +276,7 @@ class ProjectSerializer(serializers.ModelSerializer):
         ]  # fmt: skip
 
     @extend_schema_field(ProjectModelSerializer(many=True))
-    def get_models(self, project: Dataset) -> list[dict]:
+    def get_models(self, project: Dataset) -> list[dict[str, Any]]:
         return list(ProjectModelSerializer(project_models(project), many=True).data)
 
     def get_published(self, project: Dataset) -> int | None:
@@ -300,7 +303,7 @@ class ProjectPublishApi(APIView):
     """Publish one of the project's models behind its stable URL (`model`: null unpublishes)."""
 
     @extend_schema_serializer(component_name="PublishInput")
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(serializers.Serializer[dict[str, Any]]):
         model = serializers.IntegerField(allow_null=True)
 
     @extend_schema(request=InputSerializer, responses=ProjectSerializer)
@@ -333,7 +336,7 @@ class ProjectPredictApi(APIView):
         return _predict_response(request, project_serving_model(project), started)
 
 
-class BatchOutputSerializer(serializers.ModelSerializer):
+class BatchOutputSerializer(serializers.ModelSerializer[BatchPrediction]):
     progress = serializers.FloatField(read_only=True)
     results = serializers.SerializerMethodField()
 
@@ -366,7 +369,7 @@ class BatchOutputSerializer(serializers.ModelSerializer):
 
 class BatchListCreateApi(APIView):
     @extend_schema_serializer(component_name="BatchInput")
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(serializers.Serializer[dict[str, Any]]):
         file = serializers.FileField(required=False, allow_empty_file=True)
         dataset = serializers.IntegerField(required=False, min_value=1)
         k = serializers.IntegerField(required=False, default=5)
@@ -451,7 +454,7 @@ class LabelQueueApi(APIView):
     POST labels some ({labels: {prediction id: class}, note}) into a new version of its dataset."""
 
     @extend_schema_serializer(component_name="LabelsInput")
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(serializers.Serializer[dict[str, Any]]):
         labels = serializers.DictField(child=serializers.CharField(max_length=200), help_text="{prediction id: class}")
         note = serializers.CharField(required=False, allow_blank=True, max_length=300)
 

@@ -22,6 +22,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -30,6 +31,7 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from apps.accounts.quotas import check_new_batch, owner_locked
@@ -84,7 +86,12 @@ BATCH = work.register(
 
 
 def batch_create(
-    *, owner: User, model: TrainedModel, file: UploadedFile | None = None, dataset: Dataset | None = None, k: int = 5
+    *,
+    owner: User,
+    model: TrainedModel,
+    file: UploadedFile[bytes] | None = None,
+    dataset: Dataset | None = None,
+    k: int = 5,
 ) -> BatchPrediction:
     """Queue a batch over an uploaded zip of images, or over a ready dataset's images."""
     if (file is None) == (dataset is None):
@@ -237,7 +244,7 @@ def _store_thumbnails(batch: BatchPrediction, archive: Path, results: Path) -> t
     return made, total
 
 
-def batch_items(batch: BatchPrediction, *, label: str = "", page: int = 1, page_size: int = 60) -> dict:
+def batch_items(batch: BatchPrediction, *, label: str = "", page: int = 1, page_size: int = 60) -> dict[str, Any]:
     """The batch's predictions a page at a time, least confident first (unreadable files last),
     filtered by top label; with the label counts and, where stored, a thumbnail."""
     rows = _read_results(batch.results_json) if batch.results_json else []
@@ -272,10 +279,11 @@ def batch_items(batch: BatchPrediction, *, label: str = "", page: int = 1, page_
 
 
 @functools.lru_cache(maxsize=8)
-def _read_results(name: str) -> list[dict]:
+def _read_results(name: str) -> list[dict[str, Any]]:
     """A finished batch's predictions.json (immutable once the batch ended)."""
     with open_stream(name) as fh:
-        return json.load(fh)
+        rows: list[dict[str, Any]] = json.load(fh)  # one {file, predictions, error?} per image (`_write_results`)
+        return rows
 
 
 def _store(batch: BatchPrediction, path: Path) -> str:
@@ -289,7 +297,7 @@ def _scratch() -> Path:
     return settings.GRAFT_WORK_DIR
 
 
-def _fail(mine, message: str) -> None:
+def _fail(mine: QuerySet[BatchPrediction], message: str) -> None:
     mine.update(status=BatchPrediction.Status.FAILED, finished_at=timezone.now(), error=message, results_bytes=0)
 
 
@@ -297,7 +305,7 @@ class _Progress:
     """Writes images done (and found) to the row, at most once a second and at the end; stops the
     batch once the row is no longer this attempt's (deleted, or taken over)."""
 
-    def __init__(self, rows, lost: threading.Event) -> None:
+    def __init__(self, rows: QuerySet[BatchPrediction], lost: threading.Event) -> None:
         self.rows, self.lost, self.last = rows, lost, 0.0
 
     def __call__(self, done: int, total: int) -> None:

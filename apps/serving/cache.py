@@ -34,7 +34,7 @@ from django.conf import settings
 from apps.common.errors import UserError
 from apps.common.storage import PIECE, local_copy
 from apps.serving.models import TrainedModel
-from ml.bundle import unpack_bundle
+from ml.bundle_format import unpack_bundle
 from ml.predict import Predictor
 
 log = logging.getLogger(__name__)

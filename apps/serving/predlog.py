@@ -22,6 +22,7 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import connections, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from apps.accounts.quotas import usage
@@ -193,13 +194,13 @@ def trim(model_id: int, keep: int | None = None) -> None:
     forget(records)
 
 
-def forget(records) -> None:
+def forget(records: QuerySet[PredictionRecord]) -> None:
     """Delete these records and their kept images."""
     _delete_images(records)
     records.delete()
 
 
-def _delete_images(records) -> list[int]:
+def _delete_images(records: QuerySet[PredictionRecord]) -> list[int]:
     """Delete the kept images of these records; returns the pks of the records that had one."""
     kept = list(records.exclude(image="").values_list("pk", "image"))
     for _, name in kept:

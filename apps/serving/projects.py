@@ -9,6 +9,9 @@ project with none, and the project URL says so instead of serving another.
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Literal, NotRequired, TypedDict
+
 from django.contrib.auth.models import User
 from django.db import transaction
 from django.db.models import QuerySet
@@ -16,7 +19,7 @@ from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
 from apps.common.errors import UserError
-from apps.datasets.models import Dataset
+from apps.datasets.models import Dataset, DatasetVersion
 from apps.serving.models import TrainedModel
 
 
@@ -36,9 +39,16 @@ def project_published(project: Dataset) -> TrainedModel | None:
     return TrainedModel.objects.filter(dataset=project, published=True).first()
 
 
-def project_timeline(project: Dataset) -> list[dict]:
+class TimelineEvent(TypedDict):
+    kind: Literal["version", "model"]
+    at: datetime
+    version: NotRequired[DatasetVersion]  # a "version" event's
+    model: NotRequired[TrainedModel]  # a "model" event's
+
+
+def project_timeline(project: Dataset) -> list[TimelineEvent]:
     """Versions and models, newest first, each model under the version it was trained on."""
-    events: list[dict] = []
+    events: list[TimelineEvent] = []
     for v in project.versions.order_by("-number"):
         events.append({"kind": "version", "at": v.created_at, "version": v})
     for m in project_models(project):

@@ -4,6 +4,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from django.conf import settings
 from django.core.files import File
@@ -19,6 +20,9 @@ from apps.serving.models import TrainedModel, model_storage_prefix
 from apps.training.models import Job
 from ml.images import ImageDecodeError, header_pixels
 
+if TYPE_CHECKING:  # for its type only: ml.fit brings in torch
+    from ml.fit import FitResult
+
 
 @dataclass(frozen=True)
 class StoredBundle:
@@ -26,6 +30,13 @@ class StoredBundle:
     name: str
     size: int
     sha256: str
+
+
+class LabelScore(TypedDict):
+    """One of an image's top-k predictions, as the API answers it."""
+
+    label: str
+    score: float
 
 
 def bundle_store(bundle_path: str) -> StoredBundle:
@@ -37,7 +48,7 @@ def bundle_store(bundle_path: str) -> StoredBundle:
     return StoredBundle(prefix, name, path.stat().st_size, _sha256(path))
 
 
-def model_create(*, job: Job, bundle: StoredBundle, result) -> TrainedModel:
+def model_create(*, job: Job, bundle: StoredBundle, result: FitResult) -> TrainedModel:
     return TrainedModel.objects.create(
         owner=job.owner,
         job=job,
@@ -55,7 +66,7 @@ def model_create(*, job: Job, bundle: StoredBundle, result) -> TrainedModel:
     )
 
 
-def model_default_name(job: Job, strategy: dict) -> str:
+def model_default_name(job: Job, strategy: dict[str, Any]) -> str:
     """What tells a project's models apart at a glance: the version, the plan, and which of its kind
     it is ("pets v2 · linear", then "pets v2 · linear #2"); renamed at will."""
     if job.dataset is None:
@@ -84,8 +95,8 @@ def _sha256(path: Path) -> str:
 
 
 def model_predict(
-    *, model: TrainedModel, images: list[UploadedFile], k: int = 5, started: float | None = None
-) -> list[list[dict]]:
+    *, model: TrainedModel, images: list[UploadedFile[bytes]], k: int = 5, started: float | None = None
+) -> list[list[LabelScore]]:
     """Top-k for each image; logged when the model's prediction log is on, with the time since
     `started` (time.perf_counter(); default: now) as the request's latency."""
     started = time.perf_counter() if started is None else started

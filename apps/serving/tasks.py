@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from celery import shared_task
+from celery import Task, shared_task
 from django.conf import settings
 
 from apps.serving.batches import BATCH
@@ -10,7 +10,7 @@ from apps.training.services import RetryLater, gpu_ticket
 # On the GPU queue (CELERY_TASK_ROUTES), a ticket like training's: it runs the fairest waiting job
 # or batch of any user (apps.common.work); a lost worker's batch is re-queued by beat.
 @shared_task(name="serving.predict_batch", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=30)
-def predict_batch(self, batch_id: int) -> None:
+def predict_batch(self: Task, batch_id: int) -> None:
     try:
         gpu_ticket(
             kind=BATCH,

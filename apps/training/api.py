@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from drf_spectacular.utils import extend_schema, extend_schema_serializer
 from rest_framework import serializers, status
 from rest_framework.response import Response
@@ -11,12 +13,10 @@ from apps.datasets.selectors import dataset_get
 from apps.training.models import Job
 from apps.training.selectors import job_get, job_list
 from apps.training.services import job_cancel, job_create, job_delete, job_retrain
-from ml.backbones import REGISTRY
-from ml.fit import MAX_BUDGET, MAX_EPOCHS, MAX_SEED
-from ml.strategy import STRATEGIES
+from ml.config import Option, options_for
 
 
-class JobOutputSerializer(serializers.ModelSerializer):
+class JobOutputSerializer(serializers.ModelSerializer[Job]):
     model = serializers.SerializerMethodField()
     version = serializers.IntegerField(source="version.number", allow_null=True, default=None, read_only=True)
     stale = serializers.BooleanField(source="is_stale")
@@ -50,11 +50,11 @@ class JobOutputSerializer(serializers.ModelSerializer):
     def get_model(self, job: Job) -> int | None:
         return getattr(getattr(job, "trained_model", None), "pk", None)
 
-    def get_history(self, job: Job) -> list[dict]:
+    def get_history(self, job: Job) -> list[dict[str, Any]]:
         return [{"phase": row.phase, **row.data} for row in job.history.all()]
 
 
-class JobListSerializer(serializers.ModelSerializer):
+class JobListSerializer(serializers.ModelSerializer[Job]):
     """A job in a list: state and outcome (the detail has the report, history and metrics)."""
 
     model = serializers.SerializerMethodField()
@@ -72,33 +72,45 @@ class JobListSerializer(serializers.ModelSerializer):
         return getattr(getattr(job, "trained_model", None), "pk", None)
 
     def get_strategy(self, job: Job) -> str | None:
-        return job.strategy.get("name")
+        name: str | None = job.strategy.get("name")
+        return name
 
     def get_val_accuracy(self, job: Job) -> float | None:
-        return job.metrics.get("val_accuracy")
+        accuracy: float | None = job.metrics.get("val_accuracy")
+        return accuracy
+
+
+def _option_field(option: Option[Any]) -> serializers.Field[Any, Any, Any, Any]:
+    """A user option of ml.config as an input field: its type, choices, default and help with the bounds.
+    Types and choices only: the bounds are checked once, by FitConfig.validate (via job_create), so an
+    out-of-range value gets the engine's words, as from the web form and the CLI."""
+    about: dict[str, Any] = {"help_text": option.describe()}
+    if option.optional:
+        about["required"] = False
+    else:  # explicit: a form-encoded request that leaves a checkbox out must not turn it off
+        about["default"] = option.default_value()
+    if option.choices is not None:
+        return serializers.ChoiceField(choices=option.choices(), **about)
+    if option.kind is bool:
+        return serializers.BooleanField(**about)
+    if option.kind is int:
+        return serializers.IntegerField(**about)
+    if option.kind is float:
+        return serializers.FloatField(**about)
+    return serializers.CharField(**about)
 
 
 class JobListCreateApi(APIView):
     @extend_schema_serializer(component_name="JobInput")
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(serializers.Serializer[None]):
         dataset = serializers.IntegerField()
         version = serializers.IntegerField(
             required=False, help_text="the dataset version to train on (its number); the newest ready one if left out"
         )
-        strategy = serializers.ChoiceField(choices=STRATEGIES, default="auto")
-        backbone = serializers.ChoiceField(choices=sorted(REGISTRY), required=False)
-        # Types only here: the bounds are checked once, by ml.fit.FitConfig.validate (via job_create).
-        seed = serializers.IntegerField(default=0, help_text=f"0 to {MAX_SEED}")
-        budget = serializers.FloatField(
-            required=False, help_text=f"seconds allowed for fine-tuning, 1 to {MAX_BUDGET:.0f}"
-        )
-        max_epochs = serializers.IntegerField(required=False, help_text=f"1 to {MAX_EPOCHS}")
-        # Explicit defaults: a form-encoded request that leaves a checkbox out must not turn it off.
-        hflip = serializers.BooleanField(default=True, help_text="horizontal flips keep the class")
-        lr_find = serializers.BooleanField(
-            default=False,
-            help_text="run the fine-tune's learning-rate range test over its whole width (from 1/1000 of the rule)",
-        )
+
+        def get_fields(self) -> dict[str, serializers.Field[Any, Any, Any, Any]]:
+            """The two above, and a field for each fit option a user may set (ml.config)."""
+            return {**super().get_fields(), **{o.name: _option_field(o) for o in options_for("user")}}
 
     @extend_schema(operation_id="jobs_list", responses=paginated(JobListSerializer, "JobPage"))
     def get(self, request: AuthenticatedRequest) -> Response:

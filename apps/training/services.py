@@ -20,12 +20,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from tempfile import NamedTemporaryFile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.files.storage import default_storage
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from apps.accounts.quotas import check_new_job, owner_locked
@@ -38,13 +39,18 @@ from apps.datasets.selectors import dataset_index
 from apps.datasets.versions import training_names, version_archive
 from apps.training.models import Job, JobHistory
 from ml.checkpoint import read_record, write_record
+from ml.config import options_for
 from ml.dataset import DatasetIndex
 from ml.errors import Cancelled, MLError
+
+if TYPE_CHECKING:  # for their types only: ml.fit brings in torch
+    from ml.fit import FitResult
+    from ml.run import Progress
 
 log = logging.getLogger(__name__)
 
 
-def json_safe(value):
+def json_safe(value: Any) -> Any:  # a JSON value in, the same with NaN and infinities as null
     """NaN and infinities (a CV score with one image per class, a diverged loss) become null:
     JSON has no such numbers, and PostgreSQL and SQLite both refuse them."""
     if isinstance(value, float):
@@ -60,11 +66,11 @@ class RetryLater(Exception):
     """The job looks alive elsewhere; check again once a heartbeat would have gone stale."""
 
 
-# FitConfig fields a user may set through the API (everything else keeps the engine's default).
-USER_OPTIONS = ("strategy", "backbone", "seed", "budget", "max_epochs", "hflip", "lr_find")
+# FitConfig fields a user may set, through the API and the web form (ml.config; the rest keep the engine's defaults).
+USER_OPTIONS = tuple(o.name for o in options_for("user"))
 
 
-def job_create(*, owner: User, dataset: Dataset, version: int | None = None, **options) -> Job:
+def job_create(*, owner: User, dataset: Dataset, version: int | None = None, **options: Any) -> Job:
     """Queue training on a version of `dataset` (its newest ready one unless `version` names another)."""
     from ml.fit import FitConfig
 
@@ -158,7 +164,7 @@ TRAINING = work.register(
 )
 
 
-def gpu_kinds() -> list[work.Kind]:
+def gpu_kinds() -> list[work.Kind[Any]]:
     """The kinds of work on the `gpu` queue, which share its fair-share order."""
     from apps.serving.batches import BATCH
 
@@ -200,12 +206,12 @@ def job_claim(*, job_id: int, redelivered: bool = False, worker: str = "") -> Jo
     return None
 
 
-def gpu_ticket(*, kind: work.Kind, item_id: int, redelivered: bool = False, worker: str = "") -> None:
+def gpu_ticket(*, kind: work.Kind[Any], item_id: int, redelivered: bool = False, worker: str = "") -> None:
     """Run what one message on the `gpu` queue stands for: its own item when a lost worker left it
     running, else the fairest waiting training job or batch prediction of any user."""
     from apps.serving.batches import batch_run
 
-    picked: tuple[work.Kind, Any] | None = None
+    picked: tuple[work.Kind[Any], Any] | None = None
     if (item := work.claim(kind, item_id, worker=worker, waiting=False)) is not None:
         picked = (kind, item)
     else:
@@ -239,7 +245,7 @@ def job_recover_stale() -> list[int]:
 
 def job_run(*, job: Job) -> None:
     """Fit the claimed job and record the outcome. Never raises for job-level failures."""
-    from ml.fit import FitConfig, fit
+    from ml.fit import FitConfig, Known, fit
 
     workdir = settings.GRAFT_WORK_DIR / "jobs" / str(job.pk)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -259,10 +265,8 @@ def job_run(*, job: Job) -> None:
                 faults.point("training.claimed")
                 # The frozen features the finders measured when the version was made: read, not extracted.
                 store = load_embeddings(dataset)
-                result = fit(
-                    archive, workdir, config, index=index, progress=recorder, checkpoints=checkpoints, about=about,
-                    store=store,
-                )  # fmt: skip
+                known = Known(about=about, index=index, store=store)
+                result = fit(archive, workdir, config, known=known, progress=recorder, checkpoints=checkpoints)
             origins = training_names(job.version) if job.version is not None else None
             _succeed(job, result, mine, origins)  # storing a large bundle takes a while: still beating
     except Cancelled:
@@ -311,7 +315,7 @@ class JobCheckpoints:
     def __init__(self, job: Job, recorder: _Recorder) -> None:
         self.job, self.recorder = job, recorder
 
-    def load(self) -> dict | None:
+    def load(self) -> dict[str, Any] | None:
         name = Job.objects.filter(pk=self.job.pk).values_list("checkpoint", flat=True).first()
         if not name:
             return None
@@ -331,7 +335,7 @@ class JobCheckpoints:
             rows = rows.filter(data__phase__in=["finetune", "search"])
         rows.delete()
 
-    def save(self, record: dict) -> None:
+    def save(self, record: dict[str, Any]) -> None:
         previous = Job.objects.filter(pk=self.job.pk).values_list("checkpoint", flat=True).first()
         epoch = record["state"]["epoch"]
         settings.GRAFT_WORK_DIR.mkdir(parents=True, exist_ok=True)
@@ -350,7 +354,9 @@ class JobCheckpoints:
         faults.point("training.checkpoint")
 
 
-def _succeed(job: Job, result, mine, origins: dict[str, tuple[str, str]] | None = None) -> None:
+def _succeed(
+    job: Job, result: FitResult, mine: QuerySet[Job], origins: dict[str, tuple[str, str]] | None = None
+) -> None:
     from apps.serving.services import bundle_store, model_create
     from apps.training.gallery import gallery_store
 
@@ -372,7 +378,7 @@ def _succeed(job: Job, result, mine, origins: dict[str, tuple[str, str]] | None 
         delete_prefix(bundle.prefix)
 
 
-def _mark_succeeded(mine, result) -> int:
+def _mark_succeeded(mine: QuerySet[Job], result: FitResult) -> int:
     return mine.filter(status=Job.Status.RUNNING).update(
         status=Job.Status.SUCCEEDED,
         finished_at=timezone.now(),
@@ -398,7 +404,7 @@ def _mark_succeeded(mine, result) -> int:
     )
 
 
-def _fail(job_id: int, message: str, mine=None) -> None:
+def _fail(job_id: int, message: str, mine: QuerySet[Job] | None = None) -> None:
     jobs = mine if mine is not None else Job.objects.filter(pk=job_id)
     jobs.filter(status=Job.Status.RUNNING).update(
         status=Job.Status.FAILED, finished_at=timezone.now(), error=message, phase="failed"
@@ -414,7 +420,7 @@ class _Recorder:
 
     min_interval = 0.5  # seconds between progress writes (history rows, notes and log lines always written)
 
-    def __init__(self, job_id: int, mine=None) -> None:
+    def __init__(self, job_id: int, mine: QuerySet[Job] | None = None) -> None:
         self.job_id = job_id
         self.mine = mine if mine is not None else Job.objects.filter(pk=job_id)  # this attempt's row
         self.cancelled = threading.Event()
@@ -427,7 +433,7 @@ class _Recorder:
     def _report(self) -> dict[str, Any]:
         return {"log": self.lines, "progress": {**self.progress, "notes": self.notes}}
 
-    def __call__(self, event) -> None:
+    def __call__(self, event: Progress) -> None:
         if self.cancelled.is_set():
             raise Cancelled()
         label = getattr(event, "label", "") or ""

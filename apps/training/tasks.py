@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from celery import shared_task
+from celery import Task, shared_task
 from django.conf import settings
 
 from apps.training.services import TRAINING, RetryLater, gpu_ticket
@@ -10,7 +10,7 @@ from apps.training.services import TRAINING, RetryLater, gpu_ticket
 # (apps.common.work). A redelivered message of a job alive elsewhere checks again later, for a
 # bounded time (a lost worker is found by its stale heartbeat and re-queued by beat, not by redelivery).
 @shared_task(name="training.train_job", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=30)
-def train_job(self, job_id: int) -> None:
+def train_job(self: Task, job_id: int) -> None:
     try:
         gpu_ticket(
             kind=TRAINING,

@@ -10,6 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import User
 from django.db.models import Prefetch, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
@@ -43,18 +44,18 @@ class VersionRow:
     jobs: list[Job] = field(default_factory=list)  # queued or running on it
 
 
-def _versions() -> Prefetch:
+def _versions() -> Prefetch[str, QuerySet[DatasetVersion]]:
     heavy = ("changes", "warnings", "classes", "findings_summary", "manifest", "archive")
     return Prefetch("versions", queryset=DatasetVersion.objects.defer(*heavy).order_by("-number"))
 
 
-def _models() -> Prefetch:
+def _models() -> Prefetch[str, QuerySet[TrainedModel]]:
     return Prefetch(
         "trained_models", queryset=TrainedModel.objects.select_related("job").order_by("-created_at", "-pk")
     )
 
 
-def _active_jobs() -> Prefetch:
+def _active_jobs() -> Prefetch[str, QuerySet[Job], str]:
     return Prefetch("jobs", queryset=Job.objects.filter(status__in=ACTIVE).order_by("-created_at"), to_attr="active")
 
 
@@ -89,7 +90,7 @@ def _change_text(v: DatasetVersion) -> str:
     return ", ".join(parts) or "no changes"
 
 
-def _projects(user) -> QuerySet[Dataset]:
+def _projects(user: User) -> QuerySet[Dataset]:
     return project_list(user=user).prefetch_related(_versions(), _models(), _active_jobs()).order_by("-created_at")
 
 
@@ -276,7 +277,7 @@ def _heatmap(classes: list[str], matrix: list[list[int]] | None) -> dict[str, An
     return {"classes": classes, "rows": rows}
 
 
-def _changed(rows: list[dict]) -> list[dict]:
+def _changed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         with_image = r.get("model_with_image")
         r["thumb"] = f"{reverse('web:model-thumb', args=[with_image])}?m={_quote(r['file'])}" if with_image else None

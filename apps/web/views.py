@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from typing import Any
 from urllib.parse import quote
 
 from django.conf import settings
@@ -36,8 +37,9 @@ from apps.serving.services import model_delete
 from apps.training.gallery import GALLERY_PLACEHOLDER, gallery_members, gallery_open
 from apps.training.selectors import job_get, job_list
 from apps.training.services import job_create, job_delete
-from ml.backbones import DEFAULT_BACKBONE, available_backbones
-from ml.strategy import PLANS, SIZE_BOUNDARY, STRATEGIES
+from apps.web.fit_form import posted_options
+from ml.backbones import available_backbones
+from ml.strategy import PLANS, SIZE_BOUNDARY
 from ml.strategy import REGISTRY as PLAN_REGISTRY
 
 
@@ -134,7 +136,7 @@ def _page_thumbs(dataset: Dataset) -> list[tuple[str, list[tuple[str, str]]]]:
     return [(label, [(f"{url}?m={quote(m)}", m) for m in members]) for label, members in sorted(thumbs.items())]
 
 
-def _dataset_context(dataset, error: str = "") -> dict:
+def _dataset_context(dataset: Dataset, error: str = "") -> dict[str, Any]:
     backbones = available_backbones()
     assessment = dataset.assessment or {}
     return {
@@ -143,9 +145,7 @@ def _dataset_context(dataset, error: str = "") -> dict:
         # The 2x2 matrix in reading order: cell and what runs there (ml.strategy.PLANS).
         "matrix": [(cell, PLAN_REGISTRY[plan].label) for cell, plan in PLANS.items()],
         "dataset": dataset,
-        "strategies": STRATEGIES,
         "backbones": sorted(backbones.items()),
-        "default_backbone": DEFAULT_BACKBONE,
         "boundary": SIZE_BOUNDARY,
         "train_error": error,
         # The train form's version choice: the ready ones, newest first (the default).
@@ -227,19 +227,10 @@ def job_remove(request: AuthenticatedHttpRequest, job_id: int) -> HttpResponse:
 def train(request: AuthenticatedHttpRequest, dataset_id: int) -> HttpResponse:
     dataset = dataset_get(user=request.user, dataset_id=dataset_id)
     post = request.POST
-    options: dict = {"strategy": post.get("strategy", "auto")}
-    if post.get("backbone"):
-        options["backbone"] = post["backbone"]
     try:
-        if post.get("budget"):
-            options["budget"] = float(post["budget"])
-        if post.get("max_epochs"):
-            options["max_epochs"] = int(post["max_epochs"])
-    except ValueError:
-        return render(request, "web/dataset.html", _dataset_context(dataset, "Budget and epochs must be numbers."))
-    # A checkbox ticked by default: in the page's form (which carries `advanced`) absent means unticked.
-    options["hflip"] = "hflip" in post if "advanced" in post else True
-    options["lr_find"] = post.get("lr_find") == "on"
+        options = posted_options(post)  # ml.config's user options; their bounds are job_create's to check
+    except UserError as exc:  # a field that is no number: the page again, saying which
+        return render(request, "web/dataset.html", _dataset_context(dataset, exc.message))
     version = post.get("version", "")
     if version and not version.isdigit():
         return render(request, "web/dataset.html", _dataset_context(dataset, "Choose a version from the list."))

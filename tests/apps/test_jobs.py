@@ -179,19 +179,18 @@ def test_a_resumed_job_that_cannot_use_its_checkpoint_shows_each_epoch_once(job,
     from types import SimpleNamespace
 
     from apps.training.services import JobCheckpoints, _Recorder
-    from ml.fit import _fingerprint, _saved_ladder
+    from ml.fit import _Tries
     from ml.run import Run
 
-    def setup(held_out: int) -> SimpleNamespace:  # what _fingerprint reads of a fine-tune's setup
+    def setup(held_out: int) -> SimpleNamespace:  # what a checkpoint's fingerprint reads of a fine-tune's setup
         return SimpleNamespace(
             stage="blocks.5",
             rep=SimpleNamespace(prep=SimpleNamespace(input_size=224)),
             config=SimpleNamespace(depth="partial", batch_size=32),
             flip=True,
+            augmentation="light",
             hold_idx=range(held_out),
         )
-
-    report = {"hyperparameters": {"augmentation": "light"}}
 
     def attempt(key: str, held_out: int, lost_after_checkpoint: bool) -> None:
         claimed = job_claim(job_id=job.pk, redelivered=True)
@@ -200,13 +199,13 @@ def test_a_resumed_job_that_cannot_use_its_checkpoint_shows_each_epoch_once(job,
         run.resume_from(JobCheckpoints(claimed, recorder), key)
         for step in range(3):  # the probe's C path: not sent again while replaying
             run.report("fit", step, 10, {"phase": "probe", "step": step, "cv_accuracy": 0.8})
-        this_setup = setup(held_out)
-        saved = _saved_ladder(run, this_setup, report)  # as fit does before its fine-tune
+        tries = _Tries(run, None, setup(held_out), None, None, {})
+        saved = tries._saved()  # as fit does before its fine-tune
         assert saved is None  # whichever attempt this is, the fine-tune starts at epoch 0
         for epoch in range(4):
             run.report("fit", 3 + epoch, 10, {"phase": "finetune", "epoch": epoch, "val_accuracy": 0.9})
             if lost_after_checkpoint and epoch == 2:
-                run.checkpoint({"state": {"epoch": 2}, "setup": _fingerprint(this_setup, report), "ladder": {}})
+                run.checkpoint({"state": {"epoch": 2}, "setup": tries._fingerprint(), "ladder": {}})
         if lost_after_checkpoint:  # its worker goes silent: the next claim takes the job over
             Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
 

@@ -304,11 +304,11 @@ def fit_accuracy(
     """`ml fit` (strategy auto) on `archive`: (val accuracy, seconds, seconds of its features phase). Its
     index is made first, untimed, as the app's ingestion makes it before a fit. With `store`, the fit
     reads the features held there."""
-    from ml.fit import FitConfig, fit
+    from ml.fit import FitConfig, Known, fit
 
     index = index_dataset(archive)
     start = time.perf_counter()
-    result = fit(archive, out, FitConfig(seed=seed, budget=budget), index=index, store=store)
+    result = fit(archive, out, FitConfig(seed=seed, budget=budget), known=Known(index=index, store=store))
     return float(result.metrics["val_accuracy"]), time.perf_counter() - start, result.timings["features"]
 
 

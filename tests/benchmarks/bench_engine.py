@@ -381,11 +381,11 @@ def pixel_baseline(archive: Path, train, val, class_id: dict, seed: int) -> dict
 
 def extract(backbone, archive: Path, members, device, prep):
     """(features, seconds) of one bare frozen pass."""
-    from ml.features import extract_features
+    from ml.features import Pass, extract_features
 
     synchronize(device)
     t = time.perf_counter()
-    feats = extract_features(backbone, archive, members, batch_size=64, device=device, preprocessing=prep)
+    feats = extract_features(backbone, archive, members, preprocessing=prep, how=Pass(device, 64))
     return feats, time.perf_counter() - t
 
 
@@ -397,14 +397,14 @@ def synthetic_train_images_per_s(
     from torch import nn
 
     from ml.backbones import create_backbone
-    from ml.finetune import FinetuneConfig, _prepare, freeze_batchnorm, probe_model
+    from ml.finetune import FinetuneConfig, Start, _prepare, freeze_batchnorm, probe_model
 
     batch, stage = 32, finetune["model_stage"]
     backbone = create_backbone(backbone_name)  # fresh: the extraction left the other one in inference shape
     with torch.no_grad():
         width = probe_model(backbone, nn.Identity(), stage)[:-1].eval()(torch.zeros(1, 3, size, size)).shape[1]
     config = FinetuneConfig(depth=finetune["depth"], batch_size=batch)
-    model, _, _, optimizer = _prepare(backbone, nn.Linear(width, num_classes), config, device, stage)
+    model, _, _, optimizer = _prepare(Start(backbone, nn.Linear(width, num_classes), stage), config, device)
     # Autocast as the fine-tune runs it (ml.finetune: bf16 where the GPU has it, else fp16 with a scaler).
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)

@@ -45,7 +45,7 @@ def test_bundle_round_trip_predicts_like_the_model(tmp_path):
     img = predictor.decode(image_bytes(size=(48, 40), seed=3))
     (preds,) = predictor.predict([img], k=3)
     with torch.no_grad():
-        expected = model(predictor._transform(img)[None]).softmax(1)[0]
+        expected = model(torch.from_numpy(predictor._transform(img))[None]).softmax(1)[0]
     assert [p.label for p in preds] == [["a", "b", "c"][i] for i in expected.argsort(descending=True)]
     assert abs(preds[0].score - expected.max().item()) < 1e-5
 

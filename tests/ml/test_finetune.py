@@ -12,7 +12,10 @@ from ml.finetune import (
     Batches,
     EarlyStopping,
     FinetuneConfig,
+    Hooks,
+    RangeSpan,
     SanityReport,
+    Start,
     backbone_lr,
     check_initial_loss,
     check_loss_decreases,
@@ -116,11 +119,9 @@ def test_finetune_keeps_batchnorm_frozen_and_trains_only_the_top():
     top_before = bb.body.blocks[3][0].weight.clone()
     head = nn.Linear(16, 2)
     result = finetune(
-        bb,
-        head,
+        Start(bb, head),
         batches(x, y),
         batches(x, y),
-        2,
         FinetuneConfig(depth="partial", max_epochs=2, patience=5),
         device=torch.device("cpu"),
     )
@@ -156,11 +157,9 @@ def test_finetune_that_never_beats_the_probe_returns_the_probe():
     head = nn.Linear(16, 2)
     head_before = head.weight.clone()
     result = finetune(
-        bb,
-        head,
+        Start(bb, head),
         batches(x, y),
         batches(x, y),
-        2,
         FinetuneConfig(depth="full", max_epochs=3, patience=2, head_lr_multiplier=0.0),
         device=torch.device("cpu"),
     )
@@ -187,11 +186,9 @@ def test_sanity_checks_fire_on_a_broken_setup():
     x, y = toy_data()
     x[:4] *= 1e6
     result = finetune(
-        bb,
-        nn.Linear(16, 2),
+        Start(bb, nn.Linear(16, 2)),
         batches(x, y),
         batches(x, y),
-        2,
         FinetuneConfig(depth="full", max_epochs=3),
         device=torch.device("cpu"),
     )
@@ -207,7 +204,7 @@ def test_lr_range_test_uses_the_finetune_setup_and_leaves_the_model_alone():
     head = nn.Linear(16, 2)
     before = {k: v.clone() for k, v in nn.Sequential(bb.body, head).state_dict().items()}
     config = FinetuneConfig(depth="partial", batch_size=16)
-    out = lr_range_test(bb, head, batches(x, y), 2, config, torch.device("cpu"), steps=12)
+    out = lr_range_test(Start(bb, head), batches(x, y), config, torch.device("cpu"), RangeSpan(steps=12))
     lrs = [p["lr"] for p in out["curve"]]
     assert len(lrs) >= 3 and lrs == sorted(lrs)
     assert lrs[0] <= out["suggested_lr"] <= lrs[-1]
@@ -222,11 +219,11 @@ def test_overfit_check_passes_on_a_working_setup_and_fails_on_a_frozen_one():
 
     bb = tiny_backbone(lr=1.0)
     x, y = toy_data(8)
-    model, _, trainable, _ = _prepare(bb, nn.Linear(16, 2), FinetuneConfig(depth="full"), torch.device("cpu"))
+    model, _, trainable, _ = _prepare(Start(bb, nn.Linear(16, 2)), FinetuneConfig(depth="full"), torch.device("cpu"))
     working, broken = SanityReport(), SanityReport()
     yt = torch.as_tensor(y)
-    check_overfits_a_batch(working, model, trainable, "sgd", 0.5, x, yt, 2, 40)
-    check_overfits_a_batch(broken, model, trainable, "sgd", 0.0, x, yt, 2, 40)  # a dead learning rate
+    check_overfits_a_batch(working, model, trainable, (x, yt), ("sgd", 0.5), 40)
+    check_overfits_a_batch(broken, model, trainable, (x, yt), ("sgd", 0.0), 40)  # a dead learning rate
     assert [c["check"] for c in working.checks] == ["initial_loss", "overfits_one_batch"]
     assert working.ok, working.checks
     assert [c["ok"] for c in broken.checks] == [True, False]  # starts at ln 2, never learns
@@ -262,11 +259,9 @@ def test_training_reads_the_device_once_per_epoch_not_per_step(monkeypatch):
         monkeypatch.setattr(torch.Tensor, "__float__", to_float)
         x, y = toy_data()
         finetune(
-            tiny_backbone(),
-            nn.Linear(16, 2),
+            Start(tiny_backbone(), nn.Linear(16, 2)),
             batches(x, y, batch_size),
             batches(x, y),
-            2,
             FinetuneConfig(
                 depth="full", max_epochs=2, patience=5, pilot_epochs=5, batch_size=batch_size, overfit_steps=0
             ),
@@ -303,11 +298,15 @@ def test_lr_range_test_reports_where_the_loss_blows_up():
     config = FinetuneConfig(depth="full", batch_size=16)
     cpu = torch.device("cpu")
     # SGD at 0.1 x up to 1e4: the loss blows up, and where is reported, above the rule
-    wild = lr_range_test(tiny_backbone(), nn.Linear(16, 2), batches(x, y), 2, config, cpu, factor_max=1e4, steps=30)
+    wild = lr_range_test(
+        Start(tiny_backbone(), nn.Linear(16, 2)), batches(x, y), config, cpu, RangeSpan(factor_max=1e4, steps=30)
+    )
     assert wild["diverged_lr"] is not None and wild["diverged_lr"] > wild["recipe_lr"]
     assert wild["diverged_lr"] == wild["curve"][-1]["lr"] and len(wild["curve"]) < 30
     # up to the rule itself it does not
-    calm = lr_range_test(tiny_backbone(), nn.Linear(16, 2), batches(x, y), 2, config, cpu, factor_max=1.0, steps=8)
+    calm = lr_range_test(
+        Start(tiny_backbone(), nn.Linear(16, 2)), batches(x, y), config, cpu, RangeSpan(factor_max=1.0, steps=8)
+    )
     assert calm["diverged_lr"] is None and len(calm["curve"]) == 8 and calm["seconds"] >= 0
 
 
@@ -350,7 +349,12 @@ def test_a_finetune_resumed_from_its_checkpoint_goes_on_as_if_never_stopped(tmp_
 
     def run(**kw):
         return finetune(
-            tiny_backbone(), nn.Linear(16, 2), batches(x, y), batches(x, y), 2, cfg, device=torch.device("cpu"), **kw
+            Start(tiny_backbone(), nn.Linear(16, 2)),
+            batches(x, y),
+            batches(x, y),
+            cfg,
+            device=torch.device("cpu"),
+            **kw,
         )
 
     unbroken = run()
@@ -366,8 +370,8 @@ def test_a_finetune_resumed_from_its_checkpoint_goes_on_as_if_never_stopped(tmp_
             raise Killed
 
     with pytest.raises(Killed):
-        run(checkpoint=save_then_die_after_epoch_2)
-    resumed = run(resume=store.load(), on_epoch=lambda row: seen.append(row["epoch"]))
+        run(hooks=Hooks(checkpoint=save_then_die_after_epoch_2))
+    resumed = run(resume=store.load(), hooks=Hooks(on_epoch=lambda row: seen.append(row["epoch"])))
 
     assert seen == [3, 4]  # epochs 1 and 2 were not trained again
     assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3, 4]

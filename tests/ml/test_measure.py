@@ -12,9 +12,9 @@ import torch
 
 from ml.backbones import create_backbone
 from ml.dataset import index_dataset
-from ml.features import EmbeddingCache
+from ml.features import EmbeddingCache, Pass
 from ml.finders import FinderConfig, find_issues
-from ml.fit import FitConfig, fit
+from ml.fit import FitConfig, Known, fit
 from ml.measure import candidate_sizes, frozen_views, split_for_fit, stage_taps, view_key
 from ml.run import Progress
 from tests.ml.test_progress import _archive
@@ -49,7 +49,7 @@ def test_the_finders_store_every_view_a_fit_reads(measured):
 def test_a_fit_that_reads_the_store_makes_the_same_model_without_extracting(measured, tmp_path):
     archive, store, cold = measured
     events: list[Progress] = []
-    warm = fit(archive, tmp_path / "warm", CONFIG, store=store, progress=events.append)
+    warm = fit(archive, tmp_path / "warm", CONFIG, known=Known(store=store), progress=events.append)
     assert warm.strategy == cold.strategy  # the same similarity, so the same cell and plan
     assert warm.metrics["val_accuracy"] == cold.metrics["val_accuracy"]
     assert [r.get("cv_accuracy") for r in warm.history] == [r.get("cv_accuracy") for r in cold.history]
@@ -71,12 +71,10 @@ def test_a_version_with_new_images_extracts_those_and_reads_the_rest(measured):
     native = backbone.spec.preprocessing
     taps = stage_taps(backbone)
     cpu = torch.device("cpu")
-    fresh, similarity = frozen_views(backbone, archive, train, val, native, taps=taps, device=cpu, batch_size=16)
+    fresh, similarity = frozen_views(backbone, archive, (train, val), native, taps=taps, how=Pass(cpu, 16))
     partial = EmbeddingCache.from_bytes(store.to_bytes())
     partial._views[view_key(CONFIG.backbone, "top", native)].pop(val[-1].sha256)
-    read, again = frozen_views(
-        backbone, archive, train, val, native, taps=taps, device=cpu, batch_size=16, store=partial
-    )
+    read, again = frozen_views(backbone, archive, (train, val), native, taps=taps, how=Pass(cpu, 16), store=partial)
     assert partial.has(view_key(CONFIG.backbone, "top", native), val[-1].sha256)
     assert again is not None and similarity is not None and again.score == pytest.approx(similarity.score)
     for tap in fresh:

@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 
 from ml.backbones import Preprocessing
-from ml.decisions import augmentation_decision, flip_decision
+from ml.decisions import HeldOut, augmentation_decision, flip_decision
 from ml.preprocess import eval_transform
 from ml.run import Run
 from ml.selection import Candidate, Decision, best_of, invariance_holds, keep_if_better, strongest_within
@@ -119,7 +119,7 @@ def _images(axis: str, n: int = 32) -> tuple[list[Image.Image], np.ndarray]:
 def test_flip_test_detects_mirror_sensitive_data(axis, holds):
     images, labels = _images(axis)
     run = Run()
-    got = flip_decision(run, toy_probe(axis), images.__getitem__, labels, eval_transform(PREP), torch.device("cpu"))
+    got = flip_decision(run, toy_probe(axis), HeldOut(images.__getitem__, labels), eval_transform(PREP))
     assert got is holds
     decision = run.decisions[-1]
     scores = {c.name: c.score for c in decision.candidates}
@@ -131,7 +131,7 @@ def test_flip_test_detects_mirror_sensitive_data(axis, holds):
 def test_augmentation_decision_reports_every_level():
     images, labels = _images("top")
     run = Run()
-    level = augmentation_decision(run, toy_probe("top"), images.__getitem__, labels, PREP, False, torch.device("cpu"))
+    level = augmentation_decision(run, toy_probe("top"), HeldOut(images.__getitem__, labels), PREP, False)
     decision = run.decisions[-1]
     assert [c.name for c in decision.candidates] == ["clean", "light", "medium", "strong"]
     assert level == decision.chosen and level in ("light", "medium", "strong")
@@ -145,7 +145,7 @@ def test_augmentation_decision_draws_the_same_views_on_every_run():
 
     def scores() -> list[float]:
         run = Run()
-        augmentation_decision(run, toy_probe("side"), slow, labels, PREP, True, torch.device("cpu"), seed=3)
+        augmentation_decision(run, toy_probe("side"), HeldOut(slow, labels), PREP, True, seed=3)
         return [c.score for c in run.decisions[-1].candidates]
 
     first = scores()

@@ -6,9 +6,11 @@ under Accounts › Invitations, where they are listed and can be revoked (delete
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from apps.accounts.signup import invitation_create, invitation_link
 from apps.common.errors import UserError
@@ -17,7 +19,7 @@ from apps.common.errors import UserError
 class Command(BaseCommand):
     help = "Print a sign-up link carrying a single-use invitation code."
 
-    def add_arguments(self, parser) -> None:
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--note", default="", help="whom it is for (shown in the admin)")
         parser.add_argument(
             "--days", type=float, default=None, help=f"valid this long (default {settings.GRAFT_INVITATION_DAYS:g})"
@@ -27,7 +29,9 @@ class Command(BaseCommand):
         )
         parser.add_argument("--by", default=None, metavar="USERNAME", help="the staff user it is from")
 
-    def handle(self, *args, note: str, days: float | None, url: str | None, by: str | None, **options) -> None:
+    def handle(
+        self, *args: Any, note: str, days: float | None, url: str | None, by: str | None, **options: Any
+    ) -> None:
         creator = None
         if by is not None:
             creator = User.objects.filter(username=by).first()

@@ -8,18 +8,19 @@ console), it only checks that this deployment can reach it.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from django.core.files.storage import default_storage
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 
 class Command(BaseCommand):
     help = "Create the S3 bucket of AWS_STORAGE_BUCKET_NAME if it does not exist."
 
-    def add_arguments(self, parser) -> None:
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the S3 server")
 
-    def handle(self, *args, wait: float, **options) -> None:
+    def handle(self, *args: Any, wait: float, **options: Any) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         bucket = getattr(default_storage, "bucket", None)

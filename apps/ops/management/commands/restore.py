@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from apps.ops.backup import BackupError
 from apps.ops.restore import backup_restore
@@ -17,13 +18,13 @@ class Command(BaseCommand):
         "each checked against its SHA-256. Refuses a deployment that holds anything, unless --force."
     )
 
-    def add_arguments(self, parser) -> None:
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("backup", type=Path, help="the backup file")
         parser.add_argument(
             "--force", action="store_true", help="wipe this deployment's database rows and stored objects first"
         )
 
-    def handle(self, *args, backup: Path, force: bool, verbosity: int, **options) -> None:
+    def handle(self, *args: Any, backup: Path, force: bool, verbosity: int, **options: Any) -> None:
         try:
             summary = backup_restore(path=backup, force=force, progress=verbosity > 0)
         except BackupError as exc:

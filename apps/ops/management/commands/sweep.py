@@ -1,5 +1,6 @@
 import json
 from datetime import timedelta
+from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
@@ -17,7 +18,7 @@ class Command(BaseCommand):
         parser.add_argument("--grace-hours", type=float, default=None, help="override GRAFT_SWEEP_GRACE_HOURS")
         parser.add_argument("--scratch-only", action="store_true", help="only this host's unpacked bundles")
 
-    def handle(self, *args, **options) -> None:
+    def handle(self, *args: Any, **options: Any) -> None:
         grace = None if options["grace_hours"] is None else timedelta(hours=options["grace_hours"])
         report = sweep(grace=grace, dry_run=options["dry_run"], storage=not options["scratch_only"])
         self.stdout.write(json.dumps(report.to_dict()))
