@@ -144,8 +144,8 @@ def _fit(args: argparse.Namespace) -> int:
         bar.set_description_str(ev.label or ev.phase, refresh=False)
         bar.n = round(100 * ev.fraction, 1)
         post = about(ev.eta_s) + " left" if ev.eta_s is not None and ev.fraction < 1 else ""
-        if ev.row and "val_accuracy" in ev.row and ev.row.get("epoch") is not None:
-            post += f" · epoch {ev.row['epoch']} held-out acc {ev.row['val_accuracy']:.3f}"
+        if ev.row and "heldout_accuracy" in ev.row and ev.row.get("epoch") is not None:
+            post += f" · epoch {ev.row['epoch']} held-out acc {ev.row['heldout_accuracy']:.3f}"
         bar.set_postfix_str(post, refresh=False)
         bar.refresh()
 
@@ -158,16 +158,16 @@ def _fit(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     _write_store(args.cache, store)
-    summary = result.to_dict()
-    summary["metrics"] = {k: v for k, v in summary["metrics"].items() if k not in ("misclassified", "reliability")}
     if args.json:
+        summary = result.to_json()
+        summary["metrics"] = {k: v for k, v in summary["metrics"].items() if k not in ("misclassified", "reliability")}
         print(json.dumps(summary))
     else:
         m = result.metrics
-        print(f"strategy: {result.strategy['name']} ({result.strategy['cell']})")
+        print(f"strategy: {result.strategy.name} ({result.strategy.cell})")
         print(
-            f"val accuracy {m['val_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} "
-            f"on {m['num_val']} images; {len(m.get('misclassified', []))} misclassified"
+            f"val accuracy {m.val_accuracy:.4f}, macro-F1 {m.macro_f1:.4f}, ECE {m.ece:.4f} "
+            f"on {m.num_val} images; {len(m.misclassified)} misclassified"
         )
         print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
         print(f"bundle: {result.artifacts['bundle']}")

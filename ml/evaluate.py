@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 
+from ml.report import ClassMetrics, Metrics, Mistake, ReliabilityBin
+
 TOP_KS = (1, 3, 5)
 CALIBRATION_BINS = 15
 MAX_MISCLASSIFIED = 200
@@ -15,8 +17,8 @@ MAX_MISCLASSIFIED = 200
 
 def classification_metrics(
     logits: torch.Tensor, y: np.ndarray, classes: list[str], *, names: list[str] | None = None
-) -> dict[str, Any]:
-    """Metrics of validation `logits` (N, C) against integer labels `y` (N,).
+) -> Metrics:
+    """Metrics of validation `logits` (N, C) against integer labels `y` (N,) (ml.report.Metrics).
 
     Keys:
         val_accuracy, val_loss, macro_f1, num_val, per_class, confusion_matrix
@@ -36,23 +38,21 @@ def classification_metrics(
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     ece, reliability = calibration(probs.max(1), pred == y)
-    metrics = {
-        "val_accuracy": float((pred == y).mean()),
-        "val_loss": loss,
-        "macro_f1": float(f1.mean()),
-        "num_val": int(len(y)),
-        "per_class": [
-            {"label": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+    return Metrics(
+        val_accuracy=float((pred == y).mean()),
+        val_loss=loss,
+        macro_f1=float(f1.mean()),
+        num_val=int(len(y)),
+        per_class=[
+            ClassMetrics(c, float(p), float(r), float(f), int(s))
             for c, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
         ],
-        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
-        "top_k_accuracy": top_k_accuracies(probs, y),
-        "ece": ece,
-        "reliability": reliability,
-    }
-    if names is not None:
-        metrics["misclassified"] = misclassified(probs, y, classes, names)
-    return metrics
+        confusion_matrix=confusion_matrix(y, pred, labels=labels).tolist(),
+        top_k_accuracy=top_k_accuracies(probs, y),
+        ece=ece,
+        reliability=reliability,
+        misclassified=[Mistake(**m) for m in misclassified(probs, y, classes, names)] if names is not None else [],
+    )
 
 
 def top_k_accuracies(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -68,7 +68,7 @@ def top_k_accuracies(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
 
 def calibration(
     confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS
-) -> tuple[float, list[dict[str, float]]]:
+) -> tuple[float, list[ReliabilityBin]]:
     """Expected calibration error and the non-empty reliability bins (lo, hi]."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
@@ -80,9 +80,7 @@ def calibration(
             continue
         conf, acc = float(confidence[in_bin].mean()), float(correct[in_bin].mean())
         ece += count / len(confidence) * abs(acc - conf)
-        reliability.append(
-            {"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": count, "confidence": conf, "accuracy": acc}
-        )
+        reliability.append(ReliabilityBin(float(edges[b]), float(edges[b + 1]), count, conf, acc))
     return float(ece), reliability
 
 

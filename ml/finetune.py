@@ -40,13 +40,14 @@ from torch import nn
 from ml.backbones import Backbone, BackboneSpec
 from ml.features import TOP, GridPool, iter_batches
 from ml.preprocess import normalize
+from ml.report import EpochRow, FinetuneSettings, RangePoint, RangeTest, SanityCheck
 from ml.selection import Candidate, Decision
 
 if TYPE_CHECKING:
     from timm.scheduler import CosineLRScheduler
     from timm.utils import ModelEmaV3
 
-EpochFn = Callable[[dict[str, Any]], None]
+EpochFn = Callable[[EpochRow], None]
 CheckpointFn = Callable[[dict[str, Any]], None]  # receives the state after each epoch (see `finetune`)
 StepFn = Callable[[int, int, int], None]  # (epoch, images seen in it, images per epoch)
 RangeStepFn = Callable[[int, int], None]  # (steps done, steps)
@@ -226,14 +227,14 @@ class EarlyStopping:
 
 @dataclass
 class SanityReport:
-    checks: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[SanityCheck] = field(default_factory=list)
 
     def add(self, name: str, ok: bool, detail: str) -> None:
-        self.checks.append({"check": name, "ok": bool(ok), "detail": detail})
+        self.checks.append(SanityCheck(name, bool(ok), detail))
 
     @property
     def ok(self) -> bool:
-        return all(c["ok"] for c in self.checks)
+        return all(c.ok for c in self.checks)
 
 
 def check_initial_loss(report: SanityReport, loss: float, num_classes: int, tolerance: float) -> None:
@@ -345,11 +346,11 @@ class Hooks:
 @dataclass
 class FinetuneResult:
     model: nn.Sequential
-    history: list[dict[str, Any]]
+    history: list[EpochRow]
     best_epoch: int
     stopped: str  # why training ended
-    sanity: list[dict[str, Any]]
-    hyperparameters: dict[str, Any]
+    sanity: list[SanityCheck]
+    hyperparameters: FinetuneSettings
     decisions: tuple[Decision, ...] = ()  # the choices made inside the loop: its epochs, its weights
 
 
@@ -417,7 +418,7 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     stopped: str = ""
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[EpochRow] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
     sanity: SanityReport = field(default_factory=SanityReport)
     best_by_weights: dict[str, tuple[float, float]] = field(default_factory=dict)  # "model" / "ema": best score
@@ -439,9 +440,9 @@ class TrainState:
             "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
-            "history": self.history,
+            "history": [row.to_json() for row in self.history],
             "train_losses": self.train_losses,
-            "sanity": self.sanity.checks,
+            "sanity": [check.to_json() for check in self.sanity.checks],
             "stopped": self.stopped,
             "hyper": {k: self.hyper[k] for k in ("schedule", "budget_epochs") if k in self.hyper},
             "best_by_weights": self.best_by_weights,
@@ -460,7 +461,9 @@ class TrainState:
         torch.set_rng_state(state["torch_rng"])
         if self.device.type == "cuda" and state["cuda_rng"] is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        self.history, self.train_losses, self.sanity.checks = state["history"], state["train_losses"], state["sanity"]
+        self.history = [EpochRow.from_json(row) for row in state["history"]]
+        self.sanity.checks = [SanityCheck(**check) for check in state["sanity"]]
+        self.train_losses = state["train_losses"]
         self.epoch, self.step, self.epochs, self.stopped = (
             state["epoch"],
             state["step"],
@@ -656,28 +659,28 @@ def _record(
     model = s.ema.module if source == "ema" and s.ema is not None else s.model
     stop = s.stopper.update(s.epoch, (acc, -loss), model, source)
     s.epoch_seconds = time.perf_counter() - trained.started if trained else 0.0
-    row: dict[str, Any] = {
-        "epoch": s.epoch,
-        "train_loss": trained.loss if trained else None,
-        "train_accuracy": trained.accuracy if trained else None,
-        "val_loss": loss,
-        "val_accuracy": acc,
-        "lr": s.optimizer.param_groups[0]["lr"] if trained else 0.0,
-        "head_lr": s.optimizer.param_groups[-1]["lr"] if trained else 0.0,
-        "seconds": round(s.epoch_seconds, 2),
-        "best_epoch": s.stopper.best_epoch,
-        "patience_used": s.stopper.bad_epochs,
-    }
-    if trained is not None:
-        row |= {"weights": source, "update_ratio": trained.update_ratio}
-        row["images_per_s"] = round(trained.images / trained.seconds, 1)
+    row = EpochRow(
+        epoch=s.epoch,
+        train_loss=trained.loss if trained else None,
+        train_accuracy=trained.accuracy if trained else None,
+        heldout_loss=loss,
+        heldout_accuracy=acc,
+        lr=s.optimizer.param_groups[0]["lr"] if trained else 0.0,
+        head_lr=s.optimizer.param_groups[-1]["lr"] if trained else 0.0,
+        seconds=round(s.epoch_seconds, 2),
+        best_epoch=s.stopper.best_epoch,
+        patience_used=s.stopper.bad_epochs,
+        weights=("ema" if source == "ema" else "model") if trained else None,
+        update_ratio=trained.update_ratio if trained else None,
+        images_per_s=round(trained.images / trained.seconds, 1) if trained else None,
+    )
     s.history.append(row)
     if on_epoch:
         on_epoch(row)
     if trained is not None and s.epoch >= s.hyper["pilot_epochs"] and s.stopper.best_epoch == 0:
         return (
             f"pilot: {s.epoch} epoch(s) did not beat the probe on the held-out slice "
-            f"({acc:.4f} vs {s.history[0]['val_accuracy']:.4f}), so fine-tuning would not pay here"
+            f"({acc:.4f} vs {s.history[0].heldout_accuracy:.4f}), so fine-tuning would not pay here"
         )
     if stop:
         return f"early stopping: no better held-out accuracy for {s.hyper['patience']} epochs"
@@ -696,7 +699,7 @@ def _fit_budget(s: TrainState, budget: float, seconds: float) -> None:
 
 def _end(s: TrainState, config: FinetuneConfig, *, lighter_first: bool) -> FinetuneResult:
     """The last sanity checks, the best epoch's weights restored, and the choices the loop made."""
-    if not any(c["check"] == "finite_loss" for c in s.sanity.checks):
+    if not any(c.check == "finite_loss" for c in s.sanity.checks):
         s.sanity.add("finite_loss", True, "every training loss was finite")
     # `train` as a function of the epoch may run a lighter first epoch (ml.fit does): compare from the second.
     check_loss_decreases(s.sanity, s.train_losses, same_from=2 if lighter_first else 1)
@@ -706,22 +709,21 @@ def _end(s: TrainState, config: FinetuneConfig, *, lighter_first: bool) -> Finet
         p.requires_grad_(False)
     s.hyper["best_weights"] = s.stopper.best_source
     s.hyper["train_seconds"] = round(time.perf_counter() - s.started, 2)
-    result = FinetuneResult(s.model, s.history, s.stopper.best_epoch, s.stopped, s.sanity.checks, s.hyper)
+    settings = FinetuneSettings(**s.hyper)
+    result = FinetuneResult(s.model, s.history, s.stopper.best_epoch, s.stopped, s.sanity.checks, settings)
     result.decisions = _loop_decisions(s, config)
     return result
 
 
 def _loop_decisions(s: TrainState, config: FinetuneConfig) -> tuple[Decision, ...]:
     """How long it trained (the pilot, early stopping or the budget) and which weights it kept."""
-    n = len(s.history) - 1
-    trained = [r for r in s.history[1:] if r["val_accuracy"] is not None]
+    n, best = len(s.history) - 1, s.history[s.stopper.best_epoch]
+    shown = {0: "the probe (epoch 0)"}
+    shown |= {e: f"{name}, epoch {e}" for e, name in ((best.epoch, "best"), (n, "last")) if e not in shown}
     epochs = Decision(
         "epochs",
         f"{n} of {config.max_epochs}",
-        (
-            Candidate("the probe (epoch 0)", s.history[0]["val_accuracy"] if s.history else None),
-            *(Candidate(f"epoch {r['epoch']}", r["val_accuracy"], r["seconds"]) for r in trained),
-        ),
+        tuple(Candidate(name, s.history[e].heldout_accuracy, s.history[e].seconds) for e, name in shown.items()),
         s.stopped,
         metric="held-out accuracy",
     )
@@ -841,7 +843,7 @@ def lr_range_test(
     device: torch.device,
     span: RangeSpan = RangeSpan(),
     on_step: RangeStepFn | None = None,
-) -> dict[str, Any]:
+) -> RangeTest:
     """Leslie Smith's range test with the fine-tune's own setup, on copies of the weights.
 
     The same trainable layers, optimizer family, parameter groups and class weights
@@ -855,16 +857,15 @@ def lr_range_test(
     base = [g["lr"] for g in optimizer.param_groups]
     loss_fn = nn.CrossEntropyLoss(weight=_class_weights(train.labels, start.num_classes, device))
     curve, diverged = _range_steps(model, optimizer, loss_fn, train, span, config.seed, on_step)
-    slopes = [(curve[i + 1]["smoothed"] - curve[i]["smoothed"], i) for i in range(len(curve) - 1)]
-    suggestion = curve[min(slopes)[1]]["lr"] if slopes else base[0]
-    return {
-        "curve": curve,
-        "suggested_lr": suggestion,
-        "recipe_lr": base[0],
+    slopes = [(curve[i + 1].smoothed - curve[i].smoothed, i) for i in range(len(curve) - 1)]
+    return RangeTest(
+        curve=curve,
+        suggested_lr=curve[min(slopes)[1]].lr if slopes else base[0],
+        recipe_lr=base[0],
         # where the loss blew up (loss_blew_up, or not finite); None: it never did
-        "diverged_lr": (curve[-1]["lr"] if curve else base[0] * span.factor_min) if diverged else None,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+        diverged_lr=(curve[-1].lr if curve else base[0] * span.factor_min) if diverged else None,
+        seconds=round(time.perf_counter() - started, 2),
+    )
 
 
 def _range_steps(
@@ -875,7 +876,7 @@ def _range_steps(
     span: RangeSpan,
     seed: int,
     on_step: RangeStepFn | None,
-) -> tuple[list[dict[str, float]], bool]:
+) -> tuple[list[RangePoint], bool]:
     """(the curve, whether the loss blew up): one step per batch, every group's LR scaled by the growing factor."""
     device = next(model.parameters()).device
     amp = _amp_dtype(device)
@@ -884,7 +885,7 @@ def _range_steps(
     gamma = (span.factor_max / span.factor_min) ** (1 / max(1, span.steps - 1))
     rng = np.random.default_rng(seed)
     num_classes = cast(nn.Linear, model[-1]).out_features
-    curve: list[dict[str, float]] = []
+    curve: list[RangePoint] = []
     smooth, best, factor = None, math.inf, span.factor_min
     model.train()
     freeze_batchnorm(model)
@@ -905,7 +906,7 @@ def _range_steps(
             if not curve:
                 seed_second_moment(optimizer)
             smooth = value if smooth is None else 0.7 * smooth + 0.3 * value
-            curve.append({"lr": base[0] * factor, "loss": value, "smoothed": smooth})
+            curve.append(RangePoint(base[0] * factor, value, smooth))
             best = min(best, smooth)
             factor *= gamma
             if on_step:

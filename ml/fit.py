@@ -66,6 +66,22 @@ from ml.measure import (
 )
 from ml.preprocess import eval_transform
 from ml.probe import DEFAULT_CS, ProbeFit, fit_probe, fit_probe_at
+from ml.report import (
+    Augmentation,
+    AugmentLevel,
+    Crop,
+    EpochRow,
+    FinetuneSettings,
+    FitResult,
+    HistoryRow,
+    Hyperparameters,
+    InputSize,
+    Metrics,
+    ProbeRow,
+    ProbeSettings,
+    RangeTest,
+    SanityCheck,
+)
 from ml.run import FEATURES, STORED, Progress, ProgressFn, Run, about, timer
 from ml.runtime import tune_allocator
 from ml.search import search
@@ -88,24 +104,20 @@ INVARIANCE_SAMPLE = 256  # held-out images the flip and augmentation tests read
 
 
 @dataclass
-class FitResult:
-    classes: list[str]
-    strategy: dict[str, Any]
-    metrics: dict[str, Any]
-    timings: dict[str, float]
-    artifacts: dict[str, str]
-    preprocessing: dict[str, Any]
-    device: str
-    history: list[dict[str, Any]] = field(default_factory=list)
-    sanity: list[dict[str, Any]] = field(default_factory=list)
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-    lr_range: dict[str, Any] | None = None
-    log: list[str] = field(default_factory=list)
-    decisions: list[dict[str, Any]] = field(default_factory=list)
-    peak_rss_mib: dict[str, float] = field(default_factory=dict)
+class _Report:
+    """What `train` reports as it goes: the history rows, the sanity checks, how each part was trained."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    history: list[HistoryRow]
+    sanity: list[SanityCheck]
+    probe: ProbeSettings
+    augmentation: Augmentation | None = None  # the fine-tune's, while it is a candidate or kept
+    finetune: FinetuneSettings | None = None
+    lr_range: RangeTest | None = None
+    input: InputSize | None = None  # the kept model's input size
+
+    @property
+    def hyperparameters(self) -> Hyperparameters:
+        return Hyperparameters(self.probe, self.input, self.augmentation, self.finetune)
 
 
 @dataclass(frozen=True)
@@ -127,6 +139,7 @@ class ChosenProbe:
     n_train: int
     # Every candidate (input size, stage) and its pilot score: the fine-tune may start from another.
     ranking: dict[str, tuple[Representation, str, Candidate]] = field(default_factory=dict)
+    rows: list[ProbeRow] = field(default_factory=list)  # every candidate's cross-validation, in the history
 
     @property
     def X_train(self) -> np.ndarray:
@@ -182,11 +195,11 @@ def fit(
     with run.phase("fit"):
         chosen = choose_probe(run, reps, data, plan, config)
         model, prep, val_logits, report = train(run, backbone, chosen, data, plan, config, device)
-        report["hyperparameters"]["input"] = {"size": prep.input_size}
         metrics = classification_metrics(val_logits, data.y_val, data.classes, names=[s.member for s in data.val])
-        metrics["num_train"] = len(data.train)
-    for check in report["sanity"]:
-        run.say(f"sanity {check['check']}: {'ok' if check['ok'] else 'FAILED'} ({check['detail']})")
+        metrics = replace(metrics, num_train=len(data.train))
+    for check in report.sanity:
+        run.say(f"sanity {check.check}: {'ok' if check.ok else 'FAILED'} ({check.detail})")
+    report.input = InputSize(prep.input_size)
     with run.phase("export"):
         card = _card(backbone, plan, report, data, run.decisions, config, known.about)
         bundle_zip = _export(out_dir, model, prep, data.classes, metrics, card, run)
@@ -194,18 +207,18 @@ def fit(
     run.timings["total"] = sum(run.timings.values())
     return FitResult(
         classes=data.classes,
-        strategy=plan.to_dict(),
+        strategy=plan,
         metrics=metrics,
         timings={k: round(v, 3) for k, v in run.timings.items()},
         artifacts={"bundle": str(bundle_zip), "bundle_dir": str(out_dir / "bundle")},
-        preprocessing=asdict(prep),
+        preprocessing=prep,
         device=str(device),
-        history=report["history"],
-        sanity=report["sanity"],
-        hyperparameters=report["hyperparameters"],
-        lr_range=report["lr_range"],
+        history=report.history,
+        sanity=report.sanity,
+        hyperparameters=report.hyperparameters,
+        lr_range=report.lr_range,
         log=run.log,
-        decisions=[d.to_dict() for d in run.decisions],
+        decisions=list(run.decisions),
         peak_rss_mib=run.peak_rss_mib,
     )
 
@@ -318,7 +331,7 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
         stages += [s for s in reps[-1].feats if s != TOP]
     options = {_name(stage, rep): (rep, stage) for rep in reps for stage in stages}
     incumbent = _name(TOP, reps[-1])  # the native size is always last
-    history: list[dict[str, Any]] = []
+    history: list[ProbeRow] = []
     probes = _ProbeProgress(run, data, options)
     if len(options) > 1:
         idx = _subsample(data.y_train, PILOT_IMAGES, config.seed)
@@ -354,14 +367,14 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
     run.finish("probe")
     run.say(f"probe: {chosen_name}, C={probe.C:g}")
     ranking = {c.name: (*options[c.name], c) for c in candidates}
-    return ChosenProbe(rep, stage, replace(probe, history=history), n, ranking)
+    return ChosenProbe(rep, stage, probe, n, ranking, history)
 
 
-def _report_rows(run: Run, probe: ProbeFit, name: str) -> list[dict[str, Any]]:
+def _report_rows(run: Run, probe: ProbeFit, name: str) -> list[ProbeRow]:
     """A probe's C path as history rows, each sent with the progress (the job page plots them live)."""
-    rows = [{"phase": "probe", "stage": name, **r} for r in probe.history]
+    rows = [ProbeRow(name, r["step"], r["C"], r["cv_accuracy"], r["cv_loss"]) for r in probe.history]
     for row in rows:
-        run.advance("probe", run.work.steps["probe"].done, row=row)
+        run.advance("probe", run.work.steps["probe"].done, row=row.to_json())
     return rows
 
 
@@ -405,15 +418,14 @@ def _cv_best(probe: ProbeFit) -> float | None:
 
 def train(
     run: Run, backbone: Backbone, chosen: ChosenProbe, data: Data, plan: Plan, config: FitConfig, device: torch.device
-) -> tuple[nn.Module, Preprocessing, torch.Tensor, dict[str, Any]]:
+) -> tuple[nn.Module, Preprocessing, torch.Tensor, _Report]:
     """(model, its preprocessing, validation logits, report): the chosen probe, or a fine-tune that beats it
     on a held-out slice of the training split."""
-    report: dict[str, Any] = {
-        "history": list(chosen.probe.history),
-        "sanity": _probe_sanity(chosen.probe, chosen.X_train, data.y_train, len(data.classes)),
-        "hyperparameters": {"probe": {"stage": chosen.stage, "C": chosen.probe.C, "class_weight": "balanced"}},
-        "lr_range": None,
-    }
+    report = _Report(
+        history=list(chosen.rows),
+        sanity=_probe_sanity(chosen.probe, chosen.X_train, data.y_train, len(data.classes)),
+        probe=ProbeSettings(chosen.stage, chosen.probe.C, "balanced"),
+    )
     probe_net = probe_model(backbone, chosen.probe.linear, chosen.stage).eval()
     with torch.no_grad():
         probe_logits = chosen.probe.linear(torch.from_numpy(chosen.X_val))
@@ -427,11 +439,11 @@ def train(
         return probe_net, chosen.rep.prep, probe_logits, report
 
     setup = _finetune_setup(run, backbone, chosen, data, depth, config, device)
-    report["hyperparameters"]["augmentation"] = setup.augmentation
+    report.augmentation = setup.augmentation
     result = _Tries(run, backbone, setup, config, device, report).best()
     explicit = config.strategy != "auto"  # the user's choice is what is trained and served
     if not _keep_finetune(run, chosen, setup, result, depth, explicit):  # the chosen probe, fitted on all of train
-        del report["hyperparameters"]["augmentation"]
+        report.augmentation = None
         run.finish("evaluate")  # the probe's validation scores come from its cached features
         return probe_net, chosen.rep.prep, probe_logits, report
     model = tta_decision(run, result.model, setup.hold, device) if setup.flip else result.model
@@ -464,14 +476,20 @@ class _FinetuneSetup:
     config: FinetuneConfig
 
     @property
-    def augmentation(self) -> dict[str, dict[str, Any]]:
-        return {"first_epoch": self.augments["first"][1], "after": self.augments["after"][1]}
+    def augmentation(self) -> Augmentation:
+        first, after = (self.augments[part][1] for part in ("first", "after"))
+        return Augmentation(_augment_level(first), _augment_level(after))
 
     def batches_for(self, epoch: int) -> Batches:
         """Epoch `epoch`'s training batches: light augmentation on the first pass (no shock), then the measured."""
         augment = self.augments["first" if epoch == 1 else "after"][0]
         fit_idx, source = self.fit_idx, self.source
         return Batches(lambda i: augment(source.image(fit_idx[i])), self.y_fit, self.config.batch_size, self.norm)
+
+
+def _augment_level(about: dict[str, Any]) -> AugmentLevel:
+    """ml.augment's description of a level, typed."""
+    return AugmentLevel(**{**about, "random_resized_crop": Crop(**about["random_resized_crop"])})
 
 
 def _finetune_setup(
@@ -535,7 +553,7 @@ class _Tries:
         setup: _FinetuneSetup,
         config: FitConfig,
         device: torch.device,
-        report: dict[str, Any],
+        report: _Report,
     ) -> None:
         self.run, self.backbone, self.setup, self.config, self.device, self.report = (
             run, backbone, setup, config, device, report,
@@ -546,20 +564,20 @@ class _Tries:
             result, seconds = self._search()
         else:
             saved = self._saved()
-            start, rt = (saved["start"], saved["rt"]) if saved else self._lr_cap()
+            start, rt = (saved["start"], RangeTest.from_json(saved["rt"])) if saved else self._lr_cap()
             self.run.finish("lr_test")
-            self.report["lr_range"] = rt
+            self.report.lr_range = rt
             result, seconds = self._ladder(start, rt, saved)
-            seconds += rt["seconds"]
-        self.report["sanity"] += result.sanity
-        self.report["hyperparameters"]["finetune"] = {
-            **result.hyperparameters,
-            "start": _name(self.setup.stage, self.setup.rep),
-            "input_size": self.setup.rep.prep.input_size,
-            "best_epoch": result.best_epoch,
-            "stopped": result.stopped,
-            "seconds_all_tries": round(seconds, 2),
-        }
+            seconds += rt.seconds
+        self.report.sanity += result.sanity
+        self.report.finetune = replace(
+            result.hyperparameters,
+            start=_name(self.setup.stage, self.setup.rep),
+            input_size=self.setup.rep.prep.input_size,
+            best_epoch=result.best_epoch,
+            stopped=result.stopped,
+            seconds_all_tries=round(seconds, 2),
+        )
         for decision in result.decisions:
             self.run.decide(decision)
         self.run.say(f"fine-tuning stopped: {result.stopped}; best epoch {result.best_epoch} restored")
@@ -577,21 +595,22 @@ class _Tries:
         """One fine-tune from the probe, on copies (the chosen probe shares the pretrained body and the
         head may be tried again), with its epochs in the history and the log (a search `trial`'s tagged);
         `checkpoint` and `resume` as in ml.finetune.finetune. `why` says why this try was not in the plan."""
-        run, setup, history = self.run, self.setup, self.report["history"]
-        tag = {"lr_multiplier": cfg.lr_multiplier} | (
-            {"trial": trial, "weight_decay": cfg.weight_decay} if trial else {}
-        )
+        run, setup, history = self.run, self.setup, self.report.history
+        tag: dict[str, Any] = {"lr_multiplier": cfg.lr_multiplier}
+        if trial:
+            tag |= {"phase": "search", "trial": trial, "weight_decay": cfg.weight_decay}
         if resume is not None:  # the epochs the earlier attempt trained, in this fit's history too
-            history += [{"phase": "finetune", **tag, **row} for row in resume["history"]]
+            history += [replace(EpochRow.from_json(row), **tag) for row in resume["history"]]
             run.say(f"fine-tune at {cfg.lr_multiplier:.2g}x resumed after epoch {resume['epoch']}")
         tracker = _TryProgress(run, setup, cfg, trial, self.config.search, resume, why)
 
-        def on_epoch(row: dict[str, Any]) -> None:
-            history.append({"phase": "search" if trial else "finetune", **tag, **row})
-            tracker.epoch(row, history[-1])
+        def on_epoch(row: EpochRow) -> None:
+            tagged = replace(row, **tag)
+            history.append(tagged)
+            tracker.epoch(tagged)
             run.say(
-                f"epoch {row['epoch']}: held-out accuracy {row['val_accuracy']:.4f}, loss {row['val_loss']:.4f}"
-                + (f", train loss {row['train_loss']:.4f}" if row["train_loss"] is not None else " (the probe)")
+                f"epoch {row.epoch}: held-out accuracy {row.heldout_accuracy:.4f}, loss {row.heldout_loss:.4f}"
+                + (f", train loss {row.train_loss:.4f}" if row.train_loss is not None else " (the probe)")
             )
 
         start = Start(copy.deepcopy(self.backbone), copy.deepcopy(setup.head), setup.stage)
@@ -616,9 +635,9 @@ class _Tries:
             cfg = replace(cfg, budget=max(1.0, config.budget - searched))
         _plan_full_run(run, self.setup, cfg)
         result = self.one(cfg)
-        return result, searched + result.hyperparameters["train_seconds"]
+        return result, searched + result.hyperparameters.train_seconds
 
-    def _lr_cap(self) -> tuple[float, dict[str, Any]]:
+    def _lr_cap(self) -> tuple[float, RangeTest]:
         """(start, the range test): the learning rate the fine-tune starts at, as a multiple of the recipe's
         rule: the rule, unless a range test (the fine-tune's own setup, on copies, the LR growing each
         step) sees the loss blow up within 10x of it; then a tenth of where it blew up. With frozen
@@ -638,28 +657,28 @@ class _Tries:
 
         start = Start(self.backbone, setup.head, setup.stage)
         rt = lr_range_test(start, setup.batches_for(2), setup.config, self.device, span, on_step=tested)
-        blown = rt["diverged_lr"]
-        multiplier = 1.0 if blown is None else min(1.0, blown / 10 / rt["recipe_lr"])
+        blown = rt.diverged_lr
+        multiplier = 1.0 if blown is None else min(1.0, blown / 10 / rt.recipe_lr)
         run.say(
-            f"LR range test ({len(rt['curve'])} steps, {rt['seconds']:.0f} s): "
+            f"LR range test ({len(rt.curve)} steps, {rt.seconds:.0f} s): "
             + (f"the loss blew up at {blown:.2e}" if blown else "the loss never blew up")
-            + f"; the recipe's rule gives {rt['recipe_lr']:.2e}, so the fine-tune starts at {multiplier:.2g}x it"
+            + f"; the recipe's rule gives {rt.recipe_lr:.2e}, so the fine-tune starts at {multiplier:.2g}x it"
         )
         return multiplier, rt
 
-    def _ladder(self, start: float, rt: dict[str, Any], saved: dict[str, Any] | None) -> tuple[FinetuneResult, float]:
+    def _ladder(self, start: float, rt: RangeTest, saved: dict[str, Any] | None) -> tuple[FinetuneResult, float]:
         """(best fine-tune, seconds of all of them): from `start` x the recipe's rate, then lower while the
         pilot fails. Each epoch checkpoints the ladder (its start, range test and finished tries) with the
         fine-tune's state; from `saved`, the finished tries are not run again and the one it was in goes on.
         """
         done: list[dict[str, Any]] = []  # finished tries: multiplier, score, seconds, history rows
         results: list[tuple[float, FinetuneResult]] = []
-        history = self.report["history"]
+        history = self.report.history
         for i, step in enumerate(LR_MULTIPLIERS):
             multiplier = start * step
             if saved is not None and i < saved["try"]:  # finished before the checkpoint: a pilot that failed
                 done.append(saved["done"][i])
-                history += saved["done"][i]["rows"]
+                history += [EpochRow.from_json(row) for row in saved["done"][i]["rows"]]
                 continue
             resume = saved["state"] if saved is not None and i == saved["try"] else None
             retry = None
@@ -669,15 +688,15 @@ class _Tries:
                     f"the fine-tune at {done[-1]['multiplier']:.2g}x the recipe's learning rate did not beat the "
                     f"probe in its pilot, so it is tried again at {multiplier:.2g}x"
                 )
-            ladder = {"start": start, "rt": rt, "try": i, "done": list(done)}
+            ladder = {"start": start, "rt": rt.to_json(), "try": i, "done": list(done)}
             rows_before = len(history)
             cfg = replace(self.setup.config, lr_multiplier=multiplier)
             result = self.one(cfg, checkpoint=self._saver(ladder), resume=resume, why=retry)
             results.append((multiplier, result))
-            seconds = result.hyperparameters["train_seconds"]
+            seconds = result.hyperparameters.train_seconds
             done.append(
                 {"multiplier": multiplier, "score": _best_score(result)[0], "seconds": seconds,
-                 "rows": history[rows_before:]}
+                 "rows": [row.to_json() for row in history[rows_before:]]}
             )  # fmt: skip
             if result.best_epoch > 0:
                 break
@@ -720,13 +739,13 @@ class _Tries:
         return {**saved["ladder"], "state": saved["state"]}
 
 
-def _lr_decision(multiplier: float, rt: dict[str, Any], done: list[dict[str, Any]], n_hold: int) -> Decision:
-    blown = rt["diverged_lr"]
+def _lr_decision(multiplier: float, rt: RangeTest, done: list[dict[str, Any]], n_hold: int) -> Decision:
+    blown = rt.diverged_lr
     return Decision(
         "learning_rate",
         f"{multiplier:.2g}x",
         (
-            Candidate("range test", None, rt["seconds"], {"blew_up_at": blown}),
+            Candidate("range test", None, rt.seconds, {"blew_up_at": blown}),
             *(Candidate(f"{d['multiplier']:.2g}x", d["score"], d["seconds"]) for d in done),
         ),
         "the recipe's rule (1/10 of the original, batch-scaled), capped at a tenth of where a range test's "
@@ -744,13 +763,13 @@ def _keep_finetune(
     same few images, and a smaller lead is what luck alone gives it. A fine-tune the user asked for
     (`explicit`) is kept whatever the scores: they are reported beside it as advice."""
     tuned = result.best_epoch > 0
-    tuned_acc = result.history[result.best_epoch]["val_accuracy"] if tuned else None
+    tuned_acc = result.history[result.best_epoch].heldout_accuracy if tuned else None
     margin = significance_margin(setup.probe_hold, len(setup.hold_idx))
     better = tuned_acc is not None and keep_if_better(setup.probe_hold, tuned_acc, margin=margin)
     keep = better or explicit
     if explicit:
-        best = result.history[result.best_epoch] if result.history and result.best_epoch >= 0 else {}
-        tuned_score = f"{best['val_accuracy']:.1%}" if best.get("val_accuracy") is not None else "not measured"
+        best = result.history[result.best_epoch] if result.history and result.best_epoch >= 0 else None
+        tuned_score = f"{best.heldout_accuracy:.1%}" if best is not None else "not measured"
         advice = (
             f"; you chose the {depth} fine-tune, so it is what is trained and served: on these images the probe "
             f"scored {setup.probe_hold:.1%} and this fine-tune {tuned_score}"
@@ -766,7 +785,7 @@ def _keep_finetune(
                 Candidate(
                     f"{depth} fine-tune",
                     tuned_acc,
-                    result.hyperparameters["train_seconds"],
+                    result.hyperparameters.train_seconds,
                     {"model": _name(setup.stage, setup.rep), "best_epoch": result.best_epoch},
                 ),
             ),  # fmt: skip
@@ -788,7 +807,7 @@ def _keep_finetune(
 def _best_score(result: FinetuneResult) -> tuple[float, float]:
     """(held-out accuracy, -loss) of a fine-tune's best epoch."""
     row = result.history[result.best_epoch]
-    return row["val_accuracy"], -row["val_loss"]
+    return row.heldout_accuracy, -row.heldout_loss
 
 
 def _finetune_start(chosen: ChosenProbe) -> tuple[Representation, str, float]:
@@ -821,7 +840,7 @@ def _holdout(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.setdiff1d(np.arange(len(y)), hold_idx), hold_idx
 
 
-def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: int) -> list[dict[str, Any]]:
+def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: int) -> list[SanityCheck]:
     """The recipe's checks on the probe: a fresh small head starts near ln C on the standardised
     features, the fitted probe's loss is below it, and nothing is NaN/Inf."""
     report = SanityReport()
@@ -837,7 +856,7 @@ def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: in
     check_initial_loss(report, initial, num_classes, 0.25)
     report.add("loss_decreases", final < initial, f"probe train loss {initial:.4f} (fresh head) -> {final:.4f}")
     report.add("finite_loss", bool(np.isfinite(final) and np.isfinite(X).all()), "features and probe loss finite")
-    return [{**c, "check": f"probe_{c['check']}"} for c in report.checks]
+    return [replace(c, check=f"probe_{c.check}") for c in report.checks]
 
 
 # --- export -------------------------------------------------------------------------------------
@@ -846,20 +865,21 @@ def _probe_sanity(probe: ProbeFit, X: np.ndarray, y: np.ndarray, num_classes: in
 def _card(
     backbone: Backbone,
     plan: Plan,
-    report: dict[str, Any],
+    report: _Report,
     data: Data,
     decisions: list[Decision],
     config: FitConfig,
     about: dict[str, Any],
 ) -> dict[str, Any]:
-    """The model card's facts: what was trained, how, on what, and every decision with its candidates."""
+    """The model card's facts (graft.json): what was trained, how, on what, and every decision with its
+    candidates."""
     return {
         "backbone": backbone.spec.name,
         "weights_tag": backbone.spec.weights_tag,
         "strategy": plan.to_dict(),
         "decisions": [d.to_dict() for d in decisions],
-        "hyperparameters": report["hyperparameters"],
-        "sanity": report["sanity"],
+        "hyperparameters": report.hyperparameters.to_json(),
+        "sanity": [check.to_json() for check in report.sanity],
         "data_hash": data.content_hash,
         "seed": config.seed,
         "num_train": len(data.train),
@@ -873,7 +893,7 @@ def _export(
     model: nn.Module,
     prep: Preprocessing,
     classes: list[str],
-    metrics: dict[str, Any],
+    metrics: Metrics,
     card: dict[str, Any],
     run: Run,
 ) -> Path:
@@ -882,7 +902,7 @@ def _export(
         model=model.eval().cpu(),
         classes=classes,
         preprocessing=prep,
-        metrics=metrics,
+        metrics=metrics.to_json(),
         card=card,
         on_step=lambda share, what: run.advance("export", share, label=f"Exporting the model · {what}"),
     )
@@ -1101,15 +1121,15 @@ class _TryProgress:
         done = self.base + self.pre + (epoch - 1 - self.first) * self.per_epoch + TRAIN_PASSES * seen
         self.run.advance("finetune", done, label=self.label(epoch))
 
-    def epoch(self, row: dict[str, Any], history_row: dict[str, Any]) -> None:
-        e = row["epoch"]
-        if self.budget is not None and e == 1 and row["seconds"] > 0:  # as ml.finetune resizes its schedule
-            fit_in = max(1, int(self.budget // row["seconds"]))
+    def epoch(self, row: EpochRow) -> None:
+        e = row.epoch
+        if self.budget is not None and e == 1 and row.seconds > 0:  # as ml.finetune resizes its schedule
+            fit_in = max(1, int(self.budget // row.seconds))
             if fit_in < self.epochs:
                 self._drop((self.epochs - fit_in) * self.per_epoch)
                 self.epochs = fit_in
         done = self.base + self.pre + max(0, e - self.first) * self.per_epoch
-        self.run.advance("finetune", done, label=self.label(e + 1), row=history_row)
+        self.run.advance("finetune", done, label=self.label(e + 1), row=row.to_json())
 
     def end(self) -> None:
         """Early stopping or a failed pilot: the epochs not trained are dropped from the plan."""

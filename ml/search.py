@@ -65,8 +65,8 @@ def search(
         t = propose(n, [(d[0], d[1]) for d in done], rng)
         run.say(f"search trial {i + 1}/{n}: {t.name}")
         result = trial(replace(short, lr_multiplier=t.lr_multiplier, weight_decay=t.weight_decay), i + 1)
-        done.append((t, _trained_best(result), result.hyperparameters["train_seconds"]))
-        spent += result.hyperparameters["train_seconds"]
+        done.append((t, _trained_best(result), result.hyperparameters.train_seconds))
+        spent += result.hyperparameters.train_seconds
         if budget is not None and spent >= budget / 2:
             run.say(f"search stopped after {i + 1} trial(s): half of the {budget:.0f} s budget spent")
             break
@@ -89,7 +89,7 @@ def _trained_best(result: FinetuneResult) -> tuple[float, float]:
     """(accuracy, -loss) of a trial's best *trained* epoch: epoch 0 is the probe every trial shares, and
     a trial still recovering from its first pass ranks as such, not as the probe."""
     rows = result.history[1:]
-    return max(((r["val_accuracy"], -r["val_loss"]) for r in rows), default=(0.0, -math.inf))
+    return max(((r.heldout_accuracy, -r.heldout_loss) for r in rows), default=(0.0, -math.inf))
 
 
 def _around(value: float, bounds: tuple[float, float]) -> tuple[float, float]:

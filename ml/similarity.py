@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from ml.strategy import SIMILARITY_THRESHOLD as SIMILARITY_THRESHOLD
+from ml.strategy import Similarity as Similarity
 
 STAT_GRID = 16  # positions per side sampled from each feature map for the BatchNorm statistics
 
@@ -96,17 +98,6 @@ def head_entropy(logits: torch.Tensor) -> float:
 # chest X-rays; DIVERGENCE_SCALE sits at their geometric middle, so it maps to a BN part of 0.5.
 DIVERGENCE_SCALE = 0.24
 BN_WEIGHT = 0.75  # the BN signal separates ~10x; entropy (0.23-0.44 vs 0.66-0.78) is the tie-breaker
-SIMILARITY_THRESHOLD = 0.5
-
-
-@dataclass(frozen=True)
-class Similarity:
-    score: float  # 0 (unlike ImageNet) .. 1 (ImageNet-like); >= SIMILARITY_THRESHOLD reads "similar"
-    bn_divergence: float | None  # median over BN layers of the per-channel symmetric KL (None: no BN layers)
-    head_entropy: float  # normalised, 0..1
-
-    def to_dict(self) -> dict[str, float | None]:
-        return {k: None if v is None else round(v, 4) for k, v in self.__dict__.items()}
 
 
 def similarity_score(layer_divergences: list[float], entropy: float) -> Similarity:

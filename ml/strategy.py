@@ -6,7 +6,20 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ml.errors import ConfigError
-from ml.similarity import SIMILARITY_THRESHOLD, Similarity
+
+# Where "similar" starts on the 0..1 similarity score (ml.similarity: calibrated on the shared datasets).
+SIMILARITY_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class Similarity:
+    score: float  # 0 (unlike ImageNet) .. 1 (ImageNet-like); >= SIMILARITY_THRESHOLD reads "similar"
+    bn_divergence: float | None  # median over BN layers of the per-channel symmetric KL (None: no BN layers)
+    head_entropy: float  # normalised, 0..1
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {k: None if v is None else round(v, 4) for k, v in self.__dict__.items()}
+
 
 SIZE_BOUNDARY = 300  # training images per class; at or above is "large"
 

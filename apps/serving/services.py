@@ -4,7 +4,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from django.conf import settings
 from django.core.files import File
@@ -19,6 +19,7 @@ from apps.serving.cache import get_predictor
 from apps.serving.models import TrainedModel, model_storage_prefix
 from apps.training.models import Job
 from ml.images import ImageDecodeError, header_pixels
+from ml.report import json_safe
 
 if TYPE_CHECKING:  # for its type only: ml.fit brings in torch
     from ml.fit import FitResult
@@ -54,11 +55,11 @@ def model_create(*, job: Job, bundle: StoredBundle, result: FitResult) -> Traine
         job=job,
         dataset=job.dataset,
         version=job.version,
-        name=model_default_name(job, result.strategy),
+        name=model_default_name(job, result.strategy.name),
         backbone=job.config.get("backbone", ""),
         classes=result.classes,
-        metrics=result.metrics,
-        strategy=result.strategy,
+        metrics=result.metrics.to_json(),
+        strategy=json_safe(result.strategy.to_dict()),
         storage_prefix=bundle.prefix,
         bundle=bundle.name,
         bundle_bytes=bundle.size,
@@ -66,13 +67,13 @@ def model_create(*, job: Job, bundle: StoredBundle, result: FitResult) -> Traine
     )
 
 
-def model_default_name(job: Job, strategy: dict[str, Any]) -> str:
+def model_default_name(job: Job, strategy: str) -> str:
     """What tells a project's models apart at a glance: the version, the plan, and which of its kind
     it is ("pets v2 · linear", then "pets v2 · linear #2"); renamed at will."""
     if job.dataset is None:
         return f"job {job.pk}"
     version = f" v{job.version.number}" if job.version else ""
-    base = f"{job.dataset.name}{version} · {strategy.get('name', 'model')}"[:190]
+    base = f"{job.dataset.name}{version} · {strategy or 'model'}"[:190]
     same = TrainedModel.objects.filter(dataset=job.dataset, name__startswith=base).count()
     return base if same == 0 else f"{base} #{same + 1}"
 

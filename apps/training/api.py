@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import extend_schema, extend_schema_serializer
+from drf_spectacular.utils import extend_schema, extend_schema_field, extend_schema_serializer
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -13,10 +13,16 @@ from apps.datasets.selectors import dataset_get
 from apps.training.models import Job
 from apps.training.selectors import job_get, job_list
 from apps.training.services import job_cancel, job_create, job_delete, job_retrain
+from apps.training.shapes import HISTORY_SCHEMA, JobReport, typed_json
 from ml.config import Option, options_for
+from ml.report import Metrics
+from ml.strategy import Plan
 
 
 class JobOutputSerializer(serializers.ModelSerializer[Job]):
+    strategy = typed_json(Plan, "what the engine decided from the data: the plan, its matrix cell and why")
+    metrics = typed_json(Metrics, "the model on the validation split; null until the job succeeds")
+    report = typed_json(JobReport, "the log and progress while it runs; how the model was made once it succeeded")
     model = serializers.SerializerMethodField()
     version = serializers.IntegerField(source="version.number", allow_null=True, default=None, read_only=True)
     stale = serializers.BooleanField(source="is_stale")
@@ -50,6 +56,7 @@ class JobOutputSerializer(serializers.ModelSerializer[Job]):
     def get_model(self, job: Job) -> int | None:
         return getattr(getattr(job, "trained_model", None), "pk", None)
 
+    @extend_schema_field(HISTORY_SCHEMA)
     def get_history(self, job: Job) -> list[dict[str, Any]]:
         return [{"phase": row.phase, **row.data} for row in job.history.all()]
 

@@ -11,7 +11,6 @@ the job fails with a reason instead of being handed on forever.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import threading
 import time
@@ -42,24 +41,13 @@ from ml.checkpoint import read_record, write_record
 from ml.config import options_for
 from ml.dataset import DatasetIndex
 from ml.errors import Cancelled, MLError
+from ml.report import json_safe
 
 if TYPE_CHECKING:  # for their types only: ml.fit brings in torch
     from ml.fit import FitResult
     from ml.run import Progress
 
 log = logging.getLogger(__name__)
-
-
-def json_safe(value: Any) -> Any:  # a JSON value in, the same with NaN and infinities as null
-    """NaN and infinities (a CV score with one image per class, a diverged loss) become null:
-    JSON has no such numbers, and PostgreSQL and SQLite both refuse them."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
 
 
 class RetryLater(Exception):
@@ -364,9 +352,8 @@ def _succeed(
     bundle = bundle_store(result.artifacts["bundle"])
     faults.point("training.bundle")
     try:
-        gallery_store(
-            prefix=bundle.prefix, dataset=job.dataset, metrics=result.metrics, origins=origins
-        )  # never raises
+        metrics = result.metrics.to_json()
+        gallery_store(prefix=bundle.prefix, dataset=job.dataset, metrics=metrics, origins=origins)  # never raises
         with transaction.atomic():
             updated = _mark_succeeded(mine, result)
             if updated:  # not cancelled in the meantime
@@ -378,28 +365,22 @@ def _succeed(
         delete_prefix(bundle.prefix)
 
 
+# The parts of FitResult.to_json() a job keeps in its `report` (beside `strategy`, `metrics` and `timings`).
+REPORT_FIELDS = ("sanity", "decisions", "hyperparameters", "lr_range", "log", "preprocessing", "device", "peak_rss_mib")
+
+
 def _mark_succeeded(mine: QuerySet[Job], result: FitResult) -> int:
+    data = result.to_json()
     return mine.filter(status=Job.Status.RUNNING).update(
         status=Job.Status.SUCCEEDED,
         finished_at=timezone.now(),
         phase="done",
         progress=1.0,
-        strategy=json_safe(result.strategy),
-        metrics=json_safe(result.metrics),
+        strategy=data["strategy"],
+        metrics=data["metrics"],
         timings=result.timings,
-        report=json_safe(
-            {
-                "sanity": result.sanity,
-                # Every choice the engine measured (candidates, scores on the training split, reason).
-                "decisions": result.decisions,
-                "hyperparameters": result.hyperparameters,
-                "lr_range": result.lr_range,
-                "log": result.log,
-                "preprocessing": result.preprocessing,
-                "device": result.device,
-                "peak_rss_mib": result.peak_rss_mib,
-            }
-        ),
+        # Every choice the engine measured (decisions: candidates, scores on the training split, reason).
+        report={key: data[key] for key in REPORT_FIELDS},
         checkpoint="",
     )
 

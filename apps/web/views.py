@@ -39,7 +39,7 @@ from apps.training.selectors import job_get, job_list
 from apps.training.services import job_create, job_delete
 from apps.web.fit_form import posted_options
 from ml.backbones import available_backbones
-from ml.strategy import PLANS, SIZE_BOUNDARY
+from ml.strategy import PLANS, SIMILARITY_THRESHOLD, SIZE_BOUNDARY
 from ml.strategy import REGISTRY as PLAN_REGISTRY
 
 
@@ -147,6 +147,7 @@ def _dataset_context(dataset: Dataset, error: str = "") -> dict[str, Any]:
         "dataset": dataset,
         "backbones": sorted(backbones.items()),
         "boundary": SIZE_BOUNDARY,
+        "similarity_threshold": SIMILARITY_THRESHOLD,
         "train_error": error,
         # The train form's version choice: the ready ones, newest first (the default).
         "ready_versions": list(

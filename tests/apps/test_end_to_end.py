@@ -9,6 +9,8 @@ import zipfile
 import pytest
 import torch
 
+from tests.apps.api_schema import schema_errors
+
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 SAMPLE_IMAGES = [
@@ -40,6 +42,7 @@ def test_hymenoptera_from_upload_to_predictions(celery_worker_process, api_for, 
     assert job["strategy"]["name"] == "linear" and job["strategy"]["cell"] == "small-similar"
     assert job["strategy"]["images_per_class"] == 122.5 and job["strategy"]["similarity"] >= 0.5
     assert job["history"] and job["progress"] == 1.0
+    assert schema_errors(job, "JobOutput") == []  # the job's answer has the shapes the API schema declares
     model_id = job["model"]
 
     r = alice.call("GET", f"/models/{model_id}/download/")

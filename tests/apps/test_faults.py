@@ -35,6 +35,7 @@ from django.db import connection
 from apps.datasets.models import Dataset, DatasetVersion
 from apps.serving.models import BatchPrediction
 from apps.training.models import Job
+from tests.apps.api_schema import schema_errors
 from tests.apps.cluster import STALE, Cluster, Host, keys, learnable_zip, running_cluster, s3, wait_for
 from tests.conftest import ROOT, image_bytes, make_zip
 
@@ -445,6 +446,7 @@ def test_fault_sigkill_training(cluster, alice, ready_dataset, tmp_path):
             expect="succeeded",
         )
         assert body["model"] is not None and body["attempts"] == 2
+        assert schema_errors(body, "JobOutput") == []  # a fine-tune's epochs too, resumed or not
         if point == "training.checkpoint":
             assert "resuming from a checkpoint" in "\n".join(body["report"]["log"])
         record("SIGKILL", point, "succeeded", reclaim, finished)

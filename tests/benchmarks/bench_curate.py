@@ -309,7 +309,7 @@ def fit_accuracy(
     index = index_dataset(archive)
     start = time.perf_counter()
     result = fit(archive, out, FitConfig(seed=seed, budget=budget), known=Known(index=index, store=store))
-    return float(result.metrics["val_accuracy"]), time.perf_counter() - start, result.timings["features"]
+    return float(result.metrics.val_accuracy), time.perf_counter() - start, result.timings["features"]
 
 
 def run_dataset(archive: Path, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:

@@ -31,11 +31,14 @@ def fitted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("job-page")
     archive = make_zip(folder / "small.zip", class_folders({"ants": 10, "bees": 10}))
     result = fit(archive, folder / "fit", FitConfig(strategy="linear", resolution="native"))
-    if not result.metrics["misclassified"]:  # all right by luck: one wrong answer, so the gallery shows
-        val = next(iter(result.metrics["per_class"]))["label"]
-        result.metrics["misclassified"] = [
-            {"file": f"{val}/img_0.png", "label": val, "predicted": "bees", "score": 0.61}
-        ]
+    if not result.metrics.misclassified:  # all right by luck: one wrong answer, so the gallery shows
+        from dataclasses import replace
+
+        from ml.report import Mistake
+
+        val = result.metrics.per_class[0].label
+        wrong = [Mistake(f"{val}/img_0.png", val, "bees", 0.61)]
+        result = replace(result, metrics=replace(result.metrics, misclassified=wrong))
     return result
 
 
@@ -54,14 +57,15 @@ def _finished_job(owner, dataset_id: int, fitted):
     from apps.serving.services import bundle_store, model_create
     from apps.training.models import Job
 
+    data = fitted.to_json()
     job = Job.objects.create(
         owner=owner, dataset_id=dataset_id, status=Job.Status.SUCCEEDED, progress=1.0, phase="done",
-        config={"strategy": "linear"}, strategy=fitted.strategy, metrics=fitted.metrics,
-        report={"sanity": fitted.sanity, "decisions": fitted.decisions, "log": fitted.log, "device": "cpu"},
+        config={"strategy": "linear"}, strategy=data["strategy"], metrics=data["metrics"],
+        report={"sanity": data["sanity"], "decisions": data["decisions"], "log": data["log"], "device": "cpu"},
     )  # fmt: skip
     model_create(job=job, bundle=bundle_store(fitted.artifacts["bundle"]), result=fitted)
-    for step, row in enumerate(fitted.history):
-        job.history.create(step=step, phase=row.get("phase", "probe"), data=row)
+    for step, row in enumerate(data["history"]):
+        job.history.create(step=step, phase=row["phase"], data=row)
     return job
 
 

@@ -18,11 +18,11 @@ def _case(probe: float, tuned: float):
     setup = SimpleNamespace(probe_hold=probe, hold_idx=np.arange(50), stage="top", rep=chosen.rep)
     result = FinetuneResult(
         model=nn.Sequential(),
-        history=[{"val_accuracy": probe}, {"val_accuracy": tuned}],
+        history=[SimpleNamespace(heldout_accuracy=probe), SimpleNamespace(heldout_accuracy=tuned)],
         best_epoch=1,
         stopped="early stopping",
         sanity=[],
-        hyperparameters={"train_seconds": 1.0},
+        hyperparameters=SimpleNamespace(train_seconds=1.0),
     )
     return chosen, setup, result
 

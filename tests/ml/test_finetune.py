@@ -132,9 +132,9 @@ def test_finetune_keeps_batchnorm_frozen_and_trains_only_the_top():
     # The restored best epoch is epoch 0 or later; when later, the top stage moved.
     if result.best_epoch > 0:
         assert not torch.equal(bb.body.blocks[3][0].weight, top_before)
-    assert [r["epoch"] for r in result.history][:1] == [0]
-    assert result.hyperparameters["trainable_from"] == "blocks.3"
-    assert result.hyperparameters["batchnorm"].startswith("eval mode")
+    assert [r.epoch for r in result.history][:1] == [0]
+    assert result.hyperparameters.trainable_from == "blocks.3"
+    assert result.hyperparameters.batchnorm.startswith("eval mode")
 
 
 def test_early_stopping_restores_the_best_snapshot():
@@ -173,7 +173,7 @@ def test_sanity_checks_fire_on_a_broken_setup():
     check_initial_loss(report, math.log(10), 10, 0.25)
     check_initial_loss(report, 40.0, 10, 0.25)  # e.g. unnormalised inputs: huge initial logits
     check_loss_decreases(report, [0.7, 0.9, 1.3])
-    assert [c["ok"] for c in report.checks] == [True, False, False]
+    assert [c.ok for c in report.checks] == [True, False, False]
     assert not report.ok
     # A lighter first epoch is left out of the comparison; the epochs after it still must go down.
     for losses, ok in (([0.10, 0.12], True), ([0.10, 0.12, 0.11], True), ([0.10, 0.12, 0.13, 0.125], False)):
@@ -192,8 +192,8 @@ def test_sanity_checks_fire_on_a_broken_setup():
         FinetuneConfig(depth="full", max_epochs=3),
         device=torch.device("cpu"),
     )
-    finite = next(c for c in result.sanity if c["check"] == "finite_loss")
-    assert not finite["ok"] and "loss became" in finite["detail"]
+    finite = next(c for c in result.sanity if c.check == "finite_loss")
+    assert not finite.ok and "loss became" in finite.detail
     assert result.stopped == "non-finite loss" and result.best_epoch == 0
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
 
@@ -205,13 +205,13 @@ def test_lr_range_test_uses_the_finetune_setup_and_leaves_the_model_alone():
     before = {k: v.clone() for k, v in nn.Sequential(bb.body, head).state_dict().items()}
     config = FinetuneConfig(depth="partial", batch_size=16)
     out = lr_range_test(Start(bb, head), batches(x, y), config, torch.device("cpu"), RangeSpan(steps=12))
-    lrs = [p["lr"] for p in out["curve"]]
+    lrs = [p.lr for p in out.curve]
     assert len(lrs) >= 3 and lrs == sorted(lrs)
-    assert lrs[0] <= out["suggested_lr"] <= lrs[-1]
-    assert out["recipe_lr"] == pytest.approx(backbone_lr(bb.spec, 16))
-    assert lrs[0] < out["recipe_lr"] < lrs[-1] or len(lrs) < 12  # the sweep brackets the rule
+    assert lrs[0] <= out.suggested_lr <= lrs[-1]
+    assert out.recipe_lr == pytest.approx(backbone_lr(bb.spec, 16))
+    assert lrs[0] < out.recipe_lr < lrs[-1] or len(lrs) < 12  # the sweep brackets the rule
     assert all(torch.equal(v, before[k]) for k, v in nn.Sequential(bb.body, head).state_dict().items())
-    assert all(math.isfinite(p["loss"]) for p in out["curve"])
+    assert all(math.isfinite(p.loss) for p in out.curve)
 
 
 def test_overfit_check_passes_on_a_working_setup_and_fails_on_a_frozen_one():
@@ -224,9 +224,9 @@ def test_overfit_check_passes_on_a_working_setup_and_fails_on_a_frozen_one():
     yt = torch.as_tensor(y)
     check_overfits_a_batch(working, model, trainable, (x, yt), ("sgd", 0.5), 40)
     check_overfits_a_batch(broken, model, trainable, (x, yt), ("sgd", 0.0), 40)  # a dead learning rate
-    assert [c["check"] for c in working.checks] == ["initial_loss", "overfits_one_batch"]
+    assert [c.check for c in working.checks] == ["initial_loss", "overfits_one_batch"]
     assert working.ok, working.checks
-    assert [c["ok"] for c in broken.checks] == [True, False]  # starts at ln 2, never learns
+    assert [c.ok for c in broken.checks] == [True, False]  # starts at ln 2, never learns
 
 
 def test_head_runs_in_fp32_under_autocast():
@@ -301,13 +301,13 @@ def test_lr_range_test_reports_where_the_loss_blows_up():
     wild = lr_range_test(
         Start(tiny_backbone(), nn.Linear(16, 2)), batches(x, y), config, cpu, RangeSpan(factor_max=1e4, steps=30)
     )
-    assert wild["diverged_lr"] is not None and wild["diverged_lr"] > wild["recipe_lr"]
-    assert wild["diverged_lr"] == wild["curve"][-1]["lr"] and len(wild["curve"]) < 30
+    assert wild.diverged_lr is not None and wild.diverged_lr > wild.recipe_lr
+    assert wild.diverged_lr == wild.curve[-1].lr and len(wild.curve) < 30
     # up to the rule itself it does not
     calm = lr_range_test(
         Start(tiny_backbone(), nn.Linear(16, 2)), batches(x, y), config, cpu, RangeSpan(factor_max=1.0, steps=8)
     )
-    assert calm["diverged_lr"] is None and len(calm["curve"]) == 8 and calm["seconds"] >= 0
+    assert calm.diverged_lr is None and len(calm.curve) == 8 and calm.seconds >= 0
 
 
 def test_rmsprop_second_moment_starts_from_the_first_gradients_not_from_one():
@@ -371,12 +371,12 @@ def test_a_finetune_resumed_from_its_checkpoint_goes_on_as_if_never_stopped(tmp_
 
     with pytest.raises(Killed):
         run(hooks=Hooks(checkpoint=save_then_die_after_epoch_2))
-    resumed = run(resume=store.load(), hooks=Hooks(on_epoch=lambda row: seen.append(row["epoch"])))
+    resumed = run(resume=store.load(), hooks=Hooks(on_epoch=lambda row: seen.append(row.epoch)))
 
     assert seen == [3, 4]  # epochs 1 and 2 were not trained again
-    assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3, 4]
+    assert [r.epoch for r in resumed.history] == [0, 1, 2, 3, 4]
     for a, b in zip(unbroken.history[1:], resumed.history[1:], strict=True):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=1e-7)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5, abs=1e-7)
+        assert a.heldout_loss == pytest.approx(b.heldout_loss, rel=1e-5)
     for p, q in zip(unbroken.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6)

@@ -51,9 +51,11 @@ def test_a_fit_that_reads_the_store_makes_the_same_model_without_extracting(meas
     events: list[Progress] = []
     warm = fit(archive, tmp_path / "warm", CONFIG, known=Known(store=store), progress=events.append)
     assert warm.strategy == cold.strategy  # the same similarity, so the same cell and plan
-    assert warm.metrics["val_accuracy"] == cold.metrics["val_accuracy"]
-    assert [r.get("cv_accuracy") for r in warm.history] == [r.get("cv_accuracy") for r in cold.history]
-    assert [d["chosen"] for d in warm.decisions] == [d["chosen"] for d in cold.decisions]
+    assert warm.metrics.val_accuracy == cold.metrics.val_accuracy
+    assert [getattr(r, "cv_accuracy", None) for r in warm.history] == [
+        getattr(r, "cv_accuracy", None) for r in cold.history
+    ]
+    assert [d.chosen for d in warm.decisions] == [d.chosen for d in cold.decisions]
     assert any("read from the store" in line for line in warm.log)
     assert not any(e.label.startswith("Extracting features") for e in events)
     assert any(e.label.startswith("Reading the stored features") for e in events)

@@ -1,6 +1,7 @@
 """`--search N`: coarse-to-fine random proposals, and the search picking the trial that scores best."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,13 +36,17 @@ def test_the_rest_are_drawn_within_a_decade_of_the_best_so_far(n, done, fine):
     assert all(_within(t, SPACE) for t in draws)
 
 
+def _row(accuracy: float, loss: float) -> SimpleNamespace:  # what search reads of an epoch's row
+    return SimpleNamespace(heldout_accuracy=accuracy, heldout_loss=loss)
+
+
 def test_search_returns_the_best_trials_knobs_and_records_every_trial():
     def trial(cfg: FinetuneConfig, number: int) -> FinetuneResult:
         # a toy landscape: held-out accuracy peaks at 0.3x the recipe's LR
         acc = 0.95 - 0.1 * abs(math.log10(cfg.lr_multiplier / 0.3))
-        history = [{"val_accuracy": 0.9, "val_loss": 0.3}, {"val_accuracy": acc, "val_loss": 1 - acc}]
+        history = [_row(0.9, 0.3), _row(acc, 1 - acc)]
         assert cfg.max_epochs == cfg.pilot_epochs and cfg.overfit_steps == 0  # trials are short
-        return FinetuneResult(None, history, 1, "", [], {"train_seconds": 2.0})
+        return FinetuneResult(None, history, 1, "", [], SimpleNamespace(train_seconds=2.0))
 
     run = Run()
     cfg, spent = search(run, 8, FinetuneConfig(), trial, 100, None, seed=0)
@@ -55,7 +60,7 @@ def test_search_returns_the_best_trials_knobs_and_records_every_trial():
 
 def test_search_stops_at_half_the_time_budget():
     def trial(cfg, number):
-        return FinetuneResult(None, [{"val_accuracy": 0.5, "val_loss": 1.0}] * 2, 1, "", [], {"train_seconds": 30.0})
+        return FinetuneResult(None, [_row(0.5, 1.0)] * 2, 1, "", [], SimpleNamespace(train_seconds=30.0))
 
     run = Run()
     _, spent = search(run, 10, FinetuneConfig(), trial, 100, budget=100.0, seed=0)

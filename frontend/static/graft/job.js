@@ -37,9 +37,9 @@ document.addEventListener("DOMContentLoaded", () => {
           labels,
           datasets: [
             { label: "train loss", data: epochs.map((r) => r.train_loss), borderColor: "#3d6fd9", yAxisID: "loss" },
-            { label: "held-out loss", data: epochs.map((r) => r.val_loss), borderColor: "#d9573d", yAxisID: "loss" },
+            { label: "held-out loss", data: epochs.map((r) => r.heldout_loss), borderColor: "#d9573d", yAxisID: "loss" },
             { label: "train accuracy", data: epochs.map((r) => r.train_accuracy), borderColor: "#3d6fd9", borderDash: [5, 4], yAxisID: "acc" },
-            { label: "held-out accuracy", data: epochs.map((r) => r.val_accuracy), borderColor: "#d9573d", borderDash: [5, 4], yAxisID: "acc" },
+            { label: "held-out accuracy", data: epochs.map((r) => r.heldout_accuracy), borderColor: "#d9573d", borderDash: [5, 4], yAxisID: "acc" },
           ],
         },
         options: {
