@@ -14,7 +14,7 @@ import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -261,32 +261,3 @@ def _balance_warnings(index: DatasetIndex) -> Iterator[DatasetWarning]:
             f"Classes are imbalanced ({least} vs {most} images); training weights classes to compensate.",
             rare,
         )
-
-
-def with_splits(index: DatasetIndex, val_fraction: float = 0.2, seed: int = 0) -> DatasetIndex:
-    """The index with every image's split written down: the upload's own, or the stratified split a
-    fit would make (`split_samples`), so that a later relabel or addition leaves each image where it was."""
-    if any(s.split == "val" for s in index.samples):
-        return index
-    _, val = split_samples(index, val_fraction, seed)
-    held_out = {s.sha256 for s in val}
-    samples = [
-        s if s.split == "test" else replace(s, split="val" if s.sha256 in held_out else "train") for s in index.samples
-    ]
-    return DatasetIndex(classes=index.classes, samples=samples, warnings=index.warnings, layout=index.layout)
-
-
-def split_samples(index: DatasetIndex, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """(train, val): the upload's own val/ when it has one, else a stratified split."""
-    if any(s.split == "val" for s in index.samples):
-        return (
-            [s for s in index.samples if s.split in ("train", "")],
-            [s for s in index.samples if s.split == "val"],
-        )
-    from sklearn.model_selection import train_test_split
-
-    pool = [s for s in index.samples if s.split != "test"]
-    labels = [s.label for s in pool]
-    n_val = max(len(index.classes), round(len(pool) * val_fraction))
-    train, val = train_test_split(pool, test_size=n_val, stratify=labels, random_state=seed)
-    return sorted(train, key=lambda s: s.member), sorted(val, key=lambda s: s.member)

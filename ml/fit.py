@@ -86,6 +86,7 @@ from ml.run import FEATURES, STORED, Progress, ProgressFn, Run, about, timer
 from ml.runtime import tune_allocator
 from ml.search import search
 from ml.selection import Candidate, Decision, best_of, keep_if_better, significance_margin
+from ml.splits import stratified_draw
 from ml.strategy import REGISTRY as PLAN_REGISTRY
 from ml.strategy import Plan, decide, finetune_depth
 
@@ -392,20 +393,7 @@ def _subsample(y: np.ndarray, cap: int, seed: int) -> np.ndarray:
     """Positions of a stratified random subsample of at most about `cap` items (all of them when fewer)."""
     if len(y) <= cap:
         return np.arange(len(y))
-    return _stratified_draw(y, cap / len(y), seed, keep_one=False)
-
-
-def _stratified_draw(y: np.ndarray, fraction: float, seed: int, *, keep_one: bool) -> np.ndarray:
-    """Sorted positions of `fraction` of each class, drawn at random; at least one per class, and
-    with `keep_one` at least one left out of the draw (a class of one image is not drawn at all)."""
-    rng = np.random.default_rng(seed)
-    drawn = []
-    for c in np.unique(y):
-        pos = np.flatnonzero(y == c)
-        m = max(1, round(fraction * len(pos)))
-        m = min(m, len(pos) - 1) if keep_one else min(m, len(pos))
-        drawn.append(rng.choice(pos, m, replace=False))
-    return np.sort(np.concatenate(drawn))
+    return stratified_draw(y, cap / len(y), seed, keep_one=False)
 
 
 def _cv_best(probe: ProbeFit) -> float | None:
@@ -836,7 +824,7 @@ def _holdout(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     10%, but at least `MIN_HOLDOUT` images where the split allows (a quarter at most): below
     that, one image moves the score by several points."""
     n_hold = min(max(round(len(y) * HOLDOUT_FRACTION), MIN_HOLDOUT), len(y) // 4)
-    hold_idx = _stratified_draw(y, n_hold / len(y), seed, keep_one=True)
+    hold_idx = stratified_draw(y, n_hold / len(y), seed, keep_one=True)
     return np.setdiff1d(np.arange(len(y)), hold_idx), hold_idx
 
 

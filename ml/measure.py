@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from ml.backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone
-from ml.dataset import DatasetIndex, Sample, split_samples
+from ml.dataset import DatasetIndex, Sample
 from ml.features import TOP, EmbeddingCache, Pass, extract_stage_features
 from ml.preprocess import choose_preprocessing
 from ml.runtime import tune_allocator
 from ml.similarity import BatchNormStats, Similarity, head_entropy, similarity_score
+from ml.splits import split_samples
 from ml.strategy import SIZE_BOUNDARY, Plan, decide
 
 SIMILARITY_SAMPLE = 256  # images whose BN statistics measure similarity (train split first)

@@ -26,9 +26,10 @@ from apps.common.storage import delete_prefix, delete_quietly, local_copy
 from apps.datasets.models import Dataset
 from apps.datasets.versions import class_counts, store_image_thumbs, version_first
 from ml.archive import ArchiveLimits, read_member
-from ml.dataset import DatasetIndex, IngestConfig, index_dataset, with_splits
+from ml.dataset import DatasetIndex, IngestConfig, index_dataset
 from ml.errors import DatasetError
 from ml.images import ImageDecodeError, thumbnail_jpeg
+from ml.splits import with_splits
 
 THUMB_SIDE = 160
 THUMBS_PER_CLASS = 12

@@ -24,7 +24,7 @@ import shutil
 import threading
 import uuid
 import zipfile
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -49,11 +49,11 @@ from ml.archive import read_member
 from ml.dataset import DatasetIndex, DatasetWarning, IngestConfig, Sample, index_images, validate_classes
 from ml.errors import DatasetError
 from ml.images import ImageDecodeError, thumbnail_jpeg
+from ml.splits import place_added
 
 log = logging.getLogger(__name__)
 
 THUMB_SIDE = 160
-VAL_FRACTION = 0.2  # as the fit splits an upload without val/ (ml.fit.FitConfig.val_fraction)
 MAX_LISTED_CHANGES = 10_000  # per kind, in a version's `changes` (the summary counts them all)
 
 
@@ -448,7 +448,7 @@ def _merge(
         )
     if not new:
         raise DatasetError("Every image in this archive is already in the dataset; nothing was added.")
-    placed = _place(parent, new, own_split=any(s.split == "val" for s in added.samples))
+    placed = place_added(parent, new, own_split=any(s.split == "val" for s in added.samples))
     samples = [*parent.samples, *(replace(s, source=source) for s in placed)]
     index = DatasetIndex(
         classes=validate_classes(samples, _ingest_config().min_per_class, parent.layout),
@@ -458,26 +458,6 @@ def _merge(
     )
     rows = [{"sha256": s.sha256, "member": s.member, "label": s.label, "split": s.split} for s in placed]
     return index, rows, warnings
-
-
-def _place(parent: DatasetIndex, new: list[Sample], *, own_split: bool) -> list[Sample]:
-    """Splits for added images: the zip's own train/ and val/, else per class as many to val as keep
-    the class's share of validation images at VAL_FRACTION (a seeded choice among them)."""
-    import random
-
-    if own_split:
-        return [replace(s, split="train" if s.split in ("", "train") else s.split) for s in new]
-    val_now = Counter(s.label for s in parent.samples if s.split == "val")
-    total_now = Counter(s.label for s in parent.samples if s.split in ("train", "val"))
-    by_class: dict[str, list[Sample]] = defaultdict(list)
-    for s in sorted(new, key=lambda s: s.sha256):
-        by_class[s.label].append(s)
-    placed = []
-    for label, group in by_class.items():
-        target = round((total_now[label] + len(group)) * VAL_FRACTION) - val_now[label]
-        to_val = set(random.Random(f"{label}:{len(group)}").sample(range(len(group)), max(0, min(len(group), target))))
-        placed += [replace(s, split="val" if i in to_val else "train") for i, s in enumerate(group)]
-    return placed
 
 
 # --- reading a version's images --------------------------------------------------------------------

@@ -24,7 +24,8 @@ from apps.datasets.versions import (
     version_index,
     version_ingest,
 )
-from ml.dataset import index_dataset, with_splits
+from ml.dataset import index_dataset
+from ml.splits import with_splits
 from tests.apps.test_storage import s3_storage  # noqa: F401 - the fixture
 from tests.conftest import class_folders, image_bytes, make_zip
 

@@ -11,7 +11,7 @@ keeps those whose file name starts with one of the given names (`--datasets hyme
 order; `--fit-datasets` fits only those (three fits per dataset are most of a run's time), the rest get
 the finders' figures alone. Per dataset,
 one after the other, four archives are written to a temporary folder (the shared zips are only read), all
-in split layout: train/ and val/ as the seeded split a fit makes (ml.dataset.split_samples), so every fit
+in split layout: train/ and val/ as the seeded split a fit makes (ml.splits.split_samples), so every fit
 below is scored on the same validation images with their true labels:
   1. clean: the dataset as it is;
   2. noisy: 10 % of the training images (drawn at random, seeded) filed under another class;
@@ -75,7 +75,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from ml.dataset import DatasetIndex, Sample, index_dataset, split_samples
+from ml.dataset import DatasetIndex, Sample, index_dataset
 from ml.finders import (
     FILTERS,
     ISSUE_CS,
@@ -89,6 +89,7 @@ from ml.finders import (
     nearest,
     rank_label_issues,
 )
+from ml.splits import split_samples
 
 FLIP_FRACTION = 0.10
 COPY_FRACTION = 0.05  # of the training images, per kind

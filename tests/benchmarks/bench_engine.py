@@ -27,7 +27,7 @@ Per-dataset fields:
   backbone            backbone name
   cell, strategy, similarity, images_per_class   from FitResult.strategy (cell: e.g. "small-different")
   expected_cell, cell_as_manifest                the cell MANIFEST.md names for the zip, and whether it matches
-  num_classes, num_train, num_val                of the seeded split (ml.dataset.split_samples, val 0.2)
+  num_classes, num_train, num_val                of the seeded split (ml.splits.split_samples, val 0.2)
   val_accuracy, macro_f1, ece                    FitResult.metrics on the val split
   input_size          input side the fit chose (FitResult.preprocessing)
   best_epoch          fine-tune epoch restored (0: the probe it started from); null when it did not fine-tune
@@ -440,8 +440,9 @@ def child(args: argparse.Namespace) -> dict:
     import torch
 
     from ml.backbones import Preprocessing, create_backbone
-    from ml.dataset import IngestConfig, index_dataset, split_samples
+    from ml.dataset import IngestConfig, index_dataset
     from ml.probe import fit_probe
+    from ml.splits import split_samples
 
     archive = Path(args.child)
     torch.manual_seed(args.seed)

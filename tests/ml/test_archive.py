@@ -8,8 +8,9 @@ import zipfile
 import pytest
 
 from ml.archive import ArchiveLimits
-from ml.dataset import IngestConfig, index_dataset, split_samples
+from ml.dataset import IngestConfig, index_dataset
 from ml.errors import DatasetError
+from ml.splits import split_samples
 from tests.conftest import class_folders, image_bytes, make_zip
 
 
