@@ -6,8 +6,8 @@ that sets a fit reads this table: the CLI's `fit` flags (ml.cli), the API's job 
 (apps.training.services.USER_OPTIONS). The bounds are checked in one place, `FitConfig.validate`,
 so every surface refuses a value with the same words.
 
-No torch here: the names that live beside the models (strategies, backbones, the size boundary)
-are read from their modules when first needed.
+No torch here: the backbones' names, which live beside the models, are read from there when
+first needed.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
 from ml.errors import ConfigError
+from ml.strategy import SIZE_BOUNDARY, STRATEGIES
 
 T = TypeVar("T")
 
@@ -106,15 +107,7 @@ def _number(x: float) -> str:
 
 
 def _strategies() -> tuple[str, ...]:
-    from ml.strategy import STRATEGIES
-
     return STRATEGIES
-
-
-def _size_boundary() -> int:
-    from ml.strategy import SIZE_BOUNDARY
-
-    return SIZE_BOUNDARY
 
 
 def _backbones() -> tuple[str, ...]:
@@ -146,7 +139,7 @@ STRATEGY_OPTION = Option[str](
     choices=_strategies,
 )  # fmt: skip
 SIZE_BOUNDARY_OPTION = Option[int](
-    "size_boundary", int, Deferred(_size_boundary), "engine", "Size boundary",
+    "size_boundary", int, SIZE_BOUNDARY, "engine", "Size boundary",
     "training images per class where 'small' becomes 'large'",
     low=1, unit="image per class",
 )  # fmt: skip
