@@ -722,9 +722,9 @@ def _loop_decisions(s: TrainState, config: FinetuneConfig) -> tuple[Decision, ..
     shown |= {e: f"{name}, epoch {e}" for e, name in ((best.epoch, "best"), (n, "last")) if e not in shown}
     epochs = Decision(
         "epochs",
-        f"{n} of {config.max_epochs}",
+        shown[best.epoch],
         tuple(Candidate(name, s.history[e].heldout_accuracy, s.history[e].seconds) for e, name in shown.items()),
-        s.stopped,
+        f"{n} of at most {config.max_epochs} epochs ({s.stopped}); the best epoch's weights are restored",
         metric="held-out accuracy",
     )
     if s.ema is None or "ema" not in s.best_by_weights:

@@ -496,7 +496,7 @@ def _finetune_setup(
     probe_hold = _holdout_accuracy(chosen.X_train, data.y_train, fit_idx, hold_idx, k, chosen.probe.C, config.seed)
     rep, stage, C = _finetune_start(chosen)
     head = fit_probe_at(rep.feats[stage][fit_idx], y_fit, k, C=C, seed=config.seed)
-    run.say(f"fine-tune candidate starts from the probe on {_name(stage, rep)}")
+    run.decide(_start_decision(chosen, rep, stage))
     checks.done("refit")
     source = ImageSource(data.archive, data.train + data.val, rep.prep)
     norm = (rep.prep.mean, rep.prep.std)  # the batches stay uint8 until they reach the device
@@ -806,6 +806,20 @@ def _finetune_start(chosen: ChosenProbe) -> tuple[Representation, str, float]:
     options = [(c.score if c.score is not None else -1.0, rep, stage, c) for rep, stage, c in chosen.ranking.values()]
     _, rep, stage, c = max((o for o in options if o[1].prep.input_size == smallest), key=lambda o: o[0])
     return rep, stage, c.detail.get("C", chosen.probe.C)
+
+
+def _start_decision(chosen: ChosenProbe, rep: Representation, stage: str) -> Decision:
+    """Which probe the fine-tune candidate starts from, among those at its input size."""
+    size = rep.prep.input_size
+    here = tuple(c for r, _, c in chosen.ranking.values() if r.prep.input_size == size)
+    return Decision(
+        "finetune_start",
+        _name(stage, rep),
+        here or (Candidate(_name(stage, rep), None),),
+        f"the best-ranked probe at the smallest candidate input size ({size} px): fine-tuning adapts the "
+        "filters to the scale, and its compute grows with the square of the size",
+        metric="the probes' cross-validated accuracy on training images",
+    )
 
 
 def _holdout_accuracy(
