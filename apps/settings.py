@@ -89,6 +89,11 @@ MEDIA_URL = "/media/"
 # Host-local scratch space, never shared: unpacked bundles, job working folders, fetched archives.
 # Everything that outlives a request or a job lives in storage (below) or in the database.
 GRAFT_WORK_DIR = Path(env.str("GRAFT_WORK_DIR", default=str(DATA_DIR / "work")))
+# Bytes of dataset archives a worker host keeps under GRAFT_WORK_DIR/archives for the next job on the
+# same data (apps.common.archive_cache), least recently used evicted first; 0: none kept.
+GRAFT_ARCHIVE_CACHE_BYTES: int = env.int("GRAFT_ARCHIVE_CACHE_BYTES", default=8 * 1024**3)
+if GRAFT_ARCHIVE_CACHE_BYTES < 0:
+    raise ImproperlyConfigured("GRAFT_ARCHIVE_CACHE_BYTES must be 0 (no cache) or a number of bytes.")
 # Where training and ingestion run: auto (CUDA when visible), cpu, cuda, cuda:1, ...
 # Ingestion's similarity measurement always runs on the CPU (it must not take a trainer's GPU).
 GRAFT_DEVICE: str = env.str("GRAFT_DEVICE", default="auto")

@@ -42,6 +42,7 @@ from django.utils import timezone
 
 from apps.accounts.quotas import check_new_dataset, owner_locked
 from apps.common import work
+from apps.common.archive_cache import cached_archive, content_key, stored_archive
 from apps.common.errors import UserError
 from apps.common.storage import delete_quietly, local_copy, open_seekable, open_stream
 from apps.datasets.models import Dataset, DatasetVersion
@@ -482,32 +483,34 @@ def training_names(version: DatasetVersion) -> dict[str, tuple[str, str]]:
 def version_archive(version: DatasetVersion) -> Iterator[tuple[Path, DatasetIndex]]:
     """A local zip holding the version's images and the index that reads it, for ml (which reads one
     archive). A version whose images all sit in the upload uses the upload itself; otherwise the
-    images are gathered, stored uncompressed, into a scratch zip, named as `training_names` says."""
+    images are gathered, stored uncompressed, into one zip, named as `training_names` says. Either
+    is kept in this host's archive cache for the next job (apps.common.archive_cache)."""
     index = version_index(version)
     upload = version.dataset.archive
     sources = sorted({s.source or upload for s in index.samples})
     if sources == [upload]:
-        with local_copy(upload) as path:
+        with stored_archive(upload) as path:
             yield path, index
         return
     names = {origin: name for name, origin in training_names(version).items()}
-    settings.GRAFT_WORK_DIR.mkdir(parents=True, exist_ok=True)
-    scratch = settings.GRAFT_WORK_DIR / f"version-{version.pk}-{uuid.uuid4().hex[:8]}.zip"
-    try:
-        renamed = []
-        with ExitStack() as stack, zipfile.ZipFile(scratch, "w", zipfile.ZIP_STORED) as out:
+    renamed = [replace(s, member=names[(s.source or upload, s.member)], source="") for s in index.samples]
+
+    def gather(to: Path) -> None:
+        with ExitStack() as stack, zipfile.ZipFile(to, "w", zipfile.ZIP_STORED) as out:
             readers = {
-                name: stack.enter_context(zipfile.ZipFile(stack.enter_context(local_copy(name)))) for name in sources
+                name: stack.enter_context(zipfile.ZipFile(stack.enter_context(stored_archive(name))))
+                for name in sources
             }
-            for s in index.samples:
-                source = s.source or upload
-                member = names[(source, s.member)]
-                with readers[source].open(s.member) as src, out.open(member, "w", force_zip64=True) as dst:
-                    shutil.copyfileobj(src, dst, 1024 * 1024)
-                renamed.append(replace(s, member=member, source=""))
-        yield scratch, replace(index, samples=renamed)
-    finally:
-        scratch.unlink(missing_ok=True)
+            for s, gathered in zip(index.samples, renamed, strict=True):
+                with readers[s.source or upload].open(s.member) as src:
+                    with out.open(gathered.member, "w", force_zip64=True) as dst:
+                        shutil.copyfileobj(src, dst, 1024 * 1024)
+
+    # The zip's members, in order, by name and content (sha256): all that makes its bytes. A version
+    # that only relabels another shares its zip.
+    key = content_key("gathered", [(s.member, s.sha256) for s in renamed])
+    with cached_archive(key, gather) as path:
+        yield path, replace(index, samples=renamed)
 
 
 def export_name(version: DatasetVersion) -> str:

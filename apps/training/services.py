@@ -30,6 +30,7 @@ from django.utils import timezone
 
 from apps.accounts.quotas import check_new_job, owner_locked
 from apps.common import faults, work
+from apps.common.archive_cache import stored_archive
 from apps.common.errors import UserError
 from apps.common.storage import delete_prefix, delete_quietly, local_copy
 from apps.datasets.findings import load_embeddings
@@ -280,7 +281,7 @@ def _training_data(job: Job, dataset: Dataset) -> Iterator[tuple[Path, DatasetIn
     """The archive and index of the version the job trains on, and what its model card says of them."""
     version = job.version
     if version is None:  # a job made before versions: the dataset as it was uploaded
-        with local_copy(dataset.archive) as archive:
+        with stored_archive(dataset.archive) as archive:
             yield archive, dataset_index(dataset=dataset), {"dataset": dataset.name}
         return
     about = {"dataset": dataset.name, "dataset_version": version.number, "dataset_version_hash": version.content_hash}

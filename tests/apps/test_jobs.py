@@ -10,6 +10,7 @@ from django.utils import timezone
 from apps.datasets.models import Dataset
 from apps.training.models import Job
 from apps.training.services import RetryLater, job_claim, job_recover_stale
+from tests.apps.api_schema import schema_errors
 
 pytestmark = pytest.mark.integration
 
@@ -109,34 +110,28 @@ def test_training_options_are_validated_and_kept(db, make_user):
 
 
 def test_a_finished_job_shows_its_decisions_over_the_api(job, client, tmp_path):
-    from types import SimpleNamespace
-
     from apps.training.services import _succeed
+    from ml.preprocessing import Preprocessing
+    from ml.report import FitResult, Metrics
+    from ml.selection import Candidate, Decision
+    from ml.strategy import Plan
 
-    decision = {
-        "what": "representation",
-        "chosen": "top @ 224 px",
-        "candidates": [
-            {"name": "top @ 224 px", "score": 0.9, "seconds": 1.0, "detail": {}},
-            {"name": "blocks.3 @ 64 px", "score": float("nan"), "seconds": 0.5, "detail": {"size": (64, 64)}},
-        ],
-        "reason": "the plain probe stays",
-        "metric": "5-fold CV accuracy on 12 training images",
-        "seconds": 1.5,
-    }
+    decision = Decision(
+        "representation",
+        "top @ 224 px",
+        (Candidate("top @ 224 px", 0.9, 1.0), Candidate("blocks.3 @ 64 px", float("nan"), 0.5, {"size": (64, 64)})),
+        "the plain probe stays",
+        metric="5-fold CV accuracy on 12 training images",
+    )
     bundle = tmp_path / "bundle.zip"
     bundle.write_bytes(b"not really a zip")
-    result = SimpleNamespace(
+    result = FitResult(
         classes=["a", "b"],
-        strategy={"name": "linear"},
-        metrics={"val_accuracy": 1.0},
+        strategy=Plan("linear", "small-similar", 6.0, 0.8, "few images like ImageNet", {"score": 0.8}),
+        metrics=Metrics(1.0, 0.1, 1.0, 2, [], [[1, 0], [0, 1]], {"top1": 1.0}, 0.0, []),
         timings={},
         artifacts={"bundle": str(bundle)},
-        sanity=[],
-        hyperparameters={},
-        lr_range=None,
-        log=[],
-        preprocessing={},
+        preprocessing=Preprocessing(224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic"),
         device="cpu",
         decisions=[decision],
         peak_rss_mib={"features": 812.5},
@@ -144,7 +139,9 @@ def test_a_finished_job_shows_its_decisions_over_the_api(job, client, tmp_path):
     claimed = job_claim(job_id=job.pk)
     _succeed(claimed, result, Job.objects.filter(pk=claimed.pk, attempts=claimed.attempts))
     client.force_login(job.owner)
-    report = client.get(f"/api/v1/jobs/{job.pk}/").json()["report"]
+    body = client.get(f"/api/v1/jobs/{job.pk}/").json()
+    assert schema_errors(body, "JobOutput") == []
+    report = body["report"]
     (shown,) = report["decisions"]
     assert shown["chosen"] == "top @ 224 px" and shown["candidates"][0]["score"] == 0.9
     assert shown["candidates"][1]["score"] is None  # NaN has no JSON spelling
