@@ -22,7 +22,7 @@ from ml.archive import ArchiveLimits, DamagedMember, InflateBudget, Member, read
 from ml.errors import DatasetError
 from ml.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb, header_size
 
-ProgressFn = Callable[[int, int], None]
+Tick = Callable[[int, int], None]  # (done, total)
 VERIFY_SIDE = 64  # ingestion decodes JPEGs at the smallest draft that keeps this side: it only verifies them
 
 
@@ -100,9 +100,7 @@ class DatasetIndex:
         )
 
 
-def index_dataset(
-    path: Path, config: IngestConfig = IngestConfig(), progress: ProgressFn | None = None
-) -> DatasetIndex:
+def index_dataset(path: Path, config: IngestConfig = IngestConfig(), progress: Tick | None = None) -> DatasetIndex:
     """Scan, decode, dedupe and validate a dataset zip. Raises DatasetError if unusable."""
     index = index_images(path, config, progress)
     index.classes = validate_classes(index.samples, config.min_per_class, index.layout)
@@ -110,7 +108,7 @@ def index_dataset(
     return index
 
 
-def index_images(path: Path, config: IngestConfig = IngestConfig(), progress: ProgressFn | None = None) -> DatasetIndex:
+def index_images(path: Path, config: IngestConfig = IngestConfig(), progress: Tick | None = None) -> DatasetIndex:
     """Scan, decode and dedupe a zip of labelled images, without asking it to be a whole dataset
     (images added to one may be of a single class, or a few). Raises DatasetError if unusable."""
     scan = scan_archive(path, config.limits)
@@ -137,7 +135,7 @@ def index_images(path: Path, config: IngestConfig = IngestConfig(), progress: Pr
 
 
 def _decode_all(
-    path: Path, members: list[Member], config: IngestConfig, progress: ProgressFn | None
+    path: Path, members: list[Member], config: IngestConfig, progress: Tick | None
 ) -> tuple[list[Sample], list[tuple[str, str]]]:
     local = threading.local()
     budget = InflateBudget(path, config.limits)

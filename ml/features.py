@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from ml.backbones import Backbone, Preprocessing
-from ml.dataset import Sample
+from ml.dataset import Sample, Tick
 from ml.images import decode_rgb
 from ml.preprocess import eval_transform
 from ml.runtime import tune_allocator
@@ -53,7 +53,6 @@ class GridPool(nn.Module):
         return torch.cat([c.mean((2, 3)) for c in cells], 1)
 
 
-ProgressFn = Callable[[int, int], None]
 Loaded = TypeVar("Loaded")  # what ZipImages makes of an image
 Item = TypeVar("Item")  # what iter_batches' `load` takes: a member name, a position
 
@@ -110,7 +109,7 @@ class Pass:
 
     device: torch.device = torch.device("cpu")
     batch_size: int = 64
-    progress: ProgressFn | None = None
+    progress: Tick | None = None
 
 
 def extract_features(

@@ -43,7 +43,7 @@ from ml.probe import out_of_fold_proba
 from ml.runtime import tune_allocator
 
 DuplicateKind = Literal["cross-class", "cross-split", "same-class"]
-ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
+PhaseTick = Callable[[str, int, int], None]  # (phase, done, total)
 
 # Near-duplicates: a pair of images is one when each is the other's nearest neighbour in the duplicate view
 # and their cosine distance is at most DUPLICATE_RATIO times the distance from either of them to its next
@@ -192,7 +192,7 @@ def find_issues(
     *,
     index: DatasetIndex | None = None,
     cache: EmbeddingCache | None = None,
-    progress: ProgressFn | None = None,
+    progress: PhaseTick | None = None,
 ) -> Findings:
     """Index `archive` (unless `index` is given), embed the images `cache` does not hold yet (it holds
     every image of this run afterwards), and run the three finders."""
@@ -213,7 +213,7 @@ def embed(
     config: FinderConfig = FinderConfig(),
     *,
     cache: EmbeddingCache | None = None,
-    progress: ProgressFn | None = None,
+    progress: PhaseTick | None = None,
 ) -> Embedding:
     """Both views of every train and val image, in the order a fit reads them (`split_for_fit`).
 
@@ -502,7 +502,7 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = time.perf_counter() - start
 
 
-def _phase(progress: ProgressFn | None, phase: str) -> Callable[[int, int], None] | None:
+def _phase(progress: PhaseTick | None, phase: str) -> Callable[[int, int], None] | None:
     if progress is None:
         return None
     return lambda done, total: progress(phase, done, total)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +32,6 @@ from ml.strategy import SIZE_BOUNDARY, Plan, decide
 
 SIMILARITY_SAMPLE = 256  # images whose BN statistics measure similarity (train split first)
 FEATURE_BATCH = 64  # images per forward pass (the fit's default; the finders use it, so stored and fresh agree)
-
-Tick = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
