@@ -702,7 +702,7 @@ class _Tries:
             "depth": setup.config.depth,
             "batch_size": setup.config.batch_size,
             "flip": setup.flip,
-            "augmentation": setup.augmentation,
+            "augmentation": setup.augmentation.to_json(),
             "held_out": len(setup.hold_idx),
         }
 

@@ -89,15 +89,15 @@ def test_a_finished_job_leads_with_its_accuracy_and_enlarges_a_mistake(
     expect(page.locator("#retrain")).to_be_visible()
     expect(page.locator("#train-again")).to_be_hidden()
 
-    wrong = fitted.metrics["misclassified"][0]
+    wrong = fitted.metrics.misclassified[0]
     figure = page.locator("#misclassified figure").first
-    expect(figure.locator(".job-file")).to_have_text(wrong["file"].split("/")[-1])
-    expect(figure).to_contain_text(f"true {wrong['label']}")
-    expect(figure).to_contain_text(f"predicted {wrong['predicted']}")
+    expect(figure.locator(".job-file")).to_have_text(wrong.file.split("/")[-1])
+    expect(figure).to_contain_text(f"true {wrong.label}")
+    expect(figure).to_contain_text(f"predicted {wrong.predicted}")
     figure.locator("button.job-thumb").click()
     dialog = page.locator("#job-image-dialog")
     expect(dialog).to_be_visible()
-    expect(dialog.locator("#job-image-caption")).to_contain_text(wrong["file"])
+    expect(dialog.locator("#job-image-caption")).to_contain_text(wrong.file)
     big = dialog.locator("#job-image-big").bounding_box()
     assert big is not None and big["width"] >= 300, big
     shot(page, "job-succeeded-enlarged")
