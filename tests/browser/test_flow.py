@@ -85,6 +85,14 @@ def test_the_whole_story(page, shot, live_server, celery_worker_process, dataset
     expect(page.get_by_role("button", name="Delete dataset")).to_be_visible()
     page.evaluate("() => window.scrollTo(0, 0)")
     shot(page, "dataset")
+    # The advanced options come from the one table of fit options (ml.config): bounds and hints shown.
+    page.locator("details#advanced > summary").click()
+    expect(page.locator("details#advanced input#seed")).to_be_visible()
+    expect(page.locator("input#max-epochs")).to_have_attribute("max", "200")
+    expect(page.locator("#max-epochs-help")).to_contain_text("1 to 200")
+    page.locator("#train-form").scroll_into_view_if_needed()
+    shot(page, "dataset-advanced")
+    page.locator("details#advanced > summary").click()
 
     # Train with the defaults: one click.
     page.locator("#train-form").get_by_role("button", name="Train", exact=True).click()
