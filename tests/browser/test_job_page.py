@@ -42,6 +42,16 @@ def fitted(tmp_path_factory):
     return result
 
 
+@pytest.fixture(scope="session")
+def finetuned(tmp_path_factory):
+    """A partial fine-tune of two epochs on tiny images: its history has epoch rows, its report a range test."""
+    from ml.fit import FitConfig, fit
+
+    folder = tmp_path_factory.mktemp("job-page-ft")
+    archive = make_zip(folder / "small.zip", class_folders({"ants": 12, "bees": 12}))
+    return fit(archive, folder / "fit", FitConfig(strategy="partial", max_epochs=2, resolution="native"))
+
+
 def _upload(page, tmp_path, name: str = "insects") -> int:
     page.goto("/upload/")
     page.locator("#dataset-name").fill(name)
@@ -56,12 +66,13 @@ def _upload(page, tmp_path, name: str = "insects") -> int:
 def _finished_job(owner, dataset_id: int, fitted):
     from apps.serving.services import bundle_store, model_create
     from apps.training.models import Job
+    from apps.training.services import REPORT_FIELDS
 
     data = fitted.to_json()
     job = Job.objects.create(
         owner=owner, dataset_id=dataset_id, status=Job.Status.SUCCEEDED, progress=1.0, phase="done",
-        config={"strategy": "linear"}, strategy=data["strategy"], metrics=data["metrics"],
-        report={"sanity": data["sanity"], "decisions": data["decisions"], "log": data["log"], "device": "cpu"},
+        config={"strategy": data["strategy"]["name"]}, strategy=data["strategy"], metrics=data["metrics"],
+        report={key: data[key] for key in REPORT_FIELDS},
     )  # fmt: skip
     model_create(job=job, bundle=bundle_store(fitted.artifacts["bundle"]), result=fitted)
     for step, row in enumerate(data["history"]):
@@ -104,6 +115,27 @@ def test_a_finished_job_leads_with_its_accuracy_and_enlarges_a_mistake(
     page.keyboard.press("Escape")
     expect(dialog).to_be_hidden()
     shot(page, "job-succeeded")
+    assert not page.js_errors, page.js_errors
+
+
+def test_a_fine_tuned_job_plots_its_held_out_epochs_and_the_loops_decisions(
+    page, shot, live_server, celery_worker_process, make_user, finetuned, tmp_path
+):
+    user = make_user("ft", PASSWORD)
+    sign_in(page, "ft")
+    job = _finished_job(user, _upload(page, tmp_path), finetuned)
+    page.goto(f"/jobs/{job.pk}/")
+    expect(page.locator("#h-curves")).to_have_text("Fine-tuning: loss and accuracy per epoch")
+    # The chart reads the epoch rows' declared fields: every held-out point is a number.
+    held_out = page.evaluate(
+        """() => Chart.getChart(document.querySelector('#curve-chart')).data.datasets
+                .find((d) => d.label === 'held-out accuracy').data"""
+    )
+    assert len(held_out) >= 3 and all(isinstance(v, int | float) for v in held_out), held_out  # 3 a try
+    decisions = page.locator("#decisions h3")
+    for what in ("finetune_start:", "learning_rate:", "epochs:", "weights:", "finetune:"):
+        expect(decisions.filter(has_text=what)).to_have_count(1)
+    shot(page, "job-finetuned")
     assert not page.js_errors, page.js_errors
 
 
