@@ -185,7 +185,7 @@ def test_a_resumed_job_that_cannot_use_its_checkpoint_shows_each_epoch_once(job,
             rep=SimpleNamespace(prep=SimpleNamespace(input_size=224)),
             config=SimpleNamespace(depth="partial", batch_size=32),
             flip=True,
-            augmentation="light",
+            augmentation=SimpleNamespace(to_json=lambda: {"after": "light"}),
             hold_idx=range(held_out),
         )
 
