@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -12,24 +11,18 @@ from pathlib import Path
 import pytest
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
-from django.db import transaction
 
-from apps.common import archive_cache, work
+from apps.common import archive_cache
 from apps.common.archive_cache import cached_archive, stored_archive
 from apps.common.storage import local_path
-from apps.datasets.models import Dataset, DatasetVersion
+from apps.datasets.models import DatasetVersion
 from apps.datasets.versions import (
-    ADDITION,
-    version_add_stored,
     version_archive,
     version_change,
-    version_first,
     version_index,
-    version_ingest,
 )
-from ml.dataset import index_dataset
-from ml.splits import with_splits
-from tests.conftest import class_folders, image_bytes, make_zip
+from tests.apps.stored_versions import two_archive_version
+from tests.conftest import image_bytes
 
 
 @pytest.fixture
@@ -202,25 +195,7 @@ def test_a_stored_archive_is_downloaded_once_per_host(work_dir, own_storage, mon
 
 def _two_archive_version(user, tmp_path: Path) -> tuple[DatasetVersion, DatasetVersion]:
     """v1, the upload, and v2, the upload and five images added later (two stored archives)."""
-    path = make_zip(tmp_path / "d.zip", class_folders({"cats": 6, "dogs": 6}))
-    dataset = Dataset(owner=user, name="pets", archive_bytes=path.stat().st_size)
-    dataset.archive = default_storage.save(f"{dataset.storage_prefix}archive.zip", ContentFile(path.read_bytes()))
-    index = with_splits(index_dataset(path))
-    dataset.manifest = default_storage.save(
-        f"{dataset.storage_prefix}manifest.json", ContentFile(json.dumps(index.to_dict()).encode())
-    )
-    dataset.status = Dataset.Status.READY
-    dataset.save()
-    v1 = version_first(dataset=dataset, index=index, manifest=dataset.manifest)
-
-    more = make_zip(tmp_path / "more.zip", {f"owls/o_{i}.png": image_bytes(seed=900 + i) for i in range(5)})
-    stored = default_storage.save(f"{dataset.storage_prefix}additions/more.zip", ContentFile(more.read_bytes()))
-    with transaction.atomic():
-        pending = version_add_stored(dataset=dataset, archive=stored, size=more.stat().st_size)
-    claimed = work.claim(ADDITION, pending.pk, worker="test")
-    assert claimed is not None
-    version_ingest(version=claimed)
-    v2 = DatasetVersion.objects.get(pk=pending.pk)
+    _, v1, v2 = two_archive_version(user, tmp_path)
     assert (v2.status, v2.num_images) == ("ready", 17), v2.error
     return v1, v2
 
