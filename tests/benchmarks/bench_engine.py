@@ -179,7 +179,7 @@ def fit_fields(fit: dict) -> dict:
         "macro_f1": m.get("macro_f1"),
         "ece": m.get("ece"),
         "input_size": fit["preprocessing"]["input_size"],
-        "best_epoch": fit.get("hyperparameters", {}).get("finetune", {}).get("best_epoch"),
+        "best_epoch": ((fit.get("hyperparameters") or {}).get("finetune") or {}).get("best_epoch"),
         "phases": phases(timings, fit.get("peak_rss_mib", {})),
         "decisions": [compact_decision(d) for d in fit.get("decisions", [])],
         "measurement_s": round(measured, 3),
@@ -482,7 +482,7 @@ def child(args: argparse.Namespace) -> dict:
     row["baseline_pixels"] = pixel_baseline(archive, train, val, class_id, args.seed)
     log(f"  pixel baseline: {row['baseline_pixels']}")
 
-    finetune = (fit or {}).get("hyperparameters", {}).get("finetune")
+    finetune = ((fit or {}).get("hyperparameters") or {}).get("finetune")
     row["synthetic_train_images_per_s"] = None
     if finetune:
         size = finetune.get("input_size", prep.input_size)  # the fine-tune's own input (its cheapest candidate)
