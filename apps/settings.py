@@ -331,7 +331,11 @@ else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=12 * 3600)}
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = "celery"
-CELERY_TASK_ROUTES = {"training.*": {"queue": "gpu"}, "serving.predict_batch": {"queue": "gpu"}}
+CELERY_TASK_ROUTES = {
+    "training.*": {"queue": "gpu"},
+    "serving.predict_batch": {"queue": "gpu"},
+    "serving.make_int8": {"queue": "gpu"},  # on the hosts that train: the dataset's archive is cached there
+}
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
@@ -347,9 +351,14 @@ GRAFT_MAX_PREDICT_BYTES: int = env.int("GRAFT_MAX_PREDICT_BYTES", default=32 * 1
 GRAFT_MAX_PREDICT_PIXELS: int = env.int("GRAFT_MAX_PREDICT_PIXELS", default=256_000_000)
 # Pixels a web process decodes at once, over all its requests (about 4 bytes of memory each).
 GRAFT_DECODE_PIXELS: int = env.int("GRAFT_DECODE_PIXELS", default=64_000_000)
-# Serving: the runtime (auto: the faster of ONNX Runtime and TorchScript, measured at load), and the
-# memory a web process may spend on loaded models (least recently used ones are dropped past it).
-GRAFT_SERVE_RUNTIME: str = env.str("GRAFT_SERVE_RUNTIME", default="auto")
+# Serving: the runtime, and the memory a web process may spend on loaded models (least recently
+# used ones are dropped past it). ONNX Runtime alone keeps torch out of the web tier (README,
+# "Serving"); `auto` loads TorchScript too, to serve with the faster of the two as measured at load.
+GRAFT_SERVE_RUNTIME: str = env.str("GRAFT_SERVE_RUNTIME", default="onnxruntime")
+# The model's precision: auto serves its int8 model where the int8 step kept one (ml.quantize),
+# fp32 never does. GRAFT_INT8 makes that int8 model after each job succeeds, on a worker.
+GRAFT_SERVE_PRECISION: str = env.str("GRAFT_SERVE_PRECISION", default="auto")
+GRAFT_INT8: bool = env.bool("GRAFT_INT8", default=True)
 GRAFT_SERVE_MODEL_MEMORY: int = env.int("GRAFT_SERVE_MODEL_MEMORY", default=1024**3)
 # Micro-batching (ml.predict.Batcher): images per shared forward pass, and how long a pass waits
 # for more requests once one is waiting. Defaults measured with bench_serve (README, "Serving").
@@ -359,6 +368,10 @@ GRAFT_SERVE_BATCH_WAIT_MS: float = env.float("GRAFT_SERVE_BATCH_WAIT_MS", defaul
 # lone request, but where several web processes serve on the same cores (deploy/ runs three) their
 # passes overlap and spinning threads starve each other (README, "Serving"). On for one process.
 GRAFT_SERVE_SPIN: bool = env.bool("GRAFT_SERVE_SPIN", default=False)
+if GRAFT_SERVE_RUNTIME not in ("auto", "onnxruntime", "torchscript") or GRAFT_SERVE_PRECISION not in ("auto", "fp32"):
+    raise ImproperlyConfigured(
+        "GRAFT_SERVE_RUNTIME must be auto, onnxruntime or torchscript; GRAFT_SERVE_PRECISION auto or fp32."
+    )
 if GRAFT_SERVE_MAX_BATCH < 1 or not 0 <= GRAFT_SERVE_BATCH_WAIT_MS <= 1000:
     raise ImproperlyConfigured("GRAFT_SERVE_MAX_BATCH must be at least 1, GRAFT_SERVE_BATCH_WAIT_MS 0-1000.")
 # The per-model prediction log (opt-in on the model page): the most recent records kept per model.

@@ -26,6 +26,7 @@ from apps.serving.api import (
     ModelCompareApi,
     ModelDetailApi,
     ModelDownloadApi,
+    ModelInt8Api,
     ModelListApi,
     ModelPredictApi,
     ModelPredictionImageApi,
@@ -69,6 +70,7 @@ api = [
     path("models/<int:model_id>/", ModelDetailApi.as_view(), name="model"),
     path("models/<int:model_id>/download/", ModelDownloadApi.as_view(), name="model-download"),
     path("models/<int:model_id>/predict/", ModelPredictApi.as_view(), name="model-predict"),
+    path("models/<int:model_id>/int8/", ModelInt8Api.as_view(), name="model-int8"),
     path("models/<int:model_id>/predictions/", ModelPredictionsApi.as_view(), name="model-predictions"),
     path(
         "models/<int:model_id>/predictions/<int:record_id>/image/",

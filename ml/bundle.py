@@ -14,7 +14,6 @@ import re
 import shutil
 import uuid
 import warnings
-import zipfile
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -33,6 +32,7 @@ from ml.bundle_format import (
     PREDICT_FILE,
     PREPROCESSING_FILE,
     README_FILE,
+    zip_bundle,
 )
 from ml.bundle_format import FORMAT_VERSION as FORMAT_VERSION
 from ml.bundle_format import MODEL_FILE as MODEL_FILE
@@ -221,12 +221,7 @@ def write_bundle(
     (folder / CARD_MARKDOWN_FILE).write_text(_card_markdown(card, metrics), encoding="utf-8")
     shutil.copyfile(STANDALONE_PREDICT, folder / PREDICT_FILE)
     (folder / README_FILE).write_text(_readme(classes), encoding="utf-8")
-    with zipfile.ZipFile(archive, "w") as zf:
-        for f in sorted(folder.iterdir()):
-            # Float weights barely deflate (~7%) and deflating them took ~1 s; text files shrink well.
-            stored = f.suffix in (".pt", ".onnx")
-            zf.write(f, f.name, zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
-    return archive
+    return zip_bundle(folder, archive)
 
 
 def _dump(path: Path, obj: object) -> None:

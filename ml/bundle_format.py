@@ -4,6 +4,8 @@ A bundle is a self-describing folder (and zip) that serves on its own:
     model.torchscript.pt   normalised (N,3,H,W) float batch -> logits
     model.onnx             the same model as ONNX: input `image` (dynamic N), output `logits`;
                            checked against PyTorch before the bundle is written
+    model.int8.onnx        the ONNX model quantized to int8, where it predicts as model.onnx does
+                           (added after the fit by ml.quantize; graft.json's `int8` says how it did)
     labels.json            class names, index-aligned with the logits
     preprocessing.json     how to build the input batch from an RGB image
     metrics.json           validation metrics
@@ -31,6 +33,7 @@ from ml.preprocessing import Preprocessing
 FORMAT_VERSION = 1
 MODEL_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
 LABELS_FILE = "labels.json"
 PREPROCESSING_FILE = "preprocessing.json"
 METRICS_FILE = "metrics.json"
@@ -68,6 +71,26 @@ def read_bundle(folder: Path) -> BundleInfo:
         card=_load(folder / CARD_FILE),
         metrics=_load(folder / METRICS_FILE),
     )
+
+
+def int8_kept(card: dict[str, Any]) -> bool:
+    """Whether the bundle's card says its int8 model was kept (an older bundle says nothing)."""
+    check = card.get("int8")
+    return isinstance(check, dict) and check.get("kept") is True
+
+
+def zip_bundle(folder: Path, archive: Path) -> Path:
+    """Write the bundle folder's files into `archive` (written aside, then renamed into place)."""
+    part = archive.with_name(f".{archive.name}.{os.getpid()}.part")
+    with zipfile.ZipFile(part, "w") as zf:
+        for f in sorted(Path(folder).iterdir()):
+            if f.name.startswith("."):
+                continue
+            # Float weights barely deflate (~7%) and deflating them took ~1 s; text files shrink well.
+            stored = f.suffix in (".pt", ".onnx")
+            zf.write(f, f.name, zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
+    os.replace(part, archive)
+    return archive
 
 
 def unpack_bundle(archive: Path, folder: Path) -> Path:

@@ -4,7 +4,8 @@ python -m ml fit DATASET.zip --out DIR [--strategy auto|linear|stages|partial|fu
                  [--budget SECONDS] [--max-epochs N] [--seed N] [--resolution auto|native] [--search N]
                  [--no-hflip] [--lr-find] [--checkpoint FILE] [--cache FILE.npz] [--json]
                  (the fit options, their bounds and defaults: ml/config.py)
-python -m ml predict DIR_OR_BUNDLE_ZIP IMAGE... [-k 5]
+python -m ml predict DIR_OR_BUNDLE_ZIP IMAGE... [-k 5] [--precision auto|fp32|int8]
+python -m ml quantize BUNDLE_DIR DATASET.zip [--seed N] [--json]   (the int8 model: ml/quantize.py)
 python -m ml inspect DATASET.zip [--backbone NAME] [--cache FILE.npz] [--json]
 python -m ml backbones
 """
@@ -66,7 +67,16 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("bundle", type=Path, help="bundle folder or bundle.zip")
     pr.add_argument("images", type=Path, nargs="+")
     pr.add_argument("-k", type=int, default=3)
+    pr.add_argument(
+        "--precision", choices=["auto", "fp32", "int8"], default="auto", help="auto: int8 where the bundle kept one"
+    )
     pr.set_defaults(func=_predict)
+    q = sub.add_parser("quantize", help="add an int8 model to a bundle folder, kept only where it predicts as fp32")
+    q.add_argument("bundle", type=Path, help="the bundle folder `fit` wrote (OUT/bundle)")
+    q.add_argument("dataset", type=Path, help="the dataset zip it was trained on")
+    q.add_argument("--seed", type=int, default=0, help="the fit's seed (its split)")
+    q.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
+    q.set_defaults(func=_quantize)
     i = sub.add_parser("inspect", help="likely label errors, near-duplicates and outliers in a dataset zip")
     i.add_argument("dataset", type=Path)
     i.add_argument("--backbone", default=DEFAULT_BACKBONE)
@@ -183,7 +193,7 @@ def _predict(args: argparse.Namespace) -> int:
         folder = args.bundle
         if args.bundle.is_file():
             folder = unpack_bundle(args.bundle, Path(tmp))
-        predictor = Predictor(folder)
+        predictor = Predictor(folder, precision=args.precision)
         status = 0
         for image in args.images:
             try:
@@ -194,6 +204,40 @@ def _predict(args: argparse.Namespace) -> int:
                 continue
             print(f"{image}: " + ", ".join(f"{p.label} {p.score:.3f}" for p in preds))
     return status
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ml.config import VAL_FRACTION_OPTION
+    from ml.dataset import index_dataset
+    from ml.quantize import quantize_bundle
+
+    if not args.dataset.is_file() or not args.bundle.is_dir():
+        print(f"error: need a bundle folder and a dataset zip: {args.bundle}, {args.dataset}", file=sys.stderr)
+        return 2
+    index = index_dataset(args.dataset)
+    with tqdm(total=1, desc="int8", unit="img") as bar:
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.total, bar.n = total, done
+            bar.set_description(f"int8: {what}")
+
+        result = quantize_bundle(
+            args.bundle,
+            args.dataset,
+            index,
+            val_fraction=VAL_FRACTION_OPTION.default_value(),
+            seed=args.seed,
+            progress=progress,
+        )
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        from ml.quantize import card_section
+
+        print("\n".join(card_section(result)))
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:

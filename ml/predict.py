@@ -30,7 +30,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from ml.archive import ArchiveLimits, DamagedMember, InflateBudget, read_member, scan_images
-from ml.bundle_format import MODEL_FILE, ONNX_FILE, read_bundle, read_preprocessing
+from ml.bundle_format import INT8_FILE, MODEL_FILE, ONNX_FILE, int8_kept, read_bundle, read_preprocessing
 from ml.errors import DatasetError
 from ml.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
 from ml.preprocessing import Preprocessing, numpy_eval_transform
@@ -38,6 +38,7 @@ from ml.preprocessing import Preprocessing, numpy_eval_transform
 MAX_BATCH = 8  # images per forward pass (bounds activation memory; see Batcher for the measurement)
 MAX_WAIT_S = 0.0  # how long a pass waits for more callers once one is waiting (see Batcher)
 RUNTIMES = ("onnxruntime", "torchscript")
+PRECISIONS = ("auto", "fp32", "int8")  # auto: int8 where the bundle's card says it was kept
 _FORWARD = threading.Lock()  # one forward pass at a time per process: each already uses every core
 
 Array = np.ndarray[Any, np.dtype[np.float32]]
@@ -97,7 +98,8 @@ def _share_arena(ort: Any) -> None:
             _arena_shared = True
 
 
-def _onnxruntime(folder: Path, spin: bool = True) -> Forward:
+def onnx_forward(path: Path, spin: bool = True) -> Forward:
+    """An ONNX Runtime session of the model file at `path` on the CPU, as the server runs it."""
     import onnxruntime as ort
 
     _share_arena(ort)
@@ -115,7 +117,7 @@ def _onnxruntime(folder: Path, spin: bool = True) -> Forward:
     options.add_session_config_entry("session.force_spinning_stop", "1")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
 
@@ -136,13 +138,15 @@ def _torchscript(folder: Path) -> Forward:
 
 
 def load_runtimes(
-    folder: Path, names: tuple[str, ...] = RUNTIMES, *, spin: bool = True
+    folder: Path, names: tuple[str, ...] = RUNTIMES, *, spin: bool = True, int8: bool = False
 ) -> Iterator[tuple[str, Forward, int]]:
-    """(name, forward, input side) for each runtime the bundle in `folder` carries."""
+    """(name, forward, input side) for each runtime the bundle in `folder` carries; with `int8`,
+    ONNX Runtime runs the bundle's int8 model."""
     folder = Path(folder)
     size = read_preprocessing(folder).input_size
+    onnx = INT8_FILE if int8 else ONNX_FILE
     loaders: dict[str, tuple[str, Callable[[Path], Forward]]] = {
-        "onnxruntime": (ONNX_FILE, lambda f: _onnxruntime(f, spin)),
+        "onnxruntime": (onnx, lambda f: onnx_forward(f / onnx, spin)),
         "torchscript": (MODEL_FILE, _torchscript),  # torch's threads are set process-wide, not here
     }
     for name in names:
@@ -284,6 +288,7 @@ class Predictor:
         max_batch: int = MAX_BATCH,
         max_wait_s: float = MAX_WAIT_S,
         spin: bool = True,
+        precision: str = "auto",
     ) -> None:
         folder = Path(folder)
         bundle = read_bundle(folder)
@@ -292,7 +297,16 @@ class Predictor:
         self.card: dict[str, Any] = bundle.card
         if runtime not in ("auto", *RUNTIMES):
             raise ValueError(f"runtime must be auto or one of {', '.join(RUNTIMES)}, not {runtime!r}")
-        loaded = list(load_runtimes(folder, RUNTIMES if runtime == "auto" else (runtime,), spin=spin))
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if precision == "int8" and not (folder / INT8_FILE).is_file():
+            raise FileNotFoundError(f"{folder} holds no int8 model")
+        # The int8 model where it was kept: on ONNX Runtime only, and faster than either fp32 runtime
+        # (so there is nothing to time against it).
+        int8 = runtime != "torchscript" and (precision == "int8" or (precision == "auto" and int8_kept(bundle.card)))
+        self.precision = "int8" if int8 else "fp32"
+        names = ("onnxruntime",) if int8 else RUNTIMES if runtime == "auto" else (runtime,)
+        loaded = list(load_runtimes(folder, names, spin=spin, int8=int8))
         if not loaded:
             raise FileNotFoundError(f"{folder} holds no model file for {runtime}")
         # The runtime measured fastest on this model's input, at batch 1 (a lone request's latency).

@@ -246,6 +246,29 @@ class Hyperparameters(Json):
 
 
 @dataclass(frozen=True)
+class Int8Check(Json):
+    """The int8 model's test (ml.quantize): made from the fp32 ONNX model after the fit, and kept only
+    where it predicts as the fp32 model does on training images its calibration did not read."""
+
+    kept: bool
+    reason: str  # why it was kept or refused, in words
+    method: str  # how it was quantized and calibrated
+    calibration_images: int  # training images its activation ranges came from
+    check_images: int  # other training images the rule reads
+    agreement: float  # top-1 agreement with fp32 on the check images
+    accuracy_fp32: float  # on the check images
+    accuracy_int8: float
+    val_images: int  # the validation split: reported, never read by the rule
+    val_agreement: float | None
+    val_accuracy_fp32: float | None
+    val_accuracy_int8: float | None
+    batch_1_ms_fp32: float  # median forward pass at batch 1, measured here
+    batch_1_ms_int8: float
+    seconds: float  # the whole step: decode, calibrate, quantize, check
+    file: str | None = None  # the bundle's int8 model, where kept
+
+
+@dataclass(frozen=True)
 class FitResult(Json):
     classes: list[str]
     strategy: Plan
@@ -279,6 +302,7 @@ __all__ = [
     "FitResult",
     "HistoryRow",
     "Hyperparameters",
+    "Int8Check",
     "Metrics",
     "Mistake",
     "ProbeRow",

@@ -27,6 +27,7 @@ os.environ.setdefault("SECRET_KEY", "graft-tests-only-never-a-deployment-key-012
 os.environ.setdefault("GRAFT_DATA_DIR", tempfile.mkdtemp(prefix="graft-tests-"))
 os.environ.setdefault("GRAFT_JOB_STALE_SECONDS", "30")
 os.environ.setdefault("GRAFT_HEARTBEAT_SECONDS", "2")
+os.environ.setdefault("GRAFT_INT8", "0")  # after each job; tests/apps/test_int8.py asks for it
 
 from apps.settings import *  # noqa: E402,F403
 

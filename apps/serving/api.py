@@ -22,6 +22,7 @@ from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from apps.common.dataclass_schema import openapi_schema
 from apps.common.errors import UserError
 from apps.common.pagination import paginated, paginated_response
 from apps.common.requests import AuthenticatedRequest
@@ -45,13 +46,26 @@ from apps.serving.projects import (
     project_published,
     project_serving_model,
 )
+from apps.serving.quantization import int8_request
 from apps.serving.selectors import batch_get, batch_list, model_get, model_list
 from apps.serving.services import model_delete, model_predict
+from ml.report import Int8Check
+
+INT8_ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+
+
+@extend_schema_field({"oneOf": [openapi_schema(Int8Check), INT8_ERROR], "nullable": True})
+class Int8Field(serializers.JSONField):
+    """The int8 step's figures (kept or refused), or why it failed; null before it has run."""
+
+    def to_representation(self, value: Any) -> Any:
+        return value if value != {} else None
 
 
 class ModelOutputSerializer(serializers.ModelSerializer[TrainedModel]):
     project = serializers.IntegerField(source="dataset_id", allow_null=True, read_only=True)
     version = serializers.IntegerField(source="version.number", allow_null=True, default=None, read_only=True)
+    int8 = Int8Field(read_only=True)
 
     class Meta:
         model = TrainedModel
@@ -69,6 +83,8 @@ class ModelOutputSerializer(serializers.ModelSerializer[TrainedModel]):
             "bundle_bytes",
             "bundle_sha256",
             "prediction_log",
+            "int8_status",
+            "int8",
             "created_at",
         ]
         read_only_fields = [f for f in fields if f not in ("prediction_log", "name")]
@@ -125,6 +141,15 @@ class ModelDetailApi(APIView):
         if "prediction_log" in data.validated_data:
             model = predlog.set_mode(model=model, mode=data.validated_data["prediction_log"])
         return Response(ModelOutputSerializer(model).data)
+
+
+class ModelInt8Api(APIView):
+    @extend_schema(request=None, responses={202: ModelOutputSerializer})
+    def post(self, request: AuthenticatedRequest, model_id: int) -> Response:
+        """Make the model's int8 variant (again): a worker quantizes and tests it, and the model serves
+        it once it is kept; `int8_status` says where it stands."""
+        model = int8_request(model=model_get(user=request.user, model_id=model_id))
+        return Response(ModelOutputSerializer(model).data, status=status.HTTP_202_ACCEPTED)
 
 
 class PredictionRecordSerializer(serializers.ModelSerializer[PredictionRecord]):
@@ -229,6 +254,7 @@ def _predict_response(request: AuthenticatedRequest, model: TrainedModel, starte
                 "backbone": model.backbone,
                 "classes": model.classes,
                 "runtime": get_predictor(model).runtime,  # loaded by the prediction: a cache hit
+                "precision": get_predictor(model).precision,  # int8 where its int8 model was kept
             },
         }
     )

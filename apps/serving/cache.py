@@ -107,6 +107,7 @@ def _load(model: TrainedModel) -> tuple[Predictor, int]:
             max_batch=settings.GRAFT_SERVE_MAX_BATCH,
             max_wait_s=settings.GRAFT_SERVE_BATCH_WAIT_MS / 1000,
             spin=settings.GRAFT_SERVE_SPIN,
+            precision=settings.GRAFT_SERVE_PRECISION,
         )
         return predictor, max(0, resident_bytes() - before)
 

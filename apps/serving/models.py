@@ -36,6 +36,19 @@ class TrainedModel(models.Model):
     strategy = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
+    class Int8(models.TextChoices):
+        """Its int8 model (apps.serving.quantization): made after the job, on a worker."""
+
+        NONE = "", "not made"  # a model from before, or made where GRAFT_INT8 is off
+        PENDING = "pending", "being made"
+        KEPT = "kept", "kept"  # in the bundle, and served
+        REFUSED = "refused", "refused"  # it did not predict as the fp32 model does
+        FAILED = "failed", "failed"
+
+    int8_status = models.CharField(max_length=10, choices=Int8.choices, default=Int8.NONE, blank=True)
+    # ml.report.Int8Check's JSON (its figures, kept or refused), or {"error": ...} where it failed.
+    int8 = models.JSONField(default=dict, blank=True)
+
     class Log(models.TextChoices):
         OFF = "off"
         ON = "on"  # time, latency, top label and score of each image predicted

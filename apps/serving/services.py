@@ -46,7 +46,7 @@ def bundle_store(bundle_path: str) -> StoredBundle:
     prefix = model_storage_prefix()
     with path.open("rb") as fh:
         name = default_storage.save(f"{prefix}bundle.zip", File(fh))
-    return StoredBundle(prefix, name, path.stat().st_size, _sha256(path))
+    return StoredBundle(prefix, name, path.stat().st_size, file_sha256(path))
 
 
 def model_create(*, job: Job, bundle: StoredBundle, result: FitResult) -> TrainedModel:
@@ -87,7 +87,7 @@ def model_delete(*, model: TrainedModel) -> None:
         delete_prefix(prefix)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1024 * 1024), b""):

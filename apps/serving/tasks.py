@@ -20,3 +20,11 @@ def predict_batch(self: Task, batch_id: int) -> None:
         )
     except RetryLater:
         raise self.retry(countdown=settings.GRAFT_JOB_STALE_SECONDS) from None
+
+
+# The int8 variant of a model whose job succeeded (apps.serving.quantization), on the training hosts.
+@shared_task(name="serving.make_int8", acks_late=True, reject_on_worker_lost=True)
+def make_int8(model_id: int) -> None:
+    from apps.serving.quantization import int8_run
+
+    int8_run(model_id=model_id)

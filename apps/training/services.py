@@ -250,7 +250,7 @@ def job_run(*, job: Job) -> None:
         checkpoints = JobCheckpoints(job, recorder)
         with work.Heartbeat(work.attempt_rows(TRAINING, job), f"job-{job.pk}") as beat:
             recorder.cancelled = beat.lost
-            with _training_data(job, dataset) as (archive, index, about):
+            with training_data(job, dataset) as (archive, index, about):
                 faults.point("training.claimed")
                 # The frozen features the finders measured when the version was made: read, not extracted.
                 store = load_embeddings(dataset)
@@ -277,7 +277,7 @@ def job_run(*, job: Job) -> None:
 
 
 @contextmanager
-def _training_data(job: Job, dataset: Dataset) -> Iterator[tuple[Path, DatasetIndex, dict[str, Any]]]:
+def training_data(job: Job, dataset: Dataset) -> Iterator[tuple[Path, DatasetIndex, dict[str, Any]]]:
     """The archive and index of the version the job trains on, and what its model card says of them."""
     version = job.version
     if version is None:  # a job made before versions: the dataset as it was uploaded
@@ -346,6 +346,7 @@ class JobCheckpoints:
 def _succeed(
     job: Job, result: FitResult, mine: QuerySet[Job], origins: dict[str, tuple[str, str]] | None = None
 ) -> None:
+    from apps.serving.quantization import int8_request
     from apps.serving.services import bundle_store, model_create
     from apps.training.gallery import gallery_store
 
@@ -358,7 +359,9 @@ def _succeed(
         with transaction.atomic():
             updated = _mark_succeeded(mine, result)
             if updated:  # not cancelled in the meantime
-                model_create(job=job, bundle=bundle, result=result)
+                model = model_create(job=job, bundle=bundle, result=result)
+                if settings.GRAFT_INT8:  # its int8 model, made next as a step of its own (it serves in fp32 meanwhile)
+                    int8_request(model=model)
     except BaseException:
         delete_prefix(bundle.prefix)
         raise

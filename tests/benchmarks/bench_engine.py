@@ -72,6 +72,11 @@ Per-dataset fields:
   large_different_ok             for an expected_cell of large-different: auto_vs_probe >= 0.02 and
                                  best_epoch > 0 (the fine-tune paid); null for the other cells
   time_ok             for a fit measured small-similar (cell): fit_over_bare_process <= 1.25; else null
+  int8                the int8 step on the fit's bundle (`python -m ml quantize`, its own process, after the
+                      fit and outside its time): {kept, reason, agreement (on held-out training images),
+                      val_agreement, val_accuracy_fp32, val_accuracy_int8, val_within (where kept: the drop
+                      is at most a point or one validation image), batch_1_ms_fp32, batch_1_ms_int8,
+                      seconds (the step), process_s}; --no-int8 skips it
   meets_targets       auto_vs_best_baseline >= -0.01 and (num_val < 500 or auto_vs_probe >= 0) and
                       large_different_ok and time_ok where they apply
 A dataset that fails prints {"dataset", "error"} instead. --only-baselines skips the fit and the bare-pass
@@ -162,6 +167,23 @@ def run_fit(archive: Path, out: Path, scratch: Path, args: argparse.Namespace) -
         raise RuntimeError(f"ml fit exited {status}: " + " | ".join(tail))
     log(f"  fit process: {seconds:.1f} s, val_accuracy {fit['metrics'].get('val_accuracy')}")
     return fit, seconds
+
+
+def run_int8(archive: Path, bundle: Path, scratch: Path, args: argparse.Namespace) -> dict:
+    """The int8 step (`python -m ml quantize`) on the fit's bundle, as the worker runs it after a job."""
+    cmd = [sys.executable, "-m", "ml", "quantize", str(bundle), str(archive), "--seed", str(args.seed), "--json"]
+    check, seconds, status = run_process(cmd, scratch / f"{archive.stem}.int8.log")
+    if check is None:
+        return {"error": f"ml quantize exited {status}"}
+    keys = ("kept", "reason", "agreement", "val_agreement", "val_accuracy_fp32", "val_accuracy_int8")
+    row = {key: check[key] for key in keys}
+    fp32, int8, n = check["val_accuracy_fp32"], check["val_accuracy_int8"], check["val_images"]
+    drop = fp32 - int8 if fp32 is not None and int8 is not None else None
+    row["val_within"] = drop <= max(0.01, 1 / n) + 1e-9 if check["kept"] and drop is not None else None
+    row.update({key: check[key] for key in ("batch_1_ms_fp32", "batch_1_ms_int8", "seconds")})
+    row["process_s"] = round(seconds, 1)
+    log(f"  int8: {'kept' if check['kept'] else 'refused'}, val {fp32} -> {int8}, {check['seconds']} s")
+    return row
 
 
 def fit_fields(fit: dict) -> dict:
@@ -288,6 +310,8 @@ def bench_dataset(archive: Path, out: Path, scratch: Path, args: argparse.Namesp
         fit_json.write_text(json.dumps(fit))
         row.update(fit_fields(fit), expected_cell=expected_cells().get(archive.name))
         row["cell_as_manifest"] = row["cell"] == row["expected_cell"]
+        if args.int8:  # before the repeats below, which write the bundle again
+            row["int8"] = run_int8(archive, out / archive.stem / "bundle", scratch, args)
     row.update(run_child(archive, scratch, fit_json, args))
     total = row["phases"]["total"]["seconds"] if fit else None
     row["fit_over_bare"] = ratio(total, row["bare_extraction_s"])
@@ -326,6 +350,9 @@ def summarize(rows: list[dict], seconds: float) -> dict:
         "failed": failed,
         "mean_fit_over_bare": mean("fit_over_bare"),
         "mean_fit_over_bare_process": mean("fit_over_bare_process"),
+        "int8_kept": [r["dataset"] for r in ok if (r.get("int8") or {}).get("kept")],
+        "int8_refused": [r["dataset"] for r in ok if (r.get("int8") or {}).get("kept") is False],
+        "int8_kept_within": all(r["int8"]["val_within"] for r in ok if (r.get("int8") or {}).get("kept")),
         "seconds": round(seconds, 1),
     }
 
@@ -545,6 +572,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="keep bundles under DIR/<dataset> (default: a temp dir, removed)")
     ap.add_argument("--only-baselines", action="store_true", help="skip the fit; baselines and bare extraction only")
+    ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="the int8 step after the fit")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # analysis child: the zip
     ap.add_argument("--fit-json", default=None, help=argparse.SUPPRESS)  # analysis child: the fit's summary
     ap.add_argument("--bare-spec", default=None, help=argparse.SUPPRESS)  # analysis child writes the bare spec
