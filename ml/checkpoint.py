@@ -11,8 +11,6 @@ import os
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-import torch
-
 
 class Checkpoints(Protocol):
     def load(self) -> dict[str, Any] | None:
@@ -26,10 +24,14 @@ class Checkpoints(Protocol):
 
 
 def write_record(record: dict[str, Any], fh: IO[bytes]) -> None:
+    import torch  # here: the app's web processes import this module, and never torch
+
     torch.save(record, fh)
 
 
 def read_record(fh: IO[bytes]) -> dict[str, Any]:
+    import torch
+
     record: dict[str, Any] = torch.load(fh, map_location="cpu", weights_only=True)
     return record
 

@@ -61,7 +61,7 @@ USER_OPTIONS = tuple(o.name for o in options_for("user"))
 
 def job_create(*, owner: User, dataset: Dataset, version: int | None = None, **options: Any) -> Job:
     """Queue training on a version of `dataset` (its newest ready one unless `version` names another)."""
-    from ml.fit import FitConfig
+    from ml.config import FitConfig
 
     if dataset.status != Dataset.Status.READY:
         state = "is still being processed" if dataset.status == Dataset.Status.PROCESSING else "failed to process"

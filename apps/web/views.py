@@ -38,9 +38,9 @@ from apps.training.gallery import GALLERY_PLACEHOLDER, gallery_members, gallery_
 from apps.training.selectors import job_get, job_list
 from apps.training.services import job_create, job_delete
 from apps.web.fit_form import posted_options
-from ml.backbones import available_backbones
 from ml.strategy import PLANS, SIMILARITY_THRESHOLD, SIZE_BOUNDARY
 from ml.strategy import REGISTRY as PLAN_REGISTRY
+from ml.weights import available_backbones
 
 
 def home(request: HttpRequest) -> HttpResponse:

@@ -7,6 +7,7 @@ no shared directory; storage is a real S3 server (SeaweedFS, started by scripts/
 from __future__ import annotations
 
 import io
+import json
 import re
 import time
 import zipfile
@@ -41,7 +42,8 @@ def cluster(tmp_path_factory, django_db_setup, django_db_blocker):
 
 def test_upload_train_and_serve_across_hosts_with_a_worker_killed_mid_finetune(cluster, make_user, tmp_path):
     a, b = cluster.web_a, cluster.web_b
-    gpu1, gpu2 = cluster.worker("gpu-1"), cluster.worker("gpu-2")
+    # The workers make each model's int8 variant after its job, as deployed (the suite's own worker does not).
+    gpu1, gpu2 = cluster.worker("gpu-1", env={"GRAFT_INT8": "1"}), cluster.worker("gpu-2", env={"GRAFT_INT8": "1"})
     alice = session(a.url, make_user, "alice")
     data = learnable_zip(tmp_path)
 
@@ -91,10 +93,25 @@ def test_upload_train_and_serve_across_hosts_with_a_worker_killed_mid_finetune(c
     lost = resumed[0].created_at.timestamp() - killed_at
     print(f'{{"kill_to_resumed_epoch_s": {lost:.1f}, "checkpoint_epoch": {epoch}}}')
 
-    # Download and predict through the other web host.
+    # A worker makes the model's int8 variant next; the bundle it stores in the bucket carries it
+    # where it was kept, and its card has the figures either way.
     model_id = body["model"]
+    model = wait_for(
+        lambda: (
+            (m := alice.get(f"{a.url}/api/v1/models/{model_id}/", timeout=30).json())["int8_status"] != "pending" and m
+        ),
+        300,
+        "the int8 step",
+    )
+    assert model["int8_status"] in ("kept", "refused"), model["int8"]
+    assert model["int8"]["check_images"] > 0 and model["int8"]["val_accuracy_int8"] is not None
+
+    # Download and predict through the other web host.
     r = alice.get(f"{b.url}/api/v1/models/{model_id}/download/", timeout=60)
-    assert r.status_code == 200 and zipfile.ZipFile(io.BytesIO(r.content)).testzip() is None
+    bundle = zipfile.ZipFile(io.BytesIO(r.content))
+    assert r.status_code == 200 and bundle.testzip() is None
+    assert ("model.int8.onnx" in bundle.namelist()) == (model["int8_status"] == "kept")
+    assert json.loads(bundle.read("graft.json"))["int8"]["kept"] == (model["int8_status"] == "kept")
     r = alice.post(
         f"{b.url}/api/v1/models/{model_id}/predict/",
         files={"image": ("x.png", image_bytes(color=(200, 40, 40), seed=999))},
@@ -102,6 +119,11 @@ def test_upload_train_and_serve_across_hosts_with_a_worker_killed_mid_finetune(c
     )
     assert r.status_code == 200, r.text
     assert r.json()["predictions"][0][0]["label"] in {"red", "blue"}
+    assert r.json()["model"]["precision"] == ("int8" if model["int8_status"] == "kept" else "fp32")
+
+    # The web hosts uploaded, queued the job, served the download and the prediction without torch.
+    for host in (a, b):
+        assert torch_mapped(host) == [], host.name
 
     # Nothing but scratch on any host; the bucket holds the dataset, its thumbnails and the bundle.
     for host in (a, b, gpu1, gpu2):
@@ -110,7 +132,8 @@ def test_upload_train_and_serve_across_hosts_with_a_worker_killed_mid_finetune(c
     prefix = next(k for k in stored if k.endswith("/archive.zip")).rsplit("/", 1)[0]
     assert f"{prefix}/manifest.json" in stored
     assert len([k for k in stored if k.startswith(f"{prefix}/thumbs/")]) == 24  # 12 shown per class
-    assert any(k.startswith("models/") and k.endswith("/bundle.zip") for k in stored)
+    bundles = [k for k in stored if k.startswith("models/") and "/bundle" in k and k.endswith(".zip")]
+    assert len(bundles) == 1, bundles  # the int8 step's bundle replaced the job's
     assert not [k for k in stored if k.startswith(("jobs/", "uploads/"))], stored
 
 
@@ -134,3 +157,12 @@ def test_a_job_whose_workers_keep_dying_fails_with_a_reason(cluster, make_user, 
     assert body["status"] == "failed"
     assert f"stopped {MAX_ATTEMPTS} times" in body["error"], body["error"]
     assert not [k for k in keys(cluster.bucket) if k.startswith(f"jobs/{job_id}/")]
+
+
+def torch_mapped(host) -> list[str]:
+    """The processes of `host` (gunicorn's master and workers) that have torch's library mapped."""
+    from pathlib import Path
+
+    pids = [host.proc.pid]
+    pids += [int(p) for p in Path(f"/proc/{host.proc.pid}/task/{host.proc.pid}/children").read_text().split()]
+    return [str(pid) for pid in pids if "libtorch" in Path(f"/proc/{pid}/maps").read_text()]

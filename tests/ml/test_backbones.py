@@ -58,3 +58,25 @@ def test_missing_weights_name_file_and_directory(tmp_path, monkeypatch):
 def test_unknown_backbone_lists_choices():
     with pytest.raises(ConfigError, match="efficientnet_lite0"):
         get_spec("vgg99")
+
+
+def test_the_torch_free_weights_table_names_the_files_torch_loads(tmp_path, monkeypatch):
+    """ml.weights (what a web process reads, without torch) and ml.backbones (what a worker builds)
+    name the same files in the same folders: every backbone, and torch hub's folder by torch's rule."""
+    from pathlib import Path
+
+    from torchvision.models import get_weight
+
+    from ml.backbones import REGISTRY, weights_location
+    from ml.weights import WEIGHTS, hub_checkpoints
+
+    assert set(WEIGHTS) == set(REGISTRY)
+    for name, spec in REGISTRY.items():
+        expected = spec.weights_tag if spec.source == "package" else Path(get_weight(spec.weights_tag).url).name
+        assert weights_location(spec)[0] == WEIGHTS[name].file == expected, name
+    for env in ({"TORCH_HOME": str(tmp_path / "th")}, {"XDG_CACHE_HOME": str(tmp_path / "xdg")}, {}):
+        for key in ("TORCH_HOME", "XDG_CACHE_HOME"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert hub_checkpoints() == Path(torch.hub.get_dir()) / "checkpoints"
