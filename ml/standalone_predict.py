@@ -1,12 +1,14 @@
 """Predict with a Graft model bundle, anywhere: it needs only onnxruntime, numpy and Pillow.
 
     pip install onnxruntime numpy pillow
-    python predict.py photo.jpg [more.png ...] [--k 5]
+    python predict.py photo.jpg [more.png ...] [--k 5] [--precision auto|fp32|int8]
 
 Each image gives one JSON line, `{"file", "predictions": [{"label", "score"}, ...]}` best first,
 or `{"file", "error"}` when it cannot be read (the others go on; the exit status is then 1).
-The model (model.onnx), its labels (labels.json) and its preprocessing (preprocessing.json) are
-read from the folder this file is in: the unzipped bundle.
+The model, its labels (labels.json) and its preprocessing (preprocessing.json) are read from the
+folder this file is in: the unzipped bundle. The model is model.int8.onnx where the bundle has one
+(Graft kept it because it predicts as the fp32 model does; graft.json's `int8` has the figures),
+else model.onnx; `--precision fp32` runs model.onnx always.
 
 The preprocessing is the server's, number for number: Graft decodes with Pillow (EXIF orientation,
 grayscale/RGBA/CMYK/16-bit to RGB, JPEG decoded at a reduced size where the input allows) and
@@ -215,12 +217,16 @@ def preprocess(img: Image.Image, prep: dict[str, Any]) -> F32:
 class Model:
     """The bundle in `folder`: its ONNX model, labels and preprocessing."""
 
-    def __init__(self, folder: Path = HERE) -> None:
+    def __init__(self, folder: Path = HERE, precision: str = "auto") -> None:
         self.labels: list[str] = json.loads((folder / "labels.json").read_text("utf-8"))
         self.prep: dict[str, Any] = json.loads((folder / "preprocessing.json").read_text("utf-8"))
+        int8 = folder / "model.int8.onnx"
+        if precision == "int8" and not int8.is_file():
+            raise FileNotFoundError("this bundle has no int8 model (model.int8.onnx)")
+        self.file = int8 if precision != "fp32" and int8.is_file() else folder / "model.onnx"
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.file), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
     def predict(self, data: bytes, k: int = DEFAULT_K) -> list[dict[str, Any]]:
@@ -254,8 +260,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Top-k labels for images, one JSON line per image.")
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--k", "-k", type=_positive, default=DEFAULT_K, help=f"labels per image (default {DEFAULT_K})")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "int8"],
+        default="auto",
+        help="auto: the int8 model where the bundle has one, else the fp32 model",
+    )
     args = parser.parse_args(argv)
-    model = Model()
+    try:
+        model = Model(precision=args.precision)
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
     failed = 0
     for path in args.images:
         line: dict[str, Any] = {"file": str(path)}

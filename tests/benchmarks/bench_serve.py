@@ -4,13 +4,16 @@ Run from the repo root (prints one JSON line; not a pass/fail test):
 
     .venv/bin/python -m tests.benchmarks.bench_serve [--dataset ZIP] [--requests 200] [--clients 1 8 32]
         [--max-batch N] [--wait-ms MS]   (the server's micro-batching; default: settings' defaults)
-        [--workers N] [--client stdlib|requests] [--no-preload]
+        [--workers N] [--client stdlib|requests] [--no-preload] [--precision auto|fp32] [--runtime NAME]
+        [--spin | --no-spin]   (the server's GRAFT_SERVE_PRECISION, GRAFT_SERVE_RUNTIME, GRAFT_SERVE_SPIN)
 
 It trains a linear probe on the dataset (default: hymenoptera.zip from the shared datasets, the
-ants/bees model; EfficientNet-Lite1, as the engine chooses), then:
-  raw       the bundle's model alone, in this process, on that model's input: ONNX Runtime and
-            TorchScript at batch 1 and batch 8 (median ms per forward pass, and images/s), loaded here
-            by the benchmark itself with one thread per core, while the server is idle;
+ants/bees model; EfficientNet-Lite1, as the engine chooses) and makes its int8 model as a worker
+does after a job (ml.quantize; `int8` in the output: kept or not, and the figures), then:
+  raw       the bundle's models alone, in this process, on that model's input: ONNX Runtime and
+            TorchScript (fp32), and ONNX Runtime on the int8 model (`onnxruntime_int8`), at batch 1 and
+            batch 8 (median ms per forward pass, and images/s), loaded here by the benchmark itself
+            with one thread per core, while the server is idle;
   endpoint  gunicorn as deploy/ starts it (3 workers, gthread, 8 threads each, --preload; --workers to change)
             on embedded defaults in a temporary GRAFT_DATA_DIR, with a real token; a bounded
             client of our own (threads, one keep-alive connection each: the standard library's
@@ -34,10 +37,12 @@ ants/bees model; EfficientNet-Lite1, as the engine chooses), then:
             what the web tier takes of the host (`total_4`). With --preload (deploy/'s, and the
             default; --no-preload to compare) the master imports the app and the workers share
             those pages.
-Ratios: p50 at 1 client over the raw batch-1 forward of the runtime the workers chose, and throughput
-at 8 clients over the best raw batched rate (batch 8, either runtime), both raw figures from the
-fastest round (the median pass of the round with the fastest median: another process only ever
-slows a pass, and whole rounds of raw passes sometimes ran twice as slow); the same for the floor,
+Ratios: p50 at 1 client over the fastest raw fp32 batch-1 forward (either runtime), and throughput
+at 8 clients over the best raw fp32 batched rate (batch 8, either runtime): what the server makes of
+the model it was trained as (`ratios`); `ratios_int8` holds the same against the raw int8 passes.
+Every raw figure is from the fastest round (the median pass of the round with the fastest median:
+another process only ever slows a pass, and whole rounds of raw passes sometimes ran twice as
+slow); the same for the floor,
 and the endpoint's p50 at 1 client less the floor's (ms). Traffic stays on loopback;
 every phase is bounded in requests and seconds.
 """
@@ -82,6 +87,9 @@ def main() -> None:
     )
     parser.add_argument("--max-batch", type=int, help="the server's GRAFT_SERVE_MAX_BATCH (default: its own)")
     parser.add_argument("--wait-ms", type=float, help="the server's GRAFT_SERVE_BATCH_WAIT_MS (default: its own)")
+    parser.add_argument("--precision", choices=["auto", "fp32"], help="the server's GRAFT_SERVE_PRECISION")
+    parser.add_argument("--runtime", choices=["auto", "onnxruntime", "torchscript"], help="GRAFT_SERVE_RUNTIME")
+    parser.add_argument("--spin", action=argparse.BooleanOptionalAction, help="the server's GRAFT_SERVE_SPIN")
     parser.add_argument(
         "--client", choices=["stdlib", "requests"], default="stdlib", help="the load client's HTTP library"
     )
@@ -100,6 +108,12 @@ def main() -> None:
         env["GRAFT_SERVE_MAX_BATCH"] = str(args.max_batch)
     if args.wait_ms is not None:
         env["GRAFT_SERVE_BATCH_WAIT_MS"] = str(args.wait_ms)
+    if args.precision is not None:
+        env["GRAFT_SERVE_PRECISION"] = args.precision
+    if args.runtime is not None:
+        env["GRAFT_SERVE_RUNTIME"] = args.runtime
+    if args.spin is not None:
+        env["GRAFT_SERVE_SPIN"] = "1" if args.spin else "0"
     os.environ.update(env)
     import django
 
@@ -108,7 +122,7 @@ def main() -> None:
 
     call_command("migrate", verbosity=0)
     _log(f"training a linear probe on {args.dataset.name}")
-    model_ids, bundle = _prepare(args.dataset, data_dir)
+    model_ids, bundle, int8 = _prepare(args.dataset, data_dir)
     images = _validation_jpegs(args.dataset, 64)
     runtimes = list(_runtimes(bundle))
     raw: dict[str, dict[int, list[float]]] = {name: {batch: [] for batch in RAW_PASSES} for name, _, _ in runtimes}
@@ -123,6 +137,7 @@ def main() -> None:
         "GRAFT_SERVE_MAX_BATCH": str(settings.GRAFT_SERVE_MAX_BATCH),
         "GRAFT_SERVE_BATCH_WAIT_MS": str(settings.GRAFT_SERVE_BATCH_WAIT_MS),
         "GRAFT_SERVE_SPIN": "1" if settings.GRAFT_SERVE_SPIN else "0",
+        "GRAFT_SERVE_PRECISION": settings.GRAFT_SERVE_PRECISION,
     }
     floor_clients = [c for c in args.clients if c <= 8]
     floor: dict[int, list[dict]] = {clients: [] for clients in floor_clients}
@@ -133,7 +148,10 @@ def main() -> None:
         "max_batch": settings.GRAFT_SERVE_MAX_BATCH,
         "wait_ms": settings.GRAFT_SERVE_BATCH_WAIT_MS,
         "spin": settings.GRAFT_SERVE_SPIN,  # GRAFT_SERVE_SPIN from the environment
+        "runtime": settings.GRAFT_SERVE_RUNTIME,
+        "precision": settings.GRAFT_SERVE_PRECISION,
         "client": args.client,
+        "int8": int8,
     }
     servers: list[subprocess.Popen] = []
     try:
@@ -178,6 +196,7 @@ def main() -> None:
             )
         rss["4"], pss["4"] = _mib(pids, "status", "VmRSS"), _mib(pids, "smaps_rollup", "Pss")
         result["rss_mib"] = rss
+        result["torch_loaded"] = [_maps_torch(pid) for pid in [server.pid, *pids]]  # the master, then each worker
         # PSS shares each page among the processes that map it: with the master's, the sum is what
         # the web tier takes of the host's memory (this process maps torch's and ONNX Runtime's
         # libraries too, and takes its share of their pages)
@@ -189,14 +208,17 @@ def main() -> None:
 
     result["raw"] = {name: _raw_summary(times) for name, times in raw.items()}
     result["endpoint"] = {str(clients): _summary(rounds) for clients, rounds in load.items()}
-    # the runtime most workers serve with (a server that does not say runs TorchScript)
-    runtime = max(result["server_runtimes"], key=result["server_runtimes"].get, default=None) or "torchscript"
     # Against the fastest round: another process's work only ever slows a pass, and rounds of raw
-    # passes ran twice as slow now and then, whole (which would flatter the endpoint's ratios)
-    raw_1 = result["raw"][runtime]["batch_1_ms_best_round"]
-    best_batched = max(r["batch_8_images_per_s_best_round"] for r in result["raw"].values())
+    # passes ran twice as slow now and then, whole (which would flatter the endpoint's ratios). The
+    # baseline is the model as trained (fp32), on whichever runtime runs it faster.
+    fp32 = [r for name, r in result["raw"].items() if name != "onnxruntime_int8"]
+    raw_1 = min(r["batch_1_ms_best_round"] for r in fp32)
+    best_batched = max(r["batch_8_images_per_s_best_round"] for r in fp32)
     one, eight = result["endpoint"].get("1"), result["endpoint"].get("8")
     result["ratios"] = _ratios(one, eight, raw_1, best_batched)
+    if (int8_raw := result["raw"].get("onnxruntime_int8")) is not None:
+        raw_int8 = (int8_raw["batch_1_ms_best_round"], int8_raw["batch_8_images_per_s_best_round"])
+        result["ratios_int8"] = _ratios(one, eight, *raw_int8)
     result["floor"] = {str(clients): _summary(rounds) for clients, rounds in floor.items()}
     floor_one, floor_eight = result["floor"].get("1"), result["floor"].get("8")
     result["floor_ratios"] = _ratios(floor_one, floor_eight, raw_1, best_batched)
@@ -261,22 +283,36 @@ def _log(msg: str) -> None:
     print(f"[bench_serve] {msg}", file=sys.stderr, flush=True)
 
 
-def _prepare(dataset: Path, data_dir: Path) -> tuple[list[int], Path]:
-    """A user and four models (one trained bundle, stored as four models); the unpacked bundle."""
+def _prepare(dataset: Path, data_dir: Path) -> tuple[list[int], Path, dict]:
+    """A user and four models (one trained bundle, with its int8 model made as a worker makes it
+    after a job, stored as four models); the unpacked bundle; the int8 step's figures."""
     from django.contrib.auth.models import User
 
+    from apps.serving.models import TrainedModel
     from apps.serving.services import bundle_store, model_create
     from apps.training.models import Job
     from ml.bundle import unpack_bundle
+    from ml.config import VAL_FRACTION_OPTION
+    from ml.dataset import index_dataset
     from ml.fit import FitConfig, fit
+    from ml.quantize import quantize_bundle_zip
 
     user = User.objects.create_user("bench", password=PASSWORD)
     fitted = fit(dataset, data_dir / "fit", FitConfig(strategy="linear"))
+    _log("making its int8 model")
+    bundle, check = quantize_bundle_zip(
+        Path(fitted.artifacts["bundle"]), data_dir / "int8", dataset, index_dataset(dataset),
+        val_fraction=VAL_FRACTION_OPTION.default_value(),
+    )  # fmt: skip
+    status = TrainedModel.Int8.KEPT if check.kept else TrainedModel.Int8.REFUSED
     ids = []
     for _ in range(4):
         job = Job.objects.create(owner=user, status=Job.Status.SUCCEEDED, config={"backbone": ""})
-        ids.append(model_create(job=job, bundle=bundle_store(fitted.artifacts["bundle"]), result=fitted).pk)
-    return ids, unpack_bundle(Path(fitted.artifacts["bundle"]), data_dir / "bundle")
+        model = model_create(job=job, bundle=bundle_store(str(bundle)), result=fitted)
+        TrainedModel.objects.filter(pk=model.pk).update(int8_status=status, int8=check.to_json())
+        ids.append(model.pk)
+    keys = ("kept", "agreement", "val_agreement", "val_accuracy_fp32", "val_accuracy_int8", "seconds")
+    return ids, unpack_bundle(bundle, data_dir / "bundle"), {key: check.to_json()[key] for key in keys}
 
 
 def _validation_jpegs(dataset: Path, n: int) -> list[bytes]:
@@ -314,6 +350,9 @@ def _runtimes(bundle: Path):
     session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     yield "onnxruntime", lambda x: session.run(None, {name: x})[0], size
+    if (bundle / "model.int8.onnx").is_file():
+        int8 = ort.InferenceSession(str(bundle / "model.int8.onnx"), options, providers=["CPUExecutionProvider"])
+        yield "onnxruntime_int8", lambda x: int8.run(None, {name: x})[0], size
     torch.set_num_threads(cores)
     model = torch.jit.load(str(bundle / "model.torchscript.pt"), map_location="cpu").eval()
 
@@ -365,7 +404,7 @@ def _start(base: str) -> str:
 
 
 def _model_runtime(base: str, token: str, model_id: int, image: bytes) -> str | None:
-    """The runtime the server chose for the model (given with each prediction)."""
+    """The runtime the server chose for the model, and its precision (given with each prediction)."""
     import requests
 
     r = requests.post(
@@ -374,7 +413,8 @@ def _model_runtime(base: str, token: str, model_id: int, image: bytes) -> str | 
         files={"image": ("x.jpg", image, "image/jpeg")},
         timeout=60,
     )
-    return r.json()["model"].get("runtime")  # None before the server said
+    model = r.json()["model"]
+    return f"{model['runtime']} {model.get('precision', 'fp32')}" if model.get("runtime") else None
 
 
 def _phase(url: str, token: str, images: list[bytes], clients: int, args: argparse.Namespace, access_log: Path) -> dict:
@@ -547,6 +587,11 @@ def _busy_since(start: tuple[int, int]) -> float:
 
 def _worker_pids(master: int) -> list[int]:
     return [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+
+
+def _maps_torch(pid: int) -> bool:
+    """Whether the process has torch's library mapped (imported torch)."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
 def _mib(pids: list[int], file: str, field: str) -> list[float]:

@@ -38,13 +38,15 @@ def predictor() -> Predictor:
                 max_batch=int(os.environ["GRAFT_SERVE_MAX_BATCH"]),
                 max_wait_s=float(os.environ["GRAFT_SERVE_BATCH_WAIT_MS"]) / 1000,
                 spin=os.environ["GRAFT_SERVE_SPIN"] == "1",
+                precision=os.environ["GRAFT_SERVE_PRECISION"],
             )
         return _predictor
 
 
 def application(environ: dict, start_response: Callable) -> Iterable[bytes]:
     if environ["REQUEST_METHOD"] != "POST":  # the benchmark's check that the server is up, and which runtime serves
-        runtime = (_predictor.runtime if _predictor is not None else "not loaded").encode()
+        loaded = _predictor
+        runtime = (f"{loaded.runtime} {loaded.precision}" if loaded is not None else "not loaded").encode()
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(runtime)))])
         return [runtime]
     body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))

@@ -1,0 +1,123 @@
+"""The int8 step (ml.quantize): its rule keeps or refuses the int8 model, the bundle and its card say
+which, and the server and the bundle's predict.py run the model it kept.
+
+A tiny network and tiny images keep these fast; the real models' figures are bench_engine's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ml import quantize
+from ml.bundle import write_bundle
+from ml.bundle_format import INT8_FILE, read_bundle
+from ml.dataset import index_dataset
+from ml.predict import Predictor
+from ml.preprocessing import Preprocessing
+from tests.conftest import image_bytes, make_zip
+
+PREP = Preprocessing(input_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Red and blue squares, 30 of each, each with its own noise."""
+    members = {}
+    for i in range(30):
+        members[f"red/r{i}.png"] = image_bytes(color=(200, 40, 40), seed=2 * i)
+        members[f"blue/b{i}.png"] = image_bytes(color=(40, 40, 200), seed=2 * i + 1)
+    return make_zip(tmp_path_factory.mktemp("data") / "colours.zip", members)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A bundle whose network tells red from blue by its mean colour."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.fill_(0.5)
+        for c in range(8):
+            net[0].weight[c, c % 3, 1, 1] = 1.0
+        blue_minus_red = [-1.0, 0.0, 1.0] * 2 + [-1.0, 0.0]  # channel c reads colour c % 3
+        net[4].weight.copy_(torch.tensor([blue_minus_red, [-w for w in blue_minus_red]]))
+        net[4].bias.zero_()
+    out = tmp_path_factory.mktemp("bundle")
+    write_bundle(out, model=net, classes=["blue", "red"], preprocessing=PREP, metrics={}, card={})
+    return out / "bundle"
+
+
+def _copy(bundle, tmp_path):
+    return shutil.copytree(bundle, tmp_path / "bundle")
+
+
+def test_a_model_that_holds_is_kept_in_the_bundle_and_served(bundle, dataset, tmp_path):
+    folder = _copy(bundle, tmp_path)
+    ticks = []
+    check = quantize.quantize_bundle(
+        folder, dataset, index_dataset(dataset), val_fraction=0.2, seed=0, progress=lambda *t: ticks.append(t)
+    )
+    assert check.kept and check.file == INT8_FILE and (folder / INT8_FILE).is_file(), check.reason
+    # 48 training images: half calibrate (at most 64), the rest are the check; 12 validation images
+    assert (check.calibration_images, check.check_images, check.val_images) == (24, 24, 12)
+    assert check.agreement >= quantize.MIN_AGREEMENT and check.accuracy_fp32 == 1.0
+    assert check.val_accuracy_int8 is not None and check.batch_1_ms_int8 > 0 and check.seconds > 0
+    assert {t[0] for t in ticks} >= {"decode", "calibrate", "check"}
+    card = read_bundle(folder).card
+    assert card["int8"] == check.to_json()
+    assert (
+        "## Int8 model" in (folder / "model_card.md").read_text()
+        and check.reason in (folder / "model_card.md").read_text()
+    )
+
+    # The server runs the int8 model (ONNX Runtime, no TorchScript to time), or fp32 when told to.
+    served = Predictor(folder)
+    assert (served.precision, served.runtime) == ("int8", "onnxruntime")
+    assert Predictor(folder, precision="fp32").precision == "fp32"
+    assert Predictor(folder, runtime="torchscript").precision == "fp32"  # TorchScript has no int8 model
+    red = image_bytes(color=(200, 40, 40), seed=99)
+    assert served.predict_bytes([red])[0][0].label == "red"
+
+    # The bundle's predict.py runs it too, and the fp32 model when asked.
+    (tmp_path / "red.png").write_bytes(red)
+    for precision in ("auto", "fp32", "int8"):
+        proc = subprocess.run(
+            [sys.executable, str(folder / "predict.py"), str(tmp_path / "red.png"), "--precision", precision],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["predictions"][0]["label"] == "red"
+
+
+def test_a_model_that_does_not_hold_is_refused_and_left_out(bundle, dataset, tmp_path, monkeypatch):
+    folder = _copy(bundle, tmp_path)
+    (folder / INT8_FILE).write_bytes(b"an int8 model an earlier run kept")
+    monkeypatch.setattr(quantize, "MIN_AGREEMENT", 1.01)  # more than any model can agree
+    check = quantize.quantize_bundle(folder, dataset, index_dataset(dataset), val_fraction=0.2)
+    assert not check.kept and check.file is None and check.reason.startswith("Refused")
+    assert "must agree on 101%" in check.reason
+    assert not (folder / INT8_FILE).exists()  # the earlier one goes too: the card speaks of this run
+    assert read_bundle(folder).card["int8"]["kept"] is False
+    text = (folder / "model_card.md").read_text()
+    assert text.count("## Int8 model") == 1 and "the fp32 model is served" in text
+    assert Predictor(folder).precision == "fp32"
+    with pytest.raises(FileNotFoundError, match="no int8 model"):
+        Predictor(folder, precision="int8")
+
+
+def test_the_rule_allows_a_point_or_one_image():
+    assert quantize._rule((0.99, 1.0, 0.99), 100)[0]
+    assert not quantize._rule((0.99, 1.0, 0.985), 200)[0]  # 1.5 points, 3 images
+    assert quantize._rule((0.98, 1.0, 0.98), 50)[0]  # one image of 50 is two points
+    assert not quantize._rule((0.975, 1.0, 1.0), 400)[0]
+    assert np.isclose(quantize.MAX_ACCURACY_DROP, 0.01)
