@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint typecheck
+.PHONY: run test test-fast lint typecheck gpu-check
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,8 @@ lint: $(STAMP)
 # mypy over apps/ and ml/, strict on both (mypy.ini); `make test` runs it too (tests/test_types.py).
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+
+# The prepared GPU check: packs what a GPU host lacks into .gpu-check/ (under 64 MiB) and prints the one
+# command to run there (scripts/gpu_check.py says what it measures).
+gpu-check: $(STAMP)
+	$(VENV)/bin/python scripts/gpu_check.py pack

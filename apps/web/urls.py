@@ -28,6 +28,7 @@ urlpatterns = [
     path("jobs/<int:job_id>/delete/", views.job_remove, name="job-delete"),
     path("models/<int:model_id>/", views.model_detail, name="model"),
     path("models/<int:model_id>/delete/", views.model_remove, name="model-delete"),
+    path("models/<int:model_id>/int8/", views.model_int8, name="model-int8"),
     path("models/<int:model_id>/thumb/", views.model_thumb, name="model-thumb"),
     path("batches/<int:batch_id>/", views.batch_detail, name="batch"),
 ]

@@ -32,6 +32,8 @@ from apps.datasets.review import FINDER_FILTERS
 from apps.datasets.selectors import dataset_get, dataset_index, dataset_list, version_list
 from apps.datasets.services import dataset_delete, thumbnail_members, thumbnail_name
 from apps.datasets.versions import dataset_has_image, image_thumbnail, version_head, version_index
+from apps.serving.models import TrainedModel
+from apps.serving.quantization import int8_request
 from apps.serving.selectors import batch_get, model_get, model_list
 from apps.serving.services import model_delete
 from apps.training.gallery import GALLERY_PLACEHOLDER, gallery_members, gallery_open
@@ -212,6 +214,41 @@ def model_remove(request: AuthenticatedHttpRequest, model_id: int) -> HttpRespon
 
 @login_required
 @require_POST
+def model_int8(request: AuthenticatedHttpRequest, model_id: int) -> HttpResponse:
+    model = model_get(user=request.user, model_id=model_id)
+    try:
+        int8_request(model=model)
+    except UserError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, "A worker is making its int8 model; it serves in fp32 meanwhile.")
+    return redirect("web:model", model_id=model.pk)
+
+
+def int8_summary(model: TrainedModel) -> dict[str, str] | None:
+    """The int8 step's figures as the model page words them (None before it has run)."""
+    c = model.int8
+    if model.int8_status not in (TrainedModel.Int8.KEPT, TrainedModel.Int8.REFUSED) or "agreement" not in c:
+        return None
+
+    def pct(x: float | None) -> str:
+        return "not measured" if x is None else f"{x:.1%}"
+
+    fp32, int8 = c["batch_1_ms_fp32"], c["batch_1_ms_int8"]
+    return {
+        "speedup": f"{fp32 / int8:.1f}×" if int8 else "",
+        "ms": f"{int8:.1f} ms against {fp32:.1f} ms",
+        "agreement": pct(c["agreement"]),
+        "check_images": str(c["check_images"]),
+        "val_agreement": pct(c["val_agreement"]),
+        "val_int8": pct(c["val_accuracy_int8"]),
+        "val_fp32": pct(c["val_accuracy_fp32"]),
+        "val_images": str(c["val_images"]),
+    }
+
+
+@login_required
+@require_POST
 def job_remove(request: AuthenticatedHttpRequest, job_id: int) -> HttpResponse:
     job = job_get(user=request.user, job_id=job_id)
     try:
@@ -319,7 +356,12 @@ def model_detail(request: AuthenticatedHttpRequest, model_id: int) -> HttpRespon
     return render(
         request,
         "web/model.html",
-        {"model": model, "metrics_json": json.dumps(model.metrics), "ready_datasets": ready[:200]},
+        {
+            "model": model,
+            "metrics_json": json.dumps(model.metrics),
+            "ready_datasets": ready[:200],
+            "int8": int8_summary(model),
+        },
     )
 
 

@@ -175,3 +175,75 @@ def test_deleting_a_model_asks_first_and_then_its_endpoint_answers_404(page, sho
     assert not TrainedModel.objects.filter(pk=trained_model.pk).exists()
     assert stored_files(trained_model.storage_prefix) == set()
     assert page.goto(f"/models/{trained_model.pk}/").status == 404  # its page, like its endpoint
+
+
+INT8_FIGURES = {  # as ml.quantize reports a kept model (hymenoptera's Lite1 probe, measured here)
+    "kept": True,
+    "reason": "Kept: top-1 agreement 100.0% and accuracy 100.0% against fp32's 100.0% on 181 training images "
+    "its calibration did not read.",
+    "method": "ONNX Runtime static quantization (QDQ): int8 weights per channel, uint8 activations, "
+    "MinMax ranges over 64 training images",
+    "calibration_images": 64,
+    "check_images": 181,
+    "agreement": 1.0,
+    "accuracy_fp32": 1.0,
+    "accuracy_int8": 1.0,
+    "val_images": 153,
+    "val_agreement": 0.9804,
+    "val_accuracy_fp32": 0.9673,
+    "val_accuracy_int8": 0.9608,
+    "batch_1_ms_fp32": 19.02,
+    "batch_1_ms_int8": 7.92,
+    "seconds": 12.6,
+    "file": "model.int8.onnx",
+}
+
+
+def test_the_model_page_follows_the_int8_step_and_then_leads_with_its_speed(page, shot, trained_model):
+    from apps.serving.models import TrainedModel
+
+    TrainedModel.objects.filter(pk=trained_model.pk).update(int8_status="pending")
+    sign_in(page, "ada")
+    page.goto(f"/models/{trained_model.pk}/")
+    section = page.locator("#int8")
+    expect(section).to_contain_text("A worker is making its int8 version")
+    shot(page, "model-int8-pending")
+
+    # The worker finishes: the page, still open, shows the kept model's figures without a reload.
+    TrainedModel.objects.filter(pk=trained_model.pk).update(int8_status="kept", int8=INT8_FIGURES)
+    expect(section).to_contain_text("int8 model, 2.4× faster", timeout=15_000)
+    expect(section).to_contain_text("7.9 ms against 19.0 ms")
+    expect(section).to_contain_text("on 100.0% of 181 training images it was not calibrated on")
+    expect(section).to_contain_text("98.0% of 153 validation images, where it scores 96.1% (fp32: 96.7%)")
+    expect(page.locator("#bundle-size")).to_contain_text("its int8 version")
+    page.locator("#h-int8").scroll_into_view_if_needed()
+    shot(page, "model-int8-kept")
+
+
+def test_a_refused_int8_model_says_why_and_an_old_model_can_ask_for_one(page, shot, trained_model):
+    from apps.serving.models import TrainedModel
+
+    refused = {
+        **INT8_FIGURES,
+        "kept": False,
+        "file": None,
+        "agreement": 0.75,
+        "val_accuracy_int8": 0.5267,
+        "reason": "Refused: top-1 agreement 75.0% and accuracy 75.2% against fp32's 99.4% on 256 training images "
+        "its calibration did not read; it must agree on 98%.",
+    }
+    TrainedModel.objects.filter(pk=trained_model.pk).update(int8_status="refused", int8=refused)
+    sign_in(page, "ada")
+    page.goto(f"/models/{trained_model.pk}/")
+    section = page.locator("#int8")
+    expect(section).to_contain_text("It serves in fp32: its int8 version did not predict as it does")
+    expect(section).to_contain_text("it must agree on 98%")
+    expect(section).to_contain_text("it would have scored 52.7% (fp32: 96.7%)")
+    shot(page, "model-int8-refused")
+
+    # A model from before the int8 step can ask for one; this one's job has no dataset to calibrate on.
+    TrainedModel.objects.filter(pk=trained_model.pk).update(int8_status="", int8={})
+    page.reload()
+    page.get_by_role("button", name="Make an int8 model").click()
+    expect(page.locator(".notice.error")).to_contain_text("trained on")
+    assert TrainedModel.objects.get(pk=trained_model.pk).int8_status == ""

@@ -65,4 +65,23 @@ document.addEventListener("DOMContentLoaded", () => {
   try { remembered = localStorage.getItem("graft.snippet"); } catch (_) { /* private mode */ }
   show(choices.find((b) => b.textContent === remembered) || choices[0]);
   picker.hidden = false;
+
+  // While a worker makes the int8 model, look every few seconds; once it is done, the section is
+  // replaced by the page's own (kept or refused, with its figures), and the bundle's size with it.
+  async function watchInt8() {
+    if ($("#int8")?.dataset.status !== "pending") return;
+    try {
+      const body = await Graft.api(`/models/${id}/`);
+      if (body.int8_status !== "pending") {
+        const page = new DOMParser().parseFromString(await (await fetch(location.href)).text(), "text/html");
+        for (const sel of ["#int8", "#bundle-size"]) {
+          const fresh = page.querySelector(sel);
+          if (fresh) $(sel).replaceWith(fresh);
+        }
+        return;
+      }
+    } catch (_) { /* offline for a moment: look again */ }
+    setTimeout(watchInt8, 3000);
+  }
+  setTimeout(watchInt8, 3000);
 });
