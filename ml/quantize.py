@@ -6,10 +6,16 @@ quantized statically with ONNX Runtime's own tools: QDQ, int8 weights per output
 activations whose ranges (MinMax) come from `CALIBRATION_IMAGES` training images.
 
 The rule reads training images the calibration did not: the int8 model is kept only when its top-1
-agrees with fp32's on at least `MIN_AGREEMENT` of them and its accuracy there is within a point
-(or one image) of fp32's. The validation split is measured too, for the model card, and never read
-by the rule. What was measured on hymenoptera's Lite1 model (153 validation images), choosing the
-calibration:
+agrees with fp32's on at least `MIN_AGREEMENT` of them, and of two moved views of each (a shifted
+crop, and noise), and its accuracy there is within a point (or one image) of fp32's. The validation
+split is measured too, for the model card, and never read by the rule.
+
+Why the moved views: the model has memorised the training images, and on them int8 agreed too
+easily. On NEU's steel defects the images agreed on 99.6% and the int8 model lost 3 of 120
+validation images (97.5% agreement there); its shifted and noisy views agreed on 95.7% and 94.5%.
+On hymenoptera every view agreed on 100% (validation: 97.4-98.0%, one image lost).
+
+Choosing the calibration, on hymenoptera's Lite1 model (153 validation images):
 
     MinMax, 32 / 64 / 128 images    2.8 / 4.4 / 6.1 s   validation agreement 98.0%, -1 image
     Entropy, 64 images              28 s                98.0%, -1 image
@@ -48,7 +54,8 @@ from ml.splits import split_samples, stratified_draw
 CALIBRATION_IMAGES = 64  # training images whose activations set the int8 ranges
 CHECK_IMAGES = 256  # other training images the rule reads (at most)
 VAL_IMAGES = 2000  # validation images measured for the card (at most)
-MIN_AGREEMENT = 0.98  # top-1 agreement with fp32 on the check images
+MIN_AGREEMENT = 0.98  # top-1 agreement with fp32 on the check images and their moved views
+SHIFT, NOISE = 0.05, 0.02  # the moved views: a crop shifted by 5% of its side; noise of this sigma
 MAX_ACCURACY_DROP = 0.01  # or one check image, whichever is more
 BATCH = 8
 METHOD = (
@@ -93,6 +100,9 @@ def quantize_bundle(
         fp32, int8 = onnx_forward(folder / ONNX_FILE), onnx_forward(candidate)
         tick("check", 0, 2)
         check = _compare(fp32, int8, images.check, images.y_check)
+        moved = _compare(fp32, int8, *_moved(images.check, images.y_check, seed))
+        if check[0] is not None and moved[0] is not None:  # agreement over every view; accuracy as they are
+            check = (round((check[0] + 2 * moved[0]) / 3, 4), check[1], check[2])
         tick("check", 1, 2)
         val = _compare(fp32, int8, images.val, images.y_val)
         tick("check", 2, 2)
@@ -165,8 +175,8 @@ def _rule(scores: Scores, n: int) -> tuple[bool, str]:
     drop = acc_fp32 - acc_int8
     allowed = max(MAX_ACCURACY_DROP, 1 / n) + 1e-9
     figures = (
-        f"top-1 agreement {agreement:.1%} and accuracy {acc_int8:.1%} against fp32's {acc_fp32:.1%} "
-        f"on {n} training images its calibration did not read"
+        f"top-1 agreement {agreement:.1%} (over {n} training images its calibration did not read, each "
+        f"also shifted and with noise) and accuracy {acc_int8:.1%} against fp32's {acc_fp32:.1%}"
     )
     if agreement < MIN_AGREEMENT:
         return False, f"Refused: {figures}; it must agree on {MIN_AGREEMENT:.0%}."
@@ -184,6 +194,17 @@ def _compare(fp32: Forward, int8: Forward, x: Array, y: np.ndarray) -> Scores | 
         return None, None, None
     a, b = _top1(fp32, x), _top1(int8, x)
     return round(float((a == b).mean()), 4), round(float((a == y).mean()), 4), round(float((b == y).mean()), 4)
+
+
+def _moved(x: Array, y: np.ndarray, seed: int) -> tuple[Array, np.ndarray]:
+    """Two more views of each check image that the model did not train on: the crop shifted by 5% of
+    its side (the edge repeated), and sensor noise (sigma 0.02 of the input's scale, about 2.5 grey
+    levels). The model memorised the training images themselves, so they agree too easily."""
+    side = x.shape[-1]
+    k = max(1, round(side * SHIFT))
+    shifted = np.pad(x[..., k:, k:], ((0, 0), (0, 0), (0, k), (0, k)), mode="edge")
+    noise = np.random.default_rng(seed).normal(0, NOISE, x.shape).astype(np.float32)
+    return np.concatenate([shifted, x + noise]), np.concatenate([y, y])
 
 
 def _top1(forward: Forward, x: Array) -> np.ndarray:
@@ -257,7 +278,8 @@ def card_section(result: Int8Check) -> list[str]:
         f"{result.reason} So {served}.",
         "",
         f"- How: {result.method}.",
-        f"- Training images it was not calibrated on ({result.check_images}): agreement {pct(result.agreement)}, "
+        f"- Training images it was not calibrated on ({result.check_images}, each also shifted and with noise): "
+        f"agreement {pct(result.agreement)}, "
         f"accuracy {pct(result.accuracy_int8)} (fp32: {pct(result.accuracy_fp32)})",
         f"- Validation ({result.val_images} images, not read by the rule): agreement {pct(result.val_agreement)}, "
         f"accuracy {pct(result.val_accuracy_int8)} (fp32: {pct(result.val_accuracy_fp32)})",

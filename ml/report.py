@@ -255,7 +255,7 @@ class Int8Check(Json):
     method: str  # how it was quantized and calibrated
     calibration_images: int  # training images its activation ranges came from
     check_images: int  # other training images the rule reads
-    agreement: float  # top-1 agreement with fp32 on the check images
+    agreement: float  # top-1 agreement with fp32 on the check images and their moved views (ml.quantize)
     accuracy_fp32: float  # on the check images
     accuracy_int8: float
     val_images: int  # the validation split: reported, never read by the rule

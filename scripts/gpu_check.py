@@ -19,7 +19,7 @@ minutes to use. So it runs in two places:
         - the bundle's ONNX model on ONNX Runtime's CUDA provider, where the installed onnxruntime
           has it, against its CPU provider.
       Without CUDA (a dry run on a CPU machine) every GPU field reads "not run: no CUDA".
-  rehearsal, on a CPU:  python scripts/gpu_check.py run --out DIR --rehearse-on-cpu [--dataset ZIP]
+  rehearsal, on a CPU:  python scripts/gpu_check.py run --out DIR --rehearse-on-cpu [--dataset ZIP] [--budget S]
       runs every step on the CPU instead (bf16 autocast on the CPU, no CUDA provider), on a dataset
       of your choosing: the check's own code, run once before the GPU host's minutes are spent.
 
@@ -135,13 +135,15 @@ def gpu_tests(out: Path) -> dict[str, Any]:
             "tail": proc.stdout.splitlines()[-5:]}  # fmt: skip
 
 
-def fit_brain(archive: Path, scratch: Path, device: str) -> tuple[dict[str, Any], Path | None]:
+def fit_brain(archive: Path, scratch: Path, device: str, budget: float | None) -> tuple[dict[str, Any], Path | None]:
     """`python -m ml fit` on brain MRI as the engine chooses on this GPU; the row and the fit's bundle."""
     from tests.benchmarks.bench_engine import finetune_images_per_s, synthetic_train_images_per_s
 
     cmd = [sys.executable, "-m", "ml", "fit", str(archive), "--out", str(scratch / "fit"), "--json"]
+    cmd += ["--budget", str(budget)] if budget else []  # a rehearsal on a CPU bounds the fine-tune
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=STEP_SECONDS["fit"])
+    timeout = STEP_SECONDS["fit"] + (budget or 0) * 4
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         return {"error": f"ml fit exited {proc.returncode}: {proc.stderr.splitlines()[-3:]}"}, None
@@ -265,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="graft-gpu-check-") as tmp:
         if cuda:
             result["gpu_tests"] = step("GPU-marked tests", lambda: gpu_tests(out))
-            fitted = step(f"fit of {archive.name}", lambda: fit_brain(archive, Path(tmp), device))
+            fitted = step(f"fit of {archive.name}", lambda: fit_brain(archive, Path(tmp), device, args.budget))
             result["fit"], bundle = fitted if isinstance(fitted, tuple) else (fitted, None)
             result["bf16_vs_fp32"] = (
                 step("bf16 against fp32", lambda: bf16_logits(bundle, archive, device))
@@ -299,6 +301,7 @@ def main() -> int:
     r.add_argument("--out", type=Path, required=True, help="the folder the JSON (and the tests' XML) go to")
     r.add_argument("--rehearse-on-cpu", action="store_true", help="run every step on the CPU (the check's own test)")
     r.add_argument("--dataset", type=Path, default=None, help="another dataset zip to fit (default: brain MRI)")
+    r.add_argument("--budget", type=float, default=None, help="seconds bounding the fit's fine-tune (a rehearsal)")
     r.set_defaults(func=run)
     args = parser.parse_args()
     code: int = args.func(args)
