@@ -70,7 +70,7 @@ def pack(args: argparse.Namespace) -> int:
     )
     shutil.copyfile(DATASETS / DATASET, folder / "datasets" / DATASET)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    print(f"packed {folder.relative_to(ROOT)}/: {size / 1024**2:.1f} MiB of {LIMIT_BYTES // 1024**2} MiB")
+    print(f"packed {folder}/: {size / 1024**2:.1f} MiB of {LIMIT_BYTES // 1024**2} MiB")
     for f in sorted(folder.rglob("*")):
         if f.is_file():
             print(f"  {f.relative_to(folder)}  {f.stat().st_size / 1024**2:.1f} MiB")
