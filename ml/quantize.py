@@ -203,7 +203,7 @@ def _moved(x: Array, y: np.ndarray, seed: int) -> tuple[Array, np.ndarray]:
     side = x.shape[-1]
     k = max(1, round(side * SHIFT))
     shifted = np.pad(x[..., k:, k:], ((0, 0), (0, 0), (0, k), (0, k)), mode="edge")
-    noise = np.random.default_rng(seed).normal(0, NOISE, x.shape).astype(np.float32)
+    noise = np.random.default_rng(seed).standard_normal(x.shape, dtype=np.float32) * np.float32(NOISE)
     return np.concatenate([shifted, x + noise]), np.concatenate([y, y])
 
 
