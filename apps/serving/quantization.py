@@ -38,8 +38,8 @@ def int8_request(*, model: TrainedModel) -> TrainedModel:
             "The int8 model is made from the dataset this model was trained on, and that job or dataset was deleted.",
             status_code=409,
         )
-    if model.int8_status == TrainedModel.Int8.PENDING:
-        return model
+    # Asked again while pending (a lost message, a second click), it is queued again: a step that finds
+    # the work done returns, and of two that overlap only the first replaces the bundle.
     TrainedModel.objects.filter(pk=model.pk).update(int8_status=TrainedModel.Int8.PENDING, int8={})
     model.int8_status, model.int8 = TrainedModel.Int8.PENDING, {}
     transaction.on_commit(lambda: make_int8.delay(model.pk))

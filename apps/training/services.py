@@ -360,7 +360,8 @@ def _succeed(
             updated = _mark_succeeded(mine, result)
             if updated:  # not cancelled in the meantime
                 model = model_create(job=job, bundle=bundle, result=result)
-                if settings.GRAFT_INT8:  # its int8 model, made next as a step of its own (it serves in fp32 meanwhile)
+                # Its int8 model, made next as a step of its own (it serves in fp32 meanwhile).
+                if settings.GRAFT_INT8 and job.dataset_id is not None:
                     int8_request(model=model)
     except BaseException:
         delete_prefix(bundle.prefix)
