@@ -21,13 +21,15 @@ from torch import nn
 
 from ml.errors import ConfigError, WeightsMissingError
 from ml.preprocessing import Preprocessing as Preprocessing  # its home is torch-free; many import it from here
+from ml.weights import DEFAULT_BACKBONE as _DEFAULT_BACKBONE
 from ml.weights import WEIGHTS
 from ml.weights import available_backbones as available_backbones
 from ml.weights import weights_location as _weights_location
 
 # Lite1 over Lite0: higher ImageNet top-1 (76.7% vs 75.1%) for ~1.5x the compute; on hymenoptera
-# its frozen features reach 0.980 cross-validated accuracy on train vs 0.967 (see README).
-DEFAULT_BACKBONE = "efficientnet_lite1"
+# its frozen features reach 0.980 cross-validated accuracy on train vs 0.967 (see README). Its home
+# is the torch-free table of weights, which the option table (ml.config) reads.
+DEFAULT_BACKBONE = _DEFAULT_BACKBONE
 
 
 @dataclass(frozen=True)

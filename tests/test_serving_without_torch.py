@@ -51,6 +51,14 @@ def walk(patterns):
 walk(get_resolver().url_patterns)
 import apps.web.views, apps.web.fit_form, apps.serving.quantization  # noqa: E401
 
+# What web requests run beyond importing: a job's options checked (job_create), the train form made.
+from apps.web.fit_form import form_fields
+from ml.config import FitConfig
+from ml.weights import available_backbones
+
+FitConfig(backbone="efficientnet_lite0").validate()
+form_fields(available_backbones().items())
+
 print(settings.GRAFT_SERVE_RUNTIME, " ".join(sorted(m for m in ("torch", "timm", "torchvision") if m in sys.modules)))
 """
 
