@@ -42,7 +42,16 @@ from typing import Any
 
 import numpy as np
 
-from ml.bundle_format import CARD_FILE, CARD_MARKDOWN_FILE, INT8_FILE, ONNX_FILE, read_bundle, zip_bundle
+from ml.bundle_format import (
+    CARD_FILE,
+    CARD_MARKDOWN_FILE,
+    INT8_FILE,
+    ONNX_FILE,
+    BundleInfo,
+    read_bundle,
+    unpack_bundle,
+    zip_bundle,
+)
 from ml.dataset import DatasetIndex, Sample
 from ml.errors import DatasetError
 from ml.images import decode_rgb
@@ -91,7 +100,7 @@ def quantize_bundle(
     started = time.perf_counter()
     tick = progress or (lambda _what, _done, _total: None)
     bundle = read_bundle(folder)
-    images = _read(folder, archive, index, bundle.classes, val_fraction, seed, tick)
+    images = _read(archive, index, bundle, val_fraction, seed, tick)
     with tempfile.TemporaryDirectory(prefix="graft-int8-") as tmp:
         candidate = Path(tmp) / INT8_FILE
         tick("calibrate", 0, 1)
@@ -212,17 +221,16 @@ def _top1(forward: Forward, x: Array) -> np.ndarray:
 
 
 def _read(
-    folder: Path,
     archive: Path,
     index: DatasetIndex,
-    classes: list[str],
+    bundle: BundleInfo,
     val_fraction: float,
     seed: int,
     tick: Tick,
 ) -> _Images:
     """The calibration, check and validation images, as the model's inputs."""
     train, val = split_samples(index, val_fraction, seed)
-    class_id = {c: i for i, c in enumerate(classes)}
+    class_id = {c: i for i, c in enumerate(bundle.classes)}
     y = np.array([class_id[s.label] for s in train])
     n_cal = min(CALIBRATION_IMAGES, len(train) // 2)
     cal_idx = stratified_draw(y, n_cal / len(y), seed, keep_one=True)[:CALIBRATION_IMAGES]
@@ -230,8 +238,8 @@ def _read(
     if len(rest) > CHECK_IMAGES:
         rest = rest[stratified_draw(y[rest], CHECK_IMAGES / len(rest), seed, keep_one=False)][:CHECK_IMAGES]
     val = val[:VAL_IMAGES]
-    transform = numpy_eval_transform(read_bundle(folder).preprocessing)
-    side = read_bundle(folder).preprocessing.resize_size
+    transform = numpy_eval_transform(bundle.preprocessing)
+    side = bundle.preprocessing.resize_size
     wanted = [train[i] for i in cal_idx] + [train[i] for i in rest] + list(val)
     with zipfile.ZipFile(archive) as zf, ThreadPoolExecutor(4) as pool:
 
@@ -300,8 +308,6 @@ def quantize_bundle_zip(
 ) -> tuple[Path, Int8Check]:
     """`quantize_bundle` for a bundle zip: unpacked into `work`, tested, zipped again as a new file
     in `work` (the original is left as it was)."""
-    from ml.bundle_format import unpack_bundle
-
     folder = unpack_bundle(bundle_zip, work / "bundle")
     result = quantize_bundle(folder, archive, index, val_fraction=val_fraction, seed=seed, progress=progress)
     return zip_bundle(folder, work / "bundle.zip"), result

@@ -245,6 +245,7 @@ def _predict_response(request: AuthenticatedRequest, model: TrainedModel, starte
     if k < 1:
         raise UserError("'k' must be at least 1.")
     predictions = model_predict(model=model, images=request.FILES.getlist("image"), k=k, started=started)
+    predictor = get_predictor(model)  # loaded by the prediction: a cache hit
     return Response(
         {
             "predictions": predictions,
@@ -253,8 +254,8 @@ def _predict_response(request: AuthenticatedRequest, model: TrainedModel, starte
                 "name": model.name,
                 "backbone": model.backbone,
                 "classes": model.classes,
-                "runtime": get_predictor(model).runtime,  # loaded by the prediction: a cache hit
-                "precision": get_predictor(model).precision,  # int8 where its int8 model was kept
+                "runtime": predictor.runtime,
+                "precision": predictor.precision,  # int8 where its int8 model was kept
             },
         }
     )
