@@ -81,10 +81,14 @@ def _owned() -> tuple[tuple[str, ...], tuple[str, ...], set[str]]:
     from apps.training.models import Job
 
     whole = set(Dataset.objects.values_list("storage_prefix", flat=True))
-    model_prefixes = list(TrainedModel.objects.values_list("storage_prefix", flat=True))
-    whole.update(model_prefixes)
-    by_file = {f"{prefix}inputs/" for prefix in model_prefixes}  # kept prediction images: their records
+    models = list(TrainedModel.objects.values_list("storage_prefix", "bundle"))
+    whole.update(prefix for prefix, _ in models)
+    # Kept prediction images are owned by their records; bundles by their model, which names one: a
+    # bundle the int8 step replaced stays for the grace period (a request may have read the row just
+    # before), then goes.
+    by_file = {f"{prefix}{part}" for prefix, _ in models for part in ("inputs/", "bundle")}
     files = set(PredictionRecord.objects.exclude(image="").values_list("image", flat=True))
+    files.update(bundle for _, bundle in models)
     for batch in BatchPrediction.objects.only(
         "storage_prefix", "attempts", "archive", "results_csv", "results_json", "thumbnails"
     ):
@@ -102,7 +106,7 @@ def _why_unowned(name: str) -> str:
     top = name.split("/", 1)[0]
     return {
         "datasets": "dataset deleted or never created",
-        "models": "model deleted, never created, or a prediction image no record names",
+        "models": "model deleted, never created, a bundle it replaced, or a prediction image no record names",
         "batches": "batch deleted, or written by an attempt that did not finish it",
         "jobs": "checkpoint of a job that is not running",
         "uploads": "upload finished, abandoned or expired",

@@ -113,8 +113,11 @@ def _load(model: TrainedModel) -> tuple[Predictor, int]:
 
 
 def _keep(key: Key, entry: Loaded) -> None:
-    """Add a loaded model, then drop the least recently used while over the memory budget."""
+    """Add a loaded model, drop the bundles it replaced (the int8 step stores a model's bundle again),
+    then the least recently used while over the memory budget."""
     with _lock:
+        for old in [k for k in _loaded if k[0] == key[0] and k != key]:
+            _loaded.pop(old).predictor.close()
         _loaded[key] = entry
         while len(_loaded) > 1 and loaded_bytes() > settings.GRAFT_SERVE_MODEL_MEMORY:
             _, dropped = _loaded.popitem(last=False)

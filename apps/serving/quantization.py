@@ -6,7 +6,8 @@ reads the dataset version the model was trained on, quantizes and tests the bund
 (ml.quantize), and stores the bundle again with the int8 model in it where it was kept, and with
 the figures in its card either way. The new bundle replaces the old one only if the model still
 has the bundle the step started from (it was not deleted, nor made again meanwhile); the serving
-cache keys on the bundle's SHA-256, so the next prediction loads the new one.
+cache keys on the bundle's SHA-256, so the next prediction loads the new one. The old bundle stays
+stored until the sweeper's grace period has passed, for whoever read the row just before.
 """
 
 from __future__ import annotations
@@ -77,11 +78,12 @@ def int8_run(*, model_id: int) -> None:
                 stored = default_storage.save(f"{model.storage_prefix}bundle-{uuid.uuid4().hex[:8]}.zip", File(fh))
             size, sha256 = new_zip.stat().st_size, file_sha256(new_zip)
         status = TrainedModel.Int8.KEPT if check.kept else TrainedModel.Int8.REFUSED
-        if rows.update(
+        # The old bundle is left where it is: a request or a download that read the row just before this
+        # update fetches it still. No row names it any more, so the sweeper removes it after its grace
+        # period (apps/ops/sweep.py), and the usage meter charges the new one alone.
+        if not rows.update(
             bundle=stored, bundle_bytes=size, bundle_sha256=sha256, int8_status=status, int8=check.to_json()
         ):
-            delete_quietly(model.bundle)
-        else:
             delete_quietly(stored)  # the model went (or changed) meanwhile
         log.info("model %s: int8 %s (%s)", model.pk, status, check.reason)
     except MLError as exc:

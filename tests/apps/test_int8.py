@@ -11,11 +11,13 @@ import io
 import json
 import time
 import zipfile
+from datetime import timedelta
 
 import pytest
 from django.core.files.storage import default_storage
 
 from apps.accounts.quotas import usage
+from apps.ops.sweep import sweep
 from apps.serving.models import TrainedModel
 from tests.apps.api_schema import schema_errors
 from tests.apps.cluster import learnable_zip
@@ -70,10 +72,14 @@ def test_the_worker_makes_the_int8_model_and_the_server_serves_it(trained, api_f
     allowed = max(0.01, 1 / check["check_images"]) + 1e-9  # a point, or one image
     assert check["kept"] == (check["agreement"] >= 0.98 and check["accuracy_fp32"] - check["accuracy_int8"] <= allowed)
 
-    # The bundle was stored again, with the int8 model where kept and the figures in its card; the
-    # old one is gone, and the usage meter counts the new one.
+    # The bundle was stored again, with the int8 model where kept and the figures in its card, and the
+    # usage meter counts the new one. The old one stays for whoever read the row just before (a
+    # download, a prediction), until the sweeper's grace period has passed.
     stored = TrainedModel.objects.get(pk=model_id)
-    assert stored.bundle != old_bundle and not default_storage.exists(old_bundle)
+    assert stored.bundle != old_bundle and default_storage.exists(old_bundle)
+    swept = {r["name"] for r in sweep(grace=timedelta(0), scratch=False).removed}
+    assert old_bundle in swept and not default_storage.exists(old_bundle)
+    assert stored.bundle not in swept and default_storage.exists(stored.bundle)
     assert model["bundle_sha256"] == stored.bundle_sha256 != before["bundle_sha256"]
     r = alice.call("GET", f"/models/{model_id}/download/")
     bundle = zipfile.ZipFile(io.BytesIO(r.content))

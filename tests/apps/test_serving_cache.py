@@ -134,3 +134,39 @@ def test_a_model_requested_by_two_threads_at_once_loads_once(owner, make_tiny_mo
     assert len(got) == 2 and got[0] is got[1]
     assert calls == [model.pk]  # fetched and unpacked once
     assert list(cache._loaded) == [(model.pk, model.bundle_sha256)]
+
+
+def test_a_bundle_stored_again_is_served_and_the_one_it_replaced_stays_for_requests_already_under_way(
+    owner, make_tiny_model
+):
+    """What the int8 step does to a model: a new bundle, the row updated. The next request loads the new
+    one and the process lets the old one go; a request that read the row just before still gets an
+    answer (the old file stays until the sweeper's grace period), and the sweeper then removes it."""
+    from datetime import timedelta
+
+    from django.core.files.storage import default_storage
+
+    from apps.ops.sweep import sweep
+    from apps.serving.models import TrainedModel
+
+    stale = make_tiny_model(owner, "pets", seed=0)
+    old = cache.get_predictor(stale)
+    other = make_tiny_model(owner, "pets-again", seed=1)  # another network, stored as the model's new bundle
+    with default_storage.open(other.bundle, "rb") as fh:
+        again = default_storage.save(f"{stale.storage_prefix}bundle-again.zip", fh)
+    other.delete()
+    default_storage.delete(other.bundle)
+    TrainedModel.objects.filter(pk=stale.pk).update(
+        bundle=again, bundle_sha256=other.bundle_sha256, bundle_bytes=other.bundle_bytes
+    )
+    fresh = TrainedModel.objects.get(pk=stale.pk)
+
+    new = cache.get_predictor(fresh)
+    assert new is not old and list(cache._loaded) == [(fresh.pk, fresh.bundle_sha256)]  # the old one let go
+    late = cache.get_predictor(stale)  # read the row before the update: its bundle is still stored
+    assert late.predict_bytes([image_bytes(size=(40, 40))], k=1)[0][0].label in {"cat", "dog"}
+
+    report = sweep(grace=timedelta(0), scratch=False)
+    removed = {r["name"] for r in report.removed}
+    assert stale.bundle in removed and not default_storage.exists(stale.bundle)
+    assert fresh.bundle not in removed and default_storage.exists(fresh.bundle)
