@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="add an int8 model to a bundle folder, kept only where it predicts as fp32")
     q.add_argument("bundle", type=Path, help="the bundle folder `fit` wrote (OUT/bundle)")
     q.add_argument("dataset", type=Path, help="the dataset zip it was trained on")
-    q.add_argument("--seed", type=int, default=0, help="the fit's seed (its split)")
+    q.add_argument("--seed", type=int, default=None, help="the fit's seed, for its split (default: the card's)")
     q.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
     q.set_defaults(func=_quantize)
     i = sub.add_parser("inspect", help="likely label errors, near-duplicates and outliers in a dataset zip")

@@ -47,6 +47,7 @@ class WorkFields(models.Model):
 
 
 _Item = TypeVar("_Item", bound=WorkFields)
+_Row = TypeVar("_Row", bound=models.Model)
 
 
 @dataclass(frozen=True)
@@ -234,9 +235,10 @@ class Heartbeat:
     attempt's own row). When the row no longer matches (cancelled, deleted, or taken over by
     another worker) it sets `lost`, which the work checks between steps."""
 
-    def __init__(self, rows: QuerySet[_Item], label: str, field: str = "heartbeat_at") -> None:
-        # Generic in the rows' model, so that `Heartbeat(attempt_rows(KIND, item), ...)` infers it from KIND.
-        self.rows: QuerySet[WorkFields] = rows
+    def __init__(self, rows: QuerySet[_Row], label: str, field: str = "heartbeat_at") -> None:
+        # Any model's rows with a time field to beat (work items' heartbeat_at, a version's findings_at,
+        # a model's int8_at); generic, so that `Heartbeat(attempt_rows(KIND, item), ...)` infers it.
+        self.rows: QuerySet[Any] = rows
         self.label, self.field = label, field
         self.lost = threading.Event()
         self._stop = threading.Event()

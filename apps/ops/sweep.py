@@ -114,13 +114,20 @@ def _why_unowned(name: str) -> str:
 
 
 def sweep_storage(report: SweepReport, *, grace: timedelta) -> None:
+    from apps.serving.models import TrainedModel
+
     whole, by_file, files = _owned()
     # The rows are read first: an object stored after that is younger than the grace period.
     cutoff = timezone.now() - grace
+    # A bundle the int8 step replaced gets its grace from the replacement, not from its own age.
+    replaced = tuple(
+        f"{prefix}bundle"
+        for prefix in TrainedModel.objects.filter(int8_at__gt=cutoff).values_list("storage_prefix", flat=True)
+    )
     for obj in stored_objects():
         if obj.name in files or (obj.name.startswith(whole) and not obj.name.startswith(by_file)):
             continue
-        if obj.modified > cutoff:
+        if obj.modified > cutoff or obj.name.startswith(replaced):
             report.kept_young += 1
             continue
         report.removed.append({"name": obj.name, "bytes": obj.size, "why": _why_unowned(obj.name)})

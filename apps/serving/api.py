@@ -32,7 +32,6 @@ from apps.datasets.models import Dataset
 from apps.datasets.selectors import dataset_get
 from apps.serving import predlog
 from apps.serving.batches import batch_create, batch_delete, batch_items, batch_thumb_name
-from apps.serving.cache import get_predictor
 from apps.serving.compare import models_compare
 from apps.serving.labelling import label_queue, label_records
 from apps.serving.models import BatchPrediction, PredictionRecord, TrainedModel
@@ -146,8 +145,10 @@ class ModelDetailApi(APIView):
 class ModelInt8Api(APIView):
     @extend_schema(request=None, responses={202: ModelOutputSerializer})
     def post(self, request: AuthenticatedRequest, model_id: int) -> Response:
-        """Make the model's int8 variant (again): a worker quantizes and tests it, and the model serves
-        it once it is kept; `int8_status` says where it stands."""
+        """Make the model's int8 variant: a worker quantizes and tests it, and the model serves it once
+        it is kept; `int8_status` says where it stands (pending, running, kept, refused, failed). Asked
+        while on its way, the model is returned as it is (asked again once pending for 10 minutes, it
+        is queued again); made already (kept or refused), 409."""
         model = int8_request(model=model_get(user=request.user, model_id=model_id))
         return Response(ModelOutputSerializer(model).data, status=status.HTTP_202_ACCEPTED)
 
@@ -244,8 +245,7 @@ def _predict_response(request: AuthenticatedRequest, model: TrainedModel, starte
         raise UserError("'k' must be a whole number.") from None
     if k < 1:
         raise UserError("'k' must be at least 1.")
-    predictions = model_predict(model=model, images=request.FILES.getlist("image"), k=k, started=started)
-    predictor = get_predictor(model)  # loaded by the prediction: a cache hit
+    predictions, predictor = model_predict(model=model, images=request.FILES.getlist("image"), k=k, started=started)
     return Response(
         {
             "predictions": predictions,

@@ -40,7 +40,8 @@ class TrainedModel(models.Model):
         """Its int8 model (apps.serving.quantization): made after the job, on a worker."""
 
         NONE = "", "not made"  # a model from before, or made where GRAFT_INT8 is off
-        PENDING = "pending", "being made"
+        PENDING = "pending", "waiting for a worker"
+        RUNNING = "running", "being made"
         KEPT = "kept", "kept"  # in the bundle, and served
         REFUSED = "refused", "refused"  # it did not predict as the fp32 model does
         FAILED = "failed", "failed"
@@ -48,6 +49,9 @@ class TrainedModel(models.Model):
     int8_status = models.CharField(max_length=10, choices=Int8.choices, default=Int8.NONE, blank=True)
     # ml.report.Int8Check's JSON (its figures, kept or refused), or {"error": ...} where it failed.
     int8 = models.JSONField(default=dict, blank=True)
+    # When the int8 step last moved: asked for, its worker's heartbeat while it runs, its end (which
+    # is when it replaced the bundle, where it did).
+    int8_at = models.DateTimeField(null=True, blank=True)
 
     class Log(models.TextChoices):
         OFF = "off"

@@ -8,6 +8,12 @@ the figures in its card either way. The new bundle replaces the old one only if 
 has the bundle the step started from (it was not deleted, nor made again meanwhile); the serving
 cache keys on the bundle's SHA-256, so the next prediction loads the new one. The old bundle stays
 stored until the sweeper's grace period has passed, for whoever read the row just before.
+
+Where it stands (`int8_status`): pending (queued), running (claimed by one worker, whose heartbeat
+keeps `int8_at` fresh), then kept, refused or failed. A worker that went silent mid-step (killed,
+out of memory) has its step failed by beat, not run again by itself: a model that kills its worker
+would loop. A step still pending after `ASK_AGAIN_AFTER` (its message lost, or a long queue) can be
+asked for again; a second message for one step finds it claimed and returns.
 """
 
 from __future__ import annotations
@@ -15,13 +21,16 @@ from __future__ import annotations
 import logging
 import tempfile
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import default_storage
 from django.db import transaction
+from django.utils import timezone
 
+from apps.common import faults, work
 from apps.common.errors import UserError
 from apps.common.storage import delete_quietly, local_copy
 from apps.serving.models import TrainedModel
@@ -29,9 +38,12 @@ from ml.errors import MLError
 
 log = logging.getLogger(__name__)
 
+ASK_AGAIN_AFTER = timedelta(minutes=10)  # pending this long, the step can be asked for again
+
 
 def int8_request(*, model: TrainedModel) -> TrainedModel:
-    """Queue the model's int8 step (again, where it was made before); the model serves meanwhile."""
+    """Queue the model's int8 step; the model serves in fp32 meanwhile. A step on its way is left to
+    finish (asked again, the model comes back as it is); one made already is not made twice (409)."""
     from apps.serving.tasks import make_int8
 
     if model.job is None or model.job.dataset is None:
@@ -39,12 +51,53 @@ def int8_request(*, model: TrainedModel) -> TrainedModel:
             "The int8 model is made from the dataset this model was trained on, and that job or dataset was deleted.",
             status_code=409,
         )
-    # Asked again while pending (a lost message, a second click), it is queued again: a step that finds
-    # the work done returns, and of two that overlap only the first replaces the bundle.
-    TrainedModel.objects.filter(pk=model.pk).update(int8_status=TrainedModel.Int8.PENDING, int8={})
-    model.int8_status, model.int8 = TrainedModel.Int8.PENDING, {}
-    transaction.on_commit(lambda: make_int8.delay(model.pk))
+    Int8 = TrainedModel.Int8
+    if model.int8_status in (Int8.KEPT, Int8.REFUSED):
+        raise UserError(f"Its int8 version was made already. {model.int8.get('reason', '')}".strip(), status_code=409)
+    if model.int8_status == Int8.RUNNING or (model.int8_status == Int8.PENDING and not int8_waited_long(model)):
+        return model
+    now = timezone.now()
+    asked = TrainedModel.objects.filter(pk=model.pk, int8_status=model.int8_status)  # not claimed meanwhile
+    if not asked.update(int8_status=Int8.PENDING, int8={}, int8_at=now):
+        model.refresh_from_db()
+        return model
+
+    def enqueue() -> None:
+        try:
+            make_int8.delay(model.pk)
+        except Exception:  # the broker unreachable: say so, and leave the model askable again
+            log.exception("model %s: the int8 step could not be queued", model.pk)
+            error = "The task queue could not be reached, so the int8 model was not queued; try again in a minute."
+            TrainedModel.objects.filter(pk=model.pk, int8_status=Int8.PENDING).update(
+                int8_status=Int8.FAILED, int8={"error": error}, int8_at=timezone.now()
+            )
+
+    transaction.on_commit(enqueue)
+    model.refresh_from_db()
     return model
+
+
+def int8_waited_long(model: TrainedModel) -> bool:
+    """Pending for longer than a step waits in a working queue: it may be asked for again."""
+    return (
+        model.int8_status == TrainedModel.Int8.PENDING
+        and model.int8_at is not None
+        and timezone.now() - model.int8_at > ASK_AGAIN_AFTER
+    )
+
+
+def int8_recover_stale() -> list[int]:
+    """Steps whose worker went silent fail with a sentence (beat); the model serves in fp32 and the
+    step can be asked for again."""
+    before = timezone.now() - timedelta(seconds=settings.GRAFT_JOB_STALE_SECONDS)
+    stale = TrainedModel.objects.filter(int8_status=TrainedModel.Int8.RUNNING, int8_at__lt=before)
+    ids = list(stale.values_list("pk", flat=True))
+    error = (
+        "The worker making the int8 model stopped before it finished (killed, or out of memory); "
+        "the model serves in fp32. Try again."
+    )
+    stale.filter(pk__in=ids).update(int8_status=TrainedModel.Int8.FAILED, int8={"error": error}, int8_at=timezone.now())
+    return ids
 
 
 def int8_run(*, model_id: int) -> None:
@@ -55,41 +108,57 @@ def int8_run(*, model_id: int) -> None:
     from ml.config import FitConfig
     from ml.quantize import quantize_bundle_zip
 
-    model = TrainedModel.objects.select_related("job", "job__dataset").filter(pk=model_id).first()
-    if model is None or model.int8_status != TrainedModel.Int8.PENDING:
-        return  # deleted, or already done by a delivery before this one
-    rows = TrainedModel.objects.filter(pk=model.pk, bundle=model.bundle)  # the bundle this step starts from
+    Int8 = TrainedModel.Int8
+    # Claimed by one worker: a second message for the step (asked again, redelivered) finds it taken.
+    if not TrainedModel.objects.filter(pk=model_id, int8_status=Int8.PENDING).update(
+        int8_status=Int8.RUNNING, int8_at=timezone.now()
+    ):
+        return
+    model = TrainedModel.objects.select_related("job", "job__dataset", "job__version").get(pk=model_id)
+    mine = TrainedModel.objects.filter(pk=model.pk, int8_status=Int8.RUNNING)
+    rows = mine.filter(bundle=model.bundle)  # the bundle this step starts from
     try:
         job, dataset = model.job, model.job.dataset if model.job else None
-        if job is None or dataset is None or dataset.status != Dataset.Status.READY:
+        if job is None or dataset is None:
             raise MLError("The job or the dataset this model was trained on was deleted.")
+        if dataset.status != Dataset.Status.READY:
+            raise MLError("The dataset this model was trained on is not ready; try again once it is.")
         config = FitConfig(**job.config)
-        work = Path(settings.GRAFT_WORK_DIR) / "int8"
-        work.mkdir(parents=True, exist_ok=True)
+        work_dir = Path(settings.GRAFT_WORK_DIR) / "int8"
+        work_dir.mkdir(parents=True, exist_ok=True)
         with (
-            tempfile.TemporaryDirectory(dir=work) as tmp,
+            work.Heartbeat(mine, f"int8-{model.pk}", field="int8_at"),
+            tempfile.TemporaryDirectory(dir=work_dir) as tmp,
             training_data(job, dataset) as (archive, index, _),
             local_copy(model.bundle) as bundle,
         ):
+            faults.point("int8.running")
+            # The data must be what the model trained on: ml.quantize checks the card's data hash (a
+            # version deleted since would leave the job its upload), and splits by the job's seed.
             new_zip, check = quantize_bundle_zip(
                 bundle, Path(tmp), archive, index, val_fraction=config.val_fraction, seed=config.seed
             )
             with new_zip.open("rb") as fh:
                 stored = default_storage.save(f"{model.storage_prefix}bundle-{uuid.uuid4().hex[:8]}.zip", File(fh))
             size, sha256 = new_zip.stat().st_size, file_sha256(new_zip)
-        status = TrainedModel.Int8.KEPT if check.kept else TrainedModel.Int8.REFUSED
+        status = Int8.KEPT if check.kept else Int8.REFUSED
         # The old bundle is left where it is: a request or a download that read the row just before this
-        # update fetches it still. No row names it any more, so the sweeper removes it after its grace
-        # period (apps/ops/sweep.py), and the usage meter charges the new one alone.
+        # update fetches it still. No row names it any more, so the sweeper removes it once `int8_at` and
+        # the file are past its grace period (apps/ops/sweep.py); the usage meter charges the new one alone.
         if not rows.update(
-            bundle=stored, bundle_bytes=size, bundle_sha256=sha256, int8_status=status, int8=check.to_json()
+            bundle=stored,
+            bundle_bytes=size,
+            bundle_sha256=sha256,
+            int8_status=status,
+            int8=check.to_json(),
+            int8_at=timezone.now(),
         ):
-            delete_quietly(stored)  # the model went (or changed) meanwhile
+            delete_quietly(stored)  # the model went (or changed, or beat failed the step) meanwhile
         log.info("model %s: int8 %s (%s)", model.pk, status, check.reason)
     except MLError as exc:
-        rows.update(int8_status=TrainedModel.Int8.FAILED, int8={"error": exc.message})
+        mine.update(int8_status=Int8.FAILED, int8={"error": exc.message}, int8_at=timezone.now())
     except Exception:
         incident = uuid.uuid4().hex[:8]
         log.exception("model %s: the int8 step failed (incident %s)", model.pk, incident)
         error = f"Making the int8 model failed unexpectedly (incident {incident}); it serves in fp32."
-        rows.update(int8_status=TrainedModel.Int8.FAILED, int8={"error": error})
+        mine.update(int8_status=Int8.FAILED, int8={"error": error}, int8_at=timezone.now())

@@ -19,6 +19,7 @@ from apps.serving.cache import get_predictor
 from apps.serving.models import TrainedModel, model_storage_prefix
 from apps.training.models import Job
 from ml.images import ImageDecodeError, header_pixels
+from ml.predict import Predictor
 from ml.report import json_safe
 
 if TYPE_CHECKING:  # for its type only: ml.fit brings in torch
@@ -97,9 +98,10 @@ def file_sha256(path: Path) -> str:
 
 def model_predict(
     *, model: TrainedModel, images: list[UploadedFile[bytes]], k: int = 5, started: float | None = None
-) -> list[list[LabelScore]]:
-    """Top-k for each image; logged when the model's prediction log is on, with the time since
-    `started` (time.perf_counter(); default: now) as the request's latency."""
+) -> tuple[list[list[LabelScore]], Predictor]:
+    """Top-k for each image, and the predictor that answered (its runtime and precision); logged when
+    the model's prediction log is on, with the time since `started` (time.perf_counter(); default:
+    now) as the request's latency."""
     started = time.perf_counter() if started is None else started
     if not images:
         raise UserError("Attach one or more images as multipart fields named 'image'.")
@@ -131,4 +133,4 @@ def model_predict(
         tops=[(row[0].label, row[0].score, row[0].score - row[1].score if len(row) > 1 else None) for row in results],
         images=encoded,
     )
-    return [[{"label": p.label, "score": p.score} for p in row[:k]] for row in results]
+    return [[{"label": p.label, "score": p.score} for p in row[:k]] for row in results], predictor

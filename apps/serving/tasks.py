@@ -23,6 +23,7 @@ def predict_batch(self: Task, batch_id: int) -> None:
 
 
 # The int8 variant of a model whose job succeeded (apps.serving.quantization), on the training hosts.
+# Redelivered if its worker is lost; the step it claimed is then failed by beat, not run again.
 @shared_task(name="serving.make_int8", acks_late=True, reject_on_worker_lost=True)
 def make_int8(model_id: int) -> None:
     from apps.serving.quantization import int8_run

@@ -360,14 +360,19 @@ def _succeed(
             updated = _mark_succeeded(mine, result)
             if updated:  # not cancelled in the meantime
                 model = model_create(job=job, bundle=bundle, result=result)
-                # Its int8 model, made next as a step of its own (it serves in fp32 meanwhile).
-                if settings.GRAFT_INT8 and job.dataset_id is not None:
-                    int8_request(model=model)
     except BaseException:
         delete_prefix(bundle.prefix)
         raise
     if not updated:
         delete_prefix(bundle.prefix)
+        return
+    # Its int8 model, made next as a step of its own (it serves in fp32 meanwhile). After the commit:
+    # whatever happens to it, the job has succeeded and its model is stored.
+    if settings.GRAFT_INT8 and job.dataset_id is not None:
+        try:
+            int8_request(model=model)
+        except Exception:  # noqa: BLE001 - the model can be asked for its int8 version again
+            log.exception("job %s: the int8 step of model %s was not queued", job.pk, model.pk)
 
 
 # The parts of FitResult.to_json() a job keeps in its `report` (beside `strategy`, `metrics` and `timings`).

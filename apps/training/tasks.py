@@ -29,5 +29,6 @@ def recover_stale_jobs() -> dict[str, list[int]]:
     from apps.datasets import services as _datasets  # noqa: F401 - registers the ingestion kind
     from apps.datasets.findings import findings_recover_stale
     from apps.serving import batches as _batches  # noqa: F401 - registers the batch kind
+    from apps.serving.quantization import int8_recover_stale
 
-    return {**work_recover_stale(), "findings": findings_recover_stale()}
+    return {**work_recover_stale(), "findings": findings_recover_stale(), "int8": int8_recover_stale()}

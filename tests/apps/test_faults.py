@@ -456,6 +456,55 @@ def test_fault_sigkill_training(cluster, alice, ready_dataset, tmp_path):
     swept_clean(cluster, allowed=lambda name: name.startswith("models/") and name.endswith("/bundle.zip"))
 
 
+def test_fault_sigkill_int8(cluster, alice, trained_model, tmp_path):
+    """The worker making a model's int8 version dies mid-step: beat fails the step with a sentence
+    (not run again by itself: a model that kills its worker would loop), the model serves in fp32
+    throughout, and asked again it is made."""
+    model_id, point = trained_model, "int8.running"
+    base = f"{cluster.web_a.url}/api/v1/models/{model_id}"
+    victim = paused_worker(cluster, "victim-int8", "gpu", point, tmp_path)
+    rescuer = None
+    try:
+        r = alice.post(f"{base}/int8/", timeout=30)
+        assert r.status_code == 202 and r.json()["int8_status"] == "pending", r.text
+        reached(tmp_path, point)
+        watch = Watch(alice, cluster.web_a.url)
+        assert watch.get(f"/models/{model_id}/")["int8_status"] == "running"
+        r = alice.post(f"{base}/int8/", timeout=30)  # asked again while it runs: left to finish
+        assert r.status_code == 202 and r.json()["int8_status"] == "running", r.text
+        rescuer = cluster.worker("rescuer-int8", queue="gpu,celery", beat=True)
+        cluster.kill(victim)
+        killed = time.monotonic()
+        while (body := watch.get(f"/models/{model_id}/"))["int8_status"] == "running":
+            assert time.monotonic() - killed < STALE + BEAT + SLACK + 30, "the silent step was not failed"
+            r = alice.post(f"{base}/predict/", files={"image": ("x.png", image_bytes(seed=3))}, timeout=60)
+            watch.statuses.append(r.status_code)
+            assert r.status_code == 200 and r.json()["model"]["precision"] == "fp32", r.text
+            time.sleep(1)
+        failed_after = time.monotonic() - killed
+        assert body["int8_status"] == "failed" and "stopped before it finished" in body["int8"]["error"], body
+
+        r = alice.post(f"{base}/int8/", timeout=30)
+        assert r.status_code == 202 and r.json()["int8_status"] == "pending", r.text
+        deadline = time.monotonic() + 300
+        while (body := watch.get(f"/models/{model_id}/"))["int8_status"] in ("pending", "running"):
+            assert time.monotonic() < deadline, body
+            time.sleep(1)
+        assert body["int8_status"] in ("kept", "refused"), body
+        assert all(code < 500 for code in watch.statuses), watch.statuses
+        r = alice.post(f"{base}/predict/", files={"image": ("x.png", image_bytes(seed=3))}, timeout=60)
+        assert r.status_code == 200 and r.json()["model"]["precision"] == ("int8" if body["int8"]["kept"] else "fp32")
+        r = alice.post(f"{base}/int8/", timeout=30)  # made: not made twice
+        assert r.status_code == 409 and "made already" in r.json()["error"], r.text
+        record("SIGKILL", point, f"failed in {failed_after:.0f} s, then {body['int8_status']}", None, failed_after)
+    finally:
+        stop(victim, rescuer)
+    meter_matches_storage(cluster, "fault-alice")
+    # The bundle the step replaced is nobody's now; it stays for the sweeper's grace period, then goes.
+    removed = swept_clean(cluster, allowed=lambda name: name.startswith("models/") and "/bundle" in name)
+    assert len(removed) == 1, removed
+
+
 def test_fault_object_store_stopped_mid_write(cluster, alice, object_store, tmp_path):
     """SeaweedFS gone while an ingestion writes its thumbnails, and back a little later (a restart
     takes it ~20 s to answer): the dataset is handed back, tried again after a back-off that doubles

@@ -45,7 +45,7 @@ def _wait_int8(api, model_id: int, timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         body = api.call("GET", f"/models/{model_id}/").json()
-        if body["int8_status"] != "pending":
+        if body["int8_status"] not in ("pending", "running"):
             return body
         time.sleep(0.5)
     raise AssertionError(f"the int8 step did not finish: {body}")
@@ -95,6 +95,10 @@ def test_the_worker_makes_the_int8_model_and_the_server_serves_it(trained, api_f
     assert r.json()["model"]["precision"] == ("int8" if check["kept"] else "fp32")
     assert r.json()["predictions"][0][0]["label"] in ("red", "blue")
 
+    # Made, it is not made twice: asked again, a 409 that says how it went.
+    r = alice.call("POST", f"/models/{model_id}/int8/")
+    assert r.status_code == 409 and "made already" in r.json()["error"] and check["reason"] in r.json()["error"]
+
     # Another user reaches none of it.
     bob = api_for("bob")
     assert bob.call("POST", f"/models/{model_id}/int8/").status_code == 404
@@ -109,3 +113,36 @@ def test_a_model_whose_job_is_gone_cannot_be_quantized_and_says_why(trained):
     r = alice.call("POST", f"/models/{model_id}/int8/")
     assert r.status_code == 409 and "trained on" in r.json()["error"], r.text
     assert TrainedModel.objects.get(pk=model_id).int8_status == ""
+
+
+def test_a_step_on_its_way_is_left_to_finish_and_a_silent_one_fails_with_a_sentence(trained):
+    """Asked again while pending, the step is not queued twice, unless it has waited long (a lost
+    message); a running step whose worker went silent is failed by beat, and can be asked for again."""
+    from django.utils import timezone
+
+    from apps.serving.quantization import ASK_AGAIN_AFTER, int8_recover_stale
+    from apps.training.tasks import recover_stale_jobs
+
+    alice, model_id = trained
+    rows = TrainedModel.objects.filter(pk=model_id)
+    an_hour_ago = timezone.now() - timedelta(hours=1)
+    # Pending a moment: asked again, it is left as it is (no second message).
+    rows.update(int8_status="pending", int8_at=timezone.now())
+    asked = rows.get().int8_at
+    r = alice.call("POST", f"/models/{model_id}/int8/")
+    assert r.status_code == 202 and r.json()["int8_status"] == "pending" and rows.get().int8_at == asked
+    # Pending for longer than a working queue takes: queued again, and the worker makes it.
+    rows.update(int8_status="pending", int8_at=timezone.now() - ASK_AGAIN_AFTER - timedelta(seconds=1))
+    r = alice.call("POST", f"/models/{model_id}/int8/")
+    assert r.status_code == 202 and rows.get().int8_at > asked
+    assert _wait_int8(alice, model_id)["int8_status"] in ("kept", "refused")
+
+    # Running, its worker silent for longer than the stale time: beat fails it.
+    rows.update(int8_status="running", int8={}, int8_at=an_hour_ago)
+    assert model_id in recover_stale_jobs()["int8"] and int8_recover_stale() == []
+    body = alice.call("GET", f"/models/{model_id}/").json()
+    assert body["int8_status"] == "failed" and "stopped before it finished" in body["int8"]["error"]
+    assert schema_errors(body, "ModelOutput") == []
+    r = alice.call("POST", f"/models/{model_id}/int8/")
+    assert r.status_code == 202 and r.json()["int8_status"] == "pending", r.text
+    assert _wait_int8(alice, model_id)["int8_status"] in ("kept", "refused")

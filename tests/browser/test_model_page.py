@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -200,16 +201,28 @@ INT8_FIGURES = {  # as ml.quantize reports a kept model (hymenoptera's Lite1 pro
 
 
 def test_the_model_page_follows_the_int8_step_and_then_leads_with_its_speed(page, shot, trained_model):
+    from django.utils import timezone
+
     from apps.serving.models import TrainedModel
 
-    TrainedModel.objects.filter(pk=trained_model.pk).update(int8_status="pending")
+    rows = TrainedModel.objects.filter(pk=trained_model.pk)
+    # Waiting for a worker longer than a working queue takes: the page offers to ask again.
+    rows.update(int8_status="pending", int8_at=timezone.now() - timedelta(minutes=25))
     sign_in(page, "ada")
     page.goto(f"/models/{trained_model.pk}/")
     section = page.locator("#int8")
-    expect(section).to_contain_text("A worker is making its int8 version")
-    shot(page, "model-int8-pending")
+    expect(section).to_contain_text("Its int8 version waits for a worker (asked 25")
+    expect(section.get_by_role("button", name="Ask again")).to_be_visible()
+    page.locator("#h-int8").scroll_into_view_if_needed()
+    shot(page, "model-int8-waiting")
 
-    # The worker finishes: the page, still open, shows the kept model's figures without a reload.
+    # A worker claims it: the page, still open, follows it without a reload.
+    rows.update(int8_status="running", int8_at=timezone.now())
+    expect(section).to_contain_text("A worker is making its int8 version", timeout=15_000)
+    expect(section.get_by_role("button")).to_have_count(0)
+    shot(page, "model-int8-running")
+
+    # The worker finishes: the page shows the kept model's figures, still without a reload.
     TrainedModel.objects.filter(pk=trained_model.pk).update(int8_status="kept", int8=INT8_FIGURES)
     expect(section).to_contain_text("int8 model, 2.4× faster", timeout=15_000)
     expect(section).to_contain_text("7.9 ms against 19.0 ms")

@@ -66,19 +66,20 @@ document.addEventListener("DOMContentLoaded", () => {
   show(choices.find((b) => b.textContent === remembered) || choices[0]);
   picker.hidden = false;
 
-  // While a worker makes the int8 model, look every few seconds; once it is done, the section is
-  // replaced by the page's own (kept or refused, with its figures), and the bundle's size with it.
+  // While the int8 model waits for a worker or is being made, look every few seconds; when that
+  // changes, the section is replaced by the page's own (being made; kept or refused, with its
+  // figures), and the bundle's size with it.
   async function watchInt8() {
-    if ($("#int8")?.dataset.status !== "pending") return;
+    const shown = $("#int8")?.dataset.status;
+    if (shown !== "pending" && shown !== "running") return;
     try {
       const body = await Graft.api(`/models/${id}/`);
-      if (body.int8_status !== "pending") {
+      if (body.int8_status !== shown) {
         const page = new DOMParser().parseFromString(await (await fetch(location.href)).text(), "text/html");
         for (const sel of ["#int8", "#bundle-size"]) {
           const fresh = page.querySelector(sel);
           if (fresh) $(sel).replaceWith(fresh);
         }
-        return;
       }
     } catch (_) { /* offline for a moment: look again */ }
     setTimeout(watchInt8, 3000);
