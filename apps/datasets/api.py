@@ -14,7 +14,7 @@ from rest_framework.views import APIView
 
 from apps.common.errors import UserError
 from apps.common.pagination import paginated, paginated_response
-from apps.common.requests import AuthenticatedRequest
+from apps.common.requests import AuthenticatedRequest, whole_number
 from apps.common.uploads import limit_upload_size
 from apps.datasets.findings import findings_dismiss, findings_read, findings_request
 from apps.datasets.models import Dataset, DatasetVersion
@@ -297,9 +297,10 @@ def _int_param(q: QueryDict, name: str, default: int) -> int:
     raw = q.get(name, "")
     if raw == "":
         return default
-    if not raw.isdigit() or int(raw) < 1:
+    value = whole_number(raw)
+    if not value:
         raise UserError(f"'{name}' must be a whole number from 1.")
-    return int(raw)
+    return value
 
 
 class VersionFindingsApi(APIView):

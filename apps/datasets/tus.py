@@ -47,7 +47,7 @@ from rest_framework.views import APIView
 
 from apps.accounts.quotas import check_new_dataset, owner_locked
 from apps.common.errors import UserError
-from apps.common.requests import AuthenticatedRequest
+from apps.common.requests import AuthenticatedRequest, whole_number
 from apps.common.schema import TUS_RESUMABLE, tus_header
 from apps.common.storage import PIECE, StreamReader, delete_prefix, delete_quietly, save_stream, stored_pieces
 from apps.datasets.models import Dataset, Upload
@@ -282,7 +282,7 @@ def _int_header(request: Request, name: str) -> int | None:
     value = request.headers.get(name)
     if value is None:
         return None
-    if not (value.isascii() and value.isdigit()):
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):  # 18 digits: far past any upload
         raise UserError(f"The {name} header must be a non-negative integer.")
     return int(value)
 
@@ -344,9 +344,10 @@ class TusUploadListApi(APIView):
         meta = _metadata(request.headers.get("Upload-Metadata", ""))
         add_to = None
         if meta.get("dataset"):
-            if not meta["dataset"].isdigit():
+            dataset_id = whole_number(meta["dataset"])
+            if dataset_id is None:
                 raise UserError("The 'dataset' metadata must be a dataset id.")
-            add_to = dataset_get(user=request.user, dataset_id=int(meta["dataset"]))
+            add_to = dataset_get(user=request.user, dataset_id=dataset_id)
         upload = upload_create(
             owner=request.user,
             length=length,

@@ -25,7 +25,7 @@ from rest_framework.views import APIView
 from apps.common.dataclass_schema import openapi_schema
 from apps.common.errors import UserError
 from apps.common.pagination import paginated, paginated_response
-from apps.common.requests import AuthenticatedRequest
+from apps.common.requests import AuthenticatedRequest, whole_number
 from apps.common.storage import open_if_stored, open_stream
 from apps.common.uploads import limit_upload_size
 from apps.datasets.models import Dataset
@@ -468,10 +468,10 @@ class ModelCompareApi(APIView):
     def get(self, request: AuthenticatedRequest) -> Response:
         ids = []
         for key in ("a", "b"):
-            raw = request.query_params.get(key, "")
-            if not raw.isdigit():
+            value = whole_number(request.query_params.get(key, ""))
+            if value is None:
                 raise UserError(f"Give the two models to compare as ?a=ID&b=ID ('{key}' is missing or not an id).")
-            ids.append(int(raw))
+            ids.append(value)
         a, b = (model_get(user=request.user, model_id=i) for i in ids)
         return Response(models_compare(a, b))
 
@@ -524,9 +524,10 @@ class LabelQueueApi(APIView):
         data.is_valid(raise_exception=True)
         labels = {}
         for key, label in data.validated_data["labels"].items():
-            if not str(key).isdigit():
+            record_id = whole_number(key)
+            if record_id is None:
                 raise UserError(f"'{key}' is not a prediction id.")
-            labels[int(key)] = label
+            labels[record_id] = label
         version = label_records(project=project, labels=labels, note=data.validated_data.get("note", ""))
         return Response(
             {"dataset": project.pk, "version": version.number, "status": version.status},
@@ -538,9 +539,9 @@ def _page_params(request: AuthenticatedRequest) -> tuple[int, int]:
     values = []
     for name, default, top in (("page", 1, None), ("page_size", 50, 200)):
         raw = request.query_params.get(name, "")
-        if raw and (not raw.isdigit() or int(raw) < 1):
+        value = whole_number(raw) if raw else default
+        if not value:
             raise UserError(f"'{name}' must be a whole number from 1.")
-        value = int(raw) if raw else default
         values.append(min(value, top) if top else value)
     return values[0], values[1]
 

@@ -20,16 +20,18 @@ from apps.training.gallery import gallery_members
 SUMMARY = ("val_accuracy", "macro_f1", "val_loss", "ece", "num_val")
 
 
-def _val_names(model: TrainedModel) -> set[str] | None:
-    """The names the model's fit gave its validation images, or None when unknown."""
+def _val_images(model: TrainedModel) -> dict[str, object] | None:
+    """The model's validation images: the name its fit gave each, to what the image is (the archive
+    and member it came from), or None when unknown. Names alone do not tell images apart across
+    versions: a name is made from the order of the version's archives, which adding images changes."""
     version: DatasetVersion | None = model.version
     if version is None or not version.manifest:
         return None
     from apps.datasets.versions import training_names
 
-    named = {origin: name for name, origin in training_names(version).items()}
     upload = version.dataset.archive
-    return {named[(s.source or upload, s.member)] for s in version_index(version).samples if s.split == "val"}
+    val = {(s.source or upload, s.member) for s in version_index(version).samples if s.split == "val"}
+    return {name: origin for name, origin in training_names(version).items() if origin in val}
 
 
 def _summary(model: TrainedModel) -> dict[str, Any]:
@@ -63,11 +65,16 @@ def _per_class(a: TrainedModel, b: TrainedModel) -> list[dict[str, Any]]:
 def models_compare(a: TrainedModel, b: TrainedModel) -> dict[str, Any]:
     if a.pk == b.pk:
         raise UserError("Pick two different models to compare.")
-    wrong_a = {m["file"]: m for m in a.metrics.get("misclassified", [])}
-    wrong_b = {m["file"]: m for m in b.metrics.get("misclassified", [])}
-    val_a, val_b = _val_names(a), _val_names(b)
+    val_a, val_b = _val_images(a), _val_images(b)
+    known = val_a is not None and val_b is not None
+
+    def keyed(model: TrainedModel, val: dict[str, object] | None) -> dict[object, dict[str, Any]]:
+        """The model's misclassified validation images, by what the image is (by name without versions)."""
+        return {(val or {}).get(m["file"], m["file"]): m for m in model.metrics.get("misclassified", [])}
+
+    wrong_a, wrong_b = keyed(a, val_a if known else None), keyed(b, val_b if known else None)
     if val_a is not None and val_b is not None:
-        both = val_a & val_b
+        both = set(val_a.values()) & set(val_b.values())
     elif (
         a.dataset_id is not None
         and a.dataset_id == b.dataset_id
@@ -90,7 +97,7 @@ def models_compare(a: TrainedModel, b: TrainedModel) -> dict[str, Any]:
     still = [
         {**wrong_b[f], "was": wrong_a[f]["predicted"], "model_with_image": b.pk if f in shown_b else None}
         for f in wrong_b
-        if f in wrong_a
+        if f in both and f in wrong_a
     ]
     deltas = {
         k: (b.metrics[k] - a.metrics[k])

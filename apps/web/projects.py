@@ -19,7 +19,7 @@ from django.views.decorators.http import require_POST
 
 from apps.accounts.quotas import usage
 from apps.common.errors import UserError
-from apps.common.requests import AuthenticatedHttpRequest
+from apps.common.requests import AuthenticatedHttpRequest, whole_number
 from apps.datasets.models import Dataset, DatasetVersion
 from apps.serving.compare import models_compare
 from apps.serving.labelling import label_queue
@@ -147,13 +147,13 @@ def project_detail(request: AuthenticatedHttpRequest, project_id: int) -> HttpRe
             "newest_version": next((r.version for r in timeline if r.version), None),
             "waiting": label_queue(project).count(),
             "predict_url": request.build_absolute_uri(reverse("api:project-predict", args=[project.pk])),
-            "compare_with": int(compare) if compare.isdigit() else None,
+            "compare_with": whole_number(compare),
         },
     )
 
 
 def _project_model(request: AuthenticatedHttpRequest, project: Dataset, raw: str) -> TrainedModel:
-    model = model_get(user=request.user, model_id=int(raw) if raw.isdigit() else -1)
+    model = model_get(user=request.user, model_id=whole_number(raw) or -1)
     if model.dataset_id != project.pk:
         raise UserError(f"Model '{model.name}' belongs to another project.", status_code=409)
     return model
@@ -292,11 +292,11 @@ def _quote(value: str) -> str:
 
 @login_required
 def models_compare_page(request: AuthenticatedHttpRequest) -> HttpResponse:
-    raw = [request.GET.get("a", ""), request.GET.get("b", "")]
-    if not all(r.isdigit() for r in raw):
+    ids = [whole_number(request.GET.get("a", "")), whole_number(request.GET.get("b", ""))]
+    if None in ids:
         messages.error(request, "Pick two models to compare: tick two on a project's page.")
         return redirect("web:home")
-    a, b = (model_get(user=request.user, model_id=int(r)) for r in raw)
+    a, b = (model_get(user=request.user, model_id=i or -1) for i in ids)
     try:
         body = models_compare(a, b)
     except UserError as exc:

@@ -24,7 +24,7 @@ from apps.accounts.quotas import usage
 from apps.accounts.services import token_create
 from apps.accounts.signup import Gate, signup_gate, user_signup
 from apps.common.errors import UserError
-from apps.common.requests import AuthenticatedHttpRequest
+from apps.common.requests import AuthenticatedHttpRequest, whole_number
 from apps.common.storage import open_if_stored
 from apps.common.throttles import throttle_posts
 from apps.datasets.models import Dataset, DatasetVersion
@@ -96,7 +96,7 @@ def tokens(request: AuthenticatedHttpRequest) -> HttpResponse:
     if request.method == "POST":
         if "revoke" in request.POST:
             token_id = request.POST["revoke"]
-            ApiToken.objects.filter(user=request.user, pk=int(token_id) if token_id.isdigit() else -1).delete()
+            ApiToken.objects.filter(user=request.user, pk=whole_number(token_id) or -1).delete()
             messages.success(request, "Token revoked. Programs using it can no longer sign in.")
             return redirect("web:tokens")
         _, new_key = token_create(user=request.user, name=request.POST.get("name", "")[:100])
@@ -270,10 +270,11 @@ def train(request: AuthenticatedHttpRequest, dataset_id: int) -> HttpResponse:
     except UserError as exc:  # a field that is no number: the page again, saying which
         return render(request, "web/dataset.html", _dataset_context(dataset, exc.message))
     version = post.get("version", "")
-    if version and not version.isdigit():
+    number = whole_number(version)
+    if version and number is None:
         return render(request, "web/dataset.html", _dataset_context(dataset, "Choose a version from the list."))
     try:
-        job = job_create(owner=request.user, dataset=dataset, version=int(version) if version else None, **options)
+        job = job_create(owner=request.user, dataset=dataset, version=number, **options)
     except UserError as exc:
         return render(request, "web/dataset.html", _dataset_context(dataset, exc.message), status=exc.status_code)
     return redirect("web:job", job_id=job.pk)

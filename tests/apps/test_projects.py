@@ -149,7 +149,14 @@ def test_compare_lists_the_validation_images_a_retrain_fixed_and_broke(
     assert [f["file"] for f in body["broken"]] == [val[1]]
     assert body["per_class"][0]["delta_f1"] == pytest.approx(0.25)
     assert body["confusion"]["a"]["matrix"] == [[1, 0], [0, 1]]
+    # A model trained on other data whose mistakes carry the same names: those are other images.
+    stranger = model("stranger", 0.5, [val[1]])
+    TrainedModel.objects.filter(pk=stranger.pk).update(dataset=None, version=None)
+    body = api.call("GET", "/models/compare/", params={"a": stranger.pk, "b": new.pk}).json()
+    assert body["compared_images"] == 0 and body["still_wrong"] == body["fixed"] == body["broken"] == []
     assert api.call("GET", "/models/compare/", params={"a": old.pk}).status_code == 400
+    assert api.call("GET", "/models/compare/", params={"a": "²", "b": new.pk}).status_code == 400
+    assert api.call("GET", "/models/compare/", params={"a": "9" * 5000, "b": new.pk}).status_code == 400
     assert api.call("GET", "/models/compare/", params={"a": old.pk, "b": old.pk}).status_code == 400
     assert api_for("bob").call("GET", "/models/compare/", params={"a": old.pk, "b": new.pk}).status_code == 404
 

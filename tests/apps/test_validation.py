@@ -106,3 +106,24 @@ def test_lists_are_paged_and_lean(api_for, settings):
         seen += [d["name"] for d in body["results"]]
     assert len(seen) == 120 == len(set(seen))
     assert len(api.call("GET", "/datasets/?page_size=500").json()["results"]) == 120  # capped at 200 a page
+
+
+def test_ids_and_page_numbers_that_are_no_numbers_a_column_holds_are_4xx(api_for):
+    """ "²" passes str.isdigit() and int() refuses it; 5,000 digits int() refuses too; 20 digits fit no
+    column. Each is a 400 or a 404, never a 500."""
+    from django.contrib.auth.models import User
+
+    api = api_for("alice")
+    project = Dataset.objects.create(owner=User.objects.get(username="alice"), name="p", status=Dataset.Status.READY)
+    for bad in ("²", "9" * 5000, "9" * 20, "-1", "1.5"):
+        for method, path, kwargs in [
+            ("GET", "/models/compare/", {"params": {"a": bad, "b": "1"}}),
+            ("GET", f"/projects/{project.pk}/label-queue/", {"params": {"page": bad}}),
+            ("GET", f"/projects/{project.pk}/label-queue/", {"params": {"page_size": bad}}),
+            ("POST", f"/projects/{project.pk}/label-queue/", {"json": {"labels": {bad: "cat"}}}),
+            ("GET", f"/datasets/{project.pk}/versions/1/images/", {"params": {"page": bad}}),
+        ]:
+            r = api.call(method, path, **kwargs)
+            assert 400 <= r.status_code < 500, (method, path, bad[:20], r.status_code, r.text[:200])
+    for path in ("/models/99999999999999999999/", "/datasets/99999999999999999999/", "/jobs/99999999999999999999/"):
+        assert api.call("GET", path).status_code == 404, path
