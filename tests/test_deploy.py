@@ -425,7 +425,12 @@ def test_the_admin_is_mounted_only_when_a_setting_says_so(tmp_path, env, mounted
 
 # --- nginx: per-path limits equal to the app's, small bodies buffered, JSON 413 on /api/ ---------
 
-UPLOAD_PATHS = ["/api/v1/datasets/", "/api/v1/uploads/3f2c9a6e-1b7d-4c55-9a8e-0d5b7c1e2f40/", "/api/v1/models/7/batch/"]
+UPLOAD_PATHS = [
+    "/api/v1/datasets/",
+    "/api/v1/uploads/3f2c9a6e-1b7d-4c55-9a8e-0d5b7c1e2f40/",
+    "/api/v1/models/7/batch/",
+    "/api/v1/datasets/3/versions/",
+]
 OTHER_PATHS = [
     "/accounts/login/",
     "/accounts/signup/",
@@ -433,6 +438,7 @@ OTHER_PATHS = [
     "/api/v1/uploads/",
     "/api/v1/jobs/",
     "/api/v1/models/7/predict/",
+    "/api/v1/projects/7/predict/",
     "/datasets/3/train/",
 ]
 

@@ -24,7 +24,10 @@ def _limits() -> list[tuple[re.Pattern[str], int]]:
         (re.compile(r"^/api/v1/datasets/$"), settings.GRAFT_MAX_UPLOAD_BYTES + FRAMING),
         (re.compile(r"^/api/v1/uploads/[^/]+/$"), settings.GRAFT_MAX_UPLOAD_BYTES),
         (re.compile(r"^/api/v1/models/\d+/predict/$"), settings.GRAFT_MAX_PREDICT_BYTES + FRAMING),
+        (re.compile(r"^/api/v1/projects/\d+/predict/$"), settings.GRAFT_MAX_PREDICT_BYTES + FRAMING),
         (re.compile(r"^/api/v1/models/\d+/batch/$"), settings.GRAFT_MAX_UPLOAD_BYTES + FRAMING),
+        # a version from a zip of images to add (multipart), or from a change set (JSON)
+        (re.compile(r"^/api/v1/datasets/\d+/versions/$"), settings.GRAFT_MAX_UPLOAD_BYTES + FRAMING),
     ]
 
 

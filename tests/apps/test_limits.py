@@ -64,6 +64,12 @@ def test_bodies_within_their_path_limit_still_work(api_for):
     api = api_for("alice")  # the token request itself is a small JSON body
     r = api.call("POST", "/jobs/", json={"dataset": 12345})
     assert r.status_code in (400, 404)  # read and answered, not refused for size
+    # A 3 MB phone photo at a project's stable prediction URL, and a zip of images to add as a
+    # version: read and answered (no such project or dataset here), not refused at 1 MiB.
+    photo = ("photo.jpg", b"\xff" * 3_000_000, "image/jpeg")
+    assert api.call("POST", "/projects/12345/predict/", files={"image": photo}).status_code == 404
+    more = ("more.zip", b"PK" + b"\0" * 3_000_000, "application/zip")
+    assert api.call("POST", "/datasets/12345/versions/", files={"file": more}).status_code == 404
 
 
 def test_a_body_without_a_length_stops_at_the_limit():
