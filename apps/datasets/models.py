@@ -33,6 +33,9 @@ class Dataset(WorkFields):
     classes = models.JSONField(default=list, blank=True)  # [{name, count, train, val}]
     warnings = models.JSONField(default=list, blank=True)  # [{code, message, files}]
     content_hash = models.CharField(max_length=64, blank=True)
+    # The highest version number given out, deleted versions included: numbers are never reused
+    # (a model card naming "version 5" must keep meaning that data).
+    last_version_number = models.PositiveIntegerField(default=0)
     # Where the data sits in the transfer matrix, measured at ingestion (ml.fit.assess):
     # {name, cell, images_per_class, similarity, reason, measurements, backbone} or {error}.
     assessment = models.JSONField(default=dict, blank=True)

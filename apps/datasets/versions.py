@@ -227,9 +227,13 @@ def _parent_for_change(dataset: Dataset, parent: int | None) -> DatasetVersion:
 
 
 def _next_number(dataset: Dataset) -> int:
-    """Numbers are never reused: a version whose images failed to be added keeps its own."""
-    last = dataset.versions.order_by("-number").values_list("number", flat=True).first()
-    return (last or 0) + 1
+    """Numbers are never reused: a version whose images failed to be added keeps its own, and a
+    deleted one's is not given out again (call under the owner's lock)."""
+    last = dataset.versions.order_by("-number").values_list("number", flat=True).first() or 0
+    given = Dataset.objects.filter(pk=dataset.pk).values_list("last_version_number", flat=True).first() or 0
+    number = max(last, given) + 1
+    Dataset.objects.filter(pk=dataset.pk).update(last_version_number=number)
+    return number
 
 
 def _validated(base: DatasetIndex, samples: list[Sample]) -> DatasetIndex:
@@ -608,6 +612,12 @@ def version_delete(*, version: DatasetVersion) -> None:
         if version.status == DatasetVersion.Status.PROCESSING:
             raise UserError(
                 f"Version {version.number} is still being made; wait for it, then delete it.", status_code=409
+            )
+        busy = dataset.versions.filter(status=DatasetVersion.Status.PROCESSING).order_by("number").first()
+        if busy is not None:  # it is being made from the newest version, which may be this one
+            raise UserError(
+                f"Images are being added as version {busy.number}; delete version {version.number} once it is ready.",
+                status_code=409,
             )
         if Job.objects.filter(version=version, status__in=[Job.Status.QUEUED, Job.Status.RUNNING]).exists():
             raise UserError(

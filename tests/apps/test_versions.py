@@ -307,3 +307,16 @@ def test_deleting_a_version_frees_what_only_it_held(celery_worker_process, api_f
     assert not [f for f in stored_files(prefix) if "/additions/" in f]
     assert [v["number"] for v in api.call("GET", f"/datasets/{ds}/versions/").json()] == [1]
     assert api.call("GET", f"/datasets/{ds}/").json()["num_images"] == 12
+    # Numbers are never given out again: the next version is 4, not a second 2 (a model card that
+    # names version 2 keeps meaning the data it did).
+    rows = _images(api, ds, 1)
+    r = api.call("POST", f"/datasets/{ds}/versions/", json={"remove": [rows[0]["sha256"]]})
+    assert r.status_code == 201 and r.json()["number"] == 4, r.text
+    # While images are being added as version 5 from version 4, version 4 stays.
+    from apps.datasets.models import DatasetVersion
+
+    v4 = DatasetVersion.objects.get(dataset_id=ds, number=4)
+    adding = DatasetVersion.objects.create(dataset_id=ds, number=5, parent=v4, status="processing")
+    refused = api.call("DELETE", f"/datasets/{ds}/versions/4/")
+    assert refused.status_code == 409 and "being added as version 5" in refused.json()["error"], refused.text
+    adding.delete()
