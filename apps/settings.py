@@ -393,6 +393,9 @@ GRAFT_HEARTBEAT_SECONDS: int = env.int("GRAFT_HEARTBEAT_SECONDS", default=10)
 # An item whose worker died this many times (killed, out of memory, lost) fails with a sentence
 # instead of being handed to yet another worker.
 GRAFT_JOB_MAX_ATTEMPTS: int = env.int("GRAFT_JOB_MAX_ATTEMPTS", default=3)
+# An item (or a finders run) waiting for a worker this long has its message sent again by beat: it
+# may have been lost (the broker unreachable when it was sent, or restarted without it).
+GRAFT_RESEND_SECONDS: int = env.int("GRAFT_RESEND_SECONDS", default=600)
 # Stored objects no row owns (a crash between storing a file and creating its row) are removed by
 # the sweeper (`manage.py sweep`, beat hourly) once they are this old: younger ones may belong to a
 # request or a task still on its way to its row.
@@ -403,6 +406,7 @@ for _name in (
     "GRAFT_MIN_IMAGES_PER_CLASS",
     "GRAFT_JOB_STALE_SECONDS",
     "GRAFT_JOB_MAX_ATTEMPTS",
+    "GRAFT_RESEND_SECONDS",
 ):
     if globals()[_name] <= 0:
         raise ImproperlyConfigured(f"{_name} must be a positive integer.")

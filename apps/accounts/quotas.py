@@ -59,7 +59,8 @@ def usage(user: User) -> Usage:
         + total(open_uploads, "length")
         + total(batches, "archive_bytes")
         + total(batches, "results_bytes")
-        + total(PredictionRecord.objects.filter(model__owner=user), "image_bytes"),
+        # a labelled image's copy is charged as its version's zip until that version is ready
+        + total(PredictionRecord.objects.filter(model__owner=user, labelled=""), "image_bytes"),
         datasets=datasets.count(),
         open_uploads=open_uploads.count(),
         active_jobs=Job.objects.filter(owner=user, status__in=active).count()

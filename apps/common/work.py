@@ -41,6 +41,10 @@ class WorkFields(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)  # null while waiting for a worker
+    # When it last began to wait for a worker (made, re-queued, handed back), or beat last sent its
+    # message again: a message lost on the way (the broker down at that moment, or restarted) is
+    # sent again after GRAFT_RESEND_SECONDS (work_resend_waiting).
+    queued_at = models.DateTimeField(default=timezone.now, null=True, blank=True)
 
     class Meta:
         abstract = True
@@ -188,11 +192,27 @@ def work_recover_stale() -> dict[str, list[int]]:
             if (
                 kind.rows()
                 .filter(pk=item.pk, status=kind.running, heartbeat_at=item.heartbeat_at)
-                .update(status=kind.queued, heartbeat_at=None, **kind.requeued)
+                .update(status=kind.queued, heartbeat_at=None, queued_at=timezone.now(), **kind.requeued)
             ):
                 recovered.setdefault(kind.name, []).append(item.pk)
-                transaction.on_commit(functools.partial(kind.enqueue, item.pk))
+                transaction.on_commit(functools.partial(kind.enqueue, item.pk), robust=True)
     return recovered
+
+
+def work_resend_waiting() -> dict[str, list[int]]:
+    """Send again the message of items that have waited for a worker longer than
+    GRAFT_RESEND_SECONDS: it may have been lost (the broker down when it was sent, or restarted
+    without it). A duplicate is harmless: an item is claimed once, and a GPU ticket finds nothing
+    to run. Each item is sent again at most once a period. Returns the ids, by kind (beat)."""
+    before = timezone.now() - timedelta(seconds=settings.GRAFT_RESEND_SECONDS)
+    sent: dict[str, list[int]] = {}
+    for kind in KINDS.values():
+        old = kind.rows().filter(kind.waiting(), Q(queued_at__lt=before) | Q(queued_at__isnull=True))
+        for pk, queued_at in old.values_list("pk", "queued_at"):
+            if kind.rows().filter(kind.waiting(), pk=pk, queued_at=queued_at).update(queued_at=timezone.now()):
+                sent.setdefault(kind.name, []).append(pk)
+                transaction.on_commit(functools.partial(kind.enqueue, pk), robust=True)
+    return sent
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
@@ -221,7 +241,7 @@ def hand_back(kind: Kind[_Item], rows: QuerySet[_Item]) -> bool:
     connection.close()  # a connection the database dropped is unusable; the next query opens one
     try:
         found = list(rows.values_list("pk", "attempts"))
-        if found and rows.update(status=kind.queued, heartbeat_at=None):
+        if found and rows.update(status=kind.queued, heartbeat_at=None, queued_at=timezone.now()):
             pk, attempts = found[0]
             kind.enqueue(pk, countdown=min(3600, settings.GRAFT_JOB_STALE_SECONDS * 2 ** max(0, attempts - 1)))
             return True

@@ -16,6 +16,7 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from apps.common import work
@@ -44,22 +45,33 @@ def findings_request(*, version: DatasetVersion) -> DatasetVersion:
         raise UserError(f"Version {version.number} is not ready yet.", status_code=409)
     if version.findings_status in (DatasetVersion.FindingsStatus.QUEUED, DatasetVersion.FindingsStatus.RUNNING):
         return version  # already on their way (a silent run is failed by beat, then can be asked for again)
-    DatasetVersion.objects.filter(pk=version.pk).update(findings_status=DatasetVersion.FindingsStatus.QUEUED)
-    transaction.on_commit(lambda: enqueue_findings(version.pk))
+    DatasetVersion.objects.filter(pk=version.pk).update(
+        findings_status=DatasetVersion.FindingsStatus.QUEUED, findings_at=timezone.now()
+    )
+    transaction.on_commit(lambda: enqueue_findings(version.pk), robust=True)
     version.refresh_from_db()
     return version
 
 
 def findings_recover_stale() -> list[int]:
     """Finders whose worker went silent (killed, or out of memory) fail with a sentence; the user
-    can run them again. Not re-queued by themselves: a version that kills its worker would loop."""
-    before = timezone.now() - timedelta(seconds=settings.GRAFT_JOB_STALE_SECONDS)
+    can run them again. Not re-queued by themselves: a version that kills its worker would loop.
+    Finders queued for longer than GRAFT_RESEND_SECONDS have their message sent again (it may have
+    been lost; a duplicate finds them claimed)."""
+    now = timezone.now()
+    before = now - timedelta(seconds=settings.GRAFT_JOB_STALE_SECONDS)
     stale = DatasetVersion.objects.filter(findings_status=DatasetVersion.FindingsStatus.RUNNING, findings_at__lt=before)
     ids = list(stale.values_list("pk", flat=True))
     stale.filter(pk__in=ids).update(
         findings_status=DatasetVersion.FindingsStatus.FAILED,
         findings_error="The finders' worker stopped before they finished (killed, or out of memory); run them again.",
     )
+    queued = DatasetVersion.objects.filter(findings_status=DatasetVersion.FindingsStatus.QUEUED)
+    waited = now - timedelta(seconds=settings.GRAFT_RESEND_SECONDS)
+    late = queued.filter(Q(findings_at__lt=waited) | Q(findings_at__isnull=True))
+    for pk, at in late.values_list("pk", "findings_at"):
+        if queued.filter(pk=pk, findings_at=at).update(findings_at=now):
+            transaction.on_commit(functools.partial(enqueue_findings, pk), robust=True)
     return ids
 
 

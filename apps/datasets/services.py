@@ -98,7 +98,7 @@ def dataset_create_stored(
     dataset.name = (name or _default_name(filename))[:200]
     dataset.archive = archive
     dataset.save()
-    transaction.on_commit(lambda: _enqueue_ingest(dataset.pk))
+    transaction.on_commit(lambda: _enqueue_ingest(dataset.pk), robust=True)  # lost: beat sends it again
     return dataset
 
 

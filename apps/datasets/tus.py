@@ -190,8 +190,9 @@ def upload_finish(*, upload: Upload) -> Dataset | None:
 
     Idempotent: the finished upload keeps a link to its dataset (until it expires), so a
     client that lost the last response learns the dataset from a retry or a HEAD. None
-    while another request is finishing it. A user error (not a zip) deletes the upload;
-    any other failure keeps the parts, so a retry finishes without uploading again.
+    while another request is finishing it. A fault of the file (not a zip) deletes the upload;
+    any other failure keeps the parts (a dataset busy with another version, a full quota, a
+    server error), so a retry finishes without uploading again.
     """
     upload.refresh_from_db()
     if upload.dataset_id:
@@ -227,7 +228,13 @@ def upload_finish(*, upload: Upload) -> Dataset | None:
             ):
                 raise _LeaseLost
         archive = None
-    except UserError:
+    except UserError as exc:
+        if exc.status_code in (409, 413):  # the dataset busy, or the storage quota full: nothing wrong with the file
+            raise UserError(
+                f"{exc.message} The uploaded file is kept for {settings.GRAFT_UPLOAD_EXPIRY_HOURS} hours: resume "
+                "the upload (or ask for its offset) to finish it then, without sending it again.",
+                status_code=exc.status_code,
+            ) from None
         upload_delete(upload=upload)
         raise
     except _LeaseLost:  # another request finished (or abandoned) it meanwhile

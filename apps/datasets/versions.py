@@ -113,9 +113,10 @@ def version_first(*, dataset: Dataset, index: DatasetIndex, manifest: str) -> Da
             "summary": {"added": len(index.samples), "relabelled": 0, "removed": 0},
             "note": "Uploaded",
             "findings_status": DatasetVersion.FindingsStatus.QUEUED,
+            "findings_at": timezone.now(),
         },
     )
-    transaction.on_commit(lambda: _enqueue_findings(version.pk))
+    transaction.on_commit(lambda: _enqueue_findings(version.pk), robust=True)
     return version
 
 
@@ -270,6 +271,7 @@ def _save_version(
         "changes": listed,
         "summary": summary,
         "findings_status": DatasetVersion.FindingsStatus.QUEUED,
+        "findings_at": timezone.now(),
     }
     try:
         if version is None:
@@ -290,7 +292,7 @@ def _save_version(
         delete_quietly(manifest)
         raise
     pk = version.pk
-    transaction.on_commit(lambda: _enqueue_findings(pk))
+    transaction.on_commit(lambda: _enqueue_findings(pk), robust=True)
     return version
 
 
@@ -304,8 +306,12 @@ def _enqueue_addition(version_id: int, countdown: float = 0) -> None:
 
 
 def _drop_addition(version: DatasetVersion) -> None:
+    """A failed addition: its zip goes; predictions labelled into it wait to be labelled again."""
+    from apps.serving.labelling import settle_labelled  # serving builds on datasets: imported when used
+
     if DatasetVersion.objects.filter(pk=version.pk).update(archive="", archive_bytes=0):
         delete_quietly(version.archive)
+    settle_labelled(version, ready=False)
 
 
 ADDITION = work.register(
@@ -360,7 +366,7 @@ def version_add_stored(
         archive_bytes=size,
         note=note[:300],
     )
-    transaction.on_commit(lambda: _enqueue_addition(version.pk))
+    transaction.on_commit(lambda: _enqueue_addition(version.pk), robust=True)
     return version
 
 
@@ -391,7 +397,7 @@ def version_ingest(*, version: DatasetVersion) -> None:
                 number=version.number,
                 version=version,
             )
-            mine.update(
+            ready = mine.update(
                 status=DatasetVersion.Status.READY,
                 finished_at=timezone.now(),
                 error="",
@@ -408,6 +414,10 @@ def version_ingest(*, version: DatasetVersion) -> None:
                     )
                 },
             )
+            if ready:
+                from apps.serving.labelling import settle_labelled
+
+                settle_labelled(version, ready=True)
     except DatasetError as exc:
         _fail_addition(mine, version, exc.message)
     except work.TRANSIENT:
@@ -649,7 +659,7 @@ def version_delete(*, version: DatasetVersion) -> None:
                 content_hash=head.content_hash,
                 updated_at=timezone.now(),
             )
-        transaction.on_commit(lambda: _delete_all(drop))
+        transaction.on_commit(lambda: _delete_all(drop), robust=True)
 
 
 def _delete_all(names: list[str]) -> None:

@@ -151,7 +151,7 @@ def _create(batch: BatchPrediction) -> BatchPrediction:
             raise UserError("This model was deleted meanwhile.", status_code=409)
         check_new_batch(batch.owner, batch.archive_bytes + batch.results_bytes)
         batch.save()
-        transaction.on_commit(lambda: _enqueue(batch.pk))
+        transaction.on_commit(lambda: _enqueue(batch.pk), robust=True)  # lost: beat sends it again
     return batch
 
 

@@ -3,8 +3,9 @@ prediction logs) wait in a queue, least certain first (the smallest margin betwe
 labels); the owner labels some, and they become a new version of the project's dataset, added as
 any images are (apps.datasets.versions), after which Retrain is one click.
 
-The labelled images move: they are packed into the version's zip of added images and the log's
-copies are deleted, so the usage meter counts them once.
+The labelled images move: they are packed into the version's zip of added images, and the log's
+copies are deleted once that version is ready. Until then they stay, uncharged (the meter counts the
+zip), so that a version that fails puts its images back in the queue, labels and all undone.
 """
 
 from __future__ import annotations
@@ -70,16 +71,27 @@ def label_records(*, project: Dataset, labels: dict[int, str], note: str = "") -
                 reserved=True,  # these bytes were charged as the log's kept images, which go below
                 note=note or f"{len(records)} labelled prediction{'s' if len(records) != 1 else ''}",
             )
-            moved = [r.image for r in records]
-            for r in records:
-                PredictionRecord.objects.filter(pk=r.pk).update(
-                    labelled=labels[r.pk], labelled_version=version, image="", image_bytes=0
-                )
-            transaction.on_commit(lambda: _delete_all(moved))
+            for r in records:  # a request labelling the same record first wins; this one then changes nothing
+                if not PredictionRecord.objects.filter(pk=r.pk, labelled="").update(
+                    labelled=labels[r.pk], labelled_version=version
+                ):
+                    raise UserError(f"Prediction {r.pk} was labelled meanwhile.", status_code=409)
     except BaseException:
         delete_quietly(archive.name)
         raise
     return version
+
+
+def settle_labelled(version: DatasetVersion, *, ready: bool) -> None:
+    """The addition `version` ended: ready, the labelled records' own copies of the images go (the
+    version holds them); failed, the records wait in the queue again, unlabelled."""
+    records = PredictionRecord.objects.filter(labelled_version=version)
+    if ready:
+        names = [n for n in records.values_list("image", flat=True) if n]
+        records.update(image="", image_bytes=0)
+        transaction.on_commit(lambda: _delete_all(names), robust=True)
+    else:
+        records.update(labelled="", labelled_version=None)
 
 
 def _delete_all(names: list[str]) -> None:

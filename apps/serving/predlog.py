@@ -225,5 +225,5 @@ def set_mode(*, model: TrainedModel, mode: str) -> TrainedModel:
         # either inserted its records before they are looked up here, or sees the new mode when it
         # re-checks (write). Deleting first let such a write keep an image for good.
         model_id = model.pk
-        transaction.on_commit(lambda: _drop_kept_images(model_id))
+        transaction.on_commit(lambda: _drop_kept_images(model_id), robust=True)
     return model

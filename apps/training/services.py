@@ -86,7 +86,7 @@ def job_create(*, owner: User, dataset: Dataset, version: int | None = None, **o
             version=trained_on,
             config={k: getattr(config, k) for k in USER_OPTIONS},
         )
-        transaction.on_commit(lambda: _enqueue(job.pk))
+        transaction.on_commit(lambda: _enqueue(job.pk), robust=True)  # lost: beat sends it again
     return job
 
 

@@ -25,10 +25,15 @@ def train_job(self: Task, job_id: int) -> None:
 @shared_task(name="jobs.recover_stale")
 def recover_stale_jobs() -> dict[str, list[int]]:
     """Every kind of background work, not only jobs (the name is kept for beat schedules in use)."""
-    from apps.common.work import work_recover_stale
+    from apps.common.work import work_recover_stale, work_resend_waiting
     from apps.datasets import services as _datasets  # noqa: F401 - registers the ingestion kind
     from apps.datasets.findings import findings_recover_stale
     from apps.serving import batches as _batches  # noqa: F401 - registers the batch kind
     from apps.serving.quantization import int8_recover_stale
 
-    return {**work_recover_stale(), "findings": findings_recover_stale(), "int8": int8_recover_stale()}
+    return {
+        **work_recover_stale(),
+        **{f"{kind} sent again": ids for kind, ids in work_resend_waiting().items()},
+        "findings": findings_recover_stale(),
+        "int8": int8_recover_stale(),
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from django.contrib.auth.models import User
+from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
 
 from apps.datasets.models import Dataset
@@ -199,3 +200,23 @@ def test_kept_predictions_come_back_as_labels_in_a_new_version(
     assert again.status_code == 409  # labelled already
     # The images moved from the log to the dataset: charged once (the zip's few bytes of headers aside).
     assert abs(usage(owner).bytes_stored - before) < 5 * 200
+    moved = PredictionRecord.objects.exclude(labelled="")
+    assert moved.count() == 5 and not moved.exclude(image="").exists()
+
+    # A version that fails (its one image is in the dataset already) puts the labelled image back in
+    # the queue, stored and charged as before.
+    r = api.call("POST", f"/models/{model.pk}/predict/", files={"image": ("dup.png", image_bytes(seed=1))})
+    assert r.status_code == 200
+    deadline = time.monotonic() + 30
+    while PredictionRecord.objects.exclude(image="").count() < 6 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    dup = PredictionRecord.objects.filter(labelled="").exclude(image="").order_by("-id").first()
+    before = usage(owner).bytes_stored
+    r = api.call("POST", f"/projects/{pid}/label-queue/", json={"labels": {str(dup.pk): "cat"}})
+    assert r.status_code == 202, r.text
+    v3 = api.wait(f"/datasets/{pid}/versions/{r.json()['version']}/", ("ready", "failed"), timeout=180)
+    assert v3["status"] == "failed", v3
+    dup.refresh_from_db()
+    assert dup.labelled == "" and dup.labelled_version is None and default_storage.exists(dup.image)
+    assert api.call("GET", f"/projects/{pid}/label-queue/").json()["count"] == 6
+    assert usage(owner).bytes_stored == before

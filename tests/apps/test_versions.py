@@ -260,6 +260,29 @@ def test_images_added_over_tus_resume_and_make_a_version(celery_worker_process, 
     assert (v2["status"], v2["note"], v2["summary"]["added"]) == ("ready", "four more dogs", 4)
     assert alice.call("GET", f"/datasets/{ds}/").json()["num_images"] == 16
 
+    # Another upload that ends while images are being added (a second tab) waits: a 409 that says
+    # so, and its file is kept; once the dataset is free, a HEAD finishes it without sending it again.
+    from apps.datasets.models import DatasetVersion
+
+    data = make_zip(tmp_path / "cats.zip", {f"cats/more_{i}.png": image_bytes(seed=600 + i) for i in range(4)})
+    data = data.read_bytes()
+    meta = _meta(filename="cats.zip", dataset=str(ds))
+    r = alice.call("POST", "/uploads/", headers={**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": meta})
+    url = r.headers["Location"]
+    v2_row = DatasetVersion.objects.get(dataset_id=ds, number=2)
+    busy = DatasetVersion.objects.create(dataset_id=ds, number=99, parent=v2_row, status="processing")
+    r = _patch(alice, url, 0, data)
+    assert r.status_code == 409 and "being added as version 99" in r.json()["error"], r.text
+    assert "kept" in r.json()["error"]
+    head = alice.session.head(url, headers=TUS, timeout=30)
+    assert head.status_code == 409 and head.headers.get("Upload-Offset") in (None, str(len(data)))
+    busy.delete()
+    head = alice.session.head(url, headers=TUS, timeout=30)
+    assert head.status_code == 200 and head.headers["Graft-Dataset"] == str(ds), head.headers
+    number = head.headers["Graft-Version"]
+    done = alice.wait(f"/datasets/{ds}/versions/{number}/", ("ready", "failed"), timeout=180)
+    assert done["status"] == "ready" and done["summary"]["added"] == 4
+
 
 def test_dismissed_findings_leave_the_finder_filters(celery_worker_process, api_for, tmp_path):
     api = api_for("alice")

@@ -49,6 +49,27 @@ def test_an_ingestion_is_claimed_once_and_requeued_when_its_worker_goes_silent(
     assert again is not None and again.attempts == 2 and again.worker == "w3"
 
 
+def test_a_waiting_items_lost_message_is_sent_again_once_a_period(
+    db, make_user, settings, django_capture_on_commit_callbacks
+):
+    """A message lost on its way (the broker down when it was sent, or restarted without it) would
+    leave its item waiting for good: beat sends it again after GRAFT_RESEND_SECONDS, once a period."""
+    dataset = Dataset.objects.create(owner=make_user(), name="d", archive="datasets/x/archive.zip")
+    rows = Dataset.objects.filter(pk=dataset.pk)
+    with django_capture_on_commit_callbacks() as sent:
+        assert work.work_resend_waiting() == {}  # just queued: its message is on its way
+    rows.update(queued_at=timezone.now() - timedelta(seconds=settings.GRAFT_RESEND_SECONDS + 1))
+    with django_capture_on_commit_callbacks() as sent:
+        assert work.work_resend_waiting() == {"ingestion": [dataset.pk]}
+    assert len(sent) == 1
+    with django_capture_on_commit_callbacks() as sent:
+        assert work.work_resend_waiting() == {} and not sent  # once a period, not every beat
+    # Claimed, it is not sent again, however long ago it was queued.
+    assert work.claim(INGESTION, dataset.pk, worker="w1") is not None
+    rows.update(queued_at=timezone.now() - timedelta(days=1))
+    assert work.work_resend_waiting() == {}
+
+
 def test_an_archive_that_keeps_killing_its_worker_fails_with_a_sentence(db, make_user, settings):
     """The issue: the ingestion worker SIGKILLed twice left the dataset 'processing' for good,
     with no attempt cap. Now the third lost worker ends it, with a reason, and its files go."""
