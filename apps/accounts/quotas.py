@@ -103,7 +103,16 @@ def check_new_dataset(user: User, size: int, *, resumable: bool = False, new_dat
 
 
 def check_new_job(user: User) -> None:
-    _check_active(usage(user))
+    """A job may start while its owner has fewer than GRAFT_QUOTA_ACTIVE_JOBS waiting or running and
+    storage left: its model's bundle is stored, and charged, when it succeeds."""
+    used = usage(user)
+    _check_active(used)
+    if used.bytes_stored >= used.bytes_quota:
+        raise UserError(
+            f"Your storage is full ({human_bytes(used.bytes_stored)} of your quota of {human_bytes(used.bytes_quota)}), "
+            "and a trained model is stored too. Delete datasets or models you no longer need, then train.",
+            status_code=413,
+        )
 
 
 def _check_active(used: Usage) -> None:

@@ -22,7 +22,7 @@ def token_create(*, user: User, name: str = "") -> tuple[ApiToken, str]:
     key = secrets.token_hex(20)
     token = ApiToken.objects.create(
         user=user,
-        name=name,
+        name=name.replace("\x00", "")[:100],  # a NUL is no text PostgreSQL stores (the form passes it on)
         key_hash=ApiToken.hash_key(key),
         prefix=key[:8],
         expires_at=timezone.now() + timedelta(days=settings.GRAFT_TOKEN_DAYS),

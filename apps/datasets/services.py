@@ -23,7 +23,7 @@ from apps.accounts.quotas import check_new_dataset, owner_locked
 from apps.common import faults, work
 from apps.common.errors import UserError
 from apps.common.storage import delete_prefix, delete_quietly, local_copy
-from apps.datasets.models import Dataset
+from apps.datasets.models import Dataset, DatasetVersion
 from apps.datasets.versions import class_counts, store_image_thumbs, version_first
 from ml.archive import ArchiveLimits, read_member
 from ml.dataset import DatasetIndex, IngestConfig, index_dataset
@@ -281,5 +281,11 @@ def dataset_delete(*, dataset: Dataset) -> None:
             )
         prefix = dataset.storage_prefix
         Upload.objects.filter(dataset=dataset).delete()  # its parts went into the archive already
+        # Predictions labelled into a version still being made go back to their queue (their images
+        # stay with their model's log until that version is ready, and it will not be).
+        from apps.serving.labelling import settle_labelled
+
+        for version in dataset.versions.filter(status=DatasetVersion.Status.PROCESSING):
+            settle_labelled(version, ready=False)
         dataset.delete()
     delete_prefix(prefix)

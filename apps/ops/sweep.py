@@ -97,8 +97,10 @@ def _owned() -> tuple[tuple[str, ...], tuple[str, ...], set[str]]:
     for pk, parts in Upload.objects.values_list("pk", "parts"):
         whole.add(f"uploads/{pk.hex}/")  # a part being written is not listed yet
         files.update(parts)
-    # A running job's checkpoint is stored before the row names it; a finished job owns none.
+    # A running job's checkpoint is stored before the row names it; a finished job owns none; a job
+    # re-queued after its worker was lost keeps the one it names, for the worker that goes on from it.
     whole.update(f"jobs/{pk}/" for pk in Job.objects.filter(status=Job.Status.RUNNING).values_list("pk", flat=True))
+    files.update(Job.objects.exclude(checkpoint="").values_list("checkpoint", flat=True))
     return tuple(sorted(whole)), tuple(sorted(by_file)), files
 
 

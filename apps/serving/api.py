@@ -196,8 +196,11 @@ class ModelPredictionImageApi(APIView):
     def get(self, request: AuthenticatedRequest, model_id: int, record_id: int) -> FileResponse:
         model = model_get(user=request.user, model_id=model_id)
         record = get_object_or_404(model.predictions.exclude(image=""), pk=record_id)
+        stream = open_if_stored(record.image)
+        if stream is None:  # deleted just now (the log trimmed, or image keeping turned off)
+            raise Http404("This prediction's image is no longer kept.")
         content_type = mimetypes.guess_type(record.image)[0] or "application/octet-stream"
-        response = FileResponse(open_stream(record.image), content_type=content_type)
+        response = FileResponse(stream, content_type=content_type)
         response["Content-Security-Policy"] = "default-src 'none'; sandbox"  # a user's upload, never a page
         response["X-Content-Type-Options"] = "nosniff"
         return response

@@ -21,7 +21,7 @@ from django.db import transaction
 from django.db.models import F, QuerySet
 
 from apps.common.errors import UserError
-from apps.common.storage import delete_quietly, open_stream
+from apps.common.storage import delete_quietly, open_if_stored
 from apps.datasets.models import Dataset, DatasetVersion
 from apps.datasets.versions import version_add_stored, version_head
 from apps.serving.models import PredictionRecord
@@ -110,7 +110,10 @@ def _pack(project: Dataset, records: list[PredictionRecord], labels: dict[int, s
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as zf:
         for r in records:
             suffix = PurePosixPath(r.image).suffix or ".jpg"
-            with open_stream(r.image) as src:
+            src = open_if_stored(r.image)
+            if src is None:  # deleted meanwhile (the log trimmed, or image keeping turned off)
+                raise UserError(f"Prediction {r.pk}'s image is no longer kept; label the others.", status_code=409)
+            with src:
                 zf.writestr(f"{labels[r.pk]}/prediction-{r.pk}{suffix}", src.read())
     data = buffer.getvalue()
     name = default_storage.save(f"{project.storage_prefix}additions/{uuid.uuid4().hex}.zip", ContentFile(data))

@@ -195,23 +195,23 @@ def trim(model_id: int, keep: int | None = None) -> None:
 
 
 def forget(records: QuerySet[PredictionRecord]) -> None:
-    """Delete these records and their kept images."""
-    _delete_images(records)
+    """Delete these records and their kept images: the rows first, so that no request is sent to an
+    image that is gone."""
+    names = list(records.exclude(image="").values_list("image", flat=True))
     records.delete()
-
-
-def _delete_images(records: QuerySet[PredictionRecord]) -> list[int]:
-    """Delete the kept images of these records; returns the pks of the records that had one."""
-    kept = list(records.exclude(image="").values_list("pk", "image"))
-    for _, name in kept:
+    for name in names:
         delete_quietly(name)
-    return [pk for pk, _ in kept]
 
 
 def _drop_kept_images(model_id: int) -> None:
-    """Delete a model's kept images; its records stay, without them."""
-    kept = _delete_images(PredictionRecord.objects.filter(model_id=model_id))
-    PredictionRecord.objects.filter(pk__in=kept).update(image="", image_bytes=0)
+    """Delete a model's kept images; its records stay, without them (the rows first, then the files).
+    Images labelled into a version still being made stay: that version settles them."""
+    kept = list(
+        PredictionRecord.objects.filter(model_id=model_id, labelled="").exclude(image="").values_list("pk", "image")
+    )
+    PredictionRecord.objects.filter(pk__in=[pk for pk, _ in kept]).update(image="", image_bytes=0)
+    for _, name in kept:
+        delete_quietly(name)
 
 
 def set_mode(*, model: TrainedModel, mode: str) -> TrainedModel:

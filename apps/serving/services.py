@@ -10,6 +10,7 @@ from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
+from django.db import transaction
 
 from apps.common.decoding import decode_gate
 from apps.common.errors import UserError
@@ -82,8 +83,12 @@ def model_default_name(job: Job, strategy: str) -> str:
 def model_delete(*, model: TrainedModel) -> None:
     """Delete a model, its bundle, its batch predictions (a running one stops) and its prediction
     log. Its endpoint answers 404 from then on; the usage meter drops its bytes at once."""
-    prefixes = [model.storage_prefix, *model.batches.values_list("storage_prefix", flat=True)]
-    model.delete()  # batches and prediction records go with it (CASCADE)
+    from apps.accounts.quotas import owner_locked
+
+    with transaction.atomic():  # under the owner's lock: no batch is being created on it meanwhile
+        owner_locked(model.owner)
+        prefixes = [model.storage_prefix, *model.batches.values_list("storage_prefix", flat=True)]
+        model.delete()  # batches and prediction records go with it (CASCADE)
     for prefix in prefixes:
         delete_prefix(prefix)
 

@@ -90,3 +90,14 @@ def test_a_bearer_token_is_told_the_header_graft_expects(client):
     assert r.status_code == 401
     assert r.json()["error"] == "Graft API tokens are sent as `Authorization: Token <key>`, not `Bearer <key>`."
     assert r["WWW-Authenticate"] == "Token"
+
+
+def test_a_token_name_with_a_nul_is_kept_without_it(client, make_user):
+    """The Tokens page passes its form on as posted; a NUL is no text PostgreSQL stores (a 500 before)."""
+    from apps.accounts.models import ApiToken
+
+    make_user("alice")
+    client.login(username="alice", password="correct horse battery")
+    r = client.post("/tokens/", {"name": "laptop\x00 script"})
+    assert r.status_code == 200
+    assert ApiToken.objects.get(user__username="alice").name == "laptop script"

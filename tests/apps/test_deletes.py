@@ -125,6 +125,11 @@ def test_the_sweeper_removes_what_no_row_owns_after_the_grace_period(
     PredictionRecord.objects.create(
         model=model, created_at=timezone.now(), latency_ms=1, label="cat", score=1, image=kept_image
     )
+    # A job re-queued after its worker was lost, waiting for one (its host down over a weekend): the
+    # checkpoint it names is the next worker's start.
+    waiting = Job.objects.create(owner=owner, dataset=dataset, status=Job.Status.QUEUED, attempts=1)
+    waiting.checkpoint = default_storage.save(f"jobs/{waiting.pk}/checkpoint-2-abc.pt", ContentFile(b"resume"))
+    waiting.save()
     owned = stored_files()
     orphans = {
         default_storage.save("datasets/0123456789abcdef/archive.zip", ContentFile(b"crashed before its row")),

@@ -220,3 +220,21 @@ def test_kept_predictions_come_back_as_labels_in_a_new_version(
     assert dup.labelled == "" and dup.labelled_version is None and default_storage.exists(dup.image)
     assert api.call("GET", f"/projects/{pid}/label-queue/").json()["count"] == 6
     assert usage(owner).bytes_stored == before
+
+    # A kept image deleted just now (the log trimmed meanwhile): its URL answers 404, not 500.
+    gone = PredictionRecord.objects.filter(labelled="").exclude(image="").first()
+    default_storage.delete(gone.image)
+    assert api.call("GET", f"/models/{model.pk}/predictions/{gone.pk}/image/").status_code == 404
+    r = api.call("POST", f"/projects/{pid}/label-queue/", json={"labels": {str(gone.pk): "cat"}})
+    assert r.status_code == 409 and "no longer kept" in r.json()["error"], r.text
+
+    # The dataset deleted while predictions are being added to it as a version: they wait again.
+    from apps.datasets.models import DatasetVersion
+
+    rec = PredictionRecord.objects.filter(labelled="").exclude(image="").exclude(pk=gone.pk).first()
+    head = DatasetVersion.objects.filter(dataset_id=pid, status="ready").order_by("-number").first()
+    adding = DatasetVersion.objects.create(dataset_id=pid, number=50, parent=head, status="processing")
+    PredictionRecord.objects.filter(pk=rec.pk).update(labelled="cat", labelled_version=adding)
+    assert api.call("DELETE", f"/datasets/{pid}/").status_code == 204
+    rec.refresh_from_db()
+    assert rec.labelled == "" and rec.image and default_storage.exists(rec.image)

@@ -55,6 +55,19 @@ def test_jobs_waiting_or_running_are_capped(api_for, settings):
     assert api.call("POST", "/jobs/", json={"dataset": dataset.pk}).status_code == 201
 
 
+def test_a_full_storage_quota_refuses_training_too(api_for, settings):
+    """Each job stores a model when it succeeds: with the storage full, it is not started."""
+    api = api_for("alice")
+    owner = Dataset._meta.get_field("owner").related_model.objects.get(username="alice")
+    dataset = Dataset.objects.create(owner=owner, name="d", status=Dataset.Status.READY, archive_bytes=10_000)
+    settings.GRAFT_QUOTA_BYTES = 10_000
+    r = api.call("POST", "/jobs/", json={"dataset": dataset.pk})
+    assert r.status_code == 413 and "Your storage is full" in r.json()["error"], r.text
+    assert not Job.objects.exists()
+    settings.GRAFT_QUOTA_BYTES = 20_000
+    assert api.call("POST", "/jobs/", json={"dataset": dataset.pk}).status_code == 201
+
+
 def test_the_dashboard_shows_usage_against_the_quota(client, make_user, settings):
     settings.GRAFT_QUOTA_BYTES = 1024**3
     user = make_user("alice")
