@@ -109,8 +109,9 @@ def check_new_job(user: User) -> None:
     _check_active(used)
     if used.bytes_stored >= used.bytes_quota:
         raise UserError(
-            f"Your storage is full ({human_bytes(used.bytes_stored)} of your quota of {human_bytes(used.bytes_quota)}), "
-            "and a trained model is stored too. Delete datasets or models you no longer need, then train.",
+            f"Your storage is full ({human_bytes(used.bytes_stored)} of your quota of "
+            f"{human_bytes(used.bytes_quota)}), and a trained model is stored too. Delete datasets or models "
+            "you no longer need, then train.",
             status_code=413,
         )
 
