@@ -19,7 +19,7 @@ import threading
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -371,14 +371,17 @@ def predict_archive(
     limits: ArchiveLimits = ArchiveLimits(),
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Callable[[int, int], None] | None = None,
+    members: Collection[str] | None = None,
 ) -> Iterator[FilePrediction]:
-    """Top-k for every image in a zip of unlabelled images, in name order.
+    """Top-k for every image in a zip of unlabelled images (or those of its `members`), in name order.
 
     The zip is read under the dataset rules (names, sizes, inflated bytes); an image that cannot
     be read gets its error and the rest go on. Two threads decode one batch ahead of the forward
     passes; `progress(done, total)` after each batch.
     """
     names = scan_images(path, limits)
+    if members is not None:  # a dataset version's images: its upload may hold images it removed
+        names = [n for n in names if n in members]
     budget = InflateBudget(path, limits)
 
     def prepare(zf: zipfile.ZipFile, name: str) -> Array | str:

@@ -635,6 +635,12 @@ def version_delete(*, version: DatasetVersion) -> None:
                 "the version.",
                 status_code=409,
             )
+        if version.batches.filter(status__in=["queued", "running"]).exists():
+            raise UserError(
+                f"A batch prediction waits for or reads version {version.number}; delete it or wait, then delete "
+                "the version.",
+                status_code=409,
+            )
         if version.archive:
             heirs = [
                 v.number

@@ -20,6 +20,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -38,8 +39,9 @@ from apps.accounts.quotas import check_new_batch, owner_locked
 from apps.common import faults, work
 from apps.common.errors import UserError
 from apps.common.storage import delete_prefix, delete_quietly, local_copy, open_stream
-from apps.datasets.models import Dataset
+from apps.datasets.models import Dataset, DatasetVersion
 from apps.datasets.services import ingest_config
+from apps.datasets.versions import version_archive, version_head
 from apps.serving.cache import get_predictor
 from apps.serving.models import BatchPrediction, TrainedModel
 from ml.archive import read_member, scan_images
@@ -102,8 +104,11 @@ def batch_create(
     if dataset is not None:
         if dataset.status != Dataset.Status.READY:
             raise UserError(f"Dataset '{dataset.name}' is not ready; predict on a ready dataset.", status_code=409)
-        batch.dataset, batch.name, batch.archive = dataset, dataset.name, dataset.archive
-        batch.results_bytes = results_estimate(dataset.num_images, k, model.classes)
+        version = version_head(dataset)  # what the dataset is now: its images added, removed and relabelled
+        if version is None:
+            raise UserError(f"Dataset '{dataset.name}' is not ready; predict on a ready dataset.", status_code=409)
+        batch.dataset, batch.version, batch.name, batch.archive = dataset, version, dataset.name, dataset.archive
+        batch.results_bytes = results_estimate(version.num_images, k, model.classes)
         return _create(batch)
     assert file is not None
     size = file.size or 0
@@ -147,12 +152,30 @@ def _create(batch: BatchPrediction) -> BatchPrediction:
         owner_locked(batch.owner)
         if batch.dataset_id and not Dataset.objects.filter(pk=batch.dataset_id, status=Dataset.Status.READY).exists():
             raise UserError(f"Dataset '{batch.name}' was deleted meanwhile.", status_code=409)
+        if batch.version_id and not DatasetVersion.objects.filter(pk=batch.version_id).exists():
+            raise UserError(f"That version of dataset '{batch.name}' was deleted meanwhile.", status_code=409)
         if not TrainedModel.objects.filter(pk=batch.model_id).exists():
             raise UserError("This model was deleted meanwhile.", status_code=409)
         check_new_batch(batch.owner, batch.archive_bytes + batch.results_bytes)
         batch.save()
         transaction.on_commit(lambda: _enqueue(batch.pk), robust=True)  # lost: beat sends it again
     return batch
+
+
+@contextmanager
+def _batch_input(batch: BatchPrediction) -> Iterator[tuple[Path, set[str] | None]]:
+    """A local zip of the batch's images, and which of its members they are (None: all): the
+    uploaded zip; or the dataset version's images (the upload itself, or gathered from the zips its
+    images came from), of which the upload may hold some the version removed."""
+    if batch.dataset_id is None or batch.version_id is None:  # an uploaded zip (or a batch from before versions)
+        with local_copy(batch.archive) as path:
+            yield path, None
+        return
+    version = DatasetVersion.objects.select_related("dataset").filter(pk=batch.version_id).first()
+    if version is None:
+        raise DatasetError("The dataset version this batch was to predict was deleted.")
+    with version_archive(version) as (path, index):
+        yield path, {s.member for s in index.samples}
 
 
 def batch_run(*, batch: BatchPrediction) -> None:
@@ -163,7 +186,7 @@ def batch_run(*, batch: BatchPrediction) -> None:
         predictor = get_predictor(batch.model)
         with (
             work.Heartbeat(mine, f"batch-{batch.pk}") as beat,
-            local_copy(batch.archive) as path,
+            _batch_input(batch) as (path, members),
             TemporaryDirectory(dir=_scratch()) as tmp,
         ):
             faults.point("batch.claimed")
@@ -174,6 +197,7 @@ def batch_run(*, batch: BatchPrediction) -> None:
                 limits=ingest_config().limits,
                 max_pixels=settings.GRAFT_MAX_IMAGE_PIXELS,
                 progress=_Progress(mine, beat.lost),
+                members=members,
             )
             csv_path, json_path, failed = _write_results(rows, Path(tmp), batch.k)
             for path_ in (csv_path, json_path):

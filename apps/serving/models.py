@@ -95,6 +95,10 @@ class BatchPrediction(WorkFields):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="batches")
     model = models.ForeignKey(TrainedModel, on_delete=models.CASCADE, related_name="batches")
     dataset = models.ForeignKey("datasets.Dataset", on_delete=models.SET_NULL, null=True, blank=True)
+    # Over a dataset: its newest version when the batch was made, whose images it predicts.
+    version = models.ForeignKey(
+        "datasets.DatasetVersion", on_delete=models.SET_NULL, null=True, blank=True, related_name="batches"
+    )
     name = models.CharField(max_length=200)  # the uploaded file's name, or the dataset's
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
     k = models.PositiveSmallIntegerField(default=5)

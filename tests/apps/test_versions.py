@@ -3,6 +3,7 @@ export, and what the meter charges. A second user reaches none of it."""
 
 from __future__ import annotations
 
+import csv
 import io
 import zipfile
 from collections import Counter
@@ -343,3 +344,46 @@ def test_deleting_a_version_frees_what_only_it_held(celery_worker_process, api_f
     refused = api.call("DELETE", f"/datasets/{ds}/versions/4/")
     assert refused.status_code == 409 and "being added as version 5" in refused.json()["error"], refused.text
     adding.delete()
+
+
+def test_a_batch_over_a_dataset_predicts_its_newest_version(celery_worker_process, api_for, make_tiny_model, tmp_path):
+    """Images removed in a version are not predicted, and images added are: the batch reads the
+    version that was newest when it was made, not the upload."""
+    from django.contrib.auth.models import User
+
+    api = api_for("alice")
+    ds = _upload(api, tmp_path, class_folders({"cats": 6, "dogs": 6}))["id"]
+    more = make_zip(tmp_path / "more.zip", {f"dogs/m_{i}.png": image_bytes(seed=700 + i) for i in range(3)})
+    api.call("POST", f"/datasets/{ds}/versions/", files={"file": ("more.zip", more.read_bytes())})
+    assert api.wait(f"/datasets/{ds}/versions/2/", ("ready", "failed"), timeout=180)["status"] == "ready"
+    rows = _images(api, ds, 2)
+    gone = next(r for r in rows if r["member"].endswith("img_0.png"))
+    r = api.call("POST", f"/datasets/{ds}/versions/", json={"remove": [gone["sha256"]]})
+    assert r.status_code == 201 and r.json()["num_images"] == 14, r.text
+
+    model = make_tiny_model(User.objects.get(username="alice"), "pets")
+    r = api.call("POST", f"/models/{model.pk}/batch/", json={"dataset": ds})
+    assert r.status_code == 202, r.text
+    batch = api.wait(f"/batches/{r.json()['id']}/", ("succeeded", "failed"), timeout=300)
+    assert batch["status"] == "succeeded" and batch["total"] == 14, batch
+    names = [
+        row["file"]
+        for row in csv.DictReader(io.StringIO(api.call("GET", batch["results"]["csv"].removeprefix("/api/v1")).text))
+    ]
+    assert len(names) == 14 and not any(n.endswith(gone["member"]) for n in names)
+    assert sum("m_" in n for n in names) == 3  # the added images too
+    # While a batch waits for a version, the version stays.
+    from apps.serving.models import BatchPrediction
+
+    waiting = BatchPrediction.objects.create(
+        owner=model.owner, model=model, dataset_id=ds, version_id=batch_version(batch["id"]), name="again"
+    )
+    refused = api.call("DELETE", f"/datasets/{ds}/versions/3/")
+    assert refused.status_code == 409 and "batch prediction waits" in refused.json()["error"], refused.text
+    waiting.delete()
+
+
+def batch_version(batch_id: int) -> int:
+    from apps.serving.models import BatchPrediction
+
+    return BatchPrediction.objects.get(pk=batch_id).version_id
