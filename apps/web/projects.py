@@ -12,7 +12,8 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.db.models import Prefetch, QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.core.paginator import Paginator
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import path, reverse
 from django.views.decorators.http import require_POST
@@ -33,6 +34,8 @@ from apps.training.services import job_retrain
 
 ACTIVE = (Job.Status.QUEUED, Job.Status.RUNNING)
 DASHBOARD_VERSIONS = 3  # per project on the dashboard; the project page shows them all
+DASHBOARD_PROJECTS, DASHBOARD_JOBS, DASHBOARD_MODELS = 50, 8, 6  # the newest; "All" pages list the rest
+ALL_PAGE = 50  # rows a page on the "All" pages
 
 
 @dataclass
@@ -99,7 +102,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         return render(request, "web/landing.html")
     user = request.user
     projects = []
-    for p in _projects(user)[:50]:
+    for p in _projects(user)[:DASHBOARD_PROJECTS]:
         timeline = _timeline(p)
         models = [m for row in timeline for m in row.models]
         projects.append(
@@ -117,8 +120,14 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "web/dashboard.html",
         {
             "projects": projects,
-            "jobs": job_list(user=user).select_related("dataset")[:8],
-            "models": model_list(user=user).select_related("dataset")[:6],
+            "jobs": job_list(user=user).select_related("dataset")[:DASHBOARD_JOBS],
+            "models": model_list(user=user).select_related("dataset")[:DASHBOARD_MODELS],
+            "counts": {
+                "projects": project_list(user=user).count(),
+                "jobs": job_list(user=user).count(),
+                "models": model_list(user=user).count(),
+            },
+            "shown": {"projects": DASHBOARD_PROJECTS, "jobs": DASHBOARD_JOBS, "models": DASHBOARD_MODELS},
             "usage": usage(user),
             "quota": {
                 "open_uploads": settings.GRAFT_QUOTA_OPEN_UPLOADS,
@@ -343,7 +352,32 @@ def models_compare_page(request: AuthenticatedHttpRequest) -> HttpResponse:
     )
 
 
+ALL_KINDS = {
+    "projects": ("Projects", "No projects yet."),
+    "models": ("Models", "No models yet."),
+    "jobs": ("Training jobs", "No training jobs yet."),
+}
+
+
+@login_required
+def all_items(request: AuthenticatedHttpRequest, kind: str) -> HttpResponse:
+    """Everything of one kind, newest first, a page at a time: what the dashboard's short lists
+    leave out stays reachable (to open, compare or delete)."""
+    if kind not in ALL_KINDS:
+        raise Http404("No such list.")
+    user = request.user
+    rows: QuerySet[Any] = {
+        "projects": project_list(user=user).order_by("-created_at"),
+        "models": model_list(user=user).select_related("dataset").order_by("-created_at"),
+        "jobs": job_list(user=user).select_related("dataset").order_by("-created_at"),
+    }[kind]
+    page = Paginator(rows, ALL_PAGE).get_page(request.GET.get("page"))  # a page past the last: the last
+    title, empty = ALL_KINDS[kind]
+    return render(request, "web/all.html", {"kind": kind, "title": title, "empty": empty, "page": page})
+
+
 urlpatterns = [
+    path("all/<str:kind>/", all_items, name="all"),
     path("projects/<int:project_id>/", project_detail, name="project"),
     path("projects/<int:project_id>/publish/", project_publish, name="project-publish"),
     path("projects/<int:project_id>/retrain/", project_retrain, name="project-retrain"),

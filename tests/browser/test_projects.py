@@ -260,3 +260,40 @@ def test_kept_predictions_labelled_in_the_queue_become_a_version_and_retrain(
 def _expect_loaded(page, img) -> None:
     img.scroll_into_view_if_needed()
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=img.element_handle())
+
+
+def test_what_the_dashboard_leaves_out_is_one_click_away(page, shot, make_user):
+    """The dashboard shows the newest few jobs and models; the rest are on "All" pages, a page of 50
+    at a time, each row a link to open (and delete) it."""
+    from apps.datasets.models import Dataset
+    from apps.serving.models import TrainedModel
+    from apps.training.models import Job
+    from tests.browser.conftest import PASSWORD
+
+    ada = make_user("ada", PASSWORD)
+    project = Dataset.objects.create(owner=ada, name="pets", status=Dataset.Status.READY, num_images=120)
+    for i in range(55):
+        Job.objects.create(owner=ada, dataset=project, status=Job.Status.SUCCEEDED, strategy={"name": "linear"})
+    for i in range(7):
+        TrainedModel.objects.create(
+            owner=ada, dataset=project, name=f"pets v1 · linear #{i + 1}", metrics={"val_accuracy": 0.9 + i / 100}
+        )
+    sign_in(page, "ada")
+    expect(page.locator("#jobs li")).to_have_count(8)
+    expect(page.locator("#models li")).to_have_count(6)
+    page.locator("#all-models").click()
+    expect(page.locator("h1")).to_have_text("Models")
+    expect(page.locator("#all-items li")).to_have_count(7)
+    expect(page.locator("#all-items li").first).to_contain_text("pets v1 · linear #7")  # newest first
+    page.go_back()
+    page.locator("#all-jobs").click()
+    expect(page.locator("#all-count")).to_contain_text("55 in all, newest first · page 1 of 2")
+    expect(page.locator("#all-items li")).to_have_count(50)
+    shot(page, "all-jobs")
+    page.get_by_role("link", name="Older").click()
+    expect(page.locator("#all-items li")).to_have_count(5)
+    oldest = Job.objects.filter(owner=ada).order_by("created_at").first()
+    page.locator("#all-items li a").last.click()
+    expect(page).to_have_url(re.compile(f"/jobs/{oldest.pk}/$"))
+    assert page.goto("/all/secrets/").status == 404
+    assert page.goto("/all/jobs/?page=²").status == 200  # an odd page number: the first page
