@@ -272,7 +272,7 @@ def test_what_the_dashboard_leaves_out_is_one_click_away(page, shot, make_user):
 
     ada = make_user("ada", PASSWORD)
     project = Dataset.objects.create(owner=ada, name="pets", status=Dataset.Status.READY, num_images=120)
-    for i in range(55):
+    for _ in range(55):
         Job.objects.create(owner=ada, dataset=project, status=Job.Status.SUCCEEDED, strategy={"name": "linear"})
     for i in range(7):
         TrainedModel.objects.create(
