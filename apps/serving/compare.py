@@ -83,19 +83,23 @@ def models_compare(a: TrainedModel, b: TrainedModel) -> dict[str, Any]:
         both = set(wrong_a) | set(wrong_b)  # trained before versions: the same split, as far as is known
     else:
         both = set()
-    shown_a, shown_b = set(gallery_members(a.metrics)), set(gallery_members(b.metrics))
+    shown_a, shown_b = set(gallery_members(a.metrics)), set(gallery_members(b.metrics))  # by the names fits gave
     fixed = [
-        {**wrong_a[f], "model_with_image": a.pk if f in shown_a else None}
+        {**wrong_a[f], "model_with_image": a.pk if wrong_a[f]["file"] in shown_a else None}
         for f in wrong_a
         if f in both and f not in wrong_b
     ]
     broken = [
-        {**wrong_b[f], "model_with_image": b.pk if f in shown_b else None}
+        {**wrong_b[f], "model_with_image": b.pk if wrong_b[f]["file"] in shown_b else None}
         for f in wrong_b
         if f in both and f not in wrong_a
     ]
     still = [
-        {**wrong_b[f], "was": wrong_a[f]["predicted"], "model_with_image": b.pk if f in shown_b else None}
+        {
+            **wrong_b[f],
+            "was": wrong_a[f]["predicted"],
+            "model_with_image": b.pk if wrong_b[f]["file"] in shown_b else None,
+        }
         for f in wrong_b
         if f in both and f in wrong_a
     ]

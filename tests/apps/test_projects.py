@@ -148,6 +148,8 @@ def test_compare_lists_the_validation_images_a_retrain_fixed_and_broke(
     assert body["deltas"]["val_accuracy"] == pytest.approx(0.25)
     assert [f["file"] for f in body["fixed"]] == [val[0]]
     assert [f["file"] for f in body["broken"]] == [val[1]]
+    # each with the model whose gallery has its thumbnail (its mistakes are its gallery)
+    assert body["fixed"][0]["model_with_image"] == old.pk and body["broken"][0]["model_with_image"] == new.pk
     assert body["per_class"][0]["delta_f1"] == pytest.approx(0.25)
     assert body["confusion"]["a"]["matrix"] == [[1, 0], [0, 1]]
     # A model trained on other data whose mistakes carry the same names: those are other images.
