@@ -152,7 +152,9 @@ def _store_embeddings(dataset: Dataset, cache: EmbeddingCache) -> None:
     name = embeddings_name(dataset)
     data = ContentFile(cache.to_bytes())
     delete_quietly(name)
-    default_storage.save(name, data)
+    saved = default_storage.save(name, data)
+    if saved != name:  # another run stored it between the delete and the save (a local disk renames)
+        delete_quietly(saved)
 
 
 def _with_shas(data: dict[str, Any], sha: dict[str, str], original: dict[str, str]) -> dict[str, Any]:
