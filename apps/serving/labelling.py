@@ -68,7 +68,7 @@ def label_records(*, project: Dataset, labels: dict[int, str], note: str = "") -
                 dataset=project,
                 archive=archive.name,
                 size=archive.size,
-                reserved=True,  # these bytes were charged as the log's kept images, which go below
+                reserved=True,  # charged as the log's kept images until now: the meter counts the zip instead
                 note=note or f"{len(records)} labelled prediction{'s' if len(records) != 1 else ''}",
             )
             for r in records:  # a request labelling the same record first wins; this one then changes nothing
