@@ -104,11 +104,12 @@ def batch_create(
     if dataset is not None:
         if dataset.status != Dataset.Status.READY:
             raise UserError(f"Dataset '{dataset.name}' is not ready; predict on a ready dataset.", status_code=409)
-        version = version_head(dataset)  # what the dataset is now: its images added, removed and relabelled
-        if version is None:
-            raise UserError(f"Dataset '{dataset.name}' is not ready; predict on a ready dataset.", status_code=409)
+        # What the dataset is now, its images added, removed and relabelled (a dataset from before
+        # versions has none: its upload is all it is).
+        version = version_head(dataset)
         batch.dataset, batch.version, batch.name, batch.archive = dataset, version, dataset.name, dataset.archive
-        batch.results_bytes = results_estimate(version.num_images, k, model.classes)
+        images = version.num_images if version is not None else dataset.num_images
+        batch.results_bytes = results_estimate(images, k, model.classes)
         return _create(batch)
     assert file is not None
     size = file.size or 0
