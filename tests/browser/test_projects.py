@@ -281,6 +281,7 @@ def test_what_the_dashboard_leaves_out_is_one_click_away(page, shot, make_user):
     sign_in(page, "ada")
     expect(page.locator("#jobs li")).to_have_count(8)
     expect(page.locator("#models li")).to_have_count(6)
+    shot(page, "dashboard-all-links")
     page.locator("#all-models").click()
     expect(page.locator("h1")).to_have_text("Models")
     expect(page.locator("#all-items li")).to_have_count(7)
