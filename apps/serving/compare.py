@@ -66,14 +66,15 @@ def models_compare(a: TrainedModel, b: TrainedModel) -> dict[str, Any]:
     if a.pk == b.pk:
         raise UserError("Pick two different models to compare.")
     val_a, val_b = _val_images(a), _val_images(b)
-    known = val_a is not None and val_b is not None
+    if val_a is None or val_b is None:
+        val_a = val_b = {}  # an image is known by the name its fit gave it
 
-    def keyed(model: TrainedModel, val: dict[str, object] | None) -> dict[object, dict[str, Any]]:
-        """The model's misclassified validation images, by what the image is (by name without versions)."""
-        return {(val or {}).get(m["file"], m["file"]): m for m in model.metrics.get("misclassified", [])}
+    def keyed(model: TrainedModel, val: dict[str, object]) -> dict[object, dict[str, Any]]:
+        """The model's misclassified validation images, by what the image is."""
+        return {val.get(m["file"], m["file"]): m for m in model.metrics.get("misclassified", [])}
 
-    wrong_a, wrong_b = keyed(a, val_a if known else None), keyed(b, val_b if known else None)
-    if val_a is not None and val_b is not None:
+    wrong_a, wrong_b = keyed(a, val_a), keyed(b, val_b)
+    if val_a and val_b:
         both = set(val_a.values()) & set(val_b.values())
     elif (
         a.dataset_id is not None
