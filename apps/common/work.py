@@ -199,19 +199,30 @@ def work_recover_stale() -> dict[str, list[int]]:
     return recovered
 
 
+def resend(waiting: QuerySet[Any], field: str, enqueue: Callable[[int], None]) -> list[int]:
+    """Send again the message of the `waiting` rows whose `field` (when they began to wait, or were
+    last sent again) is older than GRAFT_RESEND_SECONDS or unset, and stamp it now: each at most
+    once a period. Returns their ids."""
+    now = timezone.now()
+    before = now - timedelta(seconds=settings.GRAFT_RESEND_SECONDS)
+    late = waiting.filter(Q(**{f"{field}__lt": before}) | Q(**{f"{field}__isnull": True}))
+    sent = []
+    for pk, at in late.values_list("pk", field):
+        if waiting.filter(pk=pk, **{field: at}).update(**{field: now}):
+            sent.append(pk)
+            transaction.on_commit(functools.partial(enqueue, pk), robust=True)
+    return sent
+
+
 def work_resend_waiting() -> dict[str, list[int]]:
     """Send again the message of items that have waited for a worker longer than
     GRAFT_RESEND_SECONDS: it may have been lost (the broker down when it was sent, or restarted
     without it). A duplicate is harmless: an item is claimed once, and a GPU ticket finds nothing
-    to run. Each item is sent again at most once a period. Returns the ids, by kind (beat)."""
-    before = timezone.now() - timedelta(seconds=settings.GRAFT_RESEND_SECONDS)
+    to run. Returns the ids, by kind (beat)."""
     sent: dict[str, list[int]] = {}
     for kind in KINDS.values():
-        old = kind.rows().filter(kind.waiting(), Q(queued_at__lt=before) | Q(queued_at__isnull=True))
-        for pk, queued_at in old.values_list("pk", "queued_at"):
-            if kind.rows().filter(kind.waiting(), pk=pk, queued_at=queued_at).update(queued_at=timezone.now()):
-                sent.setdefault(kind.name, []).append(pk)
-                transaction.on_commit(functools.partial(kind.enqueue, pk), robust=True)
+        if ids := resend(kind.rows().filter(kind.waiting()), "queued_at", kind.enqueue):
+            sent[kind.name] = ids
     return sent
 
 

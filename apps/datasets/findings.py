@@ -16,7 +16,6 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from apps.common import work
@@ -58,8 +57,7 @@ def findings_recover_stale() -> list[int]:
     can run them again. Not re-queued by themselves: a version that kills its worker would loop.
     Finders queued for longer than GRAFT_RESEND_SECONDS have their message sent again (it may have
     been lost; a duplicate finds them claimed)."""
-    now = timezone.now()
-    before = now - timedelta(seconds=settings.GRAFT_JOB_STALE_SECONDS)
+    before = timezone.now() - timedelta(seconds=settings.GRAFT_JOB_STALE_SECONDS)
     stale = DatasetVersion.objects.filter(findings_status=DatasetVersion.FindingsStatus.RUNNING, findings_at__lt=before)
     ids = list(stale.values_list("pk", flat=True))
     stale.filter(pk__in=ids).update(
@@ -67,11 +65,7 @@ def findings_recover_stale() -> list[int]:
         findings_error="The finders' worker stopped before they finished (killed, or out of memory); run them again.",
     )
     queued = DatasetVersion.objects.filter(findings_status=DatasetVersion.FindingsStatus.QUEUED)
-    waited = now - timedelta(seconds=settings.GRAFT_RESEND_SECONDS)
-    late = queued.filter(Q(findings_at__lt=waited) | Q(findings_at__isnull=True))
-    for pk, at in late.values_list("pk", "findings_at"):
-        if queued.filter(pk=pk, findings_at=at).update(findings_at=now):
-            transaction.on_commit(functools.partial(enqueue_findings, pk), robust=True)
+    work.resend(queued, "findings_at", enqueue_findings)
     return ids
 
 
