@@ -73,12 +73,6 @@ def read_bundle(folder: Path) -> BundleInfo:
     )
 
 
-def int8_kept(card: dict[str, Any]) -> bool:
-    """Whether the bundle's card says its int8 model was kept (an older bundle says nothing)."""
-    check = card.get("int8")
-    return isinstance(check, dict) and check.get("kept") is True
-
-
 def zip_bundle(folder: Path, archive: Path) -> Path:
     """Write the bundle folder's files into `archive` (written aside, then renamed into place)."""
     part = archive.with_name(f".{archive.name}.{os.getpid()}.part")

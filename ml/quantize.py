@@ -58,7 +58,7 @@ from ml.bundle_format import (
 from ml.dataset import DatasetIndex, Sample
 from ml.errors import DatasetError
 from ml.images import decode_rgb
-from ml.predict import Array, Forward, onnx_forward, time_forwards
+from ml.predict import Array, Forward, int8_arithmetic, onnx_forward, time_forwards
 from ml.preprocessing import numpy_eval_transform
 from ml.report import Int8Check
 from ml.splits import split_samples, stratified_draw
@@ -172,6 +172,7 @@ def quantize_bundle(
             batch_1_ms_int8=round(timings["int8"] * 1000, 2),
             seconds=round(time.perf_counter() - started, 1),
             file=INT8_FILE if kept else None,
+            arithmetic=int8_arithmetic(),
         )
         (folder / INT8_FILE).unlink(missing_ok=True)
         if kept:
@@ -314,11 +315,22 @@ def record(folder: Path, result: Int8Check) -> None:
     markdown.write_text(text + "\n\n" + "\n".join(card_section(result)) + "\n", encoding="utf-8")
 
 
+_ARITHMETIC = {
+    "exact": "exactly: VNNI, AMX or ARM",
+    "saturating": "an x86 CPU without VNNI, whose int8 products saturate in 16 bits",
+}
+
+
 def card_section(result: Int8Check) -> list[str]:
     def pct(x: float | None) -> str:
         return "not measured" if x is None else f"{x:.1%}"
 
-    served = f"`{result.file}` is served, and `predict.py` runs it" if result.kept else "the fp32 model is served"
+    served = (
+        f"`{result.file}` is served, and `predict.py` runs it, on CPUs that multiply int8 as the one that checked it "
+        f"did ({_ARITHMETIC[result.arithmetic]}) or exactly (x86 with VNNI or AMX, and ARM); elsewhere the fp32 model"
+        if result.kept
+        else "the fp32 model is served"
+    )
     return [
         "## Int8 model",
         "",

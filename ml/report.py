@@ -245,6 +245,9 @@ class Hyperparameters(Json):
     finetune: FinetuneSettings | None = None  # where a fine-tune was tried
 
 
+Arithmetic = Literal["exact", "saturating"]  # how a CPU multiplies int8 (ml.predict.int8_arithmetic)
+
+
 @dataclass(frozen=True)
 class Int8Check(Json):
     """The int8 model's test (ml.quantize): made from the fp32 ONNX model after the fit, and kept only
@@ -266,6 +269,9 @@ class Int8Check(Json):
     batch_1_ms_int8: float
     seconds: float  # the whole step: decode, calibrate, quantize, check
     file: str | None = None  # the bundle's int8 model, where kept
+    # How the CPU that checked it multiplies int8 (ml.predict.int8_arithmetic): "exact" (VNNI, AMX,
+    # ARM) or "saturating" (other x86). It is served where the CPU does the same or multiplies exactly.
+    arithmetic: Arithmetic = "exact"
 
 
 @dataclass(frozen=True)

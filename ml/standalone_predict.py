@@ -7,8 +7,9 @@ Each image gives one JSON line, `{"file", "predictions": [{"label", "score"}, ..
 or `{"file", "error"}` when it cannot be read (the others go on; the exit status is then 1).
 The model, its labels (labels.json) and its preprocessing (preprocessing.json) are read from the
 folder this file is in: the unzipped bundle. The model is model.int8.onnx where the bundle has one
-(Graft kept it because it predicts as the fp32 model does; graft.json's `int8` has the figures),
-else model.onnx; `--precision fp32` runs model.onnx always.
+(Graft kept it because it predicts as the fp32 model does; graft.json's `int8` has the figures)
+and this CPU multiplies int8 as the one that checked it did, else model.onnx; `--precision fp32`
+runs model.onnx always, `--precision int8` the int8 model always.
 
 The preprocessing is the server's, number for number: Graft decodes with Pillow (EXIF orientation,
 grayscale/RGBA/CMYK/16-bit to RGB, JPEG decoded at a reduced size where the input allows) and
@@ -26,6 +27,7 @@ import argparse
 import io
 import json
 import math
+import platform
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -223,7 +225,11 @@ class Model:
         int8 = folder / "model.int8.onnx"
         if precision == "int8" and not int8.is_file():
             raise FileNotFoundError("this bundle has no int8 model (model.int8.onnx)")
-        self.file = int8 if precision != "fp32" and int8.is_file() else folder / "model.onnx"
+        card = folder / "graft.json"
+        checked = (json.loads(card.read_text("utf-8")).get("int8") or {}) if card.is_file() else {}
+        same = _int8_arithmetic() in ("exact", checked.get("arithmetic", "exact"))
+        auto = precision == "auto" and same
+        self.file = int8 if int8.is_file() and (precision == "int8" or auto) else folder / "model.onnx"
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
         self.session = ort.InferenceSession(str(self.file), options, providers=["CPUExecutionProvider"])
@@ -237,6 +243,20 @@ class Model:
         scores = e / e.sum()
         best = np.argsort(-scores, kind="stable")[: max(1, min(k, len(self.labels)))]
         return [{"label": self.labels[i], "score": float(scores[i])} for i in best]
+
+
+def _int8_arithmetic() -> str:
+    """ "exact" where this CPU adds int8 products in 32 bits (x86 with VNNI or AMX, ARM), else
+    "saturating": x86 without VNNI adds pairs in 16 bits and clips, and the int8 model answers
+    otherwise there. Graft's ml/predict.py `int8_arithmetic` says more."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "exact"
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return "exact" if {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags) else "saturating"
 
 
 def _reason(exc: Exception) -> str:
@@ -264,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--precision",
         choices=["auto", "fp32", "int8"],
         default="auto",
-        help="auto: the int8 model where the bundle has one, else the fp32 model",
+        help="auto: the int8 model where the bundle has one and this CPU multiplies int8 as the one that checked it, "
+        "else the fp32 model",
     )
     args = parser.parse_args(argv)
     try:

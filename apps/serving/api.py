@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import mimetypes
 import time
-from typing import Any, cast
+from typing import Any, Literal, cast
 from urllib.parse import urlencode
 
 from django.conf import settings
@@ -45,7 +45,7 @@ from apps.serving.projects import (
     project_published,
     project_serving_model,
 )
-from apps.serving.quantization import int8_request
+from apps.serving.quantization import int8_not_served_here, int8_request
 from apps.serving.selectors import batch_get, batch_list, model_get, model_list
 from apps.serving.services import model_delete, model_predict
 from ml.report import Int8Check
@@ -65,6 +65,13 @@ class ModelOutputSerializer(serializers.ModelSerializer[TrainedModel]):
     project = serializers.IntegerField(source="dataset_id", allow_null=True, read_only=True)
     version = serializers.IntegerField(source="version.number", allow_null=True, default=None, read_only=True)
     int8 = Int8Field(read_only=True)
+    served_precision = serializers.SerializerMethodField(
+        help_text="What this server predicts with: int8 where the int8 version was kept and this server's CPU "
+        "multiplies int8 as the worker that tested it did (or exactly), else fp32."
+    )
+    served_precision_note = serializers.SerializerMethodField(
+        help_text="Why a kept int8 version is not served here, in a sentence; null where it is, or none was kept."
+    )
 
     class Meta:
         model = TrainedModel
@@ -84,9 +91,18 @@ class ModelOutputSerializer(serializers.ModelSerializer[TrainedModel]):
             "prediction_log",
             "int8_status",
             "int8",
+            "served_precision",
+            "served_precision_note",
             "created_at",
         ]
         read_only_fields = [f for f in fields if f not in ("prediction_log", "name")]
+
+    def get_served_precision(self, model: TrainedModel) -> Literal["int8", "fp32"]:
+        kept = model.int8_status == TrainedModel.Int8.KEPT
+        return "int8" if kept and int8_not_served_here(model) is None else "fp32"
+
+    def get_served_precision_note(self, model: TrainedModel) -> str | None:
+        return int8_not_served_here(model)
 
 
 class ModelListSerializer(serializers.ModelSerializer[TrainedModel]):

@@ -35,6 +35,7 @@ from apps.common.errors import UserError
 from apps.common.storage import delete_quietly, local_copy
 from apps.serving.models import TrainedModel
 from ml.errors import MLError
+from ml.predict import int8_served
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,21 @@ def int8_waited_long(model: TrainedModel) -> bool:
         and model.int8_at is not None
         and timezone.now() - model.int8_at > ASK_AGAIN_AFTER
     )
+
+
+def int8_not_served_here(model: TrainedModel) -> str | None:
+    """Why this server answers a model whose int8 version was kept in fp32, in a sentence; None where
+    it serves the int8 version (or none was kept)."""
+    if model.int8_status != TrainedModel.Int8.KEPT:
+        return None
+    if settings.GRAFT_SERVE_PRECISION == "fp32" or settings.GRAFT_SERVE_RUNTIME == "torchscript":
+        return "This server is set to serve fp32 models (GRAFT_SERVE_PRECISION or GRAFT_SERVE_RUNTIME)."
+    if not int8_served(model.int8):
+        return (
+            "This server's CPU (an x86 CPU without VNNI) adds int8 products in 16 bits, which saturate; the worker "
+            "that tested the int8 version added them exactly, so here it could answer otherwise."
+        )
+    return None
 
 
 def int8_recover_stale() -> list[int]:

@@ -33,7 +33,7 @@ from apps.datasets.selectors import dataset_get, dataset_index, dataset_list, ve
 from apps.datasets.services import dataset_delete, thumbnail_members, thumbnail_name
 from apps.datasets.versions import dataset_has_image, image_thumbnail, version_head, version_index
 from apps.serving.models import TrainedModel
-from apps.serving.quantization import int8_request, int8_waited_long
+from apps.serving.quantization import int8_not_served_here, int8_request, int8_waited_long
 from apps.serving.selectors import batch_get, model_get, model_list
 from apps.serving.services import model_delete
 from apps.training.gallery import GALLERY_PLACEHOLDER, gallery_members, gallery_open
@@ -363,6 +363,7 @@ def model_detail(request: AuthenticatedHttpRequest, model_id: int) -> HttpRespon
             "ready_datasets": ready[:200],
             "int8": int8_summary(model),
             "int8_waited_long": int8_waited_long(model),
+            "int8_not_served": int8_not_served_here(model),
         },
     )
 

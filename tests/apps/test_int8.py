@@ -89,7 +89,8 @@ def test_the_worker_makes_the_int8_model_and_the_server_serves_it(trained, api_f
     assert "## Int8 model" in bundle.read("model_card.md").decode()
     assert usage(stored.owner).bytes_stored >= stored.bundle_bytes
 
-    # The server serves the new bundle: int8 where it was kept.
+    # The server serves the new bundle: int8 where it was kept (its worker ran on this CPU).
+    assert (model["served_precision"], model["served_precision_note"]) == ("int8" if check["kept"] else "fp32", None)
     r = alice.call("POST", f"/models/{model_id}/predict/", files={"image": ("x.png", image_bytes(seed=1))})
     assert r.status_code == 200, r.text
     assert r.json()["model"]["precision"] == ("int8" if check["kept"] else "fp32")

@@ -197,10 +197,11 @@ INT8_FIGURES = {  # as ml.quantize reports a kept model (hymenoptera's Lite1 pro
     "batch_1_ms_int8": 7.92,
     "seconds": 12.6,
     "file": "model.int8.onnx",
+    "arithmetic": "saturating",  # served on every CPU
 }
 
 
-def test_the_model_page_follows_the_int8_step_and_then_leads_with_its_speed(page, shot, trained_model):
+def test_the_model_page_follows_the_int8_step_and_then_leads_with_its_speed(page, shot, trained_model, monkeypatch):
     from django.utils import timezone
 
     from apps.serving.models import TrainedModel
@@ -231,6 +232,19 @@ def test_the_model_page_follows_the_int8_step_and_then_leads_with_its_speed(page
     expect(page.locator("#bundle-size")).to_contain_text("its int8 version")
     page.locator("#h-int8").scroll_into_view_if_needed()
     shot(page, "model-int8-kept")
+
+    # Checked on a CPU that multiplies int8 exactly, and served by one whose products saturate: it
+    # serves in fp32 here, and the page says why.
+    import ml.predict
+
+    monkeypatch.setattr(ml.predict, "int8_arithmetic", lambda: "saturating")
+    rows.update(int8={**INT8_FIGURES, "arithmetic": "exact"})
+    page.reload()
+    expect(section).to_contain_text("Its int8 version was kept, 2.4× faster per image on the worker that made it")
+    expect(section).to_contain_text("but it serves in fp32 here")
+    expect(page.locator("#int8-not-served")).to_contain_text("an x86 CPU without VNNI")
+    page.locator("#h-int8").scroll_into_view_if_needed()
+    shot(page, "model-int8-kept-not-served")
 
 
 def test_a_refused_int8_model_says_why_and_an_old_model_can_ask_for_one(page, shot, trained_model):

@@ -16,12 +16,12 @@ import pytest
 import torch
 from torch import nn
 
-from ml import quantize
+from ml import predict, quantize, standalone_predict
 from ml.bundle import write_bundle
 from ml.bundle_format import INT8_FILE, read_bundle
 from ml.dataset import index_dataset
 from ml.errors import DatasetError
-from ml.predict import Predictor
+from ml.predict import Predictor, arithmetic_of, int8_arithmetic, int8_served
 from ml.preprocessing import Preprocessing
 from tests.conftest import image_bytes, make_zip
 
@@ -73,7 +73,7 @@ def test_a_model_that_holds_is_kept_in_the_bundle_and_served(bundle, dataset, tm
     assert check.val_accuracy_int8 is not None and check.batch_1_ms_int8 > 0 and check.seconds > 0
     assert {t[0] for t in ticks} >= {"decode", "calibrate", "check"}
     card = read_bundle(folder).card
-    assert card["int8"] == check.to_json()
+    assert card["int8"] == check.to_json() and check.arithmetic == int8_arithmetic()
     assert (
         "## Int8 model" in (folder / "model_card.md").read_text()
         and check.reason in (folder / "model_card.md").read_text()
@@ -98,6 +98,54 @@ def test_a_model_that_holds_is_kept_in_the_bundle_and_served(bundle, dataset, tm
         )
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["predictions"][0]["label"] == "red"
+
+
+AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 ssse3 sse4_1 avx fma avx2 bmi2\n\n"
+
+
+def test_the_cpu_s_int8_arithmetic_is_read_from_its_flags():
+    assert arithmetic_of("x86_64", AVX2) == "saturating"  # VPMADDUBSW: pairs of products clip at 32,767
+    assert arithmetic_of("x86_64", AVX2.replace("avx2", "avx2 avx512f avx512bw")) == "saturating"
+    assert arithmetic_of("x86_64", AVX2.replace("avx2", "avx2 avx512f avx512_vnni")) == "exact"
+    assert arithmetic_of("x86_64", AVX2.replace("avx2", "avx2 avx_vnni")) == "exact"
+    assert arithmetic_of("x86_64", AVX2.replace("avx2", "avx2 amx_int8")) == "exact"
+    assert arithmetic_of("aarch64", "") == arithmetic_of("arm64", "") == "exact"
+    assert arithmetic_of("x86_64", "") == "saturating"  # flags it cannot read
+    # Where it is served: a CPU that multiplies exactly serves every kept model; a saturating one
+    # only models checked on a saturating CPU (a check from before the field ran on a VNNI CPU).
+    kept = {"kept": True}
+    assert int8_served({**kept, "arithmetic": "exact"}, "exact") and int8_served(
+        {**kept, "arithmetic": "saturating"}, "exact"
+    )
+    assert int8_served({**kept, "arithmetic": "saturating"}, "saturating")
+    assert not int8_served({**kept, "arithmetic": "exact"}, "saturating") and not int8_served(kept, "saturating")
+    assert int8_served(kept, "exact")
+    assert not int8_served({"kept": False, "arithmetic": "exact"}, "exact") and not int8_served(None, "exact")
+
+
+@pytest.mark.parametrize("host", ["exact", "saturating"])
+def test_a_kept_model_serves_int8_only_where_the_cpu_multiplies_as_its_check_did(
+    bundle, dataset, tmp_path, monkeypatch, host
+):
+    folder = _copy(bundle, tmp_path)
+    check = quantize.quantize_bundle(folder, dataset, index_dataset(dataset), val_fraction=0.2, seed=0)
+    assert check.kept, check.reason
+    card = json.loads((folder / "graft.json").read_text())
+    card["int8"]["arithmetic"] = "exact"  # checked on a VNNI CPU, say
+    (folder / "graft.json").write_text(json.dumps(card))
+    monkeypatch.setattr(predict, "int8_arithmetic", lambda: host)
+    monkeypatch.setattr(standalone_predict, "_int8_arithmetic", lambda: host)
+    expected = "int8" if host == "exact" else "fp32"
+    assert Predictor(folder).precision == expected
+    assert standalone_predict.Model(folder).file.name == ("model.int8.onnx" if host == "exact" else "model.onnx")
+    # Asked for by name, it runs anywhere (to measure it, say).
+    assert Predictor(folder, precision="int8").precision == "int8"
+    assert standalone_predict.Model(folder, precision="int8").file.name == "model.int8.onnx"
+    # Checked on a saturating CPU, it serves on both kinds.
+    card["int8"]["arithmetic"] = "saturating"
+    (folder / "graft.json").write_text(json.dumps(card))
+    assert Predictor(folder).precision == "int8"
+    assert standalone_predict.Model(folder).file.name == "model.int8.onnx"
 
 
 def test_a_model_that_does_not_hold_is_refused_and_left_out(bundle, dataset, tmp_path, monkeypatch):
