@@ -150,3 +150,27 @@ def test_flip_tta_model_exports_and_averages_the_mirror(tmp_path):
     export_torchscript(tta, prep, tmp_path / "model.pt")
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(tmp_path / "model.pt")(x), expected, atol=1e-5, rtol=1e-5)
+
+
+class _BatchAsInt(nn.Module):
+    """Reads its batch size as a Python int: a trace bakes in the batch it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4 * 14 * 14, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = int(x.shape[0])
+        return self.head(self.conv(x).reshape(n, -1))
+
+
+def test_torchscript_is_traced_and_a_trace_that_baked_in_its_batch_is_scripted_instead(tmp_path):
+    prep = Preprocessing(input_size=16, resize_size=18, mean=(0.5,) * 3, std=(0.25,) * 3)
+    x = torch.randn(3, 3, 16, 16)
+    for model in (tiny_model(0), _BatchAsInt().eval()):
+        export_torchscript(model, prep, tmp_path / "model.pt")
+        loaded = torch.jit.load(tmp_path / "model.pt")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
+    # The trace's batch of one (`reshape(.., [1, -1])`) failed the check: the batch is read, as scripted.
+    assert "torch.size(x)" in loaded.code and "[1, -1]" not in loaded.code
