@@ -355,8 +355,9 @@ GRAFT_DECODE_PIXELS: int = env.int("GRAFT_DECODE_PIXELS", default=64_000_000)
 # used ones are dropped past it). ONNX Runtime alone keeps torch out of the web tier (README,
 # "Serving"); `auto` loads TorchScript too, to serve with the faster of the two as measured at load.
 GRAFT_SERVE_RUNTIME: str = env.str("GRAFT_SERVE_RUNTIME", default="onnxruntime")
-# The model's precision: auto serves its int8 model where the int8 step kept one (ml.quantize),
-# fp32 never does. GRAFT_INT8 makes that int8 model after each job succeeds, on a worker.
+# The model's precision: auto serves its int8 model where the int8 step kept one (ml.quantize) and
+# this CPU multiplies int8 as the one that tested it did (ml.predict.int8_served); fp32 never does.
+# GRAFT_INT8 makes that int8 model after each job succeeds, on a worker.
 GRAFT_SERVE_PRECISION: str = env.str("GRAFT_SERVE_PRECISION", default="auto")
 GRAFT_INT8: bool = env.bool("GRAFT_INT8", default=True)
 GRAFT_SERVE_MODEL_MEMORY: int = env.int("GRAFT_SERVE_MODEL_MEMORY", default=1024**3)

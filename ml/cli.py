@@ -68,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("images", type=Path, nargs="+")
     pr.add_argument("-k", type=int, default=3)
     pr.add_argument(
-        "--precision", choices=["auto", "fp32", "int8"], default="auto", help="auto: int8 where the bundle kept one"
+        "--precision",
+        choices=["auto", "fp32", "int8"],
+        default="auto",
+        help="auto: int8 where the bundle kept one and this CPU multiplies int8 as the one that tested it did",
     )
     pr.set_defaults(func=_predict)
     q = sub.add_parser("quantize", help="add an int8 model to a bundle folder, kept only where it predicts as fp32")

@@ -274,7 +274,7 @@ def _predict_response(request: AuthenticatedRequest, model: TrainedModel, starte
                 "backbone": model.backbone,
                 "classes": model.classes,
                 "runtime": predictor.runtime,
-                "precision": predictor.precision,  # int8 where its int8 model was kept
+                "precision": predictor.precision,  # int8 where it was kept and this CPU multiplies as its test did
             },
         }
     )

@@ -95,9 +95,16 @@ def int8_not_served_here(model: TrainedModel) -> str | None:
     if settings.GRAFT_SERVE_PRECISION == "fp32" or settings.GRAFT_SERVE_RUNTIME == "torchscript":
         return "This server is set to serve fp32 models (GRAFT_SERVE_PRECISION or GRAFT_SERVE_RUNTIME)."
     if not int8_served(model.int8):
+        tester = (
+            "the worker that tested the int8 version added them exactly"
+            if "arithmetic" in model.int8
+            else "the int8 version was tested before Graft recorded how the tester's CPU multiplies, and is taken "
+            "to have been tested on one that adds them exactly (VNNI)"
+        )
         return (
-            "This server's CPU (an x86 CPU without VNNI) adds int8 products in 16 bits, which saturate; the worker "
-            "that tested the int8 version added them exactly, so here it could answer otherwise."
+            f"This server's CPU (an x86 CPU without VNNI) adds int8 products in 16 bits, which saturate; {tester}, "
+            "so here it could answer otherwise. The bundle's predict.py decides the same way on the machine it "
+            "runs on (--precision int8 runs the int8 version anyway)."
         )
     return None
 
