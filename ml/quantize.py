@@ -315,22 +315,22 @@ def record(folder: Path, result: Int8Check) -> None:
     markdown.write_text(text + "\n\n" + "\n".join(card_section(result)) + "\n", encoding="utf-8")
 
 
-_ARITHMETIC = {
-    "exact": "exactly: VNNI, AMX or ARM",
-    "saturating": "an x86 CPU without VNNI, whose int8 products saturate in 16 bits",
-}
-
-
 def card_section(result: Int8Check) -> list[str]:
     def pct(x: float | None) -> str:
         return "not measured" if x is None else f"{x:.1%}"
 
-    served = (
-        f"`{result.file}` is served, and `predict.py` runs it, on CPUs that multiply int8 as the one that checked it "
-        f"did ({_ARITHMETIC[result.arithmetic]}) or exactly (x86 with VNNI or AMX, and ARM); elsewhere the fp32 model"
-        if result.kept
-        else "the fp32 model is served"
-    )
+    if not result.kept:
+        served = "the fp32 model is served"
+    elif result.arithmetic == "exact":
+        served = (
+            f"`{result.file}` is served, and `predict.py` runs it, on CPUs that add int8 products exactly, as the "
+            "one that tested it did (x86 with VNNI or AMX, and ARM); elsewhere the fp32 model is"
+        )
+    else:
+        served = (
+            f"`{result.file}` is served, and `predict.py` runs it, on any CPU: the one that tested it adds int8 "
+            "products in 16 bits that saturate (x86 without VNNI), and the others add them exactly"
+        )
     return [
         "## Int8 model",
         "",
