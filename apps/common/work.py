@@ -285,9 +285,7 @@ class Heartbeat:
 
     def _run(self) -> None:
         try:
-            # The first beat at once: whatever ran between the claim and here (opening the data, say)
-            # does not eat into the staleness allowance of the work itself.
-            while True:
+            while not self._stop.wait(settings.GRAFT_HEARTBEAT_SECONDS):
                 try:
                     close_old_connections()
                     if not self.rows.update(**{self.field: timezone.now()}):
@@ -295,7 +293,5 @@ class Heartbeat:
                 except Exception:  # noqa: BLE001 - one missed beat (a database blip); the next may land
                     log.exception("heartbeat for %s failed", self.label)
                     connection.close()
-                if self._stop.wait(settings.GRAFT_HEARTBEAT_SECONDS):
-                    return
         finally:
             connection.close()
