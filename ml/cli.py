@@ -275,7 +275,7 @@ def _inspect(args: argparse.Namespace) -> int:
     probe = findings.probe
     print(
         f"{findings.num_images} images ({findings.embedded} embedded, the rest from the cache); "
-        f"out-of-fold probe accuracy {probe['cv_accuracy']:.3f} (C={probe['C']:g})"
+        f"out-of-fold probe accuracy {probe['cv_accuracy']:.3f} ({_probe_view(probe)})"
     )
     print(f"likely label errors: {len(findings.label_issues)}")
     for issue in findings.label_issues[:20]:
@@ -311,3 +311,10 @@ def _backbones(args: argparse.Namespace) -> int:
         file, directory = weights_location(REGISTRY[name])
         print(f"{name:20s} {'available' if ok else 'missing  '}  {directory / file}")
     return 0
+
+
+def _probe_view(probe: dict[str, Any]) -> str:
+    """What the label finder read, in words: 'top, C=0.01' or 'the mean of 5 views'."""
+    if probe["C"] is None:
+        return f"the mean of {len(probe['views']) - 1} views"
+    return f"{probe['view']}, C={probe['C']:g}"

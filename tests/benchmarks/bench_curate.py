@@ -25,7 +25,8 @@ below is scored on the same validation images with their true labels:
 Per-dataset fields (one JSON line each, then a summary line):
   dataset, num_images, num_classes
   probe                    {C, cv_accuracy, cv_loss} of the out-of-fold probe on the NOISY labels
-  clean_probe_cv_accuracy  the same probe's out-of-fold accuracy with the clean labels (same features)
+  clean_probe_cv_accuracy  the label finder's out-of-fold accuracy with the clean labels (same features; the
+                           view whose log loss is lowest on them, see ml.finders.MEAN_VIEW)
   label_noise              {flipped, flagged, precision, recall, suggestion_accuracy (the suggestion is the
                            true class, among flipped images flagged), flagged_val, relabelled}
   fit                      val accuracy of `ml fit` (strategy auto, --budget FIT_BUDGET) on clean, noisy and
@@ -69,6 +70,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,7 @@ from ml.finders import (
     embed,
     find_issues,
     find_near_duplicates,
+    label_probabilities,
     nearest,
     rank_label_issues,
 )
@@ -209,12 +212,10 @@ def label_noise(
     }
     class_id = {c: i for i, c in enumerate(emb.classes)}
     clean = np.array([class_id[truth[m]] if m in truth else y for m, y in zip(emb.members, emb.labels, strict=True)])
-    clean_oof = out_of_fold_proba(
-        emb.features, clean, len(emb.classes), Cs=ISSUE_CS, folds=config.folds, seed=config.seed
-    )
+    clean_proba, _ = label_probabilities(replace(emb, labels=clean), config)
     out: dict[str, Any] = {
         "probe": findings.probe,
-        "clean_probe_cv_accuracy": round(float((clean_oof.proba.argmax(1) == clean).mean()), 4),
+        "clean_probe_cv_accuracy": round(float((clean_proba.argmax(1) == clean).mean()), 4),
         "label_noise": noise,
     }
     if diagnose:

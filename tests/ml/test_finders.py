@@ -27,6 +27,7 @@ from ml.finders import (
     Outlier,
     find_in_embedding,
     find_issues,
+    find_label_issues,
 )
 from tests.conftest import ROOT, make_zip
 
@@ -206,6 +207,28 @@ def test_finders_on_features_alone():
     assert "m5" in {i.member for i in findings.label_issues}
     assert any(set(d.members) == {"m40", "m59"} and d.kind == "cross-split" for d in findings.near_duplicates)
     assert [o.member for o in findings.outliers] == ["m7"]  # the rest lie within the dataset's own spread
+
+
+def test_the_label_finder_reads_the_view_that_predicts_the_labels_best():
+    """The top layer knows nothing of these classes and a stage tap does (a domain far from ImageNet): the
+    flips are found in the stage view, and the finder says which view it read."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1, 2], 40)
+    centres = rng.normal(0, 1, (3, 24)) * 3
+    stage = centres[labels] + rng.normal(0, 1, (120, 24))
+    top = rng.normal(0, 1, (120, 64))  # no class signal
+    flips = [3, 45, 90]
+    given = labels.copy()
+    given[flips] = (labels[flips] + 1) % 3
+    splits = ["train"] * 100 + ["val"] * 20
+    members = [f"m{i}" for i in range(120)]
+    emb = Embedding(["a", "b", "c"], members, given, splits, top.astype(np.float32), stages={"blocks.3": stage})
+    issues, probe = find_label_issues(emb, FinderConfig(folds=3))
+    assert probe["view"] != "top" and probe["views"]["top"] > probe["cv_loss"]
+    assert {f"m{i}" for i in flips} <= {i.member for i in issues}
+    # Where the top layer is the one that knows the classes, it is read alone.
+    emb = Embedding(["a", "b", "c"], members, given, splits, stage.astype(np.float32), stages={"blocks.3": top})
+    assert find_label_issues(emb, FinderConfig(folds=3))[1]["view"] == "top"
 
 
 def test_inspect_cli_prints_the_findings_as_its_last_line(dataset):
