@@ -96,7 +96,7 @@ REPEATS = 3
 # precision / recall, top layer -> chosen (`bench_curate`, seed 0): chest X-ray 0.67/0.85 -> 0.80/0.80 (mean),
 # digits 0.82/0.95 -> 0.96/0.94 (blocks.4), GTSRB 0.60/0.95 -> 0.86/0.89 (mean), NEU 0.94/0.94 -> 0.95/0.85
 # (mean), brain MRI 0.62/0.88 -> 0.69/0.93 (mean); hymenoptera 0.80/0.83 and cats 0.99/0.91 stay on the top
-# layer. Every view's probe costs a probe: 3-4x the top layer's alone (brain MRI, 2,400 images: 6 s -> 24 s).
+# layer. Every view costs a probe: 3-6x the top layer alone (NEU 5 -> 16.5 s, brain MRI, 2,400 images, 6 -> 36 s).
 MEAN_VIEW = "mean"
 NEIGHBOURS = 5  # outliers: mean distance to this many nearest images of a class
 MAX_OUTLIERS = 10
