@@ -92,7 +92,7 @@ REPEATS = 3
 # Which representation the label finder reads: the probe's out-of-fold probabilities on each view (the top
 # layer and every stage tap, at the probe's input size) and their mean, and the one whose log loss on the given
 # labels is lowest (a proper scoring rule on held-out images: it needs no clean labels). On photos of ImageNet's
-# kind the top layer wins; on X-rays, steel, digits and signs the mean of the stage views does. 10 % flipped,
+# kind the top layer wins; on X-rays, steel, digits and signs a stage tap or the mean of all views. 10 % flipped,
 # precision / recall, top layer -> chosen (`bench_curate`, seed 0): chest X-ray 0.67/0.85 -> 0.80/0.80 (mean),
 # digits 0.82/0.95 -> 0.96/0.94 (blocks.4), GTSRB 0.60/0.95 -> 0.86/0.89 (mean), NEU 0.94/0.94 -> 0.95/0.85
 # (mean), brain MRI 0.62/0.88 -> 0.69/0.93 (mean); hymenoptera 0.80/0.83 and cats 0.99/0.91 stay on the top

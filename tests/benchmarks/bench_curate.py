@@ -24,7 +24,8 @@ below is scored on the same validation images with their true labels:
 
 Per-dataset fields (one JSON line each, then a summary line):
   dataset, num_images, num_classes
-  probe                    {C, cv_accuracy, cv_loss} of the out-of-fold probe on the NOISY labels
+  probe                    {view, C, cv_accuracy, cv_loss, views} of the label finder's out-of-fold probe on
+                           the NOISY labels (ml.finders.label_probabilities: the view it read, each view's log loss)
   clean_probe_cv_accuracy  the label finder's out-of-fold accuracy with the clean labels (same features; the
                            view whose log loss is lowest on them, see ml.finders.MEAN_VIEW)
   label_noise              {flipped, flagged, precision, recall, suggestion_accuracy (the suggestion is the
