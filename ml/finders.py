@@ -61,7 +61,7 @@ PhaseTick = Callable[[str, int, int], None]  # (phase, done, total)
 # before) did worse at its best ratio (steel 0.40 recall, chest 0.28 at precision 0.95).
 # Where it misses (README, "Finders"): GTSRB, whose 32-px signs come in tracks of frames of one sign, and
 # whose copies are 14-px JPEGs: at the common 8 px, 15 % of the copies are mutual nearest neighbours of
-# their original; the rest sit among the sign's other frames (the finder pairs 642 same-class images among
+# their original; the rest sit among the sign's other frames (the finder pairs 640 same-class images among
 # the originals, such as consecutive frames of one track: real near-duplicates). Copies of 8-px digits are
 # 4-px JPEGs: none is a mutual nearest neighbour of its original in this view (median ratio 12.8); pixel by
 # pixel at 4 px, 16 % (box-reduced originals, among 400) to 83 % (the benchmark's own bilinear filter, among
@@ -96,7 +96,8 @@ REPEATS = 3
 # precision / recall, top layer -> chosen (`bench_curate`, seed 0): chest X-ray 0.67/0.85 -> 0.80/0.80 (mean),
 # digits 0.82/0.95 -> 0.96/0.94 (blocks.4), GTSRB 0.60/0.95 -> 0.86/0.89 (mean), NEU 0.94/0.94 -> 0.95/0.85
 # (mean), brain MRI 0.62/0.88 -> 0.69/0.93 (mean); hymenoptera 0.80/0.83 and cats 0.99/0.91 stay on the top
-# layer. Every view costs a probe: 3-6x the top layer alone (NEU 5 -> 16.5 s, brain MRI, 2,400 images, 6 -> 36 s).
+# layer. NEU trades recall for precision (its mean view flags 43, not 48). Every view costs a probe: 2.5-6x the
+# top layer alone (digits 16 -> 40 s, NEU 5 -> 16.5 s, brain MRI, 2,400 images, 6 -> 36 s).
 MEAN_VIEW = "mean"
 NEIGHBOURS = 5  # outliers: mean distance to this many nearest images of a class
 MAX_OUTLIERS = 10
@@ -232,17 +233,18 @@ def embed(
 ) -> Embedding:
     """Both views of every train and val image, in the order a fit reads them (`split_for_fit`).
 
-    The probe view is a fit's own measurement (`ml.measure.frozen_views`) at the smaller of its
-    candidate input sizes. Given a cache, everything a fit of this version measures is measured and
-    kept there (every candidate size, every stage tap, the similarity): the fit that follows reads it
-    instead of extracting it (`fit(..., known=Known(store=cache))`). Images the cache holds are not decoded at all."""
+    The probe views are a fit's own measurement (`ml.measure.frozen_views`) at the smaller of its
+    candidate input sizes: the top layer and every stage tap. Given a cache, everything a fit of this
+    version measures is measured and kept there (every candidate size, every stage tap, the similarity):
+    the fit that follows reads it instead of extracting it (`fit(..., known=Known(store=cache))`). Images
+    the cache holds are not decoded at all."""
     train, val = split_for_fit(index, config.val_fraction, config.seed)
     samples = train + val
     spec = get_spec(config.backbone)
     sizes, _ = candidate_sizes(spec.preprocessing, train)
     side = coarse_side([min(s.width, s.height) for s in samples])
     dup_key = f"{config.backbone}/dup{DUPLICATE_VIEW_VERSION}@{DUPLICATE_SIDE}s{side}"
-    # Without a cache to keep them in, the views only a fit reads would be thrown away: the probe view alone.
+    # Without a cache to keep them in, the views only a fit reads would be thrown away: the probe size alone.
     keep = cache is not None
     cache = cache if cache is not None else EmbeddingCache()
     before = cache.images()
@@ -390,13 +392,13 @@ def label_probabilities(emb: Embedding, config: FinderConfig = FinderConfig()) -
     cv_loss, views: {view: cv_loss}}."""
     from sklearn.metrics import log_loss
 
-    runs = {
-        name: out_of_fold_proba(
+    candidates: dict[str, np.ndarray] = {}
+    Cs: dict[str, float] = {}
+    for name, X in emb.probe_views().items():  # one at a time: each run's per-C probabilities are dropped
+        run = out_of_fold_proba(
             X, emb.labels, len(emb.classes), Cs=ISSUE_CS, folds=config.folds, seed=config.seed, repeats=config.repeats
         )
-        for name, X in emb.probe_views().items()
-    }
-    candidates = {name: run.proba for name, run in runs.items()}
+        candidates[name], Cs[name] = run.proba, run.C
     if len(candidates) > 1:
         candidates[MEAN_VIEW] = np.mean(list(candidates.values()), axis=0)
     labels = list(range(len(emb.classes)))
@@ -405,7 +407,7 @@ def label_probabilities(emb: Embedding, config: FinderConfig = FinderConfig()) -
     proba = candidates[view]
     probe = {
         "view": view,
-        "C": runs[view].C if view in runs else None,
+        "C": Cs.get(view),
         "cv_accuracy": round(float((proba.argmax(1) == emb.labels).mean()), 4),
         "cv_loss": round(losses[view], 4),
         "views": {name: round(loss, 4) for name, loss in losses.items()},

@@ -402,7 +402,11 @@ def main() -> None:
     p.add_argument("--no-fit", action="store_true", help="finders only: no fits, no accuracy, no time ratio")
     p.add_argument("--fit-datasets", default="", help="fit only these (name prefixes); the rest: finders only")
     p.add_argument("--repeat", type=int, default=3, help="finder runs timed (median; one when a run takes > 60 s)")
-    p.add_argument("--diagnose", action="store_true", help="label-issue precision/recall per C and per filter")
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="label-issue precision/recall per C and per filter (the top-layer view, one fold assignment)",
+    )
     args = p.parse_args()
     zips = args.zips or sorted(datasets_dir().glob("*.zip"))
     args.fit_datasets = [d.strip() for d in args.fit_datasets.split(",") if d.strip()]
