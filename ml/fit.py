@@ -85,14 +85,14 @@ from ml.report import (
 from ml.run import FEATURES, STORED, Progress, ProgressFn, Run, about, timer
 from ml.runtime import tune_allocator
 from ml.search import search
-from ml.selection import Candidate, Decision, best_of, keep_if_better, significance_margin
+from ml.selection import Candidate, Decision, best_by_paired_loss, keep_if_better, significance_margin
 from ml.splits import stratified_draw
 from ml.strategy import REGISTRY as PLAN_REGISTRY
 from ml.strategy import Plan, decide, finetune_depth
 
-# Another input size or stage must beat the plain top-layer probe at the native input by more than
-# twice the standard error of the CV accuracy (and at least this much) to replace it.
-PROBE_MARGIN = 0.005
+# Another input size or stage replaces the plain top-layer probe at the native input only when its
+# out-of-fold log loss is lower, on the same images, by more than this many paired standard errors.
+PROBE_Z = 2.0
 PILOT_IMAGES = 1500  # candidate probes are ranked on at most this many training images (3-fold CV)
 HOLDOUT_FRACTION = 0.1  # of train, held out for the fine-tune's selection and the invariance tests
 MIN_HOLDOUT = 50  # held-out images at least (where train has 200+)
@@ -323,8 +323,10 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
 
     Candidates: the top layer at every candidate size, and for data unlike ImageNet (or when
     asked) the intermediate stages too. The plain top-layer probe at the native input is the
-    incumbent. With many images, candidates are ranked on a stratified subsample with 3-fold
-    CV (a pilot), and only the winner gets the full 5-fold search for C.
+    incumbent; the candidate with the lowest out-of-fold log loss replaces it only when its loss is
+    lower image by image by more than PROBE_Z paired standard errors (every candidate is
+    cross-validated on the same images and folds). With many images, candidates are ranked on a
+    stratified subsample with 3-fold CV (a pilot), and only the winner gets the full 5-fold search for C.
     """
     n, k = len(data.train), len(data.classes)
     stages = [TOP]
@@ -338,24 +340,31 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
         idx = _subsample(data.y_train, PILOT_IMAGES, config.seed)
         pilot = len(idx) < n
         candidates: list[Candidate] = []
+        losses: dict[str, np.ndarray | None] = {}  # each image's out-of-fold log loss: the same images and folds
         for i, (name, (rep, stage)) in enumerate(options.items()):
             with timer() as t:
                 fitted = fit_probe(
                     rep.feats[stage][idx], data.y_train[idx], k, folds=3 if pilot else 5, seed=config.seed,
                     on_fit=probes.candidate(i, name, len(idx)),
                 )  # fmt: skip
-            candidates.append(Candidate(name, _cv_best(fitted), t.seconds, {"C": fitted.C}))
+            loss = None if fitted.oof_loss is None else round(float(fitted.oof_loss.mean()), 4)
+            candidates.append(Candidate(name, _cv_best(fitted), t.seconds, {"C": fitted.C, "cv_loss": loss}))
+            losses[name] = fitted.oof_loss
             history += _report_rows(run, fitted, name)
-        margin = _margin(candidates, incumbent, len(idx))
-        chosen_name = best_of(candidates, incumbent=incumbent, margin=margin)
+        chosen_name, zs = best_by_paired_loss(losses, incumbent=incumbent, z=PROBE_Z)
+        candidates = [
+            replace(c, detail={**c.detail, "z": round(min(max(zs[c.name], -99.0), 99.0), 2)}) if c.name in zs else c
+            for c in candidates
+        ]
         run.decide(
             Decision(
                 "representation",
                 chosen_name,
                 tuple(candidates),
-                f"the plain top-layer probe at the native input stays unless another beats it by more than "
-                f"twice the standard error of its CV accuracy ({margin:.1%})",
-                metric=f"{'3' if pilot else '5'}-fold CV accuracy on {len(idx)} training images",
+                "the plain top-layer probe at the native input stays unless the candidate with the lowest "
+                f"out-of-fold log loss beats it image by image, by more than {PROBE_Z:g} standard errors of the "
+                f"difference (z below -{PROBE_Z:g})",
+                metric=f"{'3' if pilot else '5'}-fold CV accuracy on {len(idx)} training images; log loss decides",
             )
         )
     else:
@@ -377,12 +386,6 @@ def _report_rows(run: Run, probe: ProbeFit, name: str) -> list[ProbeRow]:
     for row in rows:
         run.advance("probe", run.work.steps["probe"].done, row=row.to_json())
     return rows
-
-
-def _margin(candidates: list[Candidate], incumbent: str, n: int) -> float:
-    """The lead a candidate needs over the incumbent's CV accuracy on n images (twice its standard error)."""
-    p = next((c.score for c in candidates if c.name == incumbent), None)
-    return PROBE_MARGIN if p is None else significance_margin(p, n, floor=PROBE_MARGIN)
 
 
 def _name(stage: str, rep: Representation) -> str:

@@ -29,6 +29,10 @@ class ProbeFit:
     linear: nn.Linear  # raw features -> logits
     C: float
     history: list[dict[str, Any]]  # one row per C tried: C, cv_accuracy, cv_loss
+    # each image's out-of-fold log loss at C, in the order of the rows fitted; None where nothing could be
+    # cross-validated. Probes fitted on the same rows with the same seed share their folds, so these
+    # compare image by image (ml.selection.paired_z).
+    oof_loss: np.ndarray | None = None
 
 
 def fit_probe(
@@ -47,7 +51,8 @@ def fit_probe(
     Xs = scaler.transform(X).astype(np.float32)
     Cs = tuple(sorted(Cs))  # ascending, so each fit warm-starts from the more regularised one
     k = int(min(folds, np.bincount(y, minlength=num_classes).min()))
-    scores = _cv_scores(Xs, y, Cs, k, seed, num_classes, on_fit)
+    per_image = np.full((len(Cs), len(y)), np.nan)
+    scores = _cv_scores(Xs, y, Cs, k, seed, num_classes, on_fit, per_image)
     history: list[dict[str, Any]] = [
         {"step": step, "C": C, "cv_accuracy": acc, "cv_loss": loss}
         for step, (C, (acc, loss)) in enumerate(zip(Cs, scores, strict=True), start=1)
@@ -56,7 +61,10 @@ def fit_probe(
     # images ties, and it keeps the probabilities calibrated (ECE is reported).
     best = min(history, key=lambda r: (r["cv_loss"], -r["cv_accuracy"]))
     clf = _logreg(best["C"], seed).fit(Xs, y)
-    return ProbeFit(_fold_into_linear(scaler, clf, num_classes), best["C"], history)
+    oof = per_image[Cs.index(best["C"])]
+    return ProbeFit(
+        _fold_into_linear(scaler, clf, num_classes), best["C"], history, None if np.isnan(oof).any() else oof
+    )
 
 
 def _logreg(C: float, seed: int, **kw: Any) -> LogisticRegression:
@@ -71,8 +79,10 @@ def _cv_scores(
     seed: int,
     num_classes: int,
     on_fit: Callable[[int, int], None] | None = None,
+    per_image: np.ndarray | None = None,
 ) -> list[tuple[float, float]]:
-    """(accuracy, log loss) per C, pooled over k stratified folds.
+    """(accuracy, log loss) per C, pooled over k stratified folds; with `per_image` (len(Cs), N), each
+    image's out-of-fold log loss is written there too.
 
     Within a fold the C path is walked upwards with warm starts and a looser
     tolerance (the ranking of Cs does not need the last digits): ~3x faster.
@@ -91,6 +101,8 @@ def _cv_scores(
             proba = _full_proba(clf, X[te], num_classes)
             correct[i] += int((proba.argmax(1) == y[te]).sum())
             losses[i] += log_loss(y[te], proba, labels=list(range(num_classes))) * len(te)
+            if per_image is not None:  # clipped as log_loss clips
+                per_image[i, te] = -np.log(np.clip(proba[np.arange(len(te)), y[te]], np.finfo(proba.dtype).eps, 1))
             done += 1
             if on_fit:
                 on_fit(done, k * len(Cs))

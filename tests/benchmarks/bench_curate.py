@@ -33,7 +33,8 @@ Per-dataset fields (one JSON line each, then a summary line):
   fit                      val accuracy of `ml fit` (strategy auto, --budget FIT_BUDGET) on clean, noisy and
                            corrected; recovered: (corrected - noisy) / (clean - noisy), null when the noise
                            cost under 1 point; seconds of each fit (in this process, index given) and their
-                           median
+                           median; {clean,noisy,corrected}_model: what each trained ("probe from blocks.3 @
+                           240 px": the finetune decision, from the representation its probe read)
   near_duplicates          per kind: {planted, found, true, recall, precision, among_originals,
                            originals (the first such pairs)}. precision is strict: planted pairs found over
                            every pair of that kind found, those between two of the dataset's own images
@@ -303,16 +304,20 @@ def copy_ratio(emb: Embedding, planted: dict[tuple[str, str], str]) -> dict[str,
 
 def fit_accuracy(
     archive: Path, out: Path, budget: float | None, seed: int, store: EmbeddingCache | None = None
-) -> tuple[float, float, float]:
-    """`ml fit` (strategy auto) on `archive`: (val accuracy, seconds, seconds of its features phase). Its
-    index is made first, untimed, as the app's ingestion makes it before a fit. With `store`, the fit
-    reads the features held there."""
+) -> tuple[float, float, float, str]:
+    """`ml fit` (strategy auto) on `archive`: (val accuracy, seconds, seconds of its features phase, what it
+    trained: the representation its probe read, and whether a fine-tune replaced the probe). Its index is made
+    first, untimed, as the app's ingestion makes it before a fit. With `store`, the fit reads the features
+    held there."""
     from ml.fit import FitConfig, Known, fit
 
     index = index_dataset(archive)
     start = time.perf_counter()
     result = fit(archive, out, FitConfig(seed=seed, budget=budget), known=Known(index=index, store=store))
-    return float(result.metrics.val_accuracy), time.perf_counter() - start, result.timings["features"]
+    seconds = time.perf_counter() - start
+    chosen = {d.what: d.chosen for d in result.decisions}
+    what = f"{chosen.get('finetune', 'probe')} from {chosen.get('representation', 'top')}"
+    return float(result.metrics.val_accuracy), seconds, result.timings["features"], what
 
 
 def run_dataset(archive: Path, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
@@ -347,7 +352,7 @@ def run_dataset(archive: Path, args: argparse.Namespace, scratch: Path) -> dict[
         for k in ("clean", "noisy", "corrected"):
             log(f"{archive.name}: fit on {k}")
             with tempfile.TemporaryDirectory(prefix="fit-", dir=scratch) as out:
-                acc, secs, features_s = fit_accuracy(zips[k], Path(out), args.fit_budget, args.seed)
+                acc, secs, features_s, fits[f"{k}_model"] = fit_accuracy(zips[k], Path(out), args.fit_budget, args.seed)
             fits[k] = round(acc, 4)
             fits[f"{k}_s"] = round(secs, 1)
             fits[f"{k}_features_s"] = round(features_s, 1)
@@ -357,7 +362,7 @@ def run_dataset(archive: Path, args: argparse.Namespace, scratch: Path) -> dict[
         # The fit that follows the finders in the app: the noisy archive again, reading what they stored.
         log(f"{archive.name}: fit on noisy, reading the finders' store")
         with tempfile.TemporaryDirectory(prefix="fit-", dir=scratch) as out:
-            acc, secs, features_s = fit_accuracy(zips["noisy"], Path(out), args.fit_budget, args.seed, store=cache)
+            acc, secs, features_s, _ = fit_accuracy(zips["noisy"], Path(out), args.fit_budget, args.seed, store=cache)
         fits["noisy_after_finders"], fits["noisy_after_finders_s"] = round(acc, 4), round(secs, 1)
         fits["noisy_after_finders_features_s"] = round(features_s, 1)
         lost = fits["clean"] - fits["noisy"]

@@ -139,6 +139,43 @@ def test_a_fine_tuned_job_plots_its_held_out_epochs_and_the_loops_decisions(
     assert not page.js_errors, page.js_errors
 
 
+def test_the_representation_table_shows_the_log_loss_that_chose_it(
+    page, shot, live_server, celery_worker_process, make_user, fitted, tmp_path
+):
+    from dataclasses import replace
+
+    from ml.selection import Candidate, Decision
+
+    # As steel defects with 2% of their labels wrong measured it: the top layer's CV accuracy is close to the
+    # others', and blocks.3 wins on log loss, image by image.
+    representation = Decision(
+        "representation", "blocks.3 @ 240 px",
+        (
+            Candidate("top @ 240 px", 0.9646, 3.4, {"C": 0.1, "cv_loss": 0.1848, "z": 0.0}),
+            Candidate("blocks.3 @ 240 px", 0.9771, 0.3, {"C": 0.1, "cv_loss": 0.1296, "z": -2.43}),
+            Candidate("blocks.5 @ 240 px", 0.9729, 3.6, {"C": 0.1, "cv_loss": 0.1518, "z": -2.25}),
+        ),
+        "the plain top-layer probe at the native input stays unless the candidate with the lowest out-of-fold "
+        "log loss beats it image by image by more than 2 standard errors",
+        metric="5-fold CV accuracy on 480 training images; log loss decides",
+    )  # fmt: skip
+    user = make_user("rex", PASSWORD)
+    sign_in(page, "rex")
+    job = _finished_job(user, _upload(page, tmp_path), replace(fitted, decisions=[representation, *fitted.decisions]))
+    page.goto(f"/jobs/{job.pk}/")
+    block = page.locator(".decision").filter(has=page.locator("h3", has_text="representation: blocks.3 @ 240 px"))
+    expect(block.locator("thead th")).to_have_text(["Candidate", "Score", "Log loss (z)", "Time"])
+    expect(block.locator("tr.kept")).to_contain_text("97.7%")
+    expect(block.locator("tr.kept td").nth(1)).to_have_text("0.130 (z −2.4)")
+    expect(block.locator("tbody tr").first.locator("td").nth(1)).to_have_text("0.185")
+    # Decisions without a loss keep their three columns.
+    others = page.locator(".decision").filter(has_not=page.locator("h3", has_text="representation"))
+    if others.count():
+        expect(others.first.locator("thead th")).to_have_count(3)
+    shot(page, "job-representation")
+    assert not page.js_errors, page.js_errors
+
+
 def test_a_running_job_names_its_step_and_why_the_estimate_grew(page, shot, make_user):
     from django.utils import timezone
 

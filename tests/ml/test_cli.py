@@ -42,7 +42,12 @@ def test_fit_measures_the_data_and_runs_the_stage_probes(digits_fit):
     decisions = {d["what"]: d for d in result["decisions"]}
     # Chosen by cross-validation on train among input sizes and stages, with every candidate's score.
     assert not decisions["representation"]["chosen"].startswith("top")
-    assert {"top @ 64 px", "top @ 240 px"} <= {c["name"] for c in decisions["representation"]["candidates"]}
+    candidates = {c["name"]: c for c in decisions["representation"]["candidates"]}
+    assert {"top @ 64 px", "top @ 240 px"} <= set(candidates)
+    # log loss decides, image by image against the plain probe: the winner's z is past -2, the incumbent's 0
+    chosen = candidates[decisions["representation"]["chosen"]]
+    assert chosen["detail"]["z"] < -2 and candidates["top @ 240 px"]["detail"]["z"] == 0
+    assert chosen["detail"]["cv_loss"] == min(c["detail"]["cv_loss"] for c in candidates.values())
     assert result["hyperparameters"]["probe"]["stage"] != "top"
     # small-different lets a fine-tune compete; flips were switched off, so no flip test ran.
     assert decisions["finetune"]["chosen"] in ("probe", "partial fine-tune") and "flip" not in decisions

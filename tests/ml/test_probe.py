@@ -18,3 +18,23 @@ def test_folded_linear_matches_a_separable_problem(num_classes):
         pred = probe.linear(torch.from_numpy(X)).argmax(1).numpy()
     assert (pred == y).mean() > 0.95
     assert len(probe.history) == 6 and probe.C in [row["C"] for row in probe.history]
+
+
+def test_the_probe_keeps_each_images_out_of_fold_loss_at_its_c():
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(3), 40)
+    X = (rng.normal(0, 2, (3, 8))[y] + rng.normal(0, 1, (len(y), 8))).astype(np.float32)
+    probe = fit_probe(X, y, 3)
+    row = next(r for r in probe.history if r["C"] == probe.C)
+    assert probe.oof_loss is not None and probe.oof_loss.shape == (len(y),)
+    assert probe.oof_loss.mean() == pytest.approx(row["cv_loss"], rel=1e-6)
+    # Another view of the same rows is cross-validated on the same folds, so the two compare image by image:
+    # a copy of the features gives the same losses exactly.
+    again = fit_probe(X.copy(), y, 3)
+    assert np.array_equal(again.oof_loss, probe.oof_loss)
+
+
+def test_a_probe_with_nothing_to_cross_validate_has_no_out_of_fold_loss():
+    X = np.arange(10, dtype=np.float32).reshape(5, 2)
+    y = np.array([0, 0, 0, 0, 1])  # one image of class 1: no fold can hold it out and still learn it
+    assert fit_probe(X, y, 2).oof_loss is None

@@ -191,6 +191,45 @@ def test_paired_margin_counts_only_the_images_the_readings_disagree_on(first, se
     assert paired_margin(first, second, floor=0.5) == 0.5
 
 
+def test_a_representation_better_on_nearly_every_image_wins_though_the_images_differ_more_than_the_views():
+    from ml.selection import best_by_paired_loss
+
+    # Per-image losses spread widely (easy and hard images); the stage's is 8% lower on every image.
+    # Unpaired, its lead (0.016) is inside twice the standard error of the mean (0.019); paired, it is
+    # far past it.
+    hardness = np.random.default_rng(0).exponential(0.2, 480)
+    losses = {"top": hardness, "blocks.3": hardness * 0.92, "blocks.5": hardness * 0.96}
+    assert hardness.mean() - losses["blocks.3"].mean() < 2 * hardness.std() / math.sqrt(480)
+    chosen, z = best_by_paired_loss(losses, incumbent="top", z=2.0)
+    assert chosen == "blocks.3" and z["top"] == 0 and z["blocks.3"] < -2
+
+
+@pytest.mark.parametrize(
+    "losses,expected",
+    [
+        ({"top": [0.2, 0.4, 0.1, 0.9], "a": [0.9, 0.1, 0.4, 0.1]}, "top"),  # lower on average, but not image by image
+        ({"top": [0.3] * 4, "a": [0.3] * 4}, "top"),  # a tie
+        ({"top": [0.1] * 4, "a": [0.5] * 4}, "top"),  # worse everywhere
+        ({"top": None, "a": [0.1] * 4}, "top"),  # nothing to compare with: the plain probe stays
+        ({"top": [0.5, 0.4, 0.6, 0.5], "a": None, "b": [0.3, 0.2, 0.41, 0.3]}, "b"),  # unmeasured ones sit out
+    ],
+)
+def test_the_plain_probe_stays_unless_the_lowest_loss_beats_it_image_by_image(losses, expected):
+    from ml.selection import best_by_paired_loss
+
+    assert best_by_paired_loss(losses, incumbent="top", z=2.0)[0] == expected
+
+
+def test_paired_z_is_signed_and_needs_its_incumbent():
+    from ml.selection import best_by_paired_loss, paired_z
+
+    assert paired_z([0.1, 0.2], [0.1, 0.2]) == 0
+    assert paired_z([0.25, 0.5], [0.5, 0.75]) == -math.inf  # lower by the same on every image
+    assert paired_z([0.3, 0.5], [0.2, 0.3]) > 0
+    with pytest.raises(ValueError, match="incumbent"):
+        best_by_paired_loss({"a": [0.1]}, incumbent="top", z=2.0)
+
+
 def test_flip_test_tolerates_a_few_images_of_noise_but_not_a_class_changing_mirror():
     from ml.selection import paired_margin
 

@@ -123,15 +123,24 @@ document.addEventListener("DOMContentLoaded", () => {
   function decisionBlock(d) {
     const candidates = d.candidates || [];
     const seconds = (x) => (x == null ? "—" : `${x.toFixed(1)} s`);
+    // Where log loss decided (the representation), each candidate's, and its z against the plain probe.
+    const byLoss = candidates.some((c) => c.detail && c.detail.cv_loss != null);
+    const lossText = (c) => {
+      const { cv_loss: loss, z } = c.detail || {};
+      if (loss == null) return "—";
+      return z == null || z === 0 ? loss.toFixed(3) : `${loss.toFixed(3)} (z ${z > 0 ? "+" : "−"}${Math.abs(z).toFixed(1)})`;
+    };
     const rows = candidates.map((c) => {
       const kept = c.name === d.chosen;
       return Graft.el("tr", { class: kept ? "kept" : "" },
         Graft.el("th", { scope: "row" }, ...(kept ? [Graft.el("strong", { text: c.name }), " ✓ kept"] : [c.name])),
         Graft.el("td", { text: c.score == null ? detailText(c.detail) || "not measured" : Graft.pct(c.score) }),
+        ...(byLoss ? [Graft.el("td", { text: lossText(c) })] : []),
         Graft.el("td", { text: seconds(c.seconds) }));
     });
+    const heads = ["Candidate", "Score", ...(byLoss ? ["Log loss (z)"] : []), "Time"];
     const table = Graft.el("table", {},
-      Graft.el("thead", {}, Graft.el("tr", {}, ...["Candidate", "Score", "Time"].map((h) => Graft.el("th", { scope: "col", text: h })))),
+      Graft.el("thead", {}, Graft.el("tr", {}, ...heads.map((h) => Graft.el("th", { scope: "col", text: h })))),
       Graft.el("tbody", {}, ...rows));
     const node = Graft.el("div", { class: "decision" },
       Graft.el("h3", { text: `${d.what}: ${d.chosen}` }),
