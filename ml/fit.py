@@ -325,7 +325,8 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
     asked) the intermediate stages too. The plain top-layer probe at the native input is the
     incumbent; the candidate with the lowest out-of-fold log loss replaces it only when its loss is
     lower image by image by more than PROBE_Z paired standard errors (every candidate is
-    cross-validated on the same images and folds). With many images, candidates are ranked on a
+    cross-validated on the same images and folds), and then the smallest input size the measurement
+    cannot tell from the best is kept (`best_by_paired_loss`). With many images, candidates are ranked on a
     stratified subsample with 3-fold CV (a pilot), and only the winner gets the full 5-fold search for C.
     """
     n, k = len(data.train), len(data.classes)
@@ -351,7 +352,8 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
             candidates.append(Candidate(name, _cv_best(fitted), t.seconds, {"C": fitted.C, "cv_loss": loss}))
             losses[name] = fitted.oof_loss
             history += _report_rows(run, fitted, name)
-        chosen_name, zs = best_by_paired_loss(losses, incumbent=incumbent, z=PROBE_Z)
+        cost = {name: float(rep.prep.input_size**2) for name, (rep, _) in options.items()}  # a pass's compute
+        chosen_name, zs = best_by_paired_loss(losses, incumbent=incumbent, z=PROBE_Z, cost=cost)
         candidates = [
             replace(c, detail={**c.detail, "z": round(min(max(zs[c.name], -99.0), 99.0), 2)}) if c.name in zs else c
             for c in candidates
@@ -363,7 +365,8 @@ def choose_probe(run: Run, reps: list[Representation], data: Data, plan: Plan, c
                 tuple(candidates),
                 "the plain top-layer probe at the native input stays unless the candidate with the lowest "
                 f"out-of-fold log loss beats it image by image, by more than {PROBE_Z:g} standard errors of the "
-                f"difference (z below -{PROBE_Z:g})",
+                f"difference (z below -{PROBE_Z:g}); then the smallest input that also beats it and is not "
+                "that much worse than the best is kept",
                 metric=f"{'3' if pilot else '5'}-fold CV accuracy on {len(idx)} training images; log loss decides",
             )
         )

@@ -109,21 +109,32 @@ def paired_z(challenger: Sequence[float] | np.ndarray, incumbent: Sequence[float
 
 
 def best_by_paired_loss(
-    losses: Mapping[str, Sequence[float] | np.ndarray | None], *, incumbent: str, z: float
+    losses: Mapping[str, Sequence[float] | np.ndarray | None],
+    *,
+    incumbent: str,
+    z: float,
+    cost: Mapping[str, float] | None = None,
 ) -> tuple[str, dict[str, float]]:
-    """(the choice, each candidate's paired z against the incumbent). The candidate with the lowest mean
-    per-image loss (out-of-fold log loss, on the same images and folds) replaces the incumbent only
-    when its loss is lower by more than `z` paired standard errors: a proper scoring rule sees a
-    better representation where accuracy, on a few hundred images, moves by a handful of them."""
+    """(the choice, each candidate's paired z against the incumbent). Losses are per image (out-of-fold
+    log loss, every candidate on the same images and folds). The incumbent stays unless the candidate
+    with the lowest mean loss beats it by more than `z` paired standard errors: a proper scoring rule
+    sees a better representation where accuracy, on a few hundred images, moves by a handful of them.
+    When it is beaten, the cheapest candidate (`cost`) that also beats it and is not worse than the best
+    by `z` paired standard errors is chosen, the lowest loss among equals: the simplest model the
+    measurement cannot tell from the best."""
     if incumbent not in losses:
         raise ValueError(f"incumbent '{incumbent}' is not among the candidates {list(losses)}")
     base = losses[incumbent]
     if base is None:
         return incumbent, {}
-    zs = {name: paired_z(loss, base) for name, loss in losses.items() if loss is not None}
-    means = {name: float(np.mean(loss)) for name, loss in losses.items() if loss is not None}
+    measured = {name: loss for name, loss in losses.items() if loss is not None}
+    zs = {name: paired_z(loss, base) for name, loss in measured.items()}
+    means = {name: float(np.mean(loss)) for name, loss in measured.items()}
     best = min(means, key=means.__getitem__)
-    return (best if zs[best] < -z else incumbent), zs
+    if zs[best] >= -z:
+        return incumbent, zs
+    equals = [n for n in measured if zs[n] < -z and paired_z(measured[n], measured[best]) < z]
+    return min(equals, key=lambda n: ((cost or {}).get(n, 0.0), means[n])), zs
 
 
 def keep_if_better(base: float, new: float, *, margin: float = 0.0) -> bool:

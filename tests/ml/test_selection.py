@@ -220,6 +220,23 @@ def test_the_plain_probe_stays_unless_the_lowest_loss_beats_it_image_by_image(lo
     assert best_by_paired_loss(losses, incumbent="top", z=2.0)[0] == expected
 
 
+def test_where_a_smaller_input_cannot_be_told_from_the_best_the_smaller_is_kept():
+    from ml.selection import best_by_paired_loss
+
+    rng = np.random.default_rng(0)
+    hardness = rng.exponential(0.2, 1000)
+    jitter = rng.normal(0.001, 0.02, 1000)  # worse by a hair: z about +1.2 against the best
+    cost = {"top @ 240": 240**2, "blocks.4 @ 64": 64**2, "blocks.4 @ 240": 240**2}
+    # Digits: both stage probes beat the top layer far; the 240-px one is lower by a hair, inside the noise.
+    losses = {"top @ 240": hardness * 4, "blocks.4 @ 240": hardness * 0.5, "blocks.4 @ 64": hardness * 0.5 + jitter}
+    assert np.mean(losses["blocks.4 @ 64"]) > np.mean(losses["blocks.4 @ 240"])
+    assert best_by_paired_loss(losses, incumbent="top @ 240", z=2.0, cost=cost)[0] == "blocks.4 @ 64"
+    assert best_by_paired_loss(losses, incumbent="top @ 240", z=2.0)[0] == "blocks.4 @ 240"  # cost unknown
+    # Where the small input is clearly worse than the best, the best is kept, however cheap the other.
+    losses["blocks.4 @ 64"] = hardness * 0.7
+    assert best_by_paired_loss(losses, incumbent="top @ 240", z=2.0, cost=cost)[0] == "blocks.4 @ 240"
+
+
 def test_paired_z_is_signed_and_needs_its_incumbent():
     from ml.selection import best_by_paired_loss, paired_z
 
