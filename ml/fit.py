@@ -805,13 +805,20 @@ def _best_score(result: FinetuneResult) -> tuple[float, float]:
 
 
 def _finetune_start(chosen: ChosenProbe) -> tuple[Representation, str, float]:
-    """(features, stage, C) of the best-ranked probe at the smallest candidate input size."""
+    """(features, stage, C) of the best-ranked probe at the smallest candidate input size: the lowest out-of-fold
+    log loss, as the representation is ranked (CV accuracy where no loss was measured)."""
     smallest = min(rep.prep.input_size for rep, _, _ in chosen.ranking.values()) if chosen.ranking else None
     if smallest is None or smallest == chosen.rep.prep.input_size:
         return chosen.rep, chosen.stage, chosen.probe.C
-    options = [(c.score if c.score is not None else -1.0, rep, stage, c) for rep, stage, c in chosen.ranking.values()]
-    _, rep, stage, c = max((o for o in options if o[1].prep.input_size == smallest), key=lambda o: o[0])
+    here = [(rep, stage, c) for rep, stage, c in chosen.ranking.values() if rep.prep.input_size == smallest]
+    rep, stage, c = min(here, key=lambda o: _rank(o[2]))
     return rep, stage, c.detail.get("C", chosen.probe.C)
+
+
+def _rank(c: Candidate) -> tuple[float, float]:
+    """A probe candidate's rank, best first: its out-of-fold log loss, then its CV accuracy."""
+    loss = c.detail.get("cv_loss")
+    return (math.inf if loss is None else float(loss), -(c.score if c.score is not None else -1.0))
 
 
 def _start_decision(chosen: ChosenProbe, rep: Representation, stage: str) -> Decision:
@@ -824,7 +831,7 @@ def _start_decision(chosen: ChosenProbe, rep: Representation, stage: str) -> Dec
         here or (Candidate(_name(stage, rep), None),),
         f"the best-ranked probe at the smallest candidate input size ({size} px): fine-tuning adapts the "
         "filters to the scale, and its compute grows with the square of the size",
-        metric="the probes' cross-validated accuracy on training images",
+        metric="the probes' cross-validated accuracy on training images; their out-of-fold log loss ranks them",
     )
 
 

@@ -50,16 +50,6 @@ class Decision:
         return out
 
 
-def best_of(candidates: Sequence[Candidate], *, incumbent: str, margin: float) -> str:
-    """The best-scoring candidate; the incumbent (the plain default) keeps its place unless another
-    beats it by more than `margin`, so measurement noise never trades a simple model for a complex one."""
-    scores = {c.name: (-1.0 if c.score is None else c.score) for c in candidates}
-    if incumbent not in scores:
-        raise ValueError(f"incumbent '{incumbent}' is not among the candidates {list(scores)}")
-    challenger = max((n for n in scores if n != incumbent), key=scores.__getitem__, default=incumbent)
-    return challenger if scores[challenger] > scores[incumbent] + margin else incumbent
-
-
 def invariance_holds(clean: float, transformed: float, *, tolerance: float) -> bool:
     """A transformation is an invariance of the data when the probe answers as well on transformed
     images as on the originals (within `tolerance`): a mirror that changes the answers is not one."""
@@ -146,7 +136,6 @@ __all__ = [
     "Candidate",
     "Decision",
     "best_by_paired_loss",
-    "best_of",
     "invariance_holds",
     "keep_if_better",
     "paired_margin",

@@ -28,10 +28,26 @@ def test_the_probe_keeps_each_images_out_of_fold_loss_at_its_c():
     row = next(r for r in probe.history if r["C"] == probe.C)
     assert probe.oof_loss is not None and probe.oof_loss.shape == (len(y),)
     assert probe.oof_loss.mean() == pytest.approx(row["cv_loss"], rel=1e-6)
-    # Another view of the same rows is cross-validated on the same folds, so the two compare image by image:
-    # a copy of the features gives the same losses exactly.
-    again = fit_probe(X.copy(), y, 3)
-    assert np.array_equal(again.oof_loss, probe.oof_loss)
+
+
+def test_every_view_of_the_same_rows_is_cross_validated_on_the_same_folds(monkeypatch):
+    # The representation rule compares the views' losses image by image: the folds must not depend on X.
+    import ml.probe
+
+    held_out: list[list[tuple[int, ...]]] = []
+
+    class Recording(ml.probe.StratifiedKFold):
+        def split(self, X, y=None, groups=None):
+            folds = [(tr, te) for tr, te in super().split(X, y, groups)]
+            held_out.append([tuple(te) for _, te in folds])
+            yield from folds
+
+    monkeypatch.setattr(ml.probe, "StratifiedKFold", Recording)
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(3), 30)
+    fit_probe(rng.normal(size=(len(y), 8)).astype(np.float32), y, 3)
+    fit_probe(rng.normal(size=(len(y), 64)).astype(np.float32), y, 3)  # another view: other width, other values
+    assert len(held_out) == 2 and held_out[0] == held_out[1]
 
 
 def test_a_probe_with_nothing_to_cross_validate_has_no_out_of_fold_loss():

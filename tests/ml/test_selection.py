@@ -13,32 +13,11 @@ from ml.backbones import Preprocessing
 from ml.decisions import HeldOut, augmentation_decision, flip_decision
 from ml.preprocess import eval_transform
 from ml.run import Run
-from ml.selection import Candidate, Decision, best_of, invariance_holds, keep_if_better, strongest_within
+from ml.selection import Candidate, Decision, invariance_holds, keep_if_better, strongest_within
 
 
 def _c(name: str, score: float | None) -> Candidate:
     return Candidate(name, score)
-
-
-@pytest.mark.parametrize(
-    "scores,expected",
-    [
-        ({"top @ 240": 0.90, "blocks.3 @ 64": 0.95}, "blocks.3 @ 64"),  # a clear winner replaces the incumbent
-        ({"top @ 240": 0.90, "blocks.3 @ 64": 0.904}, "top @ 240"),  # within the margin: the plain probe stays
-        ({"top @ 240": 0.90, "a": 0.80, "b": 0.85}, "top @ 240"),  # nothing beats it
-        ({"top @ 240": None, "a": 0.50}, "a"),  # an incumbent that could not be measured loses
-        ({"top @ 240": 0.90, "a": None}, "top @ 240"),
-        ({"top @ 240": 0.90}, "top @ 240"),  # alone
-    ],
-)
-def test_best_of_keeps_the_incumbent_unless_clearly_beaten(scores, expected):
-    candidates = [_c(n, s) for n, s in scores.items()]
-    assert best_of(candidates, incumbent="top @ 240", margin=0.005) == expected
-
-
-def test_best_of_needs_its_incumbent():
-    with pytest.raises(ValueError, match="incumbent"):
-        best_of([_c("a", 1.0)], incumbent="b", margin=0.0)
 
 
 @pytest.mark.parametrize(
@@ -262,3 +241,31 @@ def test_flip_test_tolerates_a_few_images_of_noise_but_not_a_class_changing_mirr
     assert len(plain) == n and not invariance_holds(
         signs.mean(), mirrored.mean(), tolerance=paired_margin(signs, mirrored, floor=0.02)
     )
+
+
+def test_the_fine_tune_starts_from_the_lowest_loss_probe_at_the_smallest_input():
+    from ml.backbones import Preprocessing
+    from ml.fit import ChosenProbe, _finetune_start
+    from ml.measure import Representation
+    from ml.probe import fit_probe
+
+    def rep(size: int) -> Representation:
+        return Representation(Preprocessing(input_size=size, resize_size=size, mean=(0.5,) * 3, std=(0.25,) * 3), {})
+
+    small, native = rep(64), rep(240)
+    y = np.repeat([0, 1], 10)
+    probe = fit_probe(np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32), y, 2)
+    # Traffic signs' shape: the probe kept is at 240 px; at 64 px blocks.4 has the higher accuracy by a hair
+    # and blocks.3 the lower loss, so the fine-tune starts from blocks.3 (at its own C).
+    measured = [
+        (small, "blocks.3", Candidate("blocks.3 @ 64 px", 0.941, 1.0, {"C": 0.1, "cv_loss": 0.167})),
+        (small, "blocks.4", Candidate("blocks.4 @ 64 px", 0.942, 1.0, {"C": 1.0, "cv_loss": 0.207})),
+        (native, "blocks.5", Candidate("blocks.5 @ 240 px", 0.961, 1.0, {"C": 1.0, "cv_loss": 0.1})),
+    ]
+    ranking = {c.name: (r, s, c) for r, s, c in measured}
+    chosen = ChosenProbe(native, "blocks.5", probe, 20, ranking)
+    start, stage, C = _finetune_start(chosen)
+    assert (start.prep.input_size, stage, C) == (64, "blocks.3", 0.1)
+    # Without losses (measured before they were kept), the accuracy ranks them.
+    ranking = {n: (r, s, Candidate(c.name, c.score, 1.0, {"C": c.detail["C"]})) for n, (r, s, c) in ranking.items()}
+    assert _finetune_start(ChosenProbe(native, "blocks.5", probe, 20, ranking))[1] == "blocks.4"
