@@ -51,8 +51,7 @@ def fit_probe(
     Xs = scaler.transform(X).astype(np.float32)
     Cs = tuple(sorted(Cs))  # ascending, so each fit warm-starts from the more regularised one
     k = int(min(folds, np.bincount(y, minlength=num_classes).min()))
-    per_image = np.full((len(Cs), len(y)), np.nan)
-    scores = _cv_scores(Xs, y, Cs, k, seed, num_classes, on_fit, per_image)
+    scores, per_image = _cv_scores(Xs, y, Cs, k, seed, num_classes, on_fit)
     history: list[dict[str, Any]] = [
         {"step": step, "C": C, "cv_accuracy": acc, "cv_loss": loss}
         for step, (C, (acc, loss)) in enumerate(zip(Cs, scores, strict=True), start=1)
@@ -79,18 +78,17 @@ def _cv_scores(
     seed: int,
     num_classes: int,
     on_fit: Callable[[int, int], None] | None = None,
-    per_image: np.ndarray | None = None,
-) -> list[tuple[float, float]]:
-    """(accuracy, log loss) per C, pooled over k stratified folds; with `per_image` (len(Cs), N), each
-    image's out-of-fold log loss is written there too.
+) -> tuple[list[tuple[float, float]], np.ndarray]:
+    """(accuracy, log loss) per C, pooled over k stratified folds, and each image's out-of-fold log loss per
+    C, (len(Cs), N): the pooled loss is its mean (NaN throughout where nothing could be cross-validated).
 
     Within a fold the C path is walked upwards with warm starts and a looser
     tolerance (the ranking of Cs does not need the last digits): ~3x faster.
     """
+    per_image = np.full((len(Cs), len(y)), np.nan)
     if k < 2:  # a class with a single training image: nothing to cross-validate on
-        return [(float("nan"), float("nan"))] * len(Cs)
+        return [(float("nan"), float("nan"))] * len(Cs), per_image
     correct = np.zeros(len(Cs))
-    losses = np.zeros(len(Cs))
     done = 0
     for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(X, y):
         clf = _logreg(Cs[0], seed, warm_start=True, tol=1e-3)
@@ -100,13 +98,13 @@ def _cv_scores(
                 clf.set_params(C=C).fit(X[tr], y[tr])
             proba = _full_proba(clf, X[te], num_classes)
             correct[i] += int((proba.argmax(1) == y[te]).sum())
-            losses[i] += log_loss(y[te], proba, labels=list(range(num_classes))) * len(te)
-            if per_image is not None:  # clipped as log_loss clips
-                per_image[i, te] = -np.log(np.clip(proba[np.arange(len(te)), y[te]], np.finfo(proba.dtype).eps, 1))
+            eps = np.finfo(proba.dtype).eps  # clipped as sklearn's log_loss clips
+            per_image[i, te] = -np.log(np.clip(proba[np.arange(len(te)), y[te]], eps, 1 - eps))
             done += 1
             if on_fit:
                 on_fit(done, k * len(Cs))
-    return [(float(c / len(y)), float(loss / len(y))) for c, loss in zip(correct, losses, strict=True)]
+    scores = [(float(c / len(y)), float(loss)) for c, loss in zip(correct, per_image.mean(1), strict=True)]
+    return scores, per_image
 
 
 def _full_proba(clf: LogisticRegression, X: np.ndarray, num_classes: int) -> np.ndarray:

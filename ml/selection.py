@@ -89,10 +89,10 @@ def paired_z(challenger: Sequence[float] | np.ndarray, incumbent: Sequence[float
     """How many standard errors the challenger's mean per-image loss lies below (negative) or above
     the incumbent's, on the same images: a paired test, so only how the two differ image by image
     adds noise, not how hard the images are."""
-    d = np.asarray(challenger, dtype=float) - np.asarray(incumbent, dtype=float)
-    if len(d) == 0:
+    a, b = np.asarray(challenger, dtype=float), np.asarray(incumbent, dtype=float)
+    if len(a) == 0:
         return 0.0
-    mean, se = float(d.mean()), float(d.std()) / math.sqrt(len(d))
+    mean, se = float((a - b).mean()), paired_margin(a, b) / 2
     if se == 0.0:
         return 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
     return mean / se
