@@ -168,6 +168,11 @@ def test_the_representation_table_shows_the_log_loss_that_chose_it(
     expect(block.locator("tr.kept")).to_contain_text("97.7%")
     expect(block.locator("tr.kept td").nth(1)).to_have_text("0.130 (z −2.4)")
     expect(block.locator("tbody tr").first.locator("td").nth(1)).to_have_text("0.185")
+    # The bars plot what decided: the loss (lower is better), not the accuracy the kept one does not lead on.
+    chart = block.locator("canvas")
+    expect(chart).to_have_attribute("aria-label", re.compile(r"^Cross-validated log loss of the representation"))
+    drawn = chart.evaluate("c => { const d = Chart.getChart(c).data.datasets[0]; return [d.label, d.data]; }")
+    assert drawn == ["cross-validated log loss", [0.1848, 0.1296, 0.1518]]
     # Decisions without a loss keep their three columns.
     others = page.locator(".decision").filter(has_not=page.locator("h3", has_text="representation"))
     if others.count():

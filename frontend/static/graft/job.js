@@ -148,7 +148,8 @@ document.addEventListener("DOMContentLoaded", () => {
       Graft.el("p", { class: "meta", text: `${d.metric ? `Scores: ${d.metric} · ` : ""}measuring took ${seconds(d.seconds)}` }));
     let canvas = null;
     if (d.what === "representation" && candidates.length > 1) {
-      canvas = Graft.el("canvas", { role: "img", "aria-label": `Scores of the ${d.what} candidates (listed in the table below)` });
+      const what = byLoss ? "Cross-validated log loss" : "Scores";
+      canvas = Graft.el("canvas", { role: "img", "aria-label": `${what} of the ${d.what} candidates (listed in the table below)` });
       const box = Graft.el("div", { class: "chart" }, canvas);
       box.style.height = `${Math.max(140, 30 * candidates.length + 50)}px`;
       node.append(box);
@@ -163,23 +164,35 @@ document.addEventListener("DOMContentLoaded", () => {
     return Object.entries(detail || {}).map(([k, v]) => `${k.replaceAll("_", " ")} ${show(v)}`).join(", ");
   }
 
+  // The bars show what decided: each candidate's cross-validated log loss where the choice was made by
+  // loss (lower is better; the representation), else its score.
   function drawScores(canvas, d) {
     const labels = d.candidates.map((c) => (c.name === d.chosen ? `${c.name} ✓ kept` : c.name));
+    const byLoss = d.candidates.some((c) => c.detail && c.detail.cv_loss != null);
+    const value = (c) => (byLoss ? (c.detail || {}).cv_loss : c.score);
+    const x = byLoss
+      ? { min: 0, title: { display: true, text: "cross-validated log loss (lower is better)" } }
+      : { min: 0, max: 1, ticks: { callback: (v) => Graft.pct(v, 0) } };
+    const tip = (ctx) => {
+      if (!byLoss) return Graft.pct(ctx.raw);
+      const { z } = d.candidates[ctx.dataIndex].detail || {};
+      return `log loss ${ctx.raw.toFixed(3)}${z == null || z === 0 ? "" : ` (z ${z > 0 ? "+" : "−"}${Math.abs(z).toFixed(1)})`}`;
+    };
     new Chart(canvas, {
       type: "bar",
       data: {
         labels,
         datasets: [{
-          label: "score",
-          data: d.candidates.map((c) => c.score),
+          label: byLoss ? "cross-validated log loss" : "score",
+          data: d.candidates.map(value),
           backgroundColor: d.candidates.map((c) => (c.name === d.chosen ? "#2f9e6e" : "#9aa6bd")),
         }],
       },
       options: {
         indexAxis: "y", maintainAspectRatio: false, animation: false,
-        plugins: { legend: { display: false }, tooltip: { callbacks: { label: (ctx) => Graft.pct(ctx.raw) } } },
+        plugins: { legend: { display: false }, tooltip: { callbacks: { label: tip } } },
         scales: {
-          x: { min: 0, max: 1, ticks: { callback: (v) => Graft.pct(v, 0) } },
+          x,
           // Long names would squeeze the bars on a phone; the table and the tooltip give them whole.
           y: { ticks: { callback: (_, i) => (labels[i].length > 26 ? `${labels[i].slice(0, 25)}…` : labels[i]) } },
         },
