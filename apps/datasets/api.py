@@ -327,7 +327,9 @@ class VersionExportApi(APIView):
         version = version_get(user=request.user, dataset_id=dataset_id, number=number)
         if version.status != DatasetVersion.Status.READY:
             raise UserError(f"Version {version.number} is not ready; export a ready version.", status_code=409)
-        response = StreamingHttpResponse(version_export(version), content_type="application/zip")
+        export = version_export(version)
+        response = StreamingHttpResponse(export, content_type="application/zip")
+        response["Content-Length"] = str(len(export))
         response["Content-Disposition"] = f'attachment; filename="{export_name(version)}"'
         return response
 

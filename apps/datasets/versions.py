@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path, PurePosixPath
-from typing import IO, TypedDict
+from typing import IO, TYPE_CHECKING, TypedDict
 
 from django.conf import settings
 from django.core.files.base import ContentFile
@@ -51,6 +51,9 @@ from ml.dataset import DatasetIndex, DatasetWarning, IngestConfig, Sample, index
 from ml.errors import DatasetError
 from ml.images import ImageDecodeError, thumbnail_jpeg
 from ml.splits import place_added
+
+if TYPE_CHECKING:
+    from zipstream import ZipStream
 
 log = logging.getLogger(__name__)
 
@@ -532,39 +535,60 @@ def export_name(version: DatasetVersion) -> str:
     return f"{safe}-v{version.number}.zip"
 
 
-def version_export(version: DatasetVersion) -> Iterator[bytes]:
-    """The version as a zip in Graft's own upload format (`train/<class>/…`, `val/<class>/…`), streamed
-    as it is written (zipstream-ng), its images read from storage where they lie (ranged reads on S3),
-    each source archive opened once."""
+class VersionZip:
+    """A version's export as it streams: `len()` is its size in bytes before the first is sent (the
+    response's Content-Length, so a browser shows the download's progress and a cut-off transfer reads
+    as one), iterating gives the bytes, `close()` lets the source archives go (Django's response calls
+    it, whether or not the body was sent)."""
+
+    def __init__(self, stream: ZipStream, sources: ExitStack) -> None:
+        self._stream, self._sources = stream, sources
+
+    def __len__(self) -> int:
+        return len(self._stream)
+
+    def __iter__(self) -> Iterator[bytes]:
+        with self._sources:
+            yield from self._stream
+
+    def close(self) -> None:
+        self._sources.close()
+
+
+def version_export(version: DatasetVersion) -> VersionZip:
+    """The version as a zip in Graft's own upload format (`train/<class>/…`, `val/<class>/…`), stored
+    (not compressed: the images are compressed already) and streamed as it is written (zipstream-ng),
+    its images read from storage where they lie (ranged reads on S3). Each source archive is opened
+    once, before the first byte: its directory gives every member's size, so the zip's is known."""
     from zipstream import ZIP_STORED, ZipStream
 
     index = version_index(version)
     upload = version.dataset.archive
-    stream = ZipStream(compress_type=ZIP_STORED, sized=False)
+    stream = ZipStream(compress_type=ZIP_STORED, sized=True)
     taken: set[str] = set()
     sources = ExitStack()
     opened: dict[str, zipfile.ZipFile] = {}
 
-    def member_bytes(source: str, member: str) -> Iterator[bytes]:
-        if source not in opened:
-            opened[source] = sources.enter_context(zipfile.ZipFile(sources.enter_context(open_seekable(source))))
-        with opened[source].open(member) as src:
+    def member_bytes(zf: zipfile.ZipFile, member: str) -> Iterator[bytes]:
+        with zf.open(member) as src:
             while chunk := src.read(256 * 1024):
                 yield chunk
 
-    for s in sorted(index.samples, key=lambda s: (s.split, s.label, s.member)):
-        base = PurePosixPath(s.member).name
-        name = f"{s.split or 'train'}/{s.label}/{base}"
-        if name in taken:
-            name = f"{s.split or 'train'}/{s.label}/{s.sha256[:8]}-{base}"
-        taken.add(name)
-        stream.add(member_bytes(s.source or upload, s.member), name)
-
-    def body() -> Iterator[bytes]:
-        with sources:
-            yield from stream
-
-    return body()
+    with ExitStack() as on_error:
+        on_error.callback(sources.close)  # a source that cannot be opened closes those opened before it
+        for s in sorted(index.samples, key=lambda s: (s.split, s.label, s.member)):
+            source = s.source or upload
+            if source not in opened:
+                opened[source] = sources.enter_context(zipfile.ZipFile(sources.enter_context(open_seekable(source))))
+            zf = opened[source]
+            base = PurePosixPath(s.member).name
+            name = f"{s.split or 'train'}/{s.label}/{base}"
+            if name in taken:
+                name = f"{s.split or 'train'}/{s.label}/{s.sha256[:8]}-{base}"
+            taken.add(name)
+            stream.add(member_bytes(zf, s.member), name, size=zf.getinfo(s.member).file_size)
+        on_error.pop_all()
+    return VersionZip(stream, sources)
 
 
 def image_thumbnail(dataset: Dataset, sha256: str) -> IO[bytes] | None:

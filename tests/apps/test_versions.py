@@ -92,6 +92,7 @@ def test_change_sets_make_versions_that_export_and_upload_again(celery_worker_pr
     r = api.call("GET", f"/datasets/{ds}/versions/2/export/")
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/zip"
     assert "pets-v2.zip" in r.headers["Content-Disposition"]
+    assert int(r.headers["Content-Length"]) == len(r.content)  # known before the first byte: a download shows progress
     names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
     assert len(names) == 26 and {n.split("/")[0] for n in names} == {"train", "val"}
     again = _upload(api, tmp_path, {n: zipfile.ZipFile(io.BytesIO(r.content)).read(n) for n in names}, "again")

@@ -27,7 +27,10 @@ def test_a_version_of_two_archives_exports_and_trains_from_s3(s3_storage, make_u
     first = version_index(v2).samples[0]
     v3 = version_change(dataset=dataset, relabel={first.sha256: "owls"})
 
-    exported = zipfile.ZipFile(io.BytesIO(b"".join(version_export(v3))))
+    export = version_export(v3)
+    body = b"".join(export)
+    assert len(body) == len(export)  # the size announced before the first byte
+    exported = zipfile.ZipFile(io.BytesIO(body))
     names = exported.namelist()
     assert len(names) == 17 and len([n for n in names if "/owls/" in n]) == 6
     assert exported.testzip() is None  # every member's CRC holds
