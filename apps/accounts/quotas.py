@@ -116,6 +116,19 @@ def check_new_job(user: User) -> None:
         )
 
 
+def check_new_int8(user: User) -> None:
+    """A model's int8 version may be made while its owner has storage left: it is stored in the model's
+    bundle, beside the fp32 model, and charged with it once made (as a job's bundle is)."""
+    used = usage(user)
+    if used.bytes_stored >= used.bytes_quota:
+        raise UserError(
+            f"Your storage is full ({human_bytes(used.bytes_stored)} of your quota of "
+            f"{human_bytes(used.bytes_quota)}), and the int8 model is stored in the model's bundle, beside the "
+            "fp32 one; the model serves in fp32. Delete datasets or models you no longer need, then ask again.",
+            status_code=413,
+        )
+
+
 def _check_active(used: Usage) -> None:
     if used.active_jobs >= settings.GRAFT_QUOTA_ACTIVE_JOBS:
         raise UserError(

@@ -164,7 +164,8 @@ class ModelInt8Api(APIView):
         """Make the model's int8 variant: a worker quantizes and tests it, and the model serves it once
         it is kept; `int8_status` says where it stands (pending, running, kept, refused, failed). Asked
         while on its way, the model is returned as it is (asked again once pending for 10 minutes, it
-        is queued again); made already (kept or refused), 409."""
+        is queued again); made already (kept or refused), 409; with its owner's storage full, 413 (it is
+        stored in the bundle, beside the fp32 model)."""
         model = int8_request(model=model_get(user=request.user, model_id=model_id))
         return Response(ModelOutputSerializer(model).data, status=status.HTTP_202_ACCEPTED)
 

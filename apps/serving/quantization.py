@@ -30,6 +30,7 @@ from django.core.files.storage import default_storage
 from django.db import transaction
 from django.utils import timezone
 
+from apps.accounts.quotas import check_new_int8
 from apps.common import faults, work
 from apps.common.errors import UserError
 from apps.common.storage import delete_quietly, local_copy
@@ -44,7 +45,8 @@ ASK_AGAIN_AFTER = timedelta(minutes=10)  # pending this long, the step can be as
 
 def int8_request(*, model: TrainedModel) -> TrainedModel:
     """Queue the model's int8 step; the model serves in fp32 meanwhile. A step on its way is left to
-    finish (asked again, the model comes back as it is); one made already is not made twice (409)."""
+    finish (asked again, the model comes back as it is); one made already is not made twice (409); none
+    is queued while its owner's storage is full (413)."""
     from apps.serving.tasks import make_int8
 
     if model.job is None or model.job.dataset is None:
@@ -57,6 +59,7 @@ def int8_request(*, model: TrainedModel) -> TrainedModel:
         raise UserError(f"Its int8 version was made already. {model.int8.get('reason', '')}".strip(), status_code=409)
     if model.int8_status == Int8.RUNNING or (model.int8_status == Int8.PENDING and not int8_waited_long(model)):
         return model
+    check_new_int8(model.owner)
     now = timezone.now()
     asked = TrainedModel.objects.filter(pk=model.pk, int8_status=model.int8_status)  # not claimed meanwhile
     if not asked.update(int8_status=Int8.PENDING, int8={}, int8_at=now):

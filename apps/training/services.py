@@ -346,6 +346,7 @@ class JobCheckpoints:
 def _succeed(
     job: Job, result: FitResult, mine: QuerySet[Job], origins: dict[str, tuple[str, str]] | None = None
 ) -> None:
+    from apps.serving.models import TrainedModel
     from apps.serving.quantization import int8_request
     from apps.serving.services import bundle_store, model_create
     from apps.training.gallery import gallery_store
@@ -371,6 +372,10 @@ def _succeed(
     if settings.GRAFT_INT8 and job.dataset_id is not None:
         try:
             int8_request(model=model)
+        except UserError as refused:  # storage full: the model says why, and can be asked again once there is room
+            TrainedModel.objects.filter(pk=model.pk, int8_status="").update(
+                int8_status=TrainedModel.Int8.FAILED, int8={"error": refused.message}, int8_at=timezone.now()
+            )
         except Exception:  # noqa: BLE001 - the model can be asked for its int8 version again
             log.exception("job %s: the int8 step of model %s was not queued", job.pk, model.pk)
 

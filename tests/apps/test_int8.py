@@ -147,3 +147,20 @@ def test_a_step_on_its_way_is_left_to_finish_and_a_silent_one_fails_with_a_sente
     r = alice.call("POST", f"/models/{model_id}/int8/")
     assert r.status_code == 202 and r.json()["int8_status"] == "pending", r.text
     assert _wait_int8(alice, model_id)["int8_status"] in ("kept", "refused")
+
+
+def test_no_int8_step_is_queued_while_storage_is_full_and_it_says_why(trained, settings):
+    """The int8 model is stored in the bundle beside the fp32 one: with storage full it is refused with
+    a sentence (413), nothing is queued, and once there is room it is made."""
+    alice, model_id = trained
+    owner = TrainedModel.objects.get(pk=model_id).owner
+    settings.GRAFT_QUOTA_BYTES = usage(owner).bytes_stored  # exactly full
+    r = alice.call("POST", f"/models/{model_id}/int8/")
+    assert r.status_code == 413, r.text
+    assert "storage is full" in r.json()["error"] and "serves in fp32" in r.json()["error"]
+    assert TrainedModel.objects.get(pk=model_id).int8_status == ""  # not pending: no step on its way
+
+    settings.GRAFT_QUOTA_BYTES = usage(owner).bytes_stored + 10 * 2**20
+    r = alice.call("POST", f"/models/{model_id}/int8/")
+    assert r.status_code == 202 and r.json()["int8_status"] == "pending", r.text
+    assert _wait_int8(alice, model_id)["int8_status"] in ("kept", "refused")
