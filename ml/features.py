@@ -209,7 +209,7 @@ class EmbeddingCache:
     def stack(self, view: str, sha256s: Sequence[str]) -> np.ndarray:
         """The vectors of these images, in order, as one float32 matrix (every one must be held)."""
         vectors = self._views[view]
-        return np.stack([vectors[s] for s in sha256s]).astype(np.float32)
+        return np.stack([vectors[s] for s in sha256s]).astype(np.float32, copy=False)
 
     def counts(self) -> dict[str, int]:
         """How many images each view holds."""
