@@ -272,6 +272,15 @@ class Int8Check(Json):
     # How the CPU that checked it multiplies int8 (ml.predict.int8_arithmetic): "exact" (VNNI, AMX,
     # ARM) or "saturating" (other x86). It is served where the CPU does the same or multiplies exactly.
     arithmetic: Arithmetic = "exact"
+    # The largest shift of the fp32 head's bias, in logits (ml.quantize.correct_head); None where the
+    # model's logits come from no layer it could correct (or from a step made before the correction)
+    head_bias_shift: float | None = None
+    # The first convolutions left in fp32 (ml.quantize.FP32_SHARE of them where the whole network in int8
+    # did not hold on the calibration images' moved views; else none)
+    fp32_convolutions: int = 0
+    # Top-1 agreement with fp32 on the calibration images and their moved views, which chose the design;
+    # the rule asks MIN_AGREEMENT there too (None: a step made before it was measured)
+    calibration_agreement: float | None = None
 
 
 @dataclass(frozen=True)

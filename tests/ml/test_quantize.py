@@ -71,6 +71,7 @@ def test_a_model_that_holds_is_kept_in_the_bundle_and_served(bundle, dataset, tm
     assert (check.calibration_images, check.check_images, check.val_images) == (24, 24, 12)
     assert check.agreement >= quantize.MIN_AGREEMENT and check.accuracy_fp32 == 1.0
     assert check.val_accuracy_int8 is not None and check.batch_1_ms_int8 > 0 and check.seconds > 0
+    assert check.fp32_convolutions == 0 and "; the head in fp32" in check.method  # the whole network holds in int8
     assert {t[0] for t in ticks} >= {"decode", "calibrate", "check"}
     card = read_bundle(folder).card
     assert card["int8"] == check.to_json() and check.arithmetic == int8_arithmetic()
@@ -101,6 +102,28 @@ def test_a_model_that_holds_is_kept_in_the_bundle_and_served(bundle, dataset, tm
 
 
 AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 ssse3 sse4_1 avx fma avx2 bmi2\n\n"
+
+
+def test_where_whole_int8_does_not_hold_on_the_calibration_views_the_first_convolutions_stay_fp32(
+    bundle, dataset, tmp_path, monkeypatch
+):
+    """The design is chosen on the calibration images, shifted and with noise (images the rule never
+    reads); the rule then tests the model that was made."""
+    asked: list[int] = []
+    agreements = iter([0.9, 1.0])  # the whole network in int8 does not hold there; the other design does
+    monkeypatch.setattr(quantize, "_views_agreement", lambda *a: asked.append(len(a[2])) or next(agreements))
+    monkeypatch.setattr(quantize, "FP32_SHARE", 1.0)  # the tiny network has one convolution
+    check = quantize.quantize_bundle(_copy(bundle, tmp_path), dataset, index_dataset(dataset), val_fraction=0.2)
+    assert asked == [check.calibration_images] * 2 and check.calibration_agreement == 1.0
+    assert check.fp32_convolutions == 1 and "the first 1 of its 1 convolutions and the head in fp32" in check.method
+    assert check.kept, check.reason  # an fp32 network with an fp32 head predicts as itself
+
+    # Where neither holds on the calibration views, it is refused whatever the check images say.
+    agreements = iter([0.9, 0.95])
+    check = quantize.quantize_bundle(
+        _copy(bundle, tmp_path / "again"), dataset, index_dataset(dataset), val_fraction=0.2
+    )
+    assert not check.kept and "agreement 95.0% over its calibration images" in check.reason
 
 
 def test_the_cpu_s_int8_arithmetic_is_read_from_its_flags():
@@ -168,7 +191,7 @@ def test_the_rule_allows_a_point_or_one_image():
     def rule(n: int, same: int, lost: int, moved_same: float = 1.0) -> bool:
         check = quantize.Tally(n, same, n, n - lost)
         moved = quantize.Tally(2 * n, round(2 * n * moved_same), 2 * n, 2 * n)
-        return quantize._rule(check, moved)[0]
+        return quantize._rule(check, moved, 1.0)[0]
 
     assert rule(100, 99, 1)
     assert not rule(200, 197, 3)  # 1.5 points, 3 images
@@ -180,6 +203,9 @@ def test_the_rule_allows_a_point_or_one_image():
     # Agreement counts every view together: the images, shifted and with noise.
     assert not rule(400, 400, 0, moved_same=0.96)
     assert rule(400, 400, 0, moved_same=0.975)  # (400 + 780) / 1200 = 98.3%
+    # The calibration images' views chose the design: it must hold there too.
+    assert not quantize._rule(quantize.Tally(100, 100, 100, 100), quantize.Tally(200, 200, 200, 200), 0.97)[0]
+    assert quantize._rule(quantize.Tally(100, 100, 100, 100), quantize.Tally(200, 200, 200, 200), 0.98)[0]
     assert np.isclose(quantize.MAX_ACCURACY_DROP, 0.01)
 
 
@@ -208,3 +234,45 @@ def test_the_split_is_the_fit_s_own_by_default(bundle, dataset, tmp_path, monkey
     monkeypatch.setattr(quantize, "_read", lambda *a: seeds.append(a[4]) or read(*a))
     assert quantize.quantize_bundle(folder, dataset, index, val_fraction=0.2).kept
     assert seeds == [7]
+
+
+def test_the_head_stays_fp32_and_its_bias_takes_up_the_backbone_s_mean_error(tmp_path):
+    """The int8 backbone's rounding moves its features on average; the head, left in fp32, has its bias
+    shifted so that over the calibration images the int8 model's mean logits are fp32's."""
+    import onnx
+
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.ReLU6(), nn.Conv2d(16, 16, 3), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, 3),
+    ).eval()  # fmt: skip
+    with torch.no_grad():  # one channel 100x the others': per-tensor activation steps swamp the rest
+        net[2].weight[0] *= 100
+    write_bundle(tmp_path, model=net, classes=["a", "b", "c"], preprocessing=PREP, metrics={}, card={})
+    source, target = tmp_path / "bundle" / "model.onnx", tmp_path / "int8.onnx"
+    x = np.random.default_rng(0).standard_normal((32, 3, 32, 32), dtype=np.float32)
+    done = quantize.quantize(source, target, x)
+
+    model = onnx.load(str(target))
+    head = quantize._head(model)
+    weights = {t.name: t for t in model.graph.initializer}
+    assert head.op_type == "Gemm" and weights[head.input[1]].data_type == onnx.TensorProto.FLOAT  # not quantized
+    assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)  # the convolutions are
+    fp32, int8 = predict.onnx_forward(source), predict.onnx_forward(target)
+    np.testing.assert_allclose(int8(x).mean(0), fp32(x).mean(0), atol=1e-5, rtol=1e-5)
+    # Only the bias moved, by what the step reports (the uncorrected model missed fp32's mean by that).
+    shift = onnx.numpy_helper.to_array(weights[head.input[2]]) - net[6].bias.detach().numpy()
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(weights[head.input[1]]), net[6].weight.detach().numpy())
+    assert done["head_bias_shift"] == round(float(np.abs(shift).max()), 4) and np.abs(shift).max() > 1e-3
+    assert (done["fp32_convolutions"], done["convolutions"]) == (0, 2)
+
+    # With a share of the convolutions in fp32, the first ones are left as they were; the rest are int8.
+    done = quantize.quantize(source, target, x, fp32_share=0.5)
+    model = onnx.load(str(target))
+    weights = {t.name: t for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert (done["fp32_convolutions"], done["convolutions"]) == (1, 2)
+    assert [c.input[1] in weights and weights[c.input[1]].data_type == onnx.TensorProto.FLOAT for c in convs] == [
+        True,
+        False,  # its weights come through a DequantizeLinear
+    ]
