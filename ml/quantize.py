@@ -163,11 +163,12 @@ def quantize_bundle(
         candidate = Path(tmp) / INT8_FILE
         fp32 = onnx_forward(folder / ONNX_FILE)
         tick("calibrate", 0, 2)
-        made = quantize(folder / ONNX_FILE, candidate, images.calibration)
+        maker = Int8Maker(folder / ONNX_FILE, images.calibration, Path(tmp))
+        made = maker.make(candidate)
         # Chosen on the calibration images, shifted and with noise: images the check does not read.
         calibration = _views_agreement(fp32, onnx_forward(candidate), images.calibration, seed)
         if calibration < MIN_AGREEMENT:  # the first layers' rounding swamps what tells these images apart
-            made = quantize(folder / ONNX_FILE, candidate, images.calibration, fp32_share=FP32_SHARE)
+            made = maker.make(candidate, FP32_SHARE)
             calibration = _views_agreement(fp32, onnx_forward(candidate), images.calibration, seed)
         tick("calibrate", 2, 2)
         int8 = onnx_forward(candidate)
@@ -213,38 +214,55 @@ def quantize_bundle(
 
 
 def quantize(source: Path, target: Path, calibration: Array, *, fp32_share: float = 0.0) -> dict[str, Any]:
-    """Write `source` (an fp32 ONNX model, input `image`, output `logits`) quantized to int8 as `target`:
-    its head (the layer that makes the logits) and the first `fp32_share` of its convolutions (with every
-    node before them) kept in fp32, the head's bias corrected (`correct_head`). Returns
-    {"fp32_convolutions", "convolutions", "head_bias_shift" (where corrected)}."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):  # type: ignore[misc]  # untyped base
-        def __init__(self) -> None:
-            self.batches = iter([{"image": calibration[i : i + 1]} for i in range(len(calibration))])
-
-        def get_next(self) -> dict[str, Array] | None:
-            return next(self.batches, None)
-
+    """Write `source` (an fp32 ONNX model, input `image`, output `logits`) quantized to int8 as `target`
+    (`Int8Maker.make`)."""
     with tempfile.TemporaryDirectory(prefix="graft-int8-") as tmp:
-        # BatchNorm folded into the convolutions first, so that it is quantized with them
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        model = _load_onnx(prepared)
-        nodes = list(model.graph.node)  # in topological order: the input's layers first
-        convs = [i for i, node in enumerate(nodes) if node.op_type == "Conv"]
-        n_fp32 = min(len(convs), round(fp32_share * len(convs)))
-        first = nodes[: convs[n_fp32]] if n_fp32 < len(convs) else nodes
-        head = _head(model)
+        return Int8Maker(source, calibration, Path(tmp)).make(target, fp32_share)
+
+
+class Int8Maker:
+    """Makes int8 models of one fp32 ONNX model with one set of calibration images, as many designs as
+    asked: the model is prepared once (BatchNorm folded into the convolutions, so that it is quantized
+    with them; into `scratch`), and fp32's logits on the calibration images are computed once."""
+
+    def __init__(self, source: Path, calibration: Array, scratch: Path) -> None:
+        from onnxruntime.quantization import quant_pre_process
+
+        self.source, self.calibration = source, calibration
+        self.prepared = scratch / "prepared.onnx"
+        quant_pre_process(str(source), str(self.prepared), skip_symbolic_shape=True)
+        model = _load_onnx(self.prepared)
+        self.nodes = list(model.graph.node)  # in topological order: the input's layers first
+        self.convs = [i for i, node in enumerate(self.nodes) if node.op_type == "Conv"]
+        self.head = _head(model)
+        self._fp32_logits: Array | None = None
+
+    def make(self, target: Path, fp32_share: float = 0.0) -> dict[str, Any]:
+        """Write the int8 model as `target`: its head (the layer that makes the logits) and the first
+        `fp32_share` of its convolutions (with every node before them) kept in fp32, the head's bias
+        corrected (`correct_head`). Returns {"fp32_convolutions", "convolutions", "head_bias_shift" (where
+        corrected)}."""
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        calibration = self.calibration
+
+        class Reader(CalibrationDataReader):  # type: ignore[misc]  # untyped base
+            def __init__(self) -> None:
+                self.batches = iter([{"image": calibration[i : i + 1]} for i in range(len(calibration))])
+
+            def get_next(self) -> dict[str, Array] | None:
+                return next(self.batches, None)
+
+        n_fp32 = min(len(self.convs), round(fp32_share * len(self.convs)))
+        first = self.nodes[: self.convs[n_fp32]] if n_fp32 < len(self.convs) else self.nodes
         quantize_static(
-            str(prepared),
+            str(self.prepared),
             str(target),
             Reader(),
             quant_format=QuantFormat.QDQ,
@@ -252,9 +270,12 @@ def quantize(source: Path, target: Path, calibration: Array, *, fp32_share: floa
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=[node.name for node in first if n_fp32] + ([head.name] if head is not None else []),
+            nodes_to_exclude=[node.name for node in first if n_fp32] + ([self.head.name] if self.head else []),
         )
-    return {"fp32_convolutions": n_fp32, "convolutions": len(convs), **correct_head(source, target, calibration)}
+        if self._fp32_logits is None:
+            self._fp32_logits = _logits(onnx_forward(self.source), calibration)
+        corrected = correct_head(target, calibration, self._fp32_logits)
+        return {"fp32_convolutions": n_fp32, "convolutions": len(self.convs), **corrected}
 
 
 def _views_agreement(fp32: Forward, int8: Forward, x: Array, seed: int) -> float:
@@ -263,10 +284,10 @@ def _views_agreement(fp32: Forward, int8: Forward, x: Array, seed: int) -> float
     return float((_top1(fp32, views) == _top1(int8, views)).mean())
 
 
-def correct_head(source: Path, target: Path, calibration: Array) -> dict[str, Any]:
+def correct_head(target: Path, calibration: Array, fp32_logits: Array) -> dict[str, Any]:
     """Shift the int8 model's head bias (in `target`, left in fp32) by the mean difference between the
-    fp32 and the int8 logits over the calibration images: the backbone's rounding moves its features
-    on average, and the head turns that into a bias towards some classes. Only the head's bias
+    fp32 logits of the calibration images (`fp32_logits`) and the int8 model's: the backbone's rounding
+    moves its features on average, and the head turns that into a bias towards some classes. Only the head's bias
     changes; the int8 model is then tested as any other. Returns {"head_bias_shift": the largest
     shift, in logits} ({} for a model whose logits come from no Gemm with a bias of its own).
 
@@ -285,11 +306,7 @@ def correct_head(source: Path, target: Path, calibration: Array) -> dict[str, An
         bias = next((t for t in model.graph.initializer if t.name == head.input[2]), None)
     if bias is None or bias.data_type != onnx.TensorProto.FLOAT:
         return {}
-    fp32, int8 = onnx_forward(source), onnx_forward(target)
-    error = np.concatenate(
-        [fp32(calibration[i : i + BATCH]) - int8(calibration[i : i + BATCH]) for i in range(0, len(calibration), BATCH)]
-    )
-    shift = error.mean(0).astype(np.float32)
+    shift = (fp32_logits - _logits(onnx_forward(target), calibration)).mean(0).astype(np.float32)
     bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + shift, bias.name))
     onnx.save(model, str(target))
     return {"head_bias_shift": round(float(np.abs(shift).max()), 4)}
@@ -352,7 +369,13 @@ def _moved(x: Array, y: np.ndarray, seed: int) -> tuple[Array, np.ndarray]:
 
 
 def _top1(forward: Forward, x: Array) -> np.ndarray:
-    return np.concatenate([forward(x[i : i + BATCH]).argmax(1) for i in range(0, len(x), BATCH)])
+    top: np.ndarray = _logits(forward, x).argmax(1)
+    return top
+
+
+def _logits(forward: Forward, x: Array) -> Array:
+    logits: Array = np.concatenate([forward(x[i : i + BATCH]) for i in range(0, len(x), BATCH)])
+    return logits
 
 
 def _read(
