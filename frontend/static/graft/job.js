@@ -124,11 +124,10 @@ document.addEventListener("DOMContentLoaded", () => {
     const candidates = d.candidates || [];
     const seconds = (x) => (x == null ? "—" : `${x.toFixed(1)} s`);
     // Where log loss decided (the representation), each candidate's, and its z against the plain probe.
-    const byLoss = candidates.some((c) => c.detail && c.detail.cv_loss != null);
+    const byLoss = decidedByLoss(candidates);
     const lossText = (c) => {
       const { cv_loss: loss, z } = c.detail || {};
-      if (loss == null) return "—";
-      return z == null || z === 0 ? loss.toFixed(3) : `${loss.toFixed(3)} (z ${z > 0 ? "+" : "−"}${Math.abs(z).toFixed(1)})`;
+      return loss == null ? "—" : `${loss.toFixed(3)}${zText(z)}`;
     };
     const rows = candidates.map((c) => {
       const kept = c.name === d.chosen;
@@ -164,20 +163,26 @@ document.addEventListener("DOMContentLoaded", () => {
     return Object.entries(detail || {}).map(([k, v]) => `${k.replaceAll("_", " ")} ${show(v)}`).join(", ");
   }
 
+  function decidedByLoss(candidates) {
+    return candidates.some((c) => c.detail && c.detail.cv_loss != null);
+  }
+
+  // A candidate's z against the plain probe, as " (z −2.4)"; nothing for the probe itself.
+  function zText(z) {
+    return z == null || z === 0 ? "" : ` (z ${z > 0 ? "+" : "−"}${Math.abs(z).toFixed(1)})`;
+  }
+
   // The bars show what decided: each candidate's cross-validated log loss where the choice was made by
   // loss (lower is better; the representation), else its score.
   function drawScores(canvas, d) {
     const labels = d.candidates.map((c) => (c.name === d.chosen ? `${c.name} ✓ kept` : c.name));
-    const byLoss = d.candidates.some((c) => c.detail && c.detail.cv_loss != null);
+    const byLoss = decidedByLoss(d.candidates);
     const value = (c) => (byLoss ? (c.detail || {}).cv_loss : c.score);
     const x = byLoss
       ? { min: 0, title: { display: true, text: "cross-validated log loss (lower is better)" } }
       : { min: 0, max: 1, ticks: { callback: (v) => Graft.pct(v, 0) } };
-    const tip = (ctx) => {
-      if (!byLoss) return Graft.pct(ctx.raw);
-      const { z } = d.candidates[ctx.dataIndex].detail || {};
-      return `log loss ${ctx.raw.toFixed(3)}${z == null || z === 0 ? "" : ` (z ${z > 0 ? "+" : "−"}${Math.abs(z).toFixed(1)})`}`;
-    };
+    const tip = (ctx) =>
+      (byLoss ? `log loss ${ctx.raw.toFixed(3)}${zText((d.candidates[ctx.dataIndex].detail || {}).z)}` : Graft.pct(ctx.raw));
     new Chart(canvas, {
       type: "bar",
       data: {
