@@ -275,12 +275,19 @@ class Int8Check(Json):
     # The largest shift of the fp32 head's bias, in logits (ml.quantize.correct_head); None where the
     # model's logits come from no layer it could correct (or from a step made before the correction)
     head_bias_shift: float | None = None
-    # The first convolutions left in fp32 (ml.quantize.FP32_SHARE of them where the whole network in int8
-    # did not hold on the calibration images' moved views; else none)
+    # The first convolutions left in fp32 (one of ml.quantize.FP32_SHARES of them: the first design that
+    # held, or the last tried)
     fp32_convolutions: int = 0
     # Top-1 agreement with fp32 on the calibration images and their moved views, which chose the design;
     # the rule asks MIN_AGREEMENT there too (None: a step made before it was measured)
     calibration_agreement: float | None = None
+    # A head refitted fold by fold on fp32's features of the other check images, so that no image was
+    # trained on by the head that answers for it: its top-1 agreement over the check images, fp32's
+    # features against int8's, and its accuracy with each (None: not measured, or a step made before it)
+    refit_agreement: float | None = None
+    refit_accuracy_fp32: float | None = None
+    refit_accuracy_int8: float | None = None
+    designs_tried: int = 1  # of ml.quantize.FP32_SHARES, in turn
 
 
 @dataclass(frozen=True)

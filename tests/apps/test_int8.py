@@ -70,7 +70,9 @@ def test_the_worker_makes_the_int8_model_and_the_server_serves_it(trained, api_f
     assert 0 <= check["agreement"] <= 1 and check["val_accuracy_fp32"] is not None
     assert check["reason"].startswith("Kept" if check["kept"] else "Refused")
     allowed = max(0.01, 1 / check["check_images"]) + 1e-9  # a point, or one image
-    assert check["kept"] == (check["agreement"] >= 0.98 and check["accuracy_fp32"] - check["accuracy_int8"] <= allowed)
+    if check["kept"]:  # what kept it (a refusal names its reason: the tests of ml.quantize hold each to it)
+        assert check["agreement"] >= 0.98 and check["accuracy_fp32"] - check["accuracy_int8"] <= allowed
+        assert check["calibration_agreement"] >= 0.98 and check["batch_1_ms_int8"] < check["batch_1_ms_fp32"]
 
     # The bundle was stored again, with the int8 model where kept and the figures in its card, and the
     # usage meter counts the new one. The old one stays for whoever read the row just before (a
