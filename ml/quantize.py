@@ -188,6 +188,7 @@ def quantize_bundle(
         tick("design", len(FP32_SHARES), len(FP32_SHARES))
         int8 = onnx_forward(candidate)
         timings = time_forwards({"fp32": fp32, "int8": int8}, bundle.preprocessing.input_size, rounds=5)
+        held = trial.kept
         if trial.kept and timings["int8"] >= timings["fp32"]:  # it would be served for nothing
             trial = trial.no_faster(timings["fp32"] * 1000, timings["int8"] * 1000)
         tick("check", 0, 1)
@@ -222,6 +223,7 @@ def quantize_bundle(
             refit_accuracy_fp32=trial.refit.share(trial.refit.right_fp32),
             refit_accuracy_int8=trial.refit.share(trial.refit.right_int8),
             designs_tried=tried,
+            held=held,
         )
         (folder / INT8_FILE).unlink(missing_ok=True)
         if trial.kept:

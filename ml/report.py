@@ -288,6 +288,9 @@ class Int8Check(Json):
     refit_accuracy_fp32: float | None = None
     refit_accuracy_int8: float | None = None
     designs_tried: int = 1  # of ml.quantize.FP32_SHARES, in turn
+    # Whether it predicted as fp32 does (the rule held): kept, or refused only for being no faster than fp32
+    # (None: a step made before it was recorded)
+    held: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -234,16 +234,21 @@ def int8_summary(model: TrainedModel) -> dict[str, str] | None:
     def pct(x: float | None) -> str:
         return "not measured" if x is None else f"{x:.1%}"
 
+    def ms(x: float) -> str:
+        return f"{x:.2f}" if x < 1 else f"{x:.1f}"  # a 64-px model's pass takes under a millisecond
+
     fp32, int8 = c["batch_1_ms_fp32"], c["batch_1_ms_int8"]
     return {
         "speedup": f"{fp32 / int8:.1f}×" if int8 else "",
-        "ms": f"{int8:.1f} ms against {fp32:.1f} ms",
+        "ms": f"{ms(int8)} ms against {ms(fp32)} ms",
         "agreement": pct(c["agreement"]),
         "check_images": str(c["check_images"]),
         "val_agreement": pct(c["val_agreement"]),
         "val_int8": pct(c["val_accuracy_int8"]),
         "val_fp32": pct(c["val_accuracy_fp32"]),
         "val_images": str(c["val_images"]),
+        "refit_agreement": "" if c.get("refit_agreement") is None else pct(c["refit_agreement"]),
+        "no_faster": "yes" if c.get("held") and not c.get("kept") else "",
     }
 
 

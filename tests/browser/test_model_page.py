@@ -198,6 +198,8 @@ INT8_FIGURES = {  # as ml.quantize reports a kept model (hymenoptera's Lite1 pro
     "seconds": 12.6,
     "file": "model.int8.onnx",
     "arithmetic": "saturating",  # served on every CPU
+    "refit_agreement": 0.9945,
+    "held": True,
 }
 
 
@@ -228,6 +230,7 @@ def test_the_model_page_follows_the_int8_step_and_then_leads_with_its_speed(page
     expect(section).to_contain_text("int8 model, 2.4× faster", timeout=15_000)
     expect(section).to_contain_text("7.9 ms against 19.0 ms")
     expect(section).to_contain_text("on 100.0% of 181 training images it was not calibrated on")
+    expect(section).to_contain_text("(and on 99.5% of them answered by heads refitted without them, as new images are)")
     expect(section).to_contain_text("98.0% of 153 validation images, where it scores 96.1% (fp32: 96.7%)")
     expect(page.locator("#bundle-size")).to_contain_text("its int8 version")
     page.locator("#h-int8").scroll_into_view_if_needed()
@@ -260,6 +263,7 @@ def test_a_refused_int8_model_says_why_and_an_old_model_can_ask_for_one(page, sh
         "kept": False,
         "file": None,
         "agreement": 0.75,
+        "held": False,
         "val_accuracy_int8": 0.5267,
         "reason": "Refused: top-1 agreement 75.0% and accuracy 75.2% against fp32's 99.4% on 256 training images "
         "its calibration did not read; it must agree on 98%.",
@@ -272,6 +276,23 @@ def test_a_refused_int8_model_says_why_and_an_old_model_can_ask_for_one(page, sh
     expect(section).to_contain_text("it must agree on 98%")
     expect(section).to_contain_text("it would have scored 52.7% (fp32: 96.7%)")
     shot(page, "model-int8-refused")
+
+    # One that held, but was no faster (a 64-px model): the page says that, not that it differed.
+    slow = {
+        **INT8_FIGURES,
+        "kept": False,
+        "file": None,
+        "batch_1_ms_fp32": 0.78,
+        "batch_1_ms_int8": 0.84,
+        "reason": "Refused: it is no faster than fp32 here (0.84 against 0.78 ms a pass at batch 1), though it held.",
+    }
+    TrainedModel.objects.filter(pk=trained_model.pk).update(int8_status="refused", int8=slow)
+    page.reload()
+    expect(section).to_contain_text("its int8 version predicted as it does, but was no faster (0.84 ms against 0.78 ms")
+    expect(section).to_contain_text("it gave the same top label on 98.0% and scored 96.1% (fp32: 96.7%)")
+    expect(section).not_to_contain_text("did not predict as it does")
+    page.locator("#h-int8").scroll_into_view_if_needed()
+    shot(page, "model-int8-no-faster")
 
     # A model from before the int8 step can ask for one; this one's job has no dataset to calibrate on.
     TrainedModel.objects.filter(pk=trained_model.pk).update(int8_status="", int8={})

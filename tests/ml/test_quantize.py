@@ -81,6 +81,7 @@ def test_a_model_that_holds_is_kept_in_the_bundle_and_served(bundle, dataset, tm
     assert check.val_accuracy_int8 is not None and check.batch_1_ms_int8 > 0 and check.seconds > 0
     assert check.fp32_convolutions == 0 and "; the head in fp32" in check.method  # the whole network holds in int8
     assert check.designs_tried == 1 and check.refit_agreement == 1.0 and check.refit_accuracy_int8 is not None
+    assert check.held
     assert {t[0] for t in ticks} >= {"decode", "design", "check"}
     card = read_bundle(folder).card
     assert card["int8"] == check.to_json() and check.arithmetic == int8_arithmetic()
@@ -205,7 +206,7 @@ def test_a_model_that_does_not_hold_is_refused_and_left_out(bundle, dataset, tmp
     (folder / INT8_FILE).write_bytes(b"an int8 model an earlier run kept")
     monkeypatch.setattr(quantize, "MIN_AGREEMENT", 1.01)  # more than any model can agree
     check = quantize.quantize_bundle(folder, dataset, index_dataset(dataset), val_fraction=0.2)
-    assert not check.kept and check.file is None and check.reason.startswith("Refused")
+    assert not check.kept and check.file is None and check.reason.startswith("Refused") and check.held is False
     assert "must agree on 101%" in check.reason
     assert not (folder / INT8_FILE).exists()  # the earlier one goes too: the card speaks of this run
     assert read_bundle(folder).card["int8"]["kept"] is False
@@ -223,7 +224,7 @@ def test_a_model_that_holds_but_is_no_faster_is_refused(bundle, dataset, tmp_pat
     check = quantize.quantize_bundle(folder, dataset, index_dataset(dataset), val_fraction=0.2)
     assert not check.kept and check.file is None and not (folder / INT8_FILE).exists()
     assert check.reason.startswith("Refused: it is no faster than fp32 here (4.00 against 4.00 ms a pass at batch 1)")
-    assert "though it held: top-1 agreement 100.0%" in check.reason and check.designs_tried == 1
+    assert "though it held: top-1 agreement 100.0%" in check.reason and check.designs_tried == 1 and check.held
     assert (check.batch_1_ms_fp32, check.batch_1_ms_int8) == (4.0, 4.0)
 
 
