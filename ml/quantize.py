@@ -237,7 +237,8 @@ class _Answers:
     """The fp32 model's answers, computed once for every design tried: its top-1 on the calibration
     images' views and on the check images' views, and its features (the head's input) on the check images."""
 
-    calibration_y: np.ndarray  # the calibration images' views' labels
+    calibration_x: Array  # the calibration images and their moved views (made once, read by every design)
+    calibration_y: np.ndarray  # their labels
     calibration: np.ndarray  # top-1s
     check: np.ndarray  # on the check images
     moved: np.ndarray  # on their moved views
@@ -254,7 +255,7 @@ class _Answers:
         else:
             check = _top1(fp32, images.check)
         moved, moved_y = _moved(images.check, images.y_check, seed)
-        return cls(y, _top1(fp32, calibration), check, _top1(fp32, moved), moved_y, features)
+        return cls(calibration, y, _top1(fp32, calibration), check, _top1(fp32, moved), moved_y, features)
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,7 @@ class _Trial:
         last: bool = False,
     ) -> _Trial:
         int8 = onnx_forward(candidate)
-        calibration = _tally(truth.calibration, _top1(int8, _calibration_views(images, seed)[0]), truth.calibration_y)
+        calibration = _tally(truth.calibration, _top1(int8, truth.calibration_x), truth.calibration_y)
         design = f"with {_design(made)} in fp32"
         refused = ""
         if not _holds(calibration):
