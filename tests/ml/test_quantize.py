@@ -217,15 +217,50 @@ def test_a_model_that_does_not_hold_is_refused_and_left_out(bundle, dataset, tmp
         Predictor(folder, precision="int8")
 
 
+def _timed(monkeypatch, seconds: dict[int, tuple[float, float]]) -> list[int]:
+    """The step's timings, fp32's and int8's by batch size; returns the batch sizes it timed."""
+    batches: list[int] = []
+
+    def time_forwards(forwards, size, *, batch=1, **_):
+        batches.append(batch)
+        return dict(zip(("fp32", "int8"), seconds[batch], strict=True))
+
+    monkeypatch.setattr(quantize, "time_forwards", time_forwards)
+    return batches
+
+
 def test_a_model_that_holds_but_is_no_faster_is_refused(bundle, dataset, tmp_path, monkeypatch):
     """More of the network in fp32 would only be slower: no other design is tried."""
-    monkeypatch.setattr(quantize, "time_forwards", lambda forwards, *a, **k: {"fp32": 0.004, "int8": 0.004})
+    batches = _timed(monkeypatch, {1: (0.004, 0.004), 8: (0.02, 0.021)})
     folder = _copy(bundle, tmp_path)
     check = quantize.quantize_bundle(folder, dataset, index_dataset(dataset), val_fraction=0.2)
+    assert batches == [1, 8]
     assert not check.kept and check.file is None and not (folder / INT8_FILE).exists()
-    assert check.reason.startswith("Refused: it is no faster than fp32 here (4.00 against 4.00 ms a pass at batch 1)")
+    assert check.reason.startswith(
+        "Refused: it would serve no faster than fp32 here (4.00 against 4.00 ms a pass at batch 1; "
+        "21.00 against 20.00 ms a pass at batch 8)"
+    )
     assert "though it held: top-1 agreement 100.0%" in check.reason and check.designs_tried == 1 and check.held
-    assert (check.batch_1_ms_fp32, check.batch_1_ms_int8) == (4.0, 4.0)
+    assert (check.batch_1_ms_fp32, check.batch_1_ms_int8, check.batch_ms_fp32, check.batch_ms_int8) == (4, 4, 20, 21)
+
+
+def test_a_model_faster_only_at_the_servers_batch_is_kept(bundle, dataset, tmp_path, monkeypatch):
+    """Under load the server runs batches: int8 as fast as fp32 alone and faster there serves faster."""
+    _timed(monkeypatch, {1: (0.00078, 0.00079), 8: (0.004, 0.0021)})
+    folder = _copy(bundle, tmp_path)
+    check = quantize.quantize_bundle(folder, dataset, index_dataset(dataset), val_fraction=0.2)
+    assert check.kept and (folder / INT8_FILE).exists() and check.batch == 8
+    card = (folder / "model_card.md").read_text()
+    assert "Forward pass at batch 1: 0.79 ms (fp32: 0.78 ms); at batch 8: 2.1 ms (fp32: 4.0 ms)" in card
+
+
+def test_int8_serves_faster_where_it_is_faster_at_one_batch_size_and_not_much_slower_at_the_other():
+    assert quantize.serves_faster(10, 7, 60, 40)
+    assert quantize.serves_faster(0.78, 0.79, 4.0, 2.1)  # 1.3% slower alone, 1.9x faster batched
+    assert quantize.serves_faster(10, 9, 60, 62)
+    assert not quantize.serves_faster(10, 10, 60, 60)  # no faster at either
+    assert not quantize.serves_faster(10, 11, 60, 30)  # 10% slower for a lone request
+    assert not quantize.serves_faster(10, 7, 60, 66)
 
 
 def test_the_rule_allows_a_point_or_one_image():
