@@ -234,7 +234,7 @@ def test_a_model_that_holds_but_is_no_faster_is_refused(bundle, dataset, tmp_pat
     batches = _timed(monkeypatch, {1: (0.004, 0.004), 8: (0.02, 0.021)})
     folder = _copy(bundle, tmp_path)
     check = quantize.quantize_bundle(folder, dataset, index_dataset(dataset), val_fraction=0.2)
-    assert batches == [1, 8]
+    assert set(batches) == {1, 8}  # a lone request's pass, and the server's batch under load
     assert not check.kept and check.file is None and not (folder / INT8_FILE).exists()
     assert check.reason.startswith(
         "Refused: it would serve no faster than fp32 here (4.00 against 4.00 ms a pass at batch 1; "
