@@ -26,9 +26,9 @@ within a point (or one image) of fp32's, counted in images; and where the model'
 a linear head, the same holds for heads refitted on the other check images (`refit_tally`), which
 answer images they never saw. Last, it must serve faster (`serves_faster`): the step times the two
 at batch 1, a lone request's pass, and at `MAX_BATCH`, the server's pass under load; int8 must be
-faster at one and at most `SLOWER` slower at the other. A model no faster would be served for
-nothing; at 64 px, where a pass takes under a millisecond, a split design ran as fast as fp32 at
-batch 1 and up to 1.9x faster at batch 8. The validation split is measured too, for the
+`MARGIN` faster at one and at most `MARGIN` slower at the other. A model no faster would be served
+for nothing; at 64 px, where a pass takes under a millisecond, a split design ran as fast as fp32 at
+batch 1 and 1.9x faster at batch 8 on a VNNI Xeon. The validation split is measured too, for the
 model card, in chunks, and never read by the rule. The data must be what the model was trained on
 (the card's `data_hash`), split by the card's seed: else the check images could be images the model
 never trained on, or validation images.
@@ -100,9 +100,10 @@ FP32_SHARES = (0.0, 0.2, 0.35, 0.5)
 # The heads refitted on the check images (`refit_tally`): stratified folds, and the L2 strength on
 # standardised features.
 REFIT_FOLDS, REFIT_C = 5, 0.1
-# Kept only where it serves faster: faster than fp32 at batch 1 or at MAX_BATCH, and at the other at most
-# this much slower (a pass's timing varies by a few percent from one run to the next).
-SLOWER = 0.05
+# Kept only where it serves faster: at least this much faster than fp32 at batch 1 or at MAX_BATCH, and at
+# the other at most this much slower: a smaller gain is not worth serving an approximation for, and lies
+# within what the ratio moves between runs (timed as `_passes` times them: by up to 0.07 at 64 px).
+MARGIN = 0.05
 TIMING_S, TIMING_ROUNDS = 0.5, (7, 100)  # each batch size's timing: about this long, in this many rounds at least/most
 
 
@@ -347,10 +348,10 @@ def _passes(fp32: Forward, int8: Forward, size: int) -> dict[int, dict[str, floa
 
 
 def serves_faster(fp32_1: float, int8_1: float, fp32_n: float, int8_n: float) -> bool:
-    """Whether int8 serves faster, from the two runtimes' passes at batch 1 and at MAX_BATCH: faster at
-    one, and at most SLOWER slower at the other."""
+    """Whether int8 serves faster, from the two runtimes' passes at batch 1 and at MAX_BATCH: MARGIN faster
+    at one, and at most MARGIN slower at the other."""
     ratios = (int8_1 / fp32_1, int8_n / fp32_n)
-    return min(ratios) < 1 and max(ratios) <= 1 + SLOWER
+    return min(ratios) <= 1 - MARGIN and max(ratios) <= 1 + MARGIN
 
 
 def _design(made: dict[str, Any]) -> str:

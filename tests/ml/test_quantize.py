@@ -254,11 +254,12 @@ def test_a_model_faster_only_at_the_servers_batch_is_kept(bundle, dataset, tmp_p
     assert "Forward pass at batch 1: 0.79 ms (fp32: 0.78 ms); at batch 8: 2.1 ms (fp32: 4.0 ms)" in card
 
 
-def test_int8_serves_faster_where_it_is_faster_at_one_batch_size_and_not_much_slower_at_the_other():
+def test_int8_serves_faster_where_it_is_clearly_faster_at_one_batch_size_and_not_much_slower_at_the_other():
     assert quantize.serves_faster(10, 7, 60, 40)
     assert quantize.serves_faster(0.78, 0.79, 4.0, 2.1)  # 1.3% slower alone, 1.9x faster batched
     assert quantize.serves_faster(10, 9, 60, 62)
     assert not quantize.serves_faster(10, 10, 60, 60)  # no faster at either
+    assert not quantize.serves_faster(10, 9.8, 60, 59)  # 1-2% faster: within the timing's noise
     assert not quantize.serves_faster(10, 11, 60, 30)  # 10% slower for a lone request
     assert not quantize.serves_faster(10, 7, 60, 66)
 
