@@ -244,10 +244,11 @@ def int8_summary(model: TrainedModel) -> dict[str, str] | None:
     speed, passes = f"{faster(fp32, int8)} per image", f"{ms(int8)} ms against {ms(fp32)} ms a pass"
     if c.get("batch_ms_int8") is not None:  # and at the server's batch under load (a step from before: batch 1 only)
         batch, fp32_n, int8_n = c["batch"], c["batch_ms_fp32"], c["batch_ms_int8"]
-        speed += f" alone and {faster(fp32_n, int8_n)} in batches of {batch}, as it serves under load"
+        speed += f" alone and {faster(fp32_n, int8_n)} in batches of {batch}"
         passes += f" alone, {ms(int8_n)} ms against {ms(fp32_n)} ms a batch of {batch}"
     return {
         "speed": speed,
+        "batched": "yes" if c.get("batch_ms_int8") is not None else "",
         "ms": passes,
         "agreement": pct(c["agreement"]),
         "check_images": str(c["check_images"]),
