@@ -354,6 +354,11 @@ def serves_faster(fp32_1: float, int8_1: float, fp32_n: float, int8_n: float) ->
     return min(ratios) <= 1 - MARGIN and max(ratios) <= 1 + MARGIN
 
 
+def ms_text(x: float) -> str:
+    """A pass's milliseconds as the card and the model page give them."""
+    return f"{x:.2f} ms" if x < 1 else f"{x:.1f} ms"  # a 64-px model's pass takes under a millisecond
+
+
 def _design(made: dict[str, Any]) -> str:
     n = made["fp32_convolutions"]
     return f"the first {n} of its {made['convolutions']} convolutions and the head" if n else "the head"
@@ -655,9 +660,6 @@ def card_section(result: Int8Check) -> list[str]:
     def pct(x: float | None) -> str:
         return "not measured" if x is None else f"{x:.1%}"
 
-    def ms(x: float) -> str:
-        return f"{x:.2f} ms" if x < 1 else f"{x:.1f} ms"  # a 64-px model's pass takes under a millisecond
-
     if not result.kept:
         served = "the fp32 model is served"
     elif result.arithmetic == "exact":
@@ -690,9 +692,9 @@ def card_section(result: Int8Check) -> list[str]:
         ),
         f"- Validation ({result.val_images} images, not read by the rule): agreement {pct(result.val_agreement)}, "
         f"accuracy {pct(result.val_accuracy_int8)} (fp32: {pct(result.val_accuracy_fp32)})",
-        f"- Forward pass at batch 1: {ms(result.batch_1_ms_int8)} (fp32: {ms(result.batch_1_ms_fp32)})"
+        f"- Forward pass at batch 1: {ms_text(result.batch_1_ms_int8)} (fp32: {ms_text(result.batch_1_ms_fp32)})"
         + (
-            f"; at batch {result.batch}: {ms(result.batch_ms_int8)} (fp32: {ms(result.batch_ms_fp32)})"
+            f"; at batch {result.batch}: {ms_text(result.batch_ms_int8)} (fp32: {ms_text(result.batch_ms_fp32)})"
             if result.batch_ms_int8 is not None and result.batch_ms_fp32 is not None
             else ""
         )
@@ -717,4 +719,12 @@ def quantize_bundle_zip(
     return zip_bundle(folder, work / "bundle.zip"), result
 
 
-__all__: Sequence[str] = ["quantize_bundle", "quantize_bundle_zip", "quantize", "Int8Check"]
+__all__: Sequence[str] = [
+    "quantize_bundle",
+    "quantize_bundle_zip",
+    "quantize",
+    "serves_faster",
+    "ms_text",
+    "MARGIN",
+    "Int8Check",
+]
