@@ -129,6 +129,18 @@ class Api:
         if token:
             self.session.headers["Authorization"] = f"Token {token}"
 
+    def close(self) -> None:
+        """Close the kept-alive connections now. `Session.close()` alone does not: urllib3 2.8's pool
+        manager drops its pools and leaves their connections to the pools' finalizers, which wait while
+        any response is still referenced (a test's frame kept by a traceback holds them). An open
+        connection keeps its live-server thread, and that thread's database session, alive; the test
+        database could then not be dropped at the end of the run."""
+        for adapter in self.session.adapters.values():
+            pools = getattr(adapter, "poolmanager", None)
+            for key in pools.pools.keys() if pools else ():
+                pools.pools[key].close()
+        self.session.close()
+
     def call(self, method: str, path: str, **kw) -> requests.Response:
         return self.session.request(method, self.base + path, timeout=120, **kw)
 
@@ -171,10 +183,8 @@ def api_for(live_server, make_user):
         return made[-1]
 
     yield make
-    # A kept-alive connection keeps its server thread, and that thread's database session, open:
-    # the test database could then not be dropped at the end of the run.
     for api in made:
-        api.session.close()
+        api.close()
 
 
 @pytest.fixture
