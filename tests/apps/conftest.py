@@ -132,7 +132,7 @@ class Api:
     def close(self) -> None:
         """Close the kept-alive connections now. `Session.close()` alone does not: urllib3 2.8's pool
         manager drops its pools and leaves their connections to the pools' finalizers, which wait while
-        any response is still referenced (a test's frame kept by a traceback holds them). An open
+        any of their responses is still referenced (one was, at the end of a test of projects). An open
         connection keeps its live-server thread, and that thread's database session, alive; the test
         database could then not be dropped at the end of the run."""
         for adapter in self.session.adapters.values():
