@@ -338,11 +338,12 @@ def _passes(fp32: Forward, int8: Forward, size: int) -> dict[int, dict[str, floa
     ever slows a pass), and a 64-px model's sub-millisecond pass needs many to find it (7 rounds put
     digits' int8 model at 1.14x fp32's time at batch 1 in one run, 0.98x in the next; 100 rounds, 0.95x
     in each of three)."""
-    ms = {}
+    forwards, ms = {"fp32": fp32, "int8": int8}, {}
     for batch in (1, MAX_BATCH):
         once = time_forwards({"fp32": fp32}, size, batch=batch, rounds=1, warmup=1)["fp32"]
-        rounds = min(TIMING_ROUNDS[1], max(TIMING_ROUNDS[0], round(TIMING_S / (4 * once))))  # 4 passes a round
-        timed = time_forwards({"fp32": fp32, "int8": int8}, size, batch=batch, rounds=rounds, fastest=True)
+        per_round = 2 * len(forwards) * once  # time_forwards runs each runtime twice a round
+        rounds = min(TIMING_ROUNDS[1], max(TIMING_ROUNDS[0], round(TIMING_S / per_round)))
+        timed = time_forwards(forwards, size, batch=batch, rounds=rounds, fastest=True)
         ms[batch] = {k: v * 1000 for k, v in timed.items()}
     return ms
 

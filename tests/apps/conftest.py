@@ -135,10 +135,10 @@ class Api:
         any of their responses is still referenced (one was, at the end of a test of projects). An open
         connection keeps its live-server thread, and that thread's database session, alive; the test
         database could then not be dropped at the end of the run."""
-        for adapter in self.session.adapters.values():
-            pools = getattr(adapter, "poolmanager", None)
-            for key in pools.pools.keys() if pools else ():
-                pools.pools[key].close()
+        for adapter in self.session.adapters.values():  # requests' HTTPAdapters, one per scheme
+            pools = adapter.poolmanager.pools
+            for key in pools.keys():
+                pools[key].close()
         self.session.close()
 
     def call(self, method: str, path: str, **kw) -> requests.Response:
