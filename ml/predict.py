@@ -90,28 +90,6 @@ def int8_served(check: dict[str, Any] | None, host: Arithmetic | None = None) ->
     return host == EXACT or check.get("arithmetic", EXACT) == host
 
 
-def _torch_transform(p: Preprocessing, runtime: str) -> Callable[[Image.Image], Array]:
-    """ml.preprocess.eval_transform, for a predictor that loaded torch anyway (for TorchScript): the
-    same numbers as numpy_eval_transform, faster (hymenoptera's photos, one thread, a shared 2-core
-    host: median 1.0-1.7 ms against 1.6-3.6 ms, bilinear 256/224 and bicubic 272/240)."""
-    import torch
-
-    from ml.preprocess import eval_transform
-
-    if runtime == "onnxruntime":
-        # Torch is left to preprocess one image at a time, where its thread pool only costs: its
-        # idle workers spin, and took the cores from ONNX Runtime's passes (measured on Lite1 at
-        # 240 px, 2 cores: 15-23 ms a pass with torch's default threads, 9.8 ms with one).
-        torch.set_num_threads(1)
-    transform = eval_transform(p)
-
-    def prepare(img: Image.Image) -> Array:
-        out: Array = transform(img).numpy()
-        return out
-
-    return prepare
-
-
 @dataclass(frozen=True)
 class Prediction:
     label: str
@@ -364,14 +342,9 @@ class Predictor:
             for name, seconds in time_forwards({n: f for n, f, _ in loaded}, size, rounds=rounds).items()
         }
         self.runtime, forward, _ = min(loaded, key=lambda r: self.timings_ms[r[0]])
-        torch_loaded = any(name == "torchscript" for name, _, _ in loaded)
         del loaded
         self._batcher = Batcher(forward, max_batch=max_batch, max_wait_s=max_wait_s)
-        self._transform: Callable[[Image.Image], Array]
-        if torch_loaded:  # the same numbers either way: torch's kernel is faster, where torch is loaded anyway
-            self._transform = _torch_transform(self.preprocessing, self.runtime)
-        else:
-            self._transform = numpy_eval_transform(self.preprocessing)
+        self._transform = numpy_eval_transform(self.preprocessing)  # whichever runtime serves, torch or not
 
     def close(self) -> None:
         self._batcher.close()

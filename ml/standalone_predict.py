@@ -13,9 +13,7 @@ runs model.onnx always, `--precision int8` the int8 model always.
 
 The preprocessing is the server's, number for number: Graft decodes with Pillow (EXIF orientation,
 grayscale/RGBA/CMYK/16-bit to RGB, JPEG decoded at a reduced size where the input allows) and
-resizes with torchvision, whose uint8 kernel is not Pillow's `resize` (it quantises its weights
-to 16 bits at a precision of its own; Pillow's output differs by up to 2 levels), so that kernel
-is written out here in numpy.
+resizes with Pillow's antialiased filter, over the centre crop's own source box.
 
 In the Graft repository this file is ml/standalone_predict.py; every bundle carries it as
 predict.py. It imports nothing from Graft.
@@ -26,11 +24,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import platform
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +44,6 @@ MAX_PIXELS = 64_000_000  # the server's cap on decoded pixels
 
 U8 = np.ndarray[Any, np.dtype[np.uint8]]
 F32 = np.ndarray[Any, np.dtype[np.float32]]
-I64 = np.ndarray[Any, np.dtype[np.int64]]
 
 
 # --- Decoding: the server's ml.images.decode_rgb, with min_side = resize_size -------------------
@@ -115,101 +111,36 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-# --- Resizing: torchvision's antialiased uint8 resize (ATen's separable kernel) -----------------
+# --- Resizing: the server's ml.preprocessing, Pillow's antialiased filter over the crop's box ---------
+
+FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
-def _triangle(x: float) -> float:
-    x = abs(x)
-    return 1.0 - x if x < 1.0 else 0.0
-
-
-def _keys_cubic(x: float) -> float:
-    a = -0.5  # Keys' cubic, as Pillow and torchvision use with antialiasing
-    x = abs(x)
-    if x < 1.0:
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-    if x < 2.0:
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    return 0.0
-
-
-FILTERS: dict[str, tuple[Callable[[float], float], int]] = {"bilinear": (_triangle, 2), "bicubic": (_keys_cubic, 4)}
-
-
-def _weights(in_size: int, out_size: int, interpolation: str) -> tuple[I64, I64, int]:
-    """Per output pixel: the source indices and their int16 weights, and the weights' precision (bits).
-
-    ATen's `_compute_indices_min_size_weights_aa` (in double, term by term, so the rounding to int16
-    lands where it does there) and `_compute_index_ranges_int16_weights` (UpSampleKernel.cpp)."""
-    filter_fn, interp_size = FILTERS[interpolation]
-    scale = in_size / out_size
-    support = interp_size * 0.5 * scale if scale >= 1.0 else interp_size * 0.5
-    taps = math.ceil(support) * 2 + 1
-    invscale = 1.0 / scale if scale >= 1.0 else 1.0
-    index = np.zeros((out_size, taps), np.int64)
-    weight = np.zeros((out_size, taps), np.float64)
-    for i in range(out_size):
-        center = scale * (i + 0.5)
-        xmin = max(int(center - support + 0.5), 0)
-        xsize = min(max(min(int(center + support + 0.5), in_size) - xmin, 0), taps)
-        w = [filter_fn((j + xmin - center + 0.5) * invscale) for j in range(xsize)]
-        total = 0.0
-        for v in w:  # summed in order, as the kernel does
-            total += v
-        weight[i, :xsize] = [v / total for v in w] if total != 0.0 else w
-        index[i, :xsize] = range(xmin, xmin + xsize)
-    precision = 0
-    while precision < 22 and int(0.5 + weight.max() * (1 << (precision + 1))) < (1 << 15):
-        precision += 1
-    scaled = weight * (1 << precision)
-    fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int64)
-    return index, fixed, precision
-
-
-def _resize_axis(x: U8, out_size: int, axis: int, interpolation: str) -> U8:
-    """Resample `x` (H, W, C) along `axis` in fixed point, rounding to uint8 as the kernel does."""
-    index, fixed, p = _weights(x.shape[axis], out_size, interpolation)
-    acc = np.full(x.shape[:axis] + (out_size,) + x.shape[axis + 1 :], 1 << (p - 1), np.int64)
-    shape = [1, 1, 1]
-    shape[axis] = out_size
-    for k in range(index.shape[1]):
-        acc += np.take(x, index[:, k], axis=axis).astype(np.int64) * fixed[:, k].reshape(shape)
-    out: U8 = np.clip(acc >> p, 0, 255).astype(np.uint8)
-    return out
-
-
-def resize_shorter(x: U8, size: int, interpolation: str) -> U8:
-    """torchvision's `resize(x, [size], antialias=True)` on a uint8 (H, W, C) image."""
-    h, w = x.shape[:2]
+def resized_crop(img: Image.Image, resize_size: int, crop: int, interpolation: str) -> U8:
+    """The centre `crop` x `crop` of `img` with its shorter side resized to `resize_size`, as uint8
+    (crop, crop, 3): Pillow resamples the crop's source box alone, with torchvision's offsets."""
+    w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
+    new_short, new_long = resize_size, int(resize_size * long / short)
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if new_w != w:  # horizontal pass first, then vertical; an unchanged side is not resampled
-        x = _resize_axis(x, new_w, 1, interpolation)
-    if new_h != h:
-        x = _resize_axis(x, new_h, 0, interpolation)
-    return x
-
-
-def center_crop(x: U8, size: int) -> U8:
-    h, w = x.shape[:2]
-    if size > h or size > w:  # never from Graft: its resize side is at least its crop
-        raise ValueError(f"a {w}x{h} image is smaller than the {size}-px crop")
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return x[top : top + size, left : left + size]
+    if crop > new_w or crop > new_h:  # never from Graft: its resize side is at least its crop
+        raise ValueError(f"a {new_w}x{new_h} resized image is smaller than the {crop}-px crop")
+    top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+    out: U8 = np.asarray(img.resize((crop, crop), FILTERS[interpolation], box=box, reducing_gap=None))
+    return out
 
 
 def preprocess(img: Image.Image, prep: dict[str, Any]) -> F32:
     """An RGB image to the model's (3, S, S) float32 input: resize, centre crop, scale, normalise."""
     if prep["interpolation"] not in FILTERS:
         raise ValueError(f"interpolation must be one of {', '.join(FILTERS)}, not {prep['interpolation']!r}")
-    x = center_crop(
-        resize_shorter(np.asarray(img, np.uint8), prep["resize_size"], prep["interpolation"]), prep["input_size"]
-    )
-    scaled = x.transpose(2, 0, 1).astype(np.float32) * np.float32(1.0 / 255)
-    mean = np.asarray(prep["mean"], np.float32).reshape(3, 1, 1)
-    std = np.asarray(prep["std"], np.float32).reshape(3, 1, 1)
-    out: F32 = (scaled - mean) / std
+    x = resized_crop(img, prep["resize_size"], prep["input_size"], prep["interpolation"])
+    out: F32 = x.transpose(2, 0, 1).astype(np.float32, order="C")
+    out *= np.float32(1.0 / 255)
+    out -= np.asarray(prep["mean"], np.float32).reshape(3, 1, 1)
+    out /= np.asarray(prep["std"], np.float32).reshape(3, 1, 1)
     return out
 
 

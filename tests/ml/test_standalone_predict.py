@@ -1,6 +1,7 @@
 """The bundle's predict.py: the server's answers from onnxruntime, numpy and Pillow alone.
 
-The fast tests hold its preprocessing to the server's, bit for bit, and run it in a tiny bundle.
+The fast tests hold its preprocessing to the server's (ml.preprocessing), bit for bit, and run it in a
+tiny bundle.
 The slow one trains a real linear probe, then runs the bundle's predict.py in a fresh venv that
 holds only onnxruntime, numpy and Pillow, with no Graft code on its path.
 """
@@ -24,15 +25,13 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from ml import standalone_predict
 from ml.backbones import Preprocessing
 from ml.bundle import unpack_bundle, write_bundle
 from ml.images import decode_rgb
 from ml.predict import Predictor
-from ml.preprocess import eval_transform
+from ml.preprocessing import numpy_eval_transform, resized_crop
 from tests.conftest import IN_CI, ROOT
 
 PACKAGES = ("onnxruntime", "numpy", "pillow")
@@ -82,27 +81,26 @@ PREPROCESSINGS = [
 
 @pytest.mark.parametrize("prep", PREPROCESSINGS, ids=lambda p: f"{p.interpolation}-{p.resize_size}-{p.input_size}")
 def test_preprocessing_is_the_servers_bit_for_bit(prep):
-    server = eval_transform(prep)
+    server = numpy_eval_transform(prep)
     images = {f"{name} of {i}": data for i, photo in enumerate([_photo(0), _photo(1, (333, 517))])
               for name, data in awkward_images(photo).items()}  # fmt: skip
     images["plain.jpg"] = _encode(_photo(2, (1024, 683)), "JPEG")  # decoded at a reduced size (draft)
     for name, data in images.items():
-        theirs = server(decode_rgb(data, min_side=prep.resize_size)).numpy()
+        theirs = server(decode_rgb(data, min_side=prep.resize_size))
         ours = standalone_predict.preprocess(standalone_predict.decode_rgb(data, prep.resize_size), asdict(prep))
         assert ours.dtype == np.float32 and ours.shape == theirs.shape, name
         assert np.array_equal(ours, theirs), f"{name}: differs by up to {np.abs(ours - theirs).max()}"
 
 
-def test_the_resize_is_torchvisions_at_any_scale():
+def test_the_resize_is_the_servers_at_any_scale():
     rng = np.random.default_rng(0)
     for interpolation in ("bilinear", "bicubic"):
-        for h, w, size in [(5, 7, 64), (300, 299, 272), (2000, 90, 256), (64, 64, 64), (1, 9, 3), (97, 513, 96)]:
-            x = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            theirs = F.resize(
-                torch.from_numpy(x).permute(2, 0, 1), [size], interpolation=InterpolationMode(interpolation)
-            )
-            ours = standalone_predict.resize_shorter(x, size, interpolation)
-            assert np.array_equal(ours, theirs.permute(1, 2, 0).numpy()), (interpolation, h, w, size)
+        for h, w, size, crop in [(5, 7, 64, 64), (300, 299, 272, 240), (2000, 90, 256, 224), (64, 64, 64, 64),
+                                 (1, 9, 3, 3), (97, 513, 96, 96)]:  # fmt: skip
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            theirs = resized_crop(img, size, crop, interpolation)
+            ours = standalone_predict.resized_crop(img, size, crop, interpolation)
+            assert np.array_equal(ours, theirs), (interpolation, h, w, size, crop)
 
 
 # --- predict.py in a bundle ----------------------------------------------------------------------------

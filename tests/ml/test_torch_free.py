@@ -1,13 +1,11 @@
 """Serving without torch: a bundle is read, and its images prepared and run through ONNX Runtime, by
 modules that import neither torch nor timm (ml.bundle_format, ml.preprocessing, ml.predict).
 
-The numpy transform is held to torchvision's (ml.preprocess.eval_transform) with a tolerance of
-zero: bit for bit, on real photos of the shared datasets and on random images at awkward scales.
-So ONNX predictions from its inputs are the ones torch's inputs give (top-1 agreement 100%, scores
-identical). For scale: Pillow's own antialiased resize (`reducing_gap=None`) is not that kernel;
-on hymenoptera's 396 photos it differed from torchvision by up to 2 levels of 255 on 0.2-0.3% of the
-values (max abs 0.0157 after normalising with std 0.5, bicubic 272/240; 0.0175 with ImageNet's std,
-bilinear 256/224), which is why the kernel is written out instead.
+The numpy transform (Pillow's resize) is held to torchvision's (ml.preprocess.eval_transform), which
+prepared the model's training and validation images, within a stated tolerance: at most 2 levels of
+255 on any value, on at most 3 % of an image's values (1 % on real photos), on real photos of the
+shared datasets and on random images at awkward scales. The two resize with the same antialiased
+filters and differ only in how they round the weights to fixed point.
 """
 
 from __future__ import annotations
@@ -61,22 +59,34 @@ def _sample(datasets_dir: Path) -> dict[str, bytes]:
     return out
 
 
+LEVELS = 2  # the most a value may differ from torchvision's, in levels of 255
+SHARE_PHOTOS, SHARE_ANY = 0.01, 0.03  # the most of an image's values that may differ at all
+
+
+def _levels_apart(got: np.ndarray, want: np.ndarray, std: tuple[float, float, float]) -> np.ndarray:
+    """How many levels of 255 apart two normalised (3, S, S) inputs are, per value."""
+    scale = np.asarray(std, np.float64).reshape(3, 1, 1) * 255
+    return np.rint(np.abs(got.astype(np.float64) - want.astype(np.float64)) * scale)
+
+
 @pytest.mark.parametrize("prep", PREPROCESSINGS, ids=lambda p: f"{p.interpolation}-{p.resize_size}-{p.input_size}")
-def test_the_numpy_transform_is_torchvisions_bit_for_bit_on_real_photos(datasets_dir, prep):
-    """Tolerance: none. Each input is decoded as the server decodes it (reduced by the JPEG decoder
-    where the input allows), then prepared by both transforms."""
+def test_the_numpy_transform_is_torchvisions_within_two_levels_on_real_photos(datasets_dir, prep):
+    """Each input is decoded as the server decodes it (reduced by the JPEG decoder where the input
+    allows), then prepared by both transforms."""
     torchs, numpys = eval_transform(prep), numpy_eval_transform(prep)
     for name, data in _sample(datasets_dir).items():
         img = decode_rgb(data, min_side=prep.resize_size)
         want, got = torchs(img).numpy(), numpys(img)
         assert got.dtype == np.float32 and got.shape == want.shape == (3, prep.input_size, prep.input_size), name
         assert got.flags.c_contiguous, name
-        assert np.array_equal(got, want), f"{name} {img.size}: differs by up to {np.abs(got - want).max()}"
+        apart = _levels_apart(got, want, prep.std)
+        assert apart.max() <= LEVELS, f"{name} {img.size}: {apart.max():.0f} levels apart"
+        assert (apart > 0).mean() <= SHARE_PHOTOS, f"{name} {img.size}: {(apart > 0).mean():.2%} of values differ"
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 def test_the_resize_and_crop_are_torchvisions_at_any_scale(interpolation):
-    """Down and up, by whole and awkward factors, portrait and landscape, a side left as it is."""
+    """Down and up, by whole and awkward factors, portrait and landscape, sides left as they are."""
     rng = np.random.default_rng(0)
     cases = [(5, 7, 64, 64), (300, 299, 272, 240), (2000, 90, 256, 224), (64, 64, 64, 64), (1, 9, 3, 3),
              (97, 513, 96, 96), (375, 500, 272, 240), (1200, 1600, 272, 240), (8, 8, 64, 64), (40, 1000, 272, 240),
@@ -86,7 +96,11 @@ def test_the_resize_and_crop_are_torchvisions_at_any_scale(interpolation):
         chw = torch.from_numpy(x).permute(2, 0, 1)
         want = F.center_crop(F.resize(chw, [size], InterpolationMode(interpolation), antialias=True), [crop])
         got = resized_crop(Image.fromarray(x), size, crop, interpolation)
-        assert np.array_equal(got, want.permute(1, 2, 0).numpy()), (interpolation, h, w, size, crop)
+        apart = np.abs(got.astype(int) - want.permute(1, 2, 0).numpy().astype(int))
+        case = (interpolation, h, w, size, crop)
+        assert got.shape == (crop, crop, 3) and apart.max() <= LEVELS and (apart > 0).mean() <= SHARE_ANY, case
+        if min(h, w) == size:  # nothing to resize: the crop's pixels are the image's own
+            assert np.array_equal(got, want.permute(1, 2, 0).numpy()), case
 
 
 def test_the_transform_names_what_it_takes():
@@ -144,7 +158,7 @@ print(json.dumps({
 def test_a_bundle_is_read_and_served_with_onnx_runtime_without_importing_torch_or_timm(bundle, tmp_path):
     """In a fresh process: unpack, read the bundle and its preprocessing, build the numpy transform,
     predict one image at a time and an archive; then neither torch, timm nor torchvision is loaded.
-    The answers are those of a predictor that runs TorchScript on torch's inputs."""
+    The answers are those of a predictor that runs the bundle's TorchScript model on the same inputs."""
     images = [image_bytes(color=(i * 40, 200 - i * 30, 90), size=(48 + i * 7, 40), seed=i) for i in range(4)]
     out = subprocess.run(
         [sys.executable, "-c", SERVE_WITHOUT_TORCH, str(bundle), str(tmp_path / "unpacked"),
