@@ -113,7 +113,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 # --- Resizing: the server's ml.preprocessing, Pillow's antialiased filter over the crop's box ---------
 
-FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+_RESAMPLING = getattr(Image, "Resampling", Image)  # Pillow before 9.1 keeps the filters on Image itself
+FILTERS = {"bilinear": _RESAMPLING.BILINEAR, "bicubic": _RESAMPLING.BICUBIC}
 
 
 def resized_crop(img: Image.Image, resize_size: int, crop: int, interpolation: str) -> U8:
