@@ -6,7 +6,7 @@ the shorter side with antialiasing, centre-crop, scale, normalise), with the res
 torchvision's antialiased uint8 kernel was written after Pillow's, and the two differ only in how
 they round the filter weights to fixed point (ATen to 16 bits at a precision of its own, Pillow to
 22 bits). Held to torchvision within a stated tolerance (tests/ml/test_torch_free.py): at most 2
-levels of 255 on at most 3 % of the values of any image, 0.3-0.5 % on real photos; a Lite1 model
+levels of 255 on at most 3 % of the values of any image, 0.1-0.5 % on real photos (at most 1 %); a Lite1 model
 gave the same top-1 on all 398 of hymenoptera's photos either way (probabilities within 0.0024).
 An exact numpy copy of ATen's kernel served before: 4.7 ms a photo against Pillow's 2.4 ms on an
 AVX2 EPYC (bicubic 272/240), 1.9 against 1.5 on a Zen 4.
